@@ -1,0 +1,149 @@
+"""Command-line front ends: ``sae-train`` (``train.py``) and ``sae-analyze`` (``analyze.py``).
+
+Thin wrappers: each reads a RunConfig (YAML file + ``--set KEY=VALUE`` overrides) and
+calls the library. Bad input ends the command with one line, ``error: ...``, and exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from sae.config import RunConfig, describe, load_config, read_yaml, to_dict, to_yaml
+from sae.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def _keys_epilog() -> str:
+    width = max(len(key) for key, _, _ in describe())
+    lines = [f"  {key:<{width}}  {default:<20} {help}" for key, default, help in describe()]
+    # "\b" stops click from re-wrapping the table.
+    return "\b\nConfig keys (KEY, default, meaning):\n" + "\n".join(lines)
+
+
+def one_line_errors(fn):
+    """Print ConfigError as one line (exit 2) and Ctrl-C as 'interrupted' (exit 130)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def config_options(fn):
+    """The CONFIG argument and repeatable --set option shared by every command."""
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override one config key, e.g. --set train.lr=3e-4 (repeatable).")(fn)
+    return click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))(fn)
+
+
+def resolve_config(config: Path | None, overrides: tuple[str, ...]) -> RunConfig:
+    """CONFIG if given, else configs/demo.yaml of this checkout (or the same built-in defaults)."""
+    if config is None and DEMO_CONFIG.exists():
+        config = DEMO_CONFIG
+    return load_config(config, overrides)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """The run folder; refused if it already holds a different run's config.
+
+    Checked before any slow work, written (``save_run_config``) only once the model and
+    data have loaded, so a failed start leaves nothing behind.
+    """
+    run_dir = Path(cfg.output.root) / (cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
+    saved = run_dir / "config.yaml"
+    if saved.exists() and read_yaml(saved) != to_dict(cfg):
+        raise ConfigError(f"output.run_name: {str(run_dir)!r} already holds another run's config; "
+                          "choose another output.run_name")
+    return run_dir
+
+
+def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
+    try:
+        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    except OSError as e:
+        raise ConfigError(f"output.root: cannot write to {str(run_dir)!r}: {e.strerror}") from None
+
+
+@click.command(epilog=_keys_epilog(), context_settings={"max_content_width": 120})
+@config_options
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@one_line_errors
+def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -> None:
+    """Train sparse autoencoders on a language model's activations.
+
+    CONFIG is a YAML run config (default: configs/demo.yaml, the embedded demo model on
+    the built-in corpus). Any key listed below can be overridden with --set:
+
+    \b
+        python train.py configs/demo.yaml --set train.lr=3e-4 --set hooks=[layers.1,layers.3]
+    """
+    from sae.data import load_text_dataset
+    from sae.models import load_model, model_summary
+
+    cfg = resolve_config(config, overrides)
+    if print_config:
+        click.echo(to_yaml(cfg), nl=False)
+        return
+    run_dir = run_dir_for(cfg)
+    model, _tokenizer = load_model(cfg.model)
+    click.echo(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
+    d = cfg.data
+    ds = load_text_dataset(d.dataset, d.split, d.text_column, d.subset, d.streaming)
+    size = "streaming" if d.streaming else f"{len(ds):,} documents"
+    click.echo(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {size}")
+    save_run_config(cfg, run_dir)
+    click.echo(f"run folder: {run_dir} (resolved config in config.yaml)")
+    click.echo("Training is not implemented yet (it arrives with the trainer); stopped after loading model and data.")
+
+
+@click.group(context_settings={"max_content_width": 120})
+def analyze() -> None:
+    """Inspect models and trained SAEs: hook points now; features, logit effects and reports
+    as the analyzer lands."""
+
+
+@analyze.command()
+@config_options
+@one_line_errors
+def layers(config: Path | None, overrides: tuple[str, ...]) -> None:
+    """List the decoder layers of the config's model, i.e. the valid layers.N hook points."""
+    from sae.models import decoder_layers, load_model, model_summary
+
+    cfg = resolve_config(config, overrides)
+    model, _ = load_model(cfg.model)
+    name, mods = decoder_layers(model)
+    click.echo(model_summary(model))
+    click.echo(f"decoder layers: {name}[0..{len(mods) - 1}] -> hook points layers.0 .. layers.{len(mods) - 1}")
+    children = [n for n, _ in mods[0].named_children()]
+    click.echo(f"sub-modules of each layer: {', '.join(children)}")

@@ -1,0 +1,268 @@
+"""Typed run configuration: dataclasses, YAML files, ``--set key=value`` overrides.
+
+A run is described by one ``RunConfig`` made of sections (model, data, sae, train,
+output) plus the list of hook points. Each field declares its type in the annotation and
+its valid range or choices in ``field(metadata=...)`` through ``opt``; ``validate`` checks
+all of them, so a bad value stops the run before any work with one line naming the key,
+the value and what is valid.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.lr=3e-4", "hooks=[layers.1]"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sae.errors import ConfigError
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+        gt: float | None = None, le: float | None = None) -> Any:
+    """A config field: default, one-line help, and optional choices or numeric bounds."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("builtin:demo-llama", "Local folder or Hugging Face hub id of a causal LM "
+                            "(builtin:demo-llama is the small model shipped with the package).")
+    dtype: str = opt("auto", "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository to run.")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("builtin:python-docs", "builtin:python-docs, a local file or folder "
+                       "(.txt .jsonl .json .parquet .csv), or a Hugging Face dataset id.")
+    subset: str | None = opt(None, "Configuration name of a hub dataset (e.g. 'sample-10BT').")
+    split: str = opt("train", "Dataset split to read.")
+    text_column: str = opt("text", "Column that holds the text.")
+    context_tokens: int = opt(256, "Tokens per packed context, BOS included.", ge=2)
+    token_budget: int = opt(1_000_000, "Stop after harvesting this many tokens.", ge=1)
+    streaming: bool = opt(False, "Stream the dataset instead of downloading it whole.")
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = opt("topk", "SAE architecture.", choices=("topk", "relu", "batchtopk", "jumprelu"))
+    expansion_factor: int = opt(8, "Latents per input dimension; ignored when num_latents is set.", ge=1)
+    num_latents: int | None = opt(None, "Number of latents (overrides expansion_factor).", ge=1)
+    k: int = opt(32, "Active latents per token (TopK family).", ge=1)
+
+
+@dataclass
+class TrainConfig:
+    batch_tokens: int = opt(4096, "Activation vectors (tokens) per optimizer step.", ge=1)
+    lr: float | None = opt(None, "Adam learning rate; null = 2e-4 / sqrt(num_latents / 2^14).", gt=0)
+    warmup_steps: int = opt(1000, "Steps of linear learning-rate warmup.", ge=0)
+    decay_fraction: float = opt(0.2, "Final fraction of steps with linear decay to zero.", ge=0, le=1)
+    seed: int = opt(0, "Seed for initialization and data order.", ge=0)
+
+
+@dataclass
+class OutputConfig:
+    root: str = opt("checkpoints", "Folder that holds one sub-folder per run.")
+    run_name: str | None = opt(None, "Run folder name under root; null = a timestamp.")
+    log_every_steps: int = opt(50, "TensorBoard logging cadence in optimizer steps.", ge=1)
+    checkpoint_every_steps: int = opt(1000, "Checkpoint cadence in optimizer steps.", ge=1)
+    tensorboard: bool = opt(True, "Write TensorBoard event files into the run folder.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hooks: list[str] = opt(["layers.2"], "Hook points, e.g. layers.16 (residual after layer 16), "
+                           "layers.16.mlp, layers.16.self_attn.")
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a config from nested dicts, with type checks and bounds.
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "booleans")}
+
+
+def _type_name(tp: Any) -> str:
+    """How a value of annotation ``tp`` is described in an error: 'a number or null'."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return f"{_type_name(args[0])} or null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_NAMES[args[0]][1]}"
+    return _NAMES[tp][0]
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against annotation ``tp``; convert only where it loses nothing."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(items)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        # YAML reads 1e6 as a string; accept it when it is a whole number.
+        if isinstance(value, (str, float)) and not isinstance(value, bool):
+            try:
+                as_float = float(value)
+                if as_float.is_integer():
+                    return int(as_float)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+
+
+def _check_bounds(key: str, value: Any, meta: typing.Mapping) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+    for bound, ok, words in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                             ("le", lambda v, b: v <= b, "<=")):
+        b = meta.get(bound)
+        if b is not None and not ok(value, b):
+            raise ConfigError(f"{key}: {value!r} is out of range; must be {words} {b}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        tp, key = hints[f.name], prefix + f.name
+        if _is_section(tp):
+            kwargs[f.name] = _build(tp, values[f.name], key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, values[f.name], tp)
+            for item in kwargs[f.name] if isinstance(kwargs[f.name], list) else [kwargs[f.name]]:
+                _check_bounds(key, item, f.metadata)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=3e-4' -> {'train': {'lr': 3e-4}}; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. an unbalanced bracket): keep the text, the type check decides
+    nested: dict = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict; one-line ConfigError on a missing or malformed file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    return _build(RunConfig, values, "")
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then each ``KEY=VALUE`` override."""
+    values = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return config_from_dict(values)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, for ``--help`` and the README."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if _is_section(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((prefix + f.name, yaml.safe_dump(default, default_flow_style=True).strip()
+                         .removesuffix("\n...").removesuffix("..."), f.metadata["help"]))
+    return rows

@@ -1,0 +1,120 @@
+"""The built-in demo corpus, ``builtin:python-docs``: English text that ships with CPython.
+
+Two sources, both read without importing or executing anything:
+
+* the interactive help topics in ``pydoc_data.topics`` (one document per topic), and
+* the docstrings of the pure-Python standard library, extracted with ``ast`` from the
+  source files (one document per module: its module, class and function docstrings).
+
+Importing every stdlib module would be slow and has side effects (``antigravity`` opens a
+browser), hence ``ast``. Tests, demos and GUI toolkits are skipped: they are code-heavy.
+
+The split is fixed per document: a document is held out when the SHA-256 of its id falls
+in a fixed 10% bucket, so adding or removing one document (another Python version) never
+moves any other document between splits.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import datasets
+
+NAME = "builtin:python-docs"
+SPLITS = ("train", "test")
+HELDOUT_PERCENT = 10
+
+# Stdlib folders that hold tests, demos, vendored code or GUI code rather than prose.
+_SKIP_DIRS = {
+    "site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter",
+    "turtledemo", "ensurepip", "__pycache__", "unittest",
+}
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # "topic:<name>" or "module:<dotted.name>"
+    text: str
+
+
+def split_of(doc_id: str) -> str:
+    """'test' for the fixed held-out 10% of document ids, 'train' otherwise."""
+    bucket = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:4], "big") % 100
+    return "test" if bucket < HELDOUT_PERCENT else "train"
+
+
+def _topic_documents() -> list[Document]:
+    from pydoc_data.topics import topics
+
+    return [Document(f"topic:{name}", text.strip()) for name, text in topics.items() if text.strip()]
+
+
+def _module_docstrings(source: str) -> list[str]:
+    tree = ast.parse(source)
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and doc.strip():
+                docs.append(doc.strip())
+    return docs
+
+
+def _stdlib_documents(stdlib: Path) -> list[Document]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
+        for filename in sorted(filenames):
+            if not filename.endswith(".py"):
+                continue
+            path = Path(dirpath, filename)
+            rel = path.relative_to(stdlib).with_suffix("")
+            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+            if not parts:
+                continue
+            try:
+                docs = _module_docstrings(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a few stdlib files are deliberately invalid (bad encodings, py2 syntax)
+            if docs:
+                out.append(Document("module:" + ".".join(parts), "\n\n".join(docs)))
+    return out
+
+
+@lru_cache(maxsize=1)
+def documents() -> tuple[Document, ...]:
+    """Every document of the corpus, sorted by id (deterministic for a given Python)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs = _topic_documents() + _stdlib_documents(stdlib)
+    return tuple(sorted(docs, key=lambda d: d.id))
+
+
+def load(split: str = "train") -> datasets.Dataset:
+    """The corpus as a ``datasets.Dataset`` with columns ``id`` and ``text``.
+
+    ``split`` is ``"train"`` or ``"test"`` (the held-out documents).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"{NAME} has no split {split!r}; valid splits: {', '.join(SPLITS)}")
+    docs = [d for d in documents() if split_of(d.id) == split]
+    return datasets.Dataset.from_dict({"id": [d.id for d in docs], "text": [d.text for d in docs]})
+
+
+def fingerprint(split: str) -> str:
+    """SHA-256 over the ids and texts of one split: tells whether two Pythons see the same text."""
+    h = hashlib.sha256()
+    for d in documents():
+        if split_of(d.id) == split:
+            h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
+    return h.hexdigest()
+
+
+def python_version() -> str:
+    return ".".join(map(str, sys.version_info[:3]))

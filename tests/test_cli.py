@@ -1,0 +1,97 @@
+"""The CLIs: one-line errors, the saved config, console scripts."""
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from sae import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_bad_override_prints_one_line_and_exits_nonzero():
+    result = run("train.py", "--set", "train.lr=abc")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: train.lr: 'abc' is not a number"
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_misspelt_key_in_config_file_prints_one_line(tmp_path):
+    f = tmp_path / "typo.yaml"
+    f.write_text("train:\n  learning_rat: 0.001\n")
+    result = run("train.py", str(f))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown key 'train.learning_rat'" in lines[0], result.stderr
+
+
+def test_no_arguments_runs_the_demo_config_and_saves_the_resolved_config(tmp_path):
+    result = run("train.py", "--set", f"output.root={tmp_path}", "--set", "output.run_name=demo")
+    assert result.returncode == 0, result.stderr
+    assert "builtin:demo-llama" in result.stdout and "documents" in result.stdout
+    saved = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert saved["model"]["name_or_path"] == demo["model"]["name_or_path"]
+    assert saved["hooks"] == demo["hooks"] and saved["sae"]["k"] == demo["sae"]["k"]
+    assert saved["output"]["root"] == str(tmp_path)
+
+
+def test_run_folder_of_another_run_is_refused(tmp_path):
+    runner = CliRunner()
+    args = ["--set", f"output.root={tmp_path}", "--set", "output.run_name=r", "--set", "train.seed=1"]
+    first = cli.load_config(None, args[1::2])
+    cli.save_run_config(first, cli.run_dir_for(first))
+    result = runner.invoke(cli.train, args[:-1] + ["train.seed=2"])
+    assert result.exit_code == 2
+    assert "already holds another run's config" in result.output
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["train"]["seed"] == 1  # untouched
+
+
+def test_print_config_shows_overrides():
+    result = CliRunner().invoke(cli.train, ["--print-config", "--set", "sae.k=64"])
+    assert result.exit_code == 0
+    assert yaml.safe_load(result.output)["sae"]["k"] == 64
+
+
+def test_missing_model_folder_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(cli.train, ["--set", f"model.name_or_path={tmp_path / 'nope'}",
+                                            "--set", f"output.root={out}"])
+    assert result.exit_code == 2
+    assert result.output == f"error: model.name_or_path: '{tmp_path / 'nope'}' is not a folder (nor a hub id like org/name)\n"
+    assert not out.exists()
+
+
+def test_folder_without_a_model_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli.train, ["--set", f"model.name_or_path={tmp_path / 'empty'}",
+                                            "--set", f"output.root={tmp_path / 'runs'}"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: model.name_or_path: cannot load") and result.output.count("\n") == 1
+
+
+def test_help_lists_every_config_key():
+    result = CliRunner().invoke(cli.train, ["--help"])
+    assert result.exit_code == 0
+    for key in ("model.name_or_path", "data.token_budget", "hooks", "sae.k", "train.lr", "output.root"):
+        assert key in result.output
+
+
+def test_analyze_layers_lists_demo_hook_points():
+    result = CliRunner().invoke(cli.analyze, ["layers"])
+    assert result.exit_code == 0, result.output
+    assert "layers.0 .. layers.3" in result.output
+
+
+def test_console_scripts_point_at_the_cli_functions():
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("sae-")}
+    assert scripts["sae-train"].load() is cli.train
+    assert scripts["sae-analyze"].load() is cli.analyze

@@ -1,0 +1,57 @@
+"""Tiny random causal LMs of several families, saved locally, for tests.
+
+Each is written with ``save_pretrained`` (safetensors + config.json) next to a copy of the
+demo tokenizer, so tests load it by path exactly as a user's model is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2Config,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+from sae.demo_model import DEMO_MODEL_DIR
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox")
+
+
+def tiny_config(family: str, vocab_size: int, n_layers: int = 3, width: int = 64) -> PretrainedConfig:
+    """A config of ``family`` with ``n_layers`` decoder layers of ``width`` (4 heads of width/4)."""
+    heads, ffn = 4, 2 * width
+    common = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=ffn, num_hidden_layers=n_layers,
+                  num_attention_heads=heads, max_position_embeddings=512)
+    if family == "llama":
+        return LlamaConfig(**common, num_key_value_heads=2)
+    if family == "mistral":
+        return MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
+    if family == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=2)
+    if family == "gemma2":
+        return Gemma2Config(**common, num_key_value_heads=2, head_dim=width // heads, sliding_window=64,
+                            query_pre_attn_scalar=width // heads)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=n_layers, n_head=heads, n_positions=512)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(**common)
+    raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+
+
+def make_tiny_model(family: str, path: Path, n_layers: int = 3, width: int = 64, seed: int = 0) -> Path:
+    """Write a randomly initialised model of ``family`` and the demo tokenizer to ``path``."""
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), n_layers, width))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
