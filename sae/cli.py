@@ -106,16 +106,17 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
     the built-in corpus). Any key listed below can be overridden with --set:
 
     \b
-        python train.py configs/demo.yaml --set train.lr=3e-4 --set hooks=[layers.1,layers.3]
+        python train.py configs/demo.yaml --set train.lr=3e-4 --set 'hooks=[layers.1,layers.3]'
     """
-    from sae.data import load_text_dataset
-    from sae.models import load_model, model_summary
-
     cfg = resolve_config(config, overrides)
     if print_config:
         click.echo(to_yaml(cfg), nl=False)
         return
     run_dir = run_dir_for(cfg)
+    # Imported only now: torch + transformers take seconds, and a config error should not wait.
+    from sae.data import load_text_dataset
+    from sae.models import load_model, model_summary
+
     model, _tokenizer = load_model(cfg.model)
     click.echo(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
     d = cfg.data
@@ -138,9 +139,9 @@ def analyze() -> None:
 @one_line_errors
 def layers(config: Path | None, overrides: tuple[str, ...]) -> None:
     """List the decoder layers of the config's model, i.e. the valid layers.N hook points."""
+    cfg = resolve_config(config, overrides)
     from sae.models import decoder_layers, load_model, model_summary
 
-    cfg = resolve_config(config, overrides)
     model, _ = load_model(cfg.model)
     name, mods = decoder_layers(model)
     click.echo(model_summary(model))

@@ -126,6 +126,7 @@ def main(vocab_size, hidden, layers, batch, lr, steps, minutes, eval_every, seed
 
     # Save to a temporary folder, then swap in: an interrupted build never leaves half a model.
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is package data
     model.to(torch.bfloat16).save_pretrained(tmp)  # bf16 keeps the package under 10 MB
     tokenizer.save_pretrained(tmp)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
