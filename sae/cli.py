@@ -8,14 +8,14 @@ status 2.
 from __future__ import annotations
 
 import functools
-import os
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from sae.atomic_io import write_text_atomic
 from sae.config import RunConfig, describe, load_config, read_yaml, to_dict, to_yaml
 from sae.errors import ConfigError
 
@@ -30,7 +30,7 @@ def _keys_epilog() -> str:
     return "\b\nConfig keys (KEY, default, meaning):\n" + "\n".join(lines)
 
 
-def one_line_errors(fn):
+def one_line_errors(fn: Callable) -> Callable:
     """Print ConfigError as one line (exit 2) and Ctrl-C as 'interrupted' (exit 130)."""
 
     @functools.wraps(fn)
@@ -47,7 +47,7 @@ def one_line_errors(fn):
     return wrapper
 
 
-def config_options(fn):
+def config_options(fn: Callable) -> Callable:
     """The CONFIG argument and repeatable --set option shared by every command."""
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                       help="Override one config key, e.g. --set train.lr=3e-4 (repeatable).")(fn)
@@ -59,19 +59,6 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...]) -> RunConfig
     if config is None and DEMO_CONFIG.exists():
         config = DEMO_CONFIG
     return load_config(config, overrides)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
@@ -90,7 +77,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
     try:
-        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     except OSError as e:
         raise ConfigError(f"output.root: cannot write to {str(run_dir)!r}: {e.strerror}") from None
 
