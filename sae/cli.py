@@ -125,7 +125,7 @@ def analyze() -> None:
 @config_options
 @one_line_errors
 def layers(config: Path | None, overrides: tuple[str, ...]) -> None:
-    """List the decoder layers of the config's model, i.e. the valid layers.N hook points."""
+    """List a model's decoder layers: the valid layers.N hook points."""
     cfg = resolve_config(config, overrides)
     from sae.models import decoder_layers, load_model, model_summary
 
