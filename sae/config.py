@@ -56,6 +56,22 @@ class DataConfig:
 
 
 @dataclass
+class HarvestConfig:
+    batch_contexts: int = opt(8, "Contexts per forward pass of the model.", ge=1)
+    exclude_special_tokens: bool = opt(True, "Drop BOS, EOS, pad and other special tokens from the activations.")
+    max_norm_ratio: float | None = opt(None, "Also drop tokens whose activation norm exceeds this multiple of "
+                                       "the batch median (attention sinks); null = keep all.", gt=1)
+    buffer_tokens: int = opt(262_144, "Activation vectors held in the shuffling buffer, per hook point.", ge=1)
+    buffer_device: str = opt("cpu", "Where the shuffling buffer lives: cpu (host memory) or model "
+                             "(the model's device, e.g. the GPU).", choices=("cpu", "model"))
+    prefetch: bool = opt(True, "Tokenize and pack the next contexts in a background thread.")
+    cache_dir: str | None = opt(None, "Write activations here as safetensors shards, and read them back "
+                                "instead of running the model once the cache is complete; null = no cache.")
+    cache_shard_tokens: int = opt(65_536, "Activation vectors per cache shard (at least).", ge=1)
+    cache_epochs: int = opt(1, "Passes over a complete cache, each in a new shard order.", ge=1)
+
+
+@dataclass
 class SAEConfig:
     architecture: str = opt("topk", "SAE architecture.", choices=("topk", "relu", "batchtopk", "jumprelu"))
     expansion_factor: int = opt(8, "Latents per input dimension; ignored when num_latents is set.", ge=1)
@@ -86,7 +102,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     hooks: list[str] = opt(["layers.2"], "Hook points, e.g. layers.16 (residual after layer 16), "
-                           "layers.16.mlp, layers.16.self_attn.")
+                           "layers.16.resid_pre, layers.16.mlp, layers.16.self_attn.")
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

@@ -1,17 +1,20 @@
 """Text datasets in, fixed-length token contexts out.
 
 ``load_text_dataset`` resolves a dataset spec (the built-in corpus, local files or a
-Hugging Face dataset id) and ``pack`` turns tokenized documents into contexts of one
-length, each starting with BOS, documents separated by EOS.
+Hugging Face dataset id); ``context_batches`` tokenizes it in batches and packs it into
+contexts of one length, each starting with BOS, documents separated by EOS, up to a
+token budget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from sae import corpus
 from sae.errors import ConfigError
@@ -68,28 +71,69 @@ def _load_local(path: Path, split: str, streaming: bool) -> datasets.Dataset | d
                                  streaming=streaming)
 
 
-def pack(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int) -> torch.Tensor:
-    """Pack token documents into contexts.
+def iter_packed(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int) -> Iterator[list[int]]:
+    """Pack token documents into contexts, lazily.
 
-    Documents (token ids without special tokens) are joined with ``eos_id`` between them,
-    cut into pieces of ``context_len - 1`` tokens, and each piece gets ``bos_id`` in front,
-    so every context looks like the start of a sequence to the model. A final piece shorter
-    than that is dropped.
-
-    Returns a LongTensor [n_contexts, context_len].
+    Documents (token ids without special tokens) are joined with ``eos_id`` between them
+    and cut into pieces of ``context_len - 1`` tokens; each piece gets ``bos_id`` in front,
+    so every context looks like the start of a sequence to the model. Long documents span
+    several contexts; empty ones are skipped; a final piece shorter than that is dropped.
     """
     if context_len < 2:
         raise ValueError(f"context_len must be at least 2, got {context_len}")
-    stream: list[int] = []
+    body = context_len - 1
+    pending: list[int] = []
+    first = True
     for doc in documents:
         if len(doc) == 0:
             continue
-        if stream:
-            stream.append(eos_id)
-        stream.extend(doc)
-    body = context_len - 1
-    n = len(stream) // body
-    if n == 0:
+        if not first:
+            pending.append(eos_id)
+        first = False
+        pending.extend(doc)
+        start = 0
+        while len(pending) - start >= body:
+            yield [bos_id, *pending[start:start + body]]
+            start += body
+        del pending[:start]
+
+
+def pack(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int) -> torch.Tensor:
+    """``iter_packed`` collected: LongTensor [n_contexts, context_len]."""
+    contexts = list(iter_packed(documents, context_len, bos_id, eos_id))
+    if not contexts:
         return torch.empty(0, context_len, dtype=torch.long)
-    pieces = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
-    return torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), pieces], dim=1)
+    return torch.tensor(contexts, dtype=torch.long)
+
+
+def iter_token_documents(dataset: datasets.Dataset | datasets.IterableDataset, tokenizer: PreTrainedTokenizerBase,
+                         text_column: str = "text", chunk_docs: int = 256) -> Iterator[list[int]]:
+    """Token ids of each document (no special tokens), tokenized ``chunk_docs`` at a time.
+
+    Batched calls let the fast (Rust) tokenizer use every core; streaming datasets work
+    the same way, since only ``chunk_docs`` texts are held at once.
+    """
+    for chunk in dataset.iter(batch_size=chunk_docs):
+        texts = [t for t in chunk[text_column] if t]
+        if texts:
+            yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def context_batches(dataset: datasets.Dataset | datasets.IterableDataset, tokenizer: PreTrainedTokenizerBase, *,
+                    text_column: str = "text", context_tokens: int = 256, token_budget: int | None = None,
+                    batch_contexts: int = 8, skip_contexts: int = 0) -> Iterator[torch.Tensor]:
+    """Packed contexts in batches: LongTensor [batch_contexts, context_tokens] (the last may be smaller).
+
+    Stops after ``ceil(token_budget / context_tokens)`` contexts (counted from the start,
+    skipped ones included) or when the data runs out. ``skip_contexts`` drops the first
+    contexts, to resume an interrupted harvest where it stopped.
+    """
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None or tokenizer.eos_token_id is None:
+        raise ConfigError("model.name_or_path: the tokenizer has neither a BOS nor an EOS token to mark contexts")
+    limit = None if token_budget is None else -(-token_budget // context_tokens)
+    contexts = iter_packed(iter_token_documents(dataset, tokenizer, text_column), context_tokens, bos,
+                           tokenizer.eos_token_id)
+    contexts = itertools.islice(contexts, skip_contexts, limit)
+    while batch := list(itertools.islice(contexts, batch_contexts)):
+        yield torch.tensor(batch, dtype=torch.long)

@@ -13,3 +13,18 @@ from tiny_models import FAMILIES, make_tiny_model
 def tiny_model_dir(request, tmp_path_factory):
     """Folder of a tiny random model (one per family), loadable with from_pretrained."""
     return make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """One tiny random Llama, for tests that need a model but not every family."""
+    return make_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    """(model, tokenizer) of the tiny Llama, loaded through sae.models.load_model in fp32 on CPU."""
+    from sae.config import ModelConfig
+    from sae.models import load_model
+
+    return load_model(ModelConfig(name_or_path=str(tiny_llama_dir), device="cpu"))

@@ -1,0 +1,83 @@
+"""From a RunConfig to shuffled activation batches: data -> harvester (-> disk cache) -> buffer.
+
+    model, tokenizer = load_model(cfg.model)
+    for batch in activation_batches(cfg, model, tokenizer):
+        batch["layers.2"]     # [cfg.train.batch_tokens, d]
+
+With ``harvest.cache_dir`` set, the first run writes the cache while it harvests (and
+resumes an interrupted cache where it stopped); once complete, later runs read the cache
+and never run the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sae.activation_cache import CacheReader, CacheWriter, tokenizer_fingerprint
+from sae.buffer import ShuffleBuffer
+from sae.config import RunConfig
+from sae.errors import ConfigError
+from sae.data import context_batches, load_text_dataset
+from sae.harvest import Harvester
+
+
+def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Everything that decides which activations a harvest produces."""
+    d, h = cfg.data, cfg.harvest
+    return {
+        "model": cfg.model.name_or_path,
+        "hooks": list(cfg.hooks),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "width": model.config.hidden_size,
+        "dataset": {"dataset": d.dataset, "subset": d.subset, "split": d.split, "text_column": d.text_column,
+                    "context_tokens": d.context_tokens, "token_budget": d.token_budget},
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "masking": {"exclude_special_tokens": h.exclude_special_tokens, "max_norm_ratio": h.max_norm_ratio},
+    }
+
+
+def make_harvester(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   skip_contexts: int = 0) -> Harvester:
+    d, h = cfg.data, cfg.harvest
+    dataset = load_text_dataset(d.dataset, d.split, d.text_column, d.subset, d.streaming)
+    contexts = context_batches(dataset, tokenizer, text_column=d.text_column, context_tokens=d.context_tokens,
+                               token_budget=d.token_budget, batch_contexts=h.batch_contexts,
+                               skip_contexts=skip_contexts)
+    harvester = Harvester(model, tokenizer, contexts, cfg.hooks, exclude_special_tokens=h.exclude_special_tokens,
+                          max_norm_ratio=h.max_norm_ratio, prefetch=h.prefetch)
+    harvester.check_context_length(d.context_tokens)
+    return harvester
+
+
+def _harvest_into_cache(harvester: Harvester, writer: CacheWriter, skipped: int) -> Iterator[dict[str, torch.Tensor]]:
+    for acts in harvester:
+        writer.add(acts, skipped + harvester.contexts_done)
+        yield acts
+    writer.finish()
+
+
+def activation_source(cfg: RunConfig, model: PreTrainedModel,
+                      tokenizer: PreTrainedTokenizerBase) -> Iterable[dict[str, torch.Tensor]]:
+    """Unshuffled {hook: [n, d]} batches: from the cache if complete, else from the model."""
+    h = cfg.harvest
+    if h.cache_dir is None:
+        return make_harvester(cfg, model, tokenizer)
+    identity = cache_identity(cfg, model, tokenizer)
+    writer = CacheWriter(h.cache_dir, identity, h.cache_shard_tokens)
+    if writer.complete:
+        return CacheReader(h.cache_dir, cfg.hooks, epochs=h.cache_epochs, seed=cfg.train.seed, identity=identity)
+    harvester = make_harvester(cfg, model, tokenizer, skip_contexts=writer.contexts_done)
+    return _harvest_into_cache(harvester, writer, writer.contexts_done)
+
+
+def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ShuffleBuffer:
+    """Shuffled {hook: [train.batch_tokens, d]} batches for training."""
+    if cfg.harvest.buffer_tokens < cfg.train.batch_tokens:
+        raise ConfigError(f"harvest.buffer_tokens: {cfg.harvest.buffer_tokens} is smaller than one batch; "
+                          f"use at least train.batch_tokens = {cfg.train.batch_tokens}")
+    device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
+    return ShuffleBuffer(activation_source(cfg, model, tokenizer), cfg.harvest.buffer_tokens, cfg.train.batch_tokens,
+                         device=device, seed=cfg.train.seed, pin_memory=torch.cuda.is_available())

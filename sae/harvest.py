@@ -1,0 +1,122 @@
+"""The harvester: token contexts in, per-hook activation rows out.
+
+    from sae import harvest
+    for acts in harvest.Harvester(model, tokenizer, contexts, ["layers.2"]):
+        acts["layers.2"]   # [n_kept_tokens, d], on the model's device, in its dtype
+
+One forward pass per batch of contexts feeds every hook point, and stops after the
+deepest one. Special tokens (BOS, EOS, pad, ...) are dropped by default: their norms are
+10-100x larger and would dominate both training and metrics. Optionally, tokens whose
+activation norm exceeds ``max_norm_ratio`` x the batch median are dropped too (attention
+sinks); a token dropped at one hook point is dropped at all, so rows stay aligned.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sae.errors import ConfigError
+from sae.hooks import ActivationCapture, resolve_hooks
+
+
+def max_context_tokens(model: PreTrainedModel) -> int | None:
+    """The longest context the model's position scheme allows (None if unbounded)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+class Harvester:
+    """Iterable of {hook name: activations [n, d]} dicts, one per batch of contexts.
+
+    contexts: iterable of LongTensor [B, T] (see ``sae.data.context_batches``).
+    Counters after (or during) iteration: ``contexts_done``, ``tokens_seen``,
+    ``tokens_kept``. ``prefetch`` prepares the next contexts (tokenization, packing) in a
+    background thread while the model runs.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: Iterable[torch.Tensor],
+                 hooks: list[str], *, exclude_special_tokens: bool = True, max_norm_ratio: float | None = None,
+                 prefetch: bool = False):
+        self.model, self.contexts, self.prefetch = model, contexts, prefetch
+        self.points = resolve_hooks(model, hooks)
+        self.excluded = torch.tensor(sorted(set(tokenizer.all_special_ids)) if exclude_special_tokens else [],
+                                     dtype=torch.long)
+        self.max_norm_ratio = max_norm_ratio
+        self.device = next(model.parameters()).device
+        self.contexts_done = self.tokens_seen = self.tokens_kept = 0
+
+    def check_context_length(self, context_tokens: int) -> None:
+        limit = max_context_tokens(self.model)
+        if limit is not None and context_tokens > limit:
+            raise ConfigError(f"data.context_tokens: {context_tokens} is longer than this model allows; "
+                              f"use at most {limit}")
+
+    def keep_mask(self, ids: torch.Tensor, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bool [B, T]: tokens to keep (not special, norm not an outlier at any hook)."""
+        keep = ~torch.isin(ids, self.excluded.to(ids.device))
+        if self.max_norm_ratio is not None and keep.any():
+            for a in acts.values():
+                norms = a.float().norm(dim=-1)
+                keep &= norms <= self.max_norm_ratio * norms[keep].median()
+        return keep
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        batches = _prefetched(self.contexts) if self.prefetch else iter(self.contexts)
+        with ActivationCapture(self.model, self.points) as capture:
+            for ids in batches:
+                ids = ids.to(self.device, non_blocking=True)
+                self.check_context_length(ids.shape[1])
+                acts = capture.run(input_ids=ids)
+                keep = self.keep_mask(ids, acts)
+                self.contexts_done += ids.shape[0]
+                self.tokens_seen += ids.numel()
+                n_kept = int(keep.sum())
+                self.tokens_kept += n_kept
+                if n_kept:
+                    yield {name: a[keep] for name, a in acts.items()}
+        if self.tokens_seen == 0:
+            raise ConfigError("data.dataset: no complete context could be packed from the data; "
+                              "is the dataset empty or data.context_tokens too long?")
+        if self.tokens_kept == 0:
+            raise ConfigError(f"every one of {self.tokens_seen} tokens was masked (special tokens or norm outliers); "
+                              "check harvest.exclude_special_tokens and harvest.max_norm_ratio")
+
+
+def _prefetched(items: Iterable, depth: int = 4) -> Iterator:
+    """Iterate ``items`` in a daemon thread, ``depth`` ahead; its exceptions are re-raised here.
+
+    When the consumer stops early, the thread notices within 0.1 s and ends.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    threading.Thread(target=produce, daemon=True, name="sae-prefetch").start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,138 @@
+"""Hook points: what the names mean, how they resolve on any HF decoder model, and how
+activations are captured in a forward pass that stops after the deepest hook.
+
+Names follow the model's own modules, relative to its decoder-layer list:
+
+* ``layers.N``            residual stream after decoder layer N (the layer's output)
+* ``layers.N.resid_pre``  residual stream entering layer N (a forward pre-hook)
+* ``layers.N.<sub>``      output of a sub-module of layer N, e.g. ``layers.N.mlp``,
+                          ``layers.N.self_attn``; ``attn`` and ``mlp`` are accepted for
+                          whatever the family calls them (GPT-2 ``attn``, NeoX ``attention``).
+
+A layer or sub-module may return a tensor (recent transformers) or a tuple whose first
+element is the hidden state (older ones, attention modules); both are handled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sae.errors import ConfigError
+from sae.models import decoder_layers
+
+# Generic sub-module names -> what the families call them.
+ALIASES = {"attn": ("self_attn", "attn", "attention"), "mlp": ("mlp", "feed_forward", "ffn")}
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    name: str            # as written in the config, e.g. "layers.16.mlp"
+    layer: int           # decoder layer index
+    module: nn.Module    # module whose output (or input, when pre) is captured
+    pre: bool = False    # capture the module's input instead of its output
+
+
+def _hidden(value: torch.Tensor | tuple) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _syntax_help(n_layers: int, layer: nn.Module) -> str:
+    subs = ", ".join(name for name, _ in layer.named_children())
+    return (f"valid: layers.N, layers.N.resid_pre or layers.N.<sub-module> with N in 0..{n_layers - 1} "
+            f"and sub-modules {subs}")
+
+
+def resolve_hook(model: nn.Module, name: str) -> HookPoint:
+    """The HookPoint that ``name`` means on ``model``; ConfigError naming the valid ones."""
+    _, layers = decoder_layers(model)
+    parts = name.split(".")
+    if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
+        raise ConfigError(f"hooks: {name!r} is not a hook point; {_syntax_help(len(layers), layers[0])}")
+    index = int(parts[1])
+    if index >= len(layers):
+        raise ConfigError(f"hooks: layer {index} in {name!r} is out of range; this model has layers 0..{len(layers) - 1}")
+    layer, rest = layers[index], parts[2:]
+    if not rest:
+        return HookPoint(name, index, layer)
+    if rest == ["resid_pre"]:
+        return HookPoint(name, index, layer, pre=True)
+    children = dict(layer.named_children())
+    first = next((c for c in (rest[0], *ALIASES.get(rest[0], ())) if c in children), None)
+    try:
+        if first is None:
+            raise AttributeError(rest[0])
+        module = layer.get_submodule(".".join([first, *rest[1:]]))
+    except AttributeError:
+        raise ConfigError(f"hooks: {name!r} names no sub-module of layer {index}; "
+                          f"{_syntax_help(len(layers), layer)}") from None
+    return HookPoint(name, index, module)
+
+
+def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookPoint]:
+    if not names:
+        raise ConfigError("hooks: no hook points given; e.g. hooks: [layers.2]")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"hooks: {duplicates[0]!r} is listed twice")
+    return [resolve_hook(model, n) for n in names]
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to fire: the rest of the model never runs."""
+
+
+class ActivationCapture:
+    """Forward hooks that record each hook point's activation in one forward pass.
+
+    Use as a context manager (hooks are removed on exit; no state outlives it)::
+
+        with ActivationCapture(model, points) as capture:
+            acts = capture.run(input_ids=ids, attention_mask=mask)  # {name: [B, T, d]}
+
+    With ``stop_early`` the hook that completes the set raises a private exception, caught
+    in ``run``, so layers after the deepest hook point and the LM head never run.
+    """
+
+    def __init__(self, model: nn.Module, points: list[HookPoint], stop_early: bool = True):
+        self.model, self.points, self.stop_early = model, points, stop_early
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._acts: dict[str, torch.Tensor] = {}
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        self._acts[name] = value.detach()
+        if self.stop_early and len(self._acts) == len(self.points):
+            raise _StopForward
+
+    def __enter__(self) -> ActivationCapture:
+        for p in self.points:
+            if p.pre:
+                def pre_hook(_m, args, kwargs, name=p.name):
+                    self._record(name, args[0] if args else kwargs["hidden_states"])
+                self._handles.append(p.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            else:
+                def hook(_m, _args, output, name=p.name):
+                    self._record(name, _hidden(output))
+                self._handles.append(p.module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def run(self, **inputs) -> dict[str, torch.Tensor]:
+        """One forward pass; returns {hook name: activation [B, T, d]} in the model's dtype."""
+        self._acts = {}
+        try:
+            self.model(**inputs, use_cache=False)
+        except _StopForward:
+            pass
+        acts, self._acts = self._acts, {}
+        missing = [p.name for p in self.points if p.name not in acts]
+        if missing:
+            raise RuntimeError(f"hook points {missing} did not fire in the forward pass")
+        return acts

@@ -1,0 +1,104 @@
+"""The harvester: the right rows, masking, early stop, budget, resume, bad input."""
+
+import datasets
+import pytest
+import torch
+
+from sae.data import context_batches
+from sae.errors import ConfigError
+from sae.harvest import Harvester
+
+TEXTS = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs. " * (1 + i % 4) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return datasets.Dataset.from_dict({"text": TEXTS})
+
+
+def contexts_of(dataset, tokenizer, **kw):
+    kw.setdefault("context_tokens", 16)
+    return list(context_batches(dataset, tokenizer, **kw))
+
+
+def test_rows_are_the_non_special_hidden_states(tiny_llama, dataset):
+    model, tok = tiny_llama
+    batches = contexts_of(dataset, tok, batch_contexts=4, token_budget=16 * 8)
+    rows = torch.cat([b["layers.1"] for b in Harvester(model, tok, batches, ["layers.1"])])
+    ids = torch.cat(batches)
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+    special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+    assert special[:, 0].all() and special.sum() > ids.shape[0]  # BOS per context plus EOS separators
+    torch.testing.assert_close(rows, ref[~special])
+
+
+def test_counters_and_token_budget(tiny_llama, dataset):
+    model, tok = tiny_llama
+    batches = contexts_of(dataset, tok, batch_contexts=3, token_budget=100)  # ceil(100/16) = 7 contexts
+    assert [b.shape for b in batches] == [(3, 16), (3, 16), (1, 16)]
+    h = Harvester(model, tok, batches, ["layers.0"])
+    n_rows = sum(b["layers.0"].shape[0] for b in h)
+    assert (h.contexts_done, h.tokens_seen, h.tokens_kept) == (7, 112, n_rows)
+
+
+def test_skip_contexts_resumes_the_same_stream(tiny_llama, dataset):
+    _, tok = tiny_llama
+    full = torch.cat(contexts_of(dataset, tok, batch_contexts=4, token_budget=16 * 10))
+    rest = torch.cat(contexts_of(dataset, tok, batch_contexts=4, token_budget=16 * 10, skip_contexts=3))
+    assert torch.equal(rest, full[3:])
+
+
+def test_norm_filter_drops_outliers_at_every_hook_together(tiny_llama, dataset):
+    model, tok = tiny_llama
+    batches = contexts_of(dataset, tok, batch_contexts=4, token_budget=16 * 4)
+    plain = list(Harvester(model, tok, batches, ["layers.0", "layers.1"]))
+    filtered = list(Harvester(model, tok, batches, ["layers.0", "layers.1"], max_norm_ratio=1.05))
+    assert filtered[0]["layers.0"].shape[0] == filtered[0]["layers.1"].shape[0]
+    assert 0 < filtered[0]["layers.0"].shape[0] < plain[0]["layers.0"].shape[0]
+    for name in ("layers.0", "layers.1"):
+        median = plain[0][name].norm(dim=-1).median()
+        assert (filtered[0][name].norm(dim=-1) <= 1.05 * median + 1e-6).all()
+
+
+def test_prefetch_gives_the_same_rows(tiny_llama, dataset):
+    model, tok = tiny_llama
+    make = lambda: context_batches(dataset, tok, context_tokens=16, batch_contexts=2, token_budget=16 * 6)
+    a = [b["layers.0"] for b in Harvester(model, tok, make(), ["layers.0"])]
+    b = [b["layers.0"] for b in Harvester(model, tok, make(), ["layers.0"], prefetch=True)]
+    assert len(a) == len(b) == 3 and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_prefetch_reraises_producer_errors(tiny_llama):
+    model, tok = tiny_llama
+
+    def broken():
+        yield torch.full((1, 8), 5)
+        raise RuntimeError("tokenizer exploded")
+
+    with pytest.raises(RuntimeError, match="tokenizer exploded"):
+        list(Harvester(model, tok, broken(), ["layers.0"], prefetch=True))
+
+
+def test_early_stop_leaves_the_head_unrun(tiny_llama):
+    model, tok = tiny_llama
+    calls = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        list(Harvester(model, tok, [torch.randint(3, 100, (2, 8))], ["layers.2"]))
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_bad_input_is_one_line(tiny_llama, dataset):
+    model, tok = tiny_llama
+    with pytest.raises(ConfigError, match="every one of 16 tokens was masked"):
+        list(Harvester(model, tok, [torch.full((2, 8), tok.bos_token_id)], ["layers.0"]))
+    empty = datasets.Dataset.from_dict({"text": ["", ""]})
+    with pytest.raises(ConfigError, match="no complete context"):
+        list(Harvester(model, tok, context_batches(empty, tok, context_tokens=16), ["layers.0"]))
+    with pytest.raises(ConfigError, match=r"data.context_tokens: 4096 is longer than this model allows; use at most 512"):
+        Harvester(model, tok, [], ["layers.0"]).check_context_length(4096)
+    with pytest.raises(ConfigError, match="out of range"):
+        Harvester(model, tok, [], ["layers.9"])
