@@ -1,0 +1,154 @@
+"""The activation cache: round trip, resume after interruption, refusals, disk errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae import activation_cache
+from sae.activation_cache import MANIFEST, CacheReader, CacheWriter
+from sae.activations import activation_source
+from sae.config import load_config
+from sae.errors import ConfigError
+
+IDENTITY = {"model": "m", "hooks": ["a", "b"], "dtype": "float32", "width": 4}
+
+
+def batches(n=10, rows=7):
+    for i in range(n):
+        a = torch.arange(i * rows, (i + 1) * rows, dtype=torch.float32)[:, None].repeat(1, 4)
+        yield {"a": a, "b": a + 0.5}
+
+
+def write(folder, source, shard_tokens=20, stop_after=None):
+    w = CacheWriter(folder, IDENTITY, shard_tokens)
+    for i, acts in enumerate(source):
+        if stop_after is not None and i == stop_after:
+            raise KeyboardInterrupt
+        w.add(acts, contexts_done=i + 1)
+    w.finish()
+    return w
+
+
+def rows_of(reader):
+    return torch.cat([s["a"][:, 0] for s in reader]).sort().values
+
+
+def test_round_trip_keeps_every_row_and_writes_a_manifest(tmp_path):
+    write(tmp_path, batches())
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    assert m["complete"] and m["tokens"] == 70 and m["contexts_done"] == 10 and m["identity"] == IDENTITY
+    assert sum(s["tokens"] for s in m["shards"]) == 70 and all(s["tokens"] >= 20 for s in m["shards"][:-1])
+    reader = CacheReader(tmp_path, identity=IDENTITY)
+    assert torch.equal(rows_of(reader), torch.arange(70, dtype=torch.float32))
+    for shard in reader:
+        torch.testing.assert_close(shard["b"], shard["a"] + 0.5)  # hooks aligned
+
+
+def test_interrupted_run_resumes_to_the_same_cache(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    write(full, batches())
+    with pytest.raises(KeyboardInterrupt):
+        write(cut, batches(), stop_after=6)
+    w = CacheWriter(cut, IDENTITY, 20)
+    assert not w.complete and w.contexts_done == 6  # shards hold 3+3 batches; batch 6 was lost
+    remaining = list(batches())[w.contexts_done:]
+    for i, acts in enumerate(remaining, start=w.contexts_done):
+        w.add(acts, contexts_done=i + 1)
+    w.finish()
+    assert torch.equal(rows_of(CacheReader(cut)), rows_of(CacheReader(full)))
+
+
+def test_half_written_shard_is_never_read(tmp_path):
+    write(tmp_path, batches(n=3), shard_tokens=7)
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    m["complete"] = False
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    (tmp_path / ".shard-00003.safetensors.tmp").write_bytes(b"\x00" * 10)  # a crash mid-write
+    w = CacheWriter(tmp_path, IDENTITY)
+    assert not (tmp_path / ".shard-00003.safetensors.tmp").exists()
+    w.finish()
+    assert torch.equal(rows_of(CacheReader(tmp_path)), torch.arange(21, dtype=torch.float32))
+
+
+def test_other_runs_and_incomplete_caches_are_refused(tmp_path):
+    write(tmp_path / "c", batches(n=2))
+    with pytest.raises(ConfigError, match=r"another run \(model: cache has 'm', this run 'other'\)"):
+        CacheWriter(tmp_path / "c", {**IDENTITY, "model": "other"})
+    with pytest.raises(ConfigError, match="hooks: 'z' is not in the cache"):
+        CacheReader(tmp_path / "c", hooks=["z"])
+    with pytest.raises(KeyboardInterrupt):
+        write(tmp_path / "i", batches(), stop_after=4)
+    with pytest.raises(ConfigError, match="incomplete"):
+        CacheReader(tmp_path / "i")
+    with pytest.raises(ConfigError, match="holds no manifest.json"):
+        CacheReader(tmp_path / "nothing")
+
+
+def test_full_disk_is_one_line_and_keeps_the_cache_resumable(tmp_path, monkeypatch):
+    w = CacheWriter(tmp_path, IDENTITY, shard_tokens=7)
+    w.add(next(batches()), contexts_done=1)
+
+    def no_space(tensors, filename):
+        open(filename, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(activation_cache, "save_file", no_space)
+    with pytest.raises(ConfigError, match=r"cannot write shard-00001.safetensors .*No space left on device.*keeps its 7 tokens"):
+        w.add(next(batches()), contexts_done=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "shard-00000.safetensors"]
+    assert CacheWriter(tmp_path, IDENTITY).contexts_done == 1
+
+
+def test_unwritable_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="harvest.cache_dir: cannot create"):
+        CacheWriter(tmp_path / "file" / "cache", IDENTITY)
+
+
+def test_epochs_reshuffle_shard_order(tmp_path):
+    write(tmp_path, batches(n=10), shard_tokens=7)
+    firsts = [s["a"][0, 0].item() for s in CacheReader(tmp_path, epochs=2, seed=0)]
+    assert len(firsts) == 20 and sorted(firsts[:10]) == sorted(firsts[10:]) and firsts[:10] != firsts[10:]
+
+
+def test_config_pipeline_writes_then_reads_without_the_model(tiny_llama, tmp_path, monkeypatch):
+    model, tok = tiny_llama
+    cfg = load_config(None, ["data.token_budget=2048", "data.context_tokens=64", "hooks=[layers.0,layers.1]",
+                             f"harvest.cache_dir={tmp_path}", "harvest.cache_shard_tokens=300"])
+    first = [acts for acts in activation_source(cfg, model, tok)]
+    harvested = torch.cat([a["layers.1"] for a in first])
+    shards = json.loads((tmp_path / MANIFEST).read_text())["shards"]
+    assert len(shards) > 1 and sum(s["tokens"] for s in shards) == harvested.shape[0]
+    on_disk = torch.cat([load_file(tmp_path / s["file"])["layers.1"] for s in shards])
+    assert torch.equal(on_disk, harvested)
+
+    def model_must_not_run(*a, **k):
+        raise AssertionError("the model ran although the cache is complete")
+
+    monkeypatch.setattr(model, "forward", model_must_not_run)
+    again = torch.cat([a["layers.1"] for a in activation_source(cfg, model, tok)])
+    assert torch.equal(again.sort(0).values, harvested.sort(0).values)
+
+
+def test_interrupted_pipeline_resumes_to_the_uninterrupted_cache(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    args = ["data.token_budget=4096", "data.context_tokens=64", "harvest.batch_contexts=4",
+            "harvest.cache_shard_tokens=500", "harvest.prefetch=false"]
+    straight = load_config(None, args + [f"harvest.cache_dir={tmp_path / 'straight'}"])
+    list(activation_source(straight, model, tok))
+    resumed = load_config(None, args + [f"harvest.cache_dir={tmp_path / 'resumed'}"])
+    for i, _ in enumerate(activation_source(resumed, model, tok)):
+        if i == 6:
+            break  # Ctrl-C: the generator closes without finishing the cache
+    partial = json.loads((tmp_path / "resumed" / MANIFEST).read_text())
+    assert not partial["complete"] and 0 < partial["contexts_done"] < 64
+    list(activation_source(resumed, model, tok))
+
+    def rows(folder):
+        m = json.loads((folder / MANIFEST).read_text())
+        assert m["complete"] and m["contexts_done"] == 64
+        return torch.cat([load_file(folder / s["file"])["layers.2"] for s in m["shards"]])
+
+    assert torch.equal(rows(tmp_path / "resumed"), rows(tmp_path / "straight"))
