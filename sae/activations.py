@@ -19,7 +19,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sae.activation_cache import CacheReader, CacheWriter, tokenizer_fingerprint
 from sae.buffer import ShuffleBuffer
 from sae.config import RunConfig
-from sae.errors import ConfigError
 from sae.data import context_batches, load_text_dataset
 from sae.harvest import Harvester
 
@@ -75,9 +74,6 @@ def activation_source(cfg: RunConfig, model: PreTrainedModel,
 
 def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ShuffleBuffer:
     """Shuffled {hook: [train.batch_tokens, d]} batches for training."""
-    if cfg.harvest.buffer_tokens < cfg.train.batch_tokens:
-        raise ConfigError(f"harvest.buffer_tokens: {cfg.harvest.buffer_tokens} is smaller than one batch; "
-                          f"use at least train.batch_tokens = {cfg.train.batch_tokens}")
     device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
     return ShuffleBuffer(activation_source(cfg, model, tokenizer), cfg.harvest.buffer_tokens, cfg.train.batch_tokens,
                          device=device, seed=cfg.train.seed, pin_memory=torch.cuda.is_available())

@@ -101,18 +101,31 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
         return
     run_dir = run_dir_for(cfg)
     # Imported only now: torch + transformers take seconds, and a config error should not wait.
-    from sae.data import load_text_dataset
+    from tqdm.auto import tqdm
+
+    from sae.activations import activation_batches
     from sae.models import load_model, model_summary
 
-    model, _tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model)
     click.echo(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
     d = cfg.data
-    ds = load_text_dataset(d.dataset, d.split, d.text_column, d.subset, d.streaming)
-    size = "streaming" if d.streaming else f"{len(ds):,} documents"
-    click.echo(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {size}")
+    batches = activation_batches(cfg, model, tokenizer)  # checks hooks, data and cache before any work
+    click.echo(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {d.token_budget:,} tokens "
+               f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}")
     save_run_config(cfg, run_dir)
     click.echo(f"run folder: {run_dir} (resolved config in config.yaml)")
-    click.echo("Training is not implemented yet (it arrives with the trainer); stopped after loading model and data.")
+    start, served = time.perf_counter(), 0
+    with tqdm(total=d.token_budget, unit="tok", unit_scale=True, desc="activations") as bar:
+        for batch in batches:
+            n = next(iter(batch.values())).shape[0]
+            served += n
+            bar.update(n)
+        bar.total = bar.n  # special tokens are dropped, so fewer than the budget arrive
+        bar.refresh()
+    seconds = time.perf_counter() - start
+    click.echo(f"served {served:,} shuffled activation vectors per hook point in {seconds:.1f} s "
+               f"({served / seconds:,.0f} per s)")
+    click.echo("Training is not implemented yet (it arrives with the trainer); stopped after the activations.")
 
 
 @click.group(context_settings={"max_content_width": 120})

@@ -251,8 +251,17 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _check_relations(cfg: RunConfig) -> None:
+    """Checks that involve more than one field."""
+    if cfg.harvest.buffer_tokens < cfg.train.batch_tokens:
+        raise ConfigError(f"harvest.buffer_tokens: {cfg.harvest.buffer_tokens} is smaller than one batch; "
+                          f"use at least train.batch_tokens = {cfg.train.batch_tokens}")
+
+
 def config_from_dict(values: dict) -> RunConfig:
-    return _build(RunConfig, values, "")
+    cfg = _build(RunConfig, values, "")
+    _check_relations(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> RunConfig:

@@ -64,6 +64,8 @@ def test_round_trip_through_yaml_is_lossless(tmp_path):
     ("train=5", ["train", "mapping"]),
     ("model.dtype=fp8", ["model.dtype", "'fp8'", "bfloat16"]),
     ("nonsense", ["--set 'nonsense'", "KEY=VALUE"]),
+    ("harvest.buffer_tokens=100", ["harvest.buffer_tokens", "100", "train.batch_tokens = 4096"]),
+    ("harvest.buffer_device=gpu", ["harvest.buffer_device", "'gpu'", "cpu, model"]),
 ])
 def test_bad_values_give_one_line_naming_key_value_and_valid_range(override, must_contain):
     with pytest.raises(ConfigError) as err:
