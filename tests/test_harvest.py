@@ -102,3 +102,15 @@ def test_bad_input_is_one_line(tiny_llama, dataset):
         Harvester(model, tok, [], ["layers.0"]).check_context_length(4096)
     with pytest.raises(ConfigError, match="out of range"):
         Harvester(model, tok, [], ["layers.9"])
+
+
+def test_streaming_gives_the_same_contexts(tiny_llama, tmp_path):
+    _, tok = tiny_llama
+    from sae.data import load_text_dataset
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join('{"text": "%s"}\n' % t for t in TEXTS))
+    kw = dict(context_tokens=16, batch_contexts=5, token_budget=16 * 12)
+    eager = torch.cat(list(context_batches(load_text_dataset(str(path)), tok, **kw)))
+    streamed = torch.cat(list(context_batches(load_text_dataset(str(path), streaming=True), tok, **kw)))
+    assert eager.shape == (12, 16) and torch.equal(eager, streamed)
