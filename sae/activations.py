@@ -46,7 +46,7 @@ def make_harvester(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrained
                                token_budget=d.token_budget, batch_contexts=h.batch_contexts,
                                skip_contexts=skip_contexts)
     harvester = Harvester(model, tokenizer, contexts, cfg.hooks, exclude_special_tokens=h.exclude_special_tokens,
-                          max_norm_ratio=h.max_norm_ratio, prefetch=h.prefetch)
+                          max_norm_ratio=h.max_norm_ratio, prefetch=h.prefetch, expect_data=skip_contexts == 0)
     harvester.check_context_length(d.context_tokens)
     return harvester
 

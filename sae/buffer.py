@@ -73,7 +73,8 @@ class ShuffleBuffer:
             slots = free[placed:placed + n]
             slots_dev = slots.to(self.device)
             for name, rows in pending.items():
-                self.storage[name][slots_dev] = rows[:n].to(self.device, non_blocking=True)
+                # non_blocking only host->GPU: a GPU->host copy must finish before the CPU reads it
+                self.storage[name][slots_dev] = rows[:n].to(self.device, non_blocking=self.device.type == "cuda")
             self.occupied[slots] = True
             placed += n
             rest = {name: rows[n:] for name, rows in pending.items()}

@@ -35,13 +35,14 @@ class Harvester:
     contexts: iterable of LongTensor [B, T] (see ``sae.data.context_batches``).
     Counters after (or during) iteration: ``contexts_done``, ``tokens_seen``,
     ``tokens_kept``. ``prefetch`` prepares the next contexts (tokenization, packing) in a
-    background thread while the model runs.
+    background thread while the model runs. ``expect_data=False`` accepts an empty
+    stream (a resumed harvest that had already consumed everything).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: Iterable[torch.Tensor],
                  hooks: list[str], *, exclude_special_tokens: bool = True, max_norm_ratio: float | None = None,
-                 prefetch: bool = False):
-        self.model, self.contexts, self.prefetch = model, contexts, prefetch
+                 prefetch: bool = False, expect_data: bool = True):
+        self.model, self.contexts, self.prefetch, self.expect_data = model, contexts, prefetch, expect_data
         self.points = resolve_hooks(model, hooks)
         self.excluded = torch.tensor(sorted(set(tokenizer.all_special_ids)) if exclude_special_tokens else [],
                                      dtype=torch.long)
@@ -78,10 +79,10 @@ class Harvester:
                 self.tokens_kept += n_kept
                 if n_kept:
                     yield {name: a[keep] for name, a in acts.items()}
-        if self.tokens_seen == 0:
+        if self.tokens_seen == 0 and self.expect_data:
             raise ConfigError("data.dataset: no complete context could be packed from the data; "
                               "is the dataset empty or data.context_tokens too long?")
-        if self.tokens_kept == 0:
+        if self.tokens_seen and self.tokens_kept == 0:
             raise ConfigError(f"every one of {self.tokens_seen} tokens was masked (special tokens or norm outliers); "
                               "check harvest.exclude_special_tokens and harvest.max_norm_ratio")
 

@@ -152,3 +152,13 @@ def test_interrupted_pipeline_resumes_to_the_uninterrupted_cache(tiny_llama, tmp
         return torch.cat([load_file(folder / s["file"])["layers.2"] for s in m["shards"]])
 
     assert torch.equal(rows(tmp_path / "resumed"), rows(tmp_path / "straight"))
+
+
+def test_resume_after_the_last_shard_just_finishes(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    cfg = load_config(None, ["data.token_budget=1024", "data.context_tokens=64", f"harvest.cache_dir={tmp_path}"])
+    list(activation_source(cfg, model, tok))
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))  # killed before finish()
+    assert list(activation_source(cfg, model, tok)) == []
+    assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
