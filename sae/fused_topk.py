@@ -33,7 +33,9 @@ def _transpose_csr(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> t
     """Sparse [M, N] CSR matrix with ``values[n, j]`` at (idx[n, j], n). idx, values: [N, k]."""
     n, k = idx.shape
     flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    # int32 keys: a stable sort of them is ~7x faster than of int64 on CPU; stable keeps
+    # the summation order, hence the gradients, bit-reproducible.
+    order = torch.argsort(flat.int(), stable=True)
     rows = torch.arange(n, device=idx.device).repeat_interleave(k)[order]
     counts = torch.bincount(flat, minlength=n_latents)
     crow = torch.zeros(n_latents + 1, dtype=torch.long, device=idx.device)
@@ -71,15 +73,16 @@ class FusedTopKLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k: int, dead, k_aux: int, aux_alpha: float):
         x_c = x - b_dec
-        pre = torch.addmm(b_enc, x_c, W_enc.t())                 # [N, M]
+        pre = (x_c @ W_enc.t()).add_(b_enc)                     # [N, M]
         vals, idx = pre.topk(k, dim=1, sorted=False)
         vals = vals.relu()
-        n_dead = int(dead.sum()) if dead is not None else 0
-        use_aux = n_dead > 0 and aux_alpha > 0
+        dead_ids = dead.nonzero().squeeze(1) if dead is not None else None
+        use_aux = dead_ids is not None and len(dead_ids) > 0 and aux_alpha > 0
         if use_aux:
-            k_eff = min(k_aux, n_dead)
-            aux_vals, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(k_eff, dim=1, sorted=False)
-            aux_vals = aux_vals.relu()
+            n_dead = len(dead_ids)
+            # Gather the dead columns first: far cheaper than masking all M when few are dead.
+            aux_vals, local = pre[:, dead_ids].topk(min(k_aux, n_dead), dim=1, sorted=False)
+            aux_idx, aux_vals = dead_ids[local], aux_vals.relu()
         del pre
 
         x_hat = _decode(idx, vals, W_dec) + b_dec

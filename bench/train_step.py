@@ -1,0 +1,143 @@
+"""TopK training-step throughput: our fused step vs EleutherAI sparsify vs a naive dense step.
+
+    python bench/train_step.py                         # CPU: d=256 and d=512, 16x, k=32, N=4096
+    PYTHONPATH=/path/to/sparsify-site python bench/train_step.py    # with sparsify side by side
+    python bench/train_step.py --device cuda --d 4096 --latents 131072 --tokens 8192 --rounds 5
+
+One step = loss (MSE + AuxK, alpha 1/32, k_aux = d/2, ~2% dead latents) + backward +
+removing the gradient parallel to decoder rows + Adam + renormalizing decoder rows, on the
+same activations and the same Adam settings for every contender. Rounds interleave ours
+and sparsify; the dense step runs alone afterwards (see run_shape); medians are reported. sparsify (PyPI eai-sparsify) is optional: its
+SparseCoder forward/backward and its decoder-norm helpers are used when importable.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import click
+import torch
+import torch.nn.functional as F
+
+from sae.fused_topk import fused_topk_loss, topk_loss_reference
+
+
+def unit_rows_step(W_dec: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    """Project out decoder-row-parallel gradient, step, renormalize rows."""
+    with torch.no_grad():
+        W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        W_dec.copy_(F.normalize(W_dec, dim=1))
+
+
+def make_ours(loss_fn, d, M, k, device, x, dead):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    W_dec = F.normalize(torch.randn(M, d, generator=g), dim=1).to(device)
+    params = {"W_enc": W_dec.clone().requires_grad_(), "b_enc": torch.zeros(M, device=device, requires_grad=True),
+              "W_dec": W_dec.requires_grad_(), "b_dec": x.mean(0).clone().requires_grad_()}
+    opt = torch.optim.Adam(params.values(), lr=2e-4, fused=True)
+
+    def step():
+        loss = loss_fn(x, **params, k=k, dead=dead, k_aux=d // 2, aux_alpha=1 / 32)
+        loss.backward()
+        unit_rows_step(params["W_dec"], opt)
+    return step
+
+
+def make_sparsify(d, M, k, device, x, dead):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=M, k=k), device=device, dtype=torch.float32)
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True)
+
+    def step():
+        out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+    return step
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed_round(steps, times, peak, device):
+    for name, step in steps.items():
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times[name].append(time.perf_counter() - t)
+        if device.startswith("cuda"):
+            peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2**30)
+
+
+def run_shape(d, M, k, N, device, rounds, with_dense):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(N, d, generator=g).to(device)
+    dead = torch.zeros(M, dtype=torch.bool, device=device)
+    dead[: M // 50] = True
+    contenders = {"ours_fused": lambda: make_ours(fused_topk_loss, d, M, k, device, x, dead)}
+    try:
+        import sparsify  # noqa: F401
+        contenders["sparsify"] = lambda: make_sparsify(d, M, k, device, x, dead)
+    except ImportError:
+        pass
+    if with_dense:
+        contenders["naive_dense"] = lambda: make_ours(topk_loss_reference, d, M, k, device, x, dead)
+    times, peak = {n: [] for n in contenders}, {}
+    # The dense step allocates and frees several [N, M] tensors per step; interleaved with
+    # the others, the allocator churn it causes slowed every contender several-fold on CPU.
+    # So the sparse contenders interleave with each other, and the dense one runs alone after.
+    phases = [[n for n in contenders if n != "naive_dense"], [n for n in contenders if n == "naive_dense"]]
+    for phase in phases:
+        steps = {name: contenders[name]() for name in phase}
+        for step in steps.values():
+            step()  # warm-up, allocates optimizer state
+        for _ in range(rounds):
+            _timed_round(steps, times, peak, device)
+        del steps
+    rate = {n: N / statistics.median(t) for n, t in times.items()}
+    result = {"d": d, "latents": M, "k": k, "tokens": N,
+              "ms_per_step": {n: round(1000 * statistics.median(t), 1) for n, t in times.items()},
+              "tokens_per_s": {n: round(r) for n, r in rate.items()}}
+    if "sparsify" in rate:
+        result["ours_vs_sparsify"] = round(rate["ours_fused"] / rate["sparsify"], 2)
+    if with_dense:
+        result["ours_vs_dense"] = round(rate["ours_fused"] / rate["naive_dense"], 2)
+    if peak:
+        result["peak_gib"] = {n: round(v, 2) for n, v in peak.items()}
+    return result
+
+
+@click.command()
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--d", "dims", multiple=True, type=int, default=(256, 512), show_default=True)
+@click.option("--expansion", default=16, show_default=True)
+@click.option("--latents", default=None, type=int, help="Overrides expansion.")
+@click.option("--k", default=32, show_default=True)
+@click.option("--tokens", default=4096, show_default=True)
+@click.option("--rounds", default=7, show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--dense/--no-dense", default=True, show_default=True, help="Include the naive dense step.")
+def main(device, dims, expansion, latents, k, tokens, rounds, threads, dense):
+    torch.set_num_threads(threads)
+    out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {threads} threads",
+           "torch": torch.__version__, "results": []}
+    for d in dims:
+        out["results"].append(run_shape(d, latents or expansion * d, k, tokens, device, rounds, dense))
+        print(json.dumps(out["results"][-1]), flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
