@@ -35,8 +35,13 @@ FORMAT = 1
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """SHA-256 of the tokenizer's vocabulary and merges (fast tokenizers) or vocab (others)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)  # per-call state that tokenizer(..., padding=...) changes
+        spec.pop("padding", None)
+    else:
+        spec = tokenizer.get_vocab()
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
@@ -64,9 +69,8 @@ class CacheWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"harvest.cache_dir: cannot create {str(self.folder)!r}: {e.strerror}") from None
-        manifest_path = self.folder / MANIFEST
-        if manifest_path.exists():
-            self.manifest = json.loads(manifest_path.read_text())
+        if (self.folder / MANIFEST).exists():
+            self.manifest = read_manifest(self.folder)
             diff = _first_difference(self.manifest.get("identity", {}), identity)
             if diff:
                 raise ConfigError(f"harvest.cache_dir: {str(self.folder)!r} holds activations of another run "
@@ -74,6 +78,10 @@ class CacheWriter:
         else:
             self.manifest = {"format": FORMAT, "identity": identity, "complete": False, "tokens": 0,
                              "contexts_done": 0, "shards": []}
+            try:
+                self._write_manifest()  # claims the folder for this run's identity at once
+            except OSError as e:
+                raise ConfigError(f"harvest.cache_dir: cannot write to {str(self.folder)!r}: {e.strerror}") from None
         # Leftovers of an interrupted write are never listed, so never read: remove them.
         for stale in self.folder.glob(".shard-*"):
             stale.unlink()
@@ -134,10 +142,21 @@ class CacheWriter:
 
 
 def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a cache folder; ConfigError if missing or not one of ours."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         raise ConfigError(f"harvest.cache_dir: {str(folder)!r} holds no {MANIFEST}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        ok = (manifest.get("format") == FORMAT and isinstance(manifest.get("identity"), dict)
+              and isinstance(manifest.get("shards"), list)
+              and all(k in manifest for k in ("complete", "tokens", "contexts_done")))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"harvest.cache_dir: {str(path)!r} is not a format-{FORMAT} activation cache manifest; "
+                          "use another cache_dir")
+    return manifest
 
 
 class CacheReader:
@@ -145,17 +164,18 @@ class CacheReader:
     epoch in a new random shard order. Feed it to a ShuffleBuffer to mix across shards.
 
     ``identity``, if given, must match the cache's (same check as the writer).
+    ``require_complete=False`` reads the shards listed so far (resuming a harvest).
     """
 
     def __init__(self, folder: str | Path, hooks: list[str] | None = None, epochs: int = 1, seed: int = 0,
-                 identity: dict | None = None):
+                 identity: dict | None = None, require_complete: bool = True):
         self.folder, self.epochs = Path(folder), epochs
         self.manifest = read_manifest(folder)
         if identity is not None:
             diff = _first_difference(self.manifest["identity"], identity)
             if diff:
                 raise ConfigError(f"harvest.cache_dir: {str(folder)!r} holds activations of another run ({diff})")
-        if not self.manifest["complete"]:
+        if require_complete and not self.manifest["complete"]:
             raise ConfigError(f"harvest.cache_dir: the cache in {str(folder)!r} is incomplete "
                               f"({self.manifest['tokens']} tokens); rerun the harvest to finish it")
         cached = self.manifest["identity"]["hooks"]

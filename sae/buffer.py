@@ -25,34 +25,33 @@ class ShuffleBuffer:
     refill_fraction: share of the buffer served between refills; smaller mixes better,
         larger pulls fewer source batches per served batch.
     device: where the storage lives (host memory by default; a GPU to skip copies).
-    pin_memory: page-locked host storage, for faster copies to a GPU.
 
     The batches served are views copied out of the storage (safe to keep). When the source
     runs out, the rows left are served shuffled, and a final incomplete batch is dropped.
+    A buffer is iterated once: a second ``iter`` raises.
     """
 
     def __init__(self, source: Iterable[dict[str, torch.Tensor]], capacity_tokens: int, batch_tokens: int, *,
-                 refill_fraction: float = 0.5, device: torch.device | str = "cpu", seed: int = 0,
-                 pin_memory: bool = False):
+                 refill_fraction: float = 0.5, device: torch.device | str = "cpu", seed: int = 0):
         if batch_tokens < 1 or capacity_tokens < batch_tokens:
             raise ValueError(f"need 1 <= batch_tokens ({batch_tokens}) <= capacity_tokens ({capacity_tokens})")
         if not 0 < refill_fraction <= 1:
             raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction}")
         self.source, self.capacity, self.batch = source, capacity_tokens, batch_tokens
-        self.refill_fraction, self.device, self.pin_memory = refill_fraction, torch.device(device), pin_memory
+        self.refill_fraction, self.device = refill_fraction, torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.storage: dict[str, torch.Tensor] = {}
         self.occupied = torch.zeros(capacity_tokens, dtype=torch.bool)
         self.tokens_served = 0
+        self._started = False
 
     def nbytes(self) -> int:
         """Bytes held by the storage (the buffer's configured size once allocated)."""
         return sum(t.numel() * t.element_size() for t in self.storage.values())
 
     def _allocate(self, first: dict[str, torch.Tensor]) -> None:
-        pin = self.pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
-        self.storage = {name: torch.empty(self.capacity, rows.shape[1], dtype=rows.dtype, device=self.device,
-                                          pin_memory=pin) for name, rows in first.items()}
+        self.storage = {name: torch.empty(self.capacity, rows.shape[1], dtype=rows.dtype, device=self.device)
+                        for name, rows in first.items()}
 
     def _fill(self, source: Iterator[dict[str, torch.Tensor]], pending: dict[str, torch.Tensor] | None):
         """Write rows into free slots until none is free or the source ends.
@@ -82,6 +81,9 @@ class ShuffleBuffer:
         return pending, False
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._started:
+            raise RuntimeError("a ShuffleBuffer is iterated once; make a new one for another pass")
+        self._started = True
         source = iter(self.source)
         pending, exhausted = self._fill(source, None)
         while True:

@@ -64,8 +64,8 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...]) -> RunConfig
 def run_dir_for(cfg: RunConfig) -> Path:
     """The run folder; refused if it already holds a different run's config.
 
-    Checked before any slow work, written (``save_run_config``) only once the model and
-    data have loaded, so a failed start leaves nothing behind.
+    Checked before any slow work, written (``save_run_config``) only once the first batch
+    of activations exists, so a failed start leaves nothing behind.
     """
     run_dir = Path(cfg.output.root) / (cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
     saved = run_dir / "config.yaml"
@@ -112,16 +112,20 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
     batches = activation_batches(cfg, model, tokenizer)  # checks hooks, data and cache before any work
     click.echo(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {d.token_budget:,} tokens "
                f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}")
-    save_run_config(cfg, run_dir)
-    click.echo(f"run folder: {run_dir} (resolved config in config.yaml)")
     start, served = time.perf_counter(), 0
     with tqdm(total=d.token_budget, unit="tok", unit_scale=True, desc="activations") as bar:
         for batch in batches:
+            if not served:  # the data produced activations: only now is this a run worth a folder
+                save_run_config(cfg, run_dir)
+                bar.write(f"run folder: {run_dir} (resolved config in config.yaml)")
             n = next(iter(batch.values())).shape[0]
             served += n
             bar.update(n)
         bar.total = bar.n  # special tokens are dropped, so fewer than the budget arrive
         bar.refresh()
+    if not served:
+        raise ConfigError(f"data: fewer activation vectors than one batch (train.batch_tokens = "
+                          f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data")
     seconds = time.perf_counter() - start
     click.echo(f"served {served:,} shuffled activation vectors per hook point in {seconds:.1f} s "
                f"({served / seconds:,.0f} per s)")

@@ -85,7 +85,7 @@ class TrainConfig:
     lr: float | None = opt(None, "Adam learning rate; null = 2e-4 / sqrt(num_latents / 2^14).", gt=0)
     warmup_steps: int = opt(1000, "Steps of linear learning-rate warmup.", ge=0)
     decay_fraction: float = opt(0.2, "Final fraction of steps with linear decay to zero.", ge=0, le=1)
-    seed: int = opt(0, "Seed for initialization and data order.", ge=0)
+    seed: int = opt(0, "Seed for initialization and data order.", ge=0, le=2**63 - 1)
 
 
 @dataclass
@@ -157,19 +157,21 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 as_float = float(value)
                 if as_float.is_integer():
                     return int(as_float)
-            except ValueError:
+            except (ValueError, OverflowError):
                 pass
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
-            except ValueError:
-                pass
+            if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+                return float(value)
+        except (ValueError, OverflowError):
+            pass
     elif tp is str:
         if isinstance(value, str):
             return value
+        # YAML turned it into a number, boolean or date: say how to keep it text
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}; quote the value to keep it as text")
     raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
 
 
@@ -240,6 +242,10 @@ def read_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -253,6 +259,9 @@ def read_yaml(path: str | Path) -> dict:
 
 def _check_relations(cfg: RunConfig) -> None:
     """Checks that involve more than one field."""
+    if cfg.data.token_budget < cfg.train.batch_tokens:
+        raise ConfigError(f"data.token_budget: {cfg.data.token_budget} is less than one batch; "
+                          f"use at least train.batch_tokens = {cfg.train.batch_tokens}")
     if cfg.harvest.buffer_tokens < cfg.train.batch_tokens:
         raise ConfigError(f"harvest.buffer_tokens: {cfg.harvest.buffer_tokens} is smaller than one batch; "
                           f"use at least train.batch_tokens = {cfg.train.batch_tokens}")

@@ -47,14 +47,30 @@ def load_text_dataset(
             ds = ds.to_iterable_dataset()
     elif Path(dataset).exists():
         ds = _load_local(Path(dataset), split, streaming)
+    elif dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:
+        raise ConfigError(f"data.dataset: {dataset!r} does not exist (nor is it a hub id like org/name)")
     else:
-        ds = datasets.load_dataset(dataset, subset, split=split, streaming=streaming)
+        ds = _guarded(lambda: datasets.load_dataset(dataset, subset, split=split, streaming=streaming),
+                      f"data.dataset: cannot load {dataset!r} (subset {subset!r}, split {split!r})")
     columns = ds.column_names
     if columns is not None and text_column not in columns:
         raise ConfigError(
             f"data.text_column: {text_column!r} is not a column of {dataset}; columns: {', '.join(columns)}"
         )
+    feature = (ds.features or {}).get(text_column)
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise ConfigError(f"data.text_column: column {text_column!r} of {dataset} holds {feature.dtype}, not text")
     return ds
+
+
+def _guarded(load, what: str):
+    """Run a `datasets` loader; its many error types become one ConfigError line."""
+    try:
+        return load()
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        # ConnectionError and FileNotFoundError are OSErrors; bad splits/configs raise ValueError.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{what}: {first}") from None
 
 
 def _load_local(path: Path, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
@@ -65,10 +81,13 @@ def _load_local(path: Path, split: str, streaming: bool) -> datasets.Dataset | d
             f"data.dataset: {str(path)!r} must be one file or a folder of files of one type "
             f"({', '.join(LOCAL_FORMATS)}); found {sorted(suffixes) or 'no such files'}"
         )
+    if all(p.stat().st_size == 0 for p in files):
+        raise ConfigError(f"data.dataset: {str(path)!r} is empty")
     builder = LOCAL_FORMATS[files[0].suffix]
     # Local files carry no split: every file is the requested split.
-    return datasets.load_dataset(builder, data_files={split: [str(p) for p in files]}, split=split,
-                                 streaming=streaming)
+    return _guarded(lambda: datasets.load_dataset(builder, data_files={split: [str(p) for p in files]}, split=split,
+                                                  streaming=streaming),
+                    f"data.dataset: cannot read {str(path)!r}")
 
 
 def iter_packed(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int) -> Iterator[list[int]]:
@@ -114,7 +133,11 @@ def iter_token_documents(dataset: datasets.Dataset | datasets.IterableDataset, t
     the same way, since only ``chunk_docs`` texts are held at once.
     """
     for chunk in dataset.iter(batch_size=chunk_docs):
+        if text_column not in chunk:  # streaming datasets may not know their columns up front
+            raise ConfigError(f"data.text_column: {text_column!r} is not a column; columns: {', '.join(chunk)}")
         texts = [t for t in chunk[text_column] if t]
+        if any(not isinstance(t, str) for t in texts):
+            raise ConfigError(f"data.text_column: column {text_column!r} holds non-text values")
         if texts:
             yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 

@@ -29,6 +29,13 @@ def max_context_tokens(model: PreTrainedModel) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def check_context_length(model: PreTrainedModel, context_tokens: int) -> None:
+    limit = max_context_tokens(model)
+    if limit is not None and context_tokens > limit:
+        raise ConfigError(f"data.context_tokens: {context_tokens} is longer than this model allows; "
+                          f"use at most {limit}")
+
+
 class Harvester:
     """Iterable of {hook name: activations [n, d]} dicts, one per batch of contexts.
 
@@ -51,34 +58,39 @@ class Harvester:
         self.contexts_done = self.tokens_seen = self.tokens_kept = 0
 
     def check_context_length(self, context_tokens: int) -> None:
-        limit = max_context_tokens(self.model)
-        if limit is not None and context_tokens > limit:
-            raise ConfigError(f"data.context_tokens: {context_tokens} is longer than this model allows; "
-                              f"use at most {limit}")
+        check_context_length(self.model, context_tokens)
 
     def keep_mask(self, ids: torch.Tensor, acts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Bool [B, T]: tokens to keep (not special, norm not an outlier at any hook)."""
+        """Bool [B, T]: tokens to keep: not special, and, with ``max_norm_ratio``, finite and
+        not a norm outlier at any hook. Each hook's median is taken over the non-special
+        tokens, independently of the other hooks (so hook order does not matter)."""
         keep = ~torch.isin(ids, self.excluded.to(ids.device))
         if self.max_norm_ratio is not None and keep.any():
+            candidates = keep.clone()
             for a in acts.values():
                 norms = a.float().norm(dim=-1)
-                keep &= norms <= self.max_norm_ratio * norms[keep].median()
+                median = norms[candidates].nanmedian()
+                keep &= torch.isfinite(norms) & (norms <= self.max_norm_ratio * median)
         return keep
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = _prefetched(self.contexts) if self.prefetch else iter(self.contexts)
-        with ActivationCapture(self.model, self.points) as capture:
-            for ids in batches:
-                ids = ids.to(self.device, non_blocking=True)
-                self.check_context_length(ids.shape[1])
-                acts = capture.run(input_ids=ids)
-                keep = self.keep_mask(ids, acts)
-                self.contexts_done += ids.shape[0]
-                self.tokens_seen += ids.numel()
-                n_kept = int(keep.sum())
-                self.tokens_kept += n_kept
-                if n_kept:
-                    yield {name: a[keep] for name, a in acts.items()}
+        capture = ActivationCapture(self.model, self.points)
+        for ids in batches:
+            ids = ids.to(self.device, non_blocking=True)
+            self.check_context_length(ids.shape[1])
+            acts = capture.run(input_ids=ids)
+            for name, a in acts.items():
+                if a.shape[:2] != ids.shape:
+                    raise ConfigError(f"hooks: {name!r} gives activations of shape {tuple(a.shape)}, not "
+                                      f"[batch, tokens, width] = {tuple(ids.shape)} + [width]; hook another module")
+            keep = self.keep_mask(ids, acts)
+            self.contexts_done += ids.shape[0]
+            self.tokens_seen += ids.numel()
+            n_kept = int(keep.sum())
+            self.tokens_kept += n_kept
+            if n_kept:
+                yield {name: a[keep] for name, a in acts.items()}
         if self.tokens_seen == 0 and self.expect_data:
             raise ConfigError("data.dataset: no complete context could be packed from the data; "
                               "is the dataset empty or data.context_tokens too long?")

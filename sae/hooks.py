@@ -7,7 +7,8 @@ Names follow the model's own modules, relative to its decoder-layer list:
 * ``layers.N.resid_pre``  residual stream entering layer N (a forward pre-hook)
 * ``layers.N.<sub>``      output of a sub-module of layer N, e.g. ``layers.N.mlp``,
                           ``layers.N.self_attn``; ``attn`` and ``mlp`` are accepted for
-                          whatever the family calls them (GPT-2 ``attn``, NeoX ``attention``).
+                          whatever the family calls them (GPT-2 ``attn``, NeoX ``attention``,
+                          Falcon ``self_attention``).
 
 A layer or sub-module may return a tensor (recent transformers) or a tuple whose first
 element is the hidden state (older ones, attention modules); both are handled.
@@ -15,6 +16,7 @@ element is the hidden state (older ones, attention modules); both are handled.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,7 @@ from sae.errors import ConfigError
 from sae.models import decoder_layers
 
 # Generic sub-module names -> what the families call them.
-ALIASES = {"attn": ("self_attn", "attn", "attention"), "mlp": ("mlp", "feed_forward", "ffn")}
+ALIASES = {"attn": ("self_attn", "attn", "attention", "self_attention"), "mlp": ("mlp", "feed_forward", "ffn")}
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
     """The HookPoint that ``name`` means on ``model``; ConfigError naming the valid ones."""
     _, layers = decoder_layers(model)
     parts = name.split(".")
-    if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] != "layers" or not re.fullmatch(r"0|[1-9][0-9]*", parts[1]):
         raise ConfigError(f"hooks: {name!r} is not a hook point; {_syntax_help(len(layers), layers[0])}")
     index = int(parts[1])
     if index >= len(layers):
@@ -80,59 +82,58 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookPoint]:
     return [resolve_hook(model, n) for n in names]
 
 
-class _StopForward(Exception):
-    """Raised by the last hook to fire: the rest of the model never runs."""
+class _StopForward(BaseException):
+    """Raised by the last hook to fire: the rest of the model never runs. A BaseException,
+    so that an ``except Exception`` inside model code cannot swallow it."""
 
 
 class ActivationCapture:
-    """Forward hooks that record each hook point's activation in one forward pass.
+    """Records each hook point's activation in one forward pass::
 
-    Use as a context manager (hooks are removed on exit; no state outlives it)::
+        capture = ActivationCapture(model, points)
+        acts = capture.run(input_ids=ids)   # {name: [B, T, d]}
 
-        with ActivationCapture(model, points) as capture:
-            acts = capture.run(input_ids=ids, attention_mask=mask)  # {name: [B, T, d]}
-
-    With ``stop_early`` the hook that completes the set raises a private exception, caught
-    in ``run``, so layers after the deepest hook point and the LM head never run.
+    Hooks exist only while ``run`` executes, so the model behaves normally between calls
+    (a paused harvester never affects another forward of the same model). With
+    ``stop_early`` the hook that completes the set raises a private exception, caught in
+    ``run``, so layers after the deepest hook point and the LM head never run.
     """
 
     def __init__(self, model: nn.Module, points: list[HookPoint], stop_early: bool = True):
         self.model, self.points, self.stop_early = model, points, stop_early
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._acts: dict[str, torch.Tensor] = {}
-
-    def _record(self, name: str, value: torch.Tensor) -> None:
-        self._acts[name] = value.detach()
-        if self.stop_early and len(self._acts) == len(self.points):
-            raise _StopForward
-
-    def __enter__(self) -> ActivationCapture:
-        for p in self.points:
-            if p.pre:
-                def pre_hook(_m, args, kwargs, name=p.name):
-                    self._record(name, args[0] if args else kwargs["hidden_states"])
-                self._handles.append(p.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            else:
-                def hook(_m, _args, output, name=p.name):
-                    self._record(name, _hidden(output))
-                self._handles.append(p.module.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     @torch.no_grad()
     def run(self, **inputs) -> dict[str, torch.Tensor]:
         """One forward pass; returns {hook name: activation [B, T, d]} in the model's dtype."""
-        self._acts = {}
+        acts: dict[str, torch.Tensor] = {}
+
+        def record(name: str, value: torch.Tensor) -> None:
+            done = len(acts) + 1 == len(self.points)
+            # Clone unless the forward stops right here: later in-place ops of the model
+            # (Falcon adds attention into the MLP output) must not change what was recorded.
+            acts[name] = value.detach() if (done and self.stop_early) else value.detach().clone()
+            if done and self.stop_early:
+                raise _StopForward
+
+        handles = []
         try:
+            for p in self.points:
+                if p.pre:
+                    def pre_hook(_m, args, kwargs, name=p.name):
+                        record(name, args[0] if args else kwargs["hidden_states"])
+                    handles.append(p.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                else:
+                    def hook(_m, _args, output, name=p.name):
+                        record(name, _hidden(output))
+                    handles.append(p.module.register_forward_hook(hook))
             self.model(**inputs, use_cache=False)
         except _StopForward:
             pass
-        acts, self._acts = self._acts, {}
+        finally:
+            for h in handles:
+                h.remove()
         missing = [p.name for p in self.points if p.name not in acts]
         if missing:
-            raise RuntimeError(f"hook points {missing} did not fire in the forward pass")
+            raise ConfigError(f"hooks: {', '.join(missing)} did not run in the forward pass; "
+                              "choose modules that every forward runs")
         return acts

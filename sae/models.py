@@ -20,14 +20,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N or mps, checked against this machine."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = "use auto, cpu, cuda, cuda:N or mps"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"model.device: {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: {device!r} asked for, but this machine has no CUDA GPU; use cpu or auto")
+        raise ConfigError(f"model.device: {device!r} is not a device; {valid}") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"model.device: {device!r} is not supported; {valid}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device: {device!r} asked for, but this machine has no CUDA GPU; use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device: {device!r} does not exist; this machine has cuda:0 .. "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"model.device: {device!r} asked for, but MPS is not available here; use cpu or auto")
     return dev
 
 
@@ -75,11 +85,12 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     ``config.num_hidden_layers``, so Llama (``model.layers``), GPT-2
     (``transformer.h``), GPT-NeoX (``gpt_neox.layers``) and others all resolve.
     """
-    n = model.config.num_hidden_layers
+    n = getattr(model.config, "num_hidden_layers", None)
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
+        if n is not None and isinstance(module, nn.ModuleList) and len(module) == n:
             return name, module
-    raise ValueError(f"no nn.ModuleList of {n} decoder layers found in {type(model).__name__}")
+    raise ConfigError(f"model.name_or_path: found no list of config.num_hidden_layers = {n} decoder layers in "
+                      f"{type(model).__name__}; this architecture is not supported")
 
 
 def model_summary(model: PreTrainedModel) -> str:

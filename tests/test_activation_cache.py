@@ -115,7 +115,7 @@ def test_epochs_reshuffle_shard_order(tmp_path):
 
 def test_config_pipeline_writes_then_reads_without_the_model(tiny_llama, tmp_path, monkeypatch):
     model, tok = tiny_llama
-    cfg = load_config(None, ["data.token_budget=2048", "data.context_tokens=64", "hooks=[layers.0,layers.1]",
+    cfg = load_config(None, ["train.batch_tokens=128", "data.token_budget=2048", "data.context_tokens=64", "hooks=[layers.0,layers.1]",
                              f"harvest.cache_dir={tmp_path}", "harvest.cache_shard_tokens=300"])
     first = [acts for acts in activation_source(cfg, model, tok)]
     harvested = torch.cat([a["layers.1"] for a in first])
@@ -134,7 +134,7 @@ def test_config_pipeline_writes_then_reads_without_the_model(tiny_llama, tmp_pat
 
 def test_interrupted_pipeline_resumes_to_the_uninterrupted_cache(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    args = ["data.token_budget=4096", "data.context_tokens=64", "harvest.batch_contexts=4",
+    args = ["train.batch_tokens=128", "data.token_budget=4096", "data.context_tokens=64", "harvest.batch_contexts=4",
             "harvest.cache_shard_tokens=500", "harvest.prefetch=false"]
     straight = load_config(None, args + [f"harvest.cache_dir={tmp_path / 'straight'}"])
     list(activation_source(straight, model, tok))
@@ -144,7 +144,7 @@ def test_interrupted_pipeline_resumes_to_the_uninterrupted_cache(tiny_llama, tmp
             break  # Ctrl-C: the generator closes without finishing the cache
     partial = json.loads((tmp_path / "resumed" / MANIFEST).read_text())
     assert not partial["complete"] and 0 < partial["contexts_done"] < 64
-    list(activation_source(resumed, model, tok))
+    served = torch.cat([a["layers.2"] for a in activation_source(resumed, model, tok)])
 
     def rows(folder):
         m = json.loads((folder / MANIFEST).read_text())
@@ -152,13 +152,42 @@ def test_interrupted_pipeline_resumes_to_the_uninterrupted_cache(tiny_llama, tmp
         return torch.cat([load_file(folder / s["file"])["layers.2"] for s in m["shards"]])
 
     assert torch.equal(rows(tmp_path / "resumed"), rows(tmp_path / "straight"))
+    # the resumed run trains on the whole budget: the shards written before, then the rest
+    assert torch.equal(served.sort(0).values, rows(tmp_path / "straight").sort(0).values)
 
 
-def test_resume_after_the_last_shard_just_finishes(tiny_llama, tmp_path):
+def test_epochs_after_a_fresh_harvest_read_the_cache(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    cfg = load_config(None, ["data.token_budget=1024", "data.context_tokens=64", f"harvest.cache_dir={tmp_path}"])
-    list(activation_source(cfg, model, tok))
+    cfg = load_config(None, ["train.batch_tokens=128", "data.token_budget=1024", "data.context_tokens=64", f"harvest.cache_dir={tmp_path}",
+                             "harvest.cache_epochs=3"])
+    rows = torch.cat([a["layers.2"] for a in activation_source(cfg, model, tok)])
+    once = torch.cat([load_file(tmp_path / s["file"])["layers.2"]
+                      for s in json.loads((tmp_path / MANIFEST).read_text())["shards"]])
+    assert torch.equal(rows.sort(0).values, once.repeat(3, 1).sort(0).values)
+
+
+def test_resume_after_the_last_shard_serves_the_cache_and_finishes(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    cfg = load_config(None, ["train.batch_tokens=128", "data.token_budget=1024", "data.context_tokens=64", f"harvest.cache_dir={tmp_path}"])
+    first = torch.cat([a["layers.2"] for a in activation_source(cfg, model, tok)])
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))  # killed before finish()
-    assert list(activation_source(cfg, model, tok)) == []
+    again = torch.cat([a["layers.2"] for a in activation_source(cfg, model, tok)])
+    assert torch.equal(again.sort(0).values, first.sort(0).values)  # every row served again, none twice
     assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
+
+
+def test_corrupt_manifest_is_refused_in_one_line(tmp_path):
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a format-1 activation cache manifest"):
+        CacheWriter(tmp_path, IDENTITY)
+    (tmp_path / MANIFEST).write_text('{"some": "other tool"}')
+    with pytest.raises(ConfigError, match="is not a format-1 activation cache manifest"):
+        CacheReader(tmp_path)
+
+
+def test_tokenizer_fingerprint_ignores_per_call_padding_state(tiny_llama):
+    _, tok = tiny_llama
+    before = activation_cache.tokenizer_fingerprint(tok)
+    tok(["hello world"], truncation=True, max_length=5, padding="max_length")
+    assert activation_cache.tokenizer_fingerprint(tok) == before

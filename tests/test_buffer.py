@@ -53,6 +53,13 @@ def test_storage_is_exactly_the_configured_size():
     assert buf.nbytes() == 2 * 300 * 6 * 4
 
 
+def test_a_buffer_is_iterated_once():
+    buf = ShuffleBuffer(source(n_batches=2), 100, 10)
+    list(buf)
+    with pytest.raises(RuntimeError, match="iterated once"):
+        list(buf)
+
+
 def test_bad_sizes_refused():
     with pytest.raises(ValueError):
         ShuffleBuffer(source(), capacity_tokens=10, batch_tokens=20)

@@ -96,3 +96,20 @@ def test_console_scripts_point_at_the_cli_functions():
     scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("sae-")}
     assert scripts["sae-train"].load() is cli.train
     assert scripts["sae-analyze"].load() is cli.analyze
+
+
+def test_bad_devices_are_one_line():
+    for device, message in [("meta", "is not supported"), ("cuda:7", "no CUDA GPU"), ("banana", "is not a device")]:
+        result = CliRunner().invoke(cli.train, ["--set", f"model.device={device}"])
+        assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_data_error_during_harvest_leaves_no_run_folder(tmp_path):
+    data = tmp_path / "specials.txt"
+    data.write_text("<|bos|><|eos|>" * 3000 + "\n")  # every token is special, so all are masked
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(cli.train, ["--set", f"data.dataset={data}", "--set", f"output.root={out}",
+                                            "--set", "data.token_budget=4096"])
+    assert result.exit_code == 2, result.output
+    assert "was masked" in result.output
+    assert not out.exists()

@@ -64,6 +64,10 @@ def test_round_trip_through_yaml_is_lossless(tmp_path):
     ("train=5", ["train", "mapping"]),
     ("model.dtype=fp8", ["model.dtype", "'fp8'", "bfloat16"]),
     ("nonsense", ["--set 'nonsense'", "KEY=VALUE"]),
+    ("train.seed=1e30", ["train.seed", "<= 9223372036854775807"]),
+    ("train.lr=" + "9" * 400, ["train.lr", "is not a number"]),
+    ("output.run_name=001", ["output.run_name", "quote the value"]),
+    ("data.token_budget=1000", ["data.token_budget", "less than one batch"]),
     ("harvest.buffer_tokens=100", ["harvest.buffer_tokens", "100", "train.batch_tokens = 4096"]),
     ("harvest.buffer_device=gpu", ["harvest.buffer_device", "'gpu'", "cpu, model"]),
 ])
@@ -89,6 +93,12 @@ def test_yaml_file_errors_are_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path)  # a folder
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="expected a mapping"):

@@ -1,6 +1,9 @@
 """The built-in corpus: deterministic, fixed split, no code executed to build it."""
 
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -32,11 +35,11 @@ def test_corpus_has_both_sources_and_real_prose():
     assert sum(len(d.text) for d in corpus.documents()) > 1_000_000
 
 
-def test_loading_twice_gives_identical_data():
-    corpus.documents.cache_clear()
-    first = corpus.load("test").to_dict()
-    corpus.documents.cache_clear()
-    assert corpus.load("test").to_dict() == first
+def test_corpus_is_the_same_in_a_fresh_process_with_another_hash_seed():
+    code = "from sae import corpus; print(corpus.fingerprint('train'), corpus.fingerprint('test'))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert outs == {f"{corpus.fingerprint('train')} {corpus.fingerprint('test')}\n"}
 
 
 def test_held_out_text_matches_the_demo_model_build():

@@ -71,3 +71,18 @@ def test_mixed_folder_is_refused(tmp_path):
     (tmp_path / "b.csv").write_text("text\ny\n")
     with pytest.raises(ConfigError, match="files of one type"):
         load_text_dataset(str(tmp_path))
+
+
+def test_bad_dataset_specs_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="data.dataset: '/nonexistent/corpus' does not exist"):
+        load_text_dataset("/nonexistent/corpus")
+    with pytest.raises(ConfigError, match="data.dataset: cannot load 'surely-not-a-dataset-xyz'"):
+        load_text_dataset("surely-not-a-dataset-xyz")  # offline in tests: a hub error, one line
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_text_dataset(str(empty))
+    numbers = tmp_path / "n.jsonl"
+    numbers.write_text('{"n": 1, "text": "a"}\n{"n": 2, "text": "b"}\n')
+    with pytest.raises(ConfigError, match="column 'n' of .* holds int64, not text"):
+        load_text_dataset(str(numbers), text_column="n")

@@ -42,8 +42,12 @@ def test_held_out_loss_reproduces_the_card_and_beats_unigram(loaded):
     assert loss < card["heldout_unigram_entropy_nats"] - 1.5
 
 
-def test_generation_continues_python_prose(loaded):
+def test_generation_with_kv_cache_equals_recomputation(loaded):
+    # Steering and ablation act during generate(); the cached path must match a full recompute.
     model, tokenizer = loaded
-    prompt = tokenizer("Return the", return_tensors="pt")
-    out = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert out.shape[1] > prompt["input_ids"].shape[1]
+    prompt = tokenizer("The return value of", return_tensors="pt")
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    cached = model.generate(**prompt, use_cache=True, **kw)
+    recomputed = model.generate(**prompt, use_cache=False, **kw)
+    assert cached.shape[1] == prompt["input_ids"].shape[1] + 12
+    assert torch.equal(cached, recomputed)

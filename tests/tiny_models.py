@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    FalconConfig,
     Gemma2Config,
     GPT2Config,
     GPTNeoXConfig,
@@ -23,7 +24,7 @@ from transformers import (
 
 from sae.demo_model import DEMO_MODEL_DIR
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox", "falcon")
 
 
 def tiny_config(family: str, vocab_size: int, n_layers: int = 3, width: int = 64) -> PretrainedConfig:
@@ -44,6 +45,10 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 3, width: int = 64
         return GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=n_layers, n_head=heads, n_positions=512)
     if family == "gpt_neox":
         return GPTNeoXConfig(**common)
+    if family == "falcon":  # parallel attention: adds the attention output into the MLP output in place
+        return FalconConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=n_layers,
+                            num_attention_heads=heads, parallel_attn=True, new_decoder_architecture=False,
+                            max_position_embeddings=512)
     raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
 
