@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from sae.atomic_io import write_text_atomic
+from sae.atomic_io import fsync_dir, write_text_atomic
 from sae.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -116,11 +116,13 @@ class CacheWriter:
         name = f"shard-{index:05d}.safetensors"
         tmp = self.folder / f".{name}.tmp"
         tensors = {hook: torch.cat(parts) for hook, parts in self._rows.items()}
+        listed = self.manifest["tokens"]
         try:
             save_file(tensors, str(tmp))
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.folder / name)
+            fsync_dir(self.folder)  # the shard's rename must be on disk before the manifest lists it
             self.manifest["shards"].append({"file": name, "tokens": self._n_rows})
             self.manifest["tokens"] += self._n_rows
             self.manifest["contexts_done"] = self._contexts_after
@@ -128,7 +130,7 @@ class CacheWriter:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise ConfigError(f"harvest.cache_dir: cannot write {name} in {str(self.folder)!r} ({e.strerror}); "
-                              f"the cache keeps its {self.manifest['tokens']} tokens and resumes from there") from None
+                              f"the cache keeps its {listed} tokens and resumes from there") from None
         self._rows, self._n_rows = {}, 0
 
     def finish(self) -> None:

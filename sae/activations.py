@@ -90,5 +90,8 @@ def activation_source(cfg: RunConfig, model: PreTrainedModel,
 def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ShuffleBuffer:
     """Shuffled {hook: [train.batch_tokens, d]} batches for training."""
     device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
-    return ShuffleBuffer(activation_source(cfg, model, tokenizer), cfg.harvest.buffer_tokens, cfg.train.batch_tokens,
+    # No point holding more rows than the whole run will ever see.
+    run_tokens = cfg.data.token_budget * cfg.harvest.cache_epochs
+    capacity = max(cfg.train.batch_tokens, min(cfg.harvest.buffer_tokens, run_tokens))
+    return ShuffleBuffer(activation_source(cfg, model, tokenizer), capacity, cfg.train.batch_tokens,
                          device=device, seed=cfg.train.seed)

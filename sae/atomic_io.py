@@ -21,3 +21,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside ``folder`` durable (a crash cannot undo them)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

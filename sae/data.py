@@ -36,6 +36,9 @@ def load_text_dataset(
     ``.json``/``.parquet``/``.csv`` files, or a Hugging Face hub id (``subset`` names its
     configuration). Raises ConfigError when the text column is missing.
     """
+    local_or_builtin = dataset.startswith("builtin:") or Path(dataset).exists()
+    if subset is not None and local_or_builtin:
+        raise ConfigError(f"data.subset: {subset!r} applies to hub datasets only; {dataset} has no subsets (use null)")
     if dataset.startswith("builtin:"):
         if dataset != corpus.NAME:
             raise ConfigError(f"data.dataset: unknown built-in dataset {dataset!r}; valid: {corpus.NAME}")
