@@ -13,6 +13,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

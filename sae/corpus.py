@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -27,9 +28,12 @@ from pathlib import Path
 
 import datasets
 
+from sae.atomic_io import write_text_atomic
+
 NAME = "builtin:python-docs"
 SPLITS = ("train", "test")
 HELDOUT_PERCENT = 10
+_CACHE_FORMAT = 1  # bump when the extraction rules change
 
 # Stdlib folders that hold tests, demos, vendored code or GUI code rather than prose.
 _SKIP_DIRS = {
@@ -67,7 +71,8 @@ def _module_docstrings(source: str) -> list[str]:
     return docs
 
 
-def _stdlib_documents(stdlib: Path) -> list[Document]:
+def _stdlib_files(stdlib: Path) -> list[tuple[str, Path]]:
+    """(dotted module name, path) of the stdlib's prose-bearing source files, sorted."""
     out = []
     for dirpath, dirnames, filenames in os.walk(stdlib):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
@@ -77,23 +82,59 @@ def _stdlib_documents(stdlib: Path) -> list[Document]:
             path = Path(dirpath, filename)
             rel = path.relative_to(stdlib).with_suffix("")
             parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-            if not parts:
-                continue
-            try:
-                docs = _module_docstrings(path.read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue  # a few stdlib files are deliberately invalid (bad encodings, py2 syntax)
-            if docs:
-                out.append(Document("module:" + ".".join(parts), "\n\n".join(docs)))
+            if parts:
+                out.append((".".join(parts), path))
     return out
+
+
+def _stdlib_documents(files: list[tuple[str, Path]]) -> list[Document]:
+    out = []
+    for module, path in files:
+        try:
+            docs = _module_docstrings(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few stdlib files are deliberately invalid (bad encodings, py2 syntax)
+        if docs:
+            out.append(Document("module:" + module, "\n\n".join(docs)))
+    return out
+
+
+def cache_dir() -> Path:
+    """Where the parsed corpus is kept between runs: $SAE_CACHE, else ~/.cache/sae."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae"
+    return Path(os.environ.get("SAE_CACHE", default))
+
+
+def _sources_key(files: list[tuple[str, Path]]) -> str:
+    """Changes whenever Python or any source file the corpus is read from changes."""
+    import pydoc_data.topics
+
+    h = hashlib.sha256(f"{_CACHE_FORMAT}\0{sys.version}".encode())
+    for path in [Path(pydoc_data.topics.__file__)] + [p for _, p in files]:
+        st = path.stat()
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:20]
 
 
 @lru_cache(maxsize=1)
 def documents() -> tuple[Document, ...]:
-    """Every document of the corpus, sorted by id (deterministic for a given Python)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = _topic_documents() + _stdlib_documents(stdlib)
-    return tuple(sorted(docs, key=lambda d: d.id))
+    """Every document of the corpus, sorted by id (deterministic for a given Python).
+
+    Parsing the stdlib takes seconds, so the result is kept in ``cache_dir()`` as JSON,
+    keyed by the Python version and the size and mtime of every source file.
+    """
+    files = _stdlib_files(Path(sysconfig.get_paths()["stdlib"]))
+    cached = cache_dir() / f"python-docs-{_sources_key(files)}.json"
+    try:
+        return tuple(Document(d["id"], d["text"]) for d in json.loads(cached.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no cache yet, or an unreadable one: build it
+    docs = tuple(sorted(_topic_documents() + _stdlib_documents(files), key=lambda d: d.id))
+    try:
+        write_text_atomic(cached, json.dumps([{"id": d.id, "text": d.text} for d in docs]))
+    except OSError:
+        pass  # a read-only home only costs the next run a few seconds
+    return docs
 
 
 def load(split: str = "train") -> datasets.Dataset:

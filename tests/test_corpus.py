@@ -35,11 +35,27 @@ def test_corpus_has_both_sources_and_real_prose():
     assert sum(len(d.text) for d in corpus.documents()) > 1_000_000
 
 
-def test_corpus_is_the_same_in_a_fresh_process_with_another_hash_seed():
+def test_corpus_is_the_same_in_a_fresh_process_with_another_hash_seed(tmp_path):
     code = "from sae import corpus; print(corpus.fingerprint('train'), corpus.fingerprint('test'))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+                           env={**os.environ, "PYTHONHASHSEED": seed, "SAE_CACHE": str(tmp_path / seed)}).stdout
+            for seed in ("1", "2")}  # separate caches: both processes parse the stdlib themselves
     assert outs == {f"{corpus.fingerprint('train')} {corpus.fingerprint('test')}\n"}
+
+
+def test_cached_corpus_equals_a_fresh_parse_and_survives_a_corrupt_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_CACHE", str(tmp_path))
+    corpus.documents.cache_clear()
+    try:
+        built = corpus.documents()
+        (cached,) = tmp_path.iterdir()
+        corpus.documents.cache_clear()
+        assert corpus.documents() == built  # read back from the JSON cache
+        cached.write_text("{truncated")
+        corpus.documents.cache_clear()
+        assert corpus.documents() == built  # rebuilt, not crashed
+    finally:
+        corpus.documents.cache_clear()
 
 
 def test_held_out_text_matches_the_demo_model_build():
