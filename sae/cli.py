@@ -101,35 +101,66 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
         return
     run_dir = run_dir_for(cfg)
     # Imported only now: torch + transformers take seconds, and a config error should not wait.
-    from tqdm.auto import tqdm
+    import itertools
+    import json
 
-    from sae.activations import activation_batches
+    from sae.activations import activation_batches, make_harvester
+    from sae.metrics import Metrics
     from sae.models import load_model, model_summary
+    from sae.trainer import Trainer
 
     model, tokenizer = load_model(cfg.model)
     click.echo(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
-    d = cfg.data
-    batches = activation_batches(cfg, model, tokenizer)  # checks hooks, data and cache before any work
+    d, h = cfg.data, cfg.harvest
+    batches = iter(activation_batches(cfg, model, tokenizer))  # checks hooks, data and cache before any work
     click.echo(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {d.token_budget:,} tokens "
                f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}")
-    start, served = time.perf_counter(), 0
-    with tqdm(total=d.token_budget, unit="tok", unit_scale=True, desc="activations") as bar:
-        for batch in batches:
-            if not served:  # the data produced activations: only now is this a run worth a folder
-                save_run_config(cfg, run_dir)
-                bar.write(f"run folder: {run_dir} (resolved config in config.yaml)")
-            n = next(iter(batch.values())).shape[0]
-            served += n
-            bar.update(n)
-        bar.total = bar.n  # special tokens are dropped, so fewer than the budget arrive
-        bar.refresh()
-    if not served:
+    start = time.perf_counter()
+    first = next(batches, None)
+    if first is None:
         raise ConfigError(f"data: fewer activation vectors than one batch (train.batch_tokens = "
                           f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data")
+    # The data produced activations: only now is this a run worth a folder.
+    save_run_config(cfg, run_dir)
+    click.echo(f"run folder: {run_dir} (resolved config in config.yaml)")
+    device = next(model.parameters()).device
+    # Special tokens are dropped, so slightly fewer batches than this arrive; the schedule
+    # then ends a few percent before its final decay.
+    total_steps = d.token_budget * h.cache_epochs // cfg.train.batch_tokens
+    trainer = Trainer(cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps, device)
+    trainer.fit(itertools.chain([first], batches), log_every=cfg.output.log_every_steps)
     seconds = time.perf_counter() - start
-    click.echo(f"served {served:,} shuffled activation vectors per hook point in {seconds:.1f} s "
-               f"({served / seconds:,.0f} per s)")
-    click.echo("Training is not implemented yet (it arrives with the trainer); stopped after the activations.")
+    click.echo(f"harvested and trained {trainer.step_count} steps on {trainer.tokens_seen:,} tokens per hook "
+               f"point in {seconds:.0f} s ({trainer.tokens_seen / seconds:,.0f} tokens/s)")
+    for hook, sae in trainer.saes.items():
+        sae.save(run_dir / hook, metadata={"model_name": cfg.model.name_or_path, "hook_name": hook,
+                                           "context_size": d.context_tokens, "dataset_path": d.dataset})
+    if d.eval_split is None:
+        click.echo(f"saved to {run_dir}; no evaluation (data.eval_split is null)")
+        return
+    eval_cfg = cfg_with(cfg, data={"split": d.eval_split, "token_budget": d.eval_tokens})
+    metrics = {hook: Metrics(sae) for hook, sae in trainer.saes.items()}
+    for acts in make_harvester(eval_cfg, model, tokenizer):
+        for hook, x in acts.items():
+            metrics[hook].update(x)
+    click.echo(f"held-out metrics ({d.eval_split} split):")
+    click.echo(f"  {'hook':<16} {'FVU':>8} {'L0':>7} {'dead':>7} {'dense':>7} {'tokens':>8}")
+    for hook, m in metrics.items():
+        r = m.result()
+        (run_dir / hook / "metrics.json").write_text(json.dumps(r, indent=1) + "\n")
+        click.echo(f"  {hook:<16} {r['fvu']:>8.4f} {r['l0']:>7.1f} {r['dead_fraction']:>7.1%} "
+                   f"{r['dense_fraction']:>7.1%} {r['tokens']:>8,}")
+    click.echo(f"saved to {run_dir}/<hook>/ (cfg.json, sae_weights.safetensors, metrics.json)")
+
+
+def cfg_with(cfg: RunConfig, **sections: dict) -> RunConfig:
+    """A copy of cfg with some fields of some sections replaced (validated like any config)."""
+    from sae.config import config_from_dict
+
+    values = to_dict(cfg)
+    for section, fields in sections.items():
+        values[section] = {**values[section], **fields}
+    return config_from_dict(values)
 
 
 @click.group(context_settings={"max_content_width": 120})

@@ -53,6 +53,8 @@ class DataConfig:
     context_tokens: int = opt(256, "Tokens per packed context, BOS included.", ge=2)
     token_budget: int = opt(1_000_000, "Stop after harvesting this many tokens.", ge=1)
     streaming: bool = opt(False, "Stream the dataset instead of downloading it whole.")
+    eval_split: str | None = opt("test", "Held-out split for the metrics after training; null = no evaluation.")
+    eval_tokens: int = opt(65_536, "Tokens of eval_split to measure the metrics on.", ge=1)
 
 
 @dataclass
@@ -73,7 +75,7 @@ class HarvestConfig:
 
 @dataclass
 class SAEConfig:
-    architecture: str = opt("topk", "SAE architecture.", choices=("topk", "relu", "batchtopk", "jumprelu"))
+    architecture: str = opt("topk", "SAE architecture (relu, batchtopk and jumprelu are to come).", choices=("topk",))
     expansion_factor: int = opt(8, "Latents per input dimension; ignored when num_latents is set.", ge=1)
     num_latents: int | None = opt(None, "Number of latents (overrides expansion_factor).", ge=1)
     k: int = opt(32, "Active latents per token (TopK family).", ge=1)
@@ -86,6 +88,8 @@ class TrainConfig:
     warmup_steps: int = opt(1000, "Steps of linear learning-rate warmup.", ge=0)
     decay_fraction: float = opt(0.2, "Final fraction of steps with linear decay to zero.", ge=0, le=1)
     seed: int = opt(0, "Seed for initialization and data order.", ge=0, le=2**63 - 1)
+    dead_tokens: int = opt(10_000_000, "A latent that has not fired for this many tokens counts as dead "
+                           "(and AuxK trains it).", ge=1)
 
 
 @dataclass

@@ -62,12 +62,13 @@ def _decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch
 
 
 class FusedTopKLoss(torch.autograd.Function):
-    """loss = FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, aux_alpha).
+    """loss, fvu, fires = FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, aux_alpha)
 
     x [N, d]; W_enc, W_dec [M, d]; b_enc [M]; b_dec [d]; dead: bool [M] (latents that
-    have not fired for the dead window) or None; returns a scalar loss (mse term plus
-    alpha times the AuxK term) and, via ``ctx``, nothing else. Use ``topk_forward`` for
-    the parts (indices, values, reconstruction) without gradients.
+    have not fired for the dead window) or None. Returns the scalar loss (FVU term plus
+    alpha times the AuxK term), the batch FVU alone (no gradient) and fires: int64 [M],
+    how many tokens each latent was active on (no gradient; for dead-latent tracking and
+    L0 = fires.sum() / N).
     """
 
     @staticmethod
@@ -89,6 +90,9 @@ class FusedTopKLoss(torch.autograd.Function):
         e = x - x_hat
         var = (x - x.mean(0)).pow(2).sum()
         loss = e.pow(2).sum() / var
+        fvu = loss.detach().clone()
+        fires = torch.bincount(idx[vals > 0], minlength=W_enc.shape[0])
+        ctx.mark_non_differentiable(fvu, fires)
         if use_aux:
             scale = min(n_dead / k_aux, 1.0)
             r = e - _decode(aux_idx, aux_vals, W_dec)           # e - e_hat
@@ -98,10 +102,10 @@ class FusedTopKLoss(torch.autograd.Function):
         else:
             ctx.aux_coef = 0.0
             ctx.save_for_backward(x_c, W_enc, W_dec, idx, vals, e, var)
-        return loss
+        return loss, fvu, fires
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_fvu, _grad_fires):
         x_c, W_enc, W_dec, idx, vals, e, var = ctx.saved_tensors[:7]
         M = W_enc.shape[0]
         g_xhat = e * (-2 * grad_out / var)                       # dL/dx_hat   [N, d]
@@ -129,7 +133,7 @@ def fused_topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W
                     b_dec: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 512,
                     aux_alpha: float = 1 / 32) -> torch.Tensor:
     """Scalar TopK + AuxK loss (see module docstring) with the fused backward."""
-    return FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, aux_alpha)
+    return FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, aux_alpha)[0]
 
 
 def topk_loss_reference(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,

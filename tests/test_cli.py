@@ -1,5 +1,6 @@
 """The CLIs: one-line errors, the saved config, console scripts."""
 
+import json
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -35,9 +36,13 @@ def test_misspelt_key_in_config_file_prints_one_line(tmp_path):
 
 def test_no_arguments_runs_the_demo_config_and_saves_the_resolved_config(tmp_path):
     result = run("train.py", "--set", f"output.root={tmp_path}", "--set", "output.run_name=demo",
-                 "--set", "data.token_budget=20000")
+                 "--set", "data.token_budget=20000", "--set", "data.eval_tokens=4096",
+                 "--set", f"harvest.cache_dir={tmp_path / 'cache'}")
     assert result.returncode == 0, result.stderr
-    assert "builtin:demo-llama" in result.stdout and "shuffled activation vectors" in result.stdout
+    assert "builtin:demo-llama" in result.stdout and "held-out metrics" in result.stdout
+    metrics = json.loads((tmp_path / "demo" / "layers.2" / "metrics.json").read_text())
+    assert 0 < metrics["fvu"] < 1 and metrics["l0"] <= 32 and metrics["tokens"] > 0
+    assert (tmp_path / "demo" / "layers.2" / "sae_weights.safetensors").exists()
     saved = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
     demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     assert saved["model"]["name_or_path"] == demo["model"]["name_or_path"]
@@ -109,7 +114,7 @@ def test_data_error_during_harvest_leaves_no_run_folder(tmp_path):
     data.write_text("<|bos|><|eos|>" * 3000 + "\n")  # every token is special, so all are masked
     out = tmp_path / "runs"
     result = CliRunner().invoke(cli.train, ["--set", f"data.dataset={data}", "--set", f"output.root={out}",
-                                            "--set", "data.token_budget=4096"])
+                                            "--set", "data.token_budget=4096", "--set", "harvest.cache_dir=null"])
     assert result.exit_code == 2, result.output
     assert "was masked" in result.output
     assert not out.exists()

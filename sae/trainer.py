@@ -1,0 +1,126 @@
+"""Training SAEs on activation batches: one SAE per hook point, all fed by one harvest.
+
+Per step and hook (DESIGN.md section 2, TopK recipe): fused loss (FVU + AuxK on dead
+latents) and backward, the decoder-row-parallel part of W_dec's gradient removed, Adam,
+decoder rows renormalized. b_dec starts at the geometric median of the first batch. The
+learning rate warms up linearly, stays flat, and decays linearly to zero over the last
+``decay_fraction`` of the steps; by default it follows lr = 2e-4 / sqrt(M / 2^14).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sae.architectures import TopKConfig, TopKSAE
+from sae.config import RunConfig
+from sae.errors import ConfigError
+
+
+def default_lr(num_latents: int) -> float:
+    """Gao et al.'s scaling rule: 2e-4 at 2^14 latents, falling as 1/sqrt(M)."""
+    return 2e-4 / math.sqrt(num_latents / 2**14)
+
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, decay_fraction: float) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
+    warmup = min(warmup_steps, total_steps)
+    decay_start = total_steps - int(decay_fraction * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if step >= decay_start:
+        return peak * (total_steps - step) / max(1, total_steps - decay_start)
+    return peak
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iterations: int = 100, eps: float = 1e-8) -> torch.Tensor:
+    """Point minimizing the summed Euclidean distance to the rows of x [N, d] (Weiszfeld)."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iterations):
+        w = 1 / (x - m).norm(dim=1).clamp_min(eps)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() < eps * (1 + m.norm()):
+            return new
+        m = new
+    return m
+
+
+class Trainer:
+    """Trains one TopK SAE per hook point. ``step(batch)`` takes {hook: [N, d]}."""
+
+    def __init__(self, cfg: RunConfig, widths: dict[str, int], total_steps: int,
+                 device: torch.device | str = "cpu"):
+        if cfg.sae.architecture != "topk":
+            raise ConfigError(f"sae.architecture: {cfg.sae.architecture!r} is not available yet; valid: topk")
+        self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
+        self.step_count, self.tokens_seen = 0, 0
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.saes: dict[str, TopKSAE] = {}
+        self.optimizers: dict[str, torch.optim.Adam] = {}
+        self.since_fired: dict[str, torch.Tensor] = {}
+        self.peak_lr: dict[str, float] = {}
+        for hook, d in widths.items():
+            M = cfg.sae.num_latents or cfg.sae.expansion_factor * d
+            if cfg.sae.k > M:
+                raise ConfigError(f"sae.k: {cfg.sae.k} is larger than the {M} latents of {hook}; use at most {M}")
+            sae = TopKSAE(TopKConfig(d_in=d, num_latents=M, k=cfg.sae.k), device=self.device)
+            sae.reset_parameters(generator)
+            self.saes[hook] = sae
+            self.peak_lr[hook] = cfg.train.lr or default_lr(M)
+            fused = self.device.type in ("cuda", "cpu")
+            self.optimizers[hook] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[hook], fused=fused)
+            self.since_fired[hook] = torch.zeros(M, dtype=torch.long, device=self.device)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """One optimizer step per SAE. Returns per-hook stats as 0-d tensors (no host sync)."""
+        stats = {}
+        for hook, sae in self.saes.items():
+            x = batch[hook].to(self.device, torch.float32, non_blocking=True)
+            if not torch.isfinite(x).all():
+                raise ConfigError(f"activations at {hook} hold NaN or inf at step {self.step_count}; "
+                                  "check the model's dtype (model.dtype) or drop outliers (harvest.max_norm_ratio)")
+            if self.step_count == 0:
+                with torch.no_grad():
+                    sae.b_dec.copy_(geometric_median(x))
+            dead = self.since_fired[hook] >= self.cfg.train.dead_tokens
+            loss, fvu, fires = sae.training_loss(x, dead)
+            loss.backward()
+            opt = self.optimizers[hook]
+            with torch.no_grad():
+                W, g = sae.W_dec, sae.W_dec.grad
+                g -= (g * W).sum(1, keepdim=True) * W  # keep rows on the unit sphere to first order
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(self.step_count, self.total_steps, self.peak_lr[hook],
+                                                self.cfg.train.warmup_steps, self.cfg.train.decay_fraction)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                W.copy_(F.normalize(W, dim=1))
+                since = self.since_fired[hook]
+                since += x.shape[0]
+                since[fires > 0] = 0
+            stats[hook] = {"loss": loss.detach(), "fvu": fvu, "l0": fires.sum() / x.shape[0],
+                           "dead_fraction": dead.float().mean()}
+        self.step_count += 1
+        self.tokens_seen += next(iter(batch.values())).shape[0]
+        return stats
+
+    def fit(self, batches, progress: bool = True, log_every: int = 50) -> dict[str, dict[str, float]]:
+        """Steps over ``batches`` (at most total_steps); returns the last stats as floats."""
+        last: dict[str, dict[str, float]] = {}
+        with tqdm(total=self.total_steps, desc="train", unit="step", disable=not progress) as bar:
+            for batch in batches:
+                if self.step_count >= self.total_steps:
+                    break
+                stats = self.step(batch)
+                bar.update(1)
+                if self.step_count % log_every == 0 or self.step_count == self.total_steps:
+                    last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}  # one sync per log
+                    first = next(iter(last.values()))
+                    bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
+                                    dead=f"{first['dead_fraction']:.1%}")
+        return last

@@ -1,0 +1,87 @@
+"""The trainer: schedule, init, constraints, dead latents, and that it actually learns."""
+
+import math
+
+import pytest
+import torch
+
+from sae.config import load_config
+from sae.errors import ConfigError
+from sae.metrics import evaluate
+from sae.trainer import Trainer, default_lr, geometric_median, learning_rate
+
+
+def test_learning_rate_warmup_flat_and_linear_decay_to_zero():
+    lrs = [learning_rate(s, 100, 1.0, warmup_steps=10, decay_fraction=0.2) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in lrs[10:80])
+    assert lrs[80] == pytest.approx(1.0) and lrs[99] == pytest.approx(1 / 20)
+    assert default_lr(2**14) == pytest.approx(2e-4) and default_lr(2**16) == pytest.approx(1e-4)
+
+
+def test_geometric_median_is_robust_where_the_mean_is_not():
+    pts = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1], [1000, 1000]])
+    med = geometric_median(pts)
+    assert med.norm() < 0.5 < pts.mean(0).norm()
+    sym = torch.randn(50, 3) + 7.0
+    sym = torch.cat([sym, 14.0 - sym])  # symmetric around (7, 7, 7)
+    torch.testing.assert_close(geometric_median(sym).float(), torch.full((3,), 7.0), atol=1e-4, rtol=0)
+
+
+def sparse_data(n, d=32, atoms=64, k_true=3, seed=0):
+    """x = sparse non-negative codes @ a fixed random dictionary: an SAE can fit this exactly."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(atoms, d, generator=torch.Generator().manual_seed(99)), dim=1)
+    idx = torch.stack([torch.randperm(atoms, generator=g)[:k_true] for _ in range(n)])
+    codes = torch.zeros(n, atoms).scatter_(1, idx, torch.rand(n, k_true, generator=g) + 0.5)
+    return codes @ D
+
+
+def config(**train):
+    args = [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(None, ["sae.num_latents=128", "sae.k=6", "train.batch_tokens=256", *args])
+
+
+def test_trainer_learns_a_sparse_dictionary_and_keeps_decoder_rows_unit():
+    cfg = config(lr=3e-3, warmup_steps=20, dead_tokens=5000)
+    trainer = Trainer(cfg, {"h": 32}, total_steps=400)
+    held_out = sparse_data(2048, seed=1)
+    before = evaluate(trainer.saes["h"], [held_out])["fvu"]
+    for step in range(400):
+        trainer.step({"h": sparse_data(256, seed=100 + step)})
+    after = evaluate(trainer.saes["h"], [held_out])
+    assert before > 0.5 and after["fvu"] < 0.1, (before, after)
+    assert after["l0"] <= 6
+    torch.testing.assert_close(trainer.saes["h"].W_dec.norm(dim=1), torch.ones(128))
+    assert trainer.step_count == 400 and trainer.tokens_seen == 400 * 256
+
+
+def test_b_dec_starts_at_the_geometric_median_of_the_first_batch():
+    trainer = Trainer(config(), {"h": 32}, total_steps=10)
+    x = sparse_data(256)
+    b_before = geometric_median(x).float()
+    trainer.step({"h": x})
+    # Adam moves each coordinate by at most ~lr in the first step
+    assert (trainer.saes["h"].b_dec.detach() - b_before).abs().max() < 2 * default_lr(128)
+
+
+def test_latents_silent_for_the_window_count_as_dead():
+    trainer = Trainer(config(dead_tokens=512), {"h": 32}, total_steps=10)
+    sae = trainer.saes["h"]
+    with torch.no_grad():
+        sae.b_enc[:10] = -1e6  # these can never win the top-k
+    stats = [trainer.step({"h": sparse_data(256, seed=s)}) for s in range(3)]
+    assert stats[0]["h"]["dead_fraction"] == 0  # nothing has been silent for 512 tokens yet
+    since = trainer.since_fired["h"]
+    assert (since[:10] == 768).all()
+    assert stats[2]["h"]["dead_fraction"] >= 10 / 128
+
+
+def test_bad_settings_and_bad_activations_are_one_line():
+    with pytest.raises(ConfigError, match="sae.k: 500 is larger than the 128 latents of h"):
+        Trainer(load_config(None, ["sae.num_latents=128", "sae.k=500"]), {"h": 32}, total_steps=1)
+    trainer = Trainer(config(), {"h": 32}, total_steps=5)
+    x = sparse_data(256)
+    x[3, 4] = math.nan
+    with pytest.raises(ConfigError, match="activations at h hold NaN or inf at step 0"):
+        trainer.step({"h": x})
