@@ -96,9 +96,8 @@ class TrainConfig:
 class OutputConfig:
     root: str = opt("checkpoints", "Folder that holds one sub-folder per run.")
     run_name: str | None = opt(None, "Run folder name under root; null = a timestamp.")
-    log_every_steps: int = opt(50, "TensorBoard logging cadence in optimizer steps.", ge=1)
-    checkpoint_every_steps: int = opt(1000, "Checkpoint cadence in optimizer steps.", ge=1)
-    tensorboard: bool = opt(True, "Write TensorBoard event files into the run folder.")
+    log_every_steps: int = opt(50, "Refresh the progress bar's loss, L0 and dead figures every this many "
+                               "steps (each refresh waits for the device).", ge=1)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,12 +23,6 @@ from sae.errors import ConfigError
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-
-
-@dataclass
-class SAEShape:
-    d_in: int
-    num_latents: int
 
 
 class SparseAutoencoder(nn.Module):
