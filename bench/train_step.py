@@ -6,7 +6,8 @@
 
 One step = loss (MSE + AuxK, alpha 1/32, k_aux = d/2, ~2% dead latents) + backward +
 removing the gradient parallel to decoder rows + Adam + renormalizing decoder rows, on the
-same activations and the same Adam settings for every contender. Rounds interleave ours
+same activations and the same Adam settings for every contender. Ours is
+``sae.trainer.Trainer.step`` itself (dead-latent bookkeeping and schedule included). Rounds interleave ours
 and sparsify; the dense step runs alone afterwards (see run_shape); medians are reported. sparsify (PyPI eai-sparsify) is optional: its
 SparseCoder forward/backward and its decoder-norm helpers are used when importable.
 """
@@ -21,7 +22,9 @@ import click
 import torch
 import torch.nn.functional as F
 
-from sae.fused_topk import fused_topk_loss, topk_loss_reference
+from sae.config import load_config
+from sae.fused_topk import topk_loss_reference
+from sae.trainer import Trainer
 
 
 def unit_rows_step(W_dec: torch.Tensor, opt: torch.optim.Optimizer) -> None:
@@ -33,7 +36,20 @@ def unit_rows_step(W_dec: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         W_dec.copy_(F.normalize(W_dec, dim=1))
 
 
-def make_ours(loss_fn, d, M, k, device, x, dead):
+def make_ours(d, M, k, device, x, dead):
+    """The real training step: sae.trainer.Trainer.step, with the same dead latents forced."""
+    cfg = load_config(None, [f"sae.num_latents={M}", f"sae.k={k}", f"train.batch_tokens={x.shape[0]}",
+                             "train.lr=2e-4", "train.warmup_steps=0"])
+    trainer = Trainer(cfg, {"x": d}, total_steps=10**6, device=device)
+    forced = dead.nonzero().squeeze(1)
+
+    def step():
+        trainer.since_fired["x"][forced] = cfg.train.dead_tokens  # same ~2% dead as the others
+        trainer.step({"x": x})
+    return step
+
+
+def make_dense(d, M, k, device, x, dead):
     g = torch.Generator(device="cpu").manual_seed(0)
     W_dec = F.normalize(torch.randn(M, d, generator=g), dim=1).to(device)
     params = {"W_enc": W_dec.clone().requires_grad_(), "b_enc": torch.zeros(M, device=device, requires_grad=True),
@@ -41,7 +57,7 @@ def make_ours(loss_fn, d, M, k, device, x, dead):
     opt = torch.optim.Adam(params.values(), lr=2e-4, fused=True)
 
     def step():
-        loss = loss_fn(x, **params, k=k, dead=dead, k_aux=d // 2, aux_alpha=1 / 32)
+        loss = topk_loss_reference(x, **params, k=k, dead=dead, k_aux=d // 2, aux_alpha=1 / 32)
         loss.backward()
         unit_rows_step(params["W_dec"], opt)
     return step
@@ -86,14 +102,14 @@ def run_shape(d, M, k, N, device, rounds, with_dense):
     x = torch.randn(N, d, generator=g).to(device)
     dead = torch.zeros(M, dtype=torch.bool, device=device)
     dead[: M // 50] = True
-    contenders = {"ours_fused": lambda: make_ours(fused_topk_loss, d, M, k, device, x, dead)}
+    contenders = {"ours_fused": lambda: make_ours(d, M, k, device, x, dead)}
     try:
         import sparsify  # noqa: F401
         contenders["sparsify"] = lambda: make_sparsify(d, M, k, device, x, dead)
     except ImportError:
         pass
     if with_dense:
-        contenders["naive_dense"] = lambda: make_ours(topk_loss_reference, d, M, k, device, x, dead)
+        contenders["naive_dense"] = lambda: make_dense(d, M, k, device, x, dead)
     times, peak = {n: [] for n in contenders}, {}
     # The dense step allocates and frees several [N, M] tensors per step; interleaved with
     # the others, the allocator churn it causes slowed every contender several-fold on CPU.

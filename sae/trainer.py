@@ -63,6 +63,8 @@ class Trainer:
         self.saes: dict[str, TopKSAE] = {}
         self.optimizers: dict[str, torch.optim.Adam] = {}
         self.since_fired: dict[str, torch.Tensor] = {}
+        self.nonfinite: dict[str, torch.Tensor] = {}
+        self.checked_step = 0
         self.peak_lr: dict[str, float] = {}
         for hook, d in widths.items():
             M = cfg.sae.num_latents or cfg.sae.expansion_factor * d
@@ -75,15 +77,15 @@ class Trainer:
             fused = self.device.type in ("cuda", "cpu")
             self.optimizers[hook] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[hook], fused=fused)
             self.since_fired[hook] = torch.zeros(M, dtype=torch.long, device=self.device)
+            self.nonfinite[hook] = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """One optimizer step per SAE. Returns per-hook stats as 0-d tensors (no host sync)."""
         stats = {}
         for hook, sae in self.saes.items():
             x = batch[hook].to(self.device, torch.float32, non_blocking=True)
-            if not torch.isfinite(x).all():
-                raise ConfigError(f"activations at {hook} hold NaN or inf at step {self.step_count}; "
-                                  "check the model's dtype (model.dtype) or drop outliers (harvest.max_norm_ratio)")
+            # Recorded on the device, checked in check_finite(): no host sync per step.
+            self.nonfinite[hook] |= ~torch.isfinite(x).all()
             if self.step_count == 0:
                 with torch.no_grad():
                     sae.b_dec.copy_(geometric_median(x))
@@ -102,12 +104,21 @@ class Trainer:
                 W.copy_(F.normalize(W, dim=1))
                 since = self.since_fired[hook]
                 since += x.shape[0]
-                since[fires > 0] = 0
+                since.masked_fill_(fires > 0, 0)
             stats[hook] = {"loss": loss.detach(), "fvu": fvu, "l0": fires.sum() / x.shape[0],
                            "dead_fraction": dead.float().mean()}
         self.step_count += 1
         self.tokens_seen += next(iter(batch.values())).shape[0]
         return stats
+
+    def check_finite(self) -> None:
+        """Stop with one line if any activations since the last check held NaN or inf."""
+        for hook, flag in self.nonfinite.items():
+            if flag:
+                raise ConfigError(f"activations at {hook} held NaN or inf in steps {self.checked_step}.."
+                                  f"{self.step_count - 1}; check model.dtype or drop outliers with "
+                                  "harvest.max_norm_ratio")
+        self.checked_step = self.step_count
 
     def fit(self, batches, progress: bool = True, log_every: int = 50) -> dict[str, dict[str, float]]:
         """Steps over ``batches`` (at most total_steps); returns the last stats as floats."""
@@ -119,8 +130,10 @@ class Trainer:
                 stats = self.step(batch)
                 bar.update(1)
                 if self.step_count % log_every == 0 or self.step_count == self.total_steps:
+                    self.check_finite()
                     last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}  # one sync per log
                     first = next(iter(last.values()))
                     bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
                                     dead=f"{first['dead_fraction']:.1%}")
+        self.check_finite()
         return last

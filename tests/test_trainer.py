@@ -83,5 +83,10 @@ def test_bad_settings_and_bad_activations_are_one_line():
     trainer = Trainer(config(), {"h": 32}, total_steps=5)
     x = sparse_data(256)
     x[3, 4] = math.nan
-    with pytest.raises(ConfigError, match="activations at h hold NaN or inf at step 0"):
-        trainer.step({"h": x})
+    trainer.step({"h": sparse_data(256)})
+    trainer.check_finite()  # clean so far
+    trainer.step({"h": x})
+    with pytest.raises(ConfigError, match=r"activations at h held NaN or inf in steps 1\.\.1"):
+        trainer.check_finite()
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        Trainer(config(), {"h": 32}, total_steps=5).fit([{"h": x}])
