@@ -107,7 +107,7 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
     from sae.activations import activation_batches, make_harvester
     from sae.metrics import Metrics
     from sae.models import load_model, model_summary
-    from sae.trainer import Trainer
+    from sae.trainer import TensorBoardLogger, Trainer
 
     model, tokenizer = load_model(cfg.model)
     click.echo(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
@@ -128,7 +128,12 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
     # then ends a few percent before its final decay.
     total_steps = d.token_budget * h.cache_epochs // cfg.train.batch_tokens
     trainer = Trainer(cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps, device)
-    trainer.fit(itertools.chain([first], batches), log_every=cfg.output.log_every_steps)
+    logger = TensorBoardLogger(run_dir / "tensorboard") if cfg.output.tensorboard else None
+    try:
+        trainer.fit(itertools.chain([first], batches), log_every=cfg.output.log_every_steps, on_log=logger)
+    finally:
+        if logger is not None:
+            logger.close()
     seconds = time.perf_counter() - start
     click.echo(f"harvested and trained {trainer.step_count} steps on {trainer.tokens_seen:,} tokens per hook "
                f"point in {seconds:.0f} s ({trainer.tokens_seen / seconds:,.0f} tokens/s)")

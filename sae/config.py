@@ -97,7 +97,8 @@ class OutputConfig:
     root: str = opt("checkpoints", "Folder that holds one sub-folder per run.")
     run_name: str | None = opt(None, "Run folder name under root; null = a timestamp.")
     log_every_steps: int = opt(50, "Refresh the progress bar's loss, L0 and dead figures every this many "
-                               "steps (each refresh waits for the device).", ge=1)
+                               "steps (each refresh waits for the device), and log to TensorBoard.", ge=1)
+    tensorboard: bool = opt(True, "Write TensorBoard event files to <run folder>/tensorboard.")
 
 
 @dataclass

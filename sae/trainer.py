@@ -10,6 +10,9 @@ learning rate warms up linearly, stays flat, and decays linearly to zero over th
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +67,8 @@ class Trainer:
         self.optimizers: dict[str, torch.optim.Adam] = {}
         self.since_fired: dict[str, torch.Tensor] = {}
         self.nonfinite: dict[str, torch.Tensor] = {}
+        self.window_fires: dict[str, torch.Tensor] = {}  # firing counts since the last density log
+        self.window_tokens: dict[str, int] = {}
         self.checked_step = 0
         self.peak_lr: dict[str, float] = {}
         for hook, d in widths.items():
@@ -78,6 +83,8 @@ class Trainer:
             self.optimizers[hook] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[hook], fused=fused)
             self.since_fired[hook] = torch.zeros(M, dtype=torch.long, device=self.device)
             self.nonfinite[hook] = torch.zeros((), dtype=torch.bool, device=self.device)
+            self.window_fires[hook] = torch.zeros(M, dtype=torch.long, device=self.device)
+            self.window_tokens[hook] = 0
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """One optimizer step per SAE. Returns per-hook stats as 0-d tensors (no host sync)."""
@@ -105,6 +112,8 @@ class Trainer:
                 since = self.since_fired[hook]
                 since += x.shape[0]
                 since.masked_fill_(fires > 0, 0)
+                self.window_fires[hook] += fires
+                self.window_tokens[hook] += x.shape[0]
             stats[hook] = {"loss": loss.detach(), "fvu": fvu, "l0": fires.sum() / x.shape[0],
                            "dead_fraction": dead.float().mean()}
         self.step_count += 1
@@ -120,8 +129,13 @@ class Trainer:
                                   "harvest.max_norm_ratio")
         self.checked_step = self.step_count
 
-    def fit(self, batches, progress: bool = True, log_every: int = 50) -> dict[str, dict[str, float]]:
-        """Steps over ``batches`` (at most total_steps); returns the last stats as floats."""
+    def fit(self, batches, progress: bool = True, log_every: int = 50,
+            on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None = None) -> dict[str, dict[str, float]]:
+        """Steps over ``batches`` (at most total_steps); returns the last stats as floats.
+
+        Every ``log_every`` steps (the only host syncs of the loop) the progress bar is
+        refreshed and ``on_log(trainer, stats)`` is called, e.g. a TensorBoardLogger.
+        """
         last: dict[str, dict[str, float]] = {}
         with tqdm(total=self.total_steps, desc="train", unit="step", disable=not progress) as bar:
             for batch in batches:
@@ -131,9 +145,45 @@ class Trainer:
                 bar.update(1)
                 if self.step_count % log_every == 0 or self.step_count == self.total_steps:
                     self.check_finite()
-                    last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}  # one sync per log
+                    last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}
                     first = next(iter(last.values()))
                     bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
                                     dead=f"{first['dead_fraction']:.1%}")
+                    if on_log is not None:
+                        on_log(self, last)
         self.check_finite()
         return last
+
+    def take_window_density(self, hook: str) -> torch.Tensor:
+        """Per-latent firing rate [M] since the last call (for density histograms)."""
+        rate = self.window_fires[hook].double() / max(1, self.window_tokens[hook])
+        self.window_fires[hook].zero_()
+        self.window_tokens[hook] = 0
+        return rate
+
+
+class TensorBoardLogger:
+    """``on_log`` callback writing losses, FVU, L0, dead fraction, lr, tokens/s and a
+    histogram of log10 feature density to ``folder`` (one run per folder)."""
+
+    def __init__(self, folder: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+        self.last_time, self.last_tokens = time.perf_counter(), 0
+
+    def __call__(self, trainer: Trainer, stats: dict[str, dict[str, float]]) -> None:
+        step, now = trainer.step_count, time.perf_counter()
+        rate = (trainer.tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, trainer.tokens_seen
+        for hook, values in stats.items():
+            for name, value in values.items():
+                self.writer.add_scalar(f"{hook}/{name}", value, step)
+            self.writer.add_scalar(f"{hook}/lr", trainer.optimizers[hook].param_groups[0]["lr"], step)
+            density = trainer.take_window_density(hook)
+            self.writer.add_histogram(f"{hook}/log10_density", torch.log10(density.clamp_min(1e-10)).cpu(), step)
+        self.writer.add_scalar("tokens_per_s", rate, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

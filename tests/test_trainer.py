@@ -90,3 +90,22 @@ def test_bad_settings_and_bad_activations_are_one_line():
         trainer.check_finite()
     with pytest.raises(ConfigError, match="NaN or inf"):
         Trainer(config(), {"h": 32}, total_steps=5).fit([{"h": x}])
+
+
+def test_tensorboard_logger_writes_scalars_and_density_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sae.trainer import TensorBoardLogger
+
+    trainer = Trainer(config(), {"h": 32}, total_steps=6)
+    logger = TensorBoardLogger(tmp_path)
+    trainer.fit([{"h": sparse_data(256, seed=s)} for s in range(6)], progress=False, log_every=3, on_log=logger)
+    logger.close()
+    events = EventAccumulator(str(tmp_path)).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"h/fvu", "h/l0", "h/loss", "h/dead_fraction", "h/lr", "tokens_per_s"} <= scalars
+    assert [e.step for e in events.Scalars("h/fvu")] == [3, 6]
+    assert events.Tags()["histograms"] == ["h/log10_density"]
+    assert events.Histograms("h/log10_density")[0].histogram_value.num == 128  # one value per latent
+    # the density window covers exactly the tokens since the last log: 3 steps x 256
+    assert trainer.window_tokens["h"] == 0 and trainer.window_fires["h"].sum() == 0
