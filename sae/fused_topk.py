@@ -62,19 +62,25 @@ def _decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch
 
 
 class FusedTopKLoss(torch.autograd.Function):
-    """loss, fvu, fires = FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, aux_alpha)
+    """loss, fvu, fires = FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, aux_alpha, workspace)
 
     x [N, d]; W_enc, W_dec [M, d]; b_enc [M]; b_dec [d]; dead: bool [M] (latents that
-    have not fired for the dead window) or None. Returns the scalar loss (FVU term plus
+    have not fired for the dead window) or None; workspace: None or a tensor of at least
+    N x M elements in x's dtype that receives the pre-activations (reusing it saves
+    allocating and page-faulting N x M every step: ~17% of a CPU step at d = 512). Returns the scalar loss (FVU term plus
     alpha times the AuxK term), the batch FVU alone (no gradient) and fires: int64 [M],
     how many tokens each latent was active on (no gradient; for dead-latent tracking and
     L0 = fires.sum() / N).
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k: int, dead, k_aux: int, aux_alpha: float):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k: int, dead, k_aux: int, aux_alpha: float, workspace=None):
         x_c = x - b_dec
-        pre = (x_c @ W_enc.t()).add_(b_enc)                     # [N, M]
+        if workspace is None:
+            pre = x_c @ W_enc.t()                                # [N, M]
+        else:
+            pre = torch.mm(x_c, W_enc.t(), out=workspace.view(-1)[: x.shape[0] * W_enc.shape[0]].view(x.shape[0], -1))
+        pre.add_(b_enc)
         vals, idx = pre.topk(k, dim=1, sorted=False)
         vals = vals.relu()
         dead_ids = dead.nonzero().squeeze(1) if dead is not None else None
@@ -126,7 +132,7 @@ class FusedTopKLoss(torch.autograd.Function):
             g_b_enc.index_add_(0, aux_idx.reshape(-1), g_aux.reshape(-1))
         # x_c = x - b_dec: the encoder path gives -sum_n dL/dx_c[n] = -(g_b_enc @ W_enc).
         g_b_dec = g_b_dec - g_b_enc @ W_enc
-        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None, None, None
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None, None, None, None
 
 
 def fused_topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,

@@ -69,6 +69,7 @@ class Trainer:
         self.nonfinite: dict[str, torch.Tensor] = {}
         self.window_fires: dict[str, torch.Tensor] = {}  # firing counts since the last density log
         self.window_tokens: dict[str, int] = {}
+        self.workspace: dict[str, torch.Tensor] = {}  # reused N x M pre-activation buffer per hook
         self.checked_step = 0
         self.peak_lr: dict[str, float] = {}
         for hook, d in widths.items():
@@ -97,7 +98,10 @@ class Trainer:
                 with torch.no_grad():
                     sae.b_dec.copy_(geometric_median(x))
             dead = self.since_fired[hook] >= self.cfg.train.dead_tokens
-            loss, fvu, fires = sae.training_loss(x, dead)
+            need = x.shape[0] * sae.cfg.num_latents
+            if self.workspace.get(hook) is None or self.workspace[hook].numel() < need:
+                self.workspace[hook] = torch.empty(need, dtype=x.dtype, device=self.device)
+            loss, fvu, fires = sae.training_loss(x, dead, self.workspace[hook])
             loss.backward()
             opt = self.optimizers[hook]
             with torch.no_grad():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.fused_topk import _row_dots, fused_topk_loss, topk_loss_reference
+from sae.fused_topk import FusedTopKLoss, _row_dots, fused_topk_loss, topk_loss_reference
 
 
 def make(N, d, M, dtype, seed=0):
@@ -56,3 +56,15 @@ def test_row_dots_equal_dense_products_gathered():
     grad, W = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
     idx = torch.randn(30, 50, generator=g).topk(5, dim=1, sorted=False).indices  # unsorted, like topk's output
     torch.testing.assert_close(_row_dots(grad, W, idx), (grad @ W.t()).gather(1, idx))
+
+
+def test_workspace_gives_identical_results():
+    x, params = make(40, 8, 32, torch.float64)
+    loss_a, g_a = grads(fused_topk_loss, x, params, k=4)
+    ws = torch.full((40 * 32 + 7,), float("nan"), dtype=torch.float64)  # larger than needed, dirty
+
+    def with_ws(x, **p):
+        return FusedTopKLoss.apply(x, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], 4, None, 512, 1 / 32, ws)[0]
+
+    loss_b, g_b = grads(with_ws, x, params)
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(g_a[n], g_b[n]) for n in g_a)

@@ -34,8 +34,9 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = self.encode_sparse(x)
         return torch.zeros(x.shape[0], self.cfg.num_latents, dtype=vals.dtype, device=x.device).scatter_(1, idx, vals)
 
-    def training_loss(self, x: torch.Tensor, dead: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, batch FVU, fires [M]) for x [N, d]; see FusedTopKLoss."""
+    def training_loss(self, x: torch.Tensor, dead: torch.Tensor | None,
+                      workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, batch FVU, fires [M]) for x [N, d]; see FusedTopKLoss for ``workspace``."""
         k_aux = self.cfg.k_aux or self.cfg.d_in // 2
         return FusedTopKLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.k, dead, k_aux,
-                                   self.cfg.aux_alpha)
+                                   self.cfg.aux_alpha, workspace)
