@@ -44,13 +44,19 @@ def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrained
     }
 
 
+def contexts_for(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, skip_contexts: int = 0) -> Iterator[torch.Tensor]:
+    """The run's packed token contexts, [harvest.batch_contexts, data.context_tokens] per batch."""
+    d = cfg.data
+    dataset = load_text_dataset(d.dataset, d.split, d.text_column, d.subset, d.streaming)
+    return context_batches(dataset, tokenizer, text_column=d.text_column, context_tokens=d.context_tokens,
+                           token_budget=d.token_budget, batch_contexts=cfg.harvest.batch_contexts,
+                           skip_contexts=skip_contexts)
+
+
 def make_harvester(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    skip_contexts: int = 0) -> Harvester:
-    d, h = cfg.data, cfg.harvest
-    dataset = load_text_dataset(d.dataset, d.split, d.text_column, d.subset, d.streaming)
-    contexts = context_batches(dataset, tokenizer, text_column=d.text_column, context_tokens=d.context_tokens,
-                               token_budget=d.token_budget, batch_contexts=h.batch_contexts,
-                               skip_contexts=skip_contexts)
+    h = cfg.harvest
+    contexts = contexts_for(cfg, tokenizer, skip_contexts)
     harvester = Harvester(model, tokenizer, contexts, cfg.hooks, exclude_special_tokens=h.exclude_special_tokens,
                           max_norm_ratio=h.max_norm_ratio, prefetch=h.prefetch, expect_data=skip_contexts == 0)
     return harvester

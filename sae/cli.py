@@ -104,8 +104,9 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
     import itertools
     import json
 
-    from sae.activations import activation_batches, make_harvester
+    from sae.activations import activation_batches, contexts_for, make_harvester
     from sae.metrics import Metrics
+    from sae.splice import splice_metrics
     from sae.models import load_model, model_summary
     from sae.trainer import TensorBoardLogger, Trainer
 
@@ -148,13 +149,20 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
     for acts in make_harvester(eval_cfg, model, tokenizer):
         for hook, x in acts.items():
             metrics[hook].update(x)
-    click.echo(f"held-out metrics ({d.eval_split} split):")
-    click.echo(f"  {'hook':<16} {'FVU':>8} {'L0':>7} {'dead':>7} {'dense':>7} {'tokens':>8}")
+    click.echo(f"held-out metrics ({d.eval_split} split; CE recovered, delta LM loss and KL with the SAE "
+               "spliced into the model):")
+    click.echo(f"  {'hook':<16} {'FVU':>8} {'L0':>7} {'dead':>7} {'dense':>7} {'CE rec.':>8} {'dLM':>8} "
+               f"{'KL':>8} {'tokens':>8}")
     for hook, m in metrics.items():
+        sae = trainer.saes[hook]
         r = m.result()
+        r["splice"] = splice_metrics(model, tokenizer, hook, lambda x, sae=sae: sae(x.float()),
+                                     contexts_for(eval_cfg, tokenizer))
         (run_dir / hook / "metrics.json").write_text(json.dumps(r, indent=1) + "\n")
+        sp = r["splice"]
         click.echo(f"  {hook:<16} {r['fvu']:>8.4f} {r['l0']:>7.1f} {r['dead_fraction']:>7.1%} "
-                   f"{r['dense_fraction']:>7.1%} {r['tokens']:>8,}")
+                   f"{r['dense_fraction']:>7.1%} {sp['ce_loss_recovered']:>8.3f} {sp['delta_lm_loss']:>8.4f} "
+                   f"{sp['kl']:>8.4f} {r['tokens']:>8,}")
     click.echo(f"saved to {run_dir}/<hook>/ (cfg.json, sae_weights.safetensors, metrics.json)")
 
 

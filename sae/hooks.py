@@ -137,3 +137,39 @@ class ActivationCapture:
             raise ConfigError(f"hooks: {', '.join(missing)} did not run in the forward pass; "
                               "choose modules that every forward runs")
         return acts
+
+
+class EditActivation:
+    """Context manager: while active, ``fn(activation)`` replaces a hook point's value in
+    every forward of the model (the spliced SAE, steering, ablation)::
+
+        with EditActivation(model, point, lambda h: sae(h)):
+            logits = model(input_ids=ids).logits
+
+    fn maps [B, T, d] -> [B, T, d]. A tuple output keeps its other elements, so the module
+    after the edit sees the same types as without it.
+    """
+
+    def __init__(self, model: nn.Module, point: HookPoint, fn):
+        self.point, self.fn = point, fn
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> EditActivation:
+        if self.point.pre:
+            def pre_hook(_m, args, kwargs):
+                if args:
+                    return (self.fn(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": self.fn(kwargs["hidden_states"])}
+            self._handle = self.point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+            def hook(_m, _args, output):
+                if isinstance(output, tuple):
+                    return (self.fn(output[0]), *output[1:])
+                return self.fn(output)
+            self._handle = self.point.module.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
