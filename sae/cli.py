@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from sae.atomic_io import write_text_atomic
-from sae.config import RunConfig, describe, load_config, read_yaml, to_dict, to_yaml
+from sae.config import RunConfig, describe, load_config, to_yaml
 from sae.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -61,27 +59,6 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...]) -> RunConfig
     return load_config(config, overrides)
 
 
-def run_dir_for(cfg: RunConfig) -> Path:
-    """The run folder; refused if it already holds a different run's config.
-
-    Checked before any slow work, written (``save_run_config``) only once the first batch
-    of activations exists, so a failed start leaves nothing behind.
-    """
-    run_dir = Path(cfg.output.root) / (cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
-    saved = run_dir / "config.yaml"
-    if saved.exists() and read_yaml(saved) != to_dict(cfg):
-        raise ConfigError(f"output.run_name: {str(run_dir)!r} already holds another run's config; "
-                          "choose another output.run_name")
-    return run_dir
-
-
-def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
-    try:
-        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    except OSError as e:
-        raise ConfigError(f"output.root: cannot write to {str(run_dir)!r}: {e.strerror}") from None
-
-
 @click.command(epilog=_keys_epilog(), context_settings={"max_content_width": 120})
 @config_options
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
@@ -99,81 +76,10 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
     if print_config:
         click.echo(to_yaml(cfg), nl=False)
         return
-    run_dir = run_dir_for(cfg)
     # Imported only now: torch + transformers take seconds, and a config error should not wait.
-    import itertools
-    import json
+    from sae.run import train_run
 
-    from sae.activations import activation_batches, contexts_for, make_harvester
-    from sae.metrics import Metrics
-    from sae.splice import splice_metrics
-    from sae.models import load_model, model_summary
-    from sae.trainer import TensorBoardLogger, Trainer
-
-    model, tokenizer = load_model(cfg.model)
-    click.echo(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
-    d, h = cfg.data, cfg.harvest
-    batches = iter(activation_batches(cfg, model, tokenizer))  # checks hooks, data and cache before any work
-    click.echo(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {d.token_budget:,} tokens "
-               f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}")
-    start = time.perf_counter()
-    first = next(batches, None)
-    if first is None:
-        raise ConfigError(f"data: fewer activation vectors than one batch (train.batch_tokens = "
-                          f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data")
-    # The data produced activations: only now is this a run worth a folder.
-    save_run_config(cfg, run_dir)
-    click.echo(f"run folder: {run_dir} (resolved config in config.yaml)")
-    device = next(model.parameters()).device
-    # Special tokens are dropped, so slightly fewer batches than this arrive; the schedule
-    # then ends a few percent before its final decay.
-    total_steps = d.token_budget * h.cache_epochs // cfg.train.batch_tokens
-    trainer = Trainer(cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps, device)
-    logger = TensorBoardLogger(run_dir / "tensorboard") if cfg.output.tensorboard else None
-    try:
-        trainer.fit(itertools.chain([first], batches), log_every=cfg.output.log_every_steps, on_log=logger)
-    finally:
-        if logger is not None:
-            logger.close()
-    seconds = time.perf_counter() - start
-    click.echo(f"harvested and trained {trainer.step_count} steps on {trainer.tokens_seen:,} tokens per hook "
-               f"point in {seconds:.0f} s ({trainer.tokens_seen / seconds:,.0f} tokens/s)")
-    for hook, sae in trainer.saes.items():
-        sae.save(run_dir / hook, metadata={"model_name": cfg.model.name_or_path, "hook_name": hook,
-                                           "context_size": d.context_tokens, "dataset_path": d.dataset})
-    if d.eval_split is None:
-        click.echo(f"saved to {run_dir}; no evaluation (data.eval_split is null)")
-        return
-    eval_cfg = cfg_with(cfg, data={"split": d.eval_split, "token_budget": d.eval_tokens})
-    metrics = {hook: Metrics(sae) for hook, sae in trainer.saes.items()}
-    for acts in make_harvester(eval_cfg, model, tokenizer):
-        for hook, x in acts.items():
-            metrics[hook].update(x)
-    click.echo(f"held-out metrics ({d.eval_split} split; CE recovered, delta LM loss and KL with the SAE "
-               "spliced into the model):")
-    click.echo(f"  {'hook':<16} {'FVU':>8} {'L0':>7} {'dead':>7} {'dense':>7} {'CE rec.':>8} {'dLM':>8} "
-               f"{'KL':>8} {'tokens':>8}")
-    for hook, m in metrics.items():
-        sae = trainer.saes[hook]
-        r = m.result()
-        r["splice"] = splice_metrics(model, tokenizer, hook, lambda x, sae=sae: sae(x.float()),
-                                     contexts_for(eval_cfg, tokenizer))
-        (run_dir / hook / "metrics.json").write_text(json.dumps(r, indent=1) + "\n")
-        sp = r["splice"]
-        click.echo(f"  {hook:<16} {r['fvu']:>8.4f} {r['l0']:>7.1f} {r['dead_fraction']:>7.1%} "
-                   f"{r['dense_fraction']:>7.1%} {sp['ce_loss_recovered']:>8.3f} {sp['delta_lm_loss']:>8.4f} "
-                   f"{sp['kl']:>8.4f} {r['tokens']:>8,}")
-    click.echo(f"saved to {run_dir}/<hook>/ (cfg.json, sae_weights.safetensors, metrics.json)")
-
-
-def cfg_with(cfg: RunConfig, **sections: dict) -> RunConfig:
-    """A copy of cfg with some fields of some sections replaced (validated like any config)."""
-    from sae.config import config_from_dict
-
-    values = to_dict(cfg)
-    for section, fields in sections.items():
-        values[section] = {**values[section], **fields}
-    return config_from_dict(values)
+    train_run(cfg, log=click.echo)
 
 
 @click.group(context_settings={"max_content_width": 120})

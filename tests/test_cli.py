@@ -53,8 +53,10 @@ def test_no_arguments_runs_the_demo_config_and_saves_the_resolved_config(tmp_pat
 def test_run_folder_of_another_run_is_refused(tmp_path):
     runner = CliRunner()
     args = ["--set", f"output.root={tmp_path}", "--set", "output.run_name=r", "--set", "train.seed=1"]
+    from sae.run import run_dir_for, save_run_config
+
     first = cli.load_config(None, args[1::2])
-    cli.save_run_config(first, cli.run_dir_for(first))
+    save_run_config(first, run_dir_for(first))
     result = runner.invoke(cli.train, args[:-1] + ["train.seed=2"])
     assert result.exit_code == 2
     assert "already holds another run's config" in result.output
@@ -118,3 +120,11 @@ def test_data_error_during_harvest_leaves_no_run_folder(tmp_path):
     assert result.exit_code == 2, result.output
     assert "was masked" in result.output
     assert not out.exists()
+
+
+def test_missing_eval_split_stops_before_training(tmp_path):
+    result = CliRunner().invoke(cli.train, ["--set", "data.eval_split=validation", "--set", f"output.root={tmp_path}",
+                                            "--set", "harvest.cache_dir=null"])
+    assert result.exit_code == 2
+    assert "data.eval_split" in result.output and "validation" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
