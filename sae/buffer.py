@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from sae.errors import ConfigError
+
 
 class ShuffleBuffer:
     """Iterable of {hook name: [batch_tokens, d]} batches drawn from ``source``.
@@ -41,7 +43,7 @@ class ShuffleBuffer:
         self.refill_fraction, self.device = refill_fraction, torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self.storage: dict[str, torch.Tensor] = {}
-        self.occupied = torch.zeros(capacity_tokens, dtype=torch.bool)
+        self.occupied = self._allocating(lambda: torch.zeros(capacity_tokens, dtype=torch.bool), capacity_tokens)
         self.tokens_served = 0
         self._started = False
 
@@ -49,9 +51,19 @@ class ShuffleBuffer:
         """Bytes held by the storage (the buffer's configured size once allocated)."""
         return sum(t.numel() * t.element_size() for t in self.storage.values())
 
+    def _allocating(self, make, nbytes: int):
+        """make() with a failed allocation turned into one line naming the setting."""
+        try:
+            return make()
+        except (RuntimeError, MemoryError):  # torch reports a failed allocation as RuntimeError
+            raise ConfigError(f"harvest.buffer_tokens: cannot allocate {self.capacity:,} rows per hook "
+                              f"({nbytes / 2**30:,.1f} GiB) on {self.device}; use a smaller buffer") from None
+
     def _allocate(self, first: dict[str, torch.Tensor]) -> None:
-        self.storage = {name: torch.empty(self.capacity, rows.shape[1], dtype=rows.dtype, device=self.device)
-                        for name, rows in first.items()}
+        nbytes = sum(self.capacity * rows.shape[1] * rows.element_size() for rows in first.values())
+        self.storage = self._allocating(lambda: {
+            name: torch.empty(self.capacity, rows.shape[1], dtype=rows.dtype, device=self.device)
+            for name, rows in first.items()}, nbytes)
 
     def _fill(self, source: Iterator[dict[str, torch.Tensor]], pending: dict[str, torch.Tensor] | None):
         """Write rows into free slots until none is free or the source ends.

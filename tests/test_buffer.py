@@ -60,6 +60,13 @@ def test_a_buffer_is_iterated_once():
         list(buf)
 
 
+def test_buffer_too_large_for_memory_is_one_line():
+    from sae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"harvest.buffer_tokens: cannot allocate .* GiB\) on cpu"):
+        list(ShuffleBuffer(source(), capacity_tokens=10**13, batch_tokens=10))
+
+
 def test_bad_sizes_refused():
     with pytest.raises(ValueError):
         ShuffleBuffer(source(), capacity_tokens=10, batch_tokens=20)
