@@ -20,20 +20,10 @@ import time
 
 import click
 import torch
-import torch.nn.functional as F
 
 from sae.config import load_config
 from sae.fused_topk import topk_loss_reference
 from sae.trainer import Trainer
-
-
-def unit_rows_step(W_dec: torch.Tensor, opt: torch.optim.Optimizer) -> None:
-    """Project out decoder-row-parallel gradient, step, renormalize rows."""
-    with torch.no_grad():
-        W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        W_dec.copy_(F.normalize(W_dec, dim=1))
 
 
 def make_ours(d, M, k, device, x, dead):
@@ -46,20 +36,21 @@ def make_ours(d, M, k, device, x, dead):
     def step():
         trainer.since_fired["x"][forced] = cfg.train.dead_tokens  # same ~2% dead as the others
         trainer.step({"x": x})
+    step.trainer = trainer
     return step
 
 
 def make_dense(d, M, k, device, x, dead):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    W_dec = F.normalize(torch.randn(M, d, generator=g), dim=1).to(device)
-    params = {"W_enc": W_dec.clone().requires_grad_(), "b_enc": torch.zeros(M, device=device, requires_grad=True),
-              "W_dec": W_dec.requires_grad_(), "b_dec": x.mean(0).clone().requires_grad_()}
-    opt = torch.optim.Adam(params.values(), lr=2e-4, fused=True)
+    """The same Trainer.step with the dense reference loss in place of the fused one."""
+    step = make_ours(d, M, k, device, x, dead)
+    trainer = step.trainer
+    sae = trainer.saes["x"]
 
-    def step():
-        loss = topk_loss_reference(x, **params, k=k, dead=dead, k_aux=d // 2, aux_alpha=1 / 32)
-        loss.backward()
-        unit_rows_step(params["W_dec"], opt)
+    def dense_loss(x, dead, workspace=None):
+        loss = topk_loss_reference(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, dead, d // 2, 1 / 32)
+        return loss, loss.detach(), torch.zeros(M, dtype=torch.long, device=x.device)
+
+    sae.training_loss = dense_loss
     return step
 
 

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sae import corpus
 from sae.errors import ConfigError
+from sae.hub import looks_like_local_path
 
 # File suffix -> the `datasets` builder that reads it.
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -50,7 +51,7 @@ def load_text_dataset(
             ds = ds.to_iterable_dataset()
     elif Path(dataset).exists():
         ds = _load_local(Path(dataset), split, streaming)
-    elif dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1:
+    elif looks_like_local_path(dataset):
         raise ConfigError(f"data.dataset: {dataset!r} does not exist (nor is it a hub id like org/name)")
     else:
         ds = _guarded(lambda: datasets.load_dataset(dataset, subset, split=split, streaming=streaming),

@@ -29,6 +29,15 @@ import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
+def _counts(ids: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ids (optionally weighted), int64 [n].
+
+    Unlike bincount (whose output size depends on the data) this never waits for the GPU.
+    """
+    ones = torch.ones_like(ids) if weights is None else weights.long()
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids.reshape(-1), ones.reshape(-1))
+
+
 def _transpose_csr(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
     """Sparse [M, N] CSR matrix with ``values[n, j]`` at (idx[n, j], n). idx, values: [N, k]."""
     n, k = idx.shape
@@ -37,7 +46,7 @@ def _transpose_csr(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> t
     # the summation order, hence the gradients, bit-reproducible.
     order = torch.argsort(flat.int(), stable=True)
     rows = torch.arange(n, device=idx.device).repeat_interleave(k)[order]
-    counts = torch.bincount(flat, minlength=n_latents)
+    counts = _counts(flat, n_latents)
     crow = torch.zeros(n_latents + 1, dtype=torch.long, device=idx.device)
     torch.cumsum(counts, 0, out=crow[1:])
     return torch.sparse_csr_tensor(crow, rows, values.reshape(-1)[order], size=(n_latents, n),
@@ -83,6 +92,7 @@ class FusedTopKLoss(torch.autograd.Function):
         pre.add_(b_enc)
         vals, idx = pre.topk(k, dim=1, sorted=False)
         vals = vals.relu()
+        # One host sync per step: top-k needs the number of dead latents as a Python int.
         dead_ids = dead.nonzero().squeeze(1) if dead is not None else None
         use_aux = dead_ids is not None and len(dead_ids) > 0 and aux_alpha > 0
         if use_aux:
@@ -97,7 +107,7 @@ class FusedTopKLoss(torch.autograd.Function):
         var = (x - x.mean(0)).pow(2).sum()
         loss = e.pow(2).sum() / var
         fvu = loss.detach().clone()
-        fires = torch.bincount(idx[vals > 0], minlength=W_enc.shape[0])
+        fires = _counts(idx, W_enc.shape[0], weights=vals > 0)
         ctx.mark_non_differentiable(fvu, fires)
         if use_aux:
             scale = min(n_dead / k_aux, 1.0)

@@ -29,6 +29,11 @@ def max_context_tokens(model: PreTrainedModel) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """LongTensor of the tokenizer's special ids (BOS, EOS, pad, ...): never harvested or spliced."""
+    return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+
+
 def check_context_length(model: PreTrainedModel, context_tokens: int) -> None:
     limit = max_context_tokens(model)
     if limit is not None and context_tokens > limit:
@@ -51,14 +56,10 @@ class Harvester:
                  prefetch: bool = False, expect_data: bool = True):
         self.model, self.contexts, self.prefetch, self.expect_data = model, contexts, prefetch, expect_data
         self.points = resolve_hooks(model, hooks)
-        self.excluded = torch.tensor(sorted(set(tokenizer.all_special_ids)) if exclude_special_tokens else [],
-                                     dtype=torch.long)
+        self.excluded = special_token_ids(tokenizer) if exclude_special_tokens else torch.empty(0, dtype=torch.long)
         self.max_norm_ratio = max_norm_ratio
         self.device = next(model.parameters()).device
         self.contexts_done = self.tokens_seen = self.tokens_kept = 0
-
-    def check_context_length(self, context_tokens: int) -> None:
-        check_context_length(self.model, context_tokens)
 
     def keep_mask(self, ids: torch.Tensor, acts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Bool [B, T]: tokens to keep: not special, and, with ``max_norm_ratio``, finite and
@@ -78,7 +79,7 @@ class Harvester:
         capture = ActivationCapture(self.model, self.points)
         for ids in batches:
             ids = ids.to(self.device, non_blocking=True)
-            self.check_context_length(ids.shape[1])
+            check_context_length(self.model, ids.shape[1])
             acts = capture.run(input_ids=ids)
             for name, a in acts.items():
                 if a.shape[:2] != ids.shape:

@@ -37,8 +37,27 @@ class HookPoint:
     pre: bool = False    # capture the module's input instead of its output
 
 
-def _hidden(value: torch.Tensor | tuple) -> torch.Tensor:
-    return value[0] if isinstance(value, (tuple, list)) else value
+def attach(point: HookPoint, fn) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn(value)`` on the point's activation [B, T, d] in every forward.
+
+    If fn returns a tensor, it replaces the value; a tuple output keeps its other elements
+    and a pre-hook keeps the other arguments, so the next module sees the same types as
+    without the hook. If fn returns None, the value is left alone.
+    """
+    if point.pre:
+        def pre_hook(_m, args, kwargs):
+            new = fn(args[0] if args else kwargs["hidden_states"])
+            if new is None:
+                return None
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+        return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(_m, _args, output):
+        new = fn(output[0] if isinstance(output, (tuple, list)) else output)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    return point.module.register_forward_hook(hook)
 
 
 def _syntax_help(n_layers: int, layer: nn.Module) -> str:
@@ -118,14 +137,7 @@ class ActivationCapture:
         handles = []
         try:
             for p in self.points:
-                if p.pre:
-                    def pre_hook(_m, args, kwargs, name=p.name):
-                        record(name, args[0] if args else kwargs["hidden_states"])
-                    handles.append(p.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-                else:
-                    def hook(_m, _args, output, name=p.name):
-                        record(name, _hidden(output))
-                    handles.append(p.module.register_forward_hook(hook))
+                handles.append(attach(p, lambda value, name=p.name: record(name, value)))
             self.model(**inputs, use_cache=False)
         except _StopForward:
             pass
@@ -155,18 +167,7 @@ class EditActivation:
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def __enter__(self) -> EditActivation:
-        if self.point.pre:
-            def pre_hook(_m, args, kwargs):
-                if args:
-                    return (self.fn(args[0]), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": self.fn(kwargs["hidden_states"])}
-            self._handle = self.point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        else:
-            def hook(_m, _args, output):
-                if isinstance(output, tuple):
-                    return (self.fn(output[0]), *output[1:])
-                return self.fn(output)
-            self._handle = self.point.module.register_forward_hook(hook)
+        self._handle = attach(self.point, self.fn)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,7 +6,19 @@ import math
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 up to fp32 for losses; fp32 and fp64 kept as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def next_token_ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed cross-entropy in nats of predicting ids[:, 1:] from logits[:, :-1] ([B, T, V], [B, T])."""
+    return F.cross_entropy(at_least_fp32(logits[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(),
+                           reduction="sum").double().item()
 
 
 @torch.no_grad()
@@ -22,12 +34,7 @@ def next_token_loss(model: torch.nn.Module, contexts: torch.Tensor, batch_size: 
     total, count = 0.0, 0
     for start in tqdm(range(0, len(contexts), batch_size), desc="eval", disable=not progress):
         batch = contexts[start:start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, fp64 kept
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.double().item()
+        total += next_token_ce_sum(model(input_ids=batch).logits, batch)
         count += batch[:, 1:].numel()
     return total / count, count
 

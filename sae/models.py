@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from sae import demo_model
 from sae.config import ModelConfig
 from sae.errors import ConfigError
+from sae.hub import looks_like_local_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,8 +54,7 @@ def resolve_path(name_or_path: str) -> str:
         return str(demo_model.DEMO_MODEL_DIR)
     if name_or_path.startswith("builtin:"):
         raise ConfigError(f"model.name_or_path: unknown built-in model {name_or_path!r}; valid: {demo_model.NAME}")
-    # A hub id is "name" or "org/name"; anything else can only be a local folder.
-    looks_like_path = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    looks_like_path = looks_like_local_path(name_or_path)
     if looks_like_path and not Path(name_or_path).expanduser().is_dir():
         raise ConfigError(f"model.name_or_path: {name_or_path!r} is not a folder (nor a hub id like org/name)")
     return str(Path(name_or_path).expanduser()) if looks_like_path else name_or_path

@@ -14,19 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sae.harvest import special_token_ids
 from sae.hooks import EditActivation, resolve_hook
-
-
-def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy (float64) of predicting ids[:, 1:] from logits[:, :-1]."""
-    return F.cross_entropy(_at_least_fp32(logits[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").double()
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))  # bf16 up, fp64 kept
+from sae.lm_metrics import at_least_fp32, next_token_ce_sum
 
 
 @torch.no_grad()
@@ -39,7 +31,7 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, h
     """
     point = resolve_hook(model, hook)
     device = next(model.parameters()).device
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=device)
+    special = special_token_ids(tokenizer).to(device)
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl, n = 0.0, 0
     for ids in contexts:
@@ -47,7 +39,7 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, h
         keep = ~torch.isin(ids, special)[..., None]  # [B, T, 1]
 
         def spliced(h, keep=keep):
-            out = reconstruct(_at_least_fp32(h).reshape(-1, h.shape[-1])).reshape(h.shape).to(h.dtype)
+            out = reconstruct(at_least_fp32(h).reshape(-1, h.shape[-1])).reshape(h.shape).to(h.dtype)
             return torch.where(keep, out, h)
 
         def zeroed(h, keep=keep):
@@ -58,10 +50,10 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, h
             sae_logits = model(input_ids=ids, use_cache=False).logits
         with EditActivation(model, point, zeroed):
             zero_logits = model(input_ids=ids, use_cache=False).logits
-        ce["clean"] += _next_token_ce(clean, ids).item()
-        ce["sae"] += _next_token_ce(sae_logits, ids).item()
-        ce["zero"] += _next_token_ce(zero_logits, ids).item()
-        log_p, log_q = (_at_least_fp32(t[:, :-1]).log_softmax(-1) for t in (clean, sae_logits))
+        ce["clean"] += next_token_ce_sum(clean, ids)
+        ce["sae"] += next_token_ce_sum(sae_logits, ids)
+        ce["zero"] += next_token_ce_sum(zero_logits, ids)
+        log_p, log_q = (at_least_fp32(t[:, :-1]).log_softmax(-1) for t in (clean, sae_logits))
         kl += (log_p.exp() * (log_p - log_q)).sum().double().item()
         n += ids[:, 1:].numel()
     if n == 0:

@@ -6,7 +6,7 @@ import torch
 
 from sae.data import context_batches
 from sae.errors import ConfigError
-from sae.harvest import Harvester
+from sae.harvest import Harvester, check_context_length
 
 TEXTS = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs. " * (1 + i % 4) for i in range(40)]
 
@@ -99,7 +99,7 @@ def test_bad_input_is_one_line(tiny_llama, dataset):
     with pytest.raises(ConfigError, match="no complete context"):
         list(Harvester(model, tok, context_batches(empty, tok, context_tokens=16), ["layers.0"]))
     with pytest.raises(ConfigError, match=r"data.context_tokens: 4096 is longer than this model allows; use at most 512"):
-        Harvester(model, tok, [], ["layers.0"]).check_context_length(4096)
+        check_context_length(model, 4096)
     with pytest.raises(ConfigError, match="out of range"):
         Harvester(model, tok, [], ["layers.9"])
 
