@@ -46,7 +46,7 @@ def make_dense(d, M, k, device, x, dead):
     trainer = step.trainer
     sae = trainer.saes["x"]
 
-    def dense_loss(x, dead, workspace=None):
+    def dense_loss(x, dead, workspace=None, progress=1.0):
         loss = topk_loss_reference(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, dead, d // 2, 1 / 32)
         return loss, loss.detach(), torch.zeros(M, dtype=torch.long, device=x.device)
 

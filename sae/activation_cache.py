@@ -4,13 +4,20 @@ A cache folder holds safetensors shards (``shard-00000.safetensors``: one tensor
 point, [n, d], rows of whole contexts) and ``manifest.json``:
 
     {"format": 1, "identity": {...what produced it...}, "complete": false,
-     "tokens": 123, "contexts_done": 45, "shards": [{"file": ..., "tokens": ...}, ...]}
+     "tokens": 123, "contexts_done": 45,
+     "shards": [{"file": ..., "tokens": ..., "contexts_done": ...}, ...]}
 
 ``identity`` names the model, hook points, dtype, widths, dataset, tokenizer fingerprint
 and masking; a run whose identity differs is refused. Shards are written to a temporary
 name and renamed, then the manifest is replaced atomically, so a shard is listed only
 once it is whole. An interrupted cache run resumes after the last listed shard by skipping
-``contexts_done`` contexts of the (deterministic) context stream.
+``contexts_done`` contexts of the (deterministic) context stream. A shard's own
+``contexts_done`` (the context count after its last row; absent in caches written before
+it was added, which stay readable) lets a stream restart at that shard without the cache.
+
+Reading order: epoch 1 is manifest (= harvest) order, so a cold, a partial and a complete
+cache all give the run the same row stream; epochs 2.. read the shards in a permutation
+seeded by (seed, epoch) alone, so a reader can start at any row of any epoch.
 """
 
 from __future__ import annotations
@@ -44,15 +51,33 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
-    for key in sorted(set(a) | set(b)):
+def first_difference(a: dict, b: dict, prefix: str = "", a_has: str = "cache has") -> str:
+    """'key.sub: <a_has> X, this run Y' for the first key where the nested dicts differ
+    ('' if equal); keys in ``b``'s order, depth first, so a dataset's name is named before
+    the fingerprint of its content."""
+    for key in [*b, *(k for k in a if k not in b)]:
         if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            found = _first_difference(a[key], b[key], f"{prefix}{key}.")
+            found = first_difference(a[key], b[key], f"{prefix}{key}.", a_has)
             if found:
                 return found
         elif a.get(key) != b.get(key):
-            return f"{prefix}{key}: cache has {a.get(key)!r}, this run {b.get(key)!r}"
+            return f"{prefix}{key}: {a_has} {a.get(key)!r}, this run {b.get(key)!r}"
     return ""
+
+
+def shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
+    """Indices of the shards in the order epoch ``epoch`` (1-based) reads them.
+
+    Epoch 1 keeps manifest order, which is harvest order: a run that harvests while it
+    trains and one that reads the finished cache then see the same rows in the same order.
+    Later epochs are a permutation seeded by (seed, epoch) only, not by a generator that
+    earlier epochs advanced, so a resumed reader can enter epoch 3 without replaying 1-2.
+    """
+    if epoch == 1:
+        return list(range(n_shards))
+    digest = hashlib.sha256(f"sae shard order {seed} {epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randperm(n_shards, generator=generator).tolist()
 
 
 class CacheWriter:
@@ -71,7 +96,7 @@ class CacheWriter:
             raise ConfigError(f"harvest.cache_dir: cannot create {str(self.folder)!r}: {e.strerror}") from None
         if (self.folder / MANIFEST).exists():
             self.manifest = read_manifest(self.folder)
-            diff = _first_difference(self.manifest.get("identity", {}), identity)
+            diff = first_difference(self.manifest.get("identity", {}), identity)
             if diff:
                 raise ConfigError(f"harvest.cache_dir: {str(self.folder)!r} holds activations of another run "
                                   f"({diff}); use another cache_dir")
@@ -123,7 +148,8 @@ class CacheWriter:
                 os.fsync(f.fileno())
             os.replace(tmp, self.folder / name)
             fsync_dir(self.folder)  # the shard's rename must be on disk before the manifest lists it
-            self.manifest["shards"].append({"file": name, "tokens": self._n_rows})
+            self.manifest["shards"].append({"file": name, "tokens": self._n_rows,
+                                            "contexts_done": self._contexts_after})
             self.manifest["tokens"] += self._n_rows
             self.manifest["contexts_done"] = self._contexts_after
             self._write_manifest()
@@ -162,19 +188,25 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 class CacheReader:
-    """Iterable of {hook name: [n, d]} shards of a complete cache, ``epochs`` times, each
-    epoch in a new random shard order. Feed it to a ShuffleBuffer to mix across shards.
+    """Iterable of {hook name: [n, d]} shards of a complete cache, ``epochs`` times: epoch 1
+    in manifest order, later ones in an order seeded by (seed, epoch) (see ``shard_order``).
+    Feed it to a ShuffleBuffer to mix across shards.
 
+    ``start_row`` starts the stream (all epochs concatenated) at that row: whole shards
+    before it are skipped without being read, the shard holding it is served from it on.
     ``identity``, if given, must match the cache's (same check as the writer).
     ``require_complete=False`` reads the shards listed so far (resuming a harvest).
+    ``item_start`` is, after each shard served, where a harvest could restart to produce
+    it: {"contexts": c, "rows_before_contexts": rows before that shard} in epoch 1 when
+    the manifest records the previous shard's context count, else both None.
     """
 
     def __init__(self, folder: str | Path, hooks: list[str] | None = None, epochs: int = 1, seed: int = 0,
-                 identity: dict | None = None, require_complete: bool = True):
-        self.folder, self.epochs = Path(folder), epochs
+                 identity: dict | None = None, require_complete: bool = True, start_row: int = 0):
+        self.folder, self.epochs, self.seed, self.start_row = Path(folder), epochs, seed, start_row
         self.manifest = read_manifest(folder)
         if identity is not None:
-            diff = _first_difference(self.manifest["identity"], identity)
+            diff = first_difference(self.manifest["identity"], identity)
             if diff:
                 raise ConfigError(f"harvest.cache_dir: {str(folder)!r} holds activations of another run ({diff})")
         if require_complete and not self.manifest["complete"]:
@@ -185,11 +217,32 @@ class CacheReader:
         missing = [h for h in self.hooks if h not in cached]
         if missing:
             raise ConfigError(f"hooks: {missing[0]!r} is not in the cache at {str(folder)!r}; it has {', '.join(cached)}")
-        self.generator = torch.Generator().manual_seed(seed)
+        self.item_start: dict = {"contexts": None, "rows_before_contexts": None}
+
+    def _restart_points(self) -> list[dict]:
+        """Per shard, the harvest restart point that reproduces it (epoch 1 only)."""
+        points, rows, contexts = [], 0, 0
+        for shard in self.manifest["shards"]:
+            points.append({"contexts": contexts, "rows_before_contexts": rows if contexts is not None else None})
+            rows += shard["tokens"]
+            contexts = shard.get("contexts_done")  # None in caches written before it was recorded
+        return points
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         shards = self.manifest["shards"]
-        for _ in range(self.epochs):
-            for i in torch.randperm(len(shards), generator=self.generator).tolist():
+        epoch_rows = sum(s["tokens"] for s in shards)
+        restart = self._restart_points()
+        row = 0  # stream row of the next shard's first row
+        for epoch in range(1, self.epochs + 1):
+            if row + epoch_rows <= self.start_row:
+                row += epoch_rows  # the whole epoch lies before the start: no shard is opened
+                continue
+            for i in shard_order(len(shards), self.seed, epoch):
+                n = shards[i]["tokens"]
+                drop = max(0, self.start_row - row)
+                row += n
+                if drop >= n:
+                    continue
                 tensors = load_file(str(self.folder / shards[i]["file"]))
-                yield {h: tensors[h] for h in self.hooks}
+                self.item_start = restart[i] if epoch == 1 else {"contexts": None, "rows_before_contexts": None}
+                yield {h: tensors[h][drop:] for h in self.hooks}

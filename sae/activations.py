@@ -7,11 +7,21 @@
 With ``harvest.cache_dir`` set, the first run writes the cache while it harvests; a run
 after an interruption serves the shards already written and harvests only the rest; once
 the cache is complete, later runs read it and never run the model.
+
+The row stream (the rows of every source item, concatenated; the same for every hook) is
+a pure function of the config: epoch 1 is harvest order whether it comes from the model,
+a cold, partial or complete cache; epochs 2..harvest.cache_epochs (cache only) read the
+shards in an order seeded by (train.seed, epoch). So a source can start at any row, and a
+training run can resume bit-identically:
+
+    state = buffer.state_dict()                      # between two batches
+    buffer = activation_batches(cfg, model, tokenizer, resume=state)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +31,7 @@ from sae.activation_cache import CacheReader, CacheWriter, tokenizer_fingerprint
 from sae.buffer import ShuffleBuffer
 from sae.config import RunConfig
 from sae.data import context_batches, load_text_dataset
+from sae.errors import ConfigError
 from sae.harvest import Harvester, check_context_length
 from sae.hooks import resolve_hooks
 
@@ -55,6 +66,8 @@ def contexts_for(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, skip_contex
 
 def make_harvester(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    skip_contexts: int = 0) -> Harvester:
+    """The run's harvester, from context ``skip_contexts`` on (skipped contexts are tokenized
+    and packed to find where the stream is, but never run through the model)."""
     h = cfg.harvest
     contexts = contexts_for(cfg, tokenizer, skip_contexts)
     harvester = Harvester(model, tokenizer, contexts, cfg.hooks, exclude_special_tokens=h.exclude_special_tokens,
@@ -62,42 +75,161 @@ def make_harvester(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrained
     return harvester
 
 
-def _complete_then_read(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                        writer: CacheWriter, identity: dict) -> Iterator[dict[str, torch.Tensor]]:
-    """First epoch: the shards an interrupted run left, then the rest of the harvest (written
-    to the cache as it goes); later epochs read the completed cache."""
-    h, skipped = cfg.harvest, writer.contexts_done
-    yield from CacheReader(h.cache_dir, cfg.hooks, seed=cfg.train.seed, identity=identity, require_complete=False)
-    harvester = make_harvester(cfg, model, tokenizer, skip_contexts=skipped)
-    for acts in harvester:
-        writer.add(acts, skipped + harvester.contexts_done)
-        yield acts
-    writer.finish()
-    if h.cache_epochs > 1:
-        yield from CacheReader(h.cache_dir, cfg.hooks, epochs=h.cache_epochs - 1, seed=cfg.train.seed + 1,
-                               identity=identity)
+def stream_fingerprint(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Everything that decides the row stream (a JSON-able dict): a saved buffer state is
+    only valid for a run with the same fingerprint.
 
-
-def activation_source(cfg: RunConfig, model: PreTrainedModel,
-                      tokenizer: PreTrainedTokenizerBase) -> Iterable[dict[str, torch.Tensor]]:
-    """Unshuffled {hook: [n, d]} batches: from the cache if complete, else from the model."""
+    The cache's identity, plus the harvest batch (restart points and the model's batched
+    numerics depend on it even without the norm filter), the seed, and the epochs with the
+    shard size that orders epochs 2.. (``cache_dir`` itself is left out: epoch 1 is the same
+    stream with or without a cache).
+    """
     h = cfg.harvest
+    epochs = h.cache_epochs if h.cache_dir is not None else 1
+    return {**cache_identity(cfg, model, tokenizer), "batch_contexts": h.batch_contexts, "seed": cfg.train.seed,
+            "epochs": epochs, "cache_shard_tokens": h.cache_shard_tokens if epochs > 1 else None}
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """A place in the row stream: ``rows`` rows in.
+
+    ``contexts``, when known, is a context count at a harvest-batch boundary whose first
+    harvested row is stream row ``rows_before_contexts`` (<= rows): a harvest restarts
+    there, runs the model from that batch on and drops ``rows - rows_before_contexts``
+    rows. (0, 0) is always valid, only slow; None (unknown) means the same. A harvest that
+    writes a cache always restarts where the cache ends instead, so the cache has no hole.
+    """
+
+    rows: int = 0
+    contexts: int | None = 0
+    rows_before_contexts: int | None = 0
+
+    @classmethod
+    def from_dict(cls, position: dict) -> StreamPosition:
+        """From the JSON dict a ShuffleBuffer saves ({"rows": R, "contexts": c, "rows_before_contexts": R_c})."""
+        try:
+            rows, contexts, before = position["rows"], position.get("contexts"), position.get("rows_before_contexts")
+            ok = (isinstance(rows, int) and rows >= 0 and (contexts is None) == (before is None)
+                  and (contexts is None or (isinstance(contexts, int) and isinstance(before, int)
+                                            and 0 <= contexts and 0 <= before <= rows)))
+        except (KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"resume: {position!r} is not a stream position (rows, contexts, rows_before_contexts)")
+        return cls(rows, contexts, before)
+
+
+class ActivationStream:
+    """Iterable of unshuffled {hook: [n, d]} items: the run's row stream from ``start`` on.
+
+    From a complete cache it seeks to the shard holding ``start.rows``; with a partial
+    cache it serves the listed shards from there, then harvests the rest (writing it to
+    the cache, as a fresh run would) and reads epochs 2.. from the finished cache; without
+    a cache it harvests from ``start.contexts``. Rows before ``start.rows`` are dropped.
+
+    ``item_start`` (after each item served): {"contexts": c, "rows_before_contexts": R_c}
+    locating a harvest restart point at or before the item's first row (both None where
+    unknown, e.g. epochs 2..): a ShuffleBuffer saves it, with the rows it has placed, as
+    its resume position. Iterate once.
+    """
+
+    def __init__(self, cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 start: StreamPosition, writer: CacheWriter | None, identity: dict | None):
+        self.cfg, self.model, self.tokenizer, self.start = cfg, model, tokenizer, start
+        self.writer, self.identity = writer, identity
+        self.start_row = start.rows
+        self.item_start: dict = {"contexts": start.contexts, "rows_before_contexts": start.rows_before_contexts}
+
+    def _read(self, epochs: int, start_row: int, require_complete: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        h = self.cfg.harvest
+        reader = CacheReader(h.cache_dir, self.cfg.hooks, epochs=epochs, seed=self.cfg.train.seed,
+                             identity=self.identity, require_complete=require_complete, start_row=start_row)
+        for acts in reader:
+            self.item_start = reader.item_start
+            yield acts
+
+    def _harvest(self, skip_contexts: int, first_row: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Harvested items from context ``skip_contexts`` (whose first row is stream row
+        ``first_row``) on, each added to the cache writer if any; rows before the start are
+        dropped (whole items without being yielded)."""
+        harvester = make_harvester(self.cfg, self.model, self.tokenizer, skip_contexts=skip_contexts)
+        row, contexts = first_row, skip_contexts
+        for acts in harvester:
+            # The contexts after the previous item are a batch boundary from which the next
+            # rows harvested are this item's (batches in between kept no row).
+            item_start = {"contexts": contexts, "rows_before_contexts": row}
+            contexts = skip_contexts + harvester.contexts_done
+            if self.writer is not None:
+                self.writer.add(acts, contexts)
+            n = next(iter(acts.values())).shape[0]
+            drop = max(0, self.start.rows - row)
+            row += n
+            if drop < n:
+                self.item_start = item_start
+                yield {name: a[drop:] for name, a in acts.items()} if drop else acts
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        h, writer, rows = self.cfg.harvest, self.writer, self.start.rows
+        if writer is None:  # no cache: one pass over the data
+            if self.start.contexts is None:
+                yield from self._harvest(0, 0)
+            else:
+                yield from self._harvest(self.start.contexts, self.start.rows_before_contexts)
+            return
+        if writer.complete:
+            yield from self._read(h.cache_epochs, rows)
+            return
+        # Epoch 1 = the shards listed so far, then a harvest from where they end.
+        yield from self._read(1, rows, require_complete=False)
+        yield from self._harvest(writer.contexts_done, writer.tokens)
+        writer.finish()
+        # Epochs 2..: the finished cache, from the start row or the end of epoch 1.
+        yield from self._read(h.cache_epochs, max(rows, writer.tokens))
+
+
+def activation_source(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      start: StreamPosition | int = 0) -> ActivationStream:
+    """Unshuffled {hook: [n, d]} items of the run's row stream, from ``start`` on (a row
+    number, or a StreamPosition that also says where a harvest may restart).
+
+    Checks hooks, context length and the cache's identity now; reads or harvests lazily.
+    """
+    h = cfg.harvest
+    if isinstance(start, int):
+        start = StreamPosition(rows=start)  # a harvest without cache then restarts from context 0
     resolve_hooks(model, cfg.hooks)  # bad hook names fail here, before a cache folder is touched
     check_context_length(model, cfg.data.context_tokens)
     if h.cache_dir is None:
-        return make_harvester(cfg, model, tokenizer)
+        return ActivationStream(cfg, model, tokenizer, start, None, None)
     identity = cache_identity(cfg, model, tokenizer)
     writer = CacheWriter(h.cache_dir, identity, h.cache_shard_tokens)
-    if writer.complete:
-        return CacheReader(h.cache_dir, cfg.hooks, epochs=h.cache_epochs, seed=cfg.train.seed, identity=identity)
-    return _complete_then_read(cfg, model, tokenizer, writer, identity)
+    return ActivationStream(cfg, model, tokenizer, start, writer, identity)
 
 
-def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ShuffleBuffer:
-    """Shuffled {hook: [train.batch_tokens, d]} batches for training."""
-    device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
+def buffer_capacity(cfg: RunConfig) -> int:
+    """Rows per hook the run's shuffling buffer holds."""
     # No point holding more rows than the whole run will ever see.
     run_tokens = cfg.data.token_budget * cfg.harvest.cache_epochs
-    capacity = max(cfg.train.batch_tokens, min(cfg.harvest.buffer_tokens, run_tokens))
-    return ShuffleBuffer(activation_source(cfg, model, tokenizer), capacity, cfg.train.batch_tokens,
-                         device=device, seed=cfg.train.seed)
+    return max(cfg.train.batch_tokens, min(cfg.harvest.buffer_tokens, run_tokens))
+
+
+def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       resume: dict | None = None) -> ShuffleBuffer:
+    """Shuffled {hook: [train.batch_tokens, d]} batches for training.
+
+    ``resume``: a ``ShuffleBuffer.state_dict()`` of an earlier buffer of this config (its
+    tensors and meta as saved, e.g. read back from safetensors + JSON): the new buffer
+    serves exactly the batches that one would have served next. A state of another data
+    stream or buffer size is refused with a ConfigError before any cache is touched.
+    """
+    device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
+    fingerprint = stream_fingerprint(cfg, model, tokenizer)
+    capacity = buffer_capacity(cfg)
+    start = StreamPosition()
+    if resume is not None:
+        # Refuse another run's state before a cache folder is touched or a model runs.
+        ShuffleBuffer.check_resume(resume, capacity, cfg.train.batch_tokens, fingerprint=fingerprint)
+        start = StreamPosition.from_dict(resume["meta"]["position"])
+    return ShuffleBuffer(activation_source(cfg, model, tokenizer, start), capacity, cfg.train.batch_tokens,
+                         device=device, seed=cfg.train.seed, fingerprint=fingerprint, resume=resume)

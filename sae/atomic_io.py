@@ -4,7 +4,9 @@ run) ever sees half a file."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -32,3 +34,38 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_folder_atomic(folder: Path, fill: Callable[[Path], None]) -> None:
+    """Replace ``folder`` whole by the folder ``fill(tmp)`` writes.
+
+    The new content is written and fsynced beside the target, then swapped in by renames.
+    A crash leaves either the old folder, or the new one, or (between the two renames) the
+    old one under ``.<name>.old``, which ``existing_folder`` finds.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.chmod(0o755)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def existing_folder(folder: Path) -> Path | None:
+    """``folder`` if present, else the previous version a crash mid-replace left, else None."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    return folder if folder.exists() else old if old.exists() else None

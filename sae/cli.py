@@ -62,8 +62,11 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...]) -> RunConfig
 @click.command(epilog=_keys_epilog(), context_settings={"max_content_width": 120})
 @config_options
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("--resume", "resume_dir", metavar="RUN_DIR", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the interrupted run in RUN_DIR (e.g. checkpoints/demo) from its last checkpoint, "
+                   "with its own config.yaml.")
 @one_line_errors
-def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -> None:
+def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, resume_dir: Path | None) -> None:
     """Train sparse autoencoders on a language model's activations.
 
     CONFIG is a YAML run config (default: configs/demo.yaml, the embedded demo model on
@@ -71,15 +74,29 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool) -
 
     \b
         python train.py configs/demo.yaml --set train.lr=3e-4 --set 'hooks=[layers.1,layers.3]'
+
+    Ctrl-C or SIGTERM writes a checkpoint and stops; `python train.py --resume RUN_DIR`
+    continues, ending exactly as an uninterrupted run would.
     """
-    cfg = resolve_config(config, overrides)
+    if resume_dir is not None and (config is not None or overrides):
+        raise ConfigError("--resume: the run continues with its own config.yaml; drop CONFIG and --set")
+    if resume_dir is not None:
+        from sae.run import resume_config
+
+        cfg = resume_config(resume_dir)
+    else:
+        cfg = resolve_config(config, overrides)
     if print_config:
         click.echo(to_yaml(cfg), nl=False)
         return
     # Imported only now: torch + transformers take seconds, and a config error should not wait.
     from sae.run import train_run
+    from sae.trainer import TrainingStopped
 
-    train_run(cfg, log=click.echo)
+    try:
+        train_run(cfg, log=click.echo, resume=resume_dir is not None)
+    except TrainingStopped:
+        sys.exit(130)
 
 
 @click.group(context_settings={"max_content_width": 120})

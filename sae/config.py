@@ -25,9 +25,10 @@ from sae.errors import ConfigError
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None) -> Any:
-    """A config field: default, one-line help, and optional choices or numeric bounds."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+        gt: float | None = None, le: float | None = None, archs: tuple[str, ...] | None = None) -> Any:
+    """A config field: default, one-line help, optional choices or numeric bounds, and for
+    SAE settings the architectures they apply to (setting one for another is an error)."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "archs": archs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,21 +76,41 @@ class HarvestConfig:
 
 @dataclass
 class SAEConfig:
-    architecture: str = opt("topk", "SAE architecture (relu, batchtopk and jumprelu are to come).", choices=("topk",))
+    architecture: str = opt("topk", "SAE architecture: topk, batchtopk, relu (L1 penalty) or jumprelu.",
+                            choices=("topk", "batchtopk", "relu", "jumprelu"))
     expansion_factor: int = opt(8, "Latents per input dimension; ignored when num_latents is set.", ge=1)
     num_latents: int | None = opt(None, "Number of latents (overrides expansion_factor).", ge=1)
-    k: int = opt(32, "Active latents per token (TopK family).", ge=1)
+    k: int = opt(32, "Active latents per token (batchtopk: on average over the batch).", ge=1,
+                 archs=("topk", "batchtopk"))
+    multi_topk: bool = opt(False, "Also train the top 4k latents to reconstruct (loss L(k) + L(4k)/8), so "
+                           "the SAE can be used with a larger k later.", archs=("topk", "batchtopk"))
+    l1_coefficient: float = opt(5.0, "Weight of the L1 penalty sum_i z_i |W_dec,i| (inputs scaled to "
+                                "E|x| = sqrt(d)).", ge=0, archs=("relu",))
+    l0_coefficient: float = opt(1.0, "Weight of the L0 penalty (inputs scaled to E|x| = sqrt(d)).", ge=0,
+                                archs=("jumprelu",))
+    sparsity_warmup_fraction: float = opt(0.05, "Fraction of training over which the sparsity penalty ramps "
+                                          "up linearly from 0.", ge=0, le=1, archs=("relu", "jumprelu"))
+    bandwidth: float = opt(0.05, "Width of the straight-through estimator's kernel around the threshold.",
+                           gt=0, archs=("jumprelu",))
 
 
 @dataclass
 class TrainConfig:
     batch_tokens: int = opt(4096, "Activation vectors (tokens) per optimizer step.", ge=1)
-    lr: float | None = opt(None, "Adam learning rate; null = 2e-4 / sqrt(num_latents / 2^14).", gt=0)
+    lr: float | None = opt(None, "Adam learning rate; null = the architecture's: 2e-4 / sqrt(num_latents / "
+                           "2^14) for topk and batchtopk, 5e-5 for relu, 7e-5 for jumprelu.", gt=0)
     warmup_steps: int = opt(1000, "Steps of linear learning-rate warmup.", ge=0)
     decay_fraction: float = opt(0.2, "Final fraction of steps with linear decay to zero.", ge=0, le=1)
     seed: int = opt(0, "Seed for initialization and data order.", ge=0, le=2**63 - 1)
     dead_tokens: int = opt(10_000_000, "A latent that has not fired for this many tokens counts as dead "
                            "(and AuxK trains it).", ge=1)
+    scale_inputs: bool | None = opt(None, "Train on activations times one constant s with E|x s| = sqrt(d), "
+                                    "folded into the saved weights; null = the architecture's recipe (yes for "
+                                    "relu and jumprelu).")
+    grad_clip: float | None = opt(None, "Clip the gradient norm of each SAE to this; null = the architecture's "
+                                  "recipe (1.0 for relu, none otherwise); 0 = off.", ge=0)
+    autocast: bool = opt(False, "Run the encoder's matrix products in bfloat16 (weights, optimizer and loss "
+                         "stay float32): faster on recent GPUs.")
 
 
 @dataclass
@@ -99,6 +120,8 @@ class OutputConfig:
     log_every_steps: int = opt(50, "Refresh the progress bar's loss, L0 and dead figures every this many "
                                "steps (each refresh waits for the device), and log to TensorBoard.", ge=1)
     tensorboard: bool = opt(True, "Write TensorBoard event files to <run folder>/tensorboard.")
+    checkpoint_every_steps: int = opt(1000, "Write a resumable checkpoint every this many steps (also on "
+                                      "Ctrl-C or SIGTERM).", ge=1)
 
 
 @dataclass
@@ -263,6 +286,12 @@ def read_yaml(path: str | Path) -> dict:
 
 def _check_relations(cfg: RunConfig) -> None:
     """Checks that involve more than one field."""
+    arch = cfg.sae.architecture
+    for f in dataclasses.fields(SAEConfig):
+        archs = f.metadata["archs"]
+        if archs and arch not in archs and getattr(cfg.sae, f.name) != f.default:
+            raise ConfigError(f"sae.{f.name}: applies to {' and '.join(archs)} only, not sae.architecture = "
+                              f"{arch}; remove it or change the architecture")
     if cfg.data.token_budget < cfg.train.batch_tokens:
         raise ConfigError(f"data.token_budget: {cfg.data.token_budget} is less than one batch; "
                           f"use at least train.batch_tokens = {cfg.train.batch_tokens}")

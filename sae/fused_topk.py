@@ -1,33 +1,59 @@
-"""The fused, Triton-free TopK training loss: encoder, sparse decoder, MSE and AuxK in
-one ``torch.autograd.Function``.
+"""The fused, Triton-free loss of the TopK family (TopK, multi-TopK, BatchTopK): encoder,
+sparse decoder, MSE and AuxK in one ``torch.autograd.Function``.
 
 Notation (DESIGN.md section 2): x [N, d] inputs, M latents, k active, W_enc [M, d],
 b_enc [M], W_dec [M, d], b_dec [d].
 
     pre   = (x - b_dec) @ W_enc.T + b_enc                  [N, M]  (the one dense GEMM)
-    z     = ReLU(TopK_k(pre))          as (vals, idx)      [N, k]
-    x_hat = sum_j vals[:, j] W_dec[idx[:, j]] + b_dec      [N, d]  (embedding_bag)
+    S     = ReLU(select(pre))   a sparse code [N, M]: TopK_k per token, or for BatchTopK
+                                the N*k largest of the whole batch
+    x_hat = S @ W_dec + b_dec                              [N, d]  (embedding_bag)
     e     = x - x_hat
-    L     = |e|^2 / V + alpha * s * |e - e_hat|^2 / V
+    L     = |e|^2 / V                                      main term
+          + |x - x_hat4|^2 / (8 V)                         multi-TopK only: x_hat4 from 4k
+          + alpha * s * |e - e_hat|^2 / V                  AuxK, when latents are dead
       V     = sum_n |x_n - mean(x)|^2 (batch total variance)
       e_hat = decode of ReLU(TopK_k_aux(pre restricted to dead latents)), no bias
       s     = min(n_dead / k_aux, 1); e is a constant in the AuxK term
 
-What backward keeps: inputs, the k (and k_aux) indices and values per token, e and
-e - e_hat. The N x M pre-activations are freed right after TopK, no N x k x d tensor is
-ever made (the gradients of the values are a sampled dense-dense product), and both
-weight gradients are one sparse (CSR) x dense product each. AuxK's gradient reaches the
-encoder through the dead latents' pre-activations.
+What backward keeps: inputs, each code's indices and values (nnz = N*k, N*4k, N*k_aux),
+and each term's residual [N, d]. The N x M pre-activations are freed right after
+selection, no N x k x d tensor is ever made (the gradients of the code values are a
+sampled dense-dense product), and each weight gradient is one sparse (CSR) x dense
+product per term. AuxK's gradient reaches the encoder through the dead latents'
+pre-activations.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+@dataclass(frozen=True)
+class TopKSpec:
+    """How latents are selected and which loss terms are added."""
+    k: int
+    k_aux: int = 512
+    aux_alpha: float = 1 / 32
+    multi_topk: bool = False    # add the FVU of the top 4k latents, weighted 1/8
+    batch_topk: bool = False    # select the N*k largest pre-activations of the batch
+
+
+class Codes(NamedTuple):
+    """A sparse [N, M] code in CSR order: row n holds cols[crow[n]:crow[n + 1]] (ascending)
+    with the same slice of vals. rows [nnz] repeats each row index (for transposing)."""
+    crow: torch.Tensor   # [N + 1] int64
+    rows: torch.Tensor   # [nnz] int64
+    cols: torch.Tensor   # [nnz] int64
+    vals: torch.Tensor   # [nnz], ReLU applied
+
 
 def _counts(ids: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """How often each of 0..n-1 occurs in ids (optionally weighted), int64 [n].
@@ -38,131 +64,192 @@ def _counts(ids: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> t
     return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids.reshape(-1), ones.reshape(-1))
 
 
-def _transpose_csr(idx: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
-    """Sparse [M, N] CSR matrix with ``values[n, j]`` at (idx[n, j], n). idx, values: [N, k]."""
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(len(counts) + 1, dtype=torch.long, device=counts.device)
+    torch.cumsum(counts, 0, out=out[1:])
+    return out
+
+
+def per_token_codes(vals: torch.Tensor, idx: torch.Tensor) -> Codes:
+    """Codes from k selected (vals, idx) per token, each [N, k]; ReLU applied here."""
     n, k = idx.shape
-    flat = idx.reshape(-1)
+    cols, order = idx.sort(dim=1)  # CSR wants ascending columns within a row
+    return Codes(torch.arange(0, n * k + 1, k, device=idx.device),
+                 torch.arange(n, device=idx.device).repeat_interleave(k), cols.reshape(-1),
+                 vals.gather(1, order).reshape(-1).relu())
+
+
+def batch_codes(vals: torch.Tensor, flat_idx: torch.Tensor, n: int, m: int) -> Codes:
+    """Codes from entries selected anywhere in an [n, m] matrix: vals, flat_idx [nnz]."""
+    flat, order = flat_idx.sort()  # row-major order = CSR order
+    rows = flat // m
+    return Codes(_offsets(_counts(rows, n)), rows, flat % m, vals[order].relu())
+
+
+def _select(pre: torch.Tensor, k: int, batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest per row ([N, k] each), or the N*k largest overall ([N*k] each, flat indices)."""
+    if batch:
+        return pre.view(-1).topk(pre.shape[0] * k, sorted=False)
+    return pre.topk(k, dim=1, sorted=False)
+
+
+def select_codes(pre: torch.Tensor, spec: TopKSpec) -> tuple[Codes, Codes | None]:
+    """(main code, the 4k code for multi-TopK or None) from pre-activations [N, M]."""
+    n, m = pre.shape
+    make = (lambda v, i: batch_codes(v, i, n, m)) if spec.batch_topk else per_token_codes
+    if not spec.multi_topk:
+        return make(*_select(pre, spec.k, spec.batch_topk)), None
+    v4, i4 = _select(pre, min(4 * spec.k, m), spec.batch_topk)
+    # The top k are among the top 4k: select them from the 4k, not again from all M.
+    v, j = v4.topk(pre.shape[0] * spec.k if spec.batch_topk else spec.k, dim=-1, sorted=False)
+    return make(v, i4.gather(-1, j)), make(v4, i4)
+
+
+def decode(codes: Codes, W_dec: torch.Tensor) -> torch.Tensor:
+    """codes @ W_dec without a bias: [N, d]."""
+    return F.embedding_bag(codes.cols, W_dec, codes.crow, per_sample_weights=codes.vals, mode="sum",
+                           include_last_offset=True)
+
+
+def _transposer(codes: Codes, n_latents: int):
+    """A function values [nnz] -> the sparse [M, N] CSR transpose of the code's pattern
+    holding them; the column sort is done once and shared by every use."""
     # int32 keys: a stable sort of them is ~7x faster than of int64 on CPU; stable keeps
     # the summation order, hence the gradients, bit-reproducible.
-    order = torch.argsort(flat.int(), stable=True)
-    rows = torch.arange(n, device=idx.device).repeat_interleave(k)[order]
-    counts = _counts(flat, n_latents)
-    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=idx.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    return torch.sparse_csr_tensor(crow, rows, values.reshape(-1)[order], size=(n_latents, n),
-                                   check_invariants=False)  # valid by construction
+    order = torch.argsort(codes.cols.int(), stable=True)
+    crow, rows = _offsets(_counts(codes.cols, n_latents)), codes.rows[order]
+    n = len(codes.crow) - 1
+    return lambda values: torch.sparse_csr_tensor(crow, rows, values[order], size=(n_latents, n),
+                                                  check_invariants=False)  # valid by construction
 
 
-def _row_dots(grad: torch.Tensor, W: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """out[n, j] = grad[n] . W[idx[n, j]], as a sampled dense-dense product (SDDMM): only
-    the N*k entries of grad @ W.T that are needed are computed, and no [N, k, d] tensor is
-    made. grad [N, d], W [M, d], idx [N, k] -> [N, k]."""
-    n, k = idx.shape
-    cols, order = idx.sort(dim=1)  # CSR wants sorted columns within a row
-    crow = torch.arange(0, n * k + 1, k, device=idx.device)
-    pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), torch.zeros(n * k, dtype=grad.dtype, device=grad.device),
-                                      size=(n, W.shape[0]), check_invariants=False)
-    dots = torch.sparse.sampled_addmm(pattern, grad, W.t(), beta=0.0).values().view(n, k)
-    return torch.empty_like(dots).scatter_(1, order, dots)
-
-
-def _decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+def _row_dots(grad: torch.Tensor, W: torch.Tensor, codes: Codes) -> torch.Tensor:
+    """out[j] = grad[rows[j]] . W[cols[j]] for every code entry j, as a sampled dense-dense
+    product (SDDMM): only the nnz needed entries of grad @ W.T are computed, and no
+    [nnz, d] tensor is made. grad [N, d], W [M, d] -> [nnz]."""
+    pattern = torch.sparse_csr_tensor(codes.crow, codes.cols, torch.zeros_like(codes.vals, dtype=grad.dtype),
+                                      size=(grad.shape[0], W.shape[0]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, grad, W.t(), beta=0.0).values()
 
 
 class FusedTopKLoss(torch.autograd.Function):
-    """loss, fvu, fires = FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, aux_alpha, workspace)
+    """loss, fvu, fires, min_active = FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace)
 
-    x [N, d]; W_enc, W_dec [M, d]; b_enc [M]; b_dec [d]; dead: bool [M] (latents that
-    have not fired for the dead window) or None; workspace: None or a tensor of at least
-    N x M elements in x's dtype that receives the pre-activations (reusing it saves
-    allocating and page-faulting N x M every step: ~17% of a CPU step at d = 512). Returns the scalar loss (FVU term plus
-    alpha times the AuxK term), the batch FVU alone (no gradient) and fires: int64 [M],
-    how many tokens each latent was active on (no gradient; for dead-latent tracking and
-    L0 = fires.sum() / N).
+    x [N, d]; W_enc, W_dec [M, d]; b_enc [M]; b_dec [d]; spec: TopKSpec; dead: bool [M]
+    (latents that have not fired for the dead window) or None; workspace: None or a
+    tensor of at least N x M elements in x's dtype that receives the pre-activations
+    (reusing it saves allocating and page-faulting N x M every step: ~17% of a CPU step at
+    d = 512). Returns the scalar loss (module docstring), the batch FVU of the main code
+    alone, fires: int64 [M], how many tokens each latent was active on (for dead-latent
+    tracking and L0 = fires.sum() / N), and min_active: the smallest positive selected
+    value (BatchTopK's threshold estimate; inf if none). Only the loss has a gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, k: int, dead, k_aux: int, aux_alpha: float, workspace=None):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec: TopKSpec, dead=None, workspace=None):
+        device_type = x.device.type
+        # Under autocast only the encoder GEMM runs in the low-precision dtype; selection
+        # values, decoding, the loss and every gradient stay in x's dtype.
+        gemm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            return FusedTopKLoss._forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype)
+
+    @staticmethod
+    def _forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype):
+        n, m = x.shape[0], W_enc.shape[0]
         x_c = x - b_dec
+        a, b = x_c.to(gemm_dtype), W_enc.t().to(gemm_dtype)
         if workspace is None:
-            pre = x_c @ W_enc.t()                                # [N, M]
+            pre = a @ b                                          # [N, M]
         else:
-            pre = torch.mm(x_c, W_enc.t(), out=workspace.view(-1)[: x.shape[0] * W_enc.shape[0]].view(x.shape[0], -1))
+            pre = torch.mm(a, b, out=workspace.view(-1)[: n * m].view(n, m))
         pre.add_(b_enc)
-        vals, idx = pre.topk(k, dim=1, sorted=False)
-        vals = vals.relu()
+        codes, codes4 = select_codes(pre, spec)
+        codes = codes._replace(vals=codes.vals.to(x.dtype))
+        codes4 = codes4 and codes4._replace(vals=codes4.vals.to(x.dtype))
         # One host sync per step: top-k needs the number of dead latents as a Python int.
         dead_ids = dead.nonzero().squeeze(1) if dead is not None else None
-        use_aux = dead_ids is not None and len(dead_ids) > 0 and aux_alpha > 0
-        if use_aux:
+        aux = None
+        if dead_ids is not None and len(dead_ids) > 0 and spec.aux_alpha > 0:
             n_dead = len(dead_ids)
             # Gather the dead columns first: far cheaper than masking all M when few are dead.
-            aux_vals, local = pre[:, dead_ids].topk(min(k_aux, n_dead), dim=1, sorted=False)
-            aux_idx, aux_vals = dead_ids[local], aux_vals.relu()
+            v, local = pre[:, dead_ids].topk(min(spec.k_aux, n_dead), dim=1, sorted=False)
+            aux = per_token_codes(v.to(x.dtype), dead_ids[local])
+            ctx.aux_coef = spec.aux_alpha * min(n_dead / spec.k_aux, 1.0)
         del pre
 
-        x_hat = _decode(idx, vals, W_dec) + b_dec
-        e = x - x_hat
+        e = x - decode(codes, W_dec) - b_dec
         var = (x - x.mean(0)).pow(2).sum()
         loss = e.pow(2).sum() / var
         fvu = loss.detach().clone()
-        fires = _counts(idx, W_enc.shape[0], weights=vals > 0)
-        ctx.mark_non_differentiable(fvu, fires)
-        if use_aux:
-            scale = min(n_dead / k_aux, 1.0)
-            r = e - _decode(aux_idx, aux_vals, W_dec)           # e - e_hat
-            loss = loss + aux_alpha * scale * r.pow(2).sum() / var
-            ctx.aux_coef = aux_alpha * scale
-            ctx.save_for_backward(x_c, W_enc, W_dec, idx, vals, e, var, aux_idx, aux_vals, r)
-        else:
-            ctx.aux_coef = 0.0
-            ctx.save_for_backward(x_c, W_enc, W_dec, idx, vals, e, var)
-        return loss, fvu, fires
+        terms = [(codes, e, 1.0, True)]      # (code, residual, weight, b_dec in the decoder)
+        if codes4 is not None:
+            e4 = x - decode(codes4, W_dec) - b_dec
+            loss = loss + e4.pow(2).sum() / (8 * var)
+            terms.append((codes4, e4, 1 / 8, True))
+        if aux is not None:
+            r = e - decode(aux, W_dec)                           # e - e_hat
+            loss = loss + ctx.aux_coef * r.pow(2).sum() / var
+            terms.append((aux, r, ctx.aux_coef, False))
+        fires = _counts(codes.cols, m, weights=codes.vals > 0)
+        min_active = codes.vals.masked_fill(codes.vals <= 0, float("inf")).min()
+        ctx.mark_non_differentiable(fvu, fires, min_active)
+        ctx.terms = [(weight, with_bias) for _, _, weight, with_bias in terms]
+        ctx.save_for_backward(x_c, W_enc, W_dec, var, *[t for c, r, _, _ in terms for t in (*c, r)])
+        return loss, fvu, fires, min_active
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_fvu, _grad_fires):
-        x_c, W_enc, W_dec, idx, vals, e, var = ctx.saved_tensors[:7]
-        M = W_enc.shape[0]
-        g_xhat = e * (-2 * grad_out / var)                       # dL/dx_hat   [N, d]
-        # Decoder: x_hat = S @ W_dec + b_dec, S sparse [N, M] from (idx, vals).
-        g_W_dec = _transpose_csr(idx, vals, M) @ g_xhat           # [M, d]
-        g_b_dec = g_xhat.sum(0)
-        g_vals = _row_dots(g_xhat, W_dec, idx) * (vals > 0)      # through ReLU   [N, k]
-        # Encoder: pre[n, idx[n, j]] receives g_vals[n, j].
-        g_W_enc = _transpose_csr(idx, g_vals, M) @ x_c            # [M, d]
-        g_b_enc = torch.zeros(M, dtype=g_vals.dtype, device=g_vals.device).index_add_(
-            0, idx.reshape(-1), g_vals.reshape(-1))
-        if ctx.aux_coef:
-            aux_idx, aux_vals, r = ctx.saved_tensors[7:]
-            g_ehat = r * (-2 * grad_out * ctx.aux_coef / var)     # e is a constant here
-            g_W_dec = g_W_dec + _transpose_csr(aux_idx, aux_vals, M) @ g_ehat
-            g_aux = _row_dots(g_ehat, W_dec, aux_idx) * (aux_vals > 0)
-            g_W_enc = g_W_enc + _transpose_csr(aux_idx, g_aux, M) @ x_c
-            g_b_enc.index_add_(0, aux_idx.reshape(-1), g_aux.reshape(-1))
+    def backward(ctx, grad_out, _grad_fvu, _grad_fires, _grad_min):
+        x_c, W_enc, W_dec, var = ctx.saved_tensors[:4]
+        m = W_enc.shape[0]
+        g_W_enc = torch.zeros_like(W_enc)
+        g_W_dec = torch.zeros_like(W_dec)
+        g_b_enc = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device)
+        g_b_dec = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+        saved = ctx.saved_tensors[4:]
+        for i, (weight, with_bias) in enumerate(ctx.terms):
+            codes, r = Codes(*saved[5 * i: 5 * i + 4]), saved[5 * i + 4]
+            g_rec = r * (-2 * weight * grad_out / var)           # dL/d(reconstruction)   [N, d]
+            transpose = _transposer(codes, m)
+            g_W_dec += transpose(codes.vals) @ g_rec
+            if with_bias:
+                g_b_dec += g_rec.sum(0)
+            g_vals = _row_dots(g_rec, W_dec, codes) * (codes.vals > 0)   # through ReLU  [nnz]
+            # Encoder: pre[rows[j], cols[j]] receives g_vals[j].
+            g_W_enc += transpose(g_vals) @ x_c
+            g_b_enc.index_add_(0, codes.cols, g_vals)
         # x_c = x - b_dec: the encoder path gives -sum_n dL/dx_c[n] = -(g_b_enc @ W_enc).
-        g_b_dec = g_b_dec - g_b_enc @ W_enc
-        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None, None, None, None
+        g_b_dec -= g_b_enc @ W_enc
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None, None
 
 
 def fused_topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
                     b_dec: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 512,
-                    aux_alpha: float = 1 / 32) -> torch.Tensor:
-    """Scalar TopK + AuxK loss (see module docstring) with the fused backward."""
-    return FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, k, dead, k_aux, aux_alpha)[0]
+                    aux_alpha: float = 1 / 32, multi_topk: bool = False, batch_topk: bool = False) -> torch.Tensor:
+    """Scalar TopK-family loss (see module docstring) with the fused backward."""
+    spec = TopKSpec(k, k_aux, aux_alpha, multi_topk, batch_topk)
+    return FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, spec, dead)[0]
 
 
 def topk_loss_reference(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
                         b_dec: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 512,
-                        aux_alpha: float = 1 / 32) -> torch.Tensor:
+                        aux_alpha: float = 1 / 32, multi_topk: bool = False, batch_topk: bool = False) -> torch.Tensor:
     """The same loss written densely and differentiated by autograd: the reference the fused
     version is tested against. Materializes [N, M]; for tests and small shapes only."""
     pre = (x - b_dec) @ W_enc.t() + b_enc
-    vals, idx = pre.topk(k, dim=1)
-    z = torch.zeros_like(pre).scatter(1, idx, vals.relu())
-    e = x - (z @ W_dec + b_dec)
+
+    def dense_code(kk: int) -> torch.Tensor:
+        if batch_topk:
+            keep = torch.zeros(pre.numel(), dtype=torch.bool).index_fill_(0, pre.view(-1).topk(x.shape[0] * kk).indices, True)
+            return pre.relu() * keep.view_as(pre)
+        vals, idx = pre.topk(kk, dim=1)
+        return torch.zeros_like(pre).scatter(1, idx, vals.relu())
+
     var = (x - x.mean(0)).pow(2).sum()
+    e = x - (dense_code(k) @ W_dec + b_dec)
     loss = e.pow(2).sum() / var
+    if multi_topk:
+        loss = loss + (x - (dense_code(min(4 * k, pre.shape[1])) @ W_dec + b_dec)).pow(2).sum() / (8 * var)
     n_dead = int(dead.sum()) if dead is not None else 0
     if n_dead and aux_alpha > 0:
         aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=1)

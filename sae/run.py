@@ -3,38 +3,62 @@ held-out evaluation. The CLI (``train.py``) is a thin wrapper around ``train_run
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations import activation_batches, contexts_for, make_harvester
 from sae.architectures import SparseAutoencoder
-from sae.atomic_io import write_text_atomic
+from sae.atomic_io import existing_folder, write_text_atomic
+from sae.checkpoint import STATE_DIR, load_checkpoint, remove_checkpoint, resumable_config, save_checkpoint
 from sae.config import RunConfig, config_from_dict, read_yaml, to_dict, to_yaml
 from sae.data import load_text_dataset
 from sae.errors import ConfigError
 from sae.metrics import Metrics
 from sae.models import load_model, model_summary
 from sae.splice import splice_metrics
-from sae.trainer import TensorBoardLogger, Trainer
+from sae.trainer import TensorBoardLogger, Trainer, TrainingStopped
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    """The run folder; refused if it already holds a different run's config.
+    """The run folder of a new run; refused if it holds another run's config or a
+    checkpoint to resume. A null output.run_name becomes a timestamp, recorded in ``cfg``
+    (hence in config.yaml) so ``--resume`` finds the same folder.
 
     Checked before any slow work, written (``save_run_config``) only once the first batch
     of activations exists, so a failed start leaves nothing behind.
     """
-    run_dir = Path(cfg.output.root) / (cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
+    if cfg.output.run_name is None:
+        cfg.output.run_name = time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.output.root) / cfg.output.run_name
     saved = run_dir / "config.yaml"
-    if saved.exists() and read_yaml(saved) != to_dict(cfg):
+    if saved.exists() and resumable_config(config_from_dict(read_yaml(saved))) != resumable_config(cfg):
         raise ConfigError(f"output.run_name: {str(run_dir)!r} already holds another run's config; "
                           "choose another output.run_name")
+    if existing_folder(run_dir / STATE_DIR) is not None:
+        raise ConfigError(f"output.run_name: {str(run_dir)!r} holds an unfinished run; continue it with "
+                          f"--resume {run_dir}, or choose another output.run_name")
     return run_dir
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The config of the run in ``run_dir``, pointed at that folder wherever it now is."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume: {str(run_dir)!r} is not a run folder (it has no config.yaml)")
+    cfg = config_from_dict(read_yaml(saved))
+    cfg.output.root, cfg.output.run_name = str(run_dir.parent), run_dir.name
+    if existing_folder(run_dir / STATE_DIR) is None and any(run_dir.glob("*/metrics.json")):
+        raise ConfigError(f"--resume: the run in {str(run_dir)!r} has already finished; its SAEs are in "
+                          f"{run_dir}/<hook>/")
+    return cfg
 
 
 def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
@@ -69,9 +93,48 @@ def evaluate_run(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTo
     return results
 
 
-def train_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
-    """Harvest, train, save and evaluate as ``cfg`` says; returns the run folder."""
-    run_dir = run_dir_for(cfg)
+def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> None:
+    """Write each hook's SAE, ready to use (input scale folded in), to ``run_dir/<hook>``."""
+    for hook in trainer.saes:
+        trainer.trained_sae(hook).save(run_dir / hook, metadata={
+            "model_name": cfg.model.name_or_path, "hook_name": hook, "context_size": cfg.data.context_tokens,
+            "dataset_path": cfg.data.dataset, "trained_steps": trainer.step_count,
+            "trained_tokens": trainer.tokens_seen})
+
+
+@contextlib.contextmanager
+def stop_signals(log: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
+    """Turn the first SIGINT or SIGTERM into a request (polled through the yielded
+    function) to checkpoint and stop after the current step; a second SIGINT stops at once."""
+    requested = False
+
+    def handle(signum, frame):
+        nonlocal requested
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested = True
+        log(f"\n{signal.Signals(signum).name}: stopping after this step, writing a checkpoint "
+            "(Ctrl-C again to quit without one)")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handle)
+    try:
+        yield lambda: requested
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool = False) -> Path:
+    """Harvest, train, save and evaluate as ``cfg`` says; returns the run folder.
+
+    resume: continue the interrupted run in cfg's run folder from its checkpoint (use
+    ``resume_config`` to get its config); it ends bit-identical to an uninterrupted run.
+    """
+    run_dir = Path(cfg.output.root) / cfg.output.run_name if resume else run_dir_for(cfg)
+    checkpoint = load_checkpoint(run_dir, cfg) if resume else None
     d, h = cfg.data, cfg.harvest
     model, tokenizer = load_model(cfg.model)
     log(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
@@ -80,7 +143,9 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
             load_text_dataset(d.dataset, d.eval_split, d.text_column, d.subset, d.streaming)
         except ConfigError as e:
             raise ConfigError(str(e).replace("data.split:", "data.eval_split:", 1)) from None
-    batches = iter(activation_batches(cfg, model, tokenizer))  # checks hooks, data and cache before any work
+    # checks hooks, data and cache before any work
+    buffer = activation_batches(cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None)
+    batches = iter(buffer)
     log(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {d.token_budget:,} tokens "
         f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}")
     start = time.perf_counter()
@@ -88,36 +153,62 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Path:
     if first is None:
         raise ConfigError(f"data: fewer activation vectors than one batch (train.batch_tokens = "
                           f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data")
-    save_run_config(cfg, run_dir)  # the data produced activations: only now is this a run worth a folder
-    log(f"run folder: {run_dir} (resolved config in config.yaml)")
+    if checkpoint is None:
+        save_run_config(cfg, run_dir)  # the data produced activations: only now is this a run worth a folder
+        log(f"run folder: {run_dir} (resolved config in config.yaml)")
     # Special tokens are dropped, so slightly fewer batches than this arrive; the schedule
     # then ends a few percent before its final decay.
     total_steps = d.token_budget * h.cache_epochs // cfg.train.batch_tokens
     trainer = Trainer(cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps,
                       next(model.parameters()).device)
-    logger = TensorBoardLogger(run_dir / "tensorboard") if cfg.output.tensorboard else None
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
+        log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
+    step0 = trainer.step_count
+    logger = (TensorBoardLogger(run_dir / "tensorboard", resumed=trainer if checkpoint else None)
+              if cfg.output.tensorboard else None)
+
+    def on_checkpoint(trainer: Trainer) -> None:
+        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict())
+        save_saes(trainer, cfg, run_dir)
+
     try:
-        trainer.fit(itertools.chain([first], batches), log_every=cfg.output.log_every_steps, on_log=logger)
+        with stop_signals(log) as stop_requested:
+            trainer.fit(itertools.chain([first], batches), log_every=cfg.output.log_every_steps, on_log=logger,
+                        checkpoint_every=cfg.output.checkpoint_every_steps, on_checkpoint=on_checkpoint,
+                        stop_requested=stop_requested)
+    except TrainingStopped as e:
+        log(f"checkpoint after step {e.step:,} written to {run_dir}/{STATE_DIR}; continue with: "
+            f"python train.py --resume {run_dir}")
+        raise
     finally:
         if logger is not None:
             logger.close()
     seconds = time.perf_counter() - start
-    log(f"harvested and trained {trainer.step_count} steps on {trainer.tokens_seen:,} tokens per hook "
-        f"point in {seconds:.0f} s ({trainer.tokens_seen / seconds:,.0f} tokens/s)")
-    for hook, sae in trainer.saes.items():
-        sae.save(run_dir / hook, metadata={"model_name": cfg.model.name_or_path, "hook_name": hook,
-                                           "context_size": d.context_tokens, "dataset_path": d.dataset})
+    tokens = (trainer.step_count - step0) * cfg.train.batch_tokens
+    log(f"harvested and trained {trainer.step_count - step0} steps on {tokens:,} tokens per hook "
+        f"point in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)")
+    save_saes(trainer, cfg, run_dir)
     if d.eval_split is None:
+        remove_checkpoint(run_dir)
         log(f"saved to {run_dir}; no evaluation (data.eval_split is null)")
         return run_dir
-    results = evaluate_run(cfg, model, tokenizer, trainer.saes)
-    log(f"held-out metrics ({d.eval_split} split; CE recovered, delta LM loss and KL with the SAE "
+    saes = {hook: trainer.trained_sae(hook) for hook in trainer.saes}
+    results = evaluate_run(cfg, model, tokenizer, saes)
+    print_metrics(results, d.eval_split, log)
+    for hook, r in results.items():
+        write_text_atomic(run_dir / hook / "metrics.json", json.dumps(r, indent=1) + "\n")
+    remove_checkpoint(run_dir)
+    log(f"saved to {run_dir}/<hook>/ (cfg.json, sae_weights.safetensors, metrics.json)")
+    return run_dir
+
+
+def print_metrics(results: dict[str, dict], split: str, log: Callable[[str], None]) -> None:
+    """The held-out metrics as a short table."""
+    log(f"held-out metrics ({split} split; CE recovered, delta LM loss and KL with the SAE "
         "spliced into the model):")
     log(f"  {'hook':<16} {'FVU':>8} {'L0':>7} {'dead':>7} {'dense':>7} {'CE rec.':>8} {'dLM':>8} {'KL':>8} {'tokens':>8}")
     for hook, r in results.items():
-        write_text_atomic(run_dir / hook / "metrics.json", json.dumps(r, indent=1) + "\n")
         sp = r["splice"]
         log(f"  {hook:<16} {r['fvu']:>8.4f} {r['l0']:>7.1f} {r['dead_fraction']:>7.1%} {r['dense_fraction']:>7.1%} "
             f"{sp['ce_loss_recovered']:>8.3f} {sp['delta_lm_loss']:>8.4f} {sp['kl']:>8.4f} {r['tokens']:>8,}")
-    log(f"saved to {run_dir}/<hook>/ (cfg.json, sae_weights.safetensors, metrics.json)")
-    return run_dir

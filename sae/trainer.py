@@ -9,7 +9,7 @@ learning rate warms up linearly, stays flat, and decays linearly to zero over th
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sae.architectures import TopKConfig, TopKSAE
+from sae.architectures import ARCHITECTURES, SparseAutoencoder
 from sae.config import RunConfig
 from sae.errors import ConfigError
 
 
 def default_lr(num_latents: int) -> float:
     """Gao et al.'s scaling rule: 2e-4 at 2^14 latents, falling as 1/sqrt(M)."""
-    return 2e-4 / math.sqrt(num_latents / 2**14)
+    return SparseAutoencoder.default_lr(num_latents)
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, decay_fraction: float) -> float:
@@ -53,66 +53,118 @@ def geometric_median(x: torch.Tensor, iterations: int = 100, eps: float = 1e-8) 
     return m
 
 
+class TrainingStopped(Exception):
+    """Training stopped on request (Ctrl-C, SIGTERM) after writing a checkpoint."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
+def make_sae(cfg: RunConfig, d_in: int, device: torch.device | str = "cpu") -> SparseAutoencoder:
+    """The SAE ``cfg.sae`` describes for inputs of width d_in (initialized, not trained)."""
+    cls = ARCHITECTURES[cfg.sae.architecture]
+    M = cfg.sae.num_latents or cfg.sae.expansion_factor * d_in
+    if cfg.sae.architecture in ("topk", "batchtopk") and cfg.sae.k > M:
+        raise ConfigError(f"sae.k: {cfg.sae.k} is larger than the {M} latents for width {d_in}; use at most {M}")
+    fields = {f: getattr(cfg.sae, f) for f in cls.Config.__dataclass_fields__ if hasattr(cfg.sae, f)}
+    return cls(cls.Config(**{**fields, "d_in": d_in, "num_latents": M}), device=device)
+
+
 class Trainer:
-    """Trains one TopK SAE per hook point. ``step(batch)`` takes {hook: [N, d]}."""
+    """Trains one SAE per hook point. ``step(batch)`` takes {hook: [N, d]}.
+
+    The architecture's class attributes say what each step does besides the loss: whether
+    b_dec starts at the geometric median, decoder rows stay unit-norm (gradient projected,
+    rows renormalized), inputs are scaled by one constant, and the gradient is clipped.
+    """
 
     def __init__(self, cfg: RunConfig, widths: dict[str, int], total_steps: int,
                  device: torch.device | str = "cpu"):
-        if cfg.sae.architecture != "topk":
-            raise ConfigError(f"sae.architecture: {cfg.sae.architecture!r} is not available yet; valid: topk")
         self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
         self.step_count, self.tokens_seen = 0, 0
         generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.saes: dict[str, TopKSAE] = {}
+        self.saes: dict[str, SparseAutoencoder] = {}
         self.optimizers: dict[str, torch.optim.Adam] = {}
         self.since_fired: dict[str, torch.Tensor] = {}
         self.nonfinite: dict[str, torch.Tensor] = {}
         self.window_fires: dict[str, torch.Tensor] = {}  # firing counts since the last density log
         self.window_tokens: dict[str, int] = {}
-        self.workspace: dict[str, torch.Tensor] = {}  # reused N x M pre-activation buffer per hook
+        self.input_scale: dict[str, torch.Tensor] = {}   # s with E|x s| = sqrt(d), set on the first batch
+        self.workspace: dict[str, torch.Tensor] = {}     # reused N x M pre-activation buffer per hook
         self.checked_step = 0
+        self.last_checkpoint_step: int | None = None
+        self.diverged: dict[str, torch.Tensor] = {}
         self.peak_lr: dict[str, float] = {}
         for hook, d in widths.items():
-            M = cfg.sae.num_latents or cfg.sae.expansion_factor * d
-            if cfg.sae.k > M:
-                raise ConfigError(f"sae.k: {cfg.sae.k} is larger than the {M} latents of {hook}; use at most {M}")
-            sae = TopKSAE(TopKConfig(d_in=d, num_latents=M, k=cfg.sae.k), device=self.device)
+            sae = make_sae(cfg, d, self.device)
             sae.reset_parameters(generator)
             self.saes[hook] = sae
-            self.peak_lr[hook] = cfg.train.lr or default_lr(M)
+            M = sae.cfg.num_latents
+            self.peak_lr[hook] = cfg.train.lr or sae.default_lr(M)
             fused = self.device.type in ("cuda", "cpu")
-            self.optimizers[hook] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[hook], fused=fused)
+            self.optimizers[hook] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[hook], betas=sae.adam_betas,
+                                                     fused=fused)
             self.since_fired[hook] = torch.zeros(M, dtype=torch.long, device=self.device)
             self.nonfinite[hook] = torch.zeros((), dtype=torch.bool, device=self.device)
+            self.diverged[hook] = torch.zeros((), dtype=torch.bool, device=self.device)
             self.window_fires[hook] = torch.zeros(M, dtype=torch.long, device=self.device)
             self.window_tokens[hook] = 0
+            self.input_scale[hook] = torch.ones((), device=self.device)
+
+    def scales_inputs(self, hook: str) -> bool:
+        setting = self.cfg.train.scale_inputs
+        return self.saes[hook].scale_inputs if setting is None else setting
+
+    def grad_clip(self, hook: str) -> float | None:
+        setting = self.cfg.train.grad_clip
+        return self.saes[hook].grad_clip if setting is None else (setting or None)
+
+    def _workspace(self, hook: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        need = n * self.saes[hook].cfg.num_latents
+        ws = self.workspace.get(hook)
+        if ws is None or ws.numel() < need or ws.dtype != dtype:
+            ws = self.workspace[hook] = torch.empty(need, dtype=dtype, device=self.device)
+        return ws
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """One optimizer step per SAE. Returns per-hook stats as 0-d tensors (no host sync)."""
         stats = {}
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast)
         for hook, sae in self.saes.items():
             x = batch[hook].to(self.device, torch.float32, non_blocking=True)
             # Recorded on the device, checked in check_finite(): no host sync per step.
             self.nonfinite[hook] |= ~torch.isfinite(x).all()
             if self.step_count == 0:
                 with torch.no_grad():
-                    sae.b_dec.copy_(geometric_median(x))
+                    if self.scales_inputs(hook):
+                        self.input_scale[hook].copy_(x.shape[1] ** 0.5 / x.norm(dim=1).mean())
+                    if sae.apply_b_dec_to_input:
+                        sae.b_dec.copy_(geometric_median(x * self.input_scale[hook]))
+            if self.scales_inputs(hook):
+                x = x * self.input_scale[hook]
             dead = self.since_fired[hook] >= self.cfg.train.dead_tokens
-            need = x.shape[0] * sae.cfg.num_latents
-            if self.workspace.get(hook) is None or self.workspace[hook].numel() < need:
-                self.workspace[hook] = torch.empty(need, dtype=x.dtype, device=self.device)
-            loss, fvu, fires = sae.training_loss(x, dead, self.workspace[hook])
+            ws = self._workspace(hook, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
+            with autocast:
+                loss, fvu, fires = sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps)
+            self.diverged[hook] |= ~torch.isfinite(loss.detach())
             loss.backward()
             opt = self.optimizers[hook]
             with torch.no_grad():
-                W, g = sae.W_dec, sae.W_dec.grad
-                g -= (g * W).sum(1, keepdim=True) * W  # keep rows on the unit sphere to first order
+                W = sae.W_dec
+                if sae.unit_norm_decoder:
+                    g = W.grad
+                    g -= (g * W).sum(1, keepdim=True) * W  # keep rows on the unit sphere to first order
+                clip = self.grad_clip(hook)
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(self.step_count, self.total_steps, self.peak_lr[hook],
                                                 self.cfg.train.warmup_steps, self.cfg.train.decay_fraction)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                W.copy_(F.normalize(W, dim=1))
+                if sae.unit_norm_decoder:
+                    W.copy_(F.normalize(W, dim=1))
                 since = self.since_fired[hook]
                 since += x.shape[0]
                 since.masked_fill_(fires > 0, 0)
@@ -124,24 +176,89 @@ class Trainer:
         self.tokens_seen += next(iter(batch.values())).shape[0]
         return stats
 
+    def trained_sae(self, hook: str) -> SparseAutoencoder:
+        """The SAE for ``hook`` as it should be used and saved: a copy taking unscaled inputs."""
+        sae = copy.deepcopy(self.saes[hook])
+        if self.scales_inputs(hook):
+            sae.fold_input_scale(float(self.input_scale[hook]))
+        return sae
+
     def check_finite(self) -> None:
-        """Stop with one line if any activations since the last check held NaN or inf."""
-        for hook, flag in self.nonfinite.items():
-            if flag:
-                raise ConfigError(f"activations at {hook} held NaN or inf in steps {self.checked_step}.."
-                                  f"{self.step_count - 1}; check model.dtype or drop outliers with "
-                                  "harvest.max_norm_ratio")
+        """Stop with one line if activations or a loss since the last check were NaN or inf.
+
+        Called before every checkpoint, so a checkpoint never holds a diverged state.
+        """
+        kept = (f"; the last good checkpoint (step {self.last_checkpoint_step}) is kept"
+                if self.last_checkpoint_step is not None else "")
+        for hook in self.saes:
+            steps = f"steps {self.checked_step}..{self.step_count - 1}"
+            if self.nonfinite[hook]:
+                raise ConfigError(f"activations at {hook} held NaN or inf in {steps}; check model.dtype or drop "
+                                  f"outliers with harvest.max_norm_ratio{kept}")
+            if self.diverged[hook]:
+                raise ConfigError(f"training of the SAE at {hook} diverged (loss NaN or inf) in {steps}; "
+                                  f"lower train.lr{kept}")
         self.checked_step = self.step_count
 
-    def fit(self, batches, progress: bool = True, log_every: int = 50,
-            on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None = None) -> dict[str, dict[str, float]]:
-        """Steps over ``batches`` (at most total_steps); returns the last stats as floats.
+    # ---- resumable state -----------------------------------------------------------
 
-        Every ``log_every`` steps (the only host syncs of the loop) the progress bar is
-        refreshed and ``on_log(trainer, stats)`` is called, e.g. a TensorBoardLogger.
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able meta): everything a resumed run needs to continue bit-identically."""
+        tensors: dict[str, torch.Tensor] = {}
+        for hook, sae in self.saes.items():
+            for name, t in sae.state_dict().items():
+                tensors[f"{hook}/sae/{name}"] = t
+            for i, slots in self.optimizers[hook].state_dict()["state"].items():
+                for key, t in slots.items():
+                    tensors[f"{hook}/adam/{i}/{key}"] = t
+            tensors[f"{hook}/since_fired"] = self.since_fired[hook]
+            tensors[f"{hook}/window_fires"] = self.window_fires[hook]
+            tensors[f"{hook}/input_scale"] = self.input_scale[hook]
+        tensors["torch_rng"] = torch.get_rng_state()
+        meta = {"step": self.step_count, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+                "checked_step": self.checked_step, "window_tokens": self.window_tokens,
+                "widths": {hook: sae.cfg.d_in for hook, sae in self.saes.items()},
+                "num_latents": {hook: sae.cfg.num_latents for hook, sae in self.saes.items()}}
+        return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore ``state_dict()``'s output; a state for other hooks or shapes is refused in one line."""
+        mine = {hook: (sae.cfg.d_in, sae.cfg.num_latents) for hook, sae in self.saes.items()}
+        theirs = {hook: (meta["widths"][hook], meta["num_latents"][hook]) for hook in meta["widths"]}
+        if mine != theirs or meta["total_steps"] != self.total_steps:
+            raise ConfigError(f"resume: the checkpoint holds SAEs {theirs} over {meta['total_steps']} steps "
+                              f"(hook: (d_in, latents)), this config makes {mine} over {self.total_steps}")
+        for hook, sae in self.saes.items():
+            sae.load_state_dict({name: tensors[f"{hook}/sae/{name}"] for name in sae.state_dict()})
+            opt = self.optimizers[hook]
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, t in tensors.items():
+                if key.startswith(f"{hook}/adam/"):
+                    i, slot = key.removeprefix(f"{hook}/adam/").split("/")
+                    state.setdefault(int(i), {})[slot] = t
+            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+            for name in ("since_fired", "window_fires", "input_scale"):
+                getattr(self, name)[hook].copy_(tensors[f"{hook}/{name}"])
+        torch.set_rng_state(tensors["torch_rng"])
+        self.step_count, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.checked_step, self.window_tokens = meta["checked_step"], dict(meta["window_tokens"])
+        self.last_checkpoint_step = self.step_count
+
+    def fit(self, batches, progress: bool = True, log_every: int = 50,
+            on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None = None,
+            checkpoint_every: int | None = None, on_checkpoint: Callable[[Trainer], None] | None = None,
+            stop_requested: Callable[[], bool] = lambda: False) -> dict[str, dict[str, float]]:
+        """Steps over ``batches`` until total_steps; returns the last stats as floats.
+
+        Every ``log_every`` steps (the loop's only host syncs) the progress bar is refreshed
+        and ``on_log(trainer, stats)`` is called, e.g. a TensorBoardLogger. Every
+        ``checkpoint_every`` steps, and as soon as ``stop_requested()`` turns true,
+        ``on_checkpoint(trainer)`` is called once the state is checked finite; after a stop
+        request, fit then raises ``TrainingStopped``.
         """
         last: dict[str, dict[str, float]] = {}
-        with tqdm(total=self.total_steps, desc="train", unit="step", disable=not progress) as bar:
+        with tqdm(total=self.total_steps, initial=self.step_count, desc="train", unit="step",
+                  disable=not progress) as bar:
             for batch in batches:
                 if self.step_count >= self.total_steps:
                     break
@@ -155,6 +272,14 @@ class Trainer:
                                     dead=f"{first['dead_fraction']:.1%}")
                     if on_log is not None:
                         on_log(self, last)
+                stop = stop_requested()
+                due = checkpoint_every is not None and self.step_count % checkpoint_every == 0
+                if on_checkpoint is not None and (stop or due) and self.step_count < self.total_steps:
+                    self.check_finite()
+                    on_checkpoint(self)
+                    self.last_checkpoint_step = self.step_count
+                if stop:
+                    raise TrainingStopped(self.step_count)
         self.check_finite()
         return last
 
@@ -170,11 +295,13 @@ class TensorBoardLogger:
     """``on_log`` callback writing losses, FVU, L0, dead fraction, lr, tokens/s and a
     histogram of log10 feature density to ``folder`` (one run per folder)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, resumed: Trainer | None = None):
+        """resumed: the trainer of a resumed run; events the interrupted run logged after
+        its checkpoint are hidden, and tokens/s counts from the resumed step."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(folder))
-        self.last_time, self.last_tokens = time.perf_counter(), 0
+        self.writer = SummaryWriter(str(folder), purge_step=resumed.step_count if resumed else None)
+        self.last_time, self.last_tokens = time.perf_counter(), resumed.tokens_seen if resumed else 0
 
     def __call__(self, trainer: Trainer, stats: dict[str, dict[str, float]]) -> None:
         step, now = trainer.step_count, time.perf_counter()

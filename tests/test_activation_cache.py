@@ -107,10 +107,43 @@ def test_unwritable_folder_is_one_line(tmp_path):
         CacheWriter(tmp_path / "file" / "cache", IDENTITY)
 
 
-def test_epochs_reshuffle_shard_order(tmp_path):
+def test_epoch_one_is_harvest_order_and_later_epochs_reshuffle(tmp_path):
     write(tmp_path, batches(n=10), shard_tokens=7)
-    firsts = [s["a"][0, 0].item() for s in CacheReader(tmp_path, epochs=2, seed=0)]
-    assert len(firsts) == 20 and sorted(firsts[:10]) == sorted(firsts[10:]) and firsts[:10] != firsts[10:]
+    firsts = [s["a"][0, 0].item() for s in CacheReader(tmp_path, epochs=3, seed=0)]
+    assert firsts[:10] == [7.0 * i for i in range(10)]  # manifest order: as harvested
+    assert len(firsts) == 30 and sorted(firsts[10:20]) == sorted(firsts[:10]) and firsts[10:20] != firsts[:10]
+    assert firsts[20:] != firsts[10:20]
+    # An epoch's order depends on (seed, epoch) only: a reader can enter any epoch directly.
+    assert activation_cache.shard_order(10, 0, 3) == [int(f) // 7 for f in firsts[20:]]
+    assert activation_cache.shard_order(10, 1, 2) != activation_cache.shard_order(10, 0, 2)
+
+
+def test_reader_starts_at_any_row_and_says_where_a_harvest_would_restart(tmp_path):
+    write(tmp_path, batches(n=10), shard_tokens=14)  # 5 shards of 2 batches = 14 rows, 2 contexts
+    full = torch.cat([s["a"][:, 0] for s in CacheReader(tmp_path, epochs=2, seed=3)])
+    for start in (0, 1, 13, 14, 15, 69, 70, 71, 139, 140):
+        reader = CacheReader(tmp_path, epochs=2, seed=3, start_row=start)
+        got = [s["a"][:, 0] for s in reader]
+        assert torch.equal(torch.cat(got) if got else torch.empty(0), full[start:]), start
+    reader = CacheReader(tmp_path, start_row=30)
+    starts = []
+    for shard in reader:
+        starts.append(reader.item_start)
+    assert shard["a"][0, 0] == 56  # the last shard, rows 56..69
+    assert starts == [{"contexts": 4, "rows_before_contexts": 28}, {"contexts": 6, "rows_before_contexts": 42},
+                      {"contexts": 8, "rows_before_contexts": 56}]
+    assert [s["contexts_done"] for s in json.loads((tmp_path / MANIFEST).read_text())["shards"]] == [2, 4, 6, 8, 10]
+
+
+def test_cache_without_per_shard_context_counts_still_reads(tmp_path):
+    write(tmp_path, batches(n=4), shard_tokens=7)
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    for shard in m["shards"]:
+        del shard["contexts_done"]  # as written before shards recorded it
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    reader = CacheReader(tmp_path, start_row=10)
+    assert torch.equal(torch.cat([s["a"][:, 0] for s in reader]), torch.arange(10, 28, dtype=torch.float32))
+    assert reader.item_start == {"contexts": None, "rows_before_contexts": None}
 
 
 def test_config_pipeline_writes_then_reads_without_the_model(tiny_llama, tmp_path, monkeypatch):
@@ -129,7 +162,7 @@ def test_config_pipeline_writes_then_reads_without_the_model(tiny_llama, tmp_pat
 
     monkeypatch.setattr(model, "forward", model_must_not_run)
     again = torch.cat([a["layers.1"] for a in activation_source(cfg, model, tok)])
-    assert torch.equal(again.sort(0).values, harvested.sort(0).values)
+    assert torch.equal(again, harvested)  # epoch 1 of a complete cache comes in harvest order too
 
 
 def test_interrupted_pipeline_resumes_to_the_uninterrupted_cache(tiny_llama, tmp_path):

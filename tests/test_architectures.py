@@ -68,3 +68,83 @@ def test_bad_folders_are_one_line(tmp_path):
         load_sae(tmp_path / "s")
     with pytest.raises(ConfigError, match="not a readable SAE config"):
         load_sae(tmp_path / "missing")
+
+
+ALL = ["topk", "batchtopk", "relu", "jumprelu"]
+
+
+def random_sae(arch, d=16, M=64, seed=0):
+    """An SAE of ``arch`` with random (not freshly initialized) weights and thresholds."""
+    from sae.config import load_config
+    from sae.trainer import make_sae
+
+    extra = ["sae.k=4"] if "topk" in arch else []
+    sae = make_sae(load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", *extra]), d)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.05)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_every_architecture_round_trips_through_its_folder(tmp_path, arch):
+    sae = random_sae(arch)
+    sae.save(tmp_path / "s")
+    loaded = load_sae(tmp_path / "s")
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
+    x = torch.randn(32, 16)
+    assert torch.equal(loaded.encode(x), sae.encode(x)) and torch.equal(loaded(x), sae(x))
+    cfg = json.loads((tmp_path / "s" / CONFIG_FILE).read_text())
+    assert cfg["apply_b_dec_to_input"] == (arch in ("topk", "batchtopk"))
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_folding_the_input_scale_keeps_the_latents_and_divides_the_reconstruction(arch):
+    sae = random_sae(arch)
+    x, s = torch.randn(32, 16, dtype=torch.float64), 3.7
+    sae = sae.double()
+    z, x_hat = sae.encode(x * s), sae(x * s)
+    sae.fold_input_scale(s)
+    torch.testing.assert_close(sae.encode(x), z)
+    torch.testing.assert_close(sae(x), x_hat / s)
+
+
+def test_inference_rules_match_the_formulas():
+    x = torch.randn(40, 16)
+    relu, jump, btk = random_sae("relu"), random_sae("jumprelu"), random_sae("batchtopk")
+    torch.testing.assert_close(relu.encode(x), (x @ relu.W_enc.t() + relu.b_enc).relu())   # no b_dec at the input
+    pre = x @ jump.W_enc.t() + jump.b_enc
+    torch.testing.assert_close(jump.encode(x), torch.where(pre > jump.log_threshold.exp(), pre, 0.0))
+    pre = (x - btk.b_dec) @ btk.W_enc.t() + btk.b_enc
+    torch.testing.assert_close(btk.encode(x), torch.where(pre > 0.05, pre, 0.0))
+
+
+def test_jumprelu_threshold_gradients_are_finite_differences_over_the_kernel_width():
+    from sae.architectures.jumprelu import JumpReLUFn, StepFn
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.rand(4000, 3, generator=g, dtype=torch.float64) * 2    # uniform on [0, 2]
+    theta = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64, requires_grad=True)
+    eps = 0.01
+
+    def count(t):  # sum of H(pre - t), and of pre * H(pre - t), per latent
+        return (pre > t).sum(0).double(), (pre * (pre > t)).sum(0)
+
+    (lo_h, lo_z), (hi_h, hi_z) = count(theta.detach() - eps / 2), count(theta.detach() + eps / 2)
+    StepFn.apply(pre, theta, eps).sum().backward()
+    torch.testing.assert_close(theta.grad, (hi_h - lo_h) / eps)        # exact: the kernel is a window count
+    theta.grad = None
+    JumpReLUFn.apply(pre, theta, eps).sum().backward()
+    torch.testing.assert_close(theta.grad, (hi_z - lo_z) / eps, rtol=eps, atol=0)  # theta * count ~ sum of pre
+
+
+def test_sae_settings_for_another_architecture_are_refused():
+    from sae.config import load_config
+
+    with pytest.raises(ConfigError, match="sae.l1_coefficient: applies to relu only, not sae.architecture = topk"):
+        load_config(None, ["sae.l1_coefficient=2"])
+    with pytest.raises(ConfigError, match="sae.k: applies to topk and batchtopk only"):
+        load_config(None, ["sae.architecture=relu", "sae.k=8"])

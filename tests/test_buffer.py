@@ -7,15 +7,19 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sae.buffer import ShuffleBuffer
 
 
-def source(n_batches=20, rows=50, d=6):
-    """Rows numbered 0.. in column 0; hook 'b' is hook 'a' times -2 (to check alignment)."""
+def source(n_batches=20, rows=50, d=6, start_row=0):
+    """Rows numbered 0.. in column 0; hook 'b' is hook 'a' times -2 (to check alignment).
+    ``start_row`` drops the rows before it (a source restarted mid-item)."""
     for i in range(n_batches):
         a = torch.arange(i * rows, (i + 1) * rows, dtype=torch.float32)[:, None].repeat(1, d)
-        yield {"a": a, "b": -2 * a}
+        a = a[max(0, start_row - i * rows):]
+        if len(a):
+            yield {"a": a, "b": -2 * a}
 
 
 def test_each_row_served_exactly_once_and_hooks_stay_aligned():
@@ -70,6 +74,67 @@ def test_buffer_too_large_for_memory_is_one_line():
 def test_bad_sizes_refused():
     with pytest.raises(ValueError):
         ShuffleBuffer(source(), capacity_tokens=10, batch_tokens=20)
+
+
+def round_trip(state, folder):
+    """Through safetensors + JSON, as a checkpoint stores it."""
+    save_file(state["tensors"], str(folder / "s.safetensors"))
+    (folder / "s.json").write_text(json.dumps(state["meta"]))
+    return {"tensors": load_file(str(folder / "s.safetensors")), "meta": json.loads((folder / "s.json").read_text())}
+
+
+@pytest.mark.parametrize("refill_fraction", [0.5, 0.3, 1.0])
+def test_resumed_buffer_serves_the_same_batches_bit_for_bit(tmp_path, refill_fraction):
+    kw = dict(capacity_tokens=300, batch_tokens=40, refill_fraction=refill_fraction, seed=7)
+    full = list(ShuffleBuffer(source(), **kw))
+    for j in range(len(full) + 1):  # every cut, refill boundaries and the end included
+        buf = ShuffleBuffer(source(), **kw)
+        batches = iter(buf)
+        for _ in range(j):
+            next(batches)
+        state = round_trip(buf.state_dict(), tmp_path)
+        rows = state["meta"]["position"]["rows"]
+        resumed = ShuffleBuffer(source(start_row=rows), **kw, resume=state)
+        rest = list(resumed)
+        assert len(rest) == len(full) - j and resumed.tokens_served == len(full) * 40
+        for got, want in zip(rest, full[j:]):
+            assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
+
+
+def test_state_holds_only_what_is_needed(tmp_path):
+    buf = ShuffleBuffer(source(), capacity_tokens=300, batch_tokens=40, seed=1)
+    batches = iter(buf)
+    next(batches)  # 300 placed, a share of 3 batches drawn, 1 served
+    t, meta = buf.state_dict()["tensors"], buf.state_dict()["meta"]
+    assert t["occupied"].sum() == 260 and t["rows.a"].shape == (260, 6) and t["order"].shape == (80,)
+    assert t["occupied"][t["order"]].all() and t["generator"].dtype == torch.uint8
+    assert meta["position"] == {"rows": 300} and meta["tokens_served"] == 40 and meta["hooks"] == ["a", "b"]
+    json.dumps(meta)
+    assert sorted(round_trip(buf.state_dict(), tmp_path)["tensors"]) == sorted(t)
+
+
+def test_resume_checks_sizes_fingerprint_source_and_damage(tmp_path):
+    from sae.errors import ConfigError
+
+    buf = ShuffleBuffer(source(), 300, 40, fingerprint={"seed": 1})
+    next(iter(buf))
+    state = round_trip(buf.state_dict(), tmp_path)
+    with pytest.raises(ConfigError, match=r"another data stream \(seed: saved state has 1, this run 2\)"):
+        ShuffleBuffer(source(start_row=300), 300, 40, fingerprint={"seed": 2}, resume=state)
+    with pytest.raises(ConfigError, match=r"other sizes \(batch_tokens: saved state has 40, this run 30\)"):
+        ShuffleBuffer(source(start_row=300), 300, 30, fingerprint={"seed": 1}, resume=state)
+    damaged = {"tensors": {**state["tensors"], "occupied": state["tensors"]["occupied"][:10]}, "meta": state["meta"]}
+    with pytest.raises(ConfigError, match=r"resume: the saved buffer state is damaged \(occupied"):
+        ShuffleBuffer(source(start_row=300), 300, 40, fingerprint={"seed": 1}, resume=damaged)
+
+    class Source:  # a source that says where it starts is checked against the state
+        start_row = 0
+
+        def __iter__(self):
+            return source()
+
+    with pytest.raises(ValueError, match="starts at row 0, the state at row 300"):
+        ShuffleBuffer(Source(), 300, 40, fingerprint={"seed": 1}, resume=state)
 
 
 PEAK_SCRIPT = r"""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.fused_topk import FusedTopKLoss, _row_dots, fused_topk_loss, topk_loss_reference
+from sae.fused_topk import FusedTopKLoss, TopKSpec, _row_dots, fused_topk_loss, per_token_codes, topk_loss_reference
 
 
 def make(N, d, M, dtype, seed=0):
@@ -29,11 +29,12 @@ def grads(loss_fn, x, params, **kw):
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("N, d, M, k", [(64, 16, 128, 4), (200, 32, 256, 16), (33, 8, 40, 8)])
 @pytest.mark.parametrize("n_dead", [0, 5, 100])
-def test_loss_and_every_gradient_match_the_dense_reference(dtype, tol, N, d, M, k, n_dead):
+@pytest.mark.parametrize("multi_topk, batch_topk", [(False, False), (True, False), (False, True), (True, True)])
+def test_loss_and_every_gradient_match_the_dense_reference(dtype, tol, N, d, M, k, n_dead, multi_topk, batch_topk):
     x, params = make(N, d, M, dtype)
     dead = torch.zeros(M, dtype=torch.bool)
     dead[torch.randperm(M, generator=torch.Generator().manual_seed(1))[: min(n_dead, M)]] = True
-    kw = dict(k=k, dead=dead, k_aux=12, aux_alpha=1 / 32)
+    kw = dict(k=k, dead=dead, k_aux=12, aux_alpha=1 / 32, multi_topk=multi_topk, batch_topk=batch_topk)
     loss_ref, g_ref = grads(topk_loss_reference, x, params, **kw)
     loss, g = grads(fused_topk_loss, x, params, **kw)
     torch.testing.assert_close(loss, loss_ref, rtol=tol, atol=tol)
@@ -55,7 +56,8 @@ def test_row_dots_equal_dense_products_gathered():
     g = torch.Generator().manual_seed(0)
     grad, W = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
     idx = torch.randn(30, 50, generator=g).topk(5, dim=1, sorted=False).indices  # unsorted, like topk's output
-    torch.testing.assert_close(_row_dots(grad, W, idx), (grad @ W.t()).gather(1, idx))
+    codes = per_token_codes(torch.ones(30, 5, dtype=torch.float64), idx)
+    torch.testing.assert_close(_row_dots(grad, W, codes), (grad @ W.t())[codes.rows, codes.cols])
 
 
 def test_workspace_gives_identical_results():
@@ -64,7 +66,33 @@ def test_workspace_gives_identical_results():
     ws = torch.full((40 * 32 + 7,), float("nan"), dtype=torch.float64)  # larger than needed, dirty
 
     def with_ws(x, **p):
-        return FusedTopKLoss.apply(x, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], 4, None, 512, 1 / 32, ws)[0]
+        return FusedTopKLoss.apply(x, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], TopKSpec(4), None, ws)[0]
 
     loss_b, g_b = grads(with_ws, x, params)
     assert torch.equal(loss_a, loss_b) and all(torch.equal(g_a[n], g_b[n]) for n in g_a)
+
+
+def test_batch_topk_keeps_n_times_k_latents_over_the_batch_not_k_per_token():
+    x, params = make(50, 8, 64, torch.float64)
+    params["b_enc"].data[:3] += 5.0  # three latents fire on every token
+    spec = TopKSpec(4, batch_topk=True)
+    _, _, fires, min_active = FusedTopKLoss.apply(x, *params.values(), spec, None, None)
+    pre = (x - params["b_dec"]) @ params["W_enc"].t() + params["b_enc"]
+    top = pre.detach().view(-1).topk(50 * 4).values
+    assert int(fires.sum()) == int((top > 0).sum())
+    assert (fires[:3] == 50).all()                 # per-token counts vary: the hot latents take every token
+    assert float(min_active) == float(top[top > 0].min())
+
+
+def test_autocast_runs_only_the_encoder_gemm_in_bfloat16():
+    x, params = make(256, 32, 128, torch.float32)
+    loss32, g32 = grads(fused_topk_loss, x, params, k=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = fused_topk_loss(x, **params, k=8)
+    assert loss16.dtype == torch.float32
+    loss16.backward()
+    torch.testing.assert_close(loss16.detach(), loss32, rtol=2e-2, atol=0)
+    for name, p in params.items():
+        assert p.grad.dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), g32[name].flatten(), dim=0)
+        assert cos > 0.95, (name, cos)

@@ -78,7 +78,7 @@ def test_latents_silent_for_the_window_count_as_dead():
 
 
 def test_bad_settings_and_bad_activations_are_one_line():
-    with pytest.raises(ConfigError, match="sae.k: 500 is larger than the 128 latents of h"):
+    with pytest.raises(ConfigError, match="sae.k: 500 is larger than the 128 latents for width 32"):
         Trainer(load_config(None, ["sae.num_latents=128", "sae.k=500"]), {"h": 32}, total_steps=1)
     trainer = Trainer(config(), {"h": 32}, total_steps=5)
     x = sparse_data(256)
@@ -109,3 +109,47 @@ def test_tensorboard_logger_writes_scalars_and_density_histograms(tmp_path):
     assert events.Histograms("h/log10_density")[0].histogram_value.num == 128  # one value per latent
     # the density window covers exactly the tokens since the last log: 3 steps x 256
     assert trainer.window_tokens["h"] == 0 and trainer.window_fires["h"].sum() == 0
+
+
+RECIPES = {  # short-run settings for the toy data; the defaults are for real runs
+    "topk": ["sae.k=6", "train.lr=3e-3"],
+    "batchtopk": ["sae.k=6", "train.lr=3e-3"],
+    "relu": ["sae.l1_coefficient=0.5", "train.lr=3e-3"],
+    "jumprelu": ["train.lr=1e-2"],
+}
+
+
+def arch_config(arch, *extra):
+    return load_config(None, [f"sae.architecture={arch}", "sae.num_latents=128", "train.batch_tokens=256",
+                              "train.warmup_steps=20", "train.dead_tokens=5000", *RECIPES[arch], *extra])
+
+
+@pytest.mark.parametrize("arch", list(RECIPES))
+def test_every_architecture_learns_a_sparse_dictionary(arch):
+    trainer = Trainer(arch_config(arch), {"h": 32}, total_steps=300)
+    for step in range(300):
+        trainer.step({"h": sparse_data(256, seed=100 + step)})
+    result = evaluate(trainer.trained_sae("h"), [sparse_data(2048, seed=1)])
+    assert result["fvu"] < 0.25 and result["l0"] < 32, result   # 3 true atoms among 128 latents
+    if arch == "batchtopk":  # the inference threshold keeps about k active per token
+        assert 3 <= result["l0"] <= 9, result
+    norms = trainer.saes["h"].W_dec.norm(dim=1)
+    if arch == "relu":  # its penalty weighs rows by their norm; no constraint
+        assert norms.std() > 0.01
+    else:
+        torch.testing.assert_close(norms, torch.ones(128))
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_input_scaling_makes_training_blind_to_the_activation_scale(arch):
+    """Training on 8x the activations (a power of two: exact in floating point) gives the
+    same SAE up to that factor, once the scale is folded in."""
+    results = []
+    for c in (1.0, 8.0):
+        trainer = Trainer(arch_config(arch), {"h": 32}, total_steps=30)
+        for step in range(30):
+            trainer.step({"h": c * sparse_data(256, seed=100 + step)})
+        results.append(trainer.trained_sae("h"))
+    x = sparse_data(64, seed=1)
+    torch.testing.assert_close(results[1].encode(8 * x), results[0].encode(x))
+    torch.testing.assert_close(results[1](8 * x), 8 * results[0](x))

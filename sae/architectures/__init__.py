@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 
 from sae.architectures.base import CONFIG_FILE, SparseAutoencoder
-from sae.architectures.topk import TopKConfig, TopKSAE
+from sae.architectures.jumprelu import JumpReLUConfig, JumpReLUSAE
+from sae.architectures.relu import ReLUConfig, ReLUSAE
+from sae.architectures.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 from sae.errors import ConfigError
 
-ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {"topk": TopKSAE}
+ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE)}
 
 
 def load_sae(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
@@ -31,4 +34,5 @@ def load_sae(folder: str | Path, device: torch.device | str = "cpu", dtype: torc
     return ARCHITECTURES[arch].load_folder(folder, cfg, device, dtype)
 
 
-__all__ = ["ARCHITECTURES", "SparseAutoencoder", "TopKConfig", "TopKSAE", "load_sae"]
+__all__ = ["ARCHITECTURES", "BatchTopKConfig", "BatchTopKSAE", "JumpReLUConfig", "JumpReLUSAE", "ReLUConfig",
+           "ReLUSAE", "SparseAutoencoder", "TopKConfig", "TopKSAE", "load_sae"]

@@ -8,8 +8,7 @@ names and layouts SAELens uses (W_enc [d, M], W_dec [M, d], b_enc [M], b_dec [d]
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sae.atomic_io import replace_folder_atomic
 from sae.errors import ConfigError
 
 CONFIG_FILE = "cfg.json"
@@ -26,11 +26,20 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 
 
 class SparseAutoencoder(nn.Module):
-    """Base class; subclasses set ``architecture`` and ``Config`` and implement ``encode``
-    and ``training_loss``."""
+    """Base class; a subclass sets ``architecture`` and ``Config`` (a dataclass with at
+    least d_in and num_latents) and implements ``activation`` and ``training_loss``.
+
+    The class attributes below are the architecture's training recipe, read by the trainer.
+    """
 
     architecture: ClassVar[str]
     Config: ClassVar[type]
+    apply_b_dec_to_input: ClassVar[bool] = True   # encode (x - b_dec); b_dec starts at the geometric median
+    unit_norm_decoder: ClassVar[bool] = True      # decoder rows kept on the unit sphere during training
+    scale_inputs: ClassVar[bool] = False          # train on x * s with E|x * s| = sqrt(d); s folded in on save
+    grad_clip: ClassVar[float | None] = None      # max global gradient norm
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    init_decoder_norm: ClassVar[float] = 1.0
 
     def __init__(self, cfg, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -43,18 +52,32 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d, **kw))
         self.reset_parameters()
 
+    @classmethod
+    def default_lr(cls, num_latents: int) -> float:
+        """Gao et al.'s scaling rule: 2e-4 at 2^14 latents, falling as 1/sqrt(M)."""
+        return 2e-4 / math.sqrt(num_latents / 2**14)
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Decoder rows random unit vectors, encoder = decoder (transpose init), biases zero."""
+        """Decoder rows random directions of norm ``init_decoder_norm``, encoder = decoder
+        (transpose init), biases zero."""
         with torch.no_grad():
             W = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
-            self.W_dec.copy_(nn.functional.normalize(W, dim=1))
+            self.W_dec.copy_(nn.functional.normalize(W, dim=1) * self.init_decoder_norm)
             self.W_enc.copy_(self.W_dec)
             self.b_enc.zero_()
             self.b_dec.zero_()
 
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations [N, M] for x [N, d]."""
+        return ((x - self.b_dec) if self.apply_b_dec_to_input else x) @ self.W_enc.t() + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense latents [N, M] from pre-activations [N, M] (inference rule)."""
+        raise NotImplementedError
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latents [N, M] for x [N, d]."""
-        raise NotImplementedError
+        return self.activation(self.pre_activations(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstruction [N, d] from dense latents z [N, M]."""
@@ -63,42 +86,63 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def training_loss(self, x: torch.Tensor, dead: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
+                      progress: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, batch FVU, fires) for x [N, d]. fires: int64 [M], tokens each latent was
+        active on. dead: bool [M] or None; workspace: reusable memory for the N x M
+        pre-activations (architectures that can use it); progress: share of training done
+        in [0, 1] (for warmups of sparsity penalties)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        """Make an SAE trained on x * s take x: same latents, reconstruction divided by s."""
+        self.W_enc.mul_(s)
+        self.W_dec.div_(s)
+        self.b_dec.div_(s)
+
     # ---- on disk -------------------------------------------------------------------
+
+    def disk_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as stored: SAELens names and layouts (W_enc transposed to [d, M])."""
+        return {"W_enc": self.W_enc.detach().t(), "W_dec": self.W_dec.detach(),
+                "b_enc": self.b_enc.detach(), "b_dec": self.b_dec.detach()}
+
+    @torch.no_grad()
+    def load_disk_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``disk_tensors``; shapes were checked by the caller."""
+        self.W_enc.copy_(tensors["W_enc"].t())
+        for name in ("W_dec", "b_enc", "b_dec"):
+            getattr(self, name).copy_(tensors[name])
 
     def save(self, folder: str | Path, metadata: dict | None = None) -> None:
         """Write cfg.json + sae_weights.safetensors into ``folder``, replacing it whole."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        tensors = {"W_enc": self.W_enc.detach().t().contiguous(), "W_dec": self.W_dec.detach().contiguous(),
-                   "b_enc": self.b_enc.detach().contiguous(), "b_dec": self.b_dec.detach().contiguous()}
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE))
         cfg = {"architecture": self.architecture, **asdict(self.cfg), "d_sae": self.cfg.num_latents,
+               "apply_b_dec_to_input": self.apply_b_dec_to_input,
                "dtype": str(self.W_dec.dtype).removeprefix("torch."), "metadata": metadata or {}}
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
-        tmp.chmod(0o755)
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+
+        def fill(tmp: Path) -> None:
+            save_file({k: v.contiguous().cpu() for k, v in self.disk_tensors().items()}, str(tmp / WEIGHTS_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
+
+        replace_folder_atomic(Path(folder), fill)
 
     @classmethod
     def load_folder(cls, folder: Path, cfg: dict, device, dtype) -> SparseAutoencoder:
         fields = {f: cfg[f] for f in cls.Config.__dataclass_fields__ if f in cfg}
-        sae = cls(cls.Config(**fields), device=device, dtype=dtype)
+        try:
+            sae = cls(cls.Config(**fields), device=device, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"{folder / CONFIG_FILE}: not a valid {cls.architecture} SAE config ({e})") from None
         try:
             tensors = load_file(str(folder / WEIGHTS_FILE))
         except (OSError, SafetensorError) as e:
             raise ConfigError(f"{folder / WEIGHTS_FILE}: cannot read SAE weights ({e})") from None
-        expected = {"W_enc": (sae.cfg.d_in, sae.cfg.num_latents), "W_dec": (sae.cfg.num_latents, sae.cfg.d_in),
-                    "b_enc": (sae.cfg.num_latents,), "b_dec": (sae.cfg.d_in,)}
-        for name, shape in expected.items():
+        for name, t in sae.disk_tensors().items():
             got = tuple(tensors[name].shape) if name in tensors else None
-            if got != shape:
-                raise ConfigError(f"{folder / WEIGHTS_FILE}: {name} has shape {got}, cfg.json says {shape}")
-        with torch.no_grad():
-            sae.W_enc.copy_(tensors["W_enc"].t())
-            for name in ("W_dec", "b_enc", "b_dec"):
-                getattr(sae, name).copy_(tensors[name])
+            if got != tuple(t.shape):
+                raise ConfigError(f"{folder / WEIGHTS_FILE}: {name} has shape {got}, cfg.json says {tuple(t.shape)}")
+            if not torch.isfinite(tensors[name]).all():
+                raise ConfigError(f"{folder / WEIGHTS_FILE}: {name} holds NaN or inf; the file is damaged")
+        sae.load_disk_tensors(tensors)
         return sae

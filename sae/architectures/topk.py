@@ -1,5 +1,12 @@
-"""TopK SAE (Gao et al. 2024): z = TopK(ReLU(W_enc (x - b_dec) + b_enc)), trained with
-the fused MSE + AuxK loss of ``sae.fused_topk``."""
+"""TopK SAE (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024), trained with the fused
+loss of ``sae.fused_topk``.
+
+TopK:      z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc)), per token.
+BatchTopK: in training, the N*k largest pre-activations of the batch (so the number per
+           token varies around k); at inference, z = ReLU(pre) * (pre > threshold), with
+           the threshold a running average of the smallest value training selected.
+Both: AuxK on dead latents; optional multi-TopK term L(4k) / 8.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sae.architectures.base import SparseAutoencoder
-from sae.fused_topk import FusedTopKLoss
+from sae.fused_topk import FusedTopKLoss, TopKSpec
 
 
 @dataclass
@@ -18,25 +25,67 @@ class TopKConfig:
     k: int = 32
     k_aux: int | None = None    # None: d_in // 2 (Gao et al., appendix B.1)
     aux_alpha: float = 1 / 32
+    multi_topk: bool = False    # add the reconstruction loss of the top 4k latents, weighted 1/8
+
+    def __post_init__(self):
+        if not 1 <= self.k <= self.num_latents:
+            raise ValueError(f"k = {self.k} must be between 1 and num_latents = {self.num_latents}")
 
 
 class TopKSAE(SparseAutoencoder):
     architecture = "topk"
     Config = TopKConfig
+    batch_topk = False
 
-    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, indices), each [N, k], of the k active latents per token."""
-        pre = (x - self.b_dec) @ self.W_enc.t() + self.b_enc
+    def spec(self) -> TopKSpec:
+        return TopKSpec(self.cfg.k, self.cfg.k_aux or self.cfg.d_in // 2, self.cfg.aux_alpha, self.cfg.multi_topk,
+                        self.batch_topk)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
         vals, idx = pre.topk(self.cfg.k, dim=1)
-        return vals.relu(), idx
+        return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        vals, idx = self.encode_sparse(x)
-        return torch.zeros(x.shape[0], self.cfg.num_latents, dtype=vals.dtype, device=x.device).scatter_(1, idx, vals)
+    def training_loss(self, x, dead=None, workspace=None, progress=1.0):
+        loss, fvu, fires, _ = FusedTopKLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.spec(),
+                                                  dead, workspace)
+        return loss, fvu, fires
 
-    def training_loss(self, x: torch.Tensor, dead: torch.Tensor | None,
-                      workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, batch FVU, fires [M]) for x [N, d]; see FusedTopKLoss for ``workspace``."""
-        k_aux = self.cfg.k_aux or self.cfg.d_in // 2
-        return FusedTopKLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.k, dead, k_aux,
-                                   self.cfg.aux_alpha, workspace)
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    threshold_momentum: float = 0.99    # running average of the batch's smallest selected value
+
+
+class BatchTopKSAE(TopKSAE):
+    architecture = "batchtopk"
+    Config = BatchTopKConfig
+    batch_topk = True
+
+    def __init__(self, cfg, device="cpu", dtype=torch.float32):
+        super().__init__(cfg, device, dtype)
+        # Stored per latent (all equal) so the file reads as a JumpReLU SAE elsewhere.
+        self.register_buffer("threshold", torch.zeros(cfg.num_latents, device=device, dtype=dtype))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre.relu() * (pre > self.threshold)
+
+    def training_loss(self, x, dead=None, workspace=None, progress=1.0):
+        loss, fvu, fires, min_active = FusedTopKLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                                           self.spec(), dead, workspace)
+        with torch.no_grad():  # on the device: no host sync
+            beta = self.cfg.threshold_momentum
+            ema = torch.where(self.threshold_updates > 0, beta * self.threshold + (1 - beta) * min_active,
+                              min_active.expand_as(self.threshold))
+            self.threshold.copy_(torch.where(torch.isfinite(min_active), ema, self.threshold))
+            self.threshold_updates += torch.isfinite(min_active).long()
+        return loss, fvu, fires
+
+    def disk_tensors(self):
+        return {**super().disk_tensors(), "threshold": self.threshold}
+
+    def load_disk_tensors(self, tensors):
+        super().load_disk_tensors(tensors)
+        with torch.no_grad():
+            self.threshold.copy_(tensors["threshold"])
+            self.threshold_updates.fill_(1)

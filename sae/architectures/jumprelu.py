@@ -1,0 +1,120 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024; the Gemma Scope recipe).
+
+    pre = W_enc x + b_enc;   z = pre * H(pre - theta),  theta = exp(log_threshold) [M]
+    L = mean_n |x_n - x_hat_n|^2 + lambda * mean_n sum_i H(pre_ni - theta_i)     (an L0 penalty)
+
+H has no useful derivative, so theta learns through straight-through estimators with a
+rectangle kernel of width ``bandwidth`` (epsilon) around the threshold:
+    d z / d theta      = -(theta / eps) * rect((pre - theta) / eps)
+    d H / d theta      = -(1 / eps) * rect((pre - theta) / eps)
+and pre gets the ordinary gradient through z (none through H). Inputs are scaled to
+E|x| = sqrt(d) (folded into the saved weights), decoder rows kept at unit norm, lambda
+warmed up linearly, Adam with beta1 = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sae.architectures.base import SparseAutoencoder
+from sae.architectures.relu import batch_fvu, warmed_up
+
+
+@dataclass
+class JumpReLUConfig:
+    d_in: int
+    num_latents: int
+    l0_coefficient: float = 1.0
+    sparsity_warmup_fraction: float = 0.05
+    bandwidth: float = 0.05
+    init_threshold: float = 0.1
+
+
+def _rect(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """z = JumpReLUFn.apply(pre [N, M], threshold [M], bandwidth) = pre * (pre > threshold)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_pre = g * (pre > threshold)
+        g_threshold = (-(threshold / eps) * _rect((pre - threshold) / eps) * g).sum(0)
+        return g_pre, g_threshold, None
+
+
+class StepFn(torch.autograd.Function):
+    """H = StepFn.apply(pre [N, M], threshold [M], bandwidth) = 1[pre > threshold]."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        return None, (-(1 / eps) * _rect((pre - threshold) / eps) * g).sum(0), None
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    architecture = "jumprelu"
+    Config = JumpReLUConfig
+    apply_b_dec_to_input = False
+    scale_inputs = True
+    adam_betas = (0.0, 0.999)
+
+    def __init__(self, cfg, device="cpu", dtype=torch.float32):
+        super().__init__(cfg, device, dtype)
+        self.log_threshold = nn.Parameter(torch.full((cfg.num_latents,), math.log(cfg.init_threshold),
+                                                     device=device, dtype=dtype))
+
+    @classmethod
+    def default_lr(cls, num_latents: int) -> float:
+        return 7e-5
+
+    def reset_parameters(self, generator=None):
+        super().reset_parameters(generator)
+        if hasattr(self, "log_threshold"):
+            with torch.no_grad():
+                self.log_threshold.fill_(math.log(self.cfg.init_threshold))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold)
+
+    def training_loss(self, x, dead=None, workspace=None, progress=1.0):
+        pre = self.pre_activations(x)
+        theta = self.threshold
+        z = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
+        sq_err = (x - self.decode(z)).pow(2).sum()
+        lam = warmed_up(self.cfg.l0_coefficient, progress, self.cfg.sparsity_warmup_fraction)
+        l0 = StepFn.apply(pre, theta, self.cfg.bandwidth).sum()
+        loss = (sq_err + lam * l0) / x.shape[0]
+        return loss, batch_fvu(x, sq_err), (z != 0).sum(0)
+
+    def disk_tensors(self):
+        return {**super().disk_tensors(), "threshold": self.threshold.detach()}
+
+    def load_disk_tensors(self, tensors):
+        super().load_disk_tensors(tensors)
+        with torch.no_grad():
+            self.log_threshold.copy_(tensors["threshold"].log())

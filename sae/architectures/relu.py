@@ -1,0 +1,62 @@
+"""ReLU SAE with the L1 penalty of Anthropic's April 2024 update (DESIGN.md section 2).
+
+    z = ReLU(W_enc x + b_enc)             (no b_dec subtracted at the input)
+    x_hat = z @ W_dec + b_dec
+    L = mean_n |x_n - x_hat_n|^2 + lambda * mean_n sum_i z_ni |W_dec,i|
+
+Trained on inputs scaled so that E|x| = sqrt(d) (the trainer folds the scale into the saved
+weights); decoder rows are free (the penalty weighs each latent by its row norm), start at
+norm 0.1, and lambda warms up linearly over the first ``sparsity_warmup_fraction`` of
+training. This needs the dense N x M latents; there is nothing sparse to fuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sae.architectures.base import SparseAutoencoder
+
+
+@dataclass
+class ReLUConfig:
+    d_in: int
+    num_latents: int
+    l1_coefficient: float = 5.0
+    sparsity_warmup_fraction: float = 0.05
+
+
+def warmed_up(coefficient: float, progress: float, warmup_fraction: float) -> float:
+    """A penalty coefficient ramped linearly from 0 over the first warmup_fraction of training."""
+    return coefficient * min(1.0, progress / warmup_fraction) if warmup_fraction > 0 else coefficient
+
+
+def batch_fvu(x: torch.Tensor, sq_err: torch.Tensor) -> torch.Tensor:
+    """Sum of squared errors over the batch's total variance (no gradient)."""
+    return (sq_err / (x - x.mean(0)).pow(2).sum()).detach()
+
+
+class ReLUSAE(SparseAutoencoder):
+    architecture = "relu"
+    Config = ReLUConfig
+    apply_b_dec_to_input = False
+    unit_norm_decoder = False
+    scale_inputs = True
+    grad_clip = 1.0
+    init_decoder_norm = 0.1
+
+    @classmethod
+    def default_lr(cls, num_latents: int) -> float:
+        return 5e-5
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre.relu()
+
+    def training_loss(self, x, dead=None, workspace=None, progress=1.0):
+        z = self.encode(x)
+        sq_err = (x - self.decode(z)).pow(2).sum()
+        lam = warmed_up(self.cfg.l1_coefficient, progress, self.cfg.sparsity_warmup_fraction)
+        l1 = (z * self.W_dec.norm(dim=1)).sum()
+        loss = (sq_err + lam * l1) / x.shape[0]
+        return loss, batch_fvu(x, sq_err), (z > 0).sum(0)

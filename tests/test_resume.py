@@ -1,0 +1,106 @@
+"""Checkpoints and --resume: an interrupted run, resumed, ends bit-identical to an
+uninterrupted one; bad resume folders get one line."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae.config import load_config
+from sae.errors import ConfigError
+from sae.run import resume_config, run_dir_for, train_run
+from sae.trainer import Trainer, TrainingStopped
+
+
+def small_run(root, *extra):
+    return load_config(None, [
+        f"output.root={root}", "output.run_name=r", "output.tensorboard=false", "output.log_every_steps=5",
+        "output.checkpoint_every_steps=7", "data.token_budget=12288", "data.eval_split=null",
+        "train.batch_tokens=512", "harvest.buffer_tokens=2048", "train.warmup_steps=2", "train.dead_tokens=2000",
+        "sae.expansion_factor=4", *extra])
+
+
+def interrupt_at(monkeypatch, step):
+    """Send this process a real SIGINT right after optimizer step ``step``."""
+    original = Trainer.step
+
+    def step_then_signal(self, batch):
+        out = original(self, batch)
+        if self.step_count == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step_then_signal)
+
+
+def weights(run_dir, hook="layers.2"):
+    return load_file(str(run_dir / hook / "sae_weights.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch, cache, arch):
+    extra = [f"sae.architecture={arch}"] + (["sae.k=16"] if arch != "relu" else [])
+    if cache:  # the cache starts cold in both runs; the interrupted one leaves it half written
+        extra += ["harvest.cache_shard_tokens=1024", "harvest.cache_epochs=2"]
+
+    def cfg(name):
+        return small_run(tmp_path / name, *extra, *([f"harvest.cache_dir={tmp_path / name / 'cache'}"] if cache else []))
+
+    whole = train_run(cfg("whole"), log=lambda s: None)
+    interrupt_at(monkeypatch, 10)
+    with pytest.raises(TrainingStopped):
+        train_run(cfg("parts"), log=lambda s: None)
+    parts = tmp_path / "parts" / "r"
+    assert (parts / "state" / "state.json").exists()
+    assert json.loads((parts / "state" / "state.json").read_text())["trainer"]["step"] == 10
+    monkeypatch.undo()
+    train_run(resume_config(parts), log=lambda s: None, resume=True)
+    a, b = weights(whole), weights(parts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (parts / "state").exists()  # a finished run drops its state
+
+
+def test_resume_refusals_are_one_line(tmp_path, monkeypatch):
+    cfg = small_run(tmp_path)
+    run_dir = run_dir_for(cfg)
+    with pytest.raises(ConfigError, match="is not a run folder"):
+        resume_config(run_dir)
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(TrainingStopped):
+        train_run(cfg, log=lambda s: None)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="holds an unfinished run; continue it with --resume"):
+        run_dir_for(small_run(tmp_path))
+    other = small_run(tmp_path, "train.seed=5")
+    with pytest.raises(ConfigError, match="belongs to another run.*train.seed: checkpoint has 0, this run 5"):
+        train_run(other, log=lambda s: None, resume=True)
+    (run_dir / "state" / "trainer.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(ConfigError, match="is damaged"):
+        train_run(resume_config(run_dir), log=lambda s: None, resume=True)
+    (run_dir / "state" / "state.json").unlink()
+    with pytest.raises(ConfigError, match="is damaged"):
+        train_run(resume_config(run_dir), log=lambda s: None, resume=True)
+
+
+def test_nan_stops_with_the_step_and_hook_and_keeps_the_last_checkpoint():
+    cfg = load_config(None, ["sae.num_latents=64", "sae.k=4", "train.batch_tokens=32"])
+    trainer = Trainer(cfg, {"layers.1": 16}, total_steps=100)
+    saved = []
+    batches = [{"layers.1": torch.randn(32, 16)} for _ in range(12)]
+    batches[8]["layers.1"][3, 5] = float("nan")
+    with pytest.raises(ConfigError, match=r"activations at layers.1 held NaN or inf in steps 5..9.*"
+                                          r"last good checkpoint \(step 5\) is kept"):
+        trainer.fit(batches, progress=False, log_every=100, checkpoint_every=5,
+                    on_checkpoint=lambda t: saved.append(t.step_count))
+    assert saved == [5]  # nothing written once a bad batch went in
+
+
+def test_checkpoint_width_mismatch_is_refused():
+    cfg = load_config(None, ["sae.num_latents=64", "sae.k=4"])
+    state = Trainer(cfg, {"layers.1": 16}, total_steps=10).state_dict()
+    with pytest.raises(ConfigError, match=r"checkpoint holds SAEs \{'layers.1': \(16, 64\)\}"):
+        Trainer(cfg, {"layers.1": 32}, total_steps=10).load_state_dict(*state)
