@@ -119,3 +119,17 @@ def layers(config: Path | None, overrides: tuple[str, ...]) -> None:
     click.echo(f"decoder layers: {name}[0..{len(mods) - 1}] -> hook points layers.0 .. layers.{len(mods) - 1}")
     children = [n for n, _ in mods[0].named_children()]
     click.echo(f"sub-modules of each layer: {', '.join(children)}")
+
+
+@analyze.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change the run's config for this evaluation, e.g. --set data.eval_tokens=200000.")
+@one_line_errors
+def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
+    """Held-out metrics of a trained run's SAEs: FVU, L0, dead and dense fractions, and CE
+    loss recovered, delta LM loss and KL with each SAE spliced into the model. Printed as a
+    table and written to metrics.json beside each SAE."""
+    from sae.run import evaluate_saved_run
+
+    evaluate_saved_run(run_dir, overrides, log=click.echo)

@@ -134,6 +134,27 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sweep: list[dict] = opt([], "SAE variants trained side by side on the same activations (one harvest): each "
+                            "entry overrides keys of the sae section, plus an optional name, e.g. "
+                            "[{k: 16}, {k: 64, expansion_factor: 16}]; saved to <run>/<hook>/<name>/.")
+
+
+def sae_variants(cfg: RunConfig) -> dict[str, SAEConfig]:
+    """{variant name: its SAE settings}: {'': cfg.sae} without a sweep, else one per entry."""
+    if not cfg.sweep:
+        return {"": cfg.sae}
+    variants: dict[str, SAEConfig] = {}
+    for i, entry in enumerate(cfg.sweep):
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        name = str(name) if name is not None else "-".join(f"{k}{v}" for k, v in entry.items()) or f"variant{i}"
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"sweep[{i}].name: {name!r} must be letters, digits, '-', '_' or '.' (a folder name)")
+        if name in variants:
+            raise ConfigError(f"sweep[{i}]: a second variant named {name!r}; give each entry its own name")
+        variants[name] = _build(SAEConfig, _merge(dataclasses.asdict(cfg.sae), entry), f"sweep[{i}].")
+        _check_sae_architecture(variants[name], f"sweep[{i}].")
+    return variants
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,7 +166,7 @@ def _is_section(tp: Any) -> bool:
 
 
 _NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
-          bool: ("true or false", "booleans")}
+          bool: ("true or false", "booleans"), dict: ("a mapping", "mappings")}
 
 
 def _type_name(tp: Any) -> str:
@@ -172,7 +193,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(items, list):
             raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(items)]
-    if tp is bool:
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+    elif tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
@@ -284,14 +308,19 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def _check_relations(cfg: RunConfig) -> None:
-    """Checks that involve more than one field."""
-    arch = cfg.sae.architecture
+def _check_sae_architecture(sae: SAEConfig, prefix: str) -> None:
+    """No setting of another architecture is set: it would do nothing."""
     for f in dataclasses.fields(SAEConfig):
         archs = f.metadata["archs"]
-        if archs and arch not in archs and getattr(cfg.sae, f.name) != f.default:
-            raise ConfigError(f"sae.{f.name}: applies to {' and '.join(archs)} only, not sae.architecture = "
-                              f"{arch}; remove it or change the architecture")
+        if archs and sae.architecture not in archs and getattr(sae, f.name) != f.default:
+            raise ConfigError(f"{prefix}{f.name}: applies to {' and '.join(archs)} only, not {prefix}architecture = "
+                              f"{sae.architecture}; remove it or change the architecture")
+
+
+def _check_relations(cfg: RunConfig) -> None:
+    """Checks that involve more than one field."""
+    _check_sae_architecture(cfg.sae, "sae.")
+    sae_variants(cfg)
     if cfg.data.token_budget < cfg.train.batch_tokens:
         raise ConfigError(f"data.token_budget: {cfg.data.token_budget} is less than one batch; "
                           f"use at least train.batch_tokens = {cfg.train.batch_tokens}")

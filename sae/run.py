@@ -9,16 +9,17 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations import activation_batches, contexts_for, make_harvester
-from sae.architectures import SparseAutoencoder
+from sae.architectures import SparseAutoencoder, load_sae
+from sae.architectures.base import CONFIG_FILE
 from sae.atomic_io import existing_folder, write_text_atomic
 from sae.checkpoint import STATE_DIR, load_checkpoint, remove_checkpoint, resumable_config, save_checkpoint
-from sae.config import RunConfig, config_from_dict, read_yaml, to_dict, to_yaml
+from sae.config import RunConfig, config_from_dict, load_config, read_yaml, to_dict, to_yaml
 from sae.data import load_text_dataset
 from sae.errors import ConfigError
 from sae.metrics import Metrics
@@ -55,7 +56,7 @@ def resume_config(run_dir: Path) -> RunConfig:
         raise ConfigError(f"--resume: {str(run_dir)!r} is not a run folder (it has no config.yaml)")
     cfg = config_from_dict(read_yaml(saved))
     cfg.output.root, cfg.output.run_name = str(run_dir.parent), run_dir.name
-    if existing_folder(run_dir / STATE_DIR) is None and any(run_dir.glob("*/metrics.json")):
+    if existing_folder(run_dir / STATE_DIR) is None and any(run_dir.rglob("metrics.json")):
         raise ConfigError(f"--resume: the run in {str(run_dir)!r} has already finished; its SAEs are in "
                           f"{run_dir}/<hook>/")
     return cfg
@@ -78,28 +79,76 @@ def eval_config(cfg: RunConfig) -> RunConfig:
 
 
 def evaluate_run(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 saes: dict[str, SparseAutoencoder]) -> dict[str, dict]:
-    """Held-out metrics per hook: FVU, L0, dead, dense, and the splice metrics."""
+                 saes: dict[str, SparseAutoencoder], hook_of: dict[str, str] | None = None) -> dict[str, dict]:
+    """Held-out metrics per SAE: FVU, L0, dead, dense, and the splice metrics.
+
+    saes: {name: SAE}; hook_of: {name: hook point} where names are not hook points (sweeps).
+    """
+    hook_of = hook_of or {name: name for name in saes}
     ecfg = eval_config(cfg)
-    metrics = {hook: Metrics(sae) for hook, sae in saes.items()}
+    ecfg.hooks = sorted(set(hook_of.values()), key=cfg.hooks.index)
+    metrics = {name: Metrics(sae) for name, sae in saes.items()}
     for acts in make_harvester(ecfg, model, tokenizer):
-        for hook, x in acts.items():
-            metrics[hook].update(x)
+        for name, m in metrics.items():
+            x = acts[hook_of[name]]
+            if x.shape[1] != saes[name].cfg.d_in:
+                raise ConfigError(f"{name}: the SAE takes inputs of width {saes[name].cfg.d_in}, but "
+                                  f"{hook_of[name]} of {cfg.model.name_or_path} has width {x.shape[1]}")
+            m.update(x)
     results = {}
-    for hook, m in metrics.items():
-        sae = saes[hook]
-        results[hook] = {**m.result(), "splice": splice_metrics(
-            model, tokenizer, hook, lambda x, sae=sae: sae(x.float()), contexts_for(ecfg, tokenizer))}
+    for name, m in metrics.items():
+        sae = saes[name]
+        results[name] = {**m.result(), "hook": hook_of[name], "splice": splice_metrics(
+            model, tokenizer, hook_of[name], lambda x, sae=sae: sae(x.float()), contexts_for(ecfg, tokenizer))}
     return results
 
 
+def saved_saes(run_dir: Path) -> dict[str, Path]:
+    """{name: folder} of the SAEs a run saved: every folder under it with a cfg.json."""
+    found = {str(p.parent.relative_to(run_dir)): p.parent for p in sorted(run_dir.rglob(CONFIG_FILE))}
+    return {name: folder for name, folder in found.items() if not name.startswith((STATE_DIR, "."))}
+
+
+def evaluate_saved_run(run_dir: Path, overrides: Iterable[str] = (), log: Callable[[str], None] = print) -> dict:
+    """Held-out metrics of a finished run's SAEs, printed and written to metrics.json.
+
+    overrides: ``KEY=VALUE`` changes to the run's config, e.g. data.eval_tokens=200000.
+    """
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is not a run folder (it has no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    if cfg.data.eval_split is None:
+        raise ConfigError("data.eval_split: null; name the held-out split, e.g. --set data.eval_split=test")
+    folders = saved_saes(run_dir)
+    if not folders:
+        raise ConfigError(f"RUN_DIR: no saved SAEs in {str(run_dir)!r} (folders with cfg.json)")
+    model, tokenizer = load_model(cfg.model)
+    device = next(model.parameters()).device
+    saes = {name: load_sae(folder, device=device) for name, folder in folders.items()}
+    hook_of = {name: sae_hook(folder, cfg) for name, folder in folders.items()}
+    results = evaluate_run(cfg, model, tokenizer, saes, hook_of)
+    print_metrics(results, cfg.data.eval_split, log)
+    for name, r in results.items():
+        write_text_atomic(folders[name] / "metrics.json", json.dumps(r, indent=1) + "\n")
+    return results
+
+
+def sae_hook(folder: Path, cfg: RunConfig) -> str:
+    """The hook point an SAE folder was trained on (its cfg.json metadata), one of cfg.hooks."""
+    hook = json.loads((folder / CONFIG_FILE).read_text()).get("metadata", {}).get("hook_name")
+    if hook not in cfg.hooks:
+        raise ConfigError(f"{folder / CONFIG_FILE}: metadata.hook_name {hook!r} is not one of the run's hooks "
+                          f"({', '.join(cfg.hooks)})")
+    return hook
+
+
 def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> None:
-    """Write each hook's SAE, ready to use (input scale folded in), to ``run_dir/<hook>``."""
-    for hook in trainer.saes:
-        trainer.trained_sae(hook).save(run_dir / hook, metadata={
-            "model_name": cfg.model.name_or_path, "hook_name": hook, "context_size": cfg.data.context_tokens,
-            "dataset_path": cfg.data.dataset, "trained_steps": trainer.step_count,
-            "trained_tokens": trainer.tokens_seen})
+    """Write each SAE, ready to use (input scale folded in), to ``run_dir/<name>``."""
+    for name in trainer.saes:
+        trainer.trained_sae(name).save(run_dir / name, metadata={
+            "model_name": cfg.model.name_or_path, "hook_name": trainer.hook_of[name],
+            "context_size": cfg.data.context_tokens, "dataset_path": cfg.data.dataset,
+            "trained_steps": trainer.step_count, "trained_tokens": trainer.tokens_seen})
 
 
 @contextlib.contextmanager
@@ -193,13 +242,14 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
         remove_checkpoint(run_dir)
         log(f"saved to {run_dir}; no evaluation (data.eval_split is null)")
         return run_dir
-    saes = {hook: trainer.trained_sae(hook) for hook in trainer.saes}
-    results = evaluate_run(cfg, model, tokenizer, saes)
+    saes = {name: trainer.trained_sae(name) for name in trainer.saes}
+    results = evaluate_run(cfg, model, tokenizer, saes, trainer.hook_of)
     print_metrics(results, d.eval_split, log)
-    for hook, r in results.items():
-        write_text_atomic(run_dir / hook / "metrics.json", json.dumps(r, indent=1) + "\n")
+    for name, r in results.items():
+        write_text_atomic(run_dir / name / "metrics.json", json.dumps(r, indent=1) + "\n")
     remove_checkpoint(run_dir)
-    log(f"saved to {run_dir}/<hook>/ (cfg.json, sae_weights.safetensors, metrics.json)")
+    where = "<hook>/<variant>" if cfg.sweep else "<hook>"
+    log(f"saved to {run_dir}/{where}/ (cfg.json, sae_weights.safetensors, metrics.json)")
     return run_dir
 
 
@@ -207,8 +257,9 @@ def print_metrics(results: dict[str, dict], split: str, log: Callable[[str], Non
     """The held-out metrics as a short table."""
     log(f"held-out metrics ({split} split; CE recovered, delta LM loss and KL with the SAE "
         "spliced into the model):")
-    log(f"  {'hook':<16} {'FVU':>8} {'L0':>7} {'dead':>7} {'dense':>7} {'CE rec.':>8} {'dLM':>8} {'KL':>8} {'tokens':>8}")
-    for hook, r in results.items():
+    width = max(16, *(len(name) for name in results))
+    log(f"  {'SAE':<{width}} {'FVU':>8} {'L0':>7} {'dead':>7} {'dense':>7} {'CE rec.':>8} {'dLM':>8} {'KL':>8} {'tokens':>8}")
+    for name, r in results.items():
         sp = r["splice"]
-        log(f"  {hook:<16} {r['fvu']:>8.4f} {r['l0']:>7.1f} {r['dead_fraction']:>7.1%} {r['dense_fraction']:>7.1%} "
+        log(f"  {name:<{width}} {r['fvu']:>8.4f} {r['l0']:>7.1f} {r['dead_fraction']:>7.1%} {r['dense_fraction']:>7.1%} "
             f"{sp['ce_loss_recovered']:>8.3f} {sp['delta_lm_loss']:>8.4f} {sp['kl']:>8.4f} {r['tokens']:>8,}")

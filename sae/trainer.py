@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae.architectures import ARCHITECTURES, SparseAutoencoder
-from sae.config import RunConfig
+from sae.config import RunConfig, SAEConfig, sae_variants
 from sae.errors import ConfigError
 
 
@@ -61,18 +61,25 @@ class TrainingStopped(Exception):
         self.step = step
 
 
-def make_sae(cfg: RunConfig, d_in: int, device: torch.device | str = "cpu") -> SparseAutoencoder:
-    """The SAE ``cfg.sae`` describes for inputs of width d_in (initialized, not trained)."""
-    cls = ARCHITECTURES[cfg.sae.architecture]
-    M = cfg.sae.num_latents or cfg.sae.expansion_factor * d_in
-    if cfg.sae.architecture in ("topk", "batchtopk") and cfg.sae.k > M:
-        raise ConfigError(f"sae.k: {cfg.sae.k} is larger than the {M} latents for width {d_in}; use at most {M}")
-    fields = {f: getattr(cfg.sae, f) for f in cls.Config.__dataclass_fields__ if hasattr(cfg.sae, f)}
+def make_sae(settings: SAEConfig, d_in: int, device: torch.device | str = "cpu") -> SparseAutoencoder:
+    """The SAE ``settings`` (a config's sae section) describe for inputs of width d_in,
+    initialized, not trained."""
+    cls = ARCHITECTURES[settings.architecture]
+    M = settings.num_latents or settings.expansion_factor * d_in
+    if settings.architecture in ("topk", "batchtopk") and settings.k > M:
+        raise ConfigError(f"sae.k: {settings.k} is larger than the {M} latents for width {d_in}; use at most {M}")
+    fields = {f: getattr(settings, f) for f in cls.Config.__dataclass_fields__ if hasattr(settings, f)}
     return cls(cls.Config(**{**fields, "d_in": d_in, "num_latents": M}), device=device)
 
 
+def sae_id(hook: str, variant: str) -> str:
+    """Name of one trained SAE, also its folder under the run: the hook, or hook/variant in a sweep."""
+    return f"{hook}/{variant}" if variant else hook
+
+
 class Trainer:
-    """Trains one SAE per hook point. ``step(batch)`` takes {hook: [N, d]}.
+    """Trains one SAE per hook point and sweep variant, all on the same batches.
+    ``step(batch)`` takes {hook: [N, d]}; the dicts below are keyed by ``sae_id``.
 
     The architecture's class attributes say what each step does besides the loss: whether
     b_dec starts at the geometric median, decoder rows stay unit-norm (gradient projected,
@@ -83,7 +90,6 @@ class Trainer:
                  device: torch.device | str = "cpu"):
         self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
         self.step_count, self.tokens_seen = 0, 0
-        generator = torch.Generator().manual_seed(cfg.train.seed)
         self.saes: dict[str, SparseAutoencoder] = {}
         self.optimizers: dict[str, torch.optim.Adam] = {}
         self.since_fired: dict[str, torch.Tensor] = {}
@@ -96,21 +102,27 @@ class Trainer:
         self.last_checkpoint_step: int | None = None
         self.diverged: dict[str, torch.Tensor] = {}
         self.peak_lr: dict[str, float] = {}
+        self.hook_of: dict[str, str] = {}
         for hook, d in widths.items():
-            sae = make_sae(cfg, d, self.device)
-            sae.reset_parameters(generator)
-            self.saes[hook] = sae
-            M = sae.cfg.num_latents
-            self.peak_lr[hook] = cfg.train.lr or sae.default_lr(M)
-            fused = self.device.type in ("cuda", "cpu")
-            self.optimizers[hook] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[hook], betas=sae.adam_betas,
-                                                     fused=fused)
-            self.since_fired[hook] = torch.zeros(M, dtype=torch.long, device=self.device)
-            self.nonfinite[hook] = torch.zeros((), dtype=torch.bool, device=self.device)
-            self.diverged[hook] = torch.zeros((), dtype=torch.bool, device=self.device)
-            self.window_fires[hook] = torch.zeros(M, dtype=torch.long, device=self.device)
-            self.window_tokens[hook] = 0
-            self.input_scale[hook] = torch.ones((), device=self.device)
+            for variant, settings in sae_variants(cfg).items():
+                self._add(sae_id(hook, variant), hook, make_sae(settings, d, self.device))
+
+    def _add(self, name: str, hook: str, sae: SparseAutoencoder) -> None:
+        """Register ``sae`` as ``name``, trained on the activations at ``hook``."""
+        # Each SAE's init depends on the seed and its shape only: a sweep variant starts
+        # (and, on the same batches, ends) exactly as the same SAE trained alone.
+        sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
+        M = sae.cfg.num_latents
+        self.saes[name], self.hook_of[name] = sae, hook
+        self.peak_lr[name] = self.cfg.train.lr or sae.default_lr(M)
+        self.optimizers[name] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[name], betas=sae.adam_betas,
+                                                 fused=self.device.type in ("cuda", "cpu"))
+        self.since_fired[name] = torch.zeros(M, dtype=torch.long, device=self.device)
+        self.nonfinite[name] = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.diverged[name] = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.window_fires[name] = torch.zeros(M, dtype=torch.long, device=self.device)
+        self.window_tokens[name] = 0
+        self.input_scale[name] = torch.ones((), device=self.device)
 
     def scales_inputs(self, hook: str) -> bool:
         setting = self.cfg.train.scale_inputs
@@ -131,8 +143,12 @@ class Trainer:
         """One optimizer step per SAE. Returns per-hook stats as 0-d tensors (no host sync)."""
         stats = {}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast)
+        inputs = {}
         for hook, sae in self.saes.items():
-            x = batch[hook].to(self.device, torch.float32, non_blocking=True)
+            source = self.hook_of[hook]
+            if source not in inputs:
+                inputs[source] = batch[source].to(self.device, torch.float32, non_blocking=True)
+            x = inputs[source]
             # Recorded on the device, checked in check_finite(): no host sync per step.
             self.nonfinite[hook] |= ~torch.isfinite(x).all()
             if self.step_count == 0:
@@ -193,7 +209,7 @@ class Trainer:
         for hook in self.saes:
             steps = f"steps {self.checked_step}..{self.step_count - 1}"
             if self.nonfinite[hook]:
-                raise ConfigError(f"activations at {hook} held NaN or inf in {steps}; check model.dtype or drop "
+                raise ConfigError(f"activations at {self.hook_of[hook]} held NaN or inf in {steps}; check model.dtype or drop "
                                   f"outliers with harvest.max_norm_ratio{kept}")
             if self.diverged[hook]:
                 raise ConfigError(f"training of the SAE at {hook} diverged (loss NaN or inf) in {steps}; "

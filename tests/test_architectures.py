@@ -79,7 +79,7 @@ def random_sae(arch, d=16, M=64, seed=0):
     from sae.trainer import make_sae
 
     extra = ["sae.k=4"] if "topk" in arch else []
-    sae = make_sae(load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", *extra]), d)
+    sae = make_sae(load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", *extra]).sae, d)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in sae.parameters():

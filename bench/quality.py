@@ -1,0 +1,230 @@
+"""SAE quality at equal tokens: our trainer vs EleutherAI sparsify on the same activations.
+
+    PYTHONPATH=/path/to/sparsify-site python bench/quality.py            # the demo run, ~20 min on 2 CPU cores
+    PYTHONPATH=... python bench/quality.py --token-budget 40000 --epochs 1   # smoke run, ~1 min
+    python bench/quality.py --contenders topk,batchtopk                  # ours only (no sparsify needed)
+
+Activations: the residual stream that ``configs/demo.yaml`` trains on (layers.2 of the
+built-in demo model, d = 256), harvested once into ``--cache-dir`` and served by
+``sae.activations.activation_batches`` (the shuffling buffer, ``harvest.cache_epochs``
+passes). The batches are materialized once, so every contender sees the same batches in
+the same order; the held-out set is the config's eval split (``sae.run.eval_config``).
+
+Contenders (k = 32, 2048 latents, the demo's lr / warmup / dead window for all):
+
+- ``topk``, ``batchtopk``, ``topk_multi``: ``sae.trainer.Trainer.step`` per batch, with
+  ``sae.architecture`` / ``sae.multi_topk`` overridden; evaluated as ``trained_sae`` (BatchTopK
+  with its learned inference threshold).
+- ``sparsify``, ``sparsify_multi``: ``sparsify.SparseCoder`` trained with the step of
+  sparsify's own trainer: loss = fvu + auxk_loss / 32 (+ multi_topk_fvu / 8), backward,
+  gradient parallel to decoder rows removed, ``torch.optim.Adam`` with our lr schedule
+  (``sae.trainer.learning_rate``, same peak), decoder rows renormalized. b_dec starts at
+  the mean of the first batch (what sparsify's trainer does at step 0); a latent is dead
+  for AuxK once it is absent from ``latent_indices`` for ``train.dead_tokens`` tokens
+  (sparsify's bookkeeping, with our ``>=`` window test).
+
+Every SAE is scored by one function (``held_out_metrics``) on dense latents z [n, M]:
+FVU = sum|x - x_hat|^2 / sum|x - mean(x)|^2 over the whole held-out set, L0 = mean
+non-zero latents per token, dead = never non-zero on the held-out set, dense = non-zero on
+more than 10% of its tokens. For our SAEs the result is cross-checked against
+``sae.metrics.evaluate``. Wall times (training loop only) are informative.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import click
+import torch
+
+from sae.activations import activation_batches, make_harvester
+from sae.config import load_config
+from sae.metrics import evaluate
+from sae.models import load_model
+from sae.run import eval_config
+from sae.trainer import Trainer, learning_rate
+
+OURS = {"topk": [], "batchtopk": ["sae.architecture=batchtopk"], "topk_multi": ["sae.multi_topk=true"]}
+SPARSIFY = {"sparsify": False, "sparsify_multi": True}
+
+
+def load_activations(config, overrides):
+    """(cfg, training batches [list of [N, d]], held-out [n, d]) for the config's single hook."""
+    cfg = load_config(config, overrides)
+    if len(cfg.hooks) != 1:
+        raise click.UsageError(f"the benchmark takes one hook point, the config has {cfg.hooks}")
+    hook = cfg.hooks[0]
+    model, tokenizer = load_model(cfg.model)
+    batches = [b[hook].float().contiguous() for b in activation_batches(cfg, model, tokenizer)]
+    held_out = torch.cat([a[hook].float().cpu() for a in make_harvester(eval_config(cfg), model, tokenizer)])
+    return cfg, batches, held_out
+
+
+@torch.no_grad()
+def held_out_metrics(encode, decode, x, chunk=4096, dense_threshold=0.1):
+    """FVU, L0, dead and dense fraction of an SAE given as encode(x) -> dense z [n, M] and
+    decode(z) -> x_hat [n, d]; sums in float64 over the whole set."""
+    sq_err = torch.zeros((), dtype=torch.float64)
+    fires = None
+    for i in range(0, x.shape[0], chunk):
+        xc = x[i:i + chunk]
+        z = encode(xc)
+        sq_err += (xc - decode(z)).double().pow(2).sum()
+        f = (z > 0).sum(0)
+        fires = f if fires is None else fires + f
+    xd = x.double()
+    total_var = (xd - xd.mean(0)).pow(2).sum()
+    n = x.shape[0]
+    return {"fvu": (sq_err / total_var).item(), "l0": fires.sum().item() / n,
+            "dead_fraction": (fires == 0).double().mean().item(),
+            "dense_fraction": (fires.double() / n > dense_threshold).double().mean().item(), "tokens": n}
+
+
+def train_ours(cfg, hook, batches, held_out):
+    trainer = Trainer(cfg, {hook: batches[0].shape[1]}, total_steps=len(batches))
+    start = time.perf_counter()
+    for x in batches:
+        trainer.step({hook: x})
+    seconds = time.perf_counter() - start
+    trainer.check_finite()
+    train_dead = (trainer.since_fired[hook] >= cfg.train.dead_tokens).double().mean().item()
+    sae = trainer.trained_sae(hook).eval()
+    result = held_out_metrics(sae.encode, sae.decode, held_out)
+    check = evaluate(sae, [held_out])
+    assert abs(check["fvu"] - result["fvu"]) <= 1e-4 * max(1.0, check["fvu"]), (check, result)
+    assert check["dead_fraction"] == result["dead_fraction"] and abs(check["l0"] - result["l0"]) < 1e-6
+    return {**result, "train_dead_fraction": train_dead, "seconds": seconds, "steps": len(batches)}
+
+
+def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    d = batches[0].shape[1]
+    M = cfg.sae.num_latents or cfg.sae.expansion_factor * d
+    torch.manual_seed(seed)  # sparsify's trainer seeds the global RNG before building each SAE
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=M, k=cfg.sae.k, multi_topk=multi_topk),
+                      device="cpu", dtype=torch.float32)
+    peak = cfg.train.lr or 2e-4 / (M / 2**14) ** 0.5  # sparsify's default rule, = ours
+    opt = torch.optim.Adam(sae.parameters(), lr=peak)
+    since_fired = torch.zeros(M, dtype=torch.long)
+    total = len(batches)
+    start = time.perf_counter()
+    for step, x in enumerate(batches):
+        if step == 0:
+            with torch.no_grad():
+                sae.b_dec.copy_(x.mean(0))  # sparsify/trainer.py: raw.b_dec.data = outputs.mean(0)
+        dead = since_fired >= cfg.train.dead_tokens
+        out = sae(x, dead_mask=dead)
+        loss = out.fvu + out.auxk_loss / 32
+        if multi_topk:
+            loss = loss + out.multi_topk_fvu / 8
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, total, peak, cfg.train.warmup_steps, cfg.train.decay_fraction)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            since_fired += x.shape[0]
+            since_fired[out.latent_indices.flatten()] = 0
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise click.ClickException("sparsify's training diverged")
+    train_dead = (since_fired >= cfg.train.dead_tokens).double().mean().item()
+
+    def encode(x):
+        acts, idx, _ = sae.encode(x)
+        return torch.zeros(x.shape[0], M).scatter_(1, idx, acts.float())
+
+    result = held_out_metrics(encode, lambda z: z @ sae.W_dec + sae.b_dec, held_out)
+    return {**result, "train_dead_fraction": train_dead, "seconds": seconds, "steps": total}
+
+
+@click.command()
+@click.option("--config", default="configs/demo.yaml", show_default=True)
+@click.option("--cache-dir", default="/tmp/quality-cache", show_default=True,
+              help="Activations are cached in CACHE_DIR/budget-<data.token_budget>, so a second run skips the model.")
+@click.option("--token-budget", type=int, default=None, help="data.token_budget (default: the config's).")
+@click.option("--epochs", type=int, default=None, help="harvest.cache_epochs (default: the config's).")
+@click.option("--eval-tokens", type=int, default=None, help="data.eval_tokens (default: the config's).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated train.seed values (init and "
+              "shuffle order; every contender sees the same batches per seed).")
+@click.option("--contenders", default="topk,sparsify,batchtopk,topk_multi,sparsify_multi", show_default=True,
+              help=f"Comma-separated subset of {', '.join([*OURS, *SPARSIFY])}.")
+@click.option("--set", "overrides", multiple=True, help="Further config overrides KEY=VALUE (same for all).")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--json-out", default=None, help="Also write the JSON blob to this file.")
+def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders, overrides, threads, json_out):
+    torch.set_num_threads(threads)
+    names = [c.strip() for c in contenders.split(",") if c.strip()]
+    unknown = [c for c in names if c not in OURS and c not in SPARSIFY]
+    if unknown:
+        raise click.UsageError(f"unknown contender(s) {unknown}; choose from {[*OURS, *SPARSIFY]}")
+    if any(c in SPARSIFY for c in names):
+        try:
+            import sparsify  # noqa: F401
+        except ImportError:
+            raise click.UsageError("sparsify is not importable; put eai-sparsify on PYTHONPATH or drop the "
+                                   "sparsify contenders") from None
+    base = list(overrides)
+    if token_budget is not None:
+        base.append(f"data.token_budget={token_budget}")
+    budget = load_config(config, base).data.token_budget  # a cache holds one budget's activations
+    base.insert(0, f"harvest.cache_dir={cache_dir}/budget-{budget}")
+    if epochs is not None:
+        base.append(f"harvest.cache_epochs={epochs}")
+    if eval_tokens is not None:
+        base.append(f"data.eval_tokens={eval_tokens}")
+    out = {"machine": f"cpu, {threads} threads", "torch": torch.__version__, "config": config,
+           "overrides": base, "runs": []}
+    try:
+        import importlib.metadata as md
+        out["sparsify"] = md.version("eai-sparsify")
+    except Exception:
+        pass
+    for seed in [int(s) for s in seeds.split(",")]:
+        t = time.perf_counter()
+        cfg, batches, held_out = load_activations(config, [*base, f"train.seed={seed}"])
+        hook = cfg.hooks[0]
+        print(f"seed {seed}: {len(batches)} batches x {cfg.train.batch_tokens} = "
+              f"{len(batches) * cfg.train.batch_tokens:,} training tokens, {held_out.shape[0]:,} held-out tokens "
+              f"at {hook} (loaded in {time.perf_counter() - t:.0f} s)", flush=True)
+        for name in names:
+            if name in OURS:
+                c = load_config(config, [*base, f"train.seed={seed}", *OURS[name]])
+                r = train_ours(c, hook, batches, held_out)
+            else:
+                c = copy.deepcopy(cfg)
+                r = train_sparsify(c, hook, batches, held_out, SPARSIFY[name], seed)
+            r = {"contender": name, "seed": seed, "train_tokens": len(batches) * cfg.train.batch_tokens, **r}
+            out["runs"].append(r)
+            print(json.dumps(r), flush=True)
+        del batches, held_out
+    print_table(out["runs"])
+    print(json.dumps(out, indent=1))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def print_table(runs):
+    print(f"\n{'contender':<15} {'seed':>4} {'FVU':>8} {'L0':>6} {'dead':>6} {'dense':>6} {'train dead':>10} "
+          f"{'wall s':>7}")
+    for r in runs:
+        print(f"{r['contender']:<15} {r['seed']:>4} {r['fvu']:>8.4f} {r['l0']:>6.1f} {r['dead_fraction']:>6.1%} "
+              f"{r['dense_fraction']:>6.1%} {r['train_dead_fraction']:>10.1%} {r['seconds']:>7.0f}")
+    seeds = {r["seed"] for r in runs}
+    if len(seeds) > 1:
+        print(f"\nmean over {len(seeds)} seeds:")
+        for name in dict.fromkeys(r["contender"] for r in runs):
+            rs = [r for r in runs if r["contender"] == name]
+            fvu = torch.tensor([r["fvu"] for r in rs], dtype=torch.float64)
+            print(f"{name:<15} FVU {fvu.mean():.4f} +- {fvu.std():.4f}  dead "
+                  f"{sum(r['dead_fraction'] for r in rs) / len(rs):.1%}  wall {sum(r['seconds'] for r in rs) / len(rs):.0f} s")
+
+
+if __name__ == "__main__":
+    main()

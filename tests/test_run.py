@@ -1,0 +1,55 @@
+"""Whole runs through sae.run: sweeps on one harvest, evaluation of a saved run."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae.config import load_config
+from sae.errors import ConfigError
+from sae.run import evaluate_saved_run, train_run
+
+
+def small_run(root, name, *extra):
+    return load_config(None, [
+        f"output.root={root}", f"output.run_name={name}", "output.tensorboard=false", "data.token_budget=8192",
+        "data.eval_tokens=2048", "train.batch_tokens=512", "harvest.buffer_tokens=2048", "train.warmup_steps=2",
+        "sae.expansion_factor=4", *extra])
+
+
+def test_a_sweep_trains_every_variant_as_if_alone_from_one_harvest(tmp_path):
+    sweep = train_run(small_run(tmp_path, "sweep", "sweep=[{k: 8}, {k: 16, expansion_factor: 2, name: narrow}]"),
+                      log=lambda s: None)
+    alone = train_run(small_run(tmp_path, "alone", "sae.k=16", "sae.expansion_factor=2"), log=lambda s: None)
+    for name, k, M in (("k8", 8, 1024), ("narrow", 16, 512)):
+        cfg = json.loads((sweep / "layers.2" / name / "cfg.json").read_text())
+        assert (cfg["k"], cfg["num_latents"], cfg["metadata"]["hook_name"]) == (k, M, "layers.2")
+        metrics = json.loads((sweep / "layers.2" / name / "metrics.json").read_text())
+        assert metrics["l0"] <= k and metrics["hook"] == "layers.2"
+    a = load_file(str(sweep / "layers.2" / "narrow" / "sae_weights.safetensors"))
+    b = load_file(str(alone / "layers.2" / "sae_weights.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_evaluate_measures_a_saved_run_again_with_other_settings(tmp_path):
+    run_dir = train_run(small_run(tmp_path, "r", "data.eval_split=null"), log=lambda s: None)
+    assert not (run_dir / "layers.2" / "metrics.json").exists()
+    lines = []
+    results = evaluate_saved_run(run_dir, ["data.eval_split=test", "data.eval_tokens=1024"], log=lines.append)
+    saved = json.loads((run_dir / "layers.2" / "metrics.json").read_text())
+    assert saved == results["layers.2"] and 0 < saved["tokens"] <= 1024 and 0 < saved["fvu"] < 1
+    assert any(line.lstrip().startswith("layers.2") for line in lines)
+
+
+def test_evaluate_refusals_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is not a run folder"):
+        evaluate_saved_run(tmp_path)
+    run_dir = train_run(small_run(tmp_path, "r", "data.eval_split=null"), log=lambda s: None)
+    with pytest.raises(ConfigError, match="data.eval_split: null"):
+        evaluate_saved_run(run_dir)
+    cfg = json.loads((run_dir / "layers.2" / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "layers.9"
+    (run_dir / "layers.2" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="metadata.hook_name 'layers.9' is not one of the run's hooks"):
+        evaluate_saved_run(run_dir, ["data.eval_split=test"])
