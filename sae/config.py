@@ -71,7 +71,8 @@ class HarvestConfig:
     cache_dir: str | None = opt(None, "Write activations here as safetensors shards, and read them back "
                                 "instead of running the model once the cache is complete; null = no cache.")
     cache_shard_tokens: int = opt(65_536, "Activation vectors per cache shard (at least).", ge=1)
-    cache_epochs: int = opt(1, "Passes over a complete cache, each in a new shard order.", ge=1)
+    cache_epochs: int = opt(1, "Passes over the activations: the first in harvest order, later ones read from "
+                            "the cache (needs cache_dir when > 1) in a new shard order each.", ge=1)
 
 
 @dataclass
