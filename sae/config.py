@@ -322,6 +322,9 @@ def _check_relations(cfg: RunConfig) -> None:
     """Checks that involve more than one field."""
     _check_sae_architecture(cfg.sae, "sae.")
     sae_variants(cfg)
+    if cfg.harvest.cache_epochs > 1 and cfg.harvest.cache_dir is None:
+        raise ConfigError(f"harvest.cache_epochs: {cfg.harvest.cache_epochs} passes need the activation cache; "
+                          "set harvest.cache_dir or use harvest.cache_epochs=1")
     if cfg.data.token_budget < cfg.train.batch_tokens:
         raise ConfigError(f"data.token_budget: {cfg.data.token_budget} is less than one batch; "
                           f"use at least train.batch_tokens = {cfg.train.batch_tokens}")

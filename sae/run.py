@@ -74,7 +74,7 @@ def eval_config(cfg: RunConfig) -> RunConfig:
     values = to_dict(cfg)
     values["data"].update(split=cfg.data.eval_split, token_budget=cfg.data.eval_tokens)
     values["train"]["batch_tokens"] = min(cfg.train.batch_tokens, cfg.data.eval_tokens)
-    values["harvest"]["cache_dir"] = None
+    values["harvest"].update(cache_dir=None, cache_epochs=1)
     return config_from_dict(values)
 
 

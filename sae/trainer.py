@@ -1,10 +1,13 @@
-"""Training SAEs on activation batches: one SAE per hook point, all fed by one harvest.
+"""Training SAEs on activation batches: one SAE per hook point and sweep variant, all fed
+by one harvest.
 
-Per step and hook (DESIGN.md section 2, TopK recipe): fused loss (FVU + AuxK on dead
-latents) and backward, the decoder-row-parallel part of W_dec's gradient removed, Adam,
-decoder rows renormalized. b_dec starts at the geometric median of the first batch. The
-learning rate warms up linearly, stays flat, and decays linearly to zero over the last
-``decay_fraction`` of the steps; by default it follows lr = 2e-4 / sqrt(M / 2^14).
+Per step and SAE (DESIGN.md section 2): the architecture's loss (for the TopK family the
+fused FVU + AuxK loss) and backward; for unit-norm decoders the decoder-row-parallel part
+of W_dec's gradient removed; optional gradient clipping; Adam; decoder rows
+renormalized. On the first batch b_dec starts at the geometric median (architectures
+that subtract it at the input) and the input scale s (E|x s| = sqrt(d)) is fixed
+(architectures that train on scaled inputs). The learning rate warms up linearly, stays
+flat, and decays linearly to zero over the last ``decay_fraction`` of the steps.
 """
 
 from __future__ import annotations
@@ -140,53 +143,54 @@ class Trainer:
         return ws
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """One optimizer step per SAE. Returns per-hook stats as 0-d tensors (no host sync)."""
+        """One optimizer step per SAE. Returns per-SAE stats as 0-d tensors (no host sync)."""
         stats = {}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast)
         inputs = {}
-        for hook, sae in self.saes.items():
-            source = self.hook_of[hook]
-            if source not in inputs:
-                inputs[source] = batch[source].to(self.device, torch.float32, non_blocking=True)
-            x = inputs[source]
+        for name, sae in self.saes.items():
+            hook = self.hook_of[name]
+            if hook not in inputs:  # several SAEs (a sweep) can train on one hook's batch
+                inputs[hook] = batch[hook].to(self.device, torch.float32, non_blocking=True)
+            x = inputs[hook]
             # Recorded on the device, checked in check_finite(): no host sync per step.
-            self.nonfinite[hook] |= ~torch.isfinite(x).all()
+            self.nonfinite[name] |= ~torch.isfinite(x).all()
             if self.step_count == 0:
                 with torch.no_grad():
-                    if self.scales_inputs(hook):
-                        self.input_scale[hook].copy_(x.shape[1] ** 0.5 / x.norm(dim=1).mean())
+                    if self.scales_inputs(name):
+                        self.input_scale[name].copy_(x.shape[1] ** 0.5 / x.norm(dim=1).mean())
                     if sae.apply_b_dec_to_input:
-                        sae.b_dec.copy_(geometric_median(x * self.input_scale[hook]))
-            if self.scales_inputs(hook):
-                x = x * self.input_scale[hook]
-            dead = self.since_fired[hook] >= self.cfg.train.dead_tokens
-            ws = self._workspace(hook, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
+                        sae.b_dec.copy_(geometric_median(x * self.input_scale[name]))
+            if self.scales_inputs(name):
+                x = x * self.input_scale[name]
+            dead = self.since_fired[name] >= self.cfg.train.dead_tokens
+            ws = (self._workspace(name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
+                  if sae.uses_workspace else None)
             with autocast:
                 loss, fvu, fires = sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps)
-            self.diverged[hook] |= ~torch.isfinite(loss.detach())
+            self.diverged[name] |= ~torch.isfinite(loss.detach())
             loss.backward()
-            opt = self.optimizers[hook]
+            opt = self.optimizers[name]
             with torch.no_grad():
                 W = sae.W_dec
                 if sae.unit_norm_decoder:
                     g = W.grad
                     g -= (g * W).sum(1, keepdim=True) * W  # keep rows on the unit sphere to first order
-                clip = self.grad_clip(hook)
+                clip = self.grad_clip(name)
                 if clip:
                     torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
                 for group in opt.param_groups:
-                    group["lr"] = learning_rate(self.step_count, self.total_steps, self.peak_lr[hook],
+                    group["lr"] = learning_rate(self.step_count, self.total_steps, self.peak_lr[name],
                                                 self.cfg.train.warmup_steps, self.cfg.train.decay_fraction)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if sae.unit_norm_decoder:
                     W.copy_(F.normalize(W, dim=1))
-                since = self.since_fired[hook]
+                since = self.since_fired[name]
                 since += x.shape[0]
                 since.masked_fill_(fires > 0, 0)
-                self.window_fires[hook] += fires
-                self.window_tokens[hook] += x.shape[0]
-            stats[hook] = {"loss": loss.detach(), "fvu": fvu, "l0": fires.sum() / x.shape[0],
+                self.window_fires[name] += fires
+                self.window_tokens[name] += x.shape[0]
+            stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fires.sum() / x.shape[0],
                            "dead_fraction": dead.float().mean()}
         self.step_count += 1
         self.tokens_seen += next(iter(batch.values())).shape[0]
@@ -273,19 +277,21 @@ class Trainer:
         request, fit then raises ``TrainingStopped``.
         """
         last: dict[str, dict[str, float]] = {}
-        with tqdm(total=self.total_steps, initial=self.step_count, desc="train", unit="step",
-                  disable=not progress) as bar:
+        batch_tokens = self.cfg.train.batch_tokens
+        # Counted in tokens so the bar shows tokens/s and an ETA.
+        with tqdm(total=self.total_steps * batch_tokens, initial=self.step_count * batch_tokens, desc="train",
+                  unit="tok", unit_scale=True, disable=not progress) as bar:
             for batch in batches:
                 if self.step_count >= self.total_steps:
                     break
                 stats = self.step(batch)
-                bar.update(1)
+                bar.update(batch_tokens)
                 if self.step_count % log_every == 0 or self.step_count == self.total_steps:
                     self.check_finite()
                     last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}
                     first = next(iter(last.values()))
-                    bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}",
-                                    dead=f"{first['dead_fraction']:.1%}")
+                    bar.set_postfix(step=self.step_count, loss=f"{first['loss']:.3g}", fvu=f"{first['fvu']:.3f}",
+                                    l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.1%}")
                     if on_log is not None:
                         on_log(self, last)
                 stop = stop_requested()
@@ -308,8 +314,9 @@ class Trainer:
 
 
 class TensorBoardLogger:
-    """``on_log`` callback writing losses, FVU, L0, dead fraction, lr, tokens/s and a
-    histogram of log10 feature density to ``folder`` (one run per folder)."""
+    """``on_log`` callback writing losses, FVU, L0, dead fraction, lr, tokens/s, and over
+    the tokens since the last log, the dense fraction (latents firing on > 10%) and a
+    histogram of log10 feature density, to ``folder`` (one run per folder)."""
 
     def __init__(self, folder: str | Path, resumed: Trainer | None = None):
         """resumed: the trainer of a resumed run; events the interrupted run logged after
@@ -328,6 +335,7 @@ class TensorBoardLogger:
                 self.writer.add_scalar(f"{hook}/{name}", value, step)
             self.writer.add_scalar(f"{hook}/lr", trainer.optimizers[hook].param_groups[0]["lr"], step)
             density = trainer.take_window_density(hook)
+            self.writer.add_scalar(f"{hook}/dense_fraction", (density > 0.1).double().mean().item(), step)
             self.writer.add_histogram(f"{hook}/log10_density", torch.log10(density.clamp_min(1e-10)).cpu(), step)
         self.writer.add_scalar("tokens_per_s", rate, step)
         self.writer.flush()

@@ -116,7 +116,8 @@ def test_data_error_during_harvest_leaves_no_run_folder(tmp_path):
     data.write_text("<|bos|><|eos|>" * 3000 + "\n")  # every token is special, so all are masked
     out = tmp_path / "runs"
     result = CliRunner().invoke(cli.train, ["--set", f"data.dataset={data}", "--set", f"output.root={out}",
-                                            "--set", "data.token_budget=4096", "--set", "harvest.cache_dir=null"])
+                                            "--set", "data.token_budget=4096", "--set", "harvest.cache_dir=null",
+                                            "--set", "harvest.cache_epochs=1"])
     assert result.exit_code == 2, result.output
     assert "was masked" in result.output
     assert not out.exists()
@@ -124,7 +125,40 @@ def test_data_error_during_harvest_leaves_no_run_folder(tmp_path):
 
 def test_missing_eval_split_stops_before_training(tmp_path):
     result = CliRunner().invoke(cli.train, ["--set", "data.eval_split=validation", "--set", f"output.root={tmp_path}",
-                                            "--set", "harvest.cache_dir=null"])
+                                            "--set", "harvest.cache_dir=null", "--set", "harvest.cache_epochs=1"])
     assert result.exit_code == 2
     assert "data.eval_split" in result.output and "validation" in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_the_run(tmp_path):
+    """The real signal path, as a job scheduler would use it."""
+    import signal
+    import time
+
+    args = ["train.py", "--set", f"output.root={tmp_path}", "--set", "output.run_name=r",
+            "--set", "data.token_budget=60000", "--set", "data.eval_tokens=2048", "--set", "train.batch_tokens=512",
+            "--set", "output.checkpoint_every_steps=3", "--set", "harvest.buffer_tokens=4096",
+            "--set", "harvest.cache_dir=null", "--set", "harvest.cache_epochs=1"]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    state = tmp_path / "r" / "state" / "state.json"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert f"continue with: python train.py --resume {tmp_path / 'r'}" in out
+    result = run("train.py", "--resume", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout and "held-out metrics" in result.stdout
+    assert (tmp_path / "r" / "layers.2" / "metrics.json").exists() and not (tmp_path / "r" / "state").exists()
+    again = run("train.py", "--resume", str(tmp_path / "r"))
+    assert again.returncode == 2 and "has already finished" in again.stderr
+
+
+def test_resume_with_a_config_is_refused():
+    result = run("train.py", "configs/demo.yaml", "--resume", "checkpoints/x")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --resume: the run continues with its own config.yaml; drop CONFIG and --set")

@@ -126,3 +126,8 @@ def test_every_field_has_help_and_describe_covers_all_leaves():
 def test_defaults_serialize_to_plain_yaml():
     # Nothing but YAML-native values: the saved config must load without custom tags.
     assert yaml.safe_load(to_yaml(RunConfig())) == to_dict(RunConfig())
+
+
+def test_several_epochs_without_a_cache_are_refused():
+    with pytest.raises(ConfigError, match="harvest.cache_epochs: 3 passes need the activation cache"):
+        load_config(None, ["harvest.cache_epochs=3"])

@@ -103,7 +103,7 @@ def test_tensorboard_logger_writes_scalars_and_density_histograms(tmp_path):
     logger.close()
     events = EventAccumulator(str(tmp_path)).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"h/fvu", "h/l0", "h/loss", "h/dead_fraction", "h/lr", "tokens_per_s"} <= scalars
+    assert {"h/fvu", "h/l0", "h/loss", "h/dead_fraction", "h/dense_fraction", "h/lr", "tokens_per_s"} <= scalars
     assert [e.step for e in events.Scalars("h/fvu")] == [3, 6]
     assert events.Tags()["histograms"] == ["h/log10_density"]
     assert events.Histograms("h/log10_density")[0].histogram_value.num == 128  # one value per latent

@@ -40,6 +40,7 @@ class SparseAutoencoder(nn.Module):
     grad_clip: ClassVar[float | None] = None      # max global gradient norm
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     init_decoder_norm: ClassVar[float] = 1.0
+    uses_workspace: ClassVar[bool] = False        # training_loss can reuse an N x M buffer
 
     def __init__(self, cfg, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__()

@@ -36,6 +36,7 @@ class TopKSAE(SparseAutoencoder):
     architecture = "topk"
     Config = TopKConfig
     batch_topk = False
+    uses_workspace = True
 
     def spec(self) -> TopKSpec:
         return TopKSpec(self.cfg.k, self.cfg.k_aux or self.cfg.d_in // 2, self.cfg.aux_alpha, self.cfg.multi_topk,
