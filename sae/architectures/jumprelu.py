@@ -34,42 +34,47 @@ class JumpReLUConfig:
     init_threshold: float = 0.1
 
 
-def _rect(u: torch.Tensor) -> torch.Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
+class _ThresholdFn(torch.autograd.Function):
+    """Shared by the two functions below: forward keeps pre and the threshold; backward
+    needs rect((pre - threshold) / eps) / eps, the kernel estimate of a delta at the threshold."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pre, threshold, bandwidth = inputs
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+
+    @staticmethod
+    def kernel(ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        return pre, threshold, ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
 
 
-class JumpReLUFn(torch.autograd.Function):
+class JumpReLUFn(_ThresholdFn):
     """z = JumpReLUFn.apply(pre [N, M], threshold [M], bandwidth) = pre * (pre > threshold)."""
 
     @staticmethod
-    def forward(ctx, pre, threshold, bandwidth: float):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+    def forward(pre, threshold, bandwidth: float):
         return pre * (pre > threshold)
 
     @staticmethod
     def backward(ctx, g):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        g_pre = g * (pre > threshold)
-        g_threshold = (-(threshold / eps) * _rect((pre - threshold) / eps) * g).sum(0)
-        return g_pre, g_threshold, None
+        pre, threshold, k = _ThresholdFn.kernel(ctx)
+        return g * (pre > threshold), (-threshold * k * g).sum(0), None
 
 
-class StepFn(torch.autograd.Function):
+class StepFn(_ThresholdFn):
     """H = StepFn.apply(pre [N, M], threshold [M], bandwidth) = 1[pre > threshold]."""
 
     @staticmethod
-    def forward(ctx, pre, threshold, bandwidth: float):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
+    def forward(pre, threshold, bandwidth: float):
         return (pre > threshold).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return None, (-(1 / eps) * _rect((pre - threshold) / eps) * g).sum(0), None
+        _, _, k = _ThresholdFn.kernel(ctx)
+        return None, (-k * g).sum(0), None
 
 
 class JumpReLUSAE(SparseAutoencoder):
