@@ -40,6 +40,7 @@ class SparseAutoencoder(nn.Module):
     grad_clip: ClassVar[float | None] = None      # max global gradient norm
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     init_decoder_norm: ClassVar[float] = 1.0
+    init_encoder_scale: ClassVar[float] = 1.0     # W_enc = this x W_dec at init
     uses_workspace: ClassVar[bool] = False        # training_loss can reuse an N x M buffer
 
     def __init__(self, cfg, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -60,11 +61,11 @@ class SparseAutoencoder(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Decoder rows random directions of norm ``init_decoder_norm``, encoder = decoder
-        (transpose init), biases zero."""
+        times ``init_encoder_scale`` (transpose init), biases zero."""
         with torch.no_grad():
             W = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
             self.W_dec.copy_(nn.functional.normalize(W, dim=1) * self.init_decoder_norm)
-            self.W_enc.copy_(self.W_dec)
+            self.W_enc.copy_(self.W_dec * self.init_encoder_scale)
             self.b_enc.zero_()
             self.b_dec.zero_()
 
