@@ -15,6 +15,10 @@ Contenders (k = 32, 2048 latents, the demo's lr / warmup / dead window for all):
 - ``topk``, ``batchtopk``, ``topk_multi``: ``sae.trainer.Trainer.step`` per batch, with
   ``sae.architecture`` / ``sae.multi_topk`` overridden; evaluated as ``trained_sae`` (BatchTopK
   with its learned inference threshold).
+- ``topk_unit_enc``, ``topk_enc058``: ablations, ``topk`` with the encoder rows set after
+  init to norm 1 (the plain transpose init) or 1/sqrt(3) (the row norm of sparsify's
+  encoder: ``nn.Linear``'s kaiming-uniform init; sparsify normalizes only the decoder
+  copy). ``init_encoder_row_norm`` in each result says where every contender started.
 - ``sparsify``, ``sparsify_multi``: ``sparsify.SparseCoder`` trained with the step of
   sparsify's own trainer: loss = fvu + auxk_loss / 32 (+ multi_topk_fvu / 8), backward,
   gradient parallel to decoder rows removed, ``torch.optim.Adam`` with our lr schedule
@@ -26,15 +30,19 @@ Contenders (k = 32, 2048 latents, the demo's lr / warmup / dead window for all):
 Every SAE is scored by one function (``held_out_metrics``) on dense latents z [n, M]:
 FVU = sum|x - x_hat|^2 / sum|x - mean(x)|^2 over the whole held-out set, L0 = mean
 non-zero latents per token, dead = never non-zero on the held-out set, dense = non-zero on
-more than 10% of its tokens. For our SAEs the result is cross-checked against
-``sae.metrics.evaluate``. Wall times (training loop only) are informative.
+more than 10% of its tokens. FVU and L0 are also taken on the last 4 training batches
+(``train_batches``), to tell a held-out shift from a training gap. For our SAEs the
+held-out result is cross-checked against ``sae.metrics.evaluate``. Wall times (training
+loop only) are informative.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import click
 import torch
@@ -46,8 +54,14 @@ from sae.models import load_model
 from sae.run import eval_config
 from sae.trainer import Trainer, learning_rate
 
-OURS = {"topk": [], "batchtopk": ["sae.architecture=batchtopk"], "topk_multi": ["sae.multi_topk=true"]}
+OURS = {"topk": [], "batchtopk": ["sae.architecture=batchtopk"], "topk_multi": ["sae.multi_topk=true"],
+        "topk_unit_enc": [], "topk_enc058": []}
+# Ablations: our TopK with the encoder rows set after init to this norm (directions = the
+# decoder rows, which are unit): 1 is the plain transpose init, 1/sqrt(3) the row norm of
+# sparsify's encoder (nn.Linear's kaiming-uniform init; sparsify normalizes only the decoder).
+ENCODER_NORM = {"topk_unit_enc": 1.0, "topk_enc058": 3 ** -0.5}
 SPARSIFY = {"sparsify": False, "sparsify_multi": True}
+TRAIN_CHECK = 4  # the metrics are also taken on the last 4 training batches (seen in training)
 
 
 def load_activations(config, overrides):
@@ -82,20 +96,30 @@ def held_out_metrics(encode, decode, x, chunk=4096, dense_threshold=0.1):
             "dense_fraction": (fires.double() / n > dense_threshold).double().mean().item(), "tokens": n}
 
 
-def train_ours(cfg, hook, batches, held_out):
+def train_ours(cfg, hook, batches, held_out, encoder_norm=None):
     trainer = Trainer(cfg, {hook: batches[0].shape[1]}, total_steps=len(batches))
+    sae = trainer.saes[hook]
+    if encoder_norm is not None:
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.nn.functional.normalize(sae.W_dec, dim=1) * encoder_norm)
+    enc_norm = sae.W_enc.norm(dim=1).mean().item()
+    max_dead, steps_with_dead = torch.zeros(()), torch.zeros((), dtype=torch.long)
     start = time.perf_counter()
     for x in batches:
-        trainer.step({hook: x})
+        dead = trainer.step({hook: x})[hook]["dead_fraction"]  # dead for AuxK in this step
+        max_dead, steps_with_dead = torch.maximum(max_dead, dead), steps_with_dead + (dead > 0)
     seconds = time.perf_counter() - start
     trainer.check_finite()
     train_dead = (trainer.since_fired[hook] >= cfg.train.dead_tokens).double().mean().item()
     sae = trainer.trained_sae(hook).eval()
     result = held_out_metrics(sae.encode, sae.decode, held_out)
+    result["train_batches"] = held_out_metrics(sae.encode, sae.decode, torch.cat(batches[-TRAIN_CHECK:]))
     check = evaluate(sae, [held_out])
     assert abs(check["fvu"] - result["fvu"]) <= 1e-4 * max(1.0, check["fvu"]), (check, result)
     assert check["dead_fraction"] == result["dead_fraction"] and abs(check["l0"] - result["l0"]) < 1e-6
-    return {**result, "train_dead_fraction": train_dead, "seconds": seconds, "steps": len(batches)}
+    return {**result, "train_dead_fraction": train_dead, "max_train_dead_fraction": max_dead.item(),
+            "steps_with_dead": steps_with_dead.item(), "init_encoder_row_norm": enc_norm, "seconds": seconds,
+            "steps": len(batches)}
 
 
 def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
@@ -106,9 +130,11 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
     torch.manual_seed(seed)  # sparsify's trainer seeds the global RNG before building each SAE
     sae = SparseCoder(d, SparseCoderConfig(num_latents=M, k=cfg.sae.k, multi_topk=multi_topk),
                       device="cpu", dtype=torch.float32)
+    enc_norm = sae.encoder.weight.norm(dim=1).mean().item()
     peak = cfg.train.lr or 2e-4 / (M / 2**14) ** 0.5  # sparsify's default rule, = ours
     opt = torch.optim.Adam(sae.parameters(), lr=peak)
     since_fired = torch.zeros(M, dtype=torch.long)
+    max_dead, steps_with_dead = torch.zeros(()), torch.zeros((), dtype=torch.long)
     total = len(batches)
     start = time.perf_counter()
     for step, x in enumerate(batches):
@@ -116,6 +142,7 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))  # sparsify/trainer.py: raw.b_dec.data = outputs.mean(0)
         dead = since_fired >= cfg.train.dead_tokens
+        max_dead, steps_with_dead = torch.maximum(max_dead, dead.float().mean()), steps_with_dead + dead.any()
         out = sae(x, dead_mask=dead)
         loss = out.fvu + out.auxk_loss / 32
         if multi_topk:
@@ -139,8 +166,12 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
         acts, idx, _ = sae.encode(x)
         return torch.zeros(x.shape[0], M).scatter_(1, idx, acts.float())
 
-    result = held_out_metrics(encode, lambda z: z @ sae.W_dec + sae.b_dec, held_out)
-    return {**result, "train_dead_fraction": train_dead, "seconds": seconds, "steps": total}
+    decode = lambda z: z @ sae.W_dec + sae.b_dec  # noqa: E731
+    result = held_out_metrics(encode, decode, held_out)
+    result["train_batches"] = held_out_metrics(encode, decode, torch.cat(batches[-TRAIN_CHECK:]))
+    return {**result, "train_dead_fraction": train_dead, "max_train_dead_fraction": max_dead.item(),
+            "steps_with_dead": steps_with_dead.item(), "init_encoder_row_norm": enc_norm, "seconds": seconds,
+            "steps": total}
 
 
 @click.command()
@@ -152,7 +183,8 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
 @click.option("--eval-tokens", type=int, default=None, help="data.eval_tokens (default: the config's).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated train.seed values (init and "
               "shuffle order; every contender sees the same batches per seed).")
-@click.option("--contenders", default="topk,sparsify,batchtopk,topk_multi,sparsify_multi", show_default=True,
+@click.option("--contenders", default="topk,sparsify,topk_unit_enc,topk_enc058,batchtopk,topk_multi,sparsify_multi",
+              show_default=True,
               help=f"Comma-separated subset of {', '.join([*OURS, *SPARSIFY])}.")
 @click.option("--set", "overrides", multiple=True, help="Further config overrides KEY=VALUE (same for all).")
 @click.option("--threads", default=2, show_default=True)
@@ -185,6 +217,14 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders
         out["sparsify"] = md.version("eai-sparsify")
     except Exception:
         pass
+    try:  # which code trained "ours": the commit, and whether sae/ had uncommitted changes
+        git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
+        out["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       check=True).stdout.strip()
+        out["sae_dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "sae"], capture_output=True,
+                                               text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
     for seed in [int(s) for s in seeds.split(",")]:
         t = time.perf_counter()
         cfg, batches, held_out = load_activations(config, [*base, f"train.seed={seed}"])
@@ -195,7 +235,7 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders
         for name in names:
             if name in OURS:
                 c = load_config(config, [*base, f"train.seed={seed}", *OURS[name]])
-                r = train_ours(c, hook, batches, held_out)
+                r = train_ours(c, hook, batches, held_out, ENCODER_NORM.get(name))
             else:
                 c = copy.deepcopy(cfg)
                 r = train_sparsify(c, hook, batches, held_out, SPARSIFY[name], seed)
@@ -211,19 +251,25 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders
 
 
 def print_table(runs):
-    print(f"\n{'contender':<15} {'seed':>4} {'FVU':>8} {'L0':>6} {'dead':>6} {'dense':>6} {'train dead':>10} "
-          f"{'wall s':>7}")
+    print("\nheld-out FVU, L0, dead, dense; AuxK dead: dead for AuxK at the end of training / at most during "
+          "it (steps with any); tr FVU / L0: on the last training batches")
+    print(f"{'contender':<15} {'seed':>4} {'|W_enc|':>7} {'FVU':>8} {'L0':>6} {'dead':>6} {'dense':>6} "
+          f"{'AuxK dead':>19} {'tr FVU':>7} {'tr L0':>6} {'wall s':>7}")
     for r in runs:
-        print(f"{r['contender']:<15} {r['seed']:>4} {r['fvu']:>8.4f} {r['l0']:>6.1f} {r['dead_fraction']:>6.1%} "
-              f"{r['dense_fraction']:>6.1%} {r['train_dead_fraction']:>10.1%} {r['seconds']:>7.0f}")
+        t = r["train_batches"]
+        aux = f"{r['train_dead_fraction']:.1%} / {r['max_train_dead_fraction']:.1%} ({r['steps_with_dead']})"
+        print(f"{r['contender']:<15} {r['seed']:>4} {r['init_encoder_row_norm']:>7.3f} {r['fvu']:>8.4f} "
+              f"{r['l0']:>6.1f} {r['dead_fraction']:>6.1%} {r['dense_fraction']:>6.1%} {aux:>19} {t['fvu']:>7.4f} "
+              f"{t['l0']:>6.1f} {r['seconds']:>7.0f}")
     seeds = {r["seed"] for r in runs}
     if len(seeds) > 1:
         print(f"\nmean over {len(seeds)} seeds:")
         for name in dict.fromkeys(r["contender"] for r in runs):
             rs = [r for r in runs if r["contender"] == name]
             fvu = torch.tensor([r["fvu"] for r in rs], dtype=torch.float64)
-            print(f"{name:<15} FVU {fvu.mean():.4f} +- {fvu.std():.4f}  dead "
-                  f"{sum(r['dead_fraction'] for r in rs) / len(rs):.1%}  wall {sum(r['seconds'] for r in rs) / len(rs):.0f} s")
+            dead = sum(r["dead_fraction"] for r in rs) / len(rs)
+            wall = sum(r["seconds"] for r in rs) / len(rs)
+            print(f"{name:<15} FVU {fvu.mean():.4f} +- {fvu.std():.4f}  dead {dead:.1%}  wall {wall:.0f} s")
 
 
 if __name__ == "__main__":
