@@ -202,14 +202,14 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     if first is None:
         raise ConfigError(f"data: fewer activation vectors than one batch (train.batch_tokens = "
                           f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data")
-    if checkpoint is None:
-        save_run_config(cfg, run_dir)  # the data produced activations: only now is this a run worth a folder
-        log(f"run folder: {run_dir} (resolved config in config.yaml)")
     # Special tokens are dropped, so slightly fewer batches than this arrive; the schedule
     # then ends a few percent before its final decay.
     total_steps = d.token_budget * h.cache_epochs // cfg.train.batch_tokens
     trainer = Trainer(cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps,
                       next(model.parameters()).device)
+    if checkpoint is None:  # data and SAE settings both work: only now is this a run worth a folder
+        save_run_config(cfg, run_dir)
+        log(f"run folder: {run_dir} (resolved config in config.yaml)")
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")

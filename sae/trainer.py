@@ -26,11 +26,6 @@ from sae.config import RunConfig, SAEConfig, sae_variants
 from sae.errors import ConfigError
 
 
-def default_lr(num_latents: int) -> float:
-    """Gao et al.'s scaling rule: 2e-4 at 2^14 latents, falling as 1/sqrt(M)."""
-    return SparseAutoencoder.default_lr(num_latents)
-
-
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, decay_fraction: float) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
     warmup = min(warmup_steps, total_steps)

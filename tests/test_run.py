@@ -53,3 +53,10 @@ def test_evaluate_refusals_are_one_line(tmp_path):
     (run_dir / "layers.2" / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="metadata.hook_name 'layers.9' is not one of the run's hooks"):
         evaluate_saved_run(run_dir, ["data.eval_split=test"])
+
+
+def test_an_impossible_sae_stops_before_the_run_folder_is_written(tmp_path):
+    cfg = small_run(tmp_path, "r", "sae.k=5000", "data.eval_split=null")  # 4x256 = 1024 latents
+    with pytest.raises(ConfigError, match="sae.k: 5000 is larger than the 1024 latents"):
+        train_run(cfg, log=lambda s: None)
+    assert not (tmp_path / "r").exists()

@@ -8,7 +8,10 @@ import torch
 from sae.config import load_config
 from sae.errors import ConfigError
 from sae.metrics import evaluate
-from sae.trainer import Trainer, default_lr, geometric_median, learning_rate
+from sae.architectures import TopKSAE
+from sae.trainer import Trainer, geometric_median, learning_rate
+
+default_lr = TopKSAE.default_lr  # Gao et al.'s scaling rule
 
 
 def test_learning_rate_warmup_flat_and_linear_decay_to_zero():
