@@ -27,7 +27,7 @@ from sae.architectures import SparseAutoencoder, load_sae
 from sae.architectures.base import CONFIG_FILE, WEIGHTS_FILE
 from sae.config import RunConfig, load_config
 from sae.errors import ConfigError
-from sae.feature_stats import (FeatureStats, StatsSettings, compute_feature_stats, load_feature_stats,
+from sae.feature_stats import (FeatureStats, StatsSettings, check_feature, compute_feature_stats, load_feature_stats,
                                read_stats_info, save_feature_stats)
 from sae.hooks import ActivationCapture, resolve_hook
 from sae.logit_effects import logit_effects, nearest_features
@@ -54,13 +54,11 @@ class Target:
 
     def encode(self, acts: torch.Tensor) -> torch.Tensor:
         """Latents [..., M] of hook activations [..., d] (any float dtype)."""
-        return self.sae.encode(acts.to(self.sae.W_dec.dtype))
+        flat = acts.reshape(-1, acts.shape[-1]).to(self.sae.W_dec.dtype)
+        return self.sae.encode(flat).view(*acts.shape[:-1], -1)
 
     def check_feature(self, f: int) -> int:
-        M = self.sae.cfg.num_latents
-        if not 0 <= f < M:
-            raise ConfigError(f"feature {f} is out of range; this SAE has features 0..{M - 1}")
-        return f
+        return check_feature(f, self.sae.cfg.num_latents)
 
 
 def find_sae_folder(path: Path) -> Path:

@@ -101,8 +101,12 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
 
 @click.group(context_settings={"max_content_width": 120})
 def analyze() -> None:
-    """Inspect models and trained SAEs: hook points now; features, logit effects and reports
-    as the analyzer lands."""
+    """Inspect models and trained SAEs: hook points, held-out metrics, what each feature
+    means (features, report) and which features lie behind a behaviour (search).
+
+    SAE arguments take an SAE folder (with cfg.json) or a run folder holding one SAE;
+    the model, hook point and data come from the run's config.yaml or the SAE's
+    metadata, and --set changes them (e.g. --set data.split=test)."""
 
 
 @analyze.command()
@@ -133,3 +137,218 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
     from sae.run import evaluate_saved_run
 
     evaluate_saved_run(run_dir, overrides, log=click.echo)
+
+
+# ---- the analyzer: features, search, report ---------------------------------------------
+
+def target_options(fn: Callable) -> Callable:
+    """SAE argument, --hook and --set, shared by the feature commands."""
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Change the model or data config, e.g. --set data.split=test --set model.device=cuda:1.")(fn)
+    fn = click.option("--hook", default=None, metavar="HOOK",
+                      help="Hook point the SAE reads, when its cfg.json does not name one (e.g. layers.12).")(fn)
+    return click.argument("sae_path", metavar="SAE", type=click.Path(path_type=Path))(fn)
+
+
+def stats_options(fn: Callable) -> Callable:
+    """Options of the feature-statistics pass, shared by `features` and `report`."""
+    fn = click.option("--recompute", is_flag=True, help="Scan the data again even if cached statistics exist.")(fn)
+    fn = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                      help="Where statistics are cached (default: SAE/features/).")(fn)
+    fn = click.option("--examples", type=click.IntRange(1), default=20, show_default=True,
+                      help="Top-activating examples kept per feature.")(fn)
+    return click.option("--tokens", type=click.IntRange(1), default=2**20, show_default=True,
+                        help="Tokens of data.dataset [data.split] to scan for statistics.")(fn)
+
+
+def _log(as_json: bool) -> Callable[[str], None]:
+    """Progress lines go to stderr, so stdout holds only the answer (pure JSON with --json)."""
+    return lambda line: click.echo(line, err=True)
+
+
+def _load_stats(sae_path, hook, overrides, tokens, examples, cache_dir, recompute):
+    from sae.analysis_target import cached_feature_stats, open_target
+    from sae.feature_stats import StatsSettings
+
+    settings = StatsSettings(tokens=tokens, top_examples=examples)  # bad values fail before the model loads
+    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+        raise ConfigError(f"--cache-dir: {str(cache_dir)!r} is a file, not a folder")
+    target = open_target(sae_path, overrides, hook)
+    return target, cached_feature_stats(target, settings, cache_dir, recompute, log=_log(True))
+
+
+def _show(text: str) -> str:
+    """A token as the terminal shows it: newlines and tabs visible."""
+    return text.replace("\n", "↵").replace("\t", "⇥")
+
+
+def _example_text(ex: dict) -> str:
+    """The example's context on one line, its token in [[ ]]."""
+    return "".join(f"[[{_show(t)}]]" if i == ex["centre"] else _show(t) for i, t in enumerate(ex["tokens"]))
+
+
+def _example_line(ex: dict) -> str:
+    return f"{ex['activation']:>9.3f}  {_example_text(ex)}"
+
+
+def _print_feature(r: dict) -> None:
+    click.echo(f"feature {r['feature']}: fires on {r['density']:.3%} of tokens ({r['fires']:,}), "
+               f"max {r['max']:.3f}, mean when firing {r['mean']:.3f}")
+    for key in ("promoted", "suppressed"):
+        if key in r:
+            click.echo(f"  {key + ':':<12}" + "  ".join(f"{_show(t['token'])!r} {t['logit']:+.3f}" for t in r[key]))
+    if "nearest" in r:
+        click.echo(f"  {'nearest:':<12}" + "  ".join(f"{n['feature']} ({n['cosine']:.2f})" for n in r["nearest"]))
+    click.echo("  top examples (activation, [[token]] in context):")
+    for ex in r["top_examples"]:
+        click.echo("  " + _example_line(ex))
+    bins = r["quantile_bins"]
+    for b, group in enumerate(bins):
+        if group:
+            click.echo(f"  quantile bin {b + 1} of {len(bins)} ({b * 100 // len(bins)}-{(b + 1) * 100 // len(bins)}% "
+                       "of firings by activation):")
+            for ex in group:
+                click.echo("  " + _example_line(ex))
+
+
+SORTS = {"density": lambda s: s.density, "max": lambda s: s.act_max.double(), "mean": lambda s: s.mean_act.double()}
+
+
+@analyze.command()
+@target_options
+@stats_options
+@click.option("--feature", "-f", "features", multiple=True, type=int, metavar="N",
+              help="Show feature N in full (repeatable).")
+@click.option("--sort", type=click.Choice(sorted(SORTS)), default="density", show_default=True,
+              help="Order of the feature table (without --feature).")
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="Rows of the feature table.")
+@click.option("--show-examples", type=click.IntRange(0), default=5, show_default=True,
+              help="Top examples printed per feature (--json has them all).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@one_line_errors
+def features(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, features, sort, limit, show_examples,
+             as_json) -> None:
+    """What the SAE's features respond to: density, activations, top-activating examples
+    in context, quantile-bin samples, promoted and suppressed output tokens and nearest
+    features. Statistics are computed once over --tokens tokens and cached.
+
+    \b
+        python analyze.py features checkpoints/demo                 # summary + densest features
+        python analyze.py features checkpoints/demo -f 93 -f 1539    # two features in full
+    """
+    import json
+
+    from sae.feature_stats import check_feature, density_histogram, feature_record, token_decoder
+
+    target, stats = _load_stats(sae_path, hook, overrides, tokens, examples, cache_dir, recompute)
+    for f in features:
+        check_feature(f, stats.num_features)
+    decode = token_decoder(target.tokenizer)
+    hist = density_histogram(stats)
+    summary = {"sae": str(target.folder), "hook": target.hook, "model": target.cfg.model.name_or_path,
+               "features": stats.num_features, "tokens": stats.tokens, "contexts": stats.contexts,
+               "density_histogram": hist}
+    if features:
+        records = [feature_record(stats, f, decode) for f in features]
+    else:
+        order = SORTS[sort](stats).argsort(descending=True)[:limit].tolist()
+        records = [feature_record(stats, f, decode, examples=1) for f in order]
+    if as_json:
+        click.echo(json.dumps({**summary, "sorted_by": None if features else sort, "features_shown": records}, indent=1))
+        return
+    click.echo(f"{target.folder}: {stats.num_features:,} features at {target.hook}; statistics over "
+               f"{stats.tokens:,} tokens in {stats.contexts:,} contexts")
+    click.echo(f"never fired: {hist['never_fired']:,} features; log10 density histogram:")
+    peak = max(hist["counts"], default=0) or 1
+    for edge, count in zip(hist["edges"], hist["counts"]):
+        click.echo(f"  {edge:>5.1f} {count:>8,} {'#' * round(40 * count / peak)}")
+    if features:
+        for r in records:
+            r["top_examples"] = r["top_examples"][:show_examples]
+            click.echo("")
+            _print_feature(r)
+        return
+    click.echo(f"\nfeatures by {sort} (top {len(records)}; -f N shows one in full):")
+    click.echo(f"  {'feature':>8} {'density':>9} {'max':>8} {'mean':>8}  top example")
+    for r in records:
+        top = _example_text(r["top_examples"][0]) if r["top_examples"] else "(never fired)"
+        click.echo(f"  {r['feature']:>8} {r['density']:>9.3%} {r['max']:>8.3f} {r['mean']:>8.3f}  {top}")
+
+
+@analyze.command()
+@target_options
+@click.option("--target", "target_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Prompts showing the behaviour (one per line, or .jsonl with a text field).")
+@click.option("--baseline", "baseline_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Prompts without it, as alike as possible otherwise.")
+@click.option("--text", default=None, help="Instead of a contrast: the features that fire on this text.")
+@click.option("--focus", default=None, help="With --text: rank by the tokens covering this substring only.")
+@click.option("--rank", type=click.Choice(["effect", "auroc", "diff"]), default="effect", show_default=True,
+              help="Contrast ranking: effect size (Cohen's d), AUROC, or difference of means.")
+@click.option("--reduce", type=click.Choice(["max", "mean"]), default="max", show_default=True,
+              help="A prompt's score per feature: max or mean over its tokens.")
+@click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@one_line_errors
+def search(sae_path, hook, overrides, target_file, baseline_file, text, focus, rank, reduce, top, as_json) -> None:
+    """Find features: those that separate --target prompts from --baseline prompts
+    (contrast search), or those that fire on --text.
+
+    \b
+        python analyze.py search checkpoints/demo --target configs/prompts/demo_raised.txt \\
+            --baseline configs/prompts/demo_not_raised.txt
+        python analyze.py search checkpoints/demo --text "a KeyError is raised" --focus raised
+    """
+    import json
+
+    from sae.analysis_target import open_target
+    from sae.feature_search import contrast_search, features_in_text, read_prompts
+
+    contrast_mode = target_file is not None or baseline_file is not None
+    if contrast_mode == (text is not None):
+        raise ConfigError("search: give either --target FILE and --baseline FILE (contrast), or --text")
+    if contrast_mode and (target_file is None or baseline_file is None):
+        raise ConfigError("search: a contrast needs both --target FILE and --baseline FILE")
+    if focus is not None and text is None:
+        raise ConfigError("--focus: applies to --text only")
+    if contrast_mode:
+        a, b = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
+    target = open_target(sae_path, overrides, hook)
+    if not contrast_mode:
+        hits = features_in_text(target, text, focus, top)
+        if as_json:
+            click.echo(json.dumps({"text": text, "tokens": hits.tokens, "focus": hits.focus,
+                                   "ranking": [{"feature": f, "activation": v} for f, v in hits.ranking],
+                                   "per_token": [[{"feature": f, "activation": v} for f, v in row]
+                                                 for row in hits.per_token]}, indent=1))
+            return
+        focus_text = "".join(hits.tokens[i] for i in hits.focus)
+        click.echo(f"features firing on {_show(focus_text)!r} (max activation over {len(hits.focus)} tokens):")
+        for f, v in hits.ranking:
+            click.echo(f"  {f:>8} {v:>9.3f}")
+        click.echo("per token (strongest features):")
+        for i, (t, row) in enumerate(zip(hits.tokens, hits.per_token)):
+            mark = "*" if i in hits.focus else " "
+            feats = "  ".join(f"{f}:{v:.2f}" for f, v in row[:6]) or "-"
+            click.echo(f" {mark}{_show(t)!r:>16} {feats}")
+        return
+    result = contrast_search(target, a, b, reduce)
+    ranked = {"target": result.ranking(rank, "a")[:top], "baseline": result.ranking(rank, "b")[:top]}
+    if as_json:
+        click.echo(json.dumps({"target_prompts": result.n_a, "baseline_prompts": result.n_b,
+                               "target_tokens": result.tokens_a, "baseline_tokens": result.tokens_b,
+                               "reduce": reduce, "rank": rank,
+                               "higher_in_target": [result.row(f) for f in ranked["target"]],
+                               "higher_in_baseline": [result.row(f) for f in ranked["baseline"]]}, indent=1))
+        return
+    click.echo(f"contrast: {result.n_a} target prompts ({result.tokens_a:,} tokens) vs {result.n_b} baseline prompts "
+               f"({result.tokens_b:,} tokens); a prompt's score is the {reduce} activation over its tokens")
+    for side in ("target", "baseline"):
+        click.echo(f"\nhigher in {side}, by {rank}:")
+        click.echo(f"  {'feature':>8} {'effect':>7} {'AUROC':>6} {'mean tgt':>9} {'mean base':>9} "
+                   f"{'fires tgt':>9} {'fires base':>10}")
+        for f in ranked[side]:
+            r = result.row(f)
+            click.echo(f"  {f:>8} {r['effect']:>7.2f} {r['auroc']:>6.3f} {r['mean_target']:>9.3f} "
+                       f"{r['mean_baseline']:>9.3f} {r['fire_target']:>9.0%} {r['fire_baseline']:>10.0%}")
+

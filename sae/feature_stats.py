@@ -26,9 +26,10 @@ whether a cached file is still valid.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -117,38 +118,61 @@ class Examples:
         """Filled slots per feature, [M]."""
         return (self.context >= 0).sum(1)
 
-    def offer(self, keys: torch.Tensor, z: torch.Tensor, ids: torch.Tensor, context0: int,
-              before: int, after: int) -> None:
+    def offer(self, row: torch.Tensor, feat: torch.Tensor, key: torch.Tensor, z: torch.Tensor, ids: torch.Tensor,
+              context0: int, before: int, after: int) -> None:
         """Keep, per feature, the S largest keys among the current ones and this chunk's.
 
-        keys, z: [n, M] with n = B * T (-inf keys are never taken); ids: [B, T] token ids
-        of the chunk, whose first context has scan index ``context0``.
+        Candidates are sparse: row, feat, key [E] (token row in the chunk, feature, key).
+        z: [n, M] latents of the chunk (n = B * T); ids: [B, T] its token ids, whose first
+        context has scan index ``context0``. Slots are unordered (``sorted`` orders them):
+        a new entry takes the slot of one it evicts, so only new entries are written.
         """
         S = self.keys.shape[1]
         B, T = ids.shape
-        new_keys, rows = keys.topk(min(S, keys.shape[0]), dim=0)       # [k, M]
-        merged, slot = torch.cat([self.keys, new_keys.t()], 1).topk(S, dim=1)  # [M, S]
-        fresh = (slot >= S) & (merged > -math.inf)
-        if not fresh.any():
+        # Only a key above the feature's current worst can enter: after the first chunks
+        # few do, so the dense top-k below runs on a few features.
+        beats = key > self.keys.min(1).values[feat]
+        row, feat, key = row[beats], feat[beats], key[beats]
+        if feat.numel() == 0:
             return
-        old = slot.clamp(max=S - 1)
-        for name in ("values", "context", "position"):
-            setattr(self, name, getattr(self, name).gather(1, old))
-        W = self.window_tokens.shape[2]
-        self.window_tokens = self.window_tokens.gather(1, old[..., None].expand(-1, -1, W))
-        self.window_acts = self.window_acts.gather(1, old[..., None].expand(-1, -1, W))
-        self.keys = merged
-        f, s = fresh.nonzero(as_tuple=True)            # the E entries that came from this chunk
-        row = rows.t()[f, slot[f, s] - S]              # [E] token row in the chunk
-        ctx, pos = row // T, row % T
+        feats, col = feat.unique(return_inverse=True)                     # [F], [E]
+        dense = torch.full((B * T, feats.numel()), -math.inf, device=key.device, dtype=key.dtype)
+        dense[row, col] = key
+        new_keys, rows = dense.topk(min(S, B * T), dim=0)                  # [k, F]
+        slot = torch.cat([self.keys[feats], new_keys.t()], 1).topk(S, dim=1).indices  # [F, S]
+        fresh = slot >= S
+        kept_old = torch.zeros(feats.numel(), S + 1, dtype=torch.bool, device=slot.device)
+        kept_old.scatter_(1, slot.clamp(max=S), True)
+        # Pair the j-th evicted old slot of each feature with its j-th fresh entry.
+        evicted = (~kept_old[:, :S]).to(torch.uint8).argsort(dim=1, descending=True, stable=True)
+        fresh_at = fresh.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
+        n_new = fresh.sum(1)
+        i, j = (torch.arange(S, device=slot.device) < n_new[:, None]).nonzero(as_tuple=True)
+        k = slot[i, fresh_at[i, j]] - S                                    # index into new_keys
+        f, s = feats[i], evicted[i, j]
+        keep_key = new_keys.t()[i, k]
+        real = keep_key > -math.inf
+        f, s, i, k, keep_key = f[real], s[real], i[real], k[real], keep_key[real]
+        r = rows.t()[i, k]                                                 # token row in the chunk
+        ctx, pos = r // T, r % T
         win = pos[:, None] + torch.arange(-before, after + 1, device=pos.device)  # [E, W]
         inside = (win >= 0) & (win < T)
         win_rows = ctx[:, None] * T + win.clamp(0, T - 1)
-        self.values[f, s] = z[row, f]
+        self.keys[f, s] = keep_key
+        self.values[f, s] = z[r, f]
         self.context[f, s] = ctx + context0
         self.position[f, s] = pos
         self.window_tokens[f, s] = torch.where(inside, ids.reshape(-1)[win_rows], -1)
         self.window_acts[f, s] = torch.where(inside, z[win_rows, f[:, None]], 0.0)
+
+    def sorted(self) -> Examples:
+        """The same examples with each feature's slots ordered by key, largest first."""
+        order = self.keys.argsort(dim=1, descending=True, stable=True)
+        W = self.window_tokens.shape[2]
+        return Examples(keys=self.keys.gather(1, order), values=self.values.gather(1, order),
+                        context=self.context.gather(1, order), position=self.position.gather(1, order),
+                        window_tokens=self.window_tokens.gather(1, order[..., None].expand(-1, -1, W)),
+                        window_acts=self.window_acts.gather(1, order[..., None].expand(-1, -1, W)))
 
 
 @dataclass
@@ -193,7 +217,7 @@ class FeatureStats:
         lowest first: group b holds the samples between quantiles b/bins and (b+1)/bins of
         a uniform sample of the positions the feature fires on. Empty groups when it fired
         fewer times than there are bins."""
-        n = int(self.reservoir.count()[f])
+        n = int((self.reservoir.context[f] >= 0).sum())  # this row only: a report calls it M times
         order = self.reservoir.values[f, :n].argsort().tolist() if n else []
         bins = self.settings.quantile_bins
         return [[order[i] for i in range(n) if i * bins // n == b] for b in range(bins)]
@@ -201,11 +225,6 @@ class FeatureStats:
     def hist_edges(self) -> torch.Tensor:
         """Lower edges of the histogram bins (the first bin also holds everything below), [HIST_BINS]."""
         return 2.0 ** (HIST_LOG2_MIN + torch.arange(HIST_BINS, dtype=torch.float64) / HIST_BINS_PER_OCTAVE)
-
-    def check_feature(self, f: int) -> int:
-        if not 0 <= f < self.num_features:
-            raise ConfigError(f"feature {f} is out of range; this SAE has features 0..{self.num_features - 1}")
-        return f
 
 
 def hist_bin(values: torch.Tensor) -> torch.Tensor:
@@ -230,29 +249,31 @@ class StatsAccumulator:
         self.generator = torch.Generator(device=device).manual_seed(s.seed)
 
     def update(self, z: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor) -> None:
-        """z: latents [B, T, M] of contexts ids [B, T]; keep: bool [B, T], False for
-        tokens that must not count (special tokens)."""
+        """z: latents [B, T, M] of contexts ids [B, T] (overwritten: rows of tokens not
+        kept are zeroed); keep: bool [B, T], False for tokens that must not count
+        (special tokens)."""
         B, T, M = z.shape
-        z = torch.where(keep[..., None], z.float(), 0.0).reshape(B * T, M)
-        firing = z > 0
-        self.fires += firing.sum(0)
-        self.act_sum += z.sum(0, dtype=torch.float64)
-        self.act_max = torch.maximum(self.act_max, z.max(0).values)
-        row, f = firing.nonzero(as_tuple=True)
-        self.hist.index_add_(0, f * HIST_BINS + hist_bin(z[row, f]), torch.ones_like(f))
+        z = z.float().view(B * T, M)
+        z[~keep.view(-1)] = 0.0
+        # Everything below works on the sparse firing entries, not the dense [n, M] matrix.
+        row, f = (z > 0).nonzero(as_tuple=True)
+        val = z[row, f]
+        self.fires += torch.bincount(f, minlength=M)
+        self.act_sum.index_add_(0, f, val.double())
+        self.act_max.scatter_reduce_(0, f, val, "amax")
+        self.hist.index_add_(0, f * HIST_BINS + hist_bin(val), torch.ones_like(f))
         s = self.settings
-        self.top.offer(torch.where(firing, z, -math.inf), z, ids, self.contexts, s.context_before, s.context_after)
+        self.top.offer(row, f, val, z, ids, self.contexts, s.context_before, s.context_after)
         # Uniform random keys over the firing positions: keeping the largest keys is
         # reservoir sampling, so every firing position is equally likely to be kept.
-        u = torch.rand(z.shape, generator=self.generator, device=z.device)
-        self.reservoir.offer(torch.where(firing, u, -math.inf), z, ids, self.contexts,
-                             s.context_before, s.context_after)
+        u = torch.rand(val.shape, generator=self.generator, device=z.device)
+        self.reservoir.offer(row, f, u, z, ids, self.contexts, s.context_before, s.context_after)
         self.tokens += int(keep.sum())
         self.contexts += B
 
     def result(self, info: dict) -> FeatureStats:
         cpu = {k: v.cpu() for k, v in (("fires", self.fires), ("act_sum", self.act_sum), ("act_max", self.act_max))}
-        top, res = (Examples(**{f.name: getattr(e, f.name).cpu() for f in fields(Examples)})
+        top, res = (Examples(**{f.name: getattr(e.sorted(), f.name).cpu() for f in fields(Examples)})
                     for e in (self.top, self.reservoir))
         return FeatureStats(tokens=self.tokens, contexts=self.contexts, **cpu,
                             hist=self.hist.view(-1, HIST_BINS).cpu(), top=top, reservoir=res,
@@ -350,3 +371,61 @@ def load_feature_stats(path: Path) -> FeatureStats:
                         logits={k.removeprefix("logits."): v for k, v in tensors.items() if k.startswith("logits.")},
                         nearest={k.removeprefix("nearest."): v for k, v in tensors.items()
                                  if k.startswith("nearest.")})
+
+
+# ---- one feature, JSON-able ----------------------------------------------------------------
+
+def token_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], str]:
+    """id -> its text as the tokenizer decodes it alone (cached; many ids repeat)."""
+    return functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
+
+
+def check_feature(f: int, num_features: int) -> int:
+    if not 0 <= f < num_features:
+        raise ConfigError(f"feature {f} is out of range; this SAE has features 0..{num_features - 1}")
+    return f
+
+
+def _example(ex: Examples, f: int, slot: int, decode: Callable[[int], str], before: int) -> dict:
+    ids, acts = ex.window_tokens[f, slot], ex.window_acts[f, slot]
+    inside = ids >= 0
+    # The example token's index within the kept (in-context) part of the window.
+    centre = int(inside[:before].sum())
+    return {"activation": round(float(ex.values[f, slot]), 4), "context": int(ex.context[f, slot]),
+            "position": int(ex.position[f, slot]), "centre": centre,
+            "tokens": [decode(int(i)) for i in ids[inside]], "acts": [round(float(a), 4) for a in acts[inside]]}
+
+
+def feature_record(stats: FeatureStats, f: int, decode: Callable[[int], str], examples: int | None = None) -> dict:
+    """Everything known about feature f as plain data: counts, top examples (``examples``
+    of them), quantile-bin samples, promoted / suppressed tokens, nearest features."""
+    check_feature(f, stats.num_features)
+    before = stats.settings.context_before
+    n_top = int(stats.top.count()[f]) if examples is None else min(examples, int(stats.top.count()[f]))
+    record = {"feature": f, "fires": int(stats.fires[f]), "density": float(stats.density[f]),
+              "max": float(stats.act_max[f]), "mean": float(stats.mean_act[f]),
+              "top_examples": [_example(stats.top, f, s, decode, before) for s in range(n_top)],
+              "quantile_bins": [[_example(stats.reservoir, f, s, decode, before) for s in group]
+                                for group in stats.quantile_samples(f)]}
+    if stats.logits:
+        L = stats.logits
+        record["promoted"] = [{"token": decode(int(i)), "logit": round(float(v), 4)}
+                              for i, v in zip(L["top_ids"][f], L["top_values"][f])]
+        record["suppressed"] = [{"token": decode(int(i)), "logit": round(float(v), 4)}
+                                for i, v in zip(L["bottom_ids"][f], L["bottom_values"][f])]
+    if stats.nearest:
+        record["nearest"] = [{"feature": int(i), "cosine": round(float(c), 4)}
+                             for i, c in zip(stats.nearest["ids"][f], stats.nearest["cosine"][f])]
+    return record
+
+
+def density_histogram(stats: FeatureStats, bins_per_decade: int = 2) -> dict:
+    """Histogram of log10 density over the features that fired at least once, plus the
+    count that never fired: {"never_fired", "edges" (log10 density), "counts"}."""
+    fired = stats.fires > 0
+    log_d = stats.density[fired].log10()
+    low = math.floor(log_d.min().item()) if fired.any() else -1
+    edges = torch.arange(low * bins_per_decade, 1, dtype=torch.float64) / bins_per_decade
+    counts = torch.histogram(log_d, bins=torch.cat([edges, edges[-1:] + 1 / bins_per_decade]))[0] \
+        if fired.any() else torch.zeros(len(edges))
+    return {"never_fired": int((~fired).sum()), "edges": edges.tolist(), "counts": counts.long().tolist()}

@@ -28,3 +28,18 @@ def tiny_llama(tiny_llama_dir):
     from sae.models import load_model
 
     return load_model(ModelConfig(name_or_path=str(tiny_llama_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def demo_sae_run(tmp_path_factory):
+    """Run folder of a small TopK SAE (1024 latents, k = 32) trained on 300k tokens of the
+    demo model's layers.2: good enough to have interpretable features (~35 s)."""
+    from sae.config import load_config
+    from sae.run import train_run
+
+    root = tmp_path_factory.mktemp("demo-sae")
+    cfg = load_config(None, [
+        f"output.root={root}", "output.run_name=run", "output.tensorboard=false", "data.token_budget=300000",
+        "data.eval_split=null", "hooks=[layers.2]", "sae.expansion_factor=4", "sae.k=32", "train.batch_tokens=2048",
+        "train.warmup_steps=20", "train.dead_tokens=100000"])
+    return train_run(cfg, log=lambda line: None)

@@ -1,0 +1,234 @@
+"""Finding features: which ones separate two prompt sets (contrast search), and which fire
+on a given text (by-token search).
+
+    result = contrast_search(target, toxic_prompts, neutral_prompts)
+    for f in result.ranking("effect")[:10]: ...
+
+    hits = features_in_text(target, "The file was not found", focus="file")
+
+A prompt is scored per feature by its largest activation over the prompt's tokens
+(``reduce="max"``, so a feature that fires on one word counts) or the mean over them.
+Per feature and set: mean score, firing rate (share of prompts where it fires at all);
+across sets: the difference of means, the effect size (difference over the pooled
+standard deviation, Cohen's d) and the AUROC of the score as a classifier of target vs
+baseline (ties count half). Prompts are tokenized like the training contexts: BOS, then
+the text without special tokens; special tokens never count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sae.analysis_target import Target
+from sae.errors import ConfigError
+from sae.harvest import max_context_tokens, special_token_ids
+from sae.hooks import ActivationCapture, resolve_hook
+
+REDUCTIONS = ("max", "mean")
+RANKINGS = ("effect", "auroc", "diff")
+MAX_PROMPT_TOKENS = 1024
+
+
+def read_prompts(path: str | Path, what: str = "prompts") -> list[str]:
+    """Prompts from a file: ``.jsonl`` (one object per line with a "text" field) or any
+    other text file (one prompt per line). Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: {str(path)!r} is not a file; give a text file with one prompt per line")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: cannot read {str(path)!r} as UTF-8 text ({e})") from None
+    lines = [line for line in lines if line]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ConfigError(f"{what}: line {i} of {str(path)!r} is not a JSON object with a \"text\" field") from None
+            if not isinstance(text, str):
+                raise ConfigError(f"{what}: line {i} of {str(path)!r}: \"text\" is not a string")
+            prompts.append(text)
+        lines = [p for p in prompts if p.strip()]
+    if not lines:
+        raise ConfigError(f"{what}: {str(path)!r} holds no prompts; write one prompt per line")
+    return lines
+
+
+def prompt_ids(target: Target, text: str) -> list[int]:
+    """BOS + the text's tokens (no special tokens), as the training contexts were built."""
+    tok = target.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return [bos, *tok(text, add_special_tokens=False)["input_ids"]]
+
+
+@torch.no_grad()
+def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
+                  progress: bool = False) -> list[torch.Tensor]:
+    """Latents of every prompt token: one [T_i, M] float32 tensor (on the model's device)
+    per prompt, rows of special tokens zeroed. Prompts longer than the model allows (or
+    MAX_PROMPT_TOKENS) are cut at the end."""
+    tok = target.tokenizer
+    limit = min(MAX_PROMPT_TOKENS, max_context_tokens(target.model) or MAX_PROMPT_TOKENS)
+    ids = [prompt_ids(target, p)[:limit] for p in prompts]
+    capture = ActivationCapture(target.model, [resolve_hook(target.model, target.hook)])
+    special = special_token_ids(tok).to(target.device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for start in tqdm(range(0, len(ids), batch_size), desc="prompts", disable=not progress):
+        chunk = ids[start:start + batch_size]
+        T = max(len(i) for i in chunk)
+        batch = torch.full((len(chunk), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        for row, i in enumerate(chunk):  # right padding: a causal model never looks at the pads
+            batch[row, :len(i)] = torch.tensor(i)
+            mask[row, :len(i)] = 1
+        batch, mask = batch.to(target.device), mask.to(target.device)
+        acts = capture.run(input_ids=batch, attention_mask=mask)[target.hook]
+        z = target.encode(acts).float()
+        z = torch.where(torch.isin(batch, special)[..., None], 0.0, z)
+        out += [z[row, :len(i)] for row, i in enumerate(chunk)]
+    return out
+
+
+def prompt_scores(target: Target, prompts: Sequence[str], reduce: str = "max", batch_size: int = 16,
+                  progress: bool = False) -> torch.Tensor:
+    """Per-prompt feature scores [P, M] (float32, CPU): max or mean latent over each prompt's
+    non-special tokens."""
+    if reduce not in REDUCTIONS:
+        raise ConfigError(f"reduce: {reduce!r} is not valid; use one of {', '.join(REDUCTIONS)}")
+    scores = []
+    for z in token_latents(target, prompts, batch_size, progress):
+        scores.append(z.max(0).values if reduce == "max" else z.sum(0) / max(1, z.shape[0] - 1))  # BOS not counted
+    return torch.stack(scores).cpu()
+
+
+def auroc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """P(score of a random a-row > a random b-row) + P(tie) / 2, per column.
+
+    a: [n_a, M], b: [n_b, M]. Returns [M] float64. Counts, for each a-score, the b-scores
+    below it and equal to it by binary search in the sorted b-scores (O(M n log n))."""
+    bs = b.t().contiguous().double().sort(dim=1).values      # [M, n_b]
+    at = a.t().contiguous().double()                          # [M, n_a]
+    below = torch.searchsorted(bs, at, right=False)           # b < a
+    not_above = torch.searchsorted(bs, at, right=True)        # b <= a
+    wins = below.double() + 0.5 * (not_above - below).double()
+    return wins.sum(1) / (a.shape[0] * b.shape[0])
+
+
+@dataclass
+class ContrastResult:
+    """Per-feature contrast statistics, each [M] (CPU): target (A) vs baseline (B)."""
+
+    mean_a: torch.Tensor
+    mean_b: torch.Tensor
+    fire_a: torch.Tensor
+    fire_b: torch.Tensor
+    diff: torch.Tensor
+    effect: torch.Tensor
+    auroc: torch.Tensor
+    n_a: int
+    n_b: int
+    tokens_a: int
+    tokens_b: int
+    reduce: str
+
+    def ranking(self, by: str = "effect", higher_in: str = "a") -> list[int]:
+        """Feature ids from the most to the least characteristic of set ``higher_in``."""
+        if by not in RANKINGS:
+            raise ConfigError(f"rank: {by!r} is not valid; use one of {', '.join(RANKINGS)}")
+        score = getattr(self, by).double()
+        if by == "auroc":
+            score = score - 0.5
+        score = score if higher_in == "a" else -score
+        # Ties (e.g. AUROC 1.0) are broken by the difference of means.
+        return sorted(range(len(score)), key=lambda f: (-score[f].item(), -abs(self.diff[f].item())))
+
+    def row(self, f: int) -> dict:
+        return {"feature": f, "mean_target": self.mean_a[f].item(), "mean_baseline": self.mean_b[f].item(),
+                "fire_target": self.fire_a[f].item(), "fire_baseline": self.fire_b[f].item(),
+                "diff": self.diff[f].item(), "effect": self.effect[f].item(), "auroc": self.auroc[f].item()}
+
+
+def contrast(a: torch.Tensor, b: torch.Tensor, reduce: str = "max", tokens: tuple[int, int] = (0, 0)) -> ContrastResult:
+    """Contrast statistics from per-prompt scores a [n_a, M] and b [n_b, M]."""
+    a, b = a.double(), b.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    var_a = a.var(0, correction=1) if a.shape[0] > 1 else torch.zeros_like(mean_a)
+    var_b = b.var(0, correction=1) if b.shape[0] > 1 else torch.zeros_like(mean_b)
+    dof = max(a.shape[0] + b.shape[0] - 2, 1)
+    pooled = (((a.shape[0] - 1) * var_a + (b.shape[0] - 1) * var_b) / dof).sqrt()
+    diff = mean_a - mean_b
+    # A feature with no spread in either set: its difference decides, on a tiny scale.
+    scale = torch.maximum(pooled, torch.full_like(pooled, 1e-6) + 1e-3 * (mean_a.abs() + mean_b.abs()))
+    return ContrastResult(mean_a=mean_a.float(), mean_b=mean_b.float(), fire_a=(a > 0).double().mean(0).float(),
+                          fire_b=(b > 0).double().mean(0).float(), diff=diff.float(), effect=(diff / scale).float(),
+                          auroc=auroc(a, b).float(), n_a=a.shape[0], n_b=b.shape[0], tokens_a=tokens[0],
+                          tokens_b=tokens[1], reduce=reduce)
+
+
+def contrast_search(target: Target, prompts_a: Sequence[str], prompts_b: Sequence[str], reduce: str = "max",
+                    batch_size: int = 16, progress: bool = True) -> ContrastResult:
+    """Contrast statistics of every feature between target prompts (A) and baseline prompts (B)."""
+    for what, prompts in (("target prompts", prompts_a), ("baseline prompts", prompts_b)):
+        if not prompts:
+            raise ConfigError(f"{what}: none given")
+    a = prompt_scores(target, prompts_a, reduce, batch_size, progress)
+    b = prompt_scores(target, prompts_b, reduce, batch_size, progress)
+    tokens = tuple(sum(len(prompt_ids(target, p)) - 1 for p in ps) for ps in (prompts_a, prompts_b))
+    return contrast(a, b, reduce, tokens)
+
+
+@dataclass
+class TextFeatures:
+    """Which features fire on a text: its tokens, per token the strongest features, and
+    features ranked by their largest activation over the focus tokens."""
+
+    tokens: list[str]
+    focus: list[int]                       # indices into tokens the ranking covers
+    per_token: list[list[tuple[int, float]]]
+    ranking: list[tuple[int, float]]       # (feature, max activation over the focus tokens)
+
+
+def focus_positions(target: Target, text: str, focus: str | None) -> list[int]:
+    """Token positions (BOS = 0) whose characters overlap the first occurrence of ``focus``
+    in ``text``; all text tokens when focus is None."""
+    enc = target.tokenizer(text, add_special_tokens=False, return_offsets_mapping=focus is not None)
+    n = len(enc["input_ids"])
+    if focus is None:
+        return list(range(1, n + 1))
+    start = text.find(focus)
+    if not focus or start < 0:
+        raise ConfigError(f"--focus: {focus!r} does not occur in the text {text!r}")
+    end = start + len(focus)
+    hits = [i + 1 for i, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > start]
+    if not hits:
+        raise ConfigError(f"--focus: no token of the text covers {focus!r}")
+    return hits
+
+
+def features_in_text(target: Target, text: str, focus: str | None = None, top: int = 10) -> TextFeatures:
+    """The features that fire on ``text`` (or the tokens covering ``focus`` in it), strongest first."""
+    if not text.strip():
+        raise ConfigError("--text: empty; give the text to search")
+    ids = prompt_ids(target, text)
+    z = token_latents(target, [text])[0].cpu()  # [T, M]; shorter than ids if the text was cut
+    positions = [p for p in focus_positions(target, text, focus) if p < z.shape[0]]
+    ids = ids[:z.shape[0]]
+    tok = target.tokenizer
+    tokens = [tok.decode([i]) for i in ids]
+    per_token = []
+    for row in z:
+        vals, feats = row.topk(min(top, row.shape[0]))
+        per_token.append([(int(f), float(v)) for f, v in zip(feats, vals) if v > 0])
+    best = z[positions].max(0).values
+    vals, feats = best.topk(min(top, best.shape[0]))
+    return TextFeatures(tokens=tokens, focus=positions, per_token=per_token,
+                        ranking=[(int(f), float(v)) for f, v in zip(feats, vals) if v > 0])
