@@ -1,0 +1,72 @@
+"""Feature statistics for the report tests: the demo model, a random TopK SAE, and a few
+texts that include HTML/JS payloads (dataset text is untrusted)."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import json
+import re
+
+import torch
+
+PAYLOADS = ["<script>window.__pwned=1</script>",
+            '<img src=x onerror="window.__pwned=1">',
+            "</script><script>window.__pwned=1</script>",
+            "fish &amp; chips &lt;b&gt;"]
+TEXTS = ["def add(a, b):\n    return a + b\n",
+         "The quick brown fox jumps over the lazy dog.",
+         "import os\nprint(os.path.join('a', 'b'))\n",
+         "Lists are mutable sequences, typically used to store collections of items.",
+         *PAYLOADS]
+M = 512  # features of the random SAE
+
+
+@functools.lru_cache(maxsize=1)
+def report_stats():
+    """(stats, tokenizer) computed once per test process: ~1k tokens through the demo model
+    and a random 512-feature TopK SAE, with logit effects and nearest features filled."""
+    from sae.config import ModelConfig, SAEConfig
+    from sae.data import pack
+    from sae.feature_stats import StatsSettings, compute_feature_stats
+    from sae.logit_effects import logit_effects, nearest_features
+    from sae.models import load_model
+    from sae.trainer import make_sae
+
+    model, tok = load_model(ModelConfig())
+    ids = tok(TEXTS * 6, add_special_tokens=False)["input_ids"]
+    contexts = pack(ids, 48, tok.bos_token_id, tok.eos_token_id)
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(architecture="topk", num_latents=M, k=8), model.config.hidden_size, "cpu")
+    settings = StatsSettings(tokens=4096, top_examples=5, quantile_bins=3, samples_per_bin=2, context_before=8,
+                             context_after=3)
+    stats = compute_feature_stats(model, tok, sae, "layers.2", contexts.split(8), settings, progress=False)
+    stats.logits, rule = logit_effects(model, sae.W_dec, n=5, progress=False)
+    stats.info["logit_rule"] = rule
+    stats.nearest = nearest_features(sae.W_dec, n=4, progress=False)
+    return stats, tok
+
+
+def feature_showing(stats, tok, text: str, examples: int) -> int:
+    """The lowest feature whose top ``examples`` windows, decoded token by token and joined
+    (as the page shows them), contain ``text``; -1 if none."""
+    decode = functools.lru_cache(maxsize=None)(lambda i: tok.decode([i]))
+    windows = stats.top.window_tokens[:, :examples].tolist()  # [M][S][W]
+    for f, rows in enumerate(windows):
+        if any(text in "".join(decode(i) for i in row if i >= 0) for row in rows):
+            return f
+    return -1
+
+
+def script_text(html_text: str, element_id: str) -> str:
+    """Contents of the <script type="application/json" id=...> element."""
+    m = re.search(rf'<script type="application/json" id="{re.escape(element_id)}">(.*?)</script>', html_text, re.S)
+    assert m, f"no script element {element_id!r}"
+    return m.group(1)
+
+
+def decode_block(html_text: str, n: int) -> dict:
+    """Card block n as the page's script sees it: JSON string -> base64 -> gzip -> JSON."""
+    packed = json.loads(script_text(html_text, f"b-{n}"))
+    return json.loads(gzip.decompress(base64.b64decode(packed)))

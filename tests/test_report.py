@@ -1,0 +1,197 @@
+"""sae.report without a browser: what the HTML file holds, and that untrusted text stays data."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from report_data import M, decode_block, feature_showing, report_stats, script_text
+from sae.errors import ConfigError
+from sae.report import BLOCK, build_report, round_sig, run_summary, script_json
+
+EXAMPLES = 4
+SVG_NAMESPACE = "http://www.w3.org/2000/svg"
+
+
+@pytest.fixture(scope="module")
+def stats_tok():
+    return report_stats()
+
+
+@pytest.fixture(scope="module")
+def report(stats_tok, tmp_path_factory):
+    """(info, html text) of a report with every card, an extra column and a run summary."""
+    stats, tok = stats_tok
+    path = tmp_path_factory.mktemp("report") / "new" / "folder" / "report.html"  # parents do not exist yet
+    auroc = torch.linspace(0, 1, M)
+    auroc[5] = math.nan
+    summary = {"config_yaml": "model:\n  name: <b>demo</b>\n", "metrics": {"fvu": 0.25, "splice": {"kl": 0.125}},
+               "curves": {"layers.2/fvu": [[10, 0.5], [20, 0.375]]}}
+    info = build_report(stats, tok, path, title="demo <i>report</i>", sae_info={"SAE": "runs/x<y>", "k": 8},
+                        summary=summary, columns={"auroc": auroc}, column_help={"auroc": "area under the ROC"},
+                        examples=EXAMPLES, progress=False)
+    return info, path.read_text(encoding="utf-8")
+
+
+def test_report_is_written_with_its_counts(report, stats_tok):
+    info, text = report
+    stats, _ = stats_tok
+    assert info.path.is_file() and info.bytes == info.path.stat().st_size == len(text.encode())
+    assert (info.features, info.cards) == (M, M)
+    assert [p.name for p in info.path.parent.iterdir()] == ["report.html"]  # no temp file left
+
+
+def test_no_external_resources(report):
+    _, text = report
+    # The only URL is the SVG namespace name the script passes to createElementNS.
+    assert set(re.findall(r"https?://[^\s\"'<>)]*", text)) <= {SVG_NAMESPACE}
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(//|https?:)""", text, re.I)
+    assert "url(" not in text and "@import" not in text
+    assert "fetch(" not in text and "XMLHttpRequest" not in text
+
+
+def test_untrusted_text_never_becomes_markup(report):
+    _, text = report
+    assert "<script>window.__pwned" not in text
+    assert "<img" not in text and "onerror=\"window" not in text
+    # Exactly the script elements the builder wrote: no data closed one or opened another.
+    blocks = len(re.findall(r'<script type="application/json" id="b-\d+">', text))
+    assert text.count("<script") == text.count("</script>") == 2 + blocks + 1
+    assert "demo &lt;i&gt;report&lt;/i&gt;" in text and "runs/x&lt;y&gt;" in text
+    assert "name: &lt;b&gt;demo&lt;/b&gt;" in text
+
+
+def test_index_json(report, stats_tok):
+    _, text = report
+    stats, tok = stats_tok
+    index = json.loads(script_text(text, "index"))
+    strings = json.loads(script_text(text, "strings"))
+    assert index["M"] == M and index["block"] == BLOCK and index["cards"] is None
+    data = index["data"]
+    assert all(len(v) == M for v in data.values())
+    assert data["density"] == round_sig(stats.density, 3).tolist()
+    assert data["max"] == round_sig(stats.act_max, 3).tolist()
+    f = int(stats.fires.argmax())  # fires most: its top examples exist
+    centre = stats.top.window_tokens[f, :, stats.settings.context_before].tolist()
+    assert strings[data["top"][f]] == tok.decode([max(set(centre), key=centre.count)])
+    assert data["top"][int(stats.fires.argmin())] is None or stats.fires.min() > 0
+
+
+def test_extra_columns_appear(report):
+    _, text = report
+    index = json.loads(script_text(text, "index"))
+    col = next(c for c in index["columns"] if c["label"] == "auroc")
+    assert col["help"] == "area under the ROC"
+    values = index["data"][col["key"]]
+    assert values[5] is None  # NaN is not JSON
+    assert values[M - 1] == 1.0 and values[0] == 0.0
+
+
+def test_blocks_hold_the_card_data(report, stats_tok):
+    _, text = report
+    stats, tok = stats_tok
+    strings = json.loads(script_text(text, "strings"))
+    W = stats.settings.window
+    for n in range(M // BLOCK):
+        block = decode_block(text, n)
+        assert sorted(map(int, block)) == list(range(n * BLOCK, (n + 1) * BLOCK))
+        for f in range(n * BLOCK, (n + 1) * BLOCK):
+            card = block[str(f)]
+            count = min(EXAMPLES, int((stats.top.context[f] >= 0).sum()))
+            assert [ex[0] for ex in card["ex"]] == round_sig(stats.top.values[f, :count], 3).tolist()
+            for i, (value, centre, toks, acts) in enumerate(card["ex"]):
+                ids = stats.top.window_tokens[f, i]
+                assert len(toks) == len(acts) == int((ids >= 0).sum()) <= W
+                # The centre token is the example itself (window activations are kept in fp16).
+                assert acts[centre] == pytest.approx(value, rel=1.1e-2)
+                assert [strings[t] for t in toks] == [tok.decode([t]) for t in ids[ids >= 0].tolist()]
+            assert [len(q) for q in card["q"]] == [len(g) for g in stats.quantile_samples(f)]
+            first, counts = card["h"]
+            assert sum(counts) == stats.hist[f].sum() and (not counts or counts[0] == stats.hist[f, first])
+            assert [g for g, _ in card["nn"]] == stats.nearest["ids"][f].tolist()
+            assert [strings[t] for t, _ in card["lt"]] == [tok.decode([t]) for t in stats.logits["top_ids"][f].tolist()]
+            assert [v for _, v in card["lb"]] == round_sig(stats.logits["bottom_values"][f], 3).tolist()
+
+
+def test_payload_text_survives_as_data(report, stats_tok):
+    """The payloads are in the data, as text the page shows, while the HTML holds no markup of them."""
+    _, text = report
+    stats, tok = stats_tok
+    strings = json.loads(script_text(text, "strings"))
+    f = feature_showing(stats, tok, "<script>", EXAMPLES)
+    assert f >= 0, "no feature's top examples show the payload; change the test texts"
+    shown = ["".join(strings[t] for t in ex[2]) for ex in decode_block(text, f // BLOCK)[str(f)]["ex"]]
+    assert any("<script>" in s for s in shown)
+
+
+def test_cards_subset(stats_tok, tmp_path):
+    stats, tok = stats_tok
+    info = build_report(stats, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[300, 3, 300],
+                        examples=2, progress=False)
+    text = info.path.read_text(encoding="utf-8")
+    assert (info.features, info.cards) == (M, 2)
+    index = json.loads(script_text(text, "index"))
+    assert index["cards"] == [3, 300] and len(index["data"]["density"]) == M
+    assert sorted(decode_block(text, 0)) == ["3"] and sorted(decode_block(text, 1)) == ["300"]
+    assert all(len(ex) <= 2 for ex in (decode_block(text, 0)["3"]["ex"],))
+    with pytest.raises(ConfigError, match="out of range"):
+        build_report(stats, tok, tmp_path / "r2.html", title="t", sae_info={}, cards=[M], progress=False)
+
+
+def test_without_logits_nearest_or_summary(stats_tok, tmp_path):
+    stats, tok = stats_tok
+    bare = type(stats)(**{**stats.__dict__, "logits": {}, "nearest": {}})
+    info = build_report(bare, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[0], progress=False)
+    text = info.path.read_text(encoding="utf-8")
+    assert 'id="summary"' not in text
+    assert set(decode_block(text, 0)["0"]) == {"ex", "q", "h"}
+
+
+def test_unwritable_output_is_a_one_line_config_error(stats_tok, tmp_path):
+    stats, tok = stats_tok
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for path, reason in ((blocker / "report.html", "Not a directory"), (tmp_path, "Is a directory")):
+        with pytest.raises(ConfigError) as e:
+            build_report(stats, tok, path, title="t", sae_info={}, cards=[], progress=False)
+        assert str(e.value) == f"--output: cannot write {str(path)!r}: {reason}"
+
+
+def test_script_json_cannot_close_its_element():
+    text = script_json({"a": "</script><!-- & -->"})
+    assert not set("<>&") & set(text)
+    assert json.loads(text) == {"a": "</script><!-- & -->"}
+
+
+def test_round_sig_prints_short():
+    x = torch.tensor([0.73449, 123456.0, 0.000123456, -2.5e-7, 0.0, math.nan, 1.0 / 3])
+    assert json.dumps(round_sig(x, 3).tolist()) == "[0.734, 123000.0, 0.000123, -2.5e-07, 0.0, NaN, 0.333]"
+
+
+def test_run_summary(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    (run / "layers.2").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  name: demo\n")
+    (run / "layers.2" / "metrics.json").write_text(json.dumps({"fvu": 0.5}))
+    writer = SummaryWriter(str(run / "tensorboard"))
+    for step in (1, 2, 3):
+        writer.add_scalar("layers.2/fvu", 1.0 / step, step)
+        writer.add_scalar("tokens_per_s", 100.0 * step, step)
+    writer.close()
+    summary = run_summary(run / "layers.2", run / "config.yaml")
+    assert summary["config_yaml"] == "model:\n  name: demo\n" and summary["metrics"] == {"fvu": 0.5}
+    assert summary["curves"]["layers.2/fvu"] == [[1, 1.0], [2, 0.5], [3, pytest.approx(1 / 3)]]
+    assert [p[1] for p in summary["curves"]["tokens_per_s"]] == [100.0, 200.0, 300.0]
+    json.dumps(summary)  # JSON-able
+
+
+def test_run_summary_of_a_bare_folder(tmp_path):
+    assert run_summary(tmp_path, None) == {"config_yaml": None, "metrics": None, "curves": {}}
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    assert run_summary(tmp_path, tmp_path / "config.yaml")["curves"] == {}

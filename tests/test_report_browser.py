@@ -1,0 +1,175 @@
+"""sae.report in headless Chromium: the page runs without errors, the index sorts and pages,
+cards open (by click and by #f=N), and untrusted text shows as text, never as markup.
+
+Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver). Without
+them it skips, unless SAE_REQUIRE_BROWSER=1 (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from report_data import M, feature_showing, report_stats, script_text
+from sae.report import build_report
+
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+EXAMPLES = 4
+WAIT_S = 15
+
+
+def browser_unavailable(reason: str):
+    if os.environ.get("SAE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"SAE_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """One headless Chromium for the module, with the console log kept."""
+    if not CHROMEDRIVER.exists():
+        browser_unavailable(f"{CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        browser_unavailable("selenium is not installed (pip install -e '.[dev]')")
+    options = webdriver.ChromeOptions()
+    profile = tempfile.TemporaryDirectory()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--user-data-dir={profile.name}", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield d
+    d.quit()
+    profile.cleanup()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """(file:// URL, stats, tokenizer, index JSON) of a report with every card."""
+    stats, tok = report_stats()
+    path = tmp_path_factory.mktemp("browser") / "report.html"
+    build_report(stats, tok, path, title="browser test", sae_info={"SAE": "random"}, examples=EXAMPLES,
+                 progress=False)
+    index = json.loads(script_text(path.read_text(encoding="utf-8"), "index"))
+    return path.as_uri(), stats, tok, index
+
+
+def wait(driver, condition):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S).until(lambda d: condition())
+
+
+def load(driver, url: str) -> None:
+    """A fresh load (about:blank first: a hash-only change would not reload the page)."""
+    driver.get("about:blank")
+    driver.get(url)
+    wait(driver, lambda: rows(driver))
+
+
+def rows(driver) -> list[int]:
+    """Feature ids of the index rows on the current page."""
+    return driver.execute_script("return [...document.querySelectorAll('#feature-index tbody tr')]"
+                                 ".map(tr => Number(tr.dataset.f))")
+
+
+def open_card_tokens(driver, f: int) -> list[dict]:
+    """Wait for card f to render; its token elements as {text, title, bg}."""
+    wait(driver, lambda: driver.execute_script(
+        "const card = document.querySelector('#card'), h = card.querySelector('h2');"
+        f"return h && h.textContent === 'Feature {f}' && !card.textContent.includes('loading');"))
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#card .tok')].map(t => "
+        "({text: t.textContent, title: t.title, bg: t.style.backgroundColor}))")
+
+
+def test_page_loads_without_console_errors(driver, page):
+    url, *_ = page
+    load(driver, url)
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+
+
+def test_index_lists_one_page_of_features(driver, page):
+    url, *_ = page
+    load(driver, url)
+    assert rows(driver) == list(range(min(100, M)))
+    assert driver.find_element("id", "page-info").text.startswith(f"page 1 of {-(-M // 100)}")
+
+
+def test_clicking_a_row_opens_its_card(driver, page):
+    url, stats, *_ = page
+    load(driver, url)
+    f = next(i for i in range(min(100, M)) if stats.fires[i] > 0)
+    driver.find_element("css selector", f'#feature-index tbody tr[data-f="{f}"]').click()
+    tokens = open_card_tokens(driver, f)
+    assert tokens and all(float(t["title"]) >= 0 for t in tokens)  # every token says its activation
+    assert any(t["bg"] for t in tokens)  # the firing ones are shaded
+    assert driver.execute_script("return location.hash") == f"#f={f}"
+    assert driver.find_elements("css selector", "#card .tok.ctr")  # the example token is outlined
+    assert driver.find_elements("css selector", "#card svg rect")  # activation histogram
+
+
+def test_hash_opens_a_card(driver, page):
+    url, *_ = page
+    load(driver, f"{url}#f={M - 1}")
+    open_card_tokens(driver, M - 1)
+    driver.execute_script("location.hash = 'f=7'")  # and a later change of the hash too
+    open_card_tokens(driver, 7)
+
+
+def test_sorting_changes_the_first_row(driver, page):
+    url, _, _, index = page
+    load(driver, url)
+    density = index["data"]["density"]
+    driver.find_element("css selector", '#feature-index th[data-key="density"]').click()
+    densest = density.index(max(density))  # ties keep id order
+    assert rows(driver)[0] == densest
+    driver.find_element("css selector", '#feature-index th[data-key="density"]').click()  # ascending
+    assert density[rows(driver)[0]] == min(density)
+
+
+def test_pagination_and_filter(driver, page):
+    url, *_ = page
+    load(driver, url)
+    driver.find_element("id", "next").click()
+    assert rows(driver)[0] == 100
+    assert driver.find_element("id", "page-info").text.startswith("page 2 of")
+    box = driver.find_element("id", "filter")
+    box.send_keys("137")
+    assert rows(driver)[0] == 137
+
+
+def test_untrusted_text_shows_as_text(driver, page):
+    url, stats, tok, _ = page
+    for payload in ("<script>", "onerror"):
+        f = feature_showing(stats, tok, payload, EXAMPLES)
+        assert f >= 0, f"no feature's top examples show {payload!r}; change the test texts"
+        load(driver, f"{url}#f={f}")
+        open_card_tokens(driver, f)
+        examples = driver.execute_script(
+            "return [...document.querySelectorAll('#card .ex')].map(e => "
+            "[...e.querySelectorAll('.tok')].map(t => t.textContent).join(''))")
+        assert any(payload in e for e in examples)
+        assert driver.execute_script("return window.__pwned") is None
+        assert not driver.find_elements("css selector", "#card img, #card script")
+
+
+def test_screenshot_is_not_blank(driver, page):
+    from PIL import Image
+
+    url, stats, *_ = page
+    f = int(stats.fires.argmax())
+    load(driver, f"{url}#f={f}")
+    open_card_tokens(driver, f)
+    image = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    assert len(image.getcolors(maxcolors=1 << 20)) > 20
