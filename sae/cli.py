@@ -352,3 +352,68 @@ def search(sae_path, hook, overrides, target_file, baseline_file, text, focus, r
             click.echo(f"  {f:>8} {r['effect']:>7.2f} {r['auroc']:>6.3f} {r['mean_target']:>9.3f} "
                        f"{r['mean_baseline']:>9.3f} {r['fire_target']:>9.0%} {r['fire_baseline']:>10.0%}")
 
+
+
+@analyze.command()
+@target_options
+@stats_options
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="HTML file to write (default: SAE/report.html).")
+@click.option("--target", "target_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Add contrast columns (effect size, AUROC) against --baseline to the feature index.")
+@click.option("--baseline", "baseline_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Baseline prompts for the contrast columns.")
+@click.option("--cards", type=click.IntRange(0), default=None,
+              help="Give cards only to this many features (the densest ones, plus the top of the contrast); "
+                   "default: every feature. The index always lists all.")
+@click.option("--show-examples", type=click.IntRange(1), default=10, show_default=True,
+              help="Top examples on each card.")
+@one_line_errors
+def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, output, target_file, baseline_file,
+           cards, show_examples) -> None:
+    """Write one self-contained HTML file (works offline) about the SAE: run summary and
+    training curves, density histogram, a sortable feature index and a card per feature
+    with highlighted examples, activation histogram and promoted / suppressed tokens.
+
+    \b
+        python analyze.py report checkpoints/demo -o demo-report.html \\
+            --target configs/prompts/demo_raised.txt --baseline configs/prompts/demo_not_raised.txt
+    """
+    import time
+
+    from sae.analysis_target import find_sae_folder, run_config_of
+    from sae.feature_search import contrast_search, read_prompts
+    from sae.report import build_report, check_output, run_summary
+
+    if (target_file is None) != (baseline_file is None):
+        raise ConfigError("report: contrast columns need both --target FILE and --baseline FILE")
+    prompts = None
+    if target_file is not None:
+        prompts = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
+    output = output or find_sae_folder(sae_path) / "report.html"
+    check_output(output)  # before minutes of scanning
+    target, stats = _load_stats(sae_path, hook, overrides, tokens, examples, cache_dir, recompute)
+    columns, help_, ranked = {}, {}, []
+    if prompts is not None:
+        result = contrast_search(target, *prompts)
+        columns = {"effect": result.effect, "AUROC": result.auroc}
+        help_ = {"effect": f"contrast effect size (Cohen's d) of {target_file.name} vs {baseline_file.name}",
+                 "AUROC": f"AUROC of the feature as a classifier of {target_file.name} vs {baseline_file.name}"}
+        ranked = result.ranking("effect")
+    card_ids = None
+    if cards is not None:
+        dense = stats.density.argsort(descending=True).tolist()
+        card_ids = sorted(set(ranked[:cards]) | set(dense[:cards]))
+    cfg = target.sae.cfg
+    sae_info = {"SAE": str(target.folder), "model": target.cfg.model.name_or_path, "hook": target.hook,
+                "architecture": target.sae.architecture, "features": cfg.num_latents, "d_in": cfg.d_in,
+                **({"k": cfg.k} if hasattr(cfg, "k") else {}),
+                "data": f"{target.cfg.data.dataset} [{target.cfg.data.split}]"}
+    start = time.perf_counter()
+    name = target.folder.name if run_config_of(target.folder) is None else \
+        str(target.folder.relative_to(run_config_of(target.folder).parent.parent))
+    info = build_report(stats, target.tokenizer, output, title=f"SAE features: {name} at {target.hook}",
+                        sae_info=sae_info, summary=run_summary(target.folder, run_config_of(target.folder)),
+                        columns=columns or None, column_help=help_ or None, cards=card_ids, examples=show_examples)
+    click.echo(f"report: {info.path} ({info.bytes / 2**20:.1f} MiB, {info.features:,} features in the index, "
+               f"{info.cards:,} cards, built in {time.perf_counter() - start:.1f} s); open it in a browser")

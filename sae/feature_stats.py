@@ -275,6 +275,8 @@ class StatsAccumulator:
         cpu = {k: v.cpu() for k, v in (("fires", self.fires), ("act_sum", self.act_sum), ("act_max", self.act_max))}
         top, res = (Examples(**{f.name: getattr(e.sorted(), f.name).cpu() for f in fields(Examples)})
                     for e in (self.top, self.reservoir))
+        for e in (top, res):  # stored in half precision: the same numbers whether fresh or cached
+            e.window_acts = e.window_acts.half().float()
         return FeatureStats(tokens=self.tokens, contexts=self.contexts, **cpu,
                             hist=self.hist.view(-1, HIST_BINS).cpu(), top=top, reservoir=res,
                             settings=self.settings, info=info, logits={}, nearest={})
@@ -328,7 +330,8 @@ def save_feature_stats(stats: FeatureStats, path: Path) -> None:
                **stats.top.tensors("top"), **stats.reservoir.tensors("reservoir"),
                **{f"logits.{k}": v for k, v in stats.logits.items()},
                **{f"nearest.{k}": v for k, v in stats.nearest.items()}}
-    # Half the size on disk; window activations are only ever shown, never computed on.
+    # Half the size on disk; window activations are only ever shown, never computed on
+    # (StatsAccumulator.result already rounded them, so nothing changes here).
     tensors = {k: (v.half() if k.endswith("window_acts") else v).contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "tokens": str(stats.tokens), "contexts": str(stats.contexts),
             "settings": json.dumps(asdict(stats.settings)), "info": json.dumps(stats.info)}

@@ -55,7 +55,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sae.atomic_io import fsync_dir
 from sae.errors import ConfigError
-from sae.feature_stats import FeatureStats, check_feature
+from sae.feature_stats import FeatureStats, check_feature, density_histogram
 
 # Features per lazily decoded card block: small enough that opening a card decodes little.
 BLOCK = 256
@@ -365,17 +365,13 @@ def summary_section(summary: dict) -> str:
 
 def density_section(stats: FeatureStats, width: int = 560, height: int = 150) -> str:
     """Histogram (SVG) of log10 density over the features that fired, and the dead count."""
-    density = stats.density
-    fired = density[density > 0]
-    dead = stats.num_features - len(fired)
+    hist = density_histogram(stats, bins_per_decade=round(1 / DENSITY_BIN))
+    dead = hist["never_fired"]
     text = (f"<p>{dead:,} of {stats.num_features:,} features ({dead / max(stats.num_features, 1):.1%}) "
             f"never fired in the scan.</p>")
-    if len(fired) == 0:
+    if dead == stats.num_features:
         return f'<section id="density"><h2>Feature density</h2>{text}</section>'
-    logd = fired.log10()
-    lo = math.floor(float(logd.min()) / DENSITY_BIN) * DENSITY_BIN
-    nbins = max(1, math.ceil((0 - lo) / DENSITY_BIN))
-    counts = torch.bincount(((logd - lo) / DENSITY_BIN).floor().long().clamp(0, nbins - 1), minlength=nbins).tolist()
+    counts, lo, nbins = hist["counts"], hist["edges"][0], len(hist["counts"])
     left, bottom, top = 36, 20, 6
     w, h = width - left - 16, height - bottom - top  # room for the last tick label
     bw, peak = w / nbins, max(counts)

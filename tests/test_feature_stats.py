@@ -77,7 +77,7 @@ def test_top_examples_are_the_largest_with_their_windows(stream):
                 if 0 <= t < T:
                     assert stats.top.window_tokens[f, slot, w] == ids[ctx % 2, t]
                     expected = z[ctx % 2, t, f] if t != 0 else 0.0  # BOS (not kept) reads 0
-                    assert stats.top.window_acts[f, slot, w] == pytest.approx(float(expected))
+                    assert stats.top.window_acts[f, slot, w] == pytest.approx(float(expected), rel=1e-3)
                 else:
                     assert stats.top.window_tokens[f, slot, w] == -1
 
@@ -121,7 +121,7 @@ def test_save_and_load_round_trip(stream, tmp_path):
         assert torch.equal(getattr(back, name), getattr(stats, name))
     assert torch.equal(back.top.values.nan_to_num(), stats.top.values.nan_to_num())
     assert torch.equal(back.top.window_tokens, stats.top.window_tokens)
-    torch.testing.assert_close(back.top.window_acts, stats.top.window_acts, atol=1e-2, rtol=1e-3)
+    assert torch.equal(back.top.window_acts, stats.top.window_acts)
     assert torch.equal(back.logits["top_ids"], stats.logits["top_ids"])
 
 

@@ -1,0 +1,108 @@
+"""The analyzer commands as a user runs them: features, search and report on a trained
+demo SAE, text and --json output, and one-line errors for bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sae import cli
+
+PROMPTS = Path(__file__).resolve().parent.parent / "configs" / "prompts"
+FAST = ["--tokens", "20000", "--examples", "5"]
+
+
+def run(*args):
+    result = CliRunner().invoke(cli.analyze, [str(a) for a in args])
+    return result
+
+
+def one_line_error(result, pattern):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def sae_dir(demo_sae_run):
+    return demo_sae_run / "layers.2"
+
+
+def test_features_summary_json_and_cache(sae_dir):
+    first = run("features", sae_dir, *FAST, "--json", "--limit", "5", "--sort", "max")
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.stdout)
+    assert data["features"] == 1024 and data["tokens"] == 20000 and data["sorted_by"] == "max"
+    maxes = [r["max"] for r in data["features_shown"]]
+    assert maxes == sorted(maxes, reverse=True) and len(maxes) == 5
+    assert sum(data["density_histogram"]["counts"]) + data["density_histogram"]["never_fired"] == 1024
+    cached = list((sae_dir / "features").glob("stats-*.safetensors"))
+    assert len(cached) == 1
+    again = run("features", sae_dir, *FAST, "--json", "--limit", "5", "--sort", "max")
+    assert "(cached)" in again.stderr and json.loads(again.stdout) == data
+
+
+def test_feature_in_full_as_text(sae_dir):
+    result = run("features", sae_dir, *FAST, "-f", "3", "--show-examples", "2")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "feature 3: fires on" in out and "promoted:" in out and "nearest:" in out
+    assert "quantile bin 1 of 4" in out and out.count("[[") >= 1
+
+
+def test_search_contrast_json(demo_sae_run):
+    result = run("search", demo_sae_run, "--target", PROMPTS / "demo_raised.txt",
+                 "--baseline", PROMPTS / "demo_not_raised.txt", "--top", "3", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["target_prompts"] == 20 and data["baseline_prompts"] == 20
+    top = data["higher_in_target"]
+    assert len(top) == 3 and top[0]["effect"] >= top[1]["effect"] >= top[2]["effect"] > 0
+    assert data["higher_in_baseline"][0]["effect"] < 0
+
+
+def test_search_text(demo_sae_run):
+    result = run("search", demo_sae_run, "--text", "a KeyError is raised", "--focus", "raised", "--top", "4")
+    assert result.exit_code == 0, result.output
+    assert "features firing on ' raised'" in result.stdout and "per token" in result.stdout
+
+
+def test_bad_input_is_one_line(sae_dir, demo_sae_run, tmp_path):
+    one_line_error(run("features", sae_dir, *FAST, "-f", "1024"), "feature 1024 is out of range; this SAE has features 0..1023")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    one_line_error(run("search", sae_dir, "--target", empty, "--baseline", PROMPTS / "demo_not_raised.txt"),
+                   "--target: ")
+    one_line_error(run("search", sae_dir, "--target", tmp_path / "missing.txt", "--baseline", empty),
+                   "is not a file")
+    one_line_error(run("search", sae_dir, "--target", PROMPTS / "demo_raised.txt"), "needs both")
+    one_line_error(run("search", sae_dir), "give either")
+    one_line_error(run("features", tmp_path / "nothing"), "does not exist")
+    one_line_error(run("features", sae_dir, "--hook", "layers.9"), "layer 9 in 'layers.9' is out of range")
+    (tmp_path / "two" / "a").mkdir(parents=True)
+    (tmp_path / "two" / "b").mkdir()
+    for name in ("a", "b"):
+        for f in ("cfg.json", "sae_weights.safetensors"):
+            (tmp_path / "two" / name / f).write_bytes((sae_dir / f).read_bytes())
+    one_line_error(run("features", tmp_path / "two"), "holds 2 SAEs (a, b)")
+
+
+def test_report_with_contrast_columns(sae_dir, tmp_path):
+    out = tmp_path / "r" / "report.html"
+    result = run("report", sae_dir, *FAST, "-o", out, "--cards", "10", "--target", PROMPTS / "demo_raised.txt",
+                 "--baseline", PROMPTS / "demo_not_raised.txt")
+    assert result.exit_code == 0, result.output
+    assert f"report: {out}" in result.stdout and "1,024 features in the index" in result.stdout
+    html = out.read_text()
+    assert "effect" in html and "AUROC" in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    cards = int(result.stdout.split(" cards")[0].rsplit(", ", 1)[1].replace(",", ""))
+    assert 10 <= cards <= 20  # the 10 densest and the 10 top of the contrast, overlapping or not
+
+
+def test_report_bad_output_is_one_line(sae_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_error(run("report", sae_dir, *FAST, "-o", blocker / "report.html"), "--output: cannot write")
+    one_line_error(run("report", sae_dir, *FAST, "--target", PROMPTS / "demo_raised.txt"), "need both")
