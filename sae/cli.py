@@ -223,7 +223,7 @@ SORTS = {"density": lambda s: s.density, "max": lambda s: s.act_max.double(), "m
               help="Order of the feature table (without --feature).")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="Rows of the feature table.")
 @click.option("--show-examples", type=click.IntRange(0), default=5, show_default=True,
-              help="Top examples printed per feature (--json has them all).")
+              help="Top examples printed per feature with --feature (--json has them all).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @one_line_errors
 def features(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, features, sort, limit, show_examples,
@@ -248,11 +248,8 @@ def features(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, 
     summary = {"sae": str(target.folder), "hook": target.hook, "model": target.cfg.model.name_or_path,
                "features": stats.num_features, "tokens": stats.tokens, "contexts": stats.contexts,
                "density_histogram": hist}
-    if features:
-        records = [feature_record(stats, f, decode) for f in features]
-    else:
-        order = SORTS[sort](stats).argsort(descending=True)[:limit].tolist()
-        records = [feature_record(stats, f, decode, examples=1) for f in order]
+    shown = list(features) or SORTS[sort](stats).argsort(descending=True)[:limit].tolist()
+    records = [feature_record(stats, f, decode) for f in shown]
     if as_json:
         click.echo(json.dumps({**summary, "sorted_by": None if features else sort, "features_shown": records}, indent=1))
         return

@@ -200,7 +200,11 @@ class TextFeatures:
 def focus_positions(target: Target, text: str, focus: str | None) -> list[int]:
     """Token positions (BOS = 0) whose characters overlap the first occurrence of ``focus``
     in ``text``; all text tokens when focus is None."""
-    enc = target.tokenizer(text, add_special_tokens=False, return_offsets_mapping=focus is not None)
+    try:
+        enc = target.tokenizer(text, add_special_tokens=False, return_offsets_mapping=focus is not None)
+    except NotImplementedError:  # slow (Python) tokenizers have no character offsets
+        raise ConfigError("--focus: needs a fast tokenizer (with character offsets); this model's "
+                          "tokenizer is a slow one; leave out --focus to rank over the whole text") from None
     n = len(enc["input_ids"])
     if focus is None:
         return list(range(1, n + 1))
