@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sae.analysis_target import Target
 from sae.errors import ConfigError
+from sae.generation import prompt_token_ids
 from sae.harvest import max_context_tokens, special_token_ids
 from sae.hooks import ActivationCapture, resolve_hook
 
@@ -64,9 +65,7 @@ def read_prompts(path: str | Path, what: str = "prompts") -> list[str]:
 
 def prompt_ids(target: Target, text: str) -> list[int]:
     """BOS + the text's tokens (no special tokens), as the training contexts were built."""
-    tok = target.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return [bos, *tok(text, add_special_tokens=False)["input_ids"]]
+    return prompt_token_ids(target.tokenizer, text)
 
 
 @torch.no_grad()
