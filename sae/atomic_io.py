@@ -3,28 +3,69 @@ run) ever sees half a file."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from sae.errors import ConfigError
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step; the parent folder is created if missing."""
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step; the parent folder is created if missing."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) in one step."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_output_path(path: Path, option: str) -> None:
+    """Fail now, in one line naming ``option``, if ``path`` cannot become a file (missing
+    parent folders are created): before minutes of work, not after."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where a parent folder should be: say what is wrong with it
+        raise _output_error(path, option, os.strerror(errno.ENOTDIR)) from None
+    except OSError as e:
+        raise _output_error(path, option, e.strerror) from None
+    if path.is_dir():
+        raise _output_error(path, option, os.strerror(errno.EISDIR))
+
+
+def write_output(path: Path, data: bytes | str, option: str) -> int:
+    """Write a user-named output file atomically; its size in bytes. An OSError becomes one
+    line naming ``option``."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    check_output_path(path, option)
+    try:
+        write_bytes_atomic(Path(path), data)
+    except OSError as e:
+        raise _output_error(Path(path), option, e.strerror) from None
+    return len(data)
+
+
+def _output_error(path: Path, option: str, reason: str | None) -> ConfigError:
+    return ConfigError(f"{option}: cannot write {str(path)!r}: {reason}")
 
 
 def fsync_dir(folder: Path) -> None:

@@ -380,7 +380,8 @@ def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, ou
 
     from sae.analysis_target import find_sae_folder, run_config_of
     from sae.feature_search import contrast_search, read_prompts
-    from sae.report import build_report, check_output, run_summary
+    from sae.atomic_io import check_output_path
+    from sae.report import build_report, run_summary
 
     if (target_file is None) != (baseline_file is None):
         raise ConfigError("report: contrast columns need both --target FILE and --baseline FILE")
@@ -388,7 +389,7 @@ def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, ou
     if target_file is not None:
         prompts = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
     output = output or find_sae_folder(sae_path) / "report.html"
-    check_output(output)  # before minutes of scanning
+    check_output_path(output, "--output")  # before minutes of scanning
     target, stats = _load_stats(sae_path, hook, overrides, tokens, examples, cache_dir, recompute)
     columns, help_, ranked = {}, {}, []
     if prompts is not None:
@@ -414,3 +415,369 @@ def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, ou
                         columns=columns or None, column_help=help_ or None, cards=card_ids, examples=show_examples)
     click.echo(f"report: {info.path} ({info.bytes / 2**20:.1f} MiB, {info.features:,} features in the index, "
                f"{info.cards:,} cards, built in {time.perf_counter() - start:.1f} s); open it in a browser")
+
+
+
+# ---- interventions: generate, fix-test -----------------------------------------------------
+
+def edit_options(fn: Callable) -> Callable:
+    """--ablate/--clamp/--scale/--steer: the feature edits of an intervention."""
+    fn = click.option("--steer", multiple=True, metavar="F:A",
+                      help="Add A times feature F's decoder direction, e.g. --steer 99:+8 (repeatable).")(fn)
+    fn = click.option("--scale", multiple=True, metavar="F:S",
+                      help="Multiply feature F by S, e.g. --scale 7:0.5 (repeatable).")(fn)
+    fn = click.option("--clamp", multiple=True, metavar="F:C",
+                      help="Pin feature F to C, keeping the SAE error, e.g. --clamp 7:10 (repeatable).")(fn)
+    return click.option("--ablate", default=None, metavar="F,F,...",
+                        help="Zero these features (keeping the SAE error term), e.g. --ablate 12,345.")(fn)
+
+
+def sampling_options(fn: Callable) -> Callable:
+    fn = click.option("--seed", type=int, default=0, show_default=True,
+                      help="Sampling seed; baseline and intervened runs draw the same random numbers.")(fn)
+    fn = click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")(fn)
+    fn = click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")(fn)
+    return click.option("--max-new-tokens", type=int, default=40, show_default=True,
+                        help="Tokens generated per continuation.")(fn)
+
+
+def _prompts(prompt: tuple[str, ...], prompts_file: Path | None) -> list[str]:
+    from sae.feature_search import read_prompts
+
+    if bool(prompt) == (prompts_file is not None):
+        raise ConfigError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both")
+    return list(prompt) if prompt else read_prompts(prompts_file, "--prompts")
+
+
+def _columns(left: str, right: str, width: int) -> list[str]:
+    """Two texts side by side, wrapped to ``width`` characters each."""
+    import itertools
+    import textwrap
+
+    wrap = lambda t: textwrap.wrap(t.replace("\n", " ↵ "), width) or [""]  # noqa: E731
+    return [f"{a:<{width}} | {b}" for a, b in itertools.zip_longest(wrap(left), wrap(right), fillvalue="")]
+
+
+@analyze.command()
+@target_options
+@click.option("--prompt", multiple=True, help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
+@edit_options
+@sampling_options
+@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@one_line_errors
+def generate(sae_path, hook, overrides, prompt, prompts_file, ablate, clamp, scale, steer, max_new_tokens,
+             temperature, top_p, seed, samples, as_json) -> None:
+    """Continue prompts with and without an intervention on SAE features, side by side,
+    with the same seed (the edit applies to prompt and generated tokens alike).
+
+    \b
+        python analyze.py generate checkpoints/demo --prompt "If the key is missing, a KeyError" \\
+            --ablate 93,1539 --steer 1876:+6 --temperature 0
+    """
+    import json
+    import shutil
+
+    from sae.analysis_target import open_target
+    from sae.generation import Sampling, continuations
+    from sae.interventions import Edit, intervene, parse_feature_edits
+
+    edits = parse_feature_edits(ablate, clamp, scale, steer)
+    if not edits:
+        raise ConfigError("generate: no intervention; give --ablate, --clamp, --scale or --steer")
+    texts = _prompts(prompt, prompts_file)
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    target = open_target(sae_path, overrides, hook)
+    edit = Edit(target.sae, target.hook, edits)
+    edit.check()
+    base = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True)
+    with intervene(target.model, [edit]):
+        changed = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True)
+    if as_json:
+        click.echo(json.dumps([{"prompt": p, "baseline": b, "intervened": c}
+                               for p, b, c in zip(texts, base, changed)], indent=1))
+        return
+    width = max(30, (shutil.get_terminal_size((120, 24)).columns - 3) // 2)
+    for p, bs, cs in zip(texts, base, changed):
+        click.echo(f"\nprompt: {p!r}")
+        click.echo(f"{'baseline':<{width}} | intervened ({', '.join(_describe_edit(e) for e in edits)})")
+        for i, (b, c) in enumerate(zip(bs, cs)):
+            if i:
+                click.echo(f"{'-' * width}-+-{'-' * width}")
+            for line in _columns(b, c, width):
+                click.echo(line)
+
+
+def _describe_edit(e) -> str:
+    from sae.interventions import Ablate, Clamp, Scale, Steer
+
+    if isinstance(e, Ablate):
+        return "ablate " + ",".join(map(str, e.features))
+    if isinstance(e, Clamp):
+        return f"clamp {e.features[0]}={e.value:g}"
+    if isinstance(e, Scale):
+        return f"scale {e.features[0]}x{e.factor:g}"
+    if isinstance(e, Steer):
+        return f"steer {e.feature}{e.alpha:+g}"
+    return type(e).__name__.lower()
+
+
+# ---- activation patching -------------------------------------------------------------------
+
+@analyze.command()
+@config_options
+@click.option("--clean", required=True, help="The prompt that shows the behaviour.")
+@click.option("--corrupted", required=True, help="A prompt of the same token length that does not.")
+@click.option("--answer", required=True, metavar="TOKEN",
+              help="The token the clean prompt predicts next, as text (one token; mind the leading space).")
+@click.option("--wrong", default=None, metavar="TOKEN", help="The token to compare against (logit-diff).")
+@click.option("--metric", type=click.Choice(["logit-diff", "logprob"]), default=None,
+              help="logit[answer] - logit[wrong], or log P(answer); default: logit-diff with --wrong, else logprob.")
+@click.option("--mode", type=click.Choice(["layer", "position", "head"]), default="position", show_default=True,
+              help="Patch each layer's residual stream at all positions, at each position, or each attention "
+                   "head's output (all positions).")
+@click.option("--layers", "layer_spec", default=None, metavar="SPEC",
+              help="Layers to sweep, e.g. 0-3 or 1,2 (default: all).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Patched runs per forward pass.")
+@click.option("--svg", "svg_path", type=click.Path(path_type=Path), default=None,
+              help="Write the heatmap here as a self-contained SVG image (opens in any browser).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@one_line_errors
+def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, layer_spec, batch_size, svg_path,
+          as_json) -> None:
+    """Activation patching: run the corrupted prompt with one activation (a layer's residual
+    stream, at one position or all, or one attention head's output) taken from the clean
+    run, and measure the metric at the last position. A table (and with --svg a heatmap)
+    shows where the difference lives: normalised score 1 = clean behaviour restored,
+    0 = no effect. Clean and corrupted must tokenize to the same length.
+
+    The model comes from CONFIG and --set (default: the demo model). On the demo model the
+    clean prompt prefers ' raised' over ' returned' by 2.61 logits, the corrupted one by
+    -1.14; the information sits on ' KeyError' in the early layers and moves to the last
+    position by layer 2:
+
+    \b
+        python analyze.py patch --clean "If the key is missing, a KeyError is" \\
+            --corrupted "If the key is missing, the default is" --answer " raised" --wrong " returned" \\
+            --svg patch.svg
+    """
+    import json
+
+    from sae.patching import ActivationPatcher, answer_token, check_svg_path, logit_diff, logprob, write_svg
+
+    metric = metric or ("logit-diff" if wrong is not None else "logprob")
+    if metric == "logit-diff" and wrong is None:
+        raise ConfigError("--metric logit-diff: give --wrong TOKEN, the token to compare the answer against")
+    if metric == "logprob" and wrong is not None:
+        raise ConfigError("--wrong: applies to --metric logit-diff only")
+    if svg_path is not None:
+        check_svg_path(svg_path)
+    cfg = resolve_config(config, overrides)
+    from sae.models import load_model
+
+    model, tokenizer = load_model(cfg.model)
+    a = answer_token(tokenizer, answer, "--answer")
+    scorer = (logit_diff(a, answer_token(tokenizer, wrong, "--wrong"), tokenizer) if metric == "logit-diff"
+              else logprob(a, tokenizer))
+    patcher = ActivationPatcher(model, tokenizer, clean, corrupted, scorer)
+    result = patcher.sweep(mode, layer_spec, batch_size, progress=True)
+    if svg_path is not None:
+        write_svg(svg_path, result.heatmap_svg())
+    if as_json:
+        click.echo(json.dumps({"model": cfg.model.name_or_path, "clean": clean, "corrupted": corrupted,
+                               **result.to_dict(), "svg": None if svg_path is None else str(svg_path)}, indent=1))
+        return
+    click.echo(f"model: {cfg.model.name_or_path}; metric: {result.metric} at the last position")
+    click.echo(f"  clean     {result.clean_metric:>9.4f}  {clean!r} ({patcher.n_tokens} tokens)")
+    click.echo(f"  corrupted {result.corrupted_metric:>9.4f}  {corrupted!r}")
+    click.echo(f"\npatched metric (rows: layer patched; columns: {result.column_title}):")
+    click.echo(result.table_text())
+    click.echo("\nnormalised score, (patched - corrupted) / (clean - corrupted); 1 = clean restored:")
+    click.echo(result.table_text(normalized=True))
+    if svg_path is not None:
+        click.echo(f"\nheatmap: {svg_path}")
+
+
+def metric_options(fn: Callable) -> Callable:
+    fn = click.option("--wrong", default=None, metavar="TOKEN",
+                      help="With --answer: use logit(answer) - logit(wrong) instead of log p(answer).")(fn)
+    return click.option("--answer", default=None, metavar="TOKEN",
+                        help="The next token whose log-probability (at each prompt's end) is the metric, "
+                             "e.g. ' raised' (mind the leading space).")(fn)
+
+
+def _metric(tokenizer, answer: str | None, wrong: str | None):
+    from sae.attribution import answer_logprob, logit_difference
+
+    if answer is None:
+        raise ConfigError("--answer: required; the token whose probability the features are ranked by")
+    return logit_difference(tokenizer, answer, wrong) if wrong is not None else answer_logprob(tokenizer, answer)
+
+
+@analyze.command()
+@target_options
+@click.option("--prompt", multiple=True, help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
+@metric_options
+@click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed per direction.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@one_line_errors
+def attribute(sae_path, hook, overrides, prompt, prompts_file, answer, wrong, top, as_json) -> None:
+    """Rank features by their effect on the next-token metric at the end of each prompt
+    (activation x gradient, summed over positions and prompts; the SAE error term is
+    reported too). Ablating the top "up" features should lower the metric.
+
+    \b
+        python analyze.py attribute checkpoints/demo --prompt "If the key is missing, a KeyError is" \\
+            --answer " raised"
+    """
+    import json
+
+    from sae.analysis_target import open_target
+    from sae.attribution import attribute as run_attribution
+
+    texts = _prompts(prompt, prompts_file)
+    target = open_target(sae_path, overrides, hook)
+    result = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
+                             _metric(target.tokenizer, answer, wrong))
+    ranked = {d: result.ranking(d)[:top] for d in ("up", "down")}
+    if as_json:
+        click.echo(json.dumps({"prompts": result.prompts, "metric_mean": result.metric / result.prompts,
+                               "error_term": result.error, "features_total": float(result.features.sum()),
+                               **{f"pushes_{d}": [{"feature": f, "attribution": float(result.features[f])}
+                                                  for f in ranked[d]] for d in ranked}}, indent=1))
+        return
+    what = f"logit({answer!r}) - logit({wrong!r})" if wrong else f"log p({answer!r})"
+    click.echo(f"metric {what}: mean {result.metric / result.prompts:.4f} over {result.prompts} prompts; "
+               f"attribution summed over prompts: features {float(result.features.sum()):+.4f}, "
+               f"SAE error term {result.error:+.4f}")
+    for d in ranked:
+        click.echo(f"\nfeatures pushing the metric {d}:")
+        for f in ranked[d]:
+            click.echo(f"  {f:>8} {float(result.features[f]):>+10.4f}")
+
+
+@analyze.command("fix-test")
+@target_options
+@click.option("--prompt", multiple=True, help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
+@click.option("--scorer", "scorer_spec", required=True, metavar="SPEC",
+              help="words:W1,W2 | words:FILE | hf:PATH_OR_HUB_ID[@LABEL] | profanity (higher = more of the behaviour).")
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="A continuation scoring above this counts as showing the behaviour.")
+@edit_options
+@click.option("--ablate-top", type=click.IntRange(1), default=None, metavar="K",
+              help="Ablate the K features found by --contrast TARGET BASELINE or by --answer (attribution).")
+@click.option("--contrast", nargs=2, type=click.Path(path_type=Path), default=None, metavar="TARGET BASELINE",
+              help="Prompt files for a contrast search that picks the features for --ablate-top.")
+@metric_options
+@sampling_options
+@click.option("--samples", type=click.IntRange(1), default=8, show_default=True, help="Continuations per prompt.")
+@click.option("--neutral", "neutral_file", type=click.Path(path_type=Path), default=None,
+              help="Neutral text for the KL cost, one text per line (default: data.eval_split of the data).")
+@click.option("--neutral-tokens", type=click.IntRange(0), default=16384, show_default=True,
+              help="Tokens of neutral text for the KL cost (0 = skip it).")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
+              help="Also write a small HTML page with the table, a chart and samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@one_line_errors
+def fix_test_command(sae_path, hook, overrides, prompt, prompts_file, scorer_spec, threshold, ablate, clamp, scale,
+                     steer, ablate_top, contrast, answer, wrong, max_new_tokens, temperature, top_p, seed, samples,
+                     neutral_file, neutral_tokens, html_path, as_json) -> None:
+    """Does an intervention remove a behaviour, and at what cost? Samples continuations of
+    the prompts with and without it (same seed), scores them, and reports the mean score,
+    the fraction above --threshold and the perplexity under the clean model, each with a
+    95% bootstrap interval, and the KL divergence on neutral text.
+
+    \b
+        python analyze.py fix-test checkpoints/demo --prompts configs/prompts/demo_fix.txt \\
+            --scorer words:raised,raise,raises --answer " raised" --ablate-top 5
+    """
+    import json
+
+    from sae.analysis_target import open_target
+    from sae.fix_test import fix_test
+    from sae.generation import Sampling
+    from sae.interventions import Ablate, Edit, parse_feature_edits
+    from sae.atomic_io import check_output_path, write_output
+    from sae.scorers import load_scorer
+
+    texts = _prompts(prompt, prompts_file)
+    edits = parse_feature_edits(ablate, clamp, scale, steer)
+    if ablate_top is not None and contrast is None and answer is None:
+        raise ConfigError("--ablate-top: say how to pick the features: --contrast TARGET BASELINE or --answer TOKEN")
+    if ablate_top is None and (contrast is not None or answer is not None):
+        raise ConfigError("--contrast / --answer pick features for --ablate-top K; give --ablate-top")
+    if not edits and ablate_top is None:
+        raise ConfigError("fix-test: no intervention; give --ablate/--clamp/--scale/--steer or --ablate-top K")
+    if html_path is not None:
+        check_output_path(html_path, "--html")
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    scorer = load_scorer(scorer_spec)
+    target = open_target(sae_path, overrides, hook)
+    log = _log(True)
+    if ablate_top is not None:
+        if contrast is not None:
+            from sae.feature_search import contrast_search, read_prompts
+
+            result = contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
+                                     read_prompts(contrast[1], "--contrast BASELINE"))
+            chosen = result.ranking("effect")[:ablate_top]
+            log(f"ablating the top {ablate_top} contrast features: {', '.join(map(str, chosen))}")
+        else:
+            from sae.attribution import attribute as run_attribution
+
+            result = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
+                                     _metric(target.tokenizer, answer, wrong))
+            chosen = result.ranking("up")[:ablate_top]
+            log(f"ablating the top {ablate_top} features by attribution to the metric: {', '.join(map(str, chosen))}")
+        edits.append(Ablate(chosen))
+    edit = Edit(target.sae, target.hook, edits)
+    edit.check()
+    neutral = _neutral_contexts(target, neutral_file, neutral_tokens)
+    result = fix_test(target.model, target.tokenizer, texts, [edit], scorer, samples, sampling, threshold, neutral)
+    if html_path is not None:
+        write_output(html_path, result.html(f"Fix test: {', '.join(_describe_edit(e) for e in edits)} "
+                                            f"at {target.hook}"), "--html")
+        log(f"wrote {html_path}")
+    if as_json:
+        click.echo(json.dumps({"edits": [_describe_edit(e) for e in edits], **result.to_dict()}, indent=1))
+        return
+    click.echo(f"intervention at {target.hook}: {', '.join(_describe_edit(e) for e in edits)}")
+    click.echo(result.table())
+    if neutral:
+        click.echo(f"(KL over {sum(c.numel() for c in neutral):,} tokens of neutral text; "
+                   "values in brackets: 95% bootstrap intervals over prompts)")
+
+
+def _neutral_contexts(target, neutral_file, tokens: int) -> list:
+    """Contexts of neutral text for the KL cost: the file's lines, or the data's held-out split."""
+    import torch
+
+    from sae.generation import prompt_token_ids
+
+    if tokens == 0:
+        return []
+    if neutral_file is not None:
+        from sae.feature_search import read_prompts
+
+        contexts, total = [], 0
+        for line in read_prompts(neutral_file, "--neutral"):
+            ids = prompt_token_ids(target.tokenizer, line)[:target.cfg.data.context_tokens]
+            contexts.append(torch.tensor(ids))
+            total += len(ids)
+            if total >= tokens:
+                break
+        return contexts
+    d = target.cfg.data
+    if d.eval_split is None:
+        _log(True)("no KL cost: data.eval_split is null and no --neutral file was given")
+        return []
+    from dataclasses import replace
+
+    from sae.activations import contexts_for
+
+    cfg = replace(target.cfg, data=replace(d, split=d.eval_split, token_budget=tokens))
+    return [row for batch in contexts_for(cfg, target.tokenizer) for row in batch]

@@ -36,14 +36,10 @@ its cards is opened. Dataset text is untrusted: the script inserts it only as te
 from __future__ import annotations
 
 import base64
-import contextlib
-import errno
 import gzip
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -53,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sae.atomic_io import fsync_dir
+from sae.atomic_io import check_output_path, write_output
 from sae.errors import ConfigError
 from sae.feature_stats import FeatureStats, check_feature, density_histogram
 
@@ -436,7 +432,7 @@ def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: 
     in ``column_help``; cards: the features that get a card (default all M); examples: top
     examples per card."""
     path = Path(path)
-    check_output(path)
+    check_output_path(path, "--output")
     M = stats.num_features
     columns = dict(columns or {})
     for name, values in columns.items():
@@ -465,43 +461,5 @@ def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: 
                *(f'<script type="application/json" id="b-{n}">{packed}</script>' for n, packed in blocks)]
     body = (header(stats, title, sae_info) + (summary_section(summary) if summary is not None else "")
             + density_section(stats) + INDEX_PANEL)
-    size = write_atomic(path, page(title, body, "\n".join(scripts)).encode("utf-8"))
+    size = write_output(path, page(title, body, "\n".join(scripts)), "--output")
     return ReportInfo(path=path, bytes=size, features=M, cards=len(card_ids))
-
-
-def output_error(path: Path, e: OSError) -> ConfigError:
-    return ConfigError(f"--output: cannot write {str(path)!r}: {e.strerror}")
-
-
-def check_output(path: Path) -> None:
-    """Fail before the work if ``path`` cannot be a file (missing parents are created)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a file where a parent folder should be: say what is wrong with it
-        raise output_error(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))) from None
-    except OSError as e:
-        raise output_error(path, e) from None
-    if path.is_dir():
-        raise output_error(path, IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR)))
-
-
-def write_atomic(path: Path, data: bytes) -> int:
-    """Replace ``path`` by ``data`` in one step (temp file beside it, then rename); its size."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a report is an ordinary output
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        fsync_dir(path.parent)
-    except OSError as e:
-        raise output_error(path, e) from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return len(data)

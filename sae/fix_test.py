@@ -1,0 +1,190 @@
+"""Testing a fix: does an intervention remove a behaviour, and what does it cost?
+(DESIGN.md section 6, "Effect of a fix".)
+
+    result = fix_test(model, tokenizer, prompts, [Edit(sae, hook, [Ablate(features)])], scorer,
+                      samples=8, neutral=neutral_contexts)
+    print(result.table())
+
+For each prompt, ``samples`` continuations are drawn with and without the edits, with the
+same seed. Each is scored by ``scorer`` (higher = more of the behaviour). Reported for
+both conditions, each with a 95% bootstrap confidence interval (resampling prompts, a
+prompt's samples staying together, so correlated samples are not counted as independent):
+
+* mean score, and the fraction of continuations scoring above ``threshold``;
+* fluency: the perplexity of the continuations under the clean model (an edit that
+  breaks the model produces text the clean model finds unlikely);
+* and for the edit alone, the KL divergence KL(p_clean || p_edited) of next-token
+  distributions on neutral text, per predicted token.
+
+Differences (edited - baseline) get paired intervals, from the same resamples.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sae.generation import Sampling, continuation_ids, prompt_token_ids
+from sae.interventions import Edit, intervene
+from sae.lm_metrics import at_least_fp32
+from sae.scorers import Scorer
+
+CONDITIONS = ("baseline", "intervened")
+
+
+def bootstrap_ci(values: torch.Tensor, statistic, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``statistic`` over resamples of the rows of ``values`` [n, ...]."""
+    n = values.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    stats = torch.tensor([float(statistic(values[i])) for i in idx])
+    lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+    return float(stats.quantile(lo)), float(stats.quantile(hi))
+
+
+@torch.no_grad()
+def continuation_nll(model: PreTrainedModel, prompt_ids: Sequence[int], cont: Sequence[int]) -> tuple[float, int]:
+    """(summed negative log-likelihood in nats, tokens) of ``cont`` after ``prompt_ids``
+    under ``model`` as it is now (call outside any intervention for the clean model)."""
+    if not cont:
+        return 0.0, 0
+    device = next(model.parameters()).device
+    ids = torch.tensor([[*prompt_ids, *cont]], device=device)
+    logits = at_least_fp32(model(input_ids=ids, use_cache=False).logits[0, len(prompt_ids) - 1:-1])
+    targets = torch.tensor(cont, device=device)
+    return float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum")), len(cont)
+
+
+@torch.no_grad()
+def neutral_kl(model: PreTrainedModel, edits: Sequence[Edit], contexts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """KL(p_clean || p_edited) per context, averaged over its predicted tokens: [n_contexts]."""
+    device = next(model.parameters()).device
+    out = []
+    for ids in contexts:
+        ids = ids.to(device).view(1, -1)
+        clean = at_least_fp32(model(input_ids=ids, use_cache=False).logits[0]).log_softmax(-1)
+        with intervene(model, edits):
+            edited = at_least_fp32(model(input_ids=ids, use_cache=False).logits[0]).log_softmax(-1)
+        out.append(float((clean.exp() * (clean - edited)).sum(-1).mean()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@dataclass
+class FixTestResult:
+    """Per prompt and sample: texts and scores; per condition: summary statistics with CIs."""
+
+    prompts: list[str]
+    texts: dict[str, list[list[str]]]          # condition -> [prompt][sample]
+    scores: dict[str, torch.Tensor]            # condition -> [prompts, samples]
+    nll: dict[str, torch.Tensor]               # condition -> [prompts, samples] summed nats under the clean model
+    tokens: dict[str, torch.Tensor]            # condition -> [prompts, samples] continuation tokens
+    kl: torch.Tensor | None                    # [neutral contexts]
+    scorer: str
+    threshold: float
+    summary: dict
+
+    def table(self) -> str:
+        s = self.summary
+        rows = [("mean score", "mean_score"), (f"fraction > {self.threshold:g}", "over_threshold"),
+                ("perplexity (clean model)", "perplexity")]
+        lines = [f"{len(self.prompts)} prompts x {self.scores['baseline'].shape[1]} samples; score: {self.scorer}",
+                 f"  {'':<26} {'baseline':>22} {'intervened':>22} {'change':>22}"]
+        for label, key in rows:
+            cells = [_cell(s[c][key]) for c in CONDITIONS] + [_cell(s["change"][key])]
+            lines.append(f"  {label:<26} " + " ".join(f"{c:>22}" for c in cells))
+        if "kl" in s:
+            lines.append(f"  {'KL on neutral text (nats)':<26} {'':>22} {_cell(s['kl']):>22}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"scorer": self.scorer, "threshold": self.threshold, "summary": self.summary,
+                "prompts": [{"prompt": p, **{c: [{"text": t, "score": float(sc)} for t, sc in
+                                                zip(self.texts[c][i], self.scores[c][i])] for c in CONDITIONS}}
+                            for i, p in enumerate(self.prompts)]}
+
+    def html(self, title: str = "Fix test") -> str:
+        """A small self-contained HTML page: the table, a bar chart with CIs, and samples."""
+        s = self.summary
+        charts = "".join(_bar_chart(label, [s[c][key] for c in CONDITIONS])
+                         for label, key in (("mean score", "mean_score"),
+                                            (f"fraction > {self.threshold:g}", "over_threshold"),
+                                            ("perplexity", "perplexity")))
+        rows = "".join(f"<tr><td>{html.escape(p)}</td><td>{html.escape(self.texts['baseline'][i][0])}</td>"
+                       f"<td>{html.escape(self.texts['intervened'][i][0])}</td></tr>"
+                       for i, p in enumerate(self.prompts[:20]))
+        return (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+                "<style>body{font:14px system-ui,sans-serif;margin:1.5em}pre{background:#f4f4f4;padding:.8em}"
+                "td{vertical-align:top;border-top:1px solid #ddd;padding:.3em .6em;white-space:pre-wrap}"
+                "svg{margin-right:1.5em}</style>"
+                f"<h1>{html.escape(title)}</h1><pre>{html.escape(self.table())}</pre><div>{charts}</div>"
+                "<h2>First sample per prompt</h2><table><tr><th>prompt</th><th>baseline</th><th>intervened</th></tr>"
+                f"{rows}</table>")
+
+
+def _cell(stat: dict) -> str:
+    return f"{stat['value']:.4g} [{stat['ci'][0]:.3g}, {stat['ci'][1]:.3g}]"
+
+
+def _bar_chart(label: str, stats: list[dict], width: int = 220, height: int = 160) -> str:
+    """Inline SVG: one bar per condition with its CI as an error bar."""
+    top = max(max(s["ci"][1], s["value"]) for s in stats) or 1.0
+    plot_h, bar_w = height - 40, 60
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+             f'<title>{html.escape(label)}</title><text x="4" y="14" font-size="12">{html.escape(label)}</text>']
+    for i, (name, s) in enumerate(zip(CONDITIONS, stats)):
+        x = 30 + i * (bar_w + 40)
+        y = lambda v: 20 + plot_h * (1 - max(v, 0) / top)  # noqa: E731
+        color = "#9aa5b1" if i == 0 else "#d9822b"
+        parts.append(f'<rect x="{x}" y="{y(s["value"]):.1f}" width="{bar_w}" height="{20 + plot_h - y(s["value"]):.1f}"'
+                     f' fill="{color}"><title>{name}: {s["value"]:.4g}</title></rect>'
+                     f'<line x1="{x + bar_w / 2}" x2="{x + bar_w / 2}" y1="{y(s["ci"][0]):.1f}" y2="{y(s["ci"][1]):.1f}"'
+                     ' stroke="#222" stroke-width="2"/>'
+                     f'<text x="{x}" y="{height - 4}" font-size="11">{name}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _statistics(threshold: float) -> dict:
+    """Statistic name -> function of b [prompts, samples, 3] (score, summed nll, tokens)."""
+    return {"mean_score": lambda b: b[..., 0].mean(),
+            "over_threshold": lambda b: (b[..., 0] > threshold).double().mean(),
+            "perplexity": lambda b: math.exp(b[..., 1].sum() / max(float(b[..., 2].sum()), 1.0))}
+
+
+def fix_test(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+             edits: Sequence[Edit], scorer: Scorer, samples: int = 8, sampling: Sampling = Sampling(),
+             threshold: float = 0.5, neutral: Sequence[torch.Tensor] = (), resamples: int = 1000,
+             progress: bool = True) -> FixTestResult:
+    """Continuations with and without ``edits``, scored, with fluency costs (module docstring)."""
+    ids = {"baseline": continuation_ids(model, tokenizer, prompts, samples, sampling, progress=progress)}
+    with intervene(model, edits):
+        ids["intervened"] = continuation_ids(model, tokenizer, prompts, samples, sampling, progress=progress)
+    texts = {c: [[tokenizer.decode(s, skip_special_tokens=True) for s in per] for per in ids[c]] for c in CONDITIONS}
+    scores, nll, tokens = {}, {}, {}
+    for c in CONDITIONS:
+        flat = [t for per in texts[c] for t in per]
+        scores[c] = torch.tensor(scorer(flat), dtype=torch.float64).view(len(prompts), samples)
+        pairs = [continuation_nll(model, prompt_token_ids(tokenizer, p), s)
+                 for p, per in zip(prompts, ids[c]) for s in per]
+        nll[c] = torch.tensor([p[0] for p in pairs], dtype=torch.float64).view(len(prompts), samples)
+        tokens[c] = torch.tensor([p[1] for p in pairs], dtype=torch.float64).view(len(prompts), samples)
+    both = {c: torch.stack([scores[c], nll[c], tokens[c]], -1) for c in CONDITIONS}  # [prompts, samples, 3]
+    paired = torch.stack([both["baseline"], both["intervened"]], 1)                    # [prompts, 2, samples, 3]
+    summary: dict = {c: {} for c in (*CONDITIONS, "change")}
+    for key, fn in _statistics(threshold).items():
+        for c in CONDITIONS:
+            summary[c][key] = {"value": float(fn(both[c])), "ci": bootstrap_ci(both[c], fn, resamples, seed=1)}
+        # Paired: each resample draws the same prompts for both conditions.
+        diff = lambda p, fn=fn: fn(p[:, 1]) - fn(p[:, 0])  # noqa: E731
+        summary["change"][key] = {"value": float(diff(paired)), "ci": bootstrap_ci(paired, diff, resamples, seed=1)}
+    kl = None
+    if neutral:
+        kl = neutral_kl(model, edits, neutral)
+        summary["kl"] = {"value": float(kl.mean()), "ci": bootstrap_ci(kl, lambda v: v.mean(), resamples, seed=1)}
+    return FixTestResult(prompts=list(prompts), texts=texts, scores=scores, nll=nll, tokens=tokens, kl=kl,
+                         scorer=scorer.name, threshold=threshold, summary=summary)
