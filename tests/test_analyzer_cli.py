@@ -106,3 +106,48 @@ def test_report_bad_output_is_one_line(sae_dir, tmp_path):
     blocker.write_text("x")
     one_line_error(run("report", sae_dir, *FAST, "-o", blocker / "report.html"), "--output: cannot write")
     one_line_error(run("report", sae_dir, *FAST, "--target", PROMPTS / "demo_raised.txt"), "need both")
+
+
+def test_generate_side_by_side_json(demo_sae_run):
+    args = ["--prompt", "If the key is missing, a KeyError is", "--temperature", "0", "--max-new-tokens", "8"]
+    steered = run("generate", demo_sae_run, *args, "--steer", "5:+40", "--json")
+    assert steered.exit_code == 0, steered.output
+    (row,) = json.loads(steered.stdout)
+    assert row["baseline"] != row["intervened"]  # a strong push changes greedy text
+    again = run("generate", demo_sae_run, *args, "--scale", "5:1", "--json")  # a no-op edit
+    (same,) = json.loads(again.stdout)
+    assert same["baseline"] == same["intervened"] == row["baseline"]
+    text = run("generate", demo_sae_run, *args, "--ablate", "1,2")
+    assert text.exit_code == 0 and "intervened (ablate 1,2)" in text.stdout
+
+
+def test_attribute_and_fix_test(demo_sae_run, tmp_path):
+    prompts = PROMPTS / "demo_fix.txt"
+    attr = run("attribute", demo_sae_run, "--prompts", prompts, "--answer", " raised", "--top", "3", "--json")
+    assert attr.exit_code == 0, attr.output
+    data = json.loads(attr.stdout)
+    assert data["prompts"] == 20 and len(data["pushes_up"]) == 3
+    assert data["pushes_up"][0]["attribution"] >= data["pushes_up"][2]["attribution"] > 0
+    page, neutral = tmp_path / "fix.html", tmp_path / "neutral.txt"
+    neutral.write_text("The value is returned when the file is closed.\nIf the key is missing, the default is used.\n")
+    three = [a for line in prompts.read_text().splitlines()[:3] for a in ("--prompt", line)]
+    fix = run("fix-test", demo_sae_run, *three, "--scorer", "words:raised,raise", "--answer", " raised",
+              "--ablate-top", "5", "--samples", "2", "--max-new-tokens", "6", "--neutral", neutral,
+              "--html", page, "--json")
+    assert fix.exit_code == 0, fix.output
+    result = json.loads(fix.stdout)
+    assert len(result["prompts"]) == 3 and len(result["prompts"][0]["baseline"]) == 2
+    assert result["edits"][0].startswith("ablate ") and len(result["edits"][0].split(",")) == 5
+    assert result["summary"]["kl"]["value"] > 0 and page.read_text().startswith("<!doctype html>")
+
+
+def test_intervention_errors_are_one_line(demo_sae_run, tmp_path):
+    p = ["--prompt", "x"]
+    one_line_error(run("generate", demo_sae_run, *p), "no intervention")
+    one_line_error(run("generate", demo_sae_run, *p, "--ablate", "5000"), "feature 5000 is out of range")
+    one_line_error(run("generate", demo_sae_run, *p, "--steer", "5"), "is not FEATURE:NUMBER")
+    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--ablate-top", "3"),
+                   "--contrast TARGET BASELINE or --answer TOKEN")
+    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "hf:/no/such/model", "--ablate", "1"),
+                   "is not a folder")
+    one_line_error(run("attribute", demo_sae_run, *p, "--answer", " KeyErrorxyz"), "not one")

@@ -1,0 +1,153 @@
+"""Attribution against finite differences, scorers against their definitions, and the
+fix test: the scorer sees exactly the continuations, and the costs match independent
+computations."""
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+from sae.attribution import answer_logprob, attribute, logit_difference, single_token
+from sae.config import SAEConfig
+from sae.demo_model import DEMO_MODEL_DIR
+from sae.errors import ConfigError
+from sae.fix_test import bootstrap_ci, fix_test
+from sae.generation import Sampling, continuation_ids, continuations, prompt_token_ids
+from sae.interventions import Ablate, Edit, Scale, intervene
+from sae.scorers import Scorer, load_scorer, word_list_scorer
+from sae.trainer import make_sae
+
+HOOK = "layers.1"
+PROMPTS = ["the file is not", "a value was", "when the lock is held the"]
+
+
+@pytest.fixture(scope="module")
+def sae():
+    torch.manual_seed(0)
+    s = make_sae(SAEConfig(architecture="topk", num_latents=32, k=8), 64)
+    with torch.no_grad():
+        s.b_enc.add_(0.5)
+    return s
+
+
+def metric_with(model, tok, metric, edits):
+    total = 0.0
+    with torch.no_grad(), intervene(model, edits):
+        for p in PROMPTS:
+            logits = model(input_ids=torch.tensor([prompt_token_ids(tok, p)])).logits[0, -1]
+            total += float(metric(logits))
+    return total
+
+
+def test_attribution_matches_finite_differences(tiny_llama, sae):
+    """z_f * dm/dz_f summed over positions is the derivative of the metric when feature f
+    is scaled by (1 + t) everywhere: a central difference through the Scale edit."""
+    model, tok = tiny_llama
+    metric = answer_logprob(tok, " the")
+    result = attribute(model, tok, sae, HOOK, PROMPTS, metric, progress=False)
+    assert result.metric == pytest.approx(metric_with(model, tok, metric, []), abs=1e-4)  # the splice is exact
+    eps = 1e-2
+    for f in result.ranking("up")[:3] + result.ranking("down")[:2]:
+        up = metric_with(model, tok, metric, [Edit(sae, HOOK, [Scale([f], 1 + eps)])])
+        down = metric_with(model, tok, metric, [Edit(sae, HOOK, [Scale([f], 1 - eps)])])
+        assert result.features[f].item() == pytest.approx((up - down) / (2 * eps), rel=0.05, abs=1e-3)
+    torch.testing.assert_close(result.per_prompt.sum(0), result.features)
+
+
+def test_metrics_and_single_tokens(tiny_llama):
+    model, tok = tiny_llama
+    logits = torch.randn(model.config.vocab_size)
+    a, w = single_token(tok, " the"), single_token(tok, " a")
+    assert float(logit_difference(tok, " the", " a")(logits)) == pytest.approx(float(logits[a] - logits[w]))
+    with pytest.raises(ConfigError, match="--answer: ' notasingletokenatall' is \\d+ tokens"):
+        single_token(tok, " notasingletokenatall")
+
+
+def test_word_list_scorer_counts_whole_words(tmp_path):
+    s = word_list_scorer(["raise", "Error"])
+    assert s(["Raise it", "raised", "an error; ERROR!", "terror", ""]) == [1, 0, 2, 0, 0]
+    (tmp_path / "words.txt").write_text("bad\n\nworse\n")
+    assert load_scorer(f"words:{tmp_path / 'words.txt'}")(["bad and worse", "fine"]) == [2, 0]
+    assert load_scorer("words:a,b")(["a b c"]) == [2]
+    for spec, message in (("nope", "is not a scorer"), ("hf:./missing-model-folder", "is not a folder")):
+        with pytest.raises(ConfigError, match=message):
+            load_scorer(spec)
+
+
+def test_profanity_scorer_without_its_package_says_how_to_install():
+    if importlib.util.find_spec("profanity_check") is not None:
+        pytest.skip("alt-profanity-check is installed")
+    with pytest.raises(ConfigError, match="pip install alt-profanity-check"):
+        load_scorer("profanity")
+
+
+def test_classifier_scorer_returns_the_label_probability(tmp_path):
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                      id2label={0: "ok", 1: "toxic"}, label2id={"ok": 0, "toxic": 1})
+    model = LlamaForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    scorer = load_scorer(f"hf:{tmp_path / 'clf'}@toxic")
+    texts = ["a short text", "another, somewhat longer, text here"]
+    got = scorer(texts)
+    for text, p in zip(texts, got):
+        with torch.no_grad():
+            logits = model(**tok(text, return_tensors="pt")).logits[0]
+        assert p == pytest.approx(float(logits.softmax(-1)[1]), rel=1e-4)
+    with pytest.raises(ConfigError, match="has no label 'nice'; its labels: ok, toxic"):
+        load_scorer(f"hf:{tmp_path / 'clf'}@nice")
+
+
+def test_bootstrap_interval():
+    assert bootstrap_ci(torch.full((10,), 3.0), lambda v: v.mean()) == (3.0, 3.0)
+    v = torch.arange(100, dtype=torch.float64)
+    lo, hi = bootstrap_ci(v, lambda x: x.mean())
+    assert lo < 49.5 < hi and hi - lo < 25
+
+
+def test_fix_test_scores_exactly_the_continuations(tiny_llama, sae):
+    model, tok = tiny_llama
+    seen = []
+    recorder = Scorer("recorder", lambda texts: (seen.append(list(texts)), [len(t) for t in texts])[1])
+    sampling = Sampling(max_new_tokens=6, temperature=1.0, seed=5)
+    edit = Edit(sae, HOOK, [Ablate([0, 1, 2, 3])])
+    result = fix_test(model, tok, PROMPTS, [edit], recorder, samples=2, sampling=sampling, threshold=10,
+                      resamples=200, progress=False)
+    base = continuations(model, tok, PROMPTS, 2, sampling)
+    with intervene(model, [edit]):
+        changed = continuations(model, tok, PROMPTS, 2, sampling)
+    assert seen == [[t for per in base for t in per], [t for per in changed for t in per]]
+    assert result.texts == {"baseline": base, "intervened": changed}
+    lengths = torch.tensor([[len(t) for t in per] for per in base], dtype=torch.float64)
+    s = result.summary
+    assert s["baseline"]["mean_score"]["value"] == pytest.approx(float(lengths.mean()))
+    assert s["baseline"]["over_threshold"]["value"] == pytest.approx(float((lengths > 10).double().mean()))
+    # Perplexity under the clean model, from full forward passes of prompt + continuation.
+    nll, n = 0.0, 0
+    for p, per in zip(PROMPTS, continuation_ids(model, tok, PROMPTS, 2, sampling)):
+        for cont in per:
+            ids = prompt_token_ids(tok, p) + cont
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+            P = len(prompt_token_ids(tok, p))
+            nll -= sum(float(logp[P - 1 + i, t]) for i, t in enumerate(cont))
+            n += len(cont)
+    assert s["baseline"]["perplexity"]["value"] == pytest.approx(float(torch.tensor(nll / n).exp()), rel=1e-4)
+    change = s["change"]["mean_score"]
+    assert change["value"] == pytest.approx(s["intervened"]["mean_score"]["value"] - s["baseline"]["mean_score"]["value"])
+    assert change["ci"][0] <= change["value"] <= change["ci"][1]
+
+
+def test_kl_of_a_no_op_edit_is_zero(tiny_llama, sae):
+    model, tok = tiny_llama
+    neutral = [torch.tensor(prompt_token_ids(tok, "some neutral text about files and values"))]
+    result = fix_test(model, tok, PROMPTS[:1], [Edit(sae, HOOK, [Scale([3], 1.0)])], load_scorer("words:the"),
+                      samples=1, sampling=Sampling(max_new_tokens=3, temperature=0), neutral=neutral, resamples=50,
+                      progress=False)
+    assert abs(result.summary["kl"]["value"]) < 1e-6
+    assert result.texts["baseline"] == result.texts["intervened"]
+    assert "<" not in result.html("t<b>").split("<title>")[1].split("</title>")[0]
