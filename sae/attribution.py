@@ -1,6 +1,6 @@
 """Attribution: which SAE features drive a metric, by activation x gradient.
 
-    result = attribute(model, tokenizer, sae, "layers.2", prompts, answer_logprob(tokenizer, " raised"))
+    result = attribute(model, tokenizer, sae, "layers.2", prompts, logprob(" raised", tokenizer))
     result.ranking()[:10]     # features that raise the metric most
 
 The SAE is spliced in as h = decode(z) + e, with the error term e = h - decode(z)
@@ -14,7 +14,7 @@ the metric that the SAE does not explain is visible.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,34 +23,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.architectures import SparseAutoencoder
 from sae.errors import ConfigError
+from sae.lm_metrics import Metric, at_least_fp32
 from sae.generation import prompt_token_ids
 from sae.hooks import attach, resolve_hook
-
-# A metric maps the logits at a prompt's last position, [V], to a scalar.
-Metric = Callable[[torch.Tensor], torch.Tensor]
-
-
-def single_token(tokenizer: PreTrainedTokenizerBase, text: str, what: str = "--answer") -> int:
-    """The id of ``text`` if it is exactly one token (no special tokens); else ConfigError."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        pieces = [tokenizer.decode([i]) for i in ids]
-        raise ConfigError(f"{what}: {text!r} is {len(ids)} tokens {pieces}, not one; pick a single token "
-                          "(mind the leading space)")
-    return ids[0]
-
-
-def answer_logprob(tokenizer: PreTrainedTokenizerBase, answer: str) -> Metric:
-    """log p(answer) at the last position."""
-    a = single_token(tokenizer, answer)
-    return lambda logits: logits.float().log_softmax(-1)[a]
-
-
-def logit_difference(tokenizer: PreTrainedTokenizerBase, answer: str, wrong: str) -> Metric:
-    """logit(answer) - logit(wrong) at the last position."""
-    a, w = single_token(tokenizer, answer), single_token(tokenizer, wrong, "--wrong")
-    return lambda logits: logits[a].float() - logits[w].float()
-
 
 @dataclass
 class Attribution:
@@ -97,8 +72,8 @@ def attribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: S
         handle = attach(point, splice)
         try:
             with torch.enable_grad():
-                logits = model(input_ids=ids, use_cache=False).logits[0, -1]
-                m = metric(logits)
+                logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+                m = metric.fn(at_least_fp32(logits))[0]  # the tensor, not metric()'s float: it is differentiated
                 gz, ge = torch.autograd.grad(m, [leaves["z"], leaves["err"]])
         finally:
             handle.remove()

@@ -565,7 +565,8 @@ def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, laye
     """
     import json
 
-    from sae.patching import ActivationPatcher, answer_token, check_svg_path, logit_diff, logprob, write_svg
+    from sae.lm_metrics import answer_token, logit_diff, logprob
+    from sae.patching import ActivationPatcher, check_svg_path, write_svg
 
     metric = metric or ("logit-diff" if wrong is not None else "logprob")
     if metric == "logit-diff" and wrong is None:
@@ -609,11 +610,13 @@ def metric_options(fn: Callable) -> Callable:
 
 
 def _metric(tokenizer, answer: str | None, wrong: str | None):
-    from sae.attribution import answer_logprob, logit_difference
+    from sae.lm_metrics import answer_token, logit_diff, logprob
 
     if answer is None:
         raise ConfigError("--answer: required; the token whose probability the features are ranked by")
-    return logit_difference(tokenizer, answer, wrong) if wrong is not None else answer_logprob(tokenizer, answer)
+    a = answer_token(tokenizer, answer, "--answer")
+    return logit_diff(a, answer_token(tokenizer, wrong, "--wrong"), tokenizer) if wrong is not None \
+        else logprob(a, tokenizer)
 
 
 @analyze.command()

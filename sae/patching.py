@@ -4,7 +4,7 @@ that makes a clean prompt behave differently from a corrupted one.
 Both prompts run once; then the corrupted prompt runs again with one activation replaced
 by the clean run's, and a metric of the output logits is recorded::
 
-    metric = logit_diff(" raised", " returned", tokenizer)
+    metric = logit_diff(" raised", " returned", tokenizer)      # from sae.lm_metrics
     patcher = ActivationPatcher(model, tokenizer, "If the key is missing, a KeyError is",
                                 "If the key is missing, the default is", metric)
     result = patcher.sweep("position")          # layers x positions
@@ -36,7 +36,7 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,85 +46,14 @@ from tqdm.auto import tqdm
 
 from sae.atomic_io import check_output_path, write_output
 from sae.errors import ConfigError
+from sae.generation import prompt_token_ids
 from sae.hooks import ALIASES, HookPoint, attach, resolve_hook
+from sae.lm_metrics import Metric, at_least_fp32
 from sae.models import decoder_layers
 
 MODES = ("layer", "position", "head")
 # Names of the attention output projection (its input holds the heads side by side).
 OUTPUT_PROJECTIONS = ("o_proj", "c_proj", "dense", "out_proj")
-
-
-# ---- metrics ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Metric:
-    """A score of the logits at one position: ``fn`` maps logits [N, V] (float32, or
-    float64 for a float64 model) to [N].
-
-    ``metric(logits)`` takes [V] (-> float) or [N, V] (-> tensor [N]). Any callable of
-    that shape plugs in (a classifier's score of the logits, say); ``tokens`` lists the
-    token ids it reads, checked against the vocabulary before any run.
-    """
-
-    name: str
-    fn: Callable[[torch.Tensor], torch.Tensor]
-    tokens: tuple[int, ...] = ()
-
-    def __call__(self, logits: torch.Tensor):
-        logits = _at_least_fp32(logits)
-        if logits.dim() == 1:
-            return float(self.fn(logits[None])[0])
-        return self.fn(logits)
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def answer_token(tokenizer, token: str | int, what: str = "answer") -> int:
-    """The id of ``token``: an id as is, a string tokenized without special tokens, which
-    must give exactly one token (ConfigError naming the pieces otherwise)."""
-    if isinstance(token, bool) or not isinstance(token, (int, str)):
-        raise ConfigError(f"{what}: {token!r} is neither a token string nor a token id")
-    if isinstance(token, int):
-        if not 0 <= token < len(tokenizer):
-            raise ConfigError(f"{what}: token id {token} is out of range; the vocabulary has ids "
-                              f"0..{len(tokenizer) - 1}")
-        return token
-    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        pieces = ", ".join(repr(p) for p in tokenizer.convert_ids_to_tokens(ids))
-        hint = "it is empty" if not ids else f"it is {len(ids)} tokens ({pieces})"
-        raise ConfigError(f"{what}: {token!r} must be exactly one token, but {hint}; "
-                          "give a single token (mind the leading space, e.g. ' raised')")
-    return ids[0]
-
-
-def _token(tokenizer, token: str | int, what: str) -> int:
-    if tokenizer is None:
-        if isinstance(token, str):
-            raise TypeError(f"{what}: a token string ({token!r}) needs the tokenizer")
-        return int(token)
-    return answer_token(tokenizer, token, what)
-
-
-def _label(tokenizer, token: str | int, token_id: int) -> str:
-    return repr(token) if isinstance(token, str) or tokenizer is None else repr(tokenizer.decode([token_id]))
-
-
-def logit_diff(answer: str | int, wrong: str | int, tokenizer=None) -> Metric:
-    """logit[answer] - logit[wrong]. Tokens are ids or one-token strings (with ``tokenizer``)."""
-    a, w = _token(tokenizer, answer, "answer"), _token(tokenizer, wrong, "wrong")
-    if a == w:
-        raise ConfigError(f"wrong: {wrong!r} is the answer token itself; give another token")
-    return Metric(f"logit diff {_label(tokenizer, answer, a)} - {_label(tokenizer, wrong, w)}",
-                  lambda logits: logits[:, a] - logits[:, w], (a, w))
-
-
-def logprob(answer: str | int, tokenizer=None) -> Metric:
-    """log_softmax(logits)[answer]."""
-    a = _token(tokenizer, answer, "answer")
-    return Metric(f"log prob {_label(tokenizer, answer, a)}", lambda logits: logits.log_softmax(-1)[:, a], (a,))
 
 
 def normalized_score(value, clean: float, corrupted: float):
@@ -142,8 +71,7 @@ def prompt_ids(tokenizer, text: str | Sequence[int]) -> list[int]:
     ids is taken as is."""
     if not isinstance(text, str):
         return [int(i) for i in text]
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [bos, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return prompt_token_ids(tokenizer, text)
 
 
 def parse_layers(spec: str | Sequence[int] | None, n_layers: int, what: str = "--layers") -> list[int]:
@@ -401,7 +329,7 @@ class ActivationPatcher:
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] at the metric position."""
-        return _at_least_fp32(self.model(input_ids=ids, use_cache=False).logits[:, self.metric_position])
+        return at_least_fp32(self.model(input_ids=ids, use_cache=False).logits[:, self.metric_position])
 
     def _check(self, p: Patch) -> None:
         if not 0 <= p.layer < self.n_layers:

@@ -150,4 +150,4 @@ def test_intervention_errors_are_one_line(demo_sae_run, tmp_path):
                    "--contrast TARGET BASELINE or --answer TOKEN")
     one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "hf:/no/such/model", "--ablate", "1"),
                    "is not a folder")
-    one_line_error(run("attribute", demo_sae_run, *p, "--answer", " KeyErrorxyz"), "not one")
+    one_line_error(run("attribute", demo_sae_run, *p, "--answer", " KeyErrorxyz"), "must be exactly one token")

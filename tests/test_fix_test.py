@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from sae.attribution import answer_logprob, attribute, logit_difference, single_token
+from sae.attribution import attribute
 from sae.config import SAEConfig
 from sae.demo_model import DEMO_MODEL_DIR
 from sae.errors import ConfigError
 from sae.fix_test import bootstrap_ci, fix_test
 from sae.generation import Sampling, continuation_ids, continuations, prompt_token_ids
 from sae.interventions import Ablate, Edit, Scale, intervene
+from sae.lm_metrics import logprob
 from sae.scorers import Scorer, load_scorer, word_list_scorer
 from sae.trainer import make_sae
 
@@ -36,7 +37,7 @@ def metric_with(model, tok, metric, edits):
     with torch.no_grad(), intervene(model, edits):
         for p in PROMPTS:
             logits = model(input_ids=torch.tensor([prompt_token_ids(tok, p)])).logits[0, -1]
-            total += float(metric(logits))
+            total += metric(logits)
     return total
 
 
@@ -44,7 +45,7 @@ def test_attribution_matches_finite_differences(tiny_llama, sae):
     """z_f * dm/dz_f summed over positions is the derivative of the metric when feature f
     is scaled by (1 + t) everywhere: a central difference through the Scale edit."""
     model, tok = tiny_llama
-    metric = answer_logprob(tok, " the")
+    metric = logprob(" the", tok)
     result = attribute(model, tok, sae, HOOK, PROMPTS, metric, progress=False)
     assert result.metric == pytest.approx(metric_with(model, tok, metric, []), abs=1e-4)  # the splice is exact
     eps = 1e-2
@@ -53,15 +54,6 @@ def test_attribution_matches_finite_differences(tiny_llama, sae):
         down = metric_with(model, tok, metric, [Edit(sae, HOOK, [Scale([f], 1 - eps)])])
         assert result.features[f].item() == pytest.approx((up - down) / (2 * eps), rel=0.05, abs=1e-3)
     torch.testing.assert_close(result.per_prompt.sum(0), result.features)
-
-
-def test_metrics_and_single_tokens(tiny_llama):
-    model, tok = tiny_llama
-    logits = torch.randn(model.config.vocab_size)
-    a, w = single_token(tok, " the"), single_token(tok, " a")
-    assert float(logit_difference(tok, " the", " a")(logits)) == pytest.approx(float(logits[a] - logits[w]))
-    with pytest.raises(ConfigError, match="--answer: ' notasingletokenatall' is \\d+ tokens"):
-        single_token(tok, " notasingletokenatall")
 
 
 def test_word_list_scorer_counts_whole_words(tmp_path):

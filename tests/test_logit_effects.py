@@ -1,6 +1,5 @@
 """Logit effects against the model's own final norm and unembedding; nearest features by brute force."""
 
-import pytest
 import torch
 
 from sae.config import ModelConfig

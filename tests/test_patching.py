@@ -15,17 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sae import cli
 from sae.errors import ConfigError
 from sae.hooks import ActivationCapture, EditActivation, resolve_hook
-from sae.patching import (
-    ActivationPatcher,
-    Metric,
-    Patch,
-    activation_patching,
-    answer_token,
-    logit_diff,
-    logprob,
-    normalized_score,
-    parse_layers,
-)
+from sae.lm_metrics import Metric, answer_token, logit_diff, logprob
+from sae.patching import ActivationPatcher, Patch, activation_patching, normalized_score, parse_layers
 
 CLEAN = "If the key is missing, a KeyError is"
 CORRUPTED = "If the key is missing, the default is"   # same token count (10 with BOS)
