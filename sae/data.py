@@ -30,12 +30,14 @@ def load_text_dataset(
     text_column: str = "text",
     subset: str | None = None,
     streaming: bool = False,
+    require_text: bool = True,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split of a text dataset.
 
     ``dataset`` is ``builtin:python-docs``, a local file or folder of ``.txt``/``.jsonl``/
     ``.json``/``.parquet``/``.csv`` files, or a Hugging Face hub id (``subset`` names its
-    configuration). Raises ConfigError when the text column is missing.
+    configuration). Raises ConfigError when the text column is missing, or (with
+    ``require_text``) holds something other than text.
     """
     local_or_builtin = dataset.startswith("builtin:") or Path(dataset).exists()
     if subset is not None and local_or_builtin:
@@ -62,7 +64,7 @@ def load_text_dataset(
             f"data.text_column: {text_column!r} is not a column of {dataset}; columns: {', '.join(columns)}"
         )
     feature = (ds.features or {}).get(text_column)
-    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+    if require_text and feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise ConfigError(f"data.text_column: column {text_column!r} of {dataset} holds {feature.dtype}, not text")
     return ds
 

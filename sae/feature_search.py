@@ -18,6 +18,8 @@ the text without special tokens; special tokens never count.
 from __future__ import annotations
 
 import json
+import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sae.analysis_target import Target
+from sae.config import read_yaml
+from sae.data import load_text_dataset
 from sae.errors import ConfigError
 from sae.generation import prompt_token_ids
 from sae.harvest import max_context_tokens, special_token_ids
@@ -37,11 +41,14 @@ MAX_PROMPT_TOKENS = 1024
 
 
 def read_prompts(path: str | Path, what: str = "prompts") -> list[str]:
-    """Prompts from a file: ``.jsonl`` (one object per line with a "text" field) or any
-    other text file (one prompt per line). Blank lines are skipped."""
+    """Prompts from a file: ``.jsonl`` (one object per line with a "text" field), ``.yaml``
+    (a prompt set drawn from a dataset, see ``prompts_from_dataset``) or any other text
+    file (one prompt per line). Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what}: {str(path)!r} is not a file; give a text file with one prompt per line")
+    if path.suffix in (".yaml", ".yml"):
+        return prompts_from_dataset(path, what)
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as e:
@@ -61,6 +68,68 @@ def read_prompts(path: str | Path, what: str = "prompts") -> list[str]:
     if not lines:
         raise ConfigError(f"{what}: {str(path)!r} holds no prompts; write one prompt per line")
     return lines
+
+
+# A prompt set file: which rows of which dataset, and which (possibly nested) field.
+PROMPT_SET_KEYS = {"dataset": None, "subset": None, "split": "train", "field": "text", "where": None, "limit": 1000}
+_WHERE = re.compile(r"\s*([\w.]+)\s*(<=|>=|==|!=|<|>)\s*(-?[\d.]+(?:[eE][+-]?\d+)?|true|false)\s*")
+
+
+def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
+    """Prompts drawn from a dataset, as a YAML prompt set describes them::
+
+        dataset: allenai/real-toxicity-prompts   # hub id, local file or folder, or builtin:...
+        split: train
+        field: prompt.text                        # dotted path into nested records
+        where: prompt.toxicity > 0.5              # optional: FIELD OP NUMBER (or true / false)
+        limit: 500                                # the first N rows that pass, in dataset order
+
+    The dataset is streamed, so only the rows read are downloaded.
+    """
+    spec = read_yaml(path)
+    unknown = sorted(set(spec) - set(PROMPT_SET_KEYS))
+    if unknown or not spec.get("dataset"):
+        raise ConfigError(f"{what}: {str(path)!r} needs a dataset key and may have "
+                          f"{', '.join(PROMPT_SET_KEYS)}" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    s = {**PROMPT_SET_KEYS, **spec}
+    field = str(s["field"]).split(".")
+    condition = None
+    if s["where"] is not None:
+        m = _WHERE.fullmatch(str(s["where"]))
+        if m is None:
+            raise ConfigError(f"{what}: where {s['where']!r} in {str(path)!r} is not FIELD OP NUMBER, "
+                              "e.g. prompt.toxicity > 0.5")
+        key, op, raw = m.group(1).split("."), m.group(2), m.group(3)
+        value = {"true": True, "false": False}.get(raw, None)
+        value = float(raw) if value is None else value
+        compare = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
+                   "!=": operator.ne}[op]
+        condition = (key, compare, value)
+    limit = int(s["limit"])
+    ds = load_text_dataset(str(s["dataset"]), str(s["split"]), field[0], s["subset"], streaming=True,
+                           require_text=False)
+    prompts = []
+    for row in ds:
+        if condition is not None:
+            got = _lookup(row, condition[0])
+            if got is None or not condition[1](got, condition[2]):
+                continue
+        text = _lookup(row, field)
+        if not isinstance(text, str):
+            raise ConfigError(f"{what}: field {s['field']!r} of {s['dataset']} is {type(text).__name__}, not text")
+        if text.strip():
+            prompts.append(text.strip())
+        if len(prompts) >= limit:
+            break
+    if not prompts:
+        raise ConfigError(f"{what}: no row of {s['dataset']} [{s['split']}] passes where {s['where']!r}")
+    return prompts
+
+
+def _lookup(row: dict, keys: list[str]):
+    for k in keys:
+        row = row.get(k) if isinstance(row, dict) else None
+    return row
 
 
 def prompt_ids(target: Target, text: str) -> list[int]:

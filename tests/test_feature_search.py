@@ -119,3 +119,23 @@ def test_contrast_on_the_demo_finds_the_concept_feature(demo_sae_run):
     shares = {f: concept_share(f) for f in top3}
     assert max(shares.values()) >= 0.8, shares
     assert result.auroc[top3[0]] > 0.8
+
+
+def test_prompt_set_from_a_dataset_with_nested_fields_and_a_filter(tmp_path):
+    rows = [{"prompt": {"text": f"prompt {i}", "toxicity": i / 10}, "challenging": i % 2 == 0} for i in range(10)]
+    rows.append({"prompt": {"text": "no score", "toxicity": None}, "challenging": True})
+    (tmp_path / "rtp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tmp_path / "toxic.yaml"
+    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity >= 0.5\nlimit: 3\n")
+    assert read_prompts(spec) == ["prompt 5", "prompt 6", "prompt 7"]
+    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: challenging == true\n")
+    assert read_prompts(spec) == ["prompt 0", "prompt 2", "prompt 4", "prompt 6", "prompt 8", "no score"]
+    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity ~ 1\n")
+    with pytest.raises(ConfigError, match="is not FIELD OP NUMBER"):
+        read_prompts(spec)
+    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfeild: prompt.text\n")
+    with pytest.raises(ConfigError, match="unknown: feild"):
+        read_prompts(spec)
+    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity > 5\n")
+    with pytest.raises(ConfigError, match="no row of"):
+        read_prompts(spec)
