@@ -673,6 +673,8 @@ def attribute(sae_path, hook, overrides, prompt, prompts_file, answer, wrong, to
 @edit_options
 @click.option("--ablate-top", type=click.IntRange(1), default=None, metavar="K",
               help="Ablate the K features found by --contrast TARGET BASELINE or by --answer (attribution).")
+@click.option("--steer-top", default=None, metavar="K:A",
+              help="Steer the K features found by --contrast or --answer, each by A, e.g. --steer-top 2:+4.")
 @click.option("--contrast", nargs=2, type=click.Path(path_type=Path), default=None, metavar="TARGET BASELINE",
               help="Prompt files for a contrast search that picks the features for --ablate-top.")
 @metric_options
@@ -687,7 +689,7 @@ def attribute(sae_path, hook, overrides, prompt, prompts_file, answer, wrong, to
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @one_line_errors
 def fix_test_command(sae_path, hook, overrides, prompt, prompts_file, scorer_spec, threshold, ablate, clamp, scale,
-                     steer, ablate_top, contrast, answer, wrong, max_new_tokens, temperature, top_p, seed, samples,
+                     steer, ablate_top, steer_top, contrast, answer, wrong, max_new_tokens, temperature, top_p, seed, samples,
                      neutral_file, neutral_tokens, html_path, as_json) -> None:
     """Does an intervention remove a behaviour, and at what cost? Samples continuations of
     the prompts with and without it (same seed), scores them, and reports the mean score,
@@ -703,40 +705,53 @@ def fix_test_command(sae_path, hook, overrides, prompt, prompts_file, scorer_spe
     from sae.analysis_target import open_target
     from sae.fix_test import fix_test
     from sae.generation import Sampling
-    from sae.interventions import Ablate, Edit, parse_feature_edits
     from sae.atomic_io import check_output_path, write_output
+    from sae.interventions import Ablate, Edit, Steer, parse_feature_edits
     from sae.scorers import load_scorer
 
     texts = _prompts(prompt, prompts_file)
     edits = parse_feature_edits(ablate, clamp, scale, steer)
-    if ablate_top is not None and contrast is None and answer is None:
-        raise ConfigError("--ablate-top: say how to pick the features: --contrast TARGET BASELINE or --answer TOKEN")
-    if ablate_top is None and (contrast is not None or answer is not None):
-        raise ConfigError("--contrast / --answer pick features for --ablate-top K; give --ablate-top")
-    if not edits and ablate_top is None:
-        raise ConfigError("fix-test: no intervention; give --ablate/--clamp/--scale/--steer or --ablate-top K")
+    top = {}  # edit kind -> (how many of the picked features, steering amount)
+    if ablate_top is not None:
+        top["ablate"] = (ablate_top, None)
+    if steer_top is not None:
+        (k, amount), = [(e.feature, e.alpha) for e in parse_feature_edits(steer=[steer_top])]
+        if k < 1:
+            raise ConfigError(f"--steer-top: {steer_top!r} steers no feature; K must be at least 1")
+        top["steer"] = (k, amount)
+    picks = "--ablate-top / --steer-top"
+    if top and contrast is None and answer is None:
+        raise ConfigError(f"{picks}: say how to pick the features: --contrast TARGET BASELINE or --answer TOKEN")
+    if not top and (contrast is not None or answer is not None):
+        raise ConfigError(f"--contrast / --answer pick features for {picks}; give one of them")
+    if not edits and not top:
+        raise ConfigError("fix-test: no intervention; give --ablate/--clamp/--scale/--steer, --ablate-top K "
+                          "or --steer-top K:A")
     if html_path is not None:
         check_output_path(html_path, "--html")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     scorer = load_scorer(scorer_spec)
     target = open_target(sae_path, overrides, hook)
     log = _log(True)
-    if ablate_top is not None:
+    if top:
         if contrast is not None:
             from sae.feature_search import contrast_search, read_prompts
 
-            result = contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
-                                     read_prompts(contrast[1], "--contrast BASELINE"))
-            chosen = result.ranking("effect")[:ablate_top]
-            log(f"ablating the top {ablate_top} contrast features: {', '.join(map(str, chosen))}")
+            ranking = contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
+                                      read_prompts(contrast[1], "--contrast BASELINE")).ranking("effect")
+            how = "contrast"
         else:
             from sae.attribution import attribute as run_attribution
 
-            result = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
-                                     _metric(target.tokenizer, answer, wrong))
-            chosen = result.ranking("up")[:ablate_top]
-            log(f"ablating the top {ablate_top} features by attribution to the metric: {', '.join(map(str, chosen))}")
-        edits.append(Ablate(chosen))
+            ranking = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
+                                      _metric(target.tokenizer, answer, wrong)).ranking("up")
+            how = f"attribution to {answer!r}"
+        if "ablate" in top:
+            edits.append(Ablate(ranking[:top["ablate"][0]]))
+        if "steer" in top:
+            k, amount = top["steer"]
+            edits += [Steer(f, amount) for f in ranking[:k]]
+        log(f"top features by {how}: {', '.join(map(str, ranking[:max(k for k, _ in top.values())]))}")
     edit = Edit(target.sae, target.hook, edits)
     edit.check()
     neutral = _neutral_contexts(target, neutral_file, neutral_tokens)

@@ -141,6 +141,18 @@ def test_attribute_and_fix_test(demo_sae_run, tmp_path):
     assert result["summary"]["kl"]["value"] > 0 and page.read_text().startswith("<!doctype html>")
 
 
+def test_fix_test_steers_the_top_contrast_features(demo_sae_run):
+    result = run("fix-test", demo_sae_run, "--prompt", "The worker thread", "--prompt", "The file",
+                 "--scorer", f"words:{PROMPTS / 'demo_thread_words.txt'}", "--contrast", PROMPTS / "demo_threads.txt",
+                 PROMPTS / "demo_files.txt", "--steer-top", "2:+4", "--samples", "2", "--max-new-tokens", "5",
+                 "--neutral-tokens", "0", "--json")
+    assert result.exit_code == 0, result.output
+    contrast = json.loads(run("search", demo_sae_run, "--target", PROMPTS / "demo_threads.txt", "--baseline",
+                              PROMPTS / "demo_files.txt", "--top", "2", "--json").stdout)
+    top2 = [r["feature"] for r in contrast["higher_in_target"]]
+    assert json.loads(result.stdout)["edits"] == [f"steer {f}+4" for f in top2]
+
+
 def test_intervention_errors_are_one_line(demo_sae_run, tmp_path):
     p = ["--prompt", "x"]
     one_line_error(run("generate", demo_sae_run, *p), "no intervention")
@@ -148,6 +160,11 @@ def test_intervention_errors_are_one_line(demo_sae_run, tmp_path):
     one_line_error(run("generate", demo_sae_run, *p, "--steer", "5"), "is not FEATURE:NUMBER")
     one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--ablate-top", "3"),
                    "--contrast TARGET BASELINE or --answer TOKEN")
+    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--steer-top", "2:+4"),
+                   "--contrast TARGET BASELINE or --answer TOKEN")
+    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--answer", " raised"), "give one of them")
+    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--steer-top", "2=4", "--answer", " a"),
+                   "is not FEATURE:NUMBER")
     one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "hf:/no/such/model", "--ablate", "1"),
                    "is not a folder")
     one_line_error(run("attribute", demo_sae_run, *p, "--answer", " KeyErrorxyz"), "must be exactly one token")
