@@ -141,6 +141,9 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
 
 # ---- the analyzer: features, search, report ---------------------------------------------
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (for scripts).")
+
+
 def target_options(fn: Callable) -> Callable:
     """SAE argument, --hook and --set, shared by the feature commands."""
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -224,7 +227,7 @@ SORTS = {"density": lambda s: s.density, "max": lambda s: s.act_max.double(), "m
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="Rows of the feature table.")
 @click.option("--show-examples", type=click.IntRange(0), default=5, show_default=True,
               help="Top examples printed per feature with --feature (--json has them all).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 @one_line_errors
 def features(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, features, sort, limit, show_examples,
              as_json) -> None:
@@ -285,7 +288,7 @@ def features(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, 
 @click.option("--reduce", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="A prompt's score per feature: max or mean over its tokens.")
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 @one_line_errors
 def search(sae_path, hook, overrides, target_file, baseline_file, text, focus, rank, reduce, top, as_json) -> None:
     """Find features: those that separate --target prompts from --baseline prompts
@@ -365,9 +368,10 @@ def search(sae_path, hook, overrides, target_file, baseline_file, text, focus, r
                    "default: every feature. The index always lists all.")
 @click.option("--show-examples", type=click.IntRange(1), default=10, show_default=True,
               help="Top examples on each card.")
+@json_option
 @one_line_errors
 def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, output, target_file, baseline_file,
-           cards, show_examples) -> None:
+           cards, show_examples, as_json) -> None:
     """Write one self-contained HTML file (works offline) about the SAE: run summary and
     training curves, density histogram, a sortable feature index and a card per feature
     with highlighted examples, activation histogram and promoted / suppressed tokens.
@@ -413,8 +417,15 @@ def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, ou
     info = build_report(stats, target.tokenizer, output, title=f"SAE features: {name} at {target.hook}",
                         sae_info=sae_info, summary=run_summary(target.folder, run_config_of(target.folder)),
                         columns=columns or None, column_help=help_ or None, cards=card_ids, examples=show_examples)
+    seconds = time.perf_counter() - start
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"path": str(info.path), "bytes": info.bytes, "features": info.features,
+                               "cards": info.cards, "build_seconds": round(seconds, 2)}))
+        return
     click.echo(f"report: {info.path} ({info.bytes / 2**20:.1f} MiB, {info.features:,} features in the index, "
-               f"{info.cards:,} cards, built in {time.perf_counter() - start:.1f} s); open it in a browser")
+               f"{info.cards:,} cards, built in {seconds:.1f} s); open it in a browser")
 
 
 
@@ -465,7 +476,7 @@ def _columns(left: str, right: str, width: int) -> list[str]:
 @edit_options
 @sampling_options
 @click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 @one_line_errors
 def generate(sae_path, hook, overrides, prompt, prompts_file, ablate, clamp, scale, steer, max_new_tokens,
              temperature, top_p, seed, samples, as_json) -> None:
@@ -543,7 +554,7 @@ def _describe_edit(e) -> str:
               help="Patched runs per forward pass.")
 @click.option("--svg", "svg_path", type=click.Path(path_type=Path), default=None,
               help="Write the heatmap here as a self-contained SVG image (opens in any browser).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 @one_line_errors
 def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, layer_spec, batch_size, svg_path,
           as_json) -> None:
@@ -625,7 +636,7 @@ def _metric(tokenizer, answer: str | None, wrong: str | None):
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
 @metric_options
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed per direction.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 @one_line_errors
 def attribute(sae_path, hook, overrides, prompt, prompts_file, answer, wrong, top, as_json) -> None:
     """Rank features by their effect on the next-token metric at the end of each prompt
@@ -686,7 +697,7 @@ def attribute(sae_path, hook, overrides, prompt, prompts_file, answer, wrong, to
               help="Tokens of neutral text for the KL cost (0 = skip it).")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
               help="Also write a small HTML page with the table, a chart and samples.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 @one_line_errors
 def fix_test_command(sae_path, hook, overrides, prompt, prompts_file, scorer_spec, threshold, ablate, clamp, scale,
                      steer, ablate_top, steer_top, contrast, answer, wrong, max_new_tokens, temperature, top_p, seed, samples,

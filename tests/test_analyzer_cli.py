@@ -99,6 +99,9 @@ def test_report_with_contrast_columns(sae_dir, tmp_path):
     assert "effect" in html and "AUROC" in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     cards = int(result.stdout.split(" cards")[0].rsplit(", ", 1)[1].replace(",", ""))
     assert 10 <= cards <= 20  # the 10 densest and the 10 top of the contrast, overlapping or not
+    again = json.loads(run("report", sae_dir, *FAST, "-o", out, "--cards", "3", "--json").stdout)
+    assert again["path"] == str(out) and again["bytes"] == out.stat().st_size and again["features"] == 1024
+    assert 3 == again["cards"]
 
 
 def test_report_bad_output_is_one_line(sae_dir, tmp_path):

@@ -105,9 +105,9 @@ def test_console_scripts_point_at_the_cli_functions():
     assert scripts["sae-analyze"].load() is cli.analyze
 
 
-def test_bad_devices_are_one_line():
+def test_bad_devices_are_one_line(tmp_path):
     for device, message in [("meta", "is not supported"), ("cuda:7", "no CUDA GPU"), ("banana", "is not a device")]:
-        result = CliRunner().invoke(cli.train, ["--set", f"model.device={device}"])
+        result = CliRunner().invoke(cli.train, ["--set", f"model.device={device}", "--set", f"output.root={tmp_path}"])
         assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
 
 
