@@ -136,10 +136,8 @@ class Examples:
         if feat.numel() == 0:
             return
         feats, col = feat.unique(return_inverse=True)                     # [F], [E]
-        dense = torch.full((B * T, feats.numel()), -math.inf, device=key.device, dtype=key.dtype)
-        dense[row, col] = key
-        new_keys, rows = dense.topk(min(S, B * T), dim=0)                  # [k, F]
-        slot = torch.cat([self.keys[feats], new_keys.t()], 1).topk(S, dim=1).indices  # [F, S]
+        new_keys, rows = _top_per_group(key, row, col, feats.numel(), S)   # [F, S] each
+        slot = torch.cat([self.keys[feats], new_keys], 1).topk(S, dim=1).indices  # [F, S]
         fresh = slot >= S
         kept_old = torch.zeros(feats.numel(), S + 1, dtype=torch.bool, device=slot.device)
         kept_old.scatter_(1, slot.clamp(max=S), True)
@@ -150,10 +148,10 @@ class Examples:
         i, j = (torch.arange(S, device=slot.device) < n_new[:, None]).nonzero(as_tuple=True)
         k = slot[i, fresh_at[i, j]] - S                                    # index into new_keys
         f, s = feats[i], evicted[i, j]
-        keep_key = new_keys.t()[i, k]
+        keep_key = new_keys[i, k]
         real = keep_key > -math.inf
         f, s, i, k, keep_key = f[real], s[real], i[real], k[real], keep_key[real]
-        r = rows.t()[i, k]                                                 # token row in the chunk
+        r = rows[i, k]                                                     # token row in the chunk
         ctx, pos = r // T, r % T
         win = pos[:, None] + torch.arange(-before, after + 1, device=pos.device)  # [E, W]
         inside = (win >= 0) & (win < T)
@@ -173,6 +171,27 @@ class Examples:
                         context=self.context.gather(1, order), position=self.position.gather(1, order),
                         window_tokens=self.window_tokens.gather(1, order[..., None].expand(-1, -1, W)),
                         window_acts=self.window_acts.gather(1, order[..., None].expand(-1, -1, W)))
+
+
+def _top_per_group(key: torch.Tensor, value: torch.Tensor, group: torch.Tensor, groups: int,
+                   S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The S largest keys of each group and their values: ([G, S] keys, -inf padded;
+    [G, S] values, 0 padded), largest first. key, value, group: [E].
+
+    Two stable sorts (by key, then by group) instead of a dense [tokens, features] top-k:
+    the work grows with the E firing entries, not with tokens x features.
+    """
+    order = key.argsort(descending=True, stable=True)
+    order = order[group[order].argsort(stable=True)]           # grouped, largest key first in each
+    g = group[order]
+    counts = torch.bincount(g, minlength=groups)
+    rank = torch.arange(g.numel(), device=g.device) - (counts.cumsum(0) - counts)[g]
+    take = rank < S
+    keys = torch.full((groups, S), -math.inf, device=key.device, dtype=key.dtype)
+    values = torch.zeros(groups, S, device=key.device, dtype=value.dtype)
+    keys[g[take], rank[take]] = key[order[take]]
+    values[g[take], rank[take]] = value[order[take]]
+    return keys, values
 
 
 @dataclass
