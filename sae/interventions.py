@@ -38,31 +38,28 @@ from sae.hooks import attach, resolve_hook
 
 
 @dataclass(frozen=True)
-class Ablate:
+class _OnFeatures:
+    """An edit of listed features; ``features`` may be given as one int or a sequence."""
+
     features: tuple[int, ...]
 
-    def __init__(self, features: Sequence[int] | int):
-        object.__setattr__(self, "features", _as_tuple(features))
+    def __post_init__(self):
+        object.__setattr__(self, "features", _as_tuple(self.features))
 
 
 @dataclass(frozen=True)
-class Clamp:
-    features: tuple[int, ...]
+class Ablate(_OnFeatures):
+    pass
+
+
+@dataclass(frozen=True)
+class Clamp(_OnFeatures):
     value: float
 
-    def __init__(self, features: Sequence[int] | int, value: float):
-        object.__setattr__(self, "features", _as_tuple(features))
-        object.__setattr__(self, "value", float(value))
-
 
 @dataclass(frozen=True)
-class Scale:
-    features: tuple[int, ...]
+class Scale(_OnFeatures):
     factor: float
-
-    def __init__(self, features: Sequence[int] | int, factor: float):
-        object.__setattr__(self, "features", _as_tuple(features))
-        object.__setattr__(self, "factor", float(factor))
 
 
 @dataclass(frozen=True)
