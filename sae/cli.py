@@ -102,7 +102,8 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
 @click.group(context_settings={"max_content_width": 120})
 def analyze() -> None:
     """Inspect models and trained SAEs: hook points, held-out metrics, what each feature
-    means (features, report) and which features lie behind a behaviour (search).
+    means (features, report), which features lie behind a behaviour (search, attribute,
+    patch), and editing them while the model writes (generate, fix-test).
 
     SAE arguments take an SAE folder (with cfg.json) or a run folder holding one SAE;
     the model, hook point and data come from the run's config.yaml or the SAE's
@@ -368,10 +369,12 @@ def search(sae_path, hook, overrides, target_file, baseline_file, text, focus, r
                    "default: every feature. The index always lists all.")
 @click.option("--show-examples", type=click.IntRange(1), default=10, show_default=True,
               help="Top examples on each card.")
+@click.option("--show-samples", type=click.IntRange(1), default=3, show_default=True,
+              help="Random samples per activation-quantile bin on each card.")
 @json_option
 @one_line_errors
 def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, output, target_file, baseline_file,
-           cards, show_examples, as_json) -> None:
+           cards, show_examples, show_samples, as_json) -> None:
     """Write one self-contained HTML file (works offline) about the SAE: run summary and
     training curves, density histogram, a sortable feature index and a card per feature
     with highlighted examples, activation histogram and promoted / suppressed tokens.
@@ -416,7 +419,8 @@ def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, ou
         str(target.folder.relative_to(run_config_of(target.folder).parent.parent))
     info = build_report(stats, target.tokenizer, output, title=f"SAE features: {name} at {target.hook}",
                         sae_info=sae_info, summary=run_summary(target.folder, run_config_of(target.folder)),
-                        columns=columns or None, column_help=help_ or None, cards=card_ids, examples=show_examples)
+                        columns=columns or None, column_help=help_ or None, cards=card_ids, examples=show_examples,
+                        samples_per_bin=show_samples)
     seconds = time.perf_counter() - start
     if as_json:
         import json

@@ -239,7 +239,17 @@ def pairs(first: torch.Tensor, second: torch.Tensor) -> list[list[list]]:
     return [[list(p) for p in zip(a, b)] for a, b in zip(first.tolist(), round_sig(second, 3).tolist())]
 
 
-def block_cards(stats: FeatureStats, features: list[int], examples: int, strings: StringTable) -> dict:
+def spread(group: list[int], k: int | None) -> list[int]:
+    """At most k items of ``group``, evenly spaced over it (its ends included)."""
+    if k is None or len(group) <= k:
+        return group
+    if k == 1:
+        return [group[len(group) // 2]]
+    return [group[round(i * (len(group) - 1) / (k - 1))] for i in range(k)]
+
+
+def block_cards(stats: FeatureStats, features: list[int], examples: int, strings: StringTable,
+                samples_per_bin: int | None = None) -> dict:
     """{str(f): card} for ``features`` (layout in the module docstring)."""
     fs = torch.tensor(features)
     # Decode this block's tokens first, so lookups in it are plain table reads.
@@ -251,7 +261,8 @@ def block_cards(stats: FeatureStats, features: list[int], examples: int, strings
     cards = {}
     for i, (f, hist) in enumerate(zip(features, histogram_runs(stats.hist[fs]))):
         cards[str(f)] = {"ex": top[i][:top_count[i]],
-                         "q": [[res[i][slot] for slot in group] for group in stats.quantile_samples(f)],
+                         "q": [[res[i][slot] for slot in spread(group, samples_per_bin)]
+                               for group in stats.quantile_samples(f)],
                          "h": hist}
     if stats.logits:
         for key, ids, values in (("lt", "top_ids", "top_values"), ("lb", "bottom_ids", "bottom_values")):
@@ -265,12 +276,12 @@ def block_cards(stats: FeatureStats, features: list[int], examples: int, strings
 
 
 def card_blocks(stats: FeatureStats, cards: list[int], examples: int, strings: StringTable,
-                progress: bool) -> list[tuple[int, str]]:
+                progress: bool, samples_per_bin: int | None = None) -> list[tuple[int, str]]:
     """[(block number, packed block)] for the blocks holding a card, in order."""
     by_block: dict[int, list[int]] = {}
     for f in cards:
         by_block.setdefault(f // BLOCK, []).append(f)
-    return [(n, _packed_block(block_cards(stats, feats, examples, strings)))
+    return [(n, _packed_block(block_cards(stats, feats, examples, strings, samples_per_bin)))
             for n, feats in tqdm(by_block.items(), desc="report cards", unit="block", disable=not progress)]
 
 
@@ -425,12 +436,13 @@ def page(title: str, body: str, data_scripts: str) -> str:
 def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: Path, *, title: str,
                  sae_info: dict, summary: dict | None = None, columns: dict[str, torch.Tensor] | None = None,
                  column_help: dict[str, str] | None = None, cards: Sequence[int] | None = None,
-                 examples: int = 10, progress: bool = True) -> ReportInfo:
+                 examples: int = 10, samples_per_bin: int | None = None, progress: bool = True) -> ReportInfo:
     """Write the dashboard of ``stats`` to ``path`` (atomically) and say what it holds.
 
     columns: extra index columns, name -> [M] values (e.g. contrast scores), with tooltips
     in ``column_help``; cards: the features that get a card (default all M); examples: top
-    examples per card."""
+    examples per card; samples_per_bin: quantile-bin samples per bin on a card (default
+    all; they are most of a card's bytes)."""
     path = Path(path)
     check_output_path(path, "--output")
     M = stats.num_features
@@ -443,7 +455,7 @@ def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: 
 
     strings = StringTable(tokenizer)
     data = index_data(stats, strings, columns)
-    blocks = card_blocks(stats, card_ids, examples, strings, progress)
+    blocks = card_blocks(stats, card_ids, examples, strings, progress, samples_per_bin)
     help_ = column_help or {}
     index = {"M": M, "block": BLOCK, "edges": round_sig(stats.hist_edges(), 4).tolist(),
              "cards": None if len(card_ids) == M else card_ids,

@@ -142,6 +142,18 @@ def test_cards_subset(stats_tok, tmp_path):
         build_report(stats, tok, tmp_path / "r2.html", title="t", sae_info={}, cards=[M], progress=False)
 
 
+def test_fewer_quantile_samples_are_spread_over_each_bin(stats_tok, tmp_path):
+    stats, tok = stats_tok
+    info = build_report(stats, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[3], samples_per_bin=2,
+                        progress=False)
+    card = decode_block(info.path.read_text(encoding="utf-8"), 0)["3"]
+    for shown, group in zip(card["q"], stats.quantile_samples(3)):
+        values = [stats.reservoir.values[3, s].item() for s in group]
+        assert len(shown) == min(2, len(group))
+        if len(group) >= 2:  # the bin's lowest and highest sample: its whole range stays visible
+            assert [ex[0] for ex in shown] == round_sig(torch.tensor([values[0], values[-1]]), 3).tolist()
+
+
 def test_without_logits_nearest_or_summary(stats_tok, tmp_path):
     stats, tok = stats_tok
     bare = type(stats)(**{**stats.__dict__, "logits": {}, "nearest": {}})
