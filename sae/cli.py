@@ -165,9 +165,9 @@ def stats_options(fn: Callable) -> Callable:
                         help="Tokens of data.dataset [data.split] to scan for statistics.")(fn)
 
 
-def _log(as_json: bool) -> Callable[[str], None]:
+def _log(line: str) -> None:
     """Progress lines go to stderr, so stdout holds only the answer (pure JSON with --json)."""
-    return lambda line: click.echo(line, err=True)
+    click.echo(line, err=True)
 
 
 def _load_stats(sae_path, hook, overrides, tokens, examples, cache_dir, recompute):
@@ -178,7 +178,7 @@ def _load_stats(sae_path, hook, overrides, tokens, examples, cache_dir, recomput
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
         raise ConfigError(f"--cache-dir: {str(cache_dir)!r} is a file, not a folder")
     target = open_target(sae_path, overrides, hook)
-    return target, cached_feature_stats(target, settings, cache_dir, recompute, log=_log(True))
+    return target, cached_feature_stats(target, settings, cache_dir, recompute, log=_log)
 
 
 def _show(text: str) -> str:
@@ -747,7 +747,7 @@ def fix_test_command(sae_path, hook, overrides, prompt, prompts_file, scorer_spe
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     scorer = load_scorer(scorer_spec)
     target = open_target(sae_path, overrides, hook)
-    log = _log(True)
+    log = _log
     if top:
         if contrast is not None:
             from sae.feature_search import contrast_search, read_prompts
@@ -806,7 +806,7 @@ def _neutral_contexts(target, neutral_file, tokens: int) -> list:
         return contexts
     d = target.cfg.data
     if d.eval_split is None:
-        _log(True)("no KL cost: data.eval_split is null and no --neutral file was given")
+        _log("no KL cost: data.eval_split is null and no --neutral file was given")
         return []
     from dataclasses import replace
 
