@@ -26,8 +26,9 @@ from sae.activations import contexts_for
 from sae.architectures import SparseAutoencoder, load_sae
 from sae.architectures.base import CONFIG_FILE, WEIGHTS_FILE
 from sae.config import RunConfig, load_config
+from sae.data import context_bos_id
 from sae.errors import ConfigError
-from sae.feature_stats import (FeatureStats, StatsSettings, check_feature, compute_feature_stats, load_feature_stats,
+from sae.feature_stats import (FeatureStats, StatsSettings, compute_feature_stats, load_feature_stats,
                                read_stats_info, save_feature_stats)
 from sae.hooks import ActivationCapture, resolve_hook
 from sae.logit_effects import logit_effects, nearest_features
@@ -57,8 +58,6 @@ class Target:
         flat = acts.reshape(-1, acts.shape[-1]).to(self.sae.W_dec.dtype)
         return self.sae.encode(flat).view(*acts.shape[:-1], -1)
 
-    def check_feature(self, f: int) -> int:
-        return check_feature(f, self.sae.cfg.num_latents)
 
 
 def find_sae_folder(path: Path) -> Path:
@@ -124,7 +123,7 @@ def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | Non
     device = next(model.parameters()).device
     sae = load_sae(folder, device=device)
     point = resolve_hook(model, hook)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = context_bos_id(tokenizer)
     width = ActivationCapture(model, [point]).run(input_ids=torch.tensor([[bos, bos]], device=device))[hook].shape[-1]
     if width != sae.cfg.d_in:
         raise ConfigError(f"SAE {str(folder)!r} takes inputs of width {sae.cfg.d_in}, but {hook} of "

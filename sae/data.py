@@ -148,6 +148,15 @@ def iter_token_documents(dataset: datasets.Dataset | datasets.IterableDataset, t
             yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+def context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that starts every context (and every prompt): BOS, or EOS for tokenizers
+    without one (GPT-2)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None or tokenizer.eos_token_id is None:
+        raise ConfigError("model.name_or_path: the tokenizer has neither a BOS nor an EOS token to mark contexts")
+    return bos
+
+
 def context_batches(dataset: datasets.Dataset | datasets.IterableDataset, tokenizer: PreTrainedTokenizerBase, *,
                     text_column: str = "text", context_tokens: int = 256, token_budget: int | None = None,
                     batch_contexts: int = 8, skip_contexts: int = 0) -> Iterator[torch.Tensor]:
@@ -157,9 +166,7 @@ def context_batches(dataset: datasets.Dataset | datasets.IterableDataset, tokeni
     skipped ones included) or when the data runs out. ``skip_contexts`` drops the first
     contexts, to resume an interrupted harvest where it stopped.
     """
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None or tokenizer.eos_token_id is None:
-        raise ConfigError("model.name_or_path: the tokenizer has neither a BOS nor an EOS token to mark contexts")
+    bos = context_bos_id(tokenizer)
     limit = None if token_budget is None else -(-token_budget // context_tokens)
     contexts = iter_packed(iter_token_documents(dataset, tokenizer, text_column), context_tokens, bos,
                            tokenizer.eos_token_id)

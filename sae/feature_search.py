@@ -31,7 +31,7 @@ from sae.analysis_target import Target
 from sae.config import read_yaml
 from sae.data import load_text_dataset
 from sae.errors import ConfigError
-from sae.generation import prompt_token_ids
+from sae.generation import pad_id, padded, prompt_token_ids
 from sae.harvest import max_context_tokens, special_token_ids
 from sae.hooks import ActivationCapture, resolve_hook
 
@@ -132,11 +132,6 @@ def _lookup(row: dict, keys: list[str]):
     return row
 
 
-def prompt_ids(target: Target, text: str) -> list[int]:
-    """BOS + the text's tokens (no special tokens), as the training contexts were built."""
-    return prompt_token_ids(target.tokenizer, text)
-
-
 @torch.no_grad()
 def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
                   progress: bool = False) -> list[torch.Tensor]:
@@ -145,20 +140,13 @@ def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
     MAX_PROMPT_TOKENS) are cut at the end."""
     tok = target.tokenizer
     limit = min(MAX_PROMPT_TOKENS, max_context_tokens(target.model) or MAX_PROMPT_TOKENS)
-    ids = [prompt_ids(target, p)[:limit] for p in prompts]
+    ids = [prompt_token_ids(tok, p)[:limit] for p in prompts]
     capture = ActivationCapture(target.model, [resolve_hook(target.model, target.hook)])
     special = special_token_ids(tok).to(target.device)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = []
     for start in tqdm(range(0, len(ids), batch_size), desc="prompts", disable=not progress):
         chunk = ids[start:start + batch_size]
-        T = max(len(i) for i in chunk)
-        batch = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        for row, i in enumerate(chunk):  # right padding: a causal model never looks at the pads
-            batch[row, :len(i)] = torch.tensor(i)
-            mask[row, :len(i)] = 1
-        batch, mask = batch.to(target.device), mask.to(target.device)
+        batch, mask = padded(chunk, pad_id(tok), target.device, left=False)
         acts = capture.run(input_ids=batch, attention_mask=mask)[target.hook]
         z = target.encode(acts).float()
         z = torch.where(torch.isin(batch, special)[..., None], 0.0, z)
@@ -250,7 +238,7 @@ def contrast_search(target: Target, prompts_a: Sequence[str], prompts_b: Sequenc
             raise ConfigError(f"{what}: none given")
     a = prompt_scores(target, prompts_a, reduce, batch_size, progress)
     b = prompt_scores(target, prompts_b, reduce, batch_size, progress)
-    tokens = tuple(sum(len(prompt_ids(target, p)) - 1 for p in ps) for ps in (prompts_a, prompts_b))
+    tokens = tuple(sum(len(prompt_token_ids(target.tokenizer, p)) - 1 for p in ps) for ps in (prompts_a, prompts_b))
     return contrast(a, b, reduce, tokens)
 
 
@@ -290,7 +278,7 @@ def features_in_text(target: Target, text: str, focus: str | None = None, top: i
     """The features that fire on ``text`` (or the tokens covering ``focus`` in it), strongest first."""
     if not text.strip():
         raise ConfigError("--text: empty; give the text to search")
-    ids = prompt_ids(target, text)
+    ids = prompt_token_ids(target.tokenizer, text)
     z = token_latents(target, [text])[0].cpu()  # [T, M]; shorter than ids if the text was cut
     positions = [p for p in focus_positions(target, text, focus) if p < z.shape[0]]
     ids = ids[:z.shape[0]]

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sae.data import context_bos_id
 from sae.errors import ConfigError
 
 
@@ -40,23 +41,26 @@ class Sampling:
             raise ConfigError(f"--top-p: {self.top_p} must be in (0, 1]")
 
 
-def bos_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """BOS + the text's tokens (no special tokens), as the training contexts were built."""
-    return [bos_id(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return [context_bos_id(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
-def left_padded(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, T], attention mask [B, T]) with every row padded on the left to the longest."""
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def padded(rows: Sequence[Sequence[int]], pad: int, device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T], attention mask [B, T]) with every row padded to the longest, on the left
+    (for generation: every prompt ends where decoding starts) or on the right (a causal
+    model never looks at trailing pads, so positions stay as if unpadded)."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = 1
+        span = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -67,7 +71,7 @@ def continuation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Token ids of ``samples`` continuations per prompt: [prompt][sample] -> ids (ending at
     EOS or ``max_new_tokens``; EOS not included)."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
     if sampling.temperature == 0:
@@ -82,7 +86,7 @@ def continuation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     rows = [prompt_token_ids(tokenizer, p) for p in prompts for _ in range(samples)]
     out: list[list[int]] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not progress):
-        ids, mask = left_padded(rows[start:start + batch_size], pad, device)
+        ids, mask = padded(rows[start:start + batch_size], pad, device, left=True)
         gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].tolist()
         for seq in gen:
             out.append(seq[:seq.index(eos)] if eos in seq else seq)

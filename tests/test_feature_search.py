@@ -9,8 +9,9 @@ import torch
 from sae.analysis_target import open_target
 from sae.config import SAEConfig
 from sae.errors import ConfigError
-from sae.feature_search import (auroc, contrast, contrast_search, features_in_text, prompt_ids, prompt_scores,
+from sae.feature_search import (auroc, contrast, contrast_search, features_in_text, prompt_scores,
                                 read_prompts, token_latents)
+from sae.generation import prompt_token_ids
 from sae.trainer import make_sae
 
 PROMPTS = "configs/prompts"
@@ -69,7 +70,7 @@ def test_batched_prompts_score_as_if_alone(tiny_target):
     together = token_latents(tiny_target, prompts, batch_size=3)
     for p, z in zip(prompts, together):
         alone = token_latents(tiny_target, [p], batch_size=1)[0]
-        assert z.shape[0] == len(prompt_ids(tiny_target, p))
+        assert z.shape[0] == len(prompt_token_ids(tiny_target.tokenizer, p))
         torch.testing.assert_close(z, alone, rtol=1e-4, atol=1e-5)
         assert (z[0] == 0).all()  # BOS never counts
     scores = prompt_scores(tiny_target, prompts, "mean")
@@ -112,7 +113,7 @@ def test_contrast_on_the_demo_finds_the_concept_feature(demo_sae_run):
         hits = 0
         for p, z in zip(a, latents):
             i = int(z[:, f].argmax())
-            hits += z[i, f] > 0 and target.tokenizer.decode([prompt_ids(target, p)[i]]).endswith(CONCEPT)
+            hits += z[i, f] > 0 and target.tokenizer.decode([prompt_token_ids(target.tokenizer, p)[i]]).endswith(CONCEPT)
         return hits / len(a)
 
     top3 = result.ranking("effect")[:3]
