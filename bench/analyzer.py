@@ -49,7 +49,7 @@ from pathlib import Path
 import click
 import torch
 
-from sae.architectures import load_sae
+from sae.formats import load_sae
 from sae.config import ModelConfig, SAEConfig
 from sae.data import context_batches, load_text_dataset
 from sae.feature_stats import (HIST_BINS, Examples, FeatureStats, StatsAccumulator, StatsSettings,

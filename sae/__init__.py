@@ -17,7 +17,9 @@ __version__ = "0.1.0"
 
 # name -> module that defines it
 _API = {
-    "load_sae": "sae.architectures",
+    "load_sae": "sae.formats",
+    "read_sae": "sae.formats",
+    "convert": "sae.formats",
     "open_target": "sae.analysis_target",
     "cached_feature_stats": "sae.analysis_target",
     "StatsSettings": "sae.feature_stats",

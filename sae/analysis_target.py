@@ -4,11 +4,11 @@ describes it, and its cached feature statistics.
     target = open_target("checkpoints/demo")          # a run folder with one SAE, or an SAE folder
     stats = cached_feature_stats(target, StatsSettings(tokens=500_000))
 
-The model, hook and data come from the run's ``config.yaml`` when the SAE sits in a run
-folder (``<run>/<hook>/`` or ``<run>/<hook>/<variant>/``), else from the SAE's cfg.json
-metadata (``model_name``, ``hook_name``, ``dataset_path``, ``context_size``); ``--set``
-overrides change either. An SAE whose width does not match its hook is refused before
-any slow work.
+The SAE may be ours, SAELens's or sparsify's (``sae.formats``), local or on the hub. The
+model, hook and data come from the run's ``config.yaml`` when one of our SAEs sits in a run
+folder (``<run>/<hook>/`` or ``<run>/<hook>/<variant>/``), else from what the SAE's files
+say (model, hook point, dataset, context length); ``--set`` overrides change either. An
+SAE whose width does not match its hook is refused before any slow work.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations import contexts_for
-from sae.architectures import SparseAutoencoder, load_sae
-from sae.architectures.base import CONFIG_FILE, WEIGHTS_FILE
+from sae.architectures import SparseAutoencoder
+from sae.architectures.base import CONFIG_FILE
 from sae.config import RunConfig, load_config
 from sae.data import context_bos_id
 from sae.errors import ConfigError
+from sae.formats import NATIVE, StoredSAE, build_sae, find_sae_folder, read_sae
+from sae.formats.hook_names import to_ours
 from sae.feature_stats import (FeatureStats, StatsSettings, compute_feature_stats, load_feature_stats,
                                read_stats_info, save_feature_stats)
 from sae.hooks import ActivationCapture, resolve_hook
@@ -48,6 +50,8 @@ class Target:
     cfg: RunConfig
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+    weights: Path          # the SAE's weights file (identifies cached statistics)
+    format: str            # the format its files are in (sae.formats.FORMATS)
 
     @property
     def device(self) -> torch.device:
@@ -60,24 +64,6 @@ class Target:
 
 
 
-def find_sae_folder(path: Path) -> Path:
-    """``path`` itself if it holds an SAE (cfg.json), else the one SAE in the run folder ``path``."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if not path.is_dir():
-        raise ConfigError(f"SAE: {str(path)!r} does not exist; give an SAE folder (with {CONFIG_FILE}) or a run folder")
-    found = sorted(p.parent for p in path.rglob(CONFIG_FILE) if "state" not in p.relative_to(path).parts)
-    if not found:
-        raise ConfigError(f"SAE: no SAE in {str(path)!r}; expected {CONFIG_FILE} and {WEIGHTS_FILE} in it "
-                          "or in a sub-folder")
-    if len(found) > 1:
-        names = ", ".join(str(p.relative_to(path)) for p in found)
-        raise ConfigError(f"SAE: {str(path)!r} holds {len(found)} SAEs ({names}); name one, e.g. "
-                          f"{found[0]}")
-    return found[0]
-
-
 def run_config_of(folder: Path) -> Path | None:
     """The config.yaml of the run an SAE folder belongs to, if any (one or two levels up)."""
     for up in (folder.parent, folder.parent.parent):
@@ -86,55 +72,52 @@ def run_config_of(folder: Path) -> Path | None:
     return None
 
 
-def analysis_config(folder: Path, overrides: Iterable[str] = ()) -> tuple[RunConfig, dict]:
-    """(config, cfg.json metadata) for the SAE in ``folder``."""
-    try:
-        meta = json.loads((folder / CONFIG_FILE).read_text()).get("metadata", {}) or {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{folder / CONFIG_FILE}: cannot read ({e})") from None
-    run_config = run_config_of(folder)
+def analysis_config(stored: StoredSAE, overrides: Iterable[str] = ()) -> RunConfig:
+    """The config whose model and data sections describe the SAE: its run's config.yaml,
+    else one built from its metadata (model, dataset, split, text column, context length)."""
+    run_config = run_config_of(stored.folder) if stored.format == NATIVE else None
     if run_config is not None:
-        return load_config(run_config, overrides), meta
-    base = []
-    if meta.get("model_name"):
-        base.append(f"model.name_or_path={meta['model_name']}")
-    if meta.get("dataset_path"):
-        base.append(f"data.dataset={meta['dataset_path']}")
-    if meta.get("context_size"):
-        base.append(f"data.context_tokens={int(meta['context_size'])}")
-    return load_config(None, [*base, *overrides]), meta
+        return load_config(run_config, overrides)
+    meta = stored.metadata
+    keys = {"model_name": "model.name_or_path", "dataset_path": "data.dataset", "dataset_split": "data.split",
+            "text_column": "data.text_column", "context_size": "data.context_tokens"}
+    base = [f"{key}={meta[field]}" for field, key in keys.items() if meta.get(field)]
+    return load_config(None, [*base, *overrides])
 
 
 def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | None = None,
                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> Target:
-    """Load the SAE at ``path`` (SAE or run folder) with its model, checked against its hook.
+    """Load the SAE at ``path`` (an SAE folder in any format, a run folder holding one, or a
+    hub id with a subfolder) with its model, checked against its hook.
 
-    hook: the hook point, if the SAE's metadata does not name it (or to override it).
+    hook: the hook point, if the SAE's files do not name one (or to override it).
     model, tokenizer: an already loaded model to use instead of loading the config's.
     """
-    folder = find_sae_folder(Path(path))
-    cfg, meta = analysis_config(folder, overrides)
-    hook = hook or meta.get("hook_name")
+    stored = read_sae(find_sae_folder(path))
+    cfg = analysis_config(stored, overrides)
+    hook = (to_ours(hook) or hook) if hook else stored.hook   # --hook may be SAELens's or sparsify's name
     if not hook:
-        raise ConfigError(f"{folder / CONFIG_FILE}: names no hook point (metadata.hook_name); pass --hook, "
-                          "e.g. --hook layers.12")
+        theirs = (stored.metadata.get("source") or {}).get("hook_name")
+        said = (f"names the hook point {theirs!r}, which has no equivalent here" if theirs
+                else "names no hook point (metadata.hook_name)")
+        raise ConfigError(f"{stored.folder / CONFIG_FILE}: {said}; pass --hook, e.g. --hook layers.12")
     if model is None:
         model, tokenizer = load_model(cfg.model)
     device = next(model.parameters()).device
-    sae = load_sae(folder, device=device)
+    sae = build_sae(stored, device=device)
     point = resolve_hook(model, hook)
     bos = context_bos_id(tokenizer)
     width = ActivationCapture(model, [point]).run(input_ids=torch.tensor([[bos, bos]], device=device))[hook].shape[-1]
     if width != sae.cfg.d_in:
-        raise ConfigError(f"SAE {str(folder)!r} takes inputs of width {sae.cfg.d_in}, but {hook} of "
+        raise ConfigError(f"SAE {str(stored.folder)!r} takes inputs of width {sae.cfg.d_in}, but {hook} of "
                           f"{cfg.model.name_or_path} has width {width}; is it the SAE of another model or hook?")
-    return Target(sae=sae, folder=folder, hook=hook, cfg=cfg, model=model, tokenizer=tokenizer)
+    return Target(sae=sae, folder=stored.folder, hook=hook, cfg=cfg, model=model, tokenizer=tokenizer,
+                  weights=stored.weights, format=stored.format)
 
 
 def stats_identity(target: Target, settings: StatsSettings) -> dict:
     """Everything that decides a statistics file's content."""
-    weights = target.folder / WEIGHTS_FILE
-    st = weights.stat()
+    st = target.weights.stat()
     d = target.cfg.data
     return {"sae": {"folder": str(target.folder.resolve()), "weights_bytes": st.st_size,
                     "weights_mtime_ns": st.st_mtime_ns, "cfg": (target.folder / CONFIG_FILE).read_text()},

@@ -105,9 +105,10 @@ def analyze() -> None:
     means (features, report), which features lie behind a behaviour (search, attribute,
     patch), and editing them while the model writes (generate, fix-test).
 
-    SAE arguments take an SAE folder (with cfg.json) or a run folder holding one SAE;
-    the model, hook point and data come from the run's config.yaml or the SAE's
-    metadata, and --set changes them (e.g. --set data.split=test)."""
+    SAE arguments take an SAE folder in our, SAELens's or sparsify's format, a run folder
+    holding one SAE, or a hub repo id with a subfolder (EleutherAI/sae-llama-3-8b-32x/layers.10).
+    The model, hook point and data come from the run's config.yaml or the SAE's files, and
+    --set changes them (e.g. --set data.split=test). convert rewrites SAEs in another format."""
 
 
 @analyze.command()
@@ -127,17 +128,45 @@ def layers(config: Path | None, overrides: tuple[str, ...]) -> None:
 
 
 @analyze.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", metavar="RUN_DIR")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Change the run's config for this evaluation, e.g. --set data.eval_tokens=200000.")
 @one_line_errors
 def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
     """Held-out metrics of a trained run's SAEs: FVU, L0, dead and dense fractions, and CE
     loss recovered, delta LM loss and KL with each SAE spliced into the model. Printed as a
-    table and written to metrics.json beside each SAE."""
+    table and written to metrics.json beside each SAE. RUN_DIR may also be any SAE folder
+    or a SAELens or sparsify run, local or on the hub."""
     from sae.run import evaluate_saved_run
 
     evaluate_saved_run(run_dir, overrides, log=click.echo)
+
+
+@analyze.command()
+@click.argument("src", metavar="SRC")
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["sae", "saelens", "sparsify"]), required=True,
+              help="Format to write: sae (ours), saelens, or sparsify (TopK SAEs only; one folder per hook point).")
+@click.option("--hook", default=None, metavar="HOOK",
+              help="Hook point to record, for SAEs whose files name none (e.g. layers.12).")
+@click.option("--overwrite", is_flag=True, help="Write into DST even if it exists and is not empty.")
+@one_line_errors
+def convert(src: str, dst: Path, fmt: str, hook: str | None, overwrite: bool) -> None:
+    """Rewrite the SAE (or every SAE of the run) at SRC in another format under DST.
+
+    SRC is an SAE folder or run in any format, or a hub repo id with a subfolder. One SAE
+    is written to DST itself, a run's SAEs to sub-folders of the same names; sparsify
+    names each SAE's folder after its hook point (DST/layers.10/). Our files converted to
+    SAELens or sparsify and back are the same files, tensors bit for bit.
+
+    \b
+        python analyze.py convert checkpoints/demo demo-saelens --format saelens
+        python analyze.py convert EleutherAI/sae-llama-3-8b-32x/layers.10 llama-l10 --format sae
+    """
+    from sae.formats import convert as convert_saes
+    from sae.formats.hook_names import to_ours
+
+    convert_saes(src, dst, fmt, hook=(to_ours(hook) or hook) if hook else None, overwrite=overwrite, log=click.echo)
 
 
 # ---- the analyzer: features, search, report ---------------------------------------------
@@ -385,7 +414,8 @@ def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, ou
     """
     import time
 
-    from sae.analysis_target import find_sae_folder, run_config_of
+    from sae.analysis_target import run_config_of
+    from sae.formats import find_sae_folder
     from sae.feature_search import contrast_search, read_prompts
     from sae.atomic_io import check_output_path
     from sae.report import build_report, run_summary
@@ -410,7 +440,8 @@ def report(sae_path, hook, overrides, tokens, examples, cache_dir, recompute, ou
         dense = stats.density.argsort(descending=True).tolist()
         card_ids = sorted(set(ranked[:cards]) | set(dense[:cards]))
     cfg = target.sae.cfg
-    sae_info = {"SAE": str(target.folder), "model": target.cfg.model.name_or_path, "hook": target.hook,
+    sae_info = {"SAE": str(target.folder), "format": target.format, "model": target.cfg.model.name_or_path,
+                "hook": target.hook,
                 "architecture": target.sae.architecture, "features": cfg.num_latents, "d_in": cfg.d_in,
                 **({"k": cfg.k} if hasattr(cfg, "k") else {}),
                 "data": f"{target.cfg.data.dataset} [{target.cfg.data.split}]"}

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations import activation_batches, contexts_for, make_harvester
-from sae.architectures import SparseAutoencoder, load_sae
+from sae.architectures import SparseAutoencoder
 from sae.architectures.base import CONFIG_FILE
 from sae.atomic_io import existing_folder, write_text_atomic
 from sae.checkpoint import STATE_DIR, load_checkpoint, remove_checkpoint, resumable_config, save_checkpoint
@@ -103,43 +103,51 @@ def evaluate_run(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTo
     return results
 
 
-def saved_saes(run_dir: Path) -> dict[str, Path]:
-    """{name: folder} of the SAEs a run saved: every folder under it with a cfg.json."""
-    found = {str(p.parent.relative_to(run_dir)): p.parent for p in sorted(run_dir.rglob(CONFIG_FILE))}
-    return {name: folder for name, folder in found.items() if not name.startswith((STATE_DIR, "."))}
+def evaluate_saved_run(path: str | Path, overrides: Iterable[str] = (), log: Callable[[str], None] = print) -> dict:
+    """Held-out metrics of saved SAEs, printed and written to metrics.json beside each.
 
-
-def evaluate_saved_run(run_dir: Path, overrides: Iterable[str] = (), log: Callable[[str], None] = print) -> dict:
-    """Held-out metrics of a finished run's SAEs, printed and written to metrics.json.
-
-    overrides: ``KEY=VALUE`` changes to the run's config, e.g. data.eval_tokens=200000.
+    path: one of our run folders (its config.yaml gives model and data), or any SAE folder or
+    run of SAELens or sparsify SAEs, local or on the hub (their files give model, data and
+    hook points). overrides: ``KEY=VALUE`` changes to that config, e.g. data.eval_tokens=200000.
     """
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is not a run folder (it has no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    from sae.analysis_target import analysis_config
+    from sae.formats import build_sae, read_sae, sae_folders
+    from sae.hub import resolve_sae_path
+
+    root = resolve_sae_path(path)
+    folders = sae_folders(root) if root.is_dir() else {}
+    if not folders:
+        raise ConfigError(f"RUN_DIR: no saved SAEs in {str(path)!r} (folders with cfg.json and weights)")
+    stored = {(folder.name if name == "." else name): read_sae(folder) for name, folder in folders.items()}
+    if (root / "config.yaml").is_file():
+        cfg = load_config(root / "config.yaml", overrides)
+        hook_of = {name: sae_hook(s, cfg) for name, s in stored.items()}
+    else:
+        missing = [name for name, s in stored.items() if not s.hook]
+        if missing:
+            raise ConfigError(f"{stored[missing[0]].folder}: names no hook point we can map; evaluate it with "
+                              "analyze.py features --hook ... instead")
+        hook_of = {name: s.hook for name, s in stored.items()}
+        hooks = sorted(set(hook_of.values()), key=lambda h: (int(h.split(".")[1]), h))
+        cfg = analysis_config(next(iter(stored.values())), [f"hooks=[{','.join(hooks)}]", *overrides])
     if cfg.data.eval_split is None:
         raise ConfigError("data.eval_split: null; name the held-out split, e.g. --set data.eval_split=test")
-    folders = saved_saes(run_dir)
-    if not folders:
-        raise ConfigError(f"RUN_DIR: no saved SAEs in {str(run_dir)!r} (folders with cfg.json)")
     model, tokenizer = load_model(cfg.model)
     device = next(model.parameters()).device
-    saes = {name: load_sae(folder, device=device) for name, folder in folders.items()}
-    hook_of = {name: sae_hook(folder, cfg) for name, folder in folders.items()}
+    saes = {name: build_sae(s, device=device) for name, s in stored.items()}
     results = evaluate_run(cfg, model, tokenizer, saes, hook_of)
     print_metrics(results, cfg.data.eval_split, log)
     for name, r in results.items():
-        write_text_atomic(folders[name] / "metrics.json", json.dumps(r, indent=1) + "\n")
+        write_text_atomic(stored[name].folder / "metrics.json", json.dumps(r, indent=1) + "\n")
     return results
 
 
-def sae_hook(folder: Path, cfg: RunConfig) -> str:
-    """The hook point an SAE folder was trained on (its cfg.json metadata), one of cfg.hooks."""
-    hook = json.loads((folder / CONFIG_FILE).read_text()).get("metadata", {}).get("hook_name")
-    if hook not in cfg.hooks:
-        raise ConfigError(f"{folder / CONFIG_FILE}: metadata.hook_name {hook!r} is not one of the run's hooks "
-                          f"({', '.join(cfg.hooks)})")
-    return hook
+def sae_hook(stored, cfg: RunConfig) -> str:
+    """The hook point one of a run's SAEs was trained on (its cfg.json metadata), one of cfg.hooks."""
+    if stored.hook not in cfg.hooks:
+        raise ConfigError(f"{stored.folder / CONFIG_FILE}: metadata.hook_name {stored.hook!r} is not one of the "
+                          f"run's hooks ({', '.join(cfg.hooks)})")
+    return stored.hook
 
 
 def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> None:

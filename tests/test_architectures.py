@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from sae.architectures import TopKConfig, TopKSAE, load_sae
+from sae.architectures import TopKConfig, TopKSAE
+from sae.formats import load_sae
 from sae.architectures.base import CONFIG_FILE, WEIGHTS_FILE
 from sae.errors import ConfigError
 
@@ -66,8 +67,11 @@ def test_bad_folders_are_one_line(tmp_path):
     (tmp_path / "s" / CONFIG_FILE).write_text(json.dumps({**cfg, "architecture": "magic"}))
     with pytest.raises(ConfigError, match="architecture 'magic' is not one of topk"):
         load_sae(tmp_path / "s")
-    with pytest.raises(ConfigError, match="not a readable SAE config"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_sae(tmp_path / "missing")
+    (tmp_path / "s" / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable SAE config"):
+        load_sae(tmp_path / "s")
 
 
 ALL = ["topk", "batchtopk", "relu", "jumprelu"]

@@ -117,34 +117,75 @@ class SparseAutoencoder(nn.Module):
         for name in ("W_dec", "b_enc", "b_dec"):
             getattr(self, name).copy_(tensors[name])
 
+    def native_cfg(self, metadata: dict | None = None) -> dict:
+        """The cfg.json of this SAE in our format: architecture, its config fields, and the
+        keys SAELens also reads (d_sae, apply_b_dec_to_input, dtype, metadata)."""
+        return {"architecture": self.architecture, **asdict(self.cfg), "d_sae": self.cfg.num_latents,
+                "apply_b_dec_to_input": self.apply_b_dec_to_input,
+                "dtype": str(self.W_dec.dtype).removeprefix("torch."), "metadata": metadata or {}}
+
     def save(self, folder: str | Path, metadata: dict | None = None) -> None:
         """Write cfg.json + sae_weights.safetensors into ``folder``, replacing it whole."""
-        cfg = {"architecture": self.architecture, **asdict(self.cfg), "d_sae": self.cfg.num_latents,
-               "apply_b_dec_to_input": self.apply_b_dec_to_input,
-               "dtype": str(self.W_dec.dtype).removeprefix("torch."), "metadata": metadata or {}}
-
-        def fill(tmp: Path) -> None:
-            save_file({k: v.contiguous().cpu() for k, v in self.disk_tensors().items()}, str(tmp / WEIGHTS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
-
-        replace_folder_atomic(Path(folder), fill)
+        write_sae_folder(Path(folder), {CONFIG_FILE: self.native_cfg(metadata)}, {WEIGHTS_FILE: self.disk_tensors()})
 
     @classmethod
-    def load_folder(cls, folder: Path, cfg: dict, device, dtype) -> SparseAutoencoder:
+    def from_stored(cls, cfg: dict, tensors: dict[str, torch.Tensor], where: str,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
+        """The SAE that a cfg.json in our format and its tensors (``disk_tensors`` names and
+        layouts) describe, as ``dtype`` on ``device``. ``where`` names the files in errors.
+
+        ``apply_b_dec_to_input`` is read from cfg: SAEs trained elsewhere may differ from
+        this architecture's recipe (a SAELens ReLU SAE usually subtracts b_dec).
+        """
         fields = {f: cfg[f] for f in cls.Config.__dataclass_fields__ if f in cfg}
         try:
             sae = cls(cls.Config(**fields), device=device, dtype=dtype)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"{folder / CONFIG_FILE}: not a valid {cls.architecture} SAE config ({e})") from None
-        try:
-            tensors = load_file(str(folder / WEIGHTS_FILE))
-        except (OSError, SafetensorError) as e:
-            raise ConfigError(f"{folder / WEIGHTS_FILE}: cannot read SAE weights ({e})") from None
+            raise ConfigError(f"{where}: not a valid {cls.architecture} SAE config ({e})") from None
         for name, t in sae.disk_tensors().items():
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != tuple(t.shape):
-                raise ConfigError(f"{folder / WEIGHTS_FILE}: {name} has shape {got}, cfg.json says {tuple(t.shape)}")
+                raise ConfigError(f"{where}: {name} has shape {got}, cfg.json says {tuple(t.shape)}")
+            if not tensors[name].is_floating_point():
+                raise ConfigError(f"{where}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')}; "
+                                  "SAE weights must be float32, bfloat16, float16 or float64")
             if not torch.isfinite(tensors[name]).all():
-                raise ConfigError(f"{folder / WEIGHTS_FILE}: {name} holds NaN or inf; the file is damaged")
+                raise ConfigError(f"{where}: {name} holds NaN or inf; the file is damaged")
         sae.load_disk_tensors(tensors)
+        apply = bool(cfg.get("apply_b_dec_to_input", cls.apply_b_dec_to_input))
+        if apply != cls.apply_b_dec_to_input:
+            sae.apply_b_dec_to_input = apply
         return sae
+
+
+def write_sae_folder(folder: Path, json_files: dict[str, dict], tensor_files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Replace ``folder`` whole, atomically, by these JSON and safetensors files."""
+    def fill(tmp: Path) -> None:
+        for name, tensors in tensor_files.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        for name, doc in json_files.items():
+            (tmp / name).write_text(json.dumps(doc, indent=1) + "\n")
+
+    try:
+        replace_folder_atomic(folder, fill)
+    except OSError as e:
+        raise ConfigError(f"cannot write the SAE folder {str(folder)!r}: {e.strerror}") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; one line naming the file if it is missing or broken."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a readable SAE config ({e})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: not a readable SAE config (a JSON object was expected)")
+    return doc
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; one line naming the file if it cannot be read."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"{path}: cannot read SAE weights ({e})") from None

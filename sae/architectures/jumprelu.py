@@ -122,4 +122,6 @@ class JumpReLUSAE(SparseAutoencoder):
     def load_disk_tensors(self, tensors):
         super().load_disk_tensors(tensors)
         with torch.no_grad():
-            self.log_threshold.copy_(tensors["threshold"].log())
+            # relu(pre) * (pre > t) with t <= 0 is relu(pre): a threshold of 0 means the same,
+            # and this activation (pre * (pre > t)) needs t >= 0 to match.
+            self.log_threshold.copy_(tensors["threshold"].clamp(min=0).log())
