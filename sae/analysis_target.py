@@ -28,7 +28,7 @@ from sae.architectures.base import CONFIG_FILE
 from sae.config import RunConfig, load_config
 from sae.data import context_bos_id
 from sae.errors import ConfigError
-from sae.formats import NATIVE, StoredSAE, build_sae, find_sae_folder, read_sae
+from sae.formats import NATIVE, StoredSAE, build_sae, find_sae_folder, parse_dtype, read_sae
 from sae.formats.hook_names import to_ours
 from sae.feature_stats import (FeatureStats, StatsSettings, compute_feature_stats, load_feature_stats,
                                read_stats_info, save_feature_stats)
@@ -86,13 +86,16 @@ def analysis_config(stored: StoredSAE, overrides: Iterable[str] = ()) -> RunConf
 
 
 def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | None = None,
-                model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> Target:
+                model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                sae_dtype: str = "float32") -> Target:
     """Load the SAE at ``path`` (an SAE folder in any format, a run folder holding one, or a
     hub id with a subfolder) with its model, checked against its hook.
 
     hook: the hook point, if the SAE's files do not name one (or to override it).
     model, tokenizer: an already loaded model to use instead of loading the config's.
+    sae_dtype: what the SAE computes in (float32, bfloat16, float16, float64).
     """
+    dtype = parse_dtype(sae_dtype)
     stored = read_sae(find_sae_folder(path))
     cfg = analysis_config(stored, overrides)
     hook = (to_ours(hook) or hook) if hook else stored.hook   # --hook may be SAELens's or sparsify's name
@@ -104,7 +107,7 @@ def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | Non
     if model is None:
         model, tokenizer = load_model(cfg.model)
     device = next(model.parameters()).device
-    sae = build_sae(stored, device=device)
+    sae = build_sae(stored, device=device, dtype=dtype)
     point = resolve_hook(model, hook)
     bos = context_bos_id(tokenizer)
     width = ActivationCapture(model, [point]).run(input_ids=torch.tensor([[bos, bos]], device=device))[hook].shape[-1]

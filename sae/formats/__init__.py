@@ -97,7 +97,7 @@ def dtype_label(dtype: torch.dtype) -> str:
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
-        raise ConfigError(f"--dtype: {name!r} is not one of {', '.join(_DTYPES)}")
+        raise ConfigError(f"--sae-dtype: {name!r} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[name]
 
 
