@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from sae.errors import ConfigError
 from sae.formats import convert, find_sae_folder, load_sae, parse_dtype, read_sae
 from sae.formats.hook_names import to_module_path, to_ours, to_transformer_lens
+from test_architectures import random_sae
 
 D, M = 12, 40
 
@@ -187,19 +188,8 @@ def test_sparsify_num_latents_zero_means_expansion_factor(tmp_path):
 # ---- round trips -------------------------------------------------------------------
 
 def trained_like(arch: str, seed: int = 0):
-    """One of our SAEs, with random (not freshly initialised) weights."""
-    from sae.config import load_config
-    from sae.trainer import make_sae
-
-    extra = ["sae.k=4"] if "topk" in arch else []
-    sae = make_sae(load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", *extra]).sae, D)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-        if arch == "batchtopk":
-            sae.threshold.fill_(0.05)
-    return sae
+    """One of our SAEs (d = D, M latents), with random (not freshly initialised) weights."""
+    return random_sae(arch, d=D, M=M, seed=seed)
 
 
 def same_files(a: Path, b: Path) -> None:

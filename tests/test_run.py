@@ -43,7 +43,7 @@ def test_evaluate_measures_a_saved_run_again_with_other_settings(tmp_path):
 
 
 def test_evaluate_refusals_are_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="is not a run folder"):
+    with pytest.raises(ConfigError, match="no saved SAEs in"):
         evaluate_saved_run(tmp_path)
     run_dir = train_run(small_run(tmp_path, "r", "data.eval_split=null"), log=lambda s: None)
     with pytest.raises(ConfigError, match="data.eval_split: null"):

@@ -61,13 +61,15 @@ def saelens_cfg(native: dict) -> dict:
                           f"these do: {', '.join(FROM_OURS)}")
     meta = native.get("metadata") or {}
     hook = meta.get("hook_name")
+    # a hook with no name of ours (read from a SAELens file) goes back under its own name
+    their_hook = to_transformer_lens(hook) if hook else (meta.get("source") or {}).get("hook_name")
     cfg = {"architecture": arch, "d_in": native["d_in"], "d_sae": native["num_latents"], "dtype": native["dtype"],
            "device": "cpu", "apply_b_dec_to_input": bool(native["apply_b_dec_to_input"]),
            "normalize_activations": "none", "reshape_activations": "none"}
     if arch == "topk":
         cfg.update(k=native["k"], rescale_acts_by_decoder_norm=False)
     cfg["metadata"] = {
-        "model_name": meta.get("model_name"), "hook_name": to_transformer_lens(hook) if hook else None,
+        "model_name": meta.get("model_name"), "hook_name": their_hook,
         "hook_head_index": None, "context_size": meta.get("context_size"), "prepend_bos": True,
         "dataset_path": meta.get("dataset_path"),
         # SAELens reads configs without a version >= 6 as old flat ones and would drop this block
