@@ -283,6 +283,10 @@ def test_bad_folders_and_files_are_refused_in_one_line(tmp_path):
     write_saelens(tmp_path / "ints", saelens_cfg("standard"), {**saelens_tensors("standard"),
                                                                "b_dec": torch.zeros(D, dtype=torch.int32)})
     refused(tmp_path / "ints", "b_dec holds int32; SAE weights must be float32")
+    nan = saelens_tensors("jumprelu")
+    nan["threshold"][3] = float("nan")
+    write_saelens(tmp_path / "nan", saelens_cfg("jumprelu"), nan)
+    refused(tmp_path / "nan", "threshold holds NaN or inf; the file is damaged")
     write_saelens(tmp_path / "ln", saelens_cfg("standard", normalize_activations="layer_norm"), saelens_tensors("standard"))
     refused(tmp_path / "ln", "normalize_activations 'layer_norm' .* is not supported")
     write_saelens(tmp_path / "avg", saelens_cfg("standard", normalize_activations="expected_average_only_in"),

@@ -61,7 +61,10 @@ class SparseAutoencoder(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Decoder rows random directions of norm ``init_decoder_norm``, encoder = decoder
-        times ``init_encoder_scale`` (transpose init), biases zero."""
+        times ``init_encoder_scale`` (transpose init), biases zero. A module on the meta
+        device (built to be loaded, see ``from_stored``) is left alone."""
+        if self.W_dec.is_meta:
+            return
         with torch.no_grad():
             W = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
             self.W_dec.copy_(nn.functional.normalize(W, dim=1) * self.init_decoder_norm)
@@ -138,8 +141,8 @@ class SparseAutoencoder(nn.Module):
         this architecture's recipe (a SAELens ReLU SAE usually subtracts b_dec).
         """
         fields = {f: cfg[f] for f in cls.Config.__dataclass_fields__ if f in cfg}
-        try:
-            sae = cls(cls.Config(**fields), device=device, dtype=dtype)
+        try:  # built on the meta device: no random init of weights that are overwritten next
+            sae = cls(cls.Config(**fields), device="meta", dtype=dtype)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ConfigError(f"{where}: not a valid {cls.architecture} SAE config ({e})") from None
         for name, t in sae.disk_tensors().items():
@@ -149,9 +152,11 @@ class SparseAutoencoder(nn.Module):
             if not tensors[name].is_floating_point():
                 raise ConfigError(f"{where}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')}; "
                                   "SAE weights must be float32, bfloat16, float16 or float64")
-            if not torch.isfinite(tensors[name]).all():
-                raise ConfigError(f"{where}: {name} holds NaN or inf; the file is damaged")
+        sae = sae.to_empty(device=device)
         sae.load_disk_tensors(tensors)
+        for name, t in sae.disk_tensors().items():  # checked where it is fast: in dtype, on device
+            if not torch.isfinite(t).all():
+                raise ConfigError(f"{where}: {name} holds NaN or inf; the file is damaged")
         apply = bool(cfg.get("apply_b_dec_to_input", cls.apply_b_dec_to_input))
         if apply != cls.apply_b_dec_to_input:
             sae.apply_b_dec_to_input = apply
