@@ -133,7 +133,7 @@ def _row_dots(grad: torch.Tensor, W: torch.Tensor, codes: Codes) -> torch.Tensor
 
 
 class FusedTopKLoss(torch.autograd.Function):
-    """loss, fvu, fires, min_active = FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace)
+    """loss, fvu, fires, min_active = FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, var)
 
     x [N, d]; W_enc, W_dec [M, d]; b_enc [M]; b_dec [d]; spec: TopKSpec; dead: bool [M]
     (latents that have not fired for the dead window) or None; workspace: None or a
@@ -143,19 +143,21 @@ class FusedTopKLoss(torch.autograd.Function):
     alone, fires: int64 [M], how many tokens each latent was active on (for dead-latent
     tracking and L0 = fires.sum() / N), and min_active: the smallest positive selected
     value (BatchTopK's threshold estimate; inf if none). Only the loss has a gradient.
+    var: the total variance V to divide by, when x is one process's share of a batch (then
+    loss and fvu are that share's part of the whole batch's, and sum over processes).
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec: TopKSpec, dead=None, workspace=None):
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec: TopKSpec, dead=None, workspace=None, var=None):
         device_type = x.device.type
         # Under autocast only the encoder GEMM runs in the low-precision dtype; selection
         # values, decoding, the loss and every gradient stay in x's dtype.
         gemm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         with torch.autocast(device_type, enabled=False):
-            return FusedTopKLoss._forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype)
+            return FusedTopKLoss._forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype, var)
 
     @staticmethod
-    def _forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype):
+    def _forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype, var=None):
         n, m = x.shape[0], W_enc.shape[0]
         x_c = x - b_dec
         a, b = x_c.to(gemm_dtype), W_enc.t().to(gemm_dtype)
@@ -179,7 +181,8 @@ class FusedTopKLoss(torch.autograd.Function):
         del pre
 
         e = x - decode(codes, W_dec) - b_dec
-        var = (x - x.mean(0)).pow(2).sum()
+        if var is None:   # given when the batch is split over processes: the whole batch's
+            var = (x - x.mean(0)).pow(2).sum()
         loss = e.pow(2).sum() / var
         fvu = loss.detach().clone()
         terms = [(codes, e, 1.0, True)]      # (code, residual, weight, b_dec in the decoder)
@@ -220,7 +223,7 @@ class FusedTopKLoss(torch.autograd.Function):
             g_b_enc.index_add_(0, codes.cols, g_vals)
         # x_c = x - b_dec: the encoder path gives -sum_n dL/dx_c[n] = -(g_b_enc @ W_enc).
         g_b_dec -= g_b_enc @ W_enc
-        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None, None
+        return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None, None, None
 
 
 def fused_topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,

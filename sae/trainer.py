@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae.architectures import ARCHITECTURES, SparseAutoencoder
+from sae.architectures.base import BatchTotals
 from sae.config import RunConfig, SAEConfig, sae_variants
+from sae.distributed import Dist
 from sae.errors import ConfigError
 
 
@@ -85,8 +87,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, widths: dict[str, int], total_steps: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", dist: Dist | None = None):
+        """dist: the processes this trainer is one of, each stepping on its share of every
+        batch (data parallel); None or a world of 1 for one process."""
         self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
+        self.dist = dist or Dist()
         self.step_count, self.tokens_seen = 0, 0
         self.saes: dict[str, SparseAutoencoder] = {}
         self.optimizers: dict[str, torch.optim.Adam] = {}
@@ -152,20 +157,31 @@ class Trainer:
             if self.step_count == 0:
                 with torch.no_grad():
                     if self.scales_inputs(name):
-                        self.input_scale[name].copy_(x.shape[1] ** 0.5 / x.norm(dim=1).mean())
+                        norms = self.dist.sum_(torch.stack([x.norm(dim=1).sum(), torch.tensor(x.shape[0], device=x.device)]))
+                        self.input_scale[name].copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
                     if sae.apply_b_dec_to_input:
-                        sae.b_dec.copy_(geometric_median(x * self.input_scale[name]))
+                        sae.b_dec.copy_(geometric_median(self.dist.gather_rows(x) * self.input_scale[name]))
             if self.scales_inputs(name):
                 x = x * self.input_scale[name]
+            totals = self._totals(x) if self.dist.active else None
             dead = self.since_fired[name] >= self.cfg.train.dead_tokens
             ws = (self._workspace(name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
                   if sae.uses_workspace else None)
             with autocast:
-                loss, fvu, fires = sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps)
+                loss, fvu, fires = sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps,
+                                                     totals=totals)
             self.diverged[name] |= ~torch.isfinite(loss.detach())
             loss.backward()
             opt = self.optimizers[name]
+            n = totals.n if totals is not None else x.shape[0]
             with torch.no_grad():
+                if self.dist.active:  # each share's loss is its part of the batch's: gradients add up
+                    for p in sae.parameters():
+                        if p.grad is not None:
+                            self.dist.sum_(p.grad)
+                    fires = self.dist.sum_(fires)
+                    loss_fvu = self.dist.sum_(torch.stack([loss.detach(), fvu]))
+                    loss, fvu = loss_fvu[0], loss_fvu[1]
                 W = sae.W_dec
                 if sae.unit_norm_decoder:
                     g = W.grad
@@ -181,15 +197,24 @@ class Trainer:
                 if sae.unit_norm_decoder:
                     W.copy_(F.normalize(W, dim=1))
                 since = self.since_fired[name]
-                since += x.shape[0]
+                since += n
                 since.masked_fill_(fires > 0, 0)
                 self.window_fires[name] += fires
-                self.window_tokens[name] += x.shape[0]
-            stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fires.sum() / x.shape[0],
+                self.window_tokens[name] += n
+            stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fires.sum() / n,
                            "dead_fraction": dead.float().mean()}
         self.step_count += 1
-        self.tokens_seen += next(iter(batch.values())).shape[0]
+        self.tokens_seen += next(iter(batch.values())).shape[0] * self.dist.world
         return stats
+
+    def _totals(self, x: torch.Tensor) -> BatchTotals:
+        """Size and total variance of the whole batch that x [n, d] is this process's share of
+        (two-pass, as one process computes it)."""
+        with torch.no_grad():
+            s = self.dist.sum_(torch.cat([x.sum(0), torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device)]))
+            n = int(s[-1].item())
+            var = self.dist.sum_((x - s[:-1] / n).pow(2).sum())
+        return BatchTotals(n, var, self.dist.min_)
 
     def trained_sae(self, hook: str) -> SparseAutoencoder:
         """The SAE for ``hook`` as it should be used and saved: a copy taking unscaled inputs."""
@@ -205,8 +230,12 @@ class Trainer:
         """
         kept = (f"; the last good checkpoint (step {self.last_checkpoint_step}) is kept"
                 if self.last_checkpoint_step is not None else "")
-        for hook in self.saes:
-            steps = f"steps {self.checked_step}..{self.step_count - 1}"
+        if self.dist.active:  # all processes stop together, or none does
+            flags = torch.stack([torch.stack(list(self.nonfinite.values())).any(),
+                                 torch.stack(list(self.diverged.values())).any()]).long()
+            if self.dist.max_(flags.clone()).any() and not flags.any():
+                raise ConfigError(f"another process saw NaN or inf in steps {self.checked_step}..{self.step_count - 1}"
+                                  f"; see its message{kept}")
             if self.nonfinite[hook]:
                 raise ConfigError(f"activations at {self.hook_of[hook]} held NaN or inf in {steps}; check model.dtype or drop "
                                   f"outliers with harvest.max_norm_ratio{kept}")

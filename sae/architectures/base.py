@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -22,6 +23,16 @@ from sae.atomic_io import replace_folder_atomic
 from sae.errors import ConfigError
 
 CONFIG_FILE = "cfg.json"
+
+
+@dataclass(frozen=True)
+class BatchTotals:
+    """The whole batch's size and total variance sum_n |x_n - mean(x)|^2, when each process
+    holds a share of it: losses then divide by these, so shares' losses and gradients sum
+    to the whole batch's. reduce_min: the minimum of a 0-d tensor over the processes."""
+    n: int
+    var: torch.Tensor
+    reduce_min: Callable[[torch.Tensor], torch.Tensor]
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
@@ -92,11 +103,13 @@ class SparseAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
     def training_loss(self, x: torch.Tensor, dead: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
-                      progress: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      progress: float = 1.0, totals: BatchTotals | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, batch FVU, fires) for x [N, d]. fires: int64 [M], tokens each latent was
         active on. dead: bool [M] or None; workspace: reusable memory for the N x M
         pre-activations (architectures that can use it); progress: share of training done
-        in [0, 1] (for warmups of sparsity penalties)."""
+        in [0, 1] (for warmups of sparsity penalties); totals: the whole batch's, when x is
+        one process's share (loss and FVU are then that share's part)."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -106,15 +106,15 @@ class JumpReLUSAE(SparseAutoencoder):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold)
 
-    def training_loss(self, x, dead=None, workspace=None, progress=1.0):
+    def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
         pre = self.pre_activations(x)
         theta = self.threshold
         z = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
         sq_err = (x - self.decode(z)).pow(2).sum()
         lam = warmed_up(self.cfg.l0_coefficient, progress, self.cfg.sparsity_warmup_fraction)
         l0 = StepFn.apply(pre, theta, self.cfg.bandwidth).sum()
-        loss = (sq_err + lam * l0) / x.shape[0]
-        return loss, batch_fvu(x, sq_err), (z != 0).sum(0)
+        loss = (sq_err + lam * l0) / (totals.n if totals is not None else x.shape[0])
+        return loss, batch_fvu(x, sq_err, totals), (z != 0).sum(0)
 
     def disk_tensors(self):
         return {**super().disk_tensors(), "threshold": self.threshold.detach()}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.architectures.base import SparseAutoencoder
+from sae.architectures.base import BatchTotals, SparseAutoencoder
 
 
 @dataclass
@@ -32,9 +32,10 @@ def warmed_up(coefficient: float, progress: float, warmup_fraction: float) -> fl
     return coefficient * min(1.0, progress / warmup_fraction) if warmup_fraction > 0 else coefficient
 
 
-def batch_fvu(x: torch.Tensor, sq_err: torch.Tensor) -> torch.Tensor:
+def batch_fvu(x: torch.Tensor, sq_err: torch.Tensor, totals: BatchTotals | None = None) -> torch.Tensor:
     """Sum of squared errors over the batch's total variance (no gradient)."""
-    return (sq_err / (x - x.mean(0)).pow(2).sum()).detach()
+    var = totals.var if totals is not None else (x - x.mean(0)).pow(2).sum()
+    return (sq_err / var).detach()
 
 
 class ReLUSAE(SparseAutoencoder):
@@ -53,10 +54,10 @@ class ReLUSAE(SparseAutoencoder):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu()
 
-    def training_loss(self, x, dead=None, workspace=None, progress=1.0):
+    def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
         z = self.encode(x)
         sq_err = (x - self.decode(z)).pow(2).sum()
         lam = warmed_up(self.cfg.l1_coefficient, progress, self.cfg.sparsity_warmup_fraction)
         l1 = (z * self.W_dec.norm(dim=1)).sum()
-        loss = (sq_err + lam * l1) / x.shape[0]
-        return loss, batch_fvu(x, sq_err), (z > 0).sum(0)
+        loss = (sq_err + lam * l1) / (totals.n if totals is not None else x.shape[0])
+        return loss, batch_fvu(x, sq_err, totals), (z > 0).sum(0)

@@ -50,9 +50,9 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = pre.topk(self.cfg.k, dim=1)
         return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
 
-    def training_loss(self, x, dead=None, workspace=None, progress=1.0):
+    def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
         loss, fvu, fires, _ = FusedTopKLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.spec(),
-                                                  dead, workspace)
+                                                  dead, workspace, totals and totals.var)
         return loss, fvu, fires
 
 
@@ -75,9 +75,11 @@ class BatchTopKSAE(TopKSAE):
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu() * (pre > self.threshold)
 
-    def training_loss(self, x, dead=None, workspace=None, progress=1.0):
+    def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
         loss, fvu, fires, min_active = FusedTopKLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
-                                                           self.spec(), dead, workspace)
+                                                           self.spec(), dead, workspace, totals and totals.var)
+        if totals is not None:  # every process must keep the same threshold: the smallest of all
+            min_active = totals.reduce_min(min_active)
         with torch.no_grad():  # on the device: no host sync
             beta = self.cfg.threshold_momentum
             ema = torch.where(self.threshold_updates > 0, beta * self.threshold + (1 - beta) * min_active,
