@@ -21,7 +21,8 @@ training run can resume bit-identically:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,15 +32,18 @@ from sae.activation_cache import CacheReader, CacheWriter, tokenizer_fingerprint
 from sae.buffer import ShuffleBuffer
 from sae.config import RunConfig
 from sae.data import context_batches, load_text_dataset
+from sae.distributed import Shard
 from sae.errors import ConfigError
 from sae.harvest import Harvester, check_context_length
 from sae.hooks import resolve_hooks
 
 
-def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   shard: Shard | None = None) -> dict:
     """Everything that decides which activations a harvest produces."""
     d, h = cfg.data, cfg.harvest
     return {
+        **({"shard": shard.label()} if shard is not None else {}),
         "model": cfg.model.name_or_path,
         "hooks": list(cfg.hooks),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -55,27 +59,30 @@ def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrained
     }
 
 
-def contexts_for(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, skip_contexts: int = 0) -> Iterator[torch.Tensor]:
-    """The run's packed token contexts, [harvest.batch_contexts, data.context_tokens] per batch."""
+def contexts_for(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, skip_contexts: int = 0,
+                 shard: Shard | None = None) -> Iterator[torch.Tensor]:
+    """The run's packed token contexts, [harvest.batch_contexts, data.context_tokens] per
+    batch (this process's share of them, for several processes)."""
     d = cfg.data
     dataset = load_text_dataset(d.dataset, d.split, d.text_column, d.subset, d.streaming)
     return context_batches(dataset, tokenizer, text_column=d.text_column, context_tokens=d.context_tokens,
                            token_budget=d.token_budget, batch_contexts=cfg.harvest.batch_contexts,
-                           skip_contexts=skip_contexts)
+                           skip_contexts=skip_contexts, shard=shard)
 
 
 def make_harvester(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   skip_contexts: int = 0) -> Harvester:
+                   skip_contexts: int = 0, shard: Shard | None = None) -> Harvester:
     """The run's harvester, from context ``skip_contexts`` on (skipped contexts are tokenized
     and packed to find where the stream is, but never run through the model)."""
     h = cfg.harvest
-    contexts = contexts_for(cfg, tokenizer, skip_contexts)
+    contexts = contexts_for(cfg, tokenizer, skip_contexts, shard)
     harvester = Harvester(model, tokenizer, contexts, cfg.hooks, exclude_special_tokens=h.exclude_special_tokens,
                           max_norm_ratio=h.max_norm_ratio, prefetch=h.prefetch, expect_data=skip_contexts == 0)
     return harvester
 
 
-def stream_fingerprint(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+def stream_fingerprint(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       shard: Shard | None = None) -> dict:
     """Everything that decides the row stream (a JSON-able dict): a saved buffer state is
     only valid for a run with the same fingerprint.
 
@@ -86,7 +93,7 @@ def stream_fingerprint(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTra
     """
     h = cfg.harvest
     epochs = h.cache_epochs if h.cache_dir is not None else 1
-    return {**cache_identity(cfg, model, tokenizer), "batch_contexts": h.batch_contexts, "seed": cfg.train.seed,
+    return {**cache_identity(cfg, model, tokenizer, shard), "batch_contexts": h.batch_contexts, "seed": cfg.train.seed,
             "epochs": epochs, "cache_shard_tokens": h.cache_shard_tokens if epochs > 1 else None}
 
 
@@ -135,8 +142,9 @@ class ActivationStream:
     """
 
     def __init__(self, cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 start: StreamPosition, writer: CacheWriter | None, identity: dict | None):
-        self.cfg, self.model, self.tokenizer, self.start = cfg, model, tokenizer, start
+                 start: StreamPosition, writer: CacheWriter | None, identity: dict | None,
+                 shard: Shard | None = None):
+        self.cfg, self.model, self.tokenizer, self.start, self.shard = cfg, model, tokenizer, start, shard
         self.writer, self.identity = writer, identity
         self.start_row = start.rows
         self.item_start: dict = {"contexts": start.contexts, "rows_before_contexts": start.rows_before_contexts}
@@ -153,7 +161,7 @@ class ActivationStream:
         """Harvested items from context ``skip_contexts`` (whose first row is stream row
         ``first_row``) on, each added to the cache writer if any; rows before the start are
         dropped (whole items without being yielded)."""
-        harvester = make_harvester(self.cfg, self.model, self.tokenizer, skip_contexts=skip_contexts)
+        harvester = make_harvester(self.cfg, self.model, self.tokenizer, skip_contexts=skip_contexts, shard=self.shard)
         row, contexts = first_row, skip_contexts
         for acts in harvester:
             # The contexts after the previous item are a batch boundary from which the next
@@ -189,22 +197,25 @@ class ActivationStream:
 
 
 def activation_source(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                      start: StreamPosition | int = 0) -> ActivationStream:
+                      start: StreamPosition | int = 0, shard: Shard | None = None) -> ActivationStream:
     """Unshuffled {hook: [n, d]} items of the run's row stream, from ``start`` on (a row
-    number, or a StreamPosition that also says where a harvest may restart).
+    number, or a StreamPosition that also says where a harvest may restart). ``shard``:
+    this process's share of the contexts; its cache is ``harvest.cache_dir/rank<r>-of-<w>``.
 
     Checks hooks, context length and the cache's identity now; reads or harvests lazily.
     """
+    if shard is not None and cfg.harvest.cache_dir is not None:
+        cfg = replace(cfg, harvest=replace(cfg.harvest, cache_dir=str(Path(cfg.harvest.cache_dir) / shard.label())))
     h = cfg.harvest
     if isinstance(start, int):
         start = StreamPosition(rows=start)  # a harvest without cache then restarts from context 0
     resolve_hooks(model, cfg.hooks)  # bad hook names fail here, before a cache folder is touched
     check_context_length(model, cfg.data.context_tokens)
     if h.cache_dir is None:
-        return ActivationStream(cfg, model, tokenizer, start, None, None)
-    identity = cache_identity(cfg, model, tokenizer)
+        return ActivationStream(cfg, model, tokenizer, start, None, None, shard)
+    identity = cache_identity(cfg, model, tokenizer, shard)
     writer = CacheWriter(h.cache_dir, identity, h.cache_shard_tokens)
-    return ActivationStream(cfg, model, tokenizer, start, writer, identity)
+    return ActivationStream(cfg, model, tokenizer, start, writer, identity, shard)
 
 
 def buffer_capacity(cfg: RunConfig) -> int:
@@ -215,7 +226,7 @@ def buffer_capacity(cfg: RunConfig) -> int:
 
 
 def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       resume: dict | None = None) -> ShuffleBuffer:
+                       resume: dict | None = None, shard: Shard | None = None) -> ShuffleBuffer:
     """Shuffled {hook: [train.batch_tokens, d]} batches for training.
 
     ``resume``: a ``ShuffleBuffer.state_dict()`` of an earlier buffer of this config (its
@@ -224,12 +235,12 @@ def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTra
     stream or buffer size is refused with a ConfigError before any cache is touched.
     """
     device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
-    fingerprint = stream_fingerprint(cfg, model, tokenizer)
+    fingerprint = stream_fingerprint(cfg, model, tokenizer, shard)
     capacity = buffer_capacity(cfg)
     start = StreamPosition()
     if resume is not None:
         # Refuse another run's state before a cache folder is touched or a model runs.
         ShuffleBuffer.check_resume(resume, capacity, cfg.train.batch_tokens, fingerprint=fingerprint)
         start = StreamPosition.from_dict(resume["meta"]["position"])
-    return ShuffleBuffer(activation_source(cfg, model, tokenizer, start), capacity, cfg.train.batch_tokens,
+    return ShuffleBuffer(activation_source(cfg, model, tokenizer, start, shard), capacity, cfg.train.batch_tokens,
                          device=device, seed=cfg.train.seed, fingerprint=fingerprint, resume=resume)

@@ -7,6 +7,11 @@
     state/state.json            format, the run's config, step counters, the data
                                 position, and the JSON halves of both states
 
+A run of several processes (``sae.distributed``) shares one trainer state (rank 0's: in
+data-parallel mode every rank holds the same SAEs and optimizer state) and keeps each
+rank's buffer and data position as ``buffer-rank<r>.safetensors``; it resumes only with
+the same number of processes.
+
 Everything is safetensors + JSON: a checkpoint is never unpickled. The SAE weights in
 ``<run>/<hook>/`` are rewritten at every checkpoint too, so the newest usable SAEs are
 always on disk. A finished run deletes its state (the buffer alone can be gigabytes).
@@ -15,6 +20,7 @@ always on disk. A finished run deletes its state (the buffer alone can be gigaby
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +32,11 @@ from safetensors.torch import load_file, save_file
 from sae.activation_cache import first_difference
 from sae.atomic_io import existing_folder, replace_folder_atomic
 from sae.config import RunConfig, to_dict
+from sae.distributed import Dist
 from sae.errors import ConfigError
 
 STATE_DIR = "state"
+PARTS_DIR = ".state-parts"   # where ranks leave their buffers for rank 0 to move into state/
 FORMAT = 1
 
 
@@ -37,6 +45,7 @@ def resumable_config(cfg: RunConfig) -> dict:
     output section (where the run lives, how often it logs and checkpoints)."""
     values = to_dict(cfg)
     values.pop("output")
+    values["distributed"].pop("timeout_s")
     return values
 
 
@@ -51,33 +60,67 @@ class Checkpoint:
         return self.trainer_meta["step"]
 
 
-def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, dict], buffer_state: dict) -> None:
-    """Replace ``run_dir/state`` with this state, atomically."""
+def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, dict], buffer_state: dict,
+                    dist: Dist | None = None) -> None:
+    """Replace ``run_dir/state`` with this state, atomically. With several processes every
+    rank calls this: each writes its buffer, rank 0 the rest and swaps the folder in."""
+    dist = dist or Dist()
     tensors, meta = trainer_state
-    doc = {"format": FORMAT, "config": resumable_config(cfg), "trainer": meta, "buffer": buffer_state["meta"]}
-
-    def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "trainer.safetensors"))
-        save_file({k: v.contiguous().cpu() for k, v in buffer_state["tensors"].items()},
-                  str(tmp / "buffer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
-
+    buffer_tensors = {k: v.contiguous().cpu() for k, v in buffer_state["tensors"].items()}
+    parts = run_dir / PARTS_DIR
     try:
-        replace_folder_atomic(run_dir / STATE_DIR, fill)
+        if dist.active:  # each rank's buffer goes beside the state first; rank 0 moves them in
+            parts.mkdir(parents=True, exist_ok=True)
+            save_file(buffer_tensors, str(parts / f".{buffer_file(dist.rank, dist.world)}"))
+            os.replace(parts / f".{buffer_file(dist.rank, dist.world)}", parts / buffer_file(dist.rank, dist.world))
+        buffer_metas = dist.gather_objects(buffer_state["meta"])   # also: every part is on disk now
+        if dist.is_main:
+            doc = {"format": FORMAT, "config": resumable_config(cfg), "trainer": meta, "world_size": dist.world}
+            if dist.active:
+                doc["buffers"] = buffer_metas       # one data position per rank
+            else:
+                doc["buffer"] = buffer_metas[0]
+
+            def fill(tmp: Path) -> None:
+                save_file(tensors, str(tmp / "trainer.safetensors"))
+                if dist.active:
+                    for r in range(dist.world):
+                        os.replace(parts / buffer_file(r, dist.world), tmp / buffer_file(r, dist.world))
+                else:
+                    save_file(buffer_tensors, str(tmp / buffer_file(0, 1)))
+                (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+            replace_folder_atomic(run_dir / STATE_DIR, fill)
+            shutil.rmtree(parts, ignore_errors=True)
     except OSError as e:
         raise ConfigError(f"output.root: cannot write the checkpoint in {str(run_dir)!r}: {e.strerror}") from None
+    dist.barrier()
 
 
-def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint:
-    """The state in ``run_dir``; refused in one line if missing, damaged, or another run's."""
+def buffer_file(rank: int, world: int) -> str:
+    return "buffer.safetensors" if world == 1 else f"buffer-rank{rank}.safetensors"
+
+
+def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> Checkpoint:
+    """The state in ``run_dir`` (this rank's buffer, for several processes); refused in one
+    line if missing, damaged, another run's, or written by another number of processes."""
+    dist = dist or Dist()
     folder = existing_folder(run_dir / STATE_DIR)
     if folder is None:
         raise ConfigError(f"--resume: {str(run_dir)!r} holds no checkpoint (a run writes one every "
                           "output.checkpoint_every_steps steps and when stopped with Ctrl-C or SIGTERM)")
     try:
         doc = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
+    world = doc.get("world_size", 1)
+    if world != dist.world:
+        raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} was written by {world} process(es), and "
+                          f"each kept its own data position; resume it with {world} (torchrun --nproc_per_node "
+                          f"{world} ..., or plain python for 1), not {dist.world}")
+    try:
         trainer_tensors = load_file(str(folder / "trainer.safetensors"))
-        buffer_tensors = load_file(str(folder / "buffer.safetensors"))
+        buffer_tensors = load_file(str(folder / buffer_file(dist.rank, world)))
     except (OSError, ValueError, SafetensorError) as e:
         raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
     if doc.get("format") != FORMAT:
@@ -87,11 +130,12 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint:
         diff = first_difference(doc["config"], resumable_config(cfg), a_has="checkpoint has")
         raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} belongs to another run ({diff} "
                           "in config.yaml)")
-    return Checkpoint(trainer_tensors, doc["trainer"], {"tensors": buffer_tensors, "meta": doc["buffer"]})
+    buffer_meta = doc["buffers"][dist.rank] if world > 1 else doc["buffer"]
+    return Checkpoint(trainer_tensors, doc["trainer"], {"tensors": buffer_tensors, "meta": buffer_meta})
 
 
 def remove_checkpoint(run_dir: Path) -> None:
     """Drop the state of a finished run."""
-    for folder in (run_dir / STATE_DIR, run_dir / f".{STATE_DIR}.old"):
+    for folder in (run_dir / STATE_DIR, run_dir / f".{STATE_DIR}.old", run_dir / PARTS_DIR):
         shutil.rmtree(folder, ignore_errors=True)
 

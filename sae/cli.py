@@ -77,6 +77,9 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
 
     Ctrl-C or SIGTERM writes a checkpoint and stops; `python train.py --resume RUN_DIR`
     continues, ending exactly as an uninterrupted run would.
+
+    Under torchrun (`torchrun --nproc_per_node N train.py ...`) N processes train together,
+    data parallel: each harvests its share of the contexts (README, "Several GPUs").
     """
     if resume_dir is not None and (config is not None or overrides):
         raise ConfigError("--resume: the run continues with its own config.yaml; drop CONFIG and --set")
@@ -90,13 +93,17 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
         click.echo(to_yaml(cfg), nl=False)
         return
     # Imported only now: torch + transformers take seconds, and a config error should not wait.
+    from sae.distributed import Dist
     from sae.run import train_run
     from sae.trainer import TrainingStopped
 
+    dist = Dist.from_env(cfg.distributed.timeout_s, cfg.model.device)   # several processes under torchrun
     try:
-        train_run(cfg, log=click.echo, resume=resume_dir is not None)
+        train_run(cfg, log=click.echo, resume=resume_dir is not None, dist=dist)
     except TrainingStopped:
         sys.exit(130)
+    finally:
+        dist.close()
 
 
 @click.group(context_settings={"max_content_width": 120})

@@ -126,6 +126,15 @@ class OutputConfig:
 
 
 @dataclass
+class DistributedConfig:
+    mode: str = opt("data", "With several processes (torchrun): data = each process harvests its share of "
+                    "the contexts, SAEs are replicated and gradients summed (train.batch_tokens is the total "
+                    "over processes).", choices=("data",))
+    timeout_s: int = opt(900, "Seconds a process waits for the others at a collective before the run stops "
+                         "with an error (a process that died or hangs).", ge=1)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -135,6 +144,7 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sweep: list[dict] = opt([], "SAE variants trained side by side on the same activations (one harvest): each "
                             "entry overrides keys of the sae section, plus an optional name, e.g. "
                             "[{k: 16}, {k: 64, expansion_factor: 16}]; saved to <run>/<hook>/<name>/.")

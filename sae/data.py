@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sae import corpus
+from sae.distributed import Shard
 from sae.errors import ConfigError
 from sae.hub import looks_like_local_path
 
@@ -159,17 +160,23 @@ def context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def context_batches(dataset: datasets.Dataset | datasets.IterableDataset, tokenizer: PreTrainedTokenizerBase, *,
                     text_column: str = "text", context_tokens: int = 256, token_budget: int | None = None,
-                    batch_contexts: int = 8, skip_contexts: int = 0) -> Iterator[torch.Tensor]:
+                    batch_contexts: int = 8, skip_contexts: int = 0, shard: Shard | None = None
+                    ) -> Iterator[torch.Tensor]:
     """Packed contexts in batches: LongTensor [batch_contexts, context_tokens] (the last may be smaller).
 
     Stops after ``ceil(token_budget / context_tokens)`` contexts (counted from the start,
-    skipped ones included) or when the data runs out. ``skip_contexts`` drops the first
-    contexts, to resume an interrupted harvest where it stopped.
+    skipped ones included) or when the data runs out. ``shard``: keep only this process's
+    share, contexts i with i % world == rank (of those within the budget).
+    ``skip_contexts`` drops the first contexts (of the share), to resume an interrupted
+    harvest where it stopped.
     """
     bos = context_bos_id(tokenizer)
     limit = None if token_budget is None else -(-token_budget // context_tokens)
     contexts = iter_packed(iter_token_documents(dataset, tokenizer, text_column), context_tokens, bos,
                            tokenizer.eos_token_id)
-    contexts = itertools.islice(contexts, skip_contexts, limit)
+    contexts = itertools.islice(contexts, limit)
+    if shard is not None:
+        contexts = itertools.islice(contexts, shard.rank, None, shard.world)
+    contexts = itertools.islice(contexts, skip_contexts, None)
     while batch := list(itertools.islice(contexts, batch_contexts)):
         yield torch.tensor(batch, dtype=torch.long)

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +22,7 @@ from sae.atomic_io import existing_folder, write_text_atomic
 from sae.checkpoint import STATE_DIR, load_checkpoint, remove_checkpoint, resumable_config, save_checkpoint
 from sae.config import RunConfig, config_from_dict, load_config, read_yaml, to_dict, to_yaml
 from sae.data import load_text_dataset
+from sae.distributed import Dist
 from sae.errors import ConfigError
 from sae.metrics import Metrics
 from sae.models import load_model, model_summary
@@ -184,16 +186,32 @@ def stop_signals(log: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
             signal.signal(signum, old)
 
 
-def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool = False) -> Path:
+def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool = False,
+              dist: Dist | None = None) -> Path:
     """Harvest, train, save and evaluate as ``cfg`` says; returns the run folder.
 
     resume: continue the interrupted run in cfg's run folder from its checkpoint (use
     ``resume_config`` to get its config); it ends bit-identical to an uninterrupted run.
+    dist: this process's place among several (``sae.distributed``, data parallel: each
+    harvests its share of the contexts, train.batch_tokens is the total); rank 0 logs and
+    writes, the others train silently.
     """
+    dist = dist or Dist()
+    if not dist.is_main:
+        log = _silent
+    local_cfg = cfg
+    if dist.active:
+        if cfg.train.batch_tokens % dist.world:
+            raise ConfigError(f"train.batch_tokens: {cfg.train.batch_tokens} does not divide over {dist.world} "
+                              f"processes; use a multiple of {dist.world}")
+        # A run name made of the time must be the same on every rank: rank 0's.
+        cfg.output.run_name = dist.gather_objects(cfg.output.run_name)[0]
+        local_cfg = replace(cfg, model=replace(cfg.model, device=dist.device_setting(cfg.model.device)),
+                            train=replace(cfg.train, batch_tokens=cfg.train.batch_tokens // dist.world))
     run_dir = Path(cfg.output.root) / cfg.output.run_name if resume else run_dir_for(cfg)
-    checkpoint = load_checkpoint(run_dir, cfg) if resume else None
+    checkpoint = load_checkpoint(run_dir, cfg, dist) if resume else None
     d, h = cfg.data, cfg.harvest
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(local_cfg.model)
     log(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
     if d.eval_split is not None:  # a missing held-out split should stop the run now, not after training
         try:
@@ -201,21 +219,23 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
         except ConfigError as e:
             raise ConfigError(str(e).replace("data.split:", "data.eval_split:", 1)) from None
     # checks hooks, data and cache before any work
-    buffer = activation_batches(cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None)
+    buffer = activation_batches(local_cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None,
+                                shard=dist.shard)
     batches = iter(buffer)
     log(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {d.token_budget:,} tokens "
-        f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}")
+        f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}"
+        + (f"; {dist.world} processes, each harvesting every {dist.world}th context" if dist.active else ""))
     start = time.perf_counter()
     first = next(batches, None)
-    if first is None:
+    if dist.agree(first is None):
         raise ConfigError(f"data: fewer activation vectors than one batch (train.batch_tokens = "
                           f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data")
     # Special tokens are dropped, so slightly fewer batches than this arrive; the schedule
     # then ends a few percent before its final decay.
     total_steps = d.token_budget * h.cache_epochs // cfg.train.batch_tokens
     trainer = Trainer(cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps,
-                      next(model.parameters()).device)
-    if checkpoint is None:  # data and SAE settings both work: only now is this a run worth a folder
+                      next(model.parameters()).device, dist)
+    if checkpoint is None and dist.is_main:  # data and SAE settings both work: only now is this a run worth a folder
         save_run_config(cfg, run_dir)
         log(f"run folder: {run_dir} (resolved config in config.yaml)")
     if checkpoint is not None:
@@ -223,17 +243,18 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
     step0 = trainer.step_count
     logger = (TensorBoardLogger(run_dir / "tensorboard", resumed=trainer if checkpoint else None)
-              if cfg.output.tensorboard else None)
+              if cfg.output.tensorboard and dist.is_main else None)
 
     def on_checkpoint(trainer: Trainer) -> None:
-        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict())
-        save_saes(trainer, cfg, run_dir)
+        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), dist)
+        if dist.is_main:
+            save_saes(trainer, cfg, run_dir)
 
     try:
         with stop_signals(log) as stop_requested:
-            trainer.fit(itertools.chain([first], batches), log_every=cfg.output.log_every_steps, on_log=logger,
-                        checkpoint_every=cfg.output.checkpoint_every_steps, on_checkpoint=on_checkpoint,
-                        stop_requested=stop_requested)
+            trainer.fit(in_step(itertools.chain([first], batches), dist), progress=dist.is_main, log_every=cfg.output.log_every_steps,
+                        on_log=logger, checkpoint_every=cfg.output.checkpoint_every_steps,
+                        on_checkpoint=on_checkpoint, stop_requested=lambda: dist.agree(stop_requested()))
     except TrainingStopped as e:
         log(f"checkpoint after step {e.step:,} written to {run_dir}/{STATE_DIR}; continue with: "
             f"python train.py --resume {run_dir}")
@@ -245,6 +266,8 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     tokens = (trainer.step_count - step0) * cfg.train.batch_tokens
     log(f"harvested and trained {trainer.step_count - step0} steps on {tokens:,} tokens per hook "
         f"point in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)")
+    if not dist.is_main:  # rank 0 saves and evaluates (no collectives); the others are done
+        return run_dir
     save_saes(trainer, cfg, run_dir)
     if d.eval_split is None:
         remove_checkpoint(run_dir)
@@ -259,6 +282,21 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     where = "<hook>/<variant>" if cfg.sweep else "<hook>"
     log(f"saved to {run_dir}/{where}/ (cfg.json, sae_weights.safetensors, metrics.json)")
     return run_dir
+
+
+def in_step(batches: Iterable, dist: Dist) -> Iterator:
+    """The batches while every process still has one: shares hold slightly different
+    numbers of tokens (special tokens are dropped), and all must step together."""
+    if not dist.active:
+        yield from batches
+        return
+    it = iter(batches)
+    while not dist.agree((batch := next(it, None)) is None):
+        yield batch
+
+
+def _silent(line: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def print_metrics(results: dict[str, dict], split: str, log: Callable[[str], None]) -> None:

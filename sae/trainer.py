@@ -236,6 +236,8 @@ class Trainer:
             if self.dist.max_(flags.clone()).any() and not flags.any():
                 raise ConfigError(f"another process saw NaN or inf in steps {self.checked_step}..{self.step_count - 1}"
                                   f"; see its message{kept}")
+        for hook in self.saes:
+            steps = f"steps {self.checked_step}..{self.step_count - 1}"
             if self.nonfinite[hook]:
                 raise ConfigError(f"activations at {self.hook_of[hook]} held NaN or inf in {steps}; check model.dtype or drop "
                                   f"outliers with harvest.max_norm_ratio{kept}")

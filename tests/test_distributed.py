@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +84,61 @@ def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(tmp
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{arch} {name} rank {rank}")
     if arch == "topk":   # some latents went unused for a while: dead tracking and AuxK took part
         assert one["since_fired"].max() > 0
+
+
+# ---- whole runs: two processes, checkpoints, resume ----------------------------------
+
+def small_run(root, name="r"):
+    return load_config(None, [
+        f"output.root={root}", f"output.run_name={name}", "output.tensorboard=false", "output.log_every_steps=5",
+        "output.checkpoint_every_steps=7", "data.token_budget=16384", "data.eval_split=null",
+        "train.batch_tokens=512", "harvest.buffer_tokens=2048", "train.warmup_steps=2", "train.dead_tokens=2000",
+        "sae.expansion_factor=4"])
+
+
+def _run_worker(rank, world, root, name, stop_at, resume):
+    import signal
+
+    from sae.run import resume_config, train_run
+    from sae.trainer import TrainingStopped
+
+    if stop_at is not None and rank == world - 1:   # Ctrl-C reaches one process; all must stop together
+        original = Trainer.step
+
+        def step_then_signal(self, batch):
+            out = original(self, batch)
+            if self.step_count == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+
+        Trainer.step = step_then_signal
+    cfg = resume_config(Path(root) / name) if resume else small_run(root, name)
+    try:
+        train_run(cfg, log=lambda line: None, resume=resume, dist=Dist(rank, world))
+    except TrainingStopped as e:
+        Path(root, f"stopped-{name}-{rank}").write_text(str(e.step))
+
+
+def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from sae.errors import ConfigError
+    from sae.run import resume_config, train_run
+
+    spawn(_run_worker, 2, str(tmp_path), "whole", None, False)
+    spawn(_run_worker, 2, str(tmp_path), "parts", 10, False)
+    assert [(tmp_path / f"stopped-parts-{r}").read_text() for r in range(2)] == ["10", "10"]
+    state = tmp_path / "parts" / "state"
+    doc = json.loads((state / "state.json").read_text())
+    assert doc["world_size"] == 2 and len(doc["buffers"]) == 2 and doc["trainer"]["step"] == 10
+    assert sorted(p.name for p in state.iterdir()) == ["buffer-rank0.safetensors", "buffer-rank1.safetensors",
+                                                       "state.json", "trainer.safetensors"]
+    with pytest.raises(ConfigError, match="written by 2 process.*resume it with 2"):
+        train_run(resume_config(tmp_path / "parts"), log=lambda line: None, resume=True)
+    spawn(_run_worker, 2, str(tmp_path), "parts", None, True)
+    whole = load_file(tmp_path / "whole" / "layers.2" / "sae_weights.safetensors")
+    parts = load_file(tmp_path / "parts" / "layers.2" / "sae_weights.safetensors")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert not state.exists()
