@@ -142,3 +142,54 @@ def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path):
     parts = load_file(tmp_path / "parts" / "layers.2" / "sae_weights.safetensors")
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
     assert not state.exists()
+
+
+# ---- latent-sharded TopK SAE ---------------------------------------------------------
+
+def sharded_problem():
+    g = torch.Generator().manual_seed(3)
+    W_dec = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1)
+    return {"x": torch.randn(N, D, generator=g) * 2 + 1, "W_enc": W_dec.clone() * 0.6 + 0.05 * torch.randn(M, D, generator=g),
+            "b_enc": 0.1 * torch.randn(M, generator=g), "W_dec": W_dec, "b_dec": 0.2 * torch.randn(D, generator=g),
+            "dead": torch.rand(M, generator=g) < 0.4}
+
+
+def reference_loss_and_grads(k, k_aux):
+    from sae.fused_topk import topk_loss_reference
+
+    p = sharded_problem()
+    params = {n: p[n].clone().requires_grad_() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    loss = topk_loss_reference(p["x"], params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"], k,
+                               p["dead"], k_aux=k_aux)
+    loss.backward()
+    return loss.detach(), {n: t.grad for n, t in params.items()}
+
+
+def _sharded_worker(rank, world, k, k_aux, out):
+    from sae.sharded_topk import sharded_topk_loss
+
+    p = sharded_problem()
+    m = M // world
+    mine = slice(rank * m, (rank + 1) * m)
+    params = {"W_enc": p["W_enc"][mine].clone(), "b_enc": p["b_enc"][mine].clone(), "W_dec": p["W_dec"][mine].clone(),
+              "b_dec": p["b_dec"].clone()}
+    for t in params.values():
+        t.requires_grad_()
+    loss, fvu, fires = sharded_topk_loss(p["x"], params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"],
+                                         k, Dist(rank, world), p["dead"][mine], k_aux=k_aux)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "fires": fires, **{n: t.grad for n, t in params.items()}}, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("k,k_aux", [(4, 8), (9, 40)])   # k_aux 40 > the 16 latents one rank holds
+def test_latent_sharded_topk_gives_the_unsharded_loss_and_gradients(tmp_path, k, k_aux):
+    loss, grads = reference_loss_and_grads(k, k_aux)
+    spawn(_sharded_worker, 2, k, k_aux, str(tmp_path / "s"))
+    parts = [torch.load(tmp_path / f"s.{r}") for r in range(2)]
+    for part in parts:
+        torch.testing.assert_close(part["loss"], loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(part["b_dec"], grads["b_dec"], rtol=1e-4, atol=1e-6)
+    for name in ("W_enc", "b_enc", "W_dec"):
+        torch.testing.assert_close(torch.cat([p[name] for p in parts]), grads[name], rtol=1e-4, atol=1e-6)
+    assert sum(int(p["fires"].sum()) for p in parts) == N * k   # k latents per token, over both shards
+    assert grads["W_enc"][sharded_problem()["dead"]].abs().sum() > 0   # AuxK reached the dead latents
