@@ -61,33 +61,41 @@ class Checkpoint:
 
 
 def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, dict], buffer_state: dict,
-                    dist: Dist | None = None) -> None:
+                    dist: Dist | None = None, per_rank: bool = False) -> None:
     """Replace ``run_dir/state`` with this state, atomically. With several processes every
-    rank calls this: each writes its buffer, rank 0 the rest and swaps the folder in."""
+    rank calls this: each writes its buffer (and with ``per_rank`` its own trainer state:
+    latents sharded), rank 0 the rest, and rank 0 swaps the folder in."""
     dist = dist or Dist()
     tensors, meta = trainer_state
     buffer_tensors = {k: v.contiguous().cpu() for k, v in buffer_state["tensors"].items()}
     parts = run_dir / PARTS_DIR
+    mine = {rank_file("buffer", dist.rank, dist.world): buffer_tensors}
+    if per_rank:
+        mine[rank_file("trainer", dist.rank, dist.world)] = tensors
     try:
-        if dist.active:  # each rank's buffer goes beside the state first; rank 0 moves them in
+        if dist.active:  # each rank's files go beside the state first; rank 0 moves them in
             parts.mkdir(parents=True, exist_ok=True)
-            save_file(buffer_tensors, str(parts / f".{buffer_file(dist.rank, dist.world)}"))
-            os.replace(parts / f".{buffer_file(dist.rank, dist.world)}", parts / buffer_file(dist.rank, dist.world))
+            for name, t in mine.items():
+                save_file(t, str(parts / f".{name}"))
+                os.replace(parts / f".{name}", parts / name)
         buffer_metas = dist.gather_objects(buffer_state["meta"])   # also: every part is on disk now
         if dist.is_main:
-            doc = {"format": FORMAT, "config": resumable_config(cfg), "trainer": meta, "world_size": dist.world}
+            doc = {"format": FORMAT, "config": resumable_config(cfg), "trainer": meta, "world_size": dist.world,
+                   "trainer_per_rank": per_rank}
             if dist.active:
                 doc["buffers"] = buffer_metas       # one data position per rank
             else:
                 doc["buffer"] = buffer_metas[0]
 
             def fill(tmp: Path) -> None:
-                save_file(tensors, str(tmp / "trainer.safetensors"))
+                if not per_rank:
+                    save_file(tensors, str(tmp / "trainer.safetensors"))
                 if dist.active:
                     for r in range(dist.world):
-                        os.replace(parts / buffer_file(r, dist.world), tmp / buffer_file(r, dist.world))
+                        for kind in ("buffer", "trainer") if per_rank else ("buffer",):
+                            os.replace(parts / rank_file(kind, r, dist.world), tmp / rank_file(kind, r, dist.world))
                 else:
-                    save_file(buffer_tensors, str(tmp / buffer_file(0, 1)))
+                    save_file(buffer_tensors, str(tmp / rank_file("buffer", 0, 1)))
                 (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
 
             replace_folder_atomic(run_dir / STATE_DIR, fill)
@@ -97,8 +105,9 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, di
     dist.barrier()
 
 
-def buffer_file(rank: int, world: int) -> str:
-    return "buffer.safetensors" if world == 1 else f"buffer-rank{rank}.safetensors"
+def rank_file(kind: str, rank: int, world: int) -> str:
+    """``buffer.safetensors`` for one process, ``buffer-rank3.safetensors`` for several."""
+    return f"{kind}.safetensors" if world == 1 else f"{kind}-rank{rank}.safetensors"
 
 
 def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> Checkpoint:
@@ -119,8 +128,10 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> 
                           f"each kept its own data position; resume it with {world} (torchrun --nproc_per_node "
                           f"{world} ..., or plain python for 1), not {dist.world}")
     try:
-        trainer_tensors = load_file(str(folder / "trainer.safetensors"))
-        buffer_tensors = load_file(str(folder / buffer_file(dist.rank, world)))
+        per_rank = doc.get("trainer_per_rank", False)
+        trainer_tensors = load_file(str(folder / (rank_file("trainer", dist.rank, world) if per_rank
+                                                   else "trainer.safetensors")))
+        buffer_tensors = load_file(str(folder / rank_file("buffer", dist.rank, world)))
     except (OSError, ValueError, SafetensorError) as e:
         raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
     if doc.get("format") != FORMAT:

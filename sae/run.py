@@ -152,13 +152,17 @@ def sae_hook(stored, cfg: RunConfig) -> str:
     return stored.hook
 
 
-def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> None:
-    """Write each SAE, ready to use (input scale folded in), to ``run_dir/<name>``."""
-    for name in trainer.saes:
-        trainer.trained_sae(name).save(run_dir / name, metadata={
-            "model_name": cfg.model.name_or_path, "hook_name": trainer.hook_of[name],
-            "context_size": cfg.data.context_tokens, "dataset_path": cfg.data.dataset,
-            "trained_steps": trainer.step_count, "trained_tokens": trainer.tokens_seen})
+def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> dict[str, SparseAutoencoder]:
+    """Write each SAE, ready to use (input scale folded in), to ``run_dir/<name>`` (rank 0
+    writes; with latents sharded every rank calls this, to gather them). Returns them."""
+    saes = {name: trainer.trained_sae(name) for name in trainer.saes}
+    if trainer.dist.is_main:
+        for name, sae in saes.items():
+            sae.save(run_dir / name, metadata={
+                "model_name": cfg.model.name_or_path, "hook_name": trainer.hook_of[name],
+                "context_size": cfg.data.context_tokens, "dataset_path": cfg.data.dataset,
+                "trained_steps": trainer.step_count, "trained_tokens": trainer.tokens_seen})
+    return saes
 
 
 @contextlib.contextmanager
@@ -246,8 +250,8 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
               if cfg.output.tensorboard and dist.is_main else None)
 
     def on_checkpoint(trainer: Trainer) -> None:
-        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), dist)
-        if dist.is_main:
+        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), dist, per_rank=trainer.sharded)
+        if dist.is_main or trainer.sharded:
             save_saes(trainer, cfg, run_dir)
 
     try:
@@ -266,14 +270,15 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     tokens = (trainer.step_count - step0) * cfg.train.batch_tokens
     log(f"harvested and trained {trainer.step_count - step0} steps on {tokens:,} tokens per hook "
         f"point in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)")
-    if not dist.is_main:  # rank 0 saves and evaluates (no collectives); the others are done
+    if not (dist.is_main or trainer.sharded):  # rank 0 saves and evaluates; the others are done
         return run_dir
-    save_saes(trainer, cfg, run_dir)
+    saes = save_saes(trainer, cfg, run_dir)
+    if not dist.is_main:  # evaluation runs no collective: the others are done
+        return run_dir
     if d.eval_split is None:
         remove_checkpoint(run_dir)
         log(f"saved to {run_dir}; no evaluation (data.eval_split is null)")
         return run_dir
-    saes = {name: trainer.trained_sae(name) for name in trainer.saes}
     results = evaluate_run(cfg, model, tokenizer, saes, trainer.hook_of)
     print_metrics(results, d.eval_split, log)
     for name, r in results.items():

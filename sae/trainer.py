@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from sae.architectures import ARCHITECTURES, SparseAutoencoder
 from sae.architectures.base import BatchTotals
 from sae.config import RunConfig, SAEConfig, sae_variants
 from sae.distributed import Dist
+from sae.sharded_topk import sharded_topk_loss
 from sae.errors import ConfigError
 
 
@@ -77,6 +79,36 @@ def sae_id(hook: str, variant: str) -> str:
     return f"{hook}/{variant}" if variant else hook
 
 
+def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool) -> SparseAutoencoder:
+    """This rank's slice (latents [r M/w, (r+1) M/w)) of a TopK SAE, as a TopK SAE."""
+    if sae.architecture != "topk" or sae.cfg.multi_topk or autocast:
+        raise ConfigError(f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
+                          f"{name} is {sae.architecture}" + (" with multi_topk" if sae.cfg.multi_topk else "")
+                          + (" with train.autocast" if autocast else ""))
+    M = sae.cfg.num_latents
+    if M % dist.world:
+        raise ConfigError(f"distributed.mode: latents: the {M} latents of {name} do not divide over {dist.world} "
+                          f"processes; use a latent count divisible by {dist.world}")
+    m = M // dist.world
+    part = type(sae)(replace(sae.cfg, num_latents=m))
+    mine = slice(dist.rank * m, (dist.rank + 1) * m)
+    with torch.no_grad():
+        for p_name in ("W_enc", "b_enc", "W_dec"):
+            getattr(part, p_name).copy_(getattr(sae, p_name)[mine])
+        part.b_dec.copy_(sae.b_dec)
+    return part
+
+
+def gather_latents(part: SparseAutoencoder, dist: Dist) -> SparseAutoencoder:
+    """The whole SAE from every rank's slice (a collective: every rank calls it)."""
+    whole = type(part)(replace(part.cfg, num_latents=part.cfg.num_latents * dist.world), device=part.W_dec.device)
+    with torch.no_grad():
+        for p_name in ("W_enc", "b_enc", "W_dec"):
+            getattr(whole, p_name).copy_(dist.gather_rows(getattr(part, p_name).detach()))
+        whole.b_dec.copy_(part.b_dec)
+    return whole
+
+
 class Trainer:
     """Trains one SAE per hook point and sweep variant, all on the same batches.
     ``step(batch)`` takes {hook: [N, d]}; the dicts below are keyed by ``sae_id``.
@@ -88,10 +120,15 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, widths: dict[str, int], total_steps: int,
                  device: torch.device | str = "cpu", dist: Dist | None = None):
-        """dist: the processes this trainer is one of, each stepping on its share of every
-        batch (data parallel); None or a world of 1 for one process."""
+        """dist: the processes this trainer is one of; None or a world of 1 for one process.
+        With ``distributed.mode: data`` each steps on its share of every batch; with
+        ``latents`` each holds a slice of every SAE's latents and trains on the whole batch
+        (``sae.sharded_topk``)."""
         self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
         self.dist = dist or Dist()
+        self.sharded = self.dist.active and cfg.distributed.mode == "latents"
+        # whom a batch is split over: the processes in data-parallel mode, nobody otherwise
+        self.batch_dist = self.dist if self.dist.active and not self.sharded else Dist()
         self.step_count, self.tokens_seen = 0, 0
         self.saes: dict[str, SparseAutoencoder] = {}
         self.optimizers: dict[str, torch.optim.Adam] = {}
@@ -108,16 +145,18 @@ class Trainer:
         self.hook_of: dict[str, str] = {}
         for hook, d in widths.items():
             for variant, settings in sae_variants(cfg).items():
-                self._add(sae_id(hook, variant), hook, make_sae(settings, d, self.device))
+                self._add(sae_id(hook, variant), hook, make_sae(settings, d, "cpu" if self.sharded else self.device))
 
     def _add(self, name: str, hook: str, sae: SparseAutoencoder) -> None:
         """Register ``sae`` as ``name``, trained on the activations at ``hook``."""
         # Each SAE's init depends on the seed and its shape only: a sweep variant starts
         # (and, on the same batches, ends) exactly as the same SAE trained alone.
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
+        self.peak_lr[name] = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents)
+        if self.sharded:  # keep this rank's slice of the same initial SAE
+            sae = shard_latents(sae, self.dist, name, self.cfg.train.autocast).to(self.device)
         M = sae.cfg.num_latents
         self.saes[name], self.hook_of[name] = sae, hook
-        self.peak_lr[name] = self.cfg.train.lr or sae.default_lr(M)
         self.optimizers[name] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[name], betas=sae.adam_betas,
                                                  fused=self.device.type in ("cuda", "cpu"))
         self.since_fired[name] = torch.zeros(M, dtype=torch.long, device=self.device)
@@ -151,36 +190,44 @@ class Trainer:
             hook = self.hook_of[name]
             if hook not in inputs:  # several SAEs (a sweep) can train on one hook's batch
                 inputs[hook] = batch[hook].to(self.device, torch.float32, non_blocking=True)
+                if self.sharded:  # every slice of the latents trains on the whole batch
+                    inputs[hook] = self.dist.gather_rows(inputs[hook])
             x = inputs[hook]
             # Recorded on the device, checked in check_finite(): no host sync per step.
             self.nonfinite[name] |= ~torch.isfinite(x).all()
             if self.step_count == 0:
                 with torch.no_grad():
                     if self.scales_inputs(name):
-                        norms = self.dist.sum_(torch.stack([x.norm(dim=1).sum(), torch.tensor(x.shape[0], device=x.device)]))
+                        norms = self.batch_dist.sum_(torch.stack([x.norm(dim=1).sum(),
+                                                                  torch.tensor(x.shape[0], device=x.device)]))
                         self.input_scale[name].copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
                     if sae.apply_b_dec_to_input:
-                        sae.b_dec.copy_(geometric_median(self.dist.gather_rows(x) * self.input_scale[name]))
+                        sae.b_dec.copy_(geometric_median(self.batch_dist.gather_rows(x) * self.input_scale[name]))
             if self.scales_inputs(name):
                 x = x * self.input_scale[name]
-            totals = self._totals(x) if self.dist.active else None
+            totals = self._totals(x) if self.batch_dist.active else None
             dead = self.since_fired[name] >= self.cfg.train.dead_tokens
             ws = (self._workspace(name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
                   if sae.uses_workspace else None)
-            with autocast:
-                loss, fvu, fires = sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps,
-                                                     totals=totals)
+            if self.sharded:
+                spec = sae.spec()
+                loss, fvu, fires = sharded_topk_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, spec.k, self.dist,
+                                                     dead, spec.k_aux, spec.aux_alpha)
+            else:
+                with autocast:
+                    loss, fvu, fires = sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps,
+                                                         totals=totals)
             self.diverged[name] |= ~torch.isfinite(loss.detach())
             loss.backward()
             opt = self.optimizers[name]
             n = totals.n if totals is not None else x.shape[0]
             with torch.no_grad():
-                if self.dist.active:  # each share's loss is its part of the batch's: gradients add up
+                if self.batch_dist.active:  # each share's loss is its part of the batch's: gradients add up
                     for p in sae.parameters():
                         if p.grad is not None:
-                            self.dist.sum_(p.grad)
-                    fires = self.dist.sum_(fires)
-                    loss_fvu = self.dist.sum_(torch.stack([loss.detach(), fvu]))
+                            self.batch_dist.sum_(p.grad)
+                    fires = self.batch_dist.sum_(fires)
+                    loss_fvu = self.batch_dist.sum_(torch.stack([loss.detach(), fvu]))
                     loss, fvu = loss_fvu[0], loss_fvu[1]
                 W = sae.W_dec
                 if sae.unit_norm_decoder:
@@ -201,8 +248,11 @@ class Trainer:
                 since.masked_fill_(fires > 0, 0)
                 self.window_fires[name] += fires
                 self.window_tokens[name] += n
-            stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fires.sum() / n,
-                           "dead_fraction": dead.float().mean()}
+            fired, n_dead = fires.sum(), dead.sum()
+            if self.sharded:  # counts of this slice of the latents: add the others'
+                fired, n_dead = self.dist.sum_(torch.stack([fired, n_dead]))
+            stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fired / n,
+                           "dead_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1))}
         self.step_count += 1
         self.tokens_seen += next(iter(batch.values())).shape[0] * self.dist.world
         return stats
@@ -217,8 +267,9 @@ class Trainer:
         return BatchTotals(n, var, self.dist.min_)
 
     def trained_sae(self, hook: str) -> SparseAutoencoder:
-        """The SAE for ``hook`` as it should be used and saved: a copy taking unscaled inputs."""
-        sae = copy.deepcopy(self.saes[hook])
+        """The SAE for ``hook`` as it should be used and saved: a copy taking unscaled inputs.
+        With latents sharded every rank must call this (the slices are gathered)."""
+        sae = gather_latents(self.saes[hook], self.dist) if self.sharded else copy.deepcopy(self.saes[hook])
         if self.scales_inputs(hook):
             sae.fold_input_scale(float(self.input_scale[hook]))
         return sae

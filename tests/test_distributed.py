@@ -40,10 +40,11 @@ def _entry(rank, fn, world, store, args):
         dist.destroy_process_group()
 
 
-def trainer_config(arch: str):
+def trainer_config(arch: str, mode: str = "data"):
     extra = ["sae.k=4"] if "topk" in arch else []
     return load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", f"train.batch_tokens={N}",
-                              "train.warmup_steps=3", "train.dead_tokens=200", "train.lr=3e-3", *extra])
+                              "train.warmup_steps=3", "train.dead_tokens=200", "train.lr=3e-3",
+                              f"distributed.mode={mode}", *extra])
 
 
 def batches(steps: int):
@@ -55,21 +56,23 @@ def batches(steps: int):
 STEPS = 25
 
 
-def train(arch: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    cfg = trainer_config(arch)
+def train(arch: str, rank: int = 0, world: int = 1, mode: str = "data") -> dict[str, torch.Tensor]:
+    cfg = trainer_config(arch, mode)
     d = Dist(rank, world) if world > 1 else None
     trainer = Trainer(cfg, {"h": D}, STEPS, "cpu", d)
     share = N // world
     for x in batches(STEPS):
         trainer.step({"h": x[rank * share:(rank + 1) * share]})
-    sae = trainer.saes["h"]
-    return {**{k: v.detach().clone() for k, v in sae.state_dict().items()},
-            "since_fired": trainer.since_fired["h"].clone(), "input_scale": trainer.input_scale["h"].clone(),
-            "tokens": torch.tensor(trainer.tokens_seen)}
+    sae = trainer.trained_sae("h")   # the whole SAE, gathered when its latents are sharded
+    since = trainer.since_fired["h"]
+    if trainer.sharded:
+        since = d.gather_rows(since)
+    return {**{k: v.detach().clone() for k, v in sae.state_dict().items()}, "since_fired": since.clone(),
+            "input_scale": trainer.input_scale["h"].clone(), "tokens": torch.tensor(trainer.tokens_seen)}
 
 
-def _data_parallel_worker(rank, world, arch, out):
-    torch.save(train(arch, rank, world), f"{out}.{rank}")
+def _data_parallel_worker(rank, world, arch, out, mode="data"):
+    torch.save(train(arch, rank, world, mode), f"{out}.{rank}")
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
@@ -88,15 +91,15 @@ def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(tmp
 
 # ---- whole runs: two processes, checkpoints, resume ----------------------------------
 
-def small_run(root, name="r"):
-    return load_config(None, [
+def small_run(root, name="r", mode="data"):
+    return load_config(None, [f"distributed.mode={mode}",
         f"output.root={root}", f"output.run_name={name}", "output.tensorboard=false", "output.log_every_steps=5",
         "output.checkpoint_every_steps=7", "data.token_budget=16384", "data.eval_split=null",
         "train.batch_tokens=512", "harvest.buffer_tokens=2048", "train.warmup_steps=2", "train.dead_tokens=2000",
         "sae.expansion_factor=4"])
 
 
-def _run_worker(rank, world, root, name, stop_at, resume):
+def _run_worker(rank, world, root, name, stop_at, resume, mode="data"):
     import signal
 
     from sae.run import resume_config, train_run
@@ -112,14 +115,15 @@ def _run_worker(rank, world, root, name, stop_at, resume):
             return out
 
         Trainer.step = step_then_signal
-    cfg = resume_config(Path(root) / name) if resume else small_run(root, name)
+    cfg = resume_config(Path(root) / name) if resume else small_run(root, name, mode)
     try:
         train_run(cfg, log=lambda line: None, resume=resume, dist=Dist(rank, world))
     except TrainingStopped as e:
         Path(root, f"stopped-{name}-{rank}").write_text(str(e.step))
 
 
-def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path):
+@pytest.mark.parametrize("mode", ["data", "latents"])
+def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path, mode):
     import json
 
     from safetensors.torch import load_file
@@ -127,17 +131,19 @@ def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path):
     from sae.errors import ConfigError
     from sae.run import resume_config, train_run
 
-    spawn(_run_worker, 2, str(tmp_path), "whole", None, False)
-    spawn(_run_worker, 2, str(tmp_path), "parts", 10, False)
+    spawn(_run_worker, 2, str(tmp_path), "whole", None, False, mode)
+    spawn(_run_worker, 2, str(tmp_path), "parts", 10, False, mode)
     assert [(tmp_path / f"stopped-parts-{r}").read_text() for r in range(2)] == ["10", "10"]
     state = tmp_path / "parts" / "state"
     doc = json.loads((state / "state.json").read_text())
     assert doc["world_size"] == 2 and len(doc["buffers"]) == 2 and doc["trainer"]["step"] == 10
-    assert sorted(p.name for p in state.iterdir()) == ["buffer-rank0.safetensors", "buffer-rank1.safetensors",
-                                                       "state.json", "trainer.safetensors"]
+    trainer_files = (["trainer-rank0.safetensors", "trainer-rank1.safetensors"] if mode == "latents"
+                     else ["trainer.safetensors"])
+    assert sorted(p.name for p in state.iterdir()) == sorted(
+        ["buffer-rank0.safetensors", "buffer-rank1.safetensors", "state.json", *trainer_files])
     with pytest.raises(ConfigError, match="written by 2 process.*resume it with 2"):
         train_run(resume_config(tmp_path / "parts"), log=lambda line: None, resume=True)
-    spawn(_run_worker, 2, str(tmp_path), "parts", None, True)
+    spawn(_run_worker, 2, str(tmp_path), "parts", None, True, mode)
     whole = load_file(tmp_path / "whole" / "layers.2" / "sae_weights.safetensors")
     parts = load_file(tmp_path / "parts" / "layers.2" / "sae_weights.safetensors")
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
@@ -193,3 +199,14 @@ def test_latent_sharded_topk_gives_the_unsharded_loss_and_gradients(tmp_path, k,
         torch.testing.assert_close(torch.cat([p[name] for p in parts]), grads[name], rtol=1e-4, atol=1e-6)
     assert sum(int(p["fires"].sum()) for p in parts) == N * k   # k latents per token, over both shards
     assert grads["W_enc"][sharded_problem()["dead"]].abs().sum() > 0   # AuxK reached the dead latents
+
+
+def test_two_process_latent_sharded_training_equals_one_process(tmp_path):
+    torch.set_num_threads(1)
+    one = train("topk")
+    spawn(_data_parallel_worker, 2, "topk", str(tmp_path / "w"), "latents")
+    for rank in range(2):
+        two = torch.load(tmp_path / f"w.{rank}")
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5, msg=f"{name} rank {rank}")
+    assert one["since_fired"].max() > 0
