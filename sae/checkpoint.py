@@ -79,9 +79,12 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, di
                 save_file(t, str(parts / f".{name}"))
                 os.replace(parts / f".{name}", parts / name)
         buffer_metas = dist.gather_objects(buffer_state["meta"])   # also: every part is on disk now
+        trainer_metas = dist.gather_objects(meta) if per_rank else [meta]
         if dist.is_main:
             doc = {"format": FORMAT, "config": resumable_config(cfg), "trainer": meta, "world_size": dist.world,
                    "trainer_per_rank": per_rank}
+            if per_rank:
+                doc["trainers"] = trainer_metas   # each rank's SAEs (and step counters, the same)
             if dist.active:
                 doc["buffers"] = buffer_metas       # one data position per rank
             else:
@@ -142,7 +145,8 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> 
         raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} belongs to another run ({diff} "
                           "in config.yaml)")
     buffer_meta = doc["buffers"][dist.rank] if world > 1 else doc["buffer"]
-    return Checkpoint(trainer_tensors, doc["trainer"], {"tensors": buffer_tensors, "meta": buffer_meta})
+    trainer_meta = doc["trainers"][dist.rank] if per_rank else doc["trainer"]
+    return Checkpoint(trainer_tensors, trainer_meta, {"tensors": buffer_tensors, "meta": buffer_meta})
 
 
 def remove_checkpoint(run_dir: Path) -> None:

@@ -128,9 +128,11 @@ class OutputConfig:
 @dataclass
 class DistributedConfig:
     mode: str = opt("data", "With several processes (torchrun): data = each process harvests its share of "
-                    "the contexts, SAEs are replicated and gradients summed; latents = each process also holds "
-                    "1/N of every (TopK) SAE's latents and trains on the whole batch, for SAEs too wide for one "
-                    "device. train.batch_tokens is the total over processes.", choices=("data", "latents"))
+                    "the contexts, SAEs are replicated and gradients summed; hooks = each process trains the SAEs "
+                    "of 1/N of the hook points on the whole batch (gathered from all); latents = each process "
+                    "holds 1/N of every TopK SAE's latents and trains on the whole batch, for SAEs too wide for "
+                    "one device. train.batch_tokens is the total over processes.",
+                    choices=("data", "hooks", "latents"))
     timeout_s: int = opt(900, "Seconds a process waits for the others at a collective before the run stops "
                          "with an error (a process that died or hangs).", ge=1)
 

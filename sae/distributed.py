@@ -106,6 +106,14 @@ class Dist:
         collective(dist.all_gather, parts, x.contiguous())
         return torch.cat(parts)
 
+    def gather_to(self, x: torch.Tensor, dst: int) -> torch.Tensor | None:
+        """On rank ``dst``: every rank's ``x`` [n, ...] concatenated in rank order; None elsewhere."""
+        if not self.active:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)] if self.rank == dst else None
+        collective(dist.gather, x.contiguous(), parts, dst=dst)
+        return torch.cat(parts) if parts is not None else None
+
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj`` (JSON-able), rank order."""
         if not self.active:

@@ -23,6 +23,7 @@ from sae.checkpoint import STATE_DIR, load_checkpoint, remove_checkpoint, resuma
 from sae.config import RunConfig, config_from_dict, load_config, read_yaml, to_dict, to_yaml
 from sae.data import load_text_dataset
 from sae.distributed import Dist
+from sae.formats import load_sae
 from sae.errors import ConfigError
 from sae.metrics import Metrics
 from sae.models import load_model, model_summary
@@ -154,9 +155,10 @@ def sae_hook(stored, cfg: RunConfig) -> str:
 
 def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> dict[str, SparseAutoencoder]:
     """Write each SAE, ready to use (input scale folded in), to ``run_dir/<name>`` (rank 0
-    writes; with latents sharded every rank calls this, to gather them). Returns them."""
+    writes; with latents sharded every rank calls this, to gather them; with hook points
+    split each process writes its own). Returns them."""
     saes = {name: trainer.trained_sae(name) for name in trainer.saes}
-    if trainer.dist.is_main:
+    if trainer.dist.is_main or trainer.by_hook:
         for name, sae in saes.items():
             sae.save(run_dir / name, metadata={
                 "model_name": cfg.model.name_or_path, "hook_name": trainer.hook_of[name],
@@ -250,8 +252,9 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
               if cfg.output.tensorboard and dist.is_main else None)
 
     def on_checkpoint(trainer: Trainer) -> None:
-        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), dist, per_rank=trainer.sharded)
-        if dist.is_main or trainer.sharded:
+        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), dist,
+                        per_rank=trainer.sharded or trainer.by_hook)
+        if dist.is_main or trainer.sharded or trainer.by_hook:
             save_saes(trainer, cfg, run_dir)
 
     try:
@@ -270,16 +273,22 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     tokens = (trainer.step_count - step0) * cfg.train.batch_tokens
     log(f"harvested and trained {trainer.step_count - step0} steps on {tokens:,} tokens per hook "
         f"point in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)")
-    if not (dist.is_main or trainer.sharded):  # rank 0 saves and evaluates; the others are done
+    if not (dist.is_main or trainer.sharded or trainer.by_hook):  # rank 0 saves and evaluates
         return run_dir
     saes = save_saes(trainer, cfg, run_dir)
+    if trainer.by_hook:  # rank 0 evaluates every SAE: the others' from their folders
+        dist.barrier()
+        if dist.is_main:
+            device = next(model.parameters()).device
+            saes = {name: saes[name] if name in saes else load_sae(run_dir / name, device=device)
+                    for name in trainer.all_saes}
     if not dist.is_main:  # evaluation runs no collective: the others are done
         return run_dir
     if d.eval_split is None:
         remove_checkpoint(run_dir)
         log(f"saved to {run_dir}; no evaluation (data.eval_split is null)")
         return run_dir
-    results = evaluate_run(cfg, model, tokenizer, saes, trainer.hook_of)
+    results = evaluate_run(cfg, model, tokenizer, saes, trainer.all_saes)
     print_metrics(results, d.eval_split, log)
     for name, r in results.items():
         write_text_atomic(run_dir / name / "metrics.json", json.dumps(r, indent=1) + "\n")

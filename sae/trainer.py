@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from sae.architectures import ARCHITECTURES, SparseAutoencoder
 from sae.architectures.base import BatchTotals
 from sae.config import RunConfig, SAEConfig, sae_variants
-from sae.distributed import Dist
+from sae.distributed import Dist, sharded
 from sae.sharded_topk import sharded_topk_loss
 from sae.errors import ConfigError
 
@@ -81,9 +81,10 @@ def sae_id(hook: str, variant: str) -> str:
 
 def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool) -> SparseAutoencoder:
     """This rank's slice (latents [r M/w, (r+1) M/w)) of a TopK SAE, as a TopK SAE."""
-    if sae.architecture != "topk" or sae.cfg.multi_topk or autocast:
+    multi = getattr(sae.cfg, "multi_topk", False)
+    if sae.architecture != "topk" or multi or autocast:
         raise ConfigError(f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
-                          f"{name} is {sae.architecture}" + (" with multi_topk" if sae.cfg.multi_topk else "")
+                          f"{name} is {sae.architecture}" + (" with multi_topk" if multi else "")
                           + (" with train.autocast" if autocast else ""))
     M = sae.cfg.num_latents
     if M % dist.world:
@@ -126,9 +127,18 @@ class Trainer:
         (``sae.sharded_topk``)."""
         self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
         self.dist = dist or Dist()
-        self.sharded = self.dist.active and cfg.distributed.mode == "latents"
+        mode = cfg.distributed.mode if self.dist.active else None
+        self.sharded, self.by_hook = mode == "latents", mode == "hooks"
         # whom a batch is split over: the processes in data-parallel mode, nobody otherwise
-        self.batch_dist = self.dist if self.dist.active and not self.sharded else Dist()
+        self.batch_dist = self.dist if mode == "data" else Dist()
+        self.hooks = list(widths)
+        # which process trains each hook point's SAEs (hooks mode: an even, contiguous split)
+        self.owner = {hook: 0 for hook in self.hooks}
+        if self.by_hook:
+            sharded(self.hooks, self.dist.world, "hook points")
+            per = len(self.hooks) // self.dist.world
+            self.owner = {hook: i // per for i, hook in enumerate(self.hooks)}
+        self.densities: dict[str, torch.Tensor] = {}   # per SAE, set at each log step (for TensorBoard)
         self.step_count, self.tokens_seen = 0, 0
         self.saes: dict[str, SparseAutoencoder] = {}
         self.optimizers: dict[str, torch.optim.Adam] = {}
@@ -143,7 +153,11 @@ class Trainer:
         self.diverged: dict[str, torch.Tensor] = {}
         self.peak_lr: dict[str, float] = {}
         self.hook_of: dict[str, str] = {}
+        # every SAE of the run, this process's or not: {name: hook point}
+        self.all_saes = {sae_id(hook, variant): hook for hook in widths for variant in sae_variants(cfg)}
         for hook, d in widths.items():
+            if self.by_hook and self.owner[hook] != self.dist.rank:
+                continue
             for variant, settings in sae_variants(cfg).items():
                 self._add(sae_id(hook, variant), hook, make_sae(settings, d, "cpu" if self.sharded else self.device))
 
@@ -186,6 +200,11 @@ class Trainer:
         stats = {}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast)
         inputs = {}
+        if self.by_hook:  # each hook point's batch, whole, goes to the process that trains its SAEs
+            for hook in self.hooks:
+                whole = self.dist.gather_to(batch[hook].to(self.device, torch.float32), self.owner[hook])
+                if whole is not None:
+                    inputs[hook] = whole
         for name, sae in self.saes.items():
             hook = self.hook_of[name]
             if hook not in inputs:  # several SAEs (a sweep) can train on one hook's batch
@@ -252,7 +271,8 @@ class Trainer:
             if self.sharded:  # counts of this slice of the latents: add the others'
                 fired, n_dead = self.dist.sum_(torch.stack([fired, n_dead]))
             stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fired / n,
-                           "dead_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1))}
+                           "dead_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1)),
+                           "lr": opt.param_groups[0]["lr"]}
         self.step_count += 1
         self.tokens_seen += next(iter(batch.values())).shape[0] * self.dist.world
         return stats
@@ -366,6 +386,9 @@ class Trainer:
                 if self.step_count % log_every == 0 or self.step_count == self.total_steps:
                     self.check_finite()
                     last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}
+                    self.densities = self.take_window_densities()
+                    if self.by_hook:  # every process's SAEs, for the progress bar and the log
+                        last = {h: s for part in self.dist.gather_objects(last) for h, s in part.items()}
                     first = next(iter(last.values()))
                     bar.set_postfix(step=self.step_count, loss=f"{first['loss']:.3g}", fvu=f"{first['fvu']:.3f}",
                                     l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.1%}")
@@ -382,12 +405,19 @@ class Trainer:
         self.check_finite()
         return last
 
-    def take_window_density(self, hook: str) -> torch.Tensor:
-        """Per-latent firing rate [M] since the last call (for density histograms)."""
-        rate = self.window_fires[hook].double() / max(1, self.window_tokens[hook])
-        self.window_fires[hook].zero_()
-        self.window_tokens[hook] = 0
-        return rate
+    def take_window_densities(self) -> dict[str, torch.Tensor]:
+        """{SAE: per-latent firing rate [M]} since the last call (for density histograms), of
+        every process's SAEs; a collective when SAEs are split over processes."""
+        rates = {}
+        for name in self.saes:
+            rate = self.window_fires[name].double() / max(1, self.window_tokens[name])
+            self.window_fires[name].zero_()
+            self.window_tokens[name] = 0
+            rates[name] = self.dist.gather_rows(rate) if self.sharded else rate
+        if self.by_hook:
+            rates = {name: r for part in self.dist.gather_objects({n: r.cpu() for n, r in rates.items()})
+                     for name, r in part.items()}
+        return rates
 
 
 class TensorBoardLogger:
@@ -410,8 +440,7 @@ class TensorBoardLogger:
         for hook, values in stats.items():
             for name, value in values.items():
                 self.writer.add_scalar(f"{hook}/{name}", value, step)
-            self.writer.add_scalar(f"{hook}/lr", trainer.optimizers[hook].param_groups[0]["lr"], step)
-            density = trainer.take_window_density(hook)
+            density = trainer.densities[hook]
             self.writer.add_scalar(f"{hook}/dense_fraction", (density > 0.1).double().mean().item(), step)
             self.writer.add_histogram(f"{hook}/log10_density", torch.log10(density.clamp_min(1e-10)).cpu(), step)
         self.writer.add_scalar("tokens_per_s", rate, step)

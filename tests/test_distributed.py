@@ -56,23 +56,28 @@ def batches(steps: int):
 STEPS = 25
 
 
-def train(arch: str, rank: int = 0, world: int = 1, mode: str = "data") -> dict[str, torch.Tensor]:
+def train(arch: str, rank: int = 0, world: int = 1, mode: str = "data", hook: str = "h") -> dict[str, torch.Tensor]:
+    """The SAE at ``hook`` after STEPS steps, trained by this process of ``world``; every
+    hook point ("h", "g") gets the same batches, offset."""
     cfg = trainer_config(arch, mode)
     d = Dist(rank, world) if world > 1 else None
-    trainer = Trainer(cfg, {"h": D}, STEPS, "cpu", d)
+    trainer = Trainer(cfg, {"h": D, "g": D}, STEPS, "cpu", d)
     share = N // world
     for x in batches(STEPS):
-        trainer.step({"h": x[rank * share:(rank + 1) * share]})
-    sae = trainer.trained_sae("h")   # the whole SAE, gathered when its latents are sharded
-    since = trainer.since_fired["h"]
+        mine = x[rank * share:(rank + 1) * share]
+        trainer.step({"h": mine, "g": mine * 0.5 + 1})
+    if hook not in trainer.saes:
+        return {}
+    sae = trainer.trained_sae(hook)   # the whole SAE, gathered when its latents are sharded
+    since = trainer.since_fired[hook]
     if trainer.sharded:
         since = d.gather_rows(since)
     return {**{k: v.detach().clone() for k, v in sae.state_dict().items()}, "since_fired": since.clone(),
-            "input_scale": trainer.input_scale["h"].clone(), "tokens": torch.tensor(trainer.tokens_seen)}
+            "input_scale": trainer.input_scale[hook].clone(), "tokens": torch.tensor(trainer.tokens_seen)}
 
 
-def _data_parallel_worker(rank, world, arch, out, mode="data"):
-    torch.save(train(arch, rank, world, mode), f"{out}.{rank}")
+def _data_parallel_worker(rank, world, arch, out, mode="data", hook="h"):
+    torch.save(train(arch, rank, world, mode, hook), f"{out}.{rank}")
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
@@ -92,7 +97,7 @@ def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(tmp
 # ---- whole runs: two processes, checkpoints, resume ----------------------------------
 
 def small_run(root, name="r", mode="data"):
-    return load_config(None, [f"distributed.mode={mode}",
+    return load_config(None, [f"distributed.mode={mode}", "hooks=[layers.1,layers.2]" if mode == "hooks" else "hooks=[layers.2]",
         f"output.root={root}", f"output.run_name={name}", "output.tensorboard=false", "output.log_every_steps=5",
         "output.checkpoint_every_steps=7", "data.token_budget=16384", "data.eval_split=null",
         "train.batch_tokens=512", "harvest.buffer_tokens=2048", "train.warmup_steps=2", "train.dead_tokens=2000",
@@ -122,7 +127,7 @@ def _run_worker(rank, world, root, name, stop_at, resume, mode="data"):
         Path(root, f"stopped-{name}-{rank}").write_text(str(e.step))
 
 
-@pytest.mark.parametrize("mode", ["data", "latents"])
+@pytest.mark.parametrize("mode", ["data", "latents", "hooks"])
 def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path, mode):
     import json
 
@@ -137,16 +142,17 @@ def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path, mode):
     state = tmp_path / "parts" / "state"
     doc = json.loads((state / "state.json").read_text())
     assert doc["world_size"] == 2 and len(doc["buffers"]) == 2 and doc["trainer"]["step"] == 10
-    trainer_files = (["trainer-rank0.safetensors", "trainer-rank1.safetensors"] if mode == "latents"
+    trainer_files = (["trainer-rank0.safetensors", "trainer-rank1.safetensors"] if mode != "data"
                      else ["trainer.safetensors"])
     assert sorted(p.name for p in state.iterdir()) == sorted(
         ["buffer-rank0.safetensors", "buffer-rank1.safetensors", "state.json", *trainer_files])
     with pytest.raises(ConfigError, match="written by 2 process.*resume it with 2"):
         train_run(resume_config(tmp_path / "parts"), log=lambda line: None, resume=True)
     spawn(_run_worker, 2, str(tmp_path), "parts", None, True, mode)
-    whole = load_file(tmp_path / "whole" / "layers.2" / "sae_weights.safetensors")
-    parts = load_file(tmp_path / "parts" / "layers.2" / "sae_weights.safetensors")
-    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    for hook in ["layers.1", "layers.2"] if mode == "hooks" else ["layers.2"]:
+        whole = load_file(tmp_path / "whole" / hook / "sae_weights.safetensors")
+        parts = load_file(tmp_path / "parts" / hook / "sae_weights.safetensors")
+        assert all(torch.equal(whole[k], parts[k]) for k in whole), hook
     assert not state.exists()
 
 
@@ -210,3 +216,72 @@ def test_two_process_latent_sharded_training_equals_one_process(tmp_path):
         for name in one:
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5, msg=f"{name} rank {rank}")
     assert one["since_fired"].max() > 0
+
+
+def test_hook_points_split_over_two_processes_train_as_one_process(tmp_path):
+    torch.set_num_threads(1)
+    for rank, hook in enumerate(["h", "g"]):   # rank 0 trains h's SAE, rank 1 g's
+        one = train("topk", hook=hook)
+        spawn(_data_parallel_worker, 2, "topk", str(tmp_path / hook), "hooks", hook)
+        two = torch.load(tmp_path / f"{hook}.{rank}")
+        assert torch.load(tmp_path / f"{hook}.{1 - rank}") == {}   # the other process holds no SAE for it
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=f"{hook} {name}")
+
+
+# ---- bad input and dead processes: one line, no hang ------------------------------------
+
+def _refusal_worker(rank, world, what, out):
+    from sae.errors import ConfigError
+
+    cfgs = {"hooks": (trainer_config("topk", "hooks"), {"h": D, "g": D, "f": D}),
+            "latents": (load_config(None, ["sae.num_latents=63", "sae.k=4", "distributed.mode=latents"]), {"h": D}),
+            "relu-latents": (load_config(None, ["sae.architecture=relu", "distributed.mode=latents"]), {"h": D})}
+    cfg, widths = cfgs[what]
+    try:
+        Trainer(cfg, widths, 10, "cpu", Dist(rank, world))
+    except ConfigError as e:
+        Path(f"{out}.{rank}").write_text(str(e))
+
+
+@pytest.mark.parametrize("what,message", [
+    ("hooks", "distributed.mode: 3 hook points do not divide evenly over 2 processes"),
+    ("latents", "distributed.mode: latents: the 63 latents of h do not divide over 2 processes"),
+    ("relu-latents", "distributed.mode: latents trains TopK SAEs .*; h is relu")])
+def test_splits_that_do_not_work_are_refused_in_one_line(tmp_path, what, message):
+    import re
+
+    spawn(_refusal_worker, 2, what, str(tmp_path / "e"))
+    for rank in range(2):
+        text = (tmp_path / f"e.{rank}").read_text()
+        assert re.search(message, text) and "\n" not in text
+
+
+def _dying_worker(rank, world, out):
+    from sae.errors import ConfigError
+
+    trainer = Trainer(trainer_config("topk"), {"h": D}, STEPS, "cpu", Dist(rank, world))
+    for i, x in enumerate(batches(STEPS)):
+        if rank == 1 and i == 3:
+            os._exit(3)          # a process that dies mid-run
+        try:
+            trainer.step({"h": x[:N // 2]})
+        except ConfigError as e:
+            Path(f"{out}.{rank}").write_text(str(e))
+            return
+
+
+def test_a_dead_process_stops_the_others_with_one_line(tmp_path):
+    with pytest.raises(mp.ProcessExitedException, match="process 1 terminated with exit code 3"):
+        spawn(_dying_worker, 2, str(tmp_path / "d"))
+    text = (tmp_path / "d.0").read_text()
+    assert text.startswith("rank 0: another process stopped or timed out") and "\n" not in text
+
+
+def test_a_run_whose_batch_does_not_split_is_refused(tmp_path):
+    from sae.errors import ConfigError
+    from sae.run import train_run
+
+    cfg = load_config(None, [f"output.root={tmp_path}", "train.batch_tokens=1001"])
+    with pytest.raises(ConfigError, match="train.batch_tokens: 1001 does not divide over 2 processes"):
+        train_run(cfg, log=lambda line: None, dist=Dist(0, 2))
