@@ -105,21 +105,12 @@ def small_run(root, name="r", mode="data"):
 
 
 def _run_worker(rank, world, root, name, stop_at, resume, mode="data"):
-    import signal
-
     from sae.run import resume_config, train_run
     from sae.trainer import TrainingStopped
+    from test_resume import signalling_step
 
     if stop_at is not None and rank == world - 1:   # Ctrl-C reaches one process; all must stop together
-        original = Trainer.step
-
-        def step_then_signal(self, batch):
-            out = original(self, batch)
-            if self.step_count == stop_at:
-                os.kill(os.getpid(), signal.SIGINT)
-            return out
-
-        Trainer.step = step_then_signal
+        Trainer.step = signalling_step(stop_at)
     cfg = resume_config(Path(root) / name) if resume else small_run(root, name, mode)
     try:
         train_run(cfg, log=lambda line: None, resume=resume, dist=Dist(rank, world))
@@ -127,6 +118,7 @@ def _run_worker(rank, world, root, name, stop_at, resume, mode="data"):
         Path(root, f"stopped-{name}-{rank}").write_text(str(e.step))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["data", "latents", "hooks"])
 def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path, mode):
     import json

@@ -23,8 +23,8 @@ def small_run(root, *extra):
         "sae.expansion_factor=4", *extra])
 
 
-def interrupt_at(monkeypatch, step):
-    """Send this process a real SIGINT right after optimizer step ``step``."""
+def signalling_step(step):
+    """Trainer.step, sending this process a real SIGINT right after optimizer step ``step``."""
     original = Trainer.step
 
     def step_then_signal(self, batch):
@@ -33,7 +33,11 @@ def interrupt_at(monkeypatch, step):
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    monkeypatch.setattr(Trainer, "step", step_then_signal)
+    return step_then_signal
+
+
+def interrupt_at(monkeypatch, step):
+    monkeypatch.setattr(Trainer, "step", signalling_step(step))
 
 
 def weights(run_dir, hook="layers.2"):
