@@ -14,9 +14,13 @@ What the ranks share depends on ``distributed.mode`` (sae.trainer and sae.run us
 * data: each rank harvests every world-th context (``Shard``); SAEs are replicated; the
   loss is normalised by the global batch (its token count and total variance) and the
   gradients are summed, so one step equals a one-process step on the union of the batches.
-* latents: one wide TopK SAE split by latents (``sae.sharded_topk``).
+* hooks: each rank harvests its share too, but trains only the SAEs of 1/N of the hook
+  points, on each of their batches gathered whole from all ranks.
+* latents: every TopK SAE split by latents; each rank trains its slice on the whole
+  batch (``sae.sharded_topk``).
 
-Only rank 0 prints, logs and writes SAEs; a checkpoint holds every rank's data position.
+Only rank 0 prints, logs and writes checkpoints (and SAEs, except in hooks mode, where each
+rank writes its own); a checkpoint holds every rank's data position.
 """
 
 from __future__ import annotations

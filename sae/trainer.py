@@ -168,6 +168,10 @@ class Trainer:
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
         self.peak_lr[name] = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents)
         if self.sharded:  # keep this rank's slice of the same initial SAE
+            clip = sae.grad_clip if self.cfg.train.grad_clip is None else self.cfg.train.grad_clip
+            if clip:
+                raise ConfigError(f"train.grad_clip: {clip} cannot be applied with distributed.mode: latents (each "
+                                  "process holds part of the gradient); set train.grad_clip=0")
             sae = shard_latents(sae, self.dist, name, self.cfg.train.autocast).to(self.device)
         M = sae.cfg.num_latents
         self.saes[name], self.hook_of[name] = sae, hook
