@@ -230,7 +230,7 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     batches = iter(buffer)
     log(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {d.token_budget:,} tokens "
         f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}"
-        + (f"; {dist.world} processes, each harvesting every {dist.world}th context" if dist.active else ""))
+        + (f"; {dist.world} processes, each harvesting 1 context in {dist.world}" if dist.active else ""))
     start = time.perf_counter()
     first = next(batches, None)
     if dist.agree(first is None):

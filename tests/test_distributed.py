@@ -4,6 +4,7 @@ the whole batch; sharded data; checkpoints and resume of a 2-process run."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -277,3 +278,25 @@ def test_a_run_whose_batch_does_not_split_is_refused(tmp_path):
     cfg = load_config(None, [f"output.root={tmp_path}", "train.batch_tokens=1001"])
     with pytest.raises(ConfigError, match="train.batch_tokens: 1001 does not divide over 2 processes"):
         train_run(cfg, log=lambda line: None, dist=Dist(0, 2))
+
+
+@pytest.mark.slow
+def test_torchrun_launches_train_py_on_two_processes(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:   # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "train.py", "--set", f"output.root={tmp_path}", "--set", "output.run_name=tr", "--set", "harvest.cache_dir=null",
+         "--set", "harvest.cache_epochs=1", "--set", "data.token_budget=8192", "--set", "train.batch_tokens=512",
+         "--set", "data.eval_tokens=1024", "--set", "sae.expansion_factor=2"],
+        cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "2 processes, each harvesting 1 context in 2" in result.stdout
+    assert result.stdout.count("run folder:") == 1          # rank 0 alone speaks
+    assert json.loads((tmp_path / "tr" / "layers.2" / "metrics.json").read_text())["fvu"] < 1
