@@ -169,10 +169,10 @@ class Trainer:
         self.peak_lr[name] = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents)
         if self.sharded:  # keep this rank's slice of the same initial SAE
             clip = sae.grad_clip if self.cfg.train.grad_clip is None else self.cfg.train.grad_clip
+            sae = shard_latents(sae, self.dist, name, self.cfg.train.autocast).to(self.device)
             if clip:
                 raise ConfigError(f"train.grad_clip: {clip} cannot be applied with distributed.mode: latents (each "
                                   "process holds part of the gradient); set train.grad_clip=0")
-            sae = shard_latents(sae, self.dist, name, self.cfg.train.autocast).to(self.device)
         M = sae.cfg.num_latents
         self.saes[name], self.hook_of[name] = sae, hook
         self.optimizers[name] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[name], betas=sae.adam_betas,

@@ -229,7 +229,8 @@ def _refusal_worker(rank, world, what, out):
 
     cfgs = {"hooks": (trainer_config("topk", "hooks"), {"h": D, "g": D, "f": D}),
             "latents": (load_config(None, ["sae.num_latents=63", "sae.k=4", "distributed.mode=latents"]), {"h": D}),
-            "relu-latents": (load_config(None, ["sae.architecture=relu", "distributed.mode=latents"]), {"h": D})}
+            "relu-latents": (load_config(None, ["sae.architecture=relu", "distributed.mode=latents"]), {"h": D}),
+            "clip-latents": (load_config(None, ["sae.k=4", "train.grad_clip=1", "distributed.mode=latents"]), {"h": D})}
     cfg, widths = cfgs[what]
     try:
         Trainer(cfg, widths, 10, "cpu", Dist(rank, world))
@@ -240,7 +241,8 @@ def _refusal_worker(rank, world, what, out):
 @pytest.mark.parametrize("what,message", [
     ("hooks", "distributed.mode: 3 hook points do not divide evenly over 2 processes"),
     ("latents", "distributed.mode: latents: the 63 latents of h do not divide over 2 processes"),
-    ("relu-latents", "distributed.mode: latents trains TopK SAEs .*; h is relu")])
+    ("relu-latents", "distributed.mode: latents trains TopK SAEs .*; h is relu"),
+    ("clip-latents", "train.grad_clip: 1.0 cannot be applied with distributed.mode: latents")])
 def test_splits_that_do_not_work_are_refused_in_one_line(tmp_path, what, message):
     import re
 
