@@ -283,11 +283,13 @@ class Trainer:
 
     def _totals(self, x: torch.Tensor) -> BatchTotals:
         """Size and total variance of the whole batch that x [n, d] is this process's share of
-        (two-pass, as one process computes it)."""
+        (two-pass, as one process computes it). Every share has the same size (the buffers
+        serve fixed batches and ``sae.run.in_step`` keeps the processes in step), so the size
+        needs no collective and the step no host sync."""
         with torch.no_grad():
-            s = self.dist.sum_(torch.cat([x.sum(0), torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device)]))
-            n = int(s[-1].item())
-            var = self.dist.sum_((x - s[:-1] / n).pow(2).sum())
+            n = x.shape[0] * self.dist.world
+            mean = self.dist.sum_(x.sum(0)) / n
+            var = self.dist.sum_((x - mean).pow(2).sum())
         return BatchTotals(n, var, self.dist.min_)
 
     def trained_sae(self, hook: str) -> SparseAutoencoder:

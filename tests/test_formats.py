@@ -441,3 +441,12 @@ def test_every_command_reads_saelens_and_sparsify_copies_of_a_trained_sae(demo_s
         "evaluate", path.parent, "--set", "data.eval_tokens=2048") else None for path in copies.values()]
     assert all(e["hook"] == "layers.2" and e["fvu"] == pytest.approx(evaluated[0]["fvu"], rel=1e-6)
                for e in evaluated)
+
+
+def test_a_run_that_cannot_be_converted_whole_leaves_nothing_behind(tmp_path):
+    run = tmp_path / "mixed"
+    trained_like("topk").save(run / "layers.1", metadata={"hook_name": "layers.1"})
+    trained_like("relu").save(run / "layers.2", metadata={"hook_name": "layers.2"})
+    with pytest.raises(ConfigError, match="sparsify holds TopK SAEs .* this one is 'relu'"):
+        convert(run, tmp_path / "out", "sparsify", log=lambda line: None)
+    assert not (tmp_path / "out").exists()

@@ -176,6 +176,11 @@ def convert(src: str | Path, dst: Path, fmt: str, hook: str | None = None, overw
         out = {name: dst / t for name, t in targets.items()}
     else:
         out = {name: dst if name == "." else dst / name for name in stored}
+    for s in stored.values():   # whatever the format cannot hold is refused before anything is written
+        if fmt == saelens.NAME:
+            saelens.saelens_cfg(s.cfg)
+        elif fmt == sparsify.NAME:
+            sparsify.sparsify_cfg(s.cfg)
     for name, s in stored.items():
         write_sae(s, out[name], fmt)
         log(f"{s.folder} ({s.format}, {s.cfg['architecture']}, hook {s.hook or '?'}) -> {out[name]} ({fmt})")
