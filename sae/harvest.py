@@ -13,6 +13,7 @@ sinks); a token dropped at one hook point is dropped at all, so rows stay aligne
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -100,10 +101,25 @@ class Harvester:
                               "check harvest.exclude_special_tokens and harvest.max_norm_ratio")
 
 
+# Prefetch threads still running, {stop event: thread}: stopped and joined at exit, because
+# a daemon thread still inside native code (tokenizer, torch) while the interpreter shuts
+# down can abort the process ("terminate called without an active exception"), which
+# happened once when a run stopped on SIGTERM left its harvester unclosed.
+_RUNNING: dict[threading.Event, threading.Thread] = {}
+
+
+@atexit.register
+def _stop_prefetch_threads() -> None:
+    for stop, thread in list(_RUNNING.items()):
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _prefetched(items: Iterable, depth: int = 4) -> Iterator:
     """Iterate ``items`` in a daemon thread, ``depth`` ahead; its exceptions are re-raised here.
 
-    When the consumer stops early, the thread notices within 0.1 s and ends.
+    When the consumer stops early (or the process exits), the thread notices within 0.1 s
+    and ends.
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     done, stop = object(), threading.Event()
@@ -126,7 +142,9 @@ def _prefetched(items: Iterable, depth: int = 4) -> Iterator:
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             put(e)
 
-    threading.Thread(target=produce, daemon=True, name="sae-prefetch").start()
+    thread = threading.Thread(target=produce, daemon=True, name="sae-prefetch")
+    _RUNNING[stop] = thread
+    thread.start()
     try:
         while (item := q.get()) is not done:
             if isinstance(item, BaseException):
@@ -134,3 +152,4 @@ def _prefetched(items: Iterable, depth: int = 4) -> Iterator:
             yield item
     finally:
         stop.set()
+        _RUNNING.pop(stop, None)
