@@ -8,7 +8,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sae.errors import ConfigError
@@ -103,6 +103,42 @@ def replace_folder_atomic(folder: Path, fill: Callable[[Path], None]) -> None:
     tmp.rename(folder)
     fsync_dir(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_files_atomic(folder: Path, writers: dict[str, Callable[[Path], None]],
+                         remove: Iterable[str] = ()) -> None:
+    """Replace some files of ``folder``, leaving every other file in it alone.
+
+    ``writers``: {file name: fill(tmp path)}, written and fsynced beside their targets
+    first, then renamed into place in the order given (put the file that readers check
+    first, such as a config, last); files named in ``remove`` that were not written are
+    deleted after. A failure before the renames leaves the folder as it was, with no
+    temporary files.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmps: dict[str, Path] = {}
+    try:
+        for name, fill in writers.items():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+            os.close(fd)
+            tmps[name] = Path(tmp)
+            fill(tmps[name])
+            os.chmod(tmp, 0o644)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        for tmp in tmps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for name, tmp in tmps.items():
+        os.replace(tmp, folder / name)
+    for name in remove:
+        if name not in writers:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / name)
+    fsync_dir(folder)
 
 
 def existing_folder(folder: Path) -> Path | None:

@@ -53,6 +53,39 @@ def test_save_load_round_trip_in_saelens_layout(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
 
 
+def test_saving_over_an_sae_keeps_what_sits_beside_it_and_drops_other_formats(tmp_path):
+    folder = tmp_path / "layers.2"
+    make_sae(seed=0).save(folder)
+    (folder / "report.html").write_text("<p>report</p>")
+    (folder / "features").mkdir()
+    (folder / "features" / "stats.safetensors").write_bytes(b"cache")
+    (folder / "sae.safetensors").write_bytes(b"a sparsify file left by an earlier convert")
+    newer = make_sae(seed=1)
+    newer.save(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, "features", "report.html", WEIGHTS_FILE]
+    assert (folder / "report.html").read_text() == "<p>report</p>"
+    assert (folder / "features" / "stats.safetensors").read_bytes() == b"cache"
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(load_sae(folder)(x), newer(x))
+
+
+def test_a_failed_sae_write_keeps_the_old_sae_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    from sae import atomic_io
+
+    folder = tmp_path / "layers.2"
+    old = make_sae(seed=0)
+    old.save(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic_io.os, "fsync", full_disk)
+    with pytest.raises(ConfigError, match="No space left on device"):
+        make_sae(seed=1).save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_bad_folders_are_one_line(tmp_path):
     sae = make_sae()
     sae.save(tmp_path / "s")

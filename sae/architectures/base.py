@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sae.atomic_io import replace_folder_atomic
+from sae.atomic_io import replace_files_atomic
 from sae.errors import ConfigError
 
 CONFIG_FILE = "cfg.json"
@@ -141,7 +141,7 @@ class SparseAutoencoder(nn.Module):
                 "dtype": str(self.W_dec.dtype).removeprefix("torch."), "metadata": metadata or {}}
 
     def save(self, folder: str | Path, metadata: dict | None = None) -> None:
-        """Write cfg.json + sae_weights.safetensors into ``folder``, replacing it whole."""
+        """Write cfg.json + sae_weights.safetensors into ``folder`` (other files there are kept)."""
         write_sae_folder(Path(folder), {CONFIG_FILE: self.native_cfg(metadata)}, {WEIGHTS_FILE: self.disk_tensors()})
 
     @classmethod
@@ -176,18 +176,26 @@ class SparseAutoencoder(nn.Module):
         return sae
 
 
-def write_sae_folder(folder: Path, json_files: dict[str, dict], tensor_files: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Replace ``folder`` whole, atomically, by these JSON and safetensors files."""
-    def fill(tmp: Path) -> None:
-        for name, tensors in tensor_files.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
-        for name, doc in json_files.items():
-            (tmp / name).write_text(json.dumps(doc, indent=1) + "\n")
+# Every file name an SAE folder of a format we read may hold (ours, SAELens, sparsify):
+# writing an SAE replaces these and nothing else, so a report or statistics cache beside
+# it survives, and no file of another format is left to confuse format detection.
+SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sae.safetensors", "sae_cfg.json", "activation_scaler.json")
 
+
+def write_sae_folder(folder: Path, json_files: dict[str, dict], tensor_files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write these JSON and safetensors files into ``folder``, each replaced atomically
+    (tensors first, JSON last), and drop SAE files of other formats; the rest of the
+    folder is left alone."""
+    writers: dict[str, Callable[[Path], None]] = {}
+    for name, tensors in tensor_files.items():
+        cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        writers[name] = lambda tmp, cpu=cpu: save_file(cpu, str(tmp))
+    for name, doc in json_files.items():
+        writers[name] = lambda tmp, doc=doc: tmp.write_text(json.dumps(doc, indent=1) + "\n")
     try:
-        replace_folder_atomic(folder, fill)
-    except OSError as e:
-        raise ConfigError(f"cannot write the SAE folder {str(folder)!r}: {e.strerror}") from None
+        replace_files_atomic(folder, writers, remove=SAE_FILES)
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"cannot write the SAE folder {str(folder)!r}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def read_json(path: Path) -> dict:

@@ -134,7 +134,7 @@ def find_sae_folder(path: str | Path) -> Path:
 
 
 def write_sae(stored: StoredSAE, folder: Path, fmt: str) -> None:
-    """Write ``stored`` to ``folder`` (replaced whole) in format ``fmt``."""
+    """Write ``stored`` to ``folder`` in format ``fmt`` (its other files are kept)."""
     if fmt == saelens.NAME:
         saelens.write(stored, folder)
     elif fmt == sparsify.NAME:
