@@ -51,6 +51,13 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def identity_difference(cached: dict, wanted: dict) -> str:
+    """``first_difference`` of two cache identities, naming data keys as the config does
+    (the identity's "dataset" section, kept for existing caches, holds the data.* keys)."""
+    diff = first_difference(cached, wanted)
+    return "data." + diff.removeprefix("dataset.") if diff.startswith("dataset.") else diff
+
+
 def first_difference(a: dict, b: dict, prefix: str = "", a_has: str = "cache has") -> str:
     """'key.sub: <a_has> X, this run Y' for the first key where the nested dicts differ
     ('' if equal); keys in ``b``'s order, depth first, so a dataset's name is named before
@@ -96,7 +103,7 @@ class CacheWriter:
             raise ConfigError(f"harvest.cache_dir: cannot create {str(self.folder)!r}: {e.strerror}") from None
         if (self.folder / MANIFEST).exists():
             self.manifest = read_manifest(self.folder)
-            diff = first_difference(self.manifest.get("identity", {}), identity)
+            diff = identity_difference(self.manifest.get("identity", {}), identity)
             if diff:
                 raise ConfigError(f"harvest.cache_dir: {str(self.folder)!r} holds activations of another run "
                                   f"({diff}); use another cache_dir")
@@ -206,7 +213,7 @@ class CacheReader:
         self.folder, self.epochs, self.seed, self.start_row = Path(folder), epochs, seed, start_row
         self.manifest = read_manifest(folder)
         if identity is not None:
-            diff = first_difference(self.manifest["identity"], identity)
+            diff = identity_difference(self.manifest["identity"], identity)
             if diff:
                 raise ConfigError(f"harvest.cache_dir: {str(folder)!r} holds activations of another run ({diff})")
         if require_complete and not self.manifest["complete"]:

@@ -31,7 +31,7 @@ from sae import corpus
 from sae.activation_cache import CacheReader, CacheWriter, tokenizer_fingerprint
 from sae.buffer import ShuffleBuffer
 from sae.config import RunConfig
-from sae.data import context_batches, load_text_dataset
+from sae.data import context_batches, describe_split, load_text_dataset, split_source
 from sae.distributed import Shard
 from sae.errors import ConfigError
 from sae.harvest import Harvester, check_context_length
@@ -51,7 +51,10 @@ def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrained
         "dataset": {"dataset": d.dataset, "subset": d.subset, "split": d.split, "text_column": d.text_column,
                     "context_tokens": d.context_tokens, "token_budget": d.token_budget, "streaming": d.streaming,
                     # the built-in corpus differs between Python versions
-                    "builtin_sha256": corpus.fingerprint(d.split) if d.dataset == corpus.NAME else None},
+                    "builtin_sha256": corpus.fingerprint(d.split) if d.dataset == corpus.NAME else None,
+                    # local data and hub data without a test split: which documents the split holds
+                    **({"held_out": describe_split(d.dataset, d.split, d.subset)}
+                       if split_source(d.dataset, d.split, d.subset).part else {})},
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "masking": {"exclude_special_tokens": h.exclude_special_tokens, "max_norm_ratio": h.max_norm_ratio,
                     # the norm filter's median is per batch of contexts

@@ -48,9 +48,10 @@ class Document:
     text: str
 
 
-def split_of(doc_id: str) -> str:
-    """'test' for the fixed held-out 10% of document ids, 'train' otherwise."""
-    bucket = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:4], "big") % 100
+def split_of(key: str) -> str:
+    """'test' for the fixed held-out 10% of document keys (ids here; the text itself for
+    datasets without ids, ``sae.data.split_source``), 'train' otherwise."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 100
     return "test" if bucket < HELDOUT_PERCENT else "train"
 
 

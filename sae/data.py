@@ -8,7 +8,9 @@ token budget.
 
 from __future__ import annotations
 
+import functools
 import itertools
+from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from sae import corpus
+from sae.corpus import HELDOUT_PERCENT
 from sae.distributed import Shard
 from sae.errors import ConfigError
 from sae.hub import looks_like_local_path
@@ -32,18 +35,26 @@ def load_text_dataset(
     subset: str | None = None,
     streaming: bool = False,
     require_text: bool = True,
+    hold_out: bool = True,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split of a text dataset.
 
     ``dataset`` is ``builtin:python-docs``, a local file or folder of ``.txt``/``.jsonl``/
     ``.json``/``.parquet``/``.csv`` files, or a Hugging Face hub id (``subset`` names its
-    configuration). Raises ConfigError when the text column is missing, or (with
-    ``require_text``) holds something other than text.
+    configuration). ``split`` may also be a local file or folder, read whole (a held-out
+    set of the user's own). With ``hold_out``, a dataset without a ``test`` split of its
+    own (local files; hub datasets with only ``train``) gets one: the documents whose text
+    hashes into a fixed ``HELDOUT_PERCENT``, which ``train`` then leaves out (``split_source``).
+    Raises ConfigError when the text column is missing, or (with ``require_text``) holds
+    something other than text.
     """
     local_or_builtin = dataset.startswith("builtin:") or Path(dataset).exists()
     if subset is not None and local_or_builtin:
         raise ConfigError(f"data.subset: {subset!r} applies to hub datasets only; {dataset} has no subsets (use null)")
-    if dataset.startswith("builtin:"):
+    source = split_source(dataset, split, subset) if hold_out else SplitSource(split, None, None)
+    if source.path is not None:
+        ds = _load_local(Path(source.path), "train", streaming)
+    elif dataset.startswith("builtin:"):
         if dataset != corpus.NAME:
             raise ConfigError(f"data.dataset: unknown built-in dataset {dataset!r}; valid: {corpus.NAME}")
         try:
@@ -53,12 +64,12 @@ def load_text_dataset(
         if streaming:
             ds = ds.to_iterable_dataset()
     elif Path(dataset).exists():
-        ds = _load_local(Path(dataset), split, streaming)
+        ds = _load_local(Path(dataset), source.split, streaming)
     elif looks_like_local_path(dataset):
         raise ConfigError(f"data.dataset: {dataset!r} does not exist (nor is it a hub id like org/name)")
     else:
-        ds = _guarded(lambda: datasets.load_dataset(dataset, subset, split=split, streaming=streaming),
-                      f"data.dataset: cannot load {dataset!r} (subset {subset!r}, split {split!r})")
+        ds = _guarded(lambda: datasets.load_dataset(dataset, subset, split=source.split, streaming=streaming),
+                      f"data.dataset: cannot load {dataset!r} (subset {subset!r}, split {source.split!r})")
     columns = ds.column_names
     if columns is not None and text_column not in columns:
         raise ConfigError(
@@ -67,7 +78,66 @@ def load_text_dataset(
     feature = (ds.features or {}).get(text_column)
     if require_text and feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise ConfigError(f"data.text_column: column {text_column!r} of {dataset} holds {feature.dtype}, not text")
+    if source.part is not None:
+        keep = functools.partial(_in_part, column=text_column, part=source.part)
+        ds = (ds.filter(keep, batched=True) if isinstance(ds, datasets.IterableDataset)
+              else ds.filter(keep, batched=True, desc=f"{source.part} documents of {dataset}"))
     return ds
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """Where a requested split's text comes from: the dataset's own ``split``; or
+    (``part``) the documents of that split whose text hash puts them in ``part``, "train"
+    or "test"; or a local file or folder (``path``) read whole."""
+    split: str
+    part: str | None
+    path: str | None
+
+
+@functools.lru_cache(maxsize=64)
+def split_source(dataset: str, split: str, subset: str | None = None) -> SplitSource:
+    """How ``split`` of ``dataset`` is read. Local files have no splits of their own, only
+    "train" (everything) and "test" (held out by hash); a hub dataset's splits are its own,
+    plus the same two when it has no "test" (asking the hub which splits it has)."""
+    if split not in ("train", "test") and Path(split).exists() and (
+            looks_like_local_path(split) or Path(split).suffix in LOCAL_FORMATS or Path(split).is_dir()):
+        return SplitSource("train", None, split)
+    if dataset.startswith("builtin:"):
+        return SplitSource(split, None, None)   # the built-in corpus holds out its own 10%
+    if Path(dataset).exists():
+        if split not in ("train", "test"):
+            raise ConfigError(f"data.split: {split!r}: local data has the splits 'train' ({100 - HELDOUT_PERCENT}% "
+                              f"of the documents) and 'test' (the other {HELDOUT_PERCENT}%, by a hash of their "
+                              "text), or name a file or folder of held-out text")
+        return SplitSource("train", split, None)
+    try:
+        names = datasets.get_dataset_split_names(dataset, subset)
+    except Exception:  # noqa: BLE001 - offline or unknown here: load_dataset will say what is wrong
+        return SplitSource(split, None, None)
+    if "test" not in names and "train" in names and split in ("train", "test"):
+        return SplitSource("train", split, None)
+    return SplitSource(split, None, None)
+
+
+def describe_split(dataset: str, split: str, subset: str | None = None) -> str:
+    """Where ``split`` of ``dataset`` comes from, in words, for logs and metric tables."""
+    source = split_source(dataset, split, subset)
+    if source.path is not None:
+        return f"{source.path} (read whole)"
+    if source.part == "test":
+        return f"{dataset} [test: {HELDOUT_PERCENT}% of the documents, by a hash of their text; never trained on]"
+    if source.part == "train":
+        return f"{dataset} [train: {100 - HELDOUT_PERCENT}% of the documents; the other {HELDOUT_PERCENT}% are held out as test]"
+    if dataset == corpus.NAME and split == "test":
+        return f"{dataset} [test: its held-out {HELDOUT_PERCENT}% of the documents; never trained on]"
+    return f"{dataset} [{split}]"
+
+
+def _in_part(batch: dict, column: str, part: str) -> list[bool]:
+    if column not in batch:  # streaming datasets may not know their columns up front
+        raise ConfigError(f"data.text_column: {column!r} is not a column; columns: {', '.join(batch)}")
+    return [corpus.split_of(t if isinstance(t, str) else repr(t)) == part for t in batch[column]]
 
 
 def _guarded(load, what: str):
@@ -91,7 +161,7 @@ def _load_local(path: Path, split: str, streaming: bool) -> datasets.Dataset | d
     if all(p.stat().st_size == 0 for p in files):
         raise ConfigError(f"data.dataset: {str(path)!r} is empty")
     builder = LOCAL_FORMATS[files[0].suffix]
-    # Local files carry no split: every file is the requested split.
+    # Local files carry no split of their own: everything is read as one (split_source holds out a part).
     return _guarded(lambda: datasets.load_dataset(builder, data_files={split: [str(p) for p in files]}, split=split,
                                                   streaming=streaming),
                     f"data.dataset: cannot read {str(path)!r}")

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from sae.data import load_text_dataset, pack
+from sae.corpus import split_of
+from sae.data import describe_split, load_text_dataset, pack
 from sae.errors import ConfigError
 
 BOS, EOS = 1, 2
@@ -40,15 +41,15 @@ def test_local_files_load_with_their_text(tmp_path, fmt):
 
         ds = datasets.Dataset.from_dict({"text": texts})
         ds.to_csv(path) if fmt == "csv" else ds.to_parquet(path)
-    ds = load_text_dataset(str(path))
+    ds = load_text_dataset(str(path), hold_out=False)
     assert list(ds["text"]) == texts
 
 
 def test_folder_of_files_and_streaming(tmp_path):
     (tmp_path / "a.txt").write_text("alpha\n")
     (tmp_path / "b.txt").write_text("beta\n")
-    assert sorted(load_text_dataset(str(tmp_path))["text"]) == ["alpha", "beta"]
-    streamed = load_text_dataset(str(tmp_path), streaming=True)
+    assert sorted(load_text_dataset(str(tmp_path), hold_out=False)["text"]) == ["alpha", "beta"]
+    streamed = load_text_dataset(str(tmp_path), streaming=True, hold_out=False)
     assert sorted(row["text"] for row in streamed) == ["alpha", "beta"]
 
 
@@ -86,3 +87,44 @@ def test_bad_dataset_specs_are_one_line(tmp_path):
     numbers.write_text('{"n": 1, "text": "a"}\n{"n": 2, "text": "b"}\n')
     with pytest.raises(ConfigError, match="column 'n' of .* holds int64, not text"):
         load_text_dataset(str(numbers), text_column="n")
+
+
+def write_docs(path, n):
+    texts = [f"document number {i} about topic {i % 7}" for i in range(n)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_local_data_holds_out_a_fixed_tenth_of_its_documents_as_test(tmp_path, streaming):
+    texts = write_docs(tmp_path / "d.jsonl", 400)
+    train = [r["text"] for r in load_text_dataset(str(tmp_path / "d.jsonl"), "train", streaming=streaming)]
+    test = [r["text"] for r in load_text_dataset(str(tmp_path / "d.jsonl"), "test", streaming=streaming)]
+    assert not set(train) & set(test) and sorted(train + test) == sorted(texts)
+    assert 20 <= len(test) <= 60                                  # about 10% of 400
+    assert test == [t for t in texts if split_of(t) == "test"]    # decided by the text alone: the same every run
+    assert "never trained on" in describe_split(str(tmp_path / "d.jsonl"), "test")
+
+
+def test_local_data_takes_a_held_out_file_of_its_own_and_refuses_other_split_names(tmp_path):
+    write_docs(tmp_path / "d.jsonl", 50)
+    held = tmp_path / "held.txt"
+    held.write_text("one held-out line\nanother\n")
+    ds = load_text_dataset(str(tmp_path / "d.jsonl"), str(held))
+    assert list(ds["text"]) == ["one held-out line", "another"]
+    with pytest.raises(ConfigError, match="data.split: 'validation': local data has the splits 'train'"):
+        load_text_dataset(str(tmp_path / "d.jsonl"), "validation")
+
+
+def test_a_hub_dataset_without_a_test_split_gets_one_and_train_leaves_it_out(monkeypatch):
+    import datasets
+
+    texts = [f"web page {i}" for i in range(300)]
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset=None: ["train"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, subset, split, streaming: (
+        datasets.Dataset.from_dict({"text": texts}) if split == "train" else pytest.fail(f"asked for {split}")))
+    train = list(load_text_dataset("org/only-train", "train")["text"])
+    test = list(load_text_dataset("org/only-train", "test")["text"])
+    assert sorted(train + test) == sorted(texts) and not set(train) & set(test) and test
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset=None: ["train", "test"])
+    assert list(load_text_dataset("org/has-test", "train")["text"]) == texts   # its own splits are used as they are
