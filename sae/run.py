@@ -21,14 +21,14 @@ from sae.architectures.base import CONFIG_FILE
 from sae.atomic_io import existing_folder, write_text_atomic
 from sae.checkpoint import STATE_DIR, load_checkpoint, remove_checkpoint, resumable_config, save_checkpoint
 from sae.config import RunConfig, config_from_dict, load_config, read_yaml, to_dict, to_yaml
-from sae.data import load_text_dataset
+from sae.data import describe_split, load_text_dataset
 from sae.distributed import Dist
-from sae.formats import load_sae
+from sae.formats import NATIVE, load_sae
 from sae.errors import ConfigError
 from sae.metrics import Metrics
 from sae.models import load_model, model_summary
 from sae.splice import splice_metrics
-from sae.trainer import TensorBoardLogger, Trainer, TrainingStopped
+from sae.trainer import TensorBoardLogger, Trainer, TrainingStopped, log_heldout_metrics, set_aside_old_events
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
@@ -101,7 +101,7 @@ def evaluate_run(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTo
     results = {}
     for name, m in metrics.items():
         sae = saes[name]
-        results[name] = {**m.result(), "hook": hook_of[name], "splice": splice_metrics(
+        results[name] = {**m.result(), "hook": hook_of[name], "eval_data": eval_source(cfg), "splice": splice_metrics(
             model, tokenizer, hook_of[name], lambda x, sae=sae: sae(x.float()), contexts_for(ecfg, tokenizer))}
     return results
 
@@ -113,7 +113,6 @@ def evaluate_saved_run(path: str | Path, overrides: Iterable[str] = (), log: Cal
     run of SAELens or sparsify SAEs, local or on the hub (their files give model, data and
     hook points). overrides: ``KEY=VALUE`` changes to that config, e.g. data.eval_tokens=200000.
     """
-    from sae.analysis_target import analysis_config
     from sae.formats import build_sae, read_sae, sae_folders
     from sae.hub import resolve_sae_path
 
@@ -122,27 +121,41 @@ def evaluate_saved_run(path: str | Path, overrides: Iterable[str] = (), log: Cal
     if not folders:
         raise ConfigError(f"RUN_DIR: no saved SAEs in {str(path)!r} (folders with cfg.json and weights)")
     stored = {(folder.name if name == "." else name): read_sae(folder) for name, folder in folders.items()}
-    if (root / "config.yaml").is_file():
-        cfg = load_config(root / "config.yaml", overrides)
-        hook_of = {name: sae_hook(s, cfg) for name, s in stored.items()}
-    else:
-        missing = [name for name, s in stored.items() if not s.hook]
-        if missing:
-            raise ConfigError(f"{stored[missing[0]].folder}: names no hook point we can map; evaluate it with "
-                              "analyze.py features --hook ... instead")
-        hook_of = {name: s.hook for name, s in stored.items()}
-        hooks = sorted(set(hook_of.values()), key=lambda h: (int(h.split(".")[1]), h))
-        cfg = analysis_config(next(iter(stored.values())), [f"hooks=[{','.join(hooks)}]", *overrides])
+    cfg, hook_of = evaluation_plan(stored, overrides, path)
     if cfg.data.eval_split is None:
         raise ConfigError("data.eval_split: null; name the held-out split, e.g. --set data.eval_split=test")
     model, tokenizer = load_model(cfg.model)
     device = next(model.parameters()).device
     saes = {name: build_sae(s, device=device) for name, s in stored.items()}
     results = evaluate_run(cfg, model, tokenizer, saes, hook_of)
-    print_metrics(results, cfg.data.eval_split, log)
+    print_metrics(results, cfg, log)
     for name, r in results.items():
         write_text_atomic(stored[name].folder / "metrics.json", json.dumps(r, indent=1) + "\n")
     return results
+
+
+def evaluation_plan(stored: dict, overrides: Iterable[str], path: str | Path) -> tuple[RunConfig, dict[str, str]]:
+    """The config (model and data) that SAEs ``stored`` ({name: StoredSAE}) are evaluated
+    with, and {name: hook point}. Each SAE brings its own: its run's config.yaml, else its
+    files' metadata; SAEs of different models or data (several runs) are refused."""
+    from sae.analysis_target import analysis_config, run_config_of
+
+    configs = {name: analysis_config(s, overrides) for name, s in stored.items()}
+    first = next(iter(stored))
+    for name, c in configs.items():
+        if (c.model, c.data) != (configs[first].model, configs[first].data):
+            where = {n: run_config_of(stored[n].folder) or stored[n].folder for n in (first, name)}
+            raise ConfigError(f"RUN_DIR: {str(path)!r} holds SAEs of different runs or data ({first}: "
+                              f"{where[first]}; {name}: {where[name]}); evaluate one run at a time")
+    missing = [name for name, s in stored.items() if not s.hook]
+    if missing:
+        raise ConfigError(f"{stored[missing[0]].folder}: names no hook point we can map; evaluate it with "
+                          "analyze.py features --hook ... instead")
+    cfg = configs[first]
+    if run_config_of(stored[first].folder) is not None and stored[first].format == NATIVE:
+        return cfg, {name: sae_hook(s, cfg) for name, s in stored.items()}
+    hook_of = {name: s.hook for name, s in stored.items()}
+    return replace(cfg, hooks=sorted(set(hook_of.values()), key=lambda h: (int(h.split(".")[1]), h))), hook_of
 
 
 def sae_hook(stored, cfg: RunConfig) -> str:
@@ -228,7 +241,7 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     buffer = activation_batches(local_cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None,
                                 shard=dist.shard)
     batches = iter(buffer)
-    log(f"data: {d.dataset} [{d.split}], column {d.text_column!r}, {d.token_budget:,} tokens "
+    log(f"data: {describe_split(d.dataset, d.split, d.subset)}, column {d.text_column!r}, {d.token_budget:,} tokens "
         f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}"
         + (f"; {dist.world} processes, each harvesting 1 context in {dist.world}" if dist.active else ""))
     start = time.perf_counter()
@@ -244,6 +257,9 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     if checkpoint is None and dist.is_main:  # data and SAE settings both work: only now is this a run worth a folder
         save_run_config(cfg, run_dir)
         log(f"run folder: {run_dir} (resolved config in config.yaml)")
+        if cfg.output.tensorboard and (moved := set_aside_old_events(run_dir / "tensorboard")):
+            log(f"this folder held a finished run of the same config: its SAEs are replaced (files beside them "
+                f"are kept), its TensorBoard curves moved to {moved}")
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
@@ -289,7 +305,9 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
         log(f"saved to {run_dir}; no evaluation (data.eval_split is null)")
         return run_dir
     results = evaluate_run(cfg, model, tokenizer, saes, trainer.all_saes)
-    print_metrics(results, d.eval_split, log)
+    print_metrics(results, cfg, log)
+    if cfg.output.tensorboard:
+        log_heldout_metrics(run_dir / "tensorboard", results, trainer.step_count)
     for name, r in results.items():
         write_text_atomic(run_dir / name / "metrics.json", json.dumps(r, indent=1) + "\n")
     remove_checkpoint(run_dir)
@@ -313,10 +331,17 @@ def _silent(line: str) -> None:
     """The log of ranks other than 0."""
 
 
-def print_metrics(results: dict[str, dict], split: str, log: Callable[[str], None]) -> None:
-    """The held-out metrics as a short table."""
-    log(f"held-out metrics ({split} split; CE recovered, delta LM loss and KL with the SAE "
-        "spliced into the model):")
+def eval_source(cfg: RunConfig) -> str:
+    """The text the metrics are measured on, in words; says so when it is the training text."""
+    d = cfg.data
+    where = describe_split(d.dataset, d.eval_split, d.subset)
+    return where + (" -- the training text itself (data.eval_split = data.split)" if d.eval_split == d.split else "")
+
+
+def print_metrics(results: dict[str, dict], cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """The metrics as a short table, headed by the text they were measured on."""
+    kind = "in-sample metrics, NOT held out," if cfg.data.eval_split == cfg.data.split else "held-out metrics"
+    log(f"{kind} on {eval_source(cfg)}\n(CE recovered, delta LM loss and KL with the SAE spliced into the model):")
     width = max(16, *(len(name) for name in results))
     log(f"  {'SAE':<{width}} {'FVU':>8} {'L0':>7} {'dead':>7} {'dense':>7} {'CE rec.':>8} {'dLM':>8} {'KL':>8} {'tokens':>8}")
     for name, r in results.items():

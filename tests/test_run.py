@@ -55,6 +55,31 @@ def test_evaluate_refusals_are_one_line(tmp_path):
         evaluate_saved_run(run_dir, ["data.eval_split=test"])
 
 
+def local_corpus(folder, n=600):
+    folder.mkdir()
+    words = "the key is missing so a KeyError is raised when the thread starts and the file is closed".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(25)) + f" {i}" for i in range(n)]
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return folder
+
+
+def test_local_data_is_evaluated_on_its_held_out_documents_and_runs_are_not_mixed(tmp_path):
+    data = local_corpus(tmp_path / "corpus")
+    lines = []
+    local = train_run(small_run(tmp_path / "runs", "local", f"data.dataset={data}"), log=lines.append)
+    header = next(line for line in lines if "metrics" in line and " on " in line)
+    assert header.startswith("held-out metrics on") and "[test: 10% of the documents" in header
+    saved = json.loads((local / "layers.2" / "metrics.json").read_text())
+    assert str(data) in saved["eval_data"] and "never trained on" in saved["eval_data"]
+    train_run(small_run(tmp_path / "runs", "builtin", "data.eval_split=null"), log=lambda s: None)
+    with pytest.raises(ConfigError, match="holds SAEs of different runs or data .* evaluate one run at a time"):
+        evaluate_saved_run(tmp_path / "runs", ["data.eval_split=test"])
+    assert not (tmp_path / "runs" / "builtin" / "layers.2" / "metrics.json").exists()
+    lines.clear()
+    evaluate_saved_run(local, ["data.eval_split=train"], log=lines.append)
+    assert any(line.startswith("in-sample metrics, NOT held out,") for line in lines)
+
+
 def test_an_impossible_sae_stops_before_the_run_folder_is_written(tmp_path):
     cfg = small_run(tmp_path, "r", "sae.k=5000", "data.eval_split=null")  # 4x256 = 1024 latents
     with pytest.raises(ConfigError, match="sae.k: 5000 is larger than the 1024 latents"):
