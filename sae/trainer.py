@@ -381,6 +381,7 @@ class Trainer:
         """
         last: dict[str, dict[str, float]] = {}
         batch_tokens = self.cfg.train.batch_tokens
+        stats, logged = None, self.step_count
         # Counted in tokens so the bar shows tokens/s and an ETA.
         with tqdm(total=self.total_steps * batch_tokens, initial=self.step_count * batch_tokens, desc="train",
                   unit="tok", unit_scale=True, disable=not progress) as bar:
@@ -390,16 +391,7 @@ class Trainer:
                 stats = self.step(batch)
                 bar.update(batch_tokens)
                 if self.step_count % log_every == 0 or self.step_count == self.total_steps:
-                    self.check_finite()
-                    last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}
-                    self.densities = self.take_window_densities()
-                    if self.by_hook:  # every process's SAEs, for the progress bar and the log
-                        last = {h: s for part in self.dist.gather_objects(last) for h, s in part.items()}
-                    first = next(iter(last.values()))
-                    bar.set_postfix(step=self.step_count, loss=f"{first['loss']:.3g}", fvu=f"{first['fvu']:.3f}",
-                                    l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.1%}")
-                    if on_log is not None:
-                        on_log(self, last)
+                    last, logged = self._log(stats, bar, on_log), self.step_count
                 stop = stop_requested()
                 due = checkpoint_every is not None and self.step_count % checkpoint_every == 0
                 if on_checkpoint is not None and (stop or due) and self.step_count < self.total_steps:
@@ -408,7 +400,28 @@ class Trainer:
                     self.last_checkpoint_step = self.step_count
                 if stop:
                     raise TrainingStopped(self.step_count)
+            # The data ran out a little before total_steps (special tokens are dropped): the
+            # bar and the log end at the step really reached, not at the last multiple of log_every.
+            if stats is not None and logged != self.step_count:
+                last = self._log(stats, bar, on_log)
+            bar.total = bar.n
+            bar.refresh()
         self.check_finite()
+        return last
+
+    def _log(self, stats: dict[str, dict[str, torch.Tensor]], bar: tqdm,
+             on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None) -> dict[str, dict[str, float]]:
+        """Check the state, show ``stats`` (this step's) on the bar and hand them to ``on_log``."""
+        self.check_finite()
+        last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}
+        self.densities = self.take_window_densities()
+        if self.by_hook:  # every process's SAEs, for the progress bar and the log
+            last = {h: s for part in self.dist.gather_objects(last) for h, s in part.items()}
+        first = next(iter(last.values()))
+        bar.set_postfix(step=self.step_count, loss=f"{first['loss']:.3g}", fvu=f"{first['fvu']:.3f}",
+                        l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.1%}")
+        if on_log is not None:
+            on_log(self, last)
         return last
 
     def take_window_densities(self) -> dict[str, torch.Tensor]:
@@ -454,3 +467,31 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def log_heldout_metrics(folder: str | Path, results: dict[str, dict], step: int) -> None:
+    """Write each SAE's held-out metrics (``evaluate_run``'s results) to TensorBoard at
+    ``step``, as heldout/<SAE>/<metric>, beside the training curves in ``folder``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for name, r in results.items():
+            values = {k: r[k] for k in ("fvu", "l0", "dead_fraction", "dense_fraction")}
+            values.update({k: r["splice"][k] for k in ("ce_loss_recovered", "delta_lm_loss", "kl")})
+            for key, value in values.items():
+                writer.add_scalar(f"heldout/{name}/{key}", value, step)
+
+
+def set_aside_old_events(folder: Path) -> Path | None:
+    """Move the TensorBoard event files of an earlier run with this folder into a
+    sub-folder named by their time (TensorBoard shows it as its own run, not mixed into
+    the new curves); where they went, or None when there were none."""
+    events = sorted(Path(folder).glob("events.out.tfevents.*"))
+    if not events:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(e.stat().st_mtime for e in events)))
+    dest = Path(folder) / f"earlier-{stamp}"
+    dest.mkdir(exist_ok=True)
+    for e in events:
+        e.rename(dest / e.name)
+    return dest
