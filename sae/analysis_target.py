@@ -87,11 +87,12 @@ def analysis_config(stored: StoredSAE, overrides: Iterable[str] = ()) -> RunConf
 
 def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | None = None,
                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                sae_dtype: str = "float32") -> Target:
+                sae_dtype: str = "float32", override_hook: bool = False) -> Target:
     """Load the SAE at ``path`` (an SAE folder in any format, a run folder holding one, or a
     hub id with a subfolder) with its model, checked against its hook.
 
-    hook: the hook point, if the SAE's files do not name one (or to override it).
+    hook: the hook point, if the SAE's files do not name one; one that contradicts the
+    hook the files name is refused unless ``override_hook``.
     model, tokenizer: an already loaded model to use instead of loading the config's.
     sae_dtype: what the SAE computes in (float32, bfloat16, float16, float64).
     """
@@ -99,6 +100,9 @@ def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | Non
     stored = read_sae(find_sae_folder(path))
     cfg = analysis_config(stored, overrides)
     hook = (to_ours(hook) or hook) if hook else stored.hook   # --hook may be SAELens's or sparsify's name
+    if hook != stored.hook and stored.hook and not override_hook:
+        raise ConfigError(f"--hook: {hook!r} contradicts the SAE's own hook point {stored.hook!r} "
+                          f"({stored.folder / CONFIG_FILE}); drop --hook, or add --override-hook to read {hook} anyway")
     if not hook:
         theirs = (stored.metadata.get("source") or {}).get("hook_name")
         said = (f"names the hook point {theirs!r}, which has no equivalent here" if theirs

@@ -188,6 +188,8 @@ def target_options(fn: Callable) -> Callable:
     fn = click.option("--sae-dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
                       default="float32", show_default=True,
                       help="Dtype the SAE computes in (bfloat16 halves a wide SAE's memory on a GPU).")(fn)
+    fn = click.option("--override-hook", is_flag=True,
+                      help="Read --hook even though the SAE's files name another hook point.")(fn)
     fn = click.option("--hook", default=None, metavar="HOOK",
                       help="Hook point the SAE reads, when its files name none we can map (e.g. layers.12).")(fn)
     return click.argument("sae_path", metavar="SAE", type=click.Path(path_type=Path))(fn)
@@ -209,14 +211,23 @@ def _log(line: str) -> None:
     click.echo(line, err=True)
 
 
-def _load_stats(sae_path, hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute):
-    from sae.analysis_target import cached_feature_stats, open_target
+def open_sae(sae_path, overrides, hook, override_hook, sae_dtype):
+    """The SAE under analysis with its model (``open_target``), saying which hook it reads."""
+    from sae.analysis_target import open_target
+
+    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook)
+    _log(f"SAE {target.folder} ({target.format}) at {target.hook} of {target.cfg.model.name_or_path}")
+    return target
+
+
+def _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute):
+    from sae.analysis_target import cached_feature_stats
     from sae.feature_stats import StatsSettings
 
     settings = StatsSettings(tokens=tokens, top_examples=examples)  # bad values fail before the model loads
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
         raise ConfigError(f"--cache-dir: {str(cache_dir)!r} is a file, not a folder")
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype)
+    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     return target, cached_feature_stats(target, settings, cache_dir, recompute, log=_log)
 
 
@@ -269,7 +280,7 @@ SORTS = {"density": lambda s: s.density, "max": lambda s: s.act_max.double(), "m
               help="Top examples printed per feature with --feature (--json has them all).")
 @json_option
 @one_line_errors
-def features(sae_path, hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute, features, sort, limit, show_examples,
+def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute, features, sort, limit, show_examples,
              as_json) -> None:
     """What the SAE's features respond to: density, activations, top-activating examples
     in context, quantile-bin samples, promoted and suppressed output tokens and nearest
@@ -283,7 +294,7 @@ def features(sae_path, hook, overrides, sae_dtype, tokens, examples, cache_dir, 
 
     from sae.feature_stats import check_feature, density_histogram, feature_record, token_decoder
 
-    target, stats = _load_stats(sae_path, hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
+    target, stats = _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
     for f in features:
         check_feature(f, stats.num_features)
     decode = token_decoder(target.tokenizer)
@@ -330,7 +341,7 @@ def features(sae_path, hook, overrides, sae_dtype, tokens, examples, cache_dir, 
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed.")
 @json_option
 @one_line_errors
-def search(sae_path, hook, overrides, sae_dtype, target_file, baseline_file, text, focus, rank, reduce, top, as_json) -> None:
+def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, baseline_file, text, focus, rank, reduce, top, as_json) -> None:
     """Find features: those that separate --target prompts from --baseline prompts
     (contrast search), or those that fire on --text.
 
@@ -341,7 +352,6 @@ def search(sae_path, hook, overrides, sae_dtype, target_file, baseline_file, tex
     """
     import json
 
-    from sae.analysis_target import open_target
     from sae.feature_search import contrast_search, features_in_text, read_prompts
 
     contrast_mode = target_file is not None or baseline_file is not None
@@ -353,7 +363,7 @@ def search(sae_path, hook, overrides, sae_dtype, target_file, baseline_file, tex
         raise ConfigError("--focus: applies to --text only")
     if contrast_mode:
         a, b = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype)
+    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     if not contrast_mode:
         hits = features_in_text(target, text, focus, top)
         if as_json:
@@ -412,7 +422,7 @@ def search(sae_path, hook, overrides, sae_dtype, target_file, baseline_file, tex
               help="Random samples per activation-quantile bin on each card.")
 @json_option
 @one_line_errors
-def report(sae_path, hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute, output, target_file, baseline_file,
+def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute, output, target_file, baseline_file,
            cards, show_examples, show_samples, as_json) -> None:
     """Write one self-contained HTML file (works offline) about the SAE: run summary and
     training curves, density histogram, a sortable feature index and a card per feature
@@ -437,7 +447,7 @@ def report(sae_path, hook, overrides, sae_dtype, tokens, examples, cache_dir, re
         prompts = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
     output = output or find_sae_folder(sae_path) / "report.html"
     check_output_path(output, "--output")  # before minutes of scanning
-    target, stats = _load_stats(sae_path, hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
+    target, stats = _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
     columns, help_, ranked = {}, {}, []
     if prompts is not None:
         result = contrast_search(target, *prompts)
@@ -523,7 +533,7 @@ def _columns(left: str, right: str, width: int) -> list[str]:
 @click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
 @json_option
 @one_line_errors
-def generate(sae_path, hook, overrides, sae_dtype, prompt, prompts_file, ablate, clamp, scale, steer, max_new_tokens,
+def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, ablate, clamp, scale, steer, max_new_tokens,
              temperature, top_p, seed, samples, as_json) -> None:
     """Continue prompts with and without an intervention on SAE features, side by side,
     with the same seed (the edit applies to prompt and generated tokens alike).
@@ -535,7 +545,6 @@ def generate(sae_path, hook, overrides, sae_dtype, prompt, prompts_file, ablate,
     import json
     import shutil
 
-    from sae.analysis_target import open_target
     from sae.generation import Sampling, continuations
     from sae.interventions import Edit, intervene, parse_feature_edits
 
@@ -544,7 +553,7 @@ def generate(sae_path, hook, overrides, sae_dtype, prompt, prompts_file, ablate,
         raise ConfigError("generate: no intervention; give --ablate, --clamp, --scale or --steer")
     texts = _prompts(prompt, prompts_file)
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype)
+    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     edit = Edit(target.sae, target.hook, edits)
     edit.check()
     base = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True)
@@ -683,7 +692,7 @@ def _metric(tokenizer, answer: str | None, wrong: str | None):
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed per direction.")
 @json_option
 @one_line_errors
-def attribute(sae_path, hook, overrides, sae_dtype, prompt, prompts_file, answer, wrong, top, as_json) -> None:
+def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, answer, wrong, top, as_json) -> None:
     """Rank features by their effect on the next-token metric at the end of each prompt
     (activation x gradient, summed over positions and prompts; the SAE error term is
     reported too). Ablating the top "up" features should lower the metric.
@@ -694,11 +703,10 @@ def attribute(sae_path, hook, overrides, sae_dtype, prompt, prompts_file, answer
     """
     import json
 
-    from sae.analysis_target import open_target
     from sae.attribution import attribute as run_attribution
 
     texts = _prompts(prompt, prompts_file)
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype)
+    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     result = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
                              _metric(target.tokenizer, answer, wrong))
     ranked = {d: result.ranking(d)[:top] for d in ("up", "down")}
@@ -744,7 +752,7 @@ def attribute(sae_path, hook, overrides, sae_dtype, prompt, prompts_file, answer
               help="Also write a small HTML page with the table, a chart and samples.")
 @json_option
 @one_line_errors
-def fix_test_command(sae_path, hook, overrides, sae_dtype, prompt, prompts_file, scorer_spec, threshold, ablate, clamp, scale,
+def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, scorer_spec, threshold, ablate, clamp, scale,
                      steer, ablate_top, steer_top, contrast, answer, wrong, max_new_tokens, temperature, top_p, seed, samples,
                      neutral_file, neutral_tokens, html_path, as_json) -> None:
     """Does an intervention remove a behaviour, and at what cost? Samples continuations of
@@ -758,7 +766,6 @@ def fix_test_command(sae_path, hook, overrides, sae_dtype, prompt, prompts_file,
     """
     import json
 
-    from sae.analysis_target import open_target
     from sae.fix_test import fix_test
     from sae.generation import Sampling
     from sae.atomic_io import check_output_path, write_output
@@ -787,7 +794,7 @@ def fix_test_command(sae_path, hook, overrides, sae_dtype, prompt, prompts_file,
         check_output_path(html_path, "--html")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     scorer = load_scorer(scorer_spec)
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype)
+    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     log = _log
     if top:
         if contrast is not None:

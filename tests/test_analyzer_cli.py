@@ -80,13 +80,26 @@ def test_bad_input_is_one_line(sae_dir, demo_sae_run, tmp_path):
     one_line_error(run("search", sae_dir, "--target", PROMPTS / "demo_raised.txt"), "needs both")
     one_line_error(run("search", sae_dir), "give either")
     one_line_error(run("features", tmp_path / "nothing"), "does not exist")
-    one_line_error(run("features", sae_dir, "--hook", "layers.9"), "layer 9 in 'layers.9' is out of range")
+    one_line_error(run("features", sae_dir, "--hook", "layers.1"),
+                   "--hook: 'layers.1' contradicts the SAE's own hook point 'layers.2'")
+    one_line_error(run("features", sae_dir, "--hook", "layers.9", "--override-hook"),
+                   "layer 9 in 'layers.9' is out of range")
     (tmp_path / "two" / "a").mkdir(parents=True)
     (tmp_path / "two" / "b").mkdir()
     for name in ("a", "b"):
         for f in ("cfg.json", "sae_weights.safetensors"):
             (tmp_path / "two" / name / f).write_bytes((sae_dir / f).read_bytes())
     one_line_error(run("features", tmp_path / "two"), "holds 2 SAEs (a, b)")
+
+
+def test_every_command_says_which_hook_it_read_and_override_hook_reads_another(sae_dir):
+    own = run("search", sae_dir, "--text", "a KeyError is raised", "--top", "2")
+    assert own.exit_code == 0 and "at layers.2 of builtin:demo-llama" in own.stderr, own.output
+    other = run("search", sae_dir, "--text", "a KeyError is raised", "--top", "2", "--hook", "layers.1",
+                "--override-hook", "--json")
+    assert other.exit_code == 0 and "at layers.1 of builtin:demo-llama" in other.stderr, other.output
+    assert json.loads(other.stdout) != json.loads(run("search", sae_dir, "--text", "a KeyError is raised", "--top",
+                                                      "2", "--json").stdout)   # another hook, other activations
 
 
 def test_report_with_contrast_columns(sae_dir, tmp_path):
