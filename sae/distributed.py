@@ -25,9 +25,11 @@ rank writes its own); a checkpoint holds every rank's data position.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -75,7 +77,7 @@ class Dist:
         if use_cuda:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            join_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         return cls(rank, world, local_rank)
 
     def device_setting(self, device: str) -> str:
@@ -144,6 +146,34 @@ class Dist:
 
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def join_group(backend: str, **kwargs) -> None:
+    """``dist.init_process_group(backend, **kwargs)``, arranged so that ``close`` really ends it.
+
+    torch._dynamo, imported lazily by the first optimizer a trainer makes, keeps a
+    reference to a process group that exists when it is imported. destroy_process_group
+    then leaves that group and its native threads (gloo's ``gloo_tcp_loop`` and
+    ``pt_gloo_runloop``) alive until interpreter shutdown, where tearing them down aborted
+    processes at random ("terminate called without an active exception", SIGABRT).
+    Imported first, it holds no group, and closing the group stops its threads
+    (tests/test_distributed.py checks that none is left).
+    """
+    import torch._dynamo  # noqa: F401 - imported for its side effect, see above
+
+    dist.init_process_group(backend, **kwargs)
+
+
+def native_threads(prefix: str) -> list[str]:
+    """Names of this process's threads (Linux: /proc/self/task) that start with ``prefix``."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for task in tasks.iterdir():
+        with contextlib.suppress(OSError):   # a thread may end while we look
+            names.append((task / "comm").read_text().strip())
+    return [n for n in names if n.startswith(prefix)]
 
 
 def collective(fn, *args, **kwargs):

@@ -141,6 +141,8 @@ def _prefetched(items: Iterable, depth: int = 4) -> Iterator:
             put(done)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             put(e)
+        finally:  # listed until it really ends (it may be inside the tokenizer when told to stop)
+            _RUNNING.pop(stop, None)
 
     thread = threading.Thread(target=produce, daemon=True, name="sae-prefetch")
     _RUNNING[stop] = thread
@@ -152,4 +154,3 @@ def _prefetched(items: Iterable, depth: int = 4) -> Iterator:
             yield item
     finally:
         stop.set()
-        _RUNNING.pop(stop, None)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sae.config import load_config
-from sae.distributed import Dist
+from sae.distributed import Dist, join_group, native_threads
 from sae.trainer import Trainer
 
 D, M, N = 16, 64, 48   # width, latents, global batch rows
@@ -33,12 +33,12 @@ def spawn(fn, world: int, *args) -> None:
 
 def _entry(rank, fn, world, store, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    join_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+               timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        Dist(rank, world).close()
 
 
 def trainer_config(arch: str, mode: str = "data"):
@@ -93,6 +93,24 @@ def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(tmp
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{arch} {name} rank {rank}")
     if arch == "topk":   # some latents went unused for a while: dead tracking and AuxK took part
         assert one["since_fired"].max() > 0
+
+
+def _threads_worker(rank, world, out):
+    train("topk", rank, world)          # a trainer, its optimizers, collectives: the group is in use
+    before = native_threads("gloo") + native_threads("pt_gloo")
+    Dist(rank, world).close()
+    Path(f"{out}.{rank}").write_text(json.dumps([before, native_threads("gloo") + native_threads("pt_gloo")]))
+
+
+def test_closing_the_group_stops_its_native_threads(tmp_path):
+    # Threads of a group still alive at interpreter exit aborted processes at random
+    # (SIGABRT): a process that closes its group must have none left.
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux's /proc to list threads")
+    spawn(_threads_worker, 2, str(tmp_path / "t"))
+    for rank in range(2):
+        before, after = json.loads((tmp_path / f"t.{rank}").read_text())
+        assert before and after == [], f"rank {rank}: {after}"
 
 
 # ---- whole runs: two processes, checkpoints, resume ----------------------------------
