@@ -17,11 +17,16 @@ One file that works offline: inline CSS, JS and SVG, no network. It holds
 Data layout in the page (all JSON in ``<script type="application/json">`` elements, with
 ``<``, ``>`` and ``&`` escaped so no text can end the element):
 
-* ``#strings``: the string table, a list of decoded tokens; everything below refers to
-  tokens by their index in it.
+* ``#strings``: the string table, a list of decoded tokens, each as it appears inside
+  decoded text (its leading space included); everything below refers to tokens by their
+  index in it.
+* ``#bytes``: ``{"<string index>": [bytes]}`` for the tokens that hold part of a UTF-8
+  character; the page decodes an example's runs of them together, so an example's tokens
+  read exactly as the tokenizer decodes them.
 * ``#index``: ``{"M", "block", "edges", "cards", "columns": [{key, label, help}],
-  "data": {key: [M values]}}``, column arrays (id is implicit); ``top`` holds string
-  indices, ``cards`` is null when every feature has a card, else the sorted card ids.
+  "sort": {key, desc}, "data": {key: [M values]}}``, column arrays (id is implicit);
+  ``top`` holds string indices, ``cards`` is null when every feature has a card, else the
+  sorted card ids; ``sort`` is the initial order.
 * ``#b-<n>``: features ``n*block .. (n+1)*block - 1`` that have a card, as a JSON string
   holding base64 of gzip of ``{"<f>": card}``. A card is ``{"ex": [example], "q": [[example]
   per quantile bin, lowest first], "h": [first bin, [counts]], "lt"/"lb": [[string, logit]],
@@ -36,10 +41,12 @@ its cards is opened. Dataset text is untrusted: the script inserts it only as te
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import html
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -145,11 +152,17 @@ def _packed_block(obj) -> str:
 # ---- token strings ----------------------------------------------------------------------
 
 class StringTable:
-    """Decoded token strings, each distinct token id decoded once, in order of first use."""
+    """Token strings, each distinct token id decoded once, in order of first use.
+
+    A token's string is its text as it appears inside decoded text, its leading space
+    included (``token_pieces``), so an example's strings joined read as the tokenizer
+    decodes them. ``bytes`` maps the string index of a token that holds only part of a
+    UTF-8 character to its raw bytes: the page joins those bytes across tokens."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.strings: list[str] = []
+        self.bytes: dict[int, list[int]] = {}
         # token id -> string index (-1: not added); its last slot is where id -1 looks up.
         self.table = torch.full((1,), -1, dtype=torch.long)
 
@@ -168,11 +181,63 @@ class StringTable:
         seen[ids] = True
         new = (seen & (self.table < 0)).nonzero()[:, 0]
         self.table[new] = torch.arange(len(self.strings), len(self.strings) + len(new))
-        self.strings.extend(self.tokenizer.decode([i]) for i in new.tolist())
+        for i, piece in zip(new.tolist(), token_pieces(self.tokenizer, new.tolist())):
+            if "\ufffd" in piece:  # maybe part of a character: keep its bytes if we can read them
+                raw = token_bytes(self.tokenizer, i)
+                if raw is not None and raw.decode("utf-8", "replace") == piece:
+                    self.bytes[len(self.strings)] = list(raw)
+            self.strings.append(piece)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """String indices of token ids (any shape, all added before); -1 stays -1."""
         return self.table[torch.where(ids >= 0, ids, len(self.table) - 1)]
+
+
+def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
+    """Each token's text as it appears inside decoded text, leading space included.
+
+    Decoding a token alone is not that for every tokenizer: SentencePiece-style decoders
+    drop the leading space of the first token ("\u2581mechanism" -> "mechanism"), which
+    would run words together. So each token is decoded after an anchor token ("a") and the
+    anchor's text cut off; a token where that fails (the anchor's text is not a prefix)
+    is decoded alone. No clean-up of spaces: it depends on the neighbours, not the token."""
+    if not ids:
+        return []
+    keep = {"clean_up_tokenization_spaces": False}
+    anchor_ids = tokenizer.encode("a", add_special_tokens=False)
+    head = tokenizer.decode(anchor_ids[-1:], **keep) if anchor_ids else ""
+    if not head:
+        return tokenizer.batch_decode([[i] for i in ids], **keep)
+    after = tokenizer.batch_decode([[anchor_ids[-1], i] for i in ids], **keep)
+    return [text[len(head):] if text.startswith(head) else tokenizer.decode([i], **keep)
+            for i, text in zip(ids, after)]
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte (printable bytes stand for
+    themselves, the others for chr(256 + n))."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes | None:
+    """The raw bytes of a token, for tokens that may hold part of a UTF-8 character:
+    SentencePiece byte-fallback tokens ("<0xE6>") and byte-level BPE tokens (GPT-2
+    alphabet); None for anything else."""
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(token, str) or not token:
+        return None
+    m = _BYTE_TOKEN.fullmatch(token)
+    if m:
+        return bytes([int(m[1], 16)])
+    alphabet = _byte_level_decoder()
+    return bytes(alphabet[c] for c in token) if all(c in alphabet for c in token) else None
 
 
 # ---- per-feature data -------------------------------------------------------------------
@@ -308,9 +373,44 @@ def short(value: float) -> str:
     return text
 
 
-def kv_table(rows: dict, cls: str = "kv") -> str:
-    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(fmt(v))}</td></tr>" for k, v in rows.items())
+def kv_table(rows: dict, cls: str = "kv", labels=None) -> str:
+    """A two-column table; ``labels`` maps a key to the text shown (the key stays its tooltip)."""
+    def th(k) -> str:
+        label = labels(k) if labels else str(k)
+        return f"<th>{esc(label)}</th>" if label == str(k) else f'<th title="{esc(k)}">{esc(label)}</th>'
+    body = "".join(f"<tr>{th(k)}<td>{esc(fmt(v))}</td></tr>" for k, v in rows.items())
     return f'<table class="{cls}">{body}</table>'
+
+
+# What the keys of metrics.json (sae.metrics, sae.splice) and the TensorBoard tags
+# (sae.trainer) mean, for the run summary.
+METRIC_LABELS = {
+    "fvu": "FVU (fraction of variance unexplained)", "l0": "L0 (active features per token)",
+    "dead_fraction": "dead fraction (features that never fired)",
+    "dense_fraction": "dense fraction (features firing on > 10% of tokens)",
+    "tokens": "evaluation tokens", "hook": "hook point", "loss": "training loss", "lr": "learning rate",
+    "tokens_per_s": "tokens per second",
+    "splice.ce_clean": "CE loss, clean model", "splice.ce_sae": "CE loss, SAE spliced in",
+    "splice.ce_zero": "CE loss, activations zeroed", "splice.ce_loss_recovered": "CE loss recovered",
+    "splice.delta_lm_loss": "delta LM loss (SAE spliced in - clean)",
+    "splice.kl": "KL (clean || SAE spliced in), per token", "splice.tokens": "tokens for the spliced metrics",
+}
+
+
+def metric_label(key: str) -> str:
+    """Human label of a metrics key; an unknown one made readable ("a.b_c" -> "a: b c")."""
+    if key in METRIC_LABELS:
+        return METRIC_LABELS[key]
+    if f"splice.{key}" in METRIC_LABELS:  # held-out curves name splice metrics without the prefix
+        return METRIC_LABELS[f"splice.{key}"]
+    return ": ".join(part.replace("_", " ") for part in key.split("."))
+
+
+def curve_label(tag: str) -> str:
+    """A TensorBoard tag ("layers.2/fvu", "heldout/layers.2/kl") with its metric labelled."""
+    *where, name = tag.split("/")
+    label = METRIC_LABELS.get(name) or METRIC_LABELS.get(f"splice.{name}") or name.replace("_", " ")
+    return " / ".join([*where, label])
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -346,7 +446,7 @@ def line_chart(tag: str, points: list[list[float]], width: int = 260, height: in
                   f'<text x="{width - right}" y="{height - 4}" class="r">step {esc(fmt(x1))}</text>')
     else:
         line, labels = "", f'<text x="{left}" y="{top + h / 2}">no points</text>'
-    return (f'<figure class="chart"><figcaption>{esc(tag)}</figcaption>'
+    return (f'<figure class="chart"><figcaption title="{esc(tag)}">{esc(curve_label(tag))}</figcaption>'
             f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
             f'<title>{esc(tag)}</title>'
             f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="frame"/>{line}{labels}</svg></figure>')
@@ -357,7 +457,7 @@ def summary_section(summary: dict) -> str:
     parts = ['<section id="summary"><h2>Run summary</h2>']
     metrics, curves, config = summary.get("metrics"), summary.get("curves") or {}, summary.get("config_yaml")
     if metrics:
-        parts.append(f"<h3>Held-out metrics</h3>{kv_table(flatten(metrics))}")
+        parts.append(f"<h3>Held-out metrics</h3>{kv_table(flatten(metrics), labels=metric_label)}")
     if curves:
         parts.append('<h3>Training curves</h3><div class="charts">')
         parts.extend(line_chart(tag, pts) for tag, pts in curves.items())
@@ -415,7 +515,7 @@ INDEX_PANEL = """<main>
 <option>50</option><option selected>100</option><option>250</option></select>
 <button id="prev" type="button">&#8249; prev</button><span id="page-info"></span>
 <button id="next" type="button">next &#8250;</button></div>
-<table id="feature-index"><thead><tr></tr></thead><tbody></tbody></table></section>
+<div class="index-box"><table id="feature-index"><thead><tr></tr></thead><tbody></tbody></table></div></section>
 <section id="card"><p class="note">Click a feature in the index to open its card.</p></section>
 </main>"""
 
@@ -435,12 +535,15 @@ def page(title: str, body: str, data_scripts: str) -> str:
 
 def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: Path, *, title: str,
                  sae_info: dict, summary: dict | None = None, columns: dict[str, torch.Tensor] | None = None,
-                 column_help: dict[str, str] | None = None, cards: Sequence[int] | None = None,
-                 examples: int = 10, samples_per_bin: int | None = None, progress: bool = True) -> ReportInfo:
+                 column_help: dict[str, str] | None = None, sort_by: str | None = None,
+                 cards: Sequence[int] | None = None, examples: int = 10, samples_per_bin: int | None = None,
+                 progress: bool = True) -> ReportInfo:
     """Write the dashboard of ``stats`` to ``path`` (atomically) and say what it holds.
 
     columns: extra index columns, name -> [M] values (e.g. contrast scores), with tooltips
-    in ``column_help``; cards: the features that get a card (default all M); examples: top
+    in ``column_help``; sort_by: the column the index is first sorted by, largest first
+    (default: the first of ``columns``, e.g. a contrast's effect size, else feature id
+    ascending; "id" for that); cards: the features that get a card (default all M); examples: top
     examples per card; samples_per_bin: quantile-bin samples per bin on a card (default
     all; they are most of a card's bytes)."""
     path = Path(path)
@@ -450,6 +553,9 @@ def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: 
     for name, values in columns.items():
         if values.numel() != M:
             raise ConfigError(f"report column {name!r}: {values.numel()} values for {M} features")
+    sort_by = sort_by or next(iter(columns), "id")
+    if sort_by != "id" and sort_by not in columns:
+        raise ConfigError(f"report: sort_by {sort_by!r} is not one of the columns {list(columns)}")
     card_ids = sorted({check_feature(int(f), M) for f in cards}) if cards is not None else list(range(M))
     examples = max(0, min(examples, stats.settings.top_examples))
 
@@ -467,9 +573,13 @@ def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: 
                           "help": "most common token among its top examples"},
                          *({"key": f"c{n}", "label": name, "help": help_.get(name, "")}
                            for n, name in enumerate(columns))],
+             # Extra columns are scores to rank by (contrast effect, AUROC): largest first.
+             "sort": ({"key": "id", "desc": False} if sort_by == "id"
+                      else {"key": f"c{list(columns).index(sort_by)}", "desc": True}),
              "data": data}
     scripts = [f'<script type="application/json" id="index">{script_json(index)}</script>',
                f'<script type="application/json" id="strings">{script_json(strings.strings)}</script>',
+               f'<script type="application/json" id="bytes">{script_json(strings.bytes)}</script>',
                *(f'<script type="application/json" id="b-{n}">{packed}</script>' for n, packed in blocks)]
     body = (header(stats, title, sae_info) + (summary_section(summary) if summary is not None else "")
             + density_section(stats) + INDEX_PANEL)

@@ -4,6 +4,7 @@ texts that include HTML/JS payloads (dataset text is untrusted)."""
 from __future__ import annotations
 
 import base64
+import codecs
 import functools
 import gzip
 import json
@@ -19,6 +20,8 @@ TEXTS = ["def add(a, b):\n    return a + b\n",
          "The quick brown fox jumps over the lazy dog.",
          "import os\nprint(os.path.join('a', 'b'))\n",
          "Lists are mutable sequences, typically used to store collections of items.",
+         # sub-word tokens inside words, and characters of several bytes split over tokens
+         "TypedDict mechanism: naïve café, 日本語のテキスト → ok",
          *PAYLOADS]
 M = 512  # features of the random SAE
 
@@ -49,14 +52,29 @@ def report_stats():
 
 
 def feature_showing(stats, tok, text: str, examples: int) -> int:
-    """The lowest feature whose top ``examples`` windows, decoded token by token and joined
-    (as the page shows them), contain ``text``; -1 if none."""
-    decode = functools.lru_cache(maxsize=None)(lambda i: tok.decode([i]))
+    """The lowest feature whose top ``examples`` windows, decoded (as the page must show
+    them), contain ``text``; -1 if none."""
     windows = stats.top.window_tokens[:, :examples].tolist()  # [M][S][W]
     for f, rows in enumerate(windows):
-        if any(text in "".join(decode(i) for i in row if i >= 0) for row in rows):
+        if any(text in tok.decode([i for i in row if i >= 0]) for row in rows):
             return f
     return -1
+
+
+def joined_tokens(strings: list[str], byte_map: dict[str, list[int]], toks: list[int]) -> list[str]:
+    """Each token's text in an example as report.js's tokenTexts makes it: strings as they
+    are, runs of byte tokens decoded together (incomplete characters as U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    out = []
+    for t in toks:
+        if str(t) in byte_map:
+            out.append(decoder.decode(bytes(byte_map[str(t)])))
+        else:
+            out.append(decoder.decode(b"", final=True) + strings[t])
+            decoder.reset()
+    if out:
+        out[-1] += decoder.decode(b"", final=True)
+    return out
 
 
 def script_text(html_text: str, element_id: str) -> str:

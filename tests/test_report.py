@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from report_data import M, decode_block, feature_showing, report_stats, script_text
+from report_data import M, decode_block, feature_showing, joined_tokens, report_stats, script_text
 from sae.errors import ConfigError
-from sae.report import BLOCK, build_report, round_sig, run_summary, script_json
+from sae.report import BLOCK, StringTable, build_report, round_sig, run_summary, script_json
 
 EXAMPLES = 4
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
@@ -22,6 +22,14 @@ def stats_tok():
     return report_stats()
 
 
+def effect() -> torch.Tensor:
+    """A contrast-like column whose largest values are at scattered ids, not the first ones."""
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(M, generator=g)
+    values[7] = math.nan
+    return values
+
+
 @pytest.fixture(scope="module")
 def report(stats_tok, tmp_path_factory):
     """(info, html text) of a report with every card, an extra column and a run summary."""
@@ -29,11 +37,12 @@ def report(stats_tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("report") / "new" / "folder" / "report.html"  # parents do not exist yet
     auroc = torch.linspace(0, 1, M)
     auroc[5] = math.nan
-    summary = {"config_yaml": "model:\n  name: <b>demo</b>\n", "metrics": {"fvu": 0.25, "splice": {"kl": 0.125}},
+    summary = {"config_yaml": "model:\n  name: <b>demo</b>\n",
+               "metrics": {"fvu": 0.25, "my_new<metric>": 3, "splice": {"kl": 0.125, "ce_clean": 2.5}},
                "curves": {"layers.2/fvu": [[10, 0.5], [20, 0.375]]}}
     info = build_report(stats, tok, path, title="demo <i>report</i>", sae_info={"SAE": "runs/x<y>", "k": 8},
-                        summary=summary, columns={"auroc": auroc}, column_help={"auroc": "area under the ROC"},
-                        examples=EXAMPLES, progress=False)
+                        summary=summary, columns={"effect": effect(), "auroc": auroc},
+                        column_help={"auroc": "area under the ROC"}, examples=EXAMPLES, progress=False)
     return info, path.read_text(encoding="utf-8")
 
 
@@ -60,9 +69,22 @@ def test_untrusted_text_never_becomes_markup(report):
     assert "<img" not in text and "onerror=\"window" not in text
     # Exactly the script elements the builder wrote: no data closed one or opened another.
     blocks = len(re.findall(r'<script type="application/json" id="b-\d+">', text))
-    assert text.count("<script") == text.count("</script>") == 2 + blocks + 1
+    assert text.count("<script") == text.count("</script>") == 3 + blocks + 1
     assert "demo &lt;i&gt;report&lt;/i&gt;" in text and "runs/x&lt;y&gt;" in text
     assert "name: &lt;b&gt;demo&lt;/b&gt;" in text
+    assert "my new&lt;metric&gt;" in text and "my_new<metric>" not in text
+
+
+def test_run_summary_metrics_have_human_labels(report):
+    _, text = report
+    summary = text[text.index('<section id="summary">'):text.index('<section id="density">')]
+    rows = {label: key for key, label in re.findall(r'<th(?: title="([^"]*)")?>([^<]*)</th>', summary)}
+    assert rows["CE loss, clean model"] == "splice.ce_clean"  # the raw key is only the tooltip
+    assert rows["FVU (fraction of variance unexplained)"] == "fvu"
+    assert rows["KL (clean || SAE spliced in), per token"] == "splice.kl"
+    assert rows["my new&lt;metric&gt;"] == "my_new&lt;metric&gt;"  # unknown: readable, still escaped
+    assert not any("splice." in label or "_" in label for label in rows)
+    assert ">layers.2 / FVU (fraction of variance unexplained)</figcaption>" in summary
 
 
 def test_index_json(report, stats_tok):
@@ -91,10 +113,26 @@ def test_extra_columns_appear(report):
     assert values[M - 1] == 1.0 and values[0] == 0.0
 
 
+def test_contrast_columns_sort_the_index_by_effect(report, stats_tok, tmp_path):
+    _, text = report
+    index = json.loads(script_text(text, "index"))
+    key = next(c["key"] for c in index["columns"] if c["label"] == "effect")
+    assert index["sort"] == {"key": key, "desc": True}
+    stats, tok = stats_tok
+    plain = build_report(stats, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[], progress=False)
+    plain_index = json.loads(script_text(plain.path.read_text(encoding="utf-8"), "index"))
+    assert plain_index["sort"] == {"key": "id", "desc": False}
+    with pytest.raises(ConfigError, match="sort_by"):
+        build_report(stats, tok, tmp_path / "r2.html", title="t", sae_info={}, columns={"effect": effect()},
+                     sort_by="nope", cards=[], progress=False)
+
+
 def test_blocks_hold_the_card_data(report, stats_tok):
     _, text = report
     stats, tok = stats_tok
     strings = json.loads(script_text(text, "strings"))
+    byte_map = json.loads(script_text(text, "bytes"))
+    assert byte_map, "no token holds part of a character; the multi-byte test text is missing"
     W = stats.settings.window
     for n in range(M // BLOCK):
         block = decode_block(text, n)
@@ -108,7 +146,8 @@ def test_blocks_hold_the_card_data(report, stats_tok):
                 assert len(toks) == len(acts) == int((ids >= 0).sum()) <= W
                 # The centre token is the example itself (window activations are kept in fp16).
                 assert acts[centre] == pytest.approx(value, rel=1.1e-2)
-                assert [strings[t] for t in toks] == [tok.decode([t]) for t in ids[ids >= 0].tolist()]
+                # The page's token texts join to exactly the decoded window: no gaps, none lost.
+                assert "".join(joined_tokens(strings, byte_map, toks)) == tok.decode(ids[ids >= 0].tolist())
             assert [len(q) for q in card["q"]] == [len(g) for g in stats.quantile_samples(f)]
             first, counts = card["h"]
             assert sum(counts) == stats.hist[f].sum() and (not counts or counts[0] == stats.hist[f, first])
@@ -207,3 +246,38 @@ def test_run_summary_of_a_bare_folder(tmp_path):
     assert run_summary(tmp_path, None) == {"config_yaml": None, "metrics": None, "curves": {}}
     (tmp_path / "config.yaml").write_text("a: 1\n")
     assert run_summary(tmp_path, tmp_path / "config.yaml")["curves"] == {}
+
+
+def test_token_strings_keep_sentencepiece_spaces_and_split_characters():
+    """A SentencePiece-style tokenizer (Metaspace, byte fallback), where decoding a token
+    alone drops its leading space: the strings still join to the decoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "\u2581the": 1, "\u2581cat": 2, "s": 3, "\u2581sat": 4, "\u2581a": 5,
+             "<0xE6>": 6, "<0x97>": 7, "<0xA5>": 8, "\u2581": 9}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids = [1, 2, 3, 4, 9, 6, 7, 8]  # "the cats sat 日", the last character in byte tokens
+    table = StringTable(tok)
+    table.add(torch.tensor(ids))
+    toks = table.lookup(torch.tensor(ids)).tolist()
+    texts = joined_tokens(table.strings, {str(k): v for k, v in table.bytes.items()}, toks)
+    assert texts[:4] == [" the", " cat", "s", " sat"]  # alone, "\u2581cat" decodes to "cat"
+    # The decoder strips the text's first space; everything after the first token matches.
+    assert "".join(texts) == " " + tok.decode(ids) == " the cats sat \u65e5"
+
+
+def test_token_strings_join_multibyte_characters(stats_tok):
+    _, tok = stats_tok
+    for text in ("naïve café, 日本語のテキスト → ok", "Typ edDict mechanism", "\u00e9\u00e9"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for window in (ids, ids[1:], ids[:-1]):  # a window may cut a character
+            table = StringTable(tok)
+            table.add(torch.tensor(window))
+            toks = table.lookup(torch.tensor(window)).tolist()
+            byte_map = {str(k): v for k, v in table.bytes.items()}
+            assert "".join(joined_tokens(table.strings, byte_map, toks)) == tok.decode(window)

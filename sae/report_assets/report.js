@@ -7,6 +7,7 @@
   const readJSON = (id) => JSON.parse($(id).textContent);
   const INDEX = readJSON("index");   // {M, block, edges, cards, columns, data}
   const STR = readJSON("strings");   // decoded tokens; the data refers to them by index
+  const BYTES = readJSON("bytes");   // string index -> raw bytes, for tokens holding part of a character
   const DATA = INDEX.data;
   const M = INDEX.M;
   const HAS_CARD = INDEX.cards === null ? null : new Set(INDEX.cards);
@@ -31,7 +32,8 @@
   }
   const fmt = (x) => (x === null || x === undefined ? "–" : String(x));
   // Whitespace made visible: a token that is a newline must not look like nothing.
-  const shown = (s) => s.replace(/\r/g, "␍").replace(/\n/g, "↵").replace(/\t/g, "⇥") || "∅";
+  const visible = (s) => s.replace(/\r/g, "␍").replace(/\n/g, "↵").replace(/\t/g, "⇥");
+  const shown = (s) => visible(s) || "∅";
   // A token on its own (index, logit tables): spaces-only must not look empty either.
   const shownAlone = (s) => (/^ +$/.test(s) ? "␣".repeat(s.length) : shown(s));
 
@@ -56,7 +58,8 @@
   }
 
   // ---- index: sort, filter, paginate (only one page of rows is ever in the DOM) ----------
-  const state = { key: "id", desc: false, query: "", page: 0, size: 100, open: -1 };
+  // Initial order from the builder: with contrast columns, the first of them largest first.
+  const state = { key: INDEX.sort.key, desc: INDEX.sort.desc, query: "", page: 0, size: 100, open: -1 };
   let order = [];  // feature ids passing the filter, in sort order
   const value = (key, f) => (key === "id" ? f : DATA[key][f]);
 
@@ -181,13 +184,25 @@
     }
     return out;
   }
+  // Each token's text within an example. A token holding part of a multi-byte character
+  // shows the characters its bytes complete (maybe none), so the tokens read exactly as
+  // the decoded text; bytes that never complete one show as U+FFFD, as the tokenizer's do.
+  function tokenTexts(toks) {
+    const decoder = new TextDecoder("utf-8", { ignoreBOM: true });  // keep a BOM, as Python does
+    const out = toks.map((t) => (BYTES[t] !== undefined
+      ? decoder.decode(Uint8Array.from(BYTES[t]), { stream: true })
+      : decoder.decode() + STR[t]));
+    if (out.length) out[out.length - 1] += decoder.decode();
+    return out;
+  }
   function example([v, centre, toks, acts], max) {
     const row = el("div", { class: "ex" }, el("span", { class: "v", text: fmt(v) }));
+    const texts = tokenTexts(toks);
     toks.forEach((t, i) => {
       const a = acts[i];
       const span = el("span", { class: i === centre ? "tok ctr" : "tok", title: String(a) });
-      const s = STR[t];
-      span.textContent = shown(s);
+      // Only a token that decodes to nothing is marked (∅); byte pieces are legitimately empty.
+      span.textContent = BYTES[t] !== undefined ? visible(texts[i]) : shown(texts[i]);
       if (a > 0) span.style.backgroundColor = `rgba(var(--hot), ${Math.min(1, a / max).toFixed(3)})`;
       row.append(span);
     });
