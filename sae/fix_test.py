@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,7 @@ class FixTestResult:
     scorer: str
     threshold: float
     summary: dict
+    marks: re.Pattern | None = None            # what a words: scorer counts, marked in html()
 
     def table(self) -> str:
         s = self.summary
@@ -109,21 +111,28 @@ class FixTestResult:
                             for i, p in enumerate(self.prompts)]}
 
     def html(self, title: str = "Fix test") -> str:
-        """A small self-contained HTML page: the table, a bar chart with CIs, and samples."""
+        """A small self-contained HTML page: the table, bar charts with CIs and axis values,
+        and the first sample per prompt with its score (and, for a words: scorer, the words
+        it counted marked). Prompts and samples are untrusted text: all of it is escaped."""
         s = self.summary
         charts = "".join(_bar_chart(label, [s[c][key] for c in CONDITIONS])
                          for label, key in (("mean score", "mean_score"),
                                             (f"fraction > {self.threshold:g}", "over_threshold"),
                                             ("perplexity", "perplexity")))
-        rows = "".join(f"<tr><td>{html.escape(p)}</td><td>{html.escape(self.texts['baseline'][i][0])}</td>"
-                       f"<td>{html.escape(self.texts['intervened'][i][0])}</td></tr>"
+        rows = "".join(f"<tr><td>{html.escape(p)}</td>"
+                       + "".join(f'<td>{marked(self.texts[c][i][0], self.marks)}'
+                                 f'<div class=score>score {float(self.scores[c][i, 0]):.4g}</div></td>'
+                                 for c in CONDITIONS) + "</tr>"
                        for i, p in enumerate(self.prompts[:20]))
+        note = ("<p>Marked: the words the scorer counted.</p>" if self.marks is not None else "")
         return (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
                 "<style>body{font:14px system-ui,sans-serif;margin:1.5em}pre{background:#f4f4f4;padding:.8em}"
                 "td{vertical-align:top;border-top:1px solid #ddd;padding:.3em .6em;white-space:pre-wrap}"
-                "svg{margin-right:1.5em}</style>"
+                "mark{background:#ffd27a;border-radius:2px}.score{color:#667;font-size:12px;white-space:normal}"
+                "svg{margin-right:1.5em}svg text{fill:#444}</style>"
                 f"<h1>{html.escape(title)}</h1><pre>{html.escape(self.table())}</pre><div>{charts}</div>"
-                "<h2>First sample per prompt</h2><table><tr><th>prompt</th><th>baseline</th><th>intervened</th></tr>"
+                f"<h2>First sample per prompt</h2>{note}"
+                "<table><tr><th>prompt</th><th>baseline</th><th>intervened</th></tr>"
                 f"{rows}</table>")
 
 
@@ -131,21 +140,57 @@ def _cell(stat: dict) -> str:
     return f"{stat['value']:.4g} [{stat['ci'][0]:.3g}, {stat['ci'][1]:.3g}]"
 
 
-def _bar_chart(label: str, stats: list[dict], width: int = 220, height: int = 160) -> str:
-    """Inline SVG: one bar per condition with its CI as an error bar."""
-    top = max(max(s["ci"][1], s["value"]) for s in stats) or 1.0
-    plot_h, bar_w = height - 40, 60
+def marked(text: str, pattern: re.Pattern | None) -> str:
+    """``text`` HTML-escaped, each match of ``pattern`` wrapped in <mark>.
+
+    Matches are found in the raw text, as the scorer saw it (in escaped text a word could
+    match inside an entity such as "&amp;" or miss one written with "<"), and every piece,
+    matched or not, is escaped on its own: no text from the model becomes markup."""
+    if pattern is None:
+        return html.escape(text)
+    out, last = [], 0
+    for m in pattern.finditer(text):
+        out.append(f"{html.escape(text[last:m.start()])}<mark>{html.escape(m.group())}</mark>")
+        last = m.end()
+    return "".join(out) + html.escape(text[last:])
+
+
+def _axis_top(x: float) -> float:
+    """The smallest 1, 2, 2.5 or 5 x 10^k >= x: a round top for a value axis (1 without data)."""
+    if not math.isfinite(x) or x <= 0:
+        return 1.0
+    step = 10.0 ** math.floor(math.log10(x))
+    return next(m * step for m in (1, 2, 2.5, 5, 10) if m * step >= x * (1 - 1e-12))
+
+
+def _bar_chart(label: str, stats: list[dict], width: int = 250, height: int = 180) -> str:
+    """Inline SVG: one bar per condition with its CI as an error bar, its value above it,
+    and a value axis with gridlines at 0, a quarter, ..., the (rounded) top."""
+    finite = [v for s in stats for v in (s["ci"][1], s["value"]) if math.isfinite(v)]
+    top = _axis_top(max(finite, default=0.0))
+    left, plot_top, plot_h, bar_w = 46, 30, height - 54, 56
+
+    def y(v: float) -> float:  # where value v sits; clipped to 0..top, not finite at 0
+        return plot_top + plot_h * (1 - (min(max(v, 0.0), top) if math.isfinite(v) else 0.0) / top)
+
     parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
-             f'<title>{html.escape(label)}</title><text x="4" y="14" font-size="12">{html.escape(label)}</text>']
+             f'<title>{html.escape(label)}</title><text x="4" y="14" font-size="12">{html.escape(label)}</text>',
+             f'<line x1="{left}" x2="{left}" y1="{plot_top}" y2="{plot_top + plot_h}" stroke="#888"/>']
+    for k in range(5):
+        v = top * k / 4
+        parts.append(f'<line x1="{left - 4}" x2="{width - 4}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" font-size="10" text-anchor="end">{v:.3g}</text>')
     for i, (name, s) in enumerate(zip(CONDITIONS, stats)):
-        x = 30 + i * (bar_w + 40)
-        y = lambda v: 20 + plot_h * (1 - max(v, 0) / top)  # noqa: E731
+        x, value = left + 22 + i * (bar_w + 40), s["value"] if math.isfinite(s["value"]) else 0.0
         color = "#9aa5b1" if i == 0 else "#d9822b"
-        parts.append(f'<rect x="{x}" y="{y(s["value"]):.1f}" width="{bar_w}" height="{20 + plot_h - y(s["value"]):.1f}"'
-                     f' fill="{color}"><title>{name}: {s["value"]:.4g}</title></rect>'
+        parts.append(f'<rect x="{x}" y="{y(value):.1f}" width="{bar_w}" height="{plot_top + plot_h - y(value):.1f}"'
+                     f' fill="{color}"><title>{name}: {s["value"]:.4g} '
+                     f'[{s["ci"][0]:.4g}, {s["ci"][1]:.4g}]</title></rect>'
                      f'<line x1="{x + bar_w / 2}" x2="{x + bar_w / 2}" y1="{y(s["ci"][0]):.1f}" y2="{y(s["ci"][1]):.1f}"'
                      ' stroke="#222" stroke-width="2"/>'
-                     f'<text x="{x}" y="{height - 4}" font-size="11">{name}</text>')
+                     f'<text x="{x + bar_w / 2}" y="{min(y(value), y(s["ci"][1])) - 4:.1f}" font-size="11"'
+                     f' text-anchor="middle">{s["value"]:.3g}</text>'
+                     f'<text x="{x + bar_w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">{name}</text>')
     return "".join(parts) + "</svg>"
 
 
@@ -187,4 +232,4 @@ def fix_test(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         kl = neutral_kl(model, edits, neutral)
         summary["kl"] = {"value": float(kl.mean()), "ci": bootstrap_ci(kl, lambda v: v.mean(), resamples, seed=1)}
     return FixTestResult(prompts=list(prompts), texts=texts, scores=scores, nll=nll, tokens=tokens, kl=kl,
-                         scorer=scorer.name, threshold=threshold, summary=summary)
+                         scorer=scorer.name, threshold=threshold, summary=summary, marks=scorer.pattern)

@@ -27,10 +27,12 @@ SPEC_HELP = "use words:W1,W2 | words:FILE | hf:PATH_OR_HUB_ID[@LABEL] | profanit
 
 @dataclass
 class Scorer:
-    """A named scoring function over a batch of texts."""
+    """A named scoring function over a batch of texts. ``pattern``: what a word scorer
+    counts the matches of (the fix-test page marks them), None for other scorers."""
 
     name: str
     score: Callable[[list[str]], list[float]]
+    pattern: re.Pattern | None = None
 
     def __call__(self, texts: Sequence[str]) -> list[float]:
         return [float(s) for s in self.score(list(texts))] if texts else []
@@ -43,7 +45,7 @@ def word_list_scorer(words: Sequence[str], name: str | None = None) -> Scorer:
         raise ConfigError("scorer: the word list is empty")
     pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE)
     return Scorer(name or f"words({', '.join(words[:4])}{', ...' if len(words) > 4 else ''})",
-                  lambda texts: [len(pattern.findall(t)) for t in texts])
+                  lambda texts: [len(pattern.findall(t)) for t in texts], pattern)
 
 
 def classifier_scorer(model: str, label: str | None = None, device: str | None = None, batch_size: int = 32) -> Scorer:

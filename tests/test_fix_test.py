@@ -3,6 +3,7 @@ fix test: the scorer sees exactly the continuations, and the costs match indepen
 computations."""
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from sae.attribution import attribute
 from sae.config import SAEConfig
 from sae.demo_model import DEMO_MODEL_DIR
 from sae.errors import ConfigError
-from sae.fix_test import bootstrap_ci, fix_test
+from sae.fix_test import CONDITIONS, FixTestResult, bootstrap_ci, fix_test
 from sae.generation import Sampling, continuation_ids, continuations, prompt_token_ids
 from sae.interventions import Ablate, Edit, Scale, intervene
 from sae.lm_metrics import logprob
@@ -142,4 +143,67 @@ def test_kl_of_a_no_op_edit_is_zero(tiny_llama, sae):
                       progress=False)
     assert abs(result.summary["kl"]["value"]) < 1e-6
     assert result.texts["baseline"] == result.texts["intervened"]
-    assert "<" not in result.html("t<b>").split("<title>")[1].split("</title>")[0]
+    page = result.html("t<b>")
+    assert "<" not in page.split("<title>")[1].split("</title>")[0]
+    # The words: scorer's matches are marked in the samples, exactly as many as it counted.
+    assert result.marks is not None
+    for c, cells in zip(CONDITIONS, zip(*sample_cells(page))):
+        assert [cell.count("<mark>") for cell in cells] == result.scores[c][:, 0].tolist()
+
+
+def sample_cells(page: str) -> list[tuple[str, str]]:
+    """(baseline, intervened) sample cells of each row of the page's sample table, without the score line."""
+    rows = re.findall(r"<tr><td>.*?</td><td>(.*?)<div class=score>.*?</td><td>(.*?)<div class=score>", page, re.S)
+    assert rows, "no sample rows"
+    return rows
+
+
+def stat(value, lo, hi):
+    return {"value": value, "ci": (lo, hi)}
+
+
+def page_result(texts: list[str], scorer: Scorer) -> FixTestResult:
+    """A result over given continuations (one sample per prompt, the same texts in both conditions)."""
+    n = len(texts)
+    scores = torch.tensor(scorer(texts), dtype=torch.float64).view(n, 1)
+    per = {"mean_score": stat(1.5, 0.5, 2.75), "over_threshold": stat(0.25, 0.0, 0.5),
+           "perplexity": stat(37.0, 30.0, 44.0)}
+    summary = {"baseline": per, "intervened": {**per, "mean_score": stat(0.6, 0.1, 1.2)},
+               "change": {k: stat(0.0, -1.0, 1.0) for k in per}}
+    return FixTestResult(prompts=[f"prompt {i}" for i in range(n)], texts={c: [[t] for t in texts] for c in CONDITIONS},
+                         scores={c: scores for c in CONDITIONS}, nll={}, tokens={}, kl=None, scorer=scorer.name,
+                         threshold=0.5, summary=summary, marks=scorer.pattern)
+
+
+def test_fix_page_marks_the_scored_words_and_escapes_samples():
+    scorer = load_scorer("words:raise,error,a&b")
+    texts = ["we raise an Error here", "<script>window.x=1</script> raise", "terror, raised", "<b>raise</b> a&b",
+             "nothing"]
+    page = page_result(texts, scorer).html()
+    cells = [b for b, _ in sample_cells(page)]
+    assert [cell.count("<mark>") for cell in cells] == scorer(texts) == [2, 1, 0, 2, 0]
+    assert "we <mark>raise</mark> an <mark>Error</mark> here" in cells[0]
+    assert cells[1] == "&lt;script&gt;window.x=1&lt;/script&gt; <mark>raise</mark>"
+    assert cells[2] == "terror, raised"  # whole words only, as the scorer counts
+    assert cells[3] == "&lt;b&gt;<mark>raise</mark>&lt;/b&gt; <mark>a&amp;b</mark>"
+    assert "<script" not in page and page.count("<b>") == 0
+    plain = page_result(texts, Scorer("length", lambda ts: [len(t) for t in ts])).html()
+    assert "<mark>" not in plain and Scorer("length", lambda ts: [0] * len(ts)).pattern is None
+
+
+def test_fix_page_bar_charts_have_a_value_axis():
+    """Each bar read against its chart's axis labels gives the value it stands for."""
+    result = page_result(["a"], load_scorer("words:a"))
+    charts = re.findall(r"<svg.*?</svg>", result.html(), re.S)
+    assert len(charts) == 3
+    for chart, key in zip(charts, ("mean_score", "over_threshold", "perplexity")):
+        ticks = [(float(y) - 4, float(v)) for y, v in re.findall(r'<text x="[\d.]+" y="([\d.]+)" font-size="10" '
+                                                                  r'text-anchor="end">([\d.e+-]+)</text>', chart)]
+        assert len(ticks) >= 2 and ticks[0][1] == 0
+        (y0, v0), (y1, v1) = ticks[0], ticks[-1]
+        assert v1 >= max(result.summary[c][key]["ci"][1] for c in CONDITIONS)  # the axis covers every bar and CI
+        bars = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="[\d.]+"', chart)
+        for c, bar_y in zip(CONDITIONS, bars):
+            read = v0 + (float(bar_y) - y0) * (v1 - v0) / (y1 - y0)
+            assert read == pytest.approx(result.summary[c][key]["value"], abs=0.01 * v1)
+            assert f">{result.summary[c][key]['value']:.3g}</text>" in chart  # and says its value
