@@ -8,6 +8,7 @@ status 2.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,6 @@ import click
 
 from sae.config import RunConfig, describe, load_config, to_yaml
 from sae.errors import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
 def _keys_epilog() -> str:
@@ -45,22 +43,55 @@ def one_line_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def config_options(fn: Callable) -> Callable:
-    """The CONFIG argument and repeatable --set option shared by every command."""
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override one config key, e.g. --set train.lr=3e-4 (repeatable).")(fn)
-    return click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))(fn)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (for scripts).")
+
+
+class _OneLineUsageErrors:
+    """Click's own usage errors (an unknown option, a bad choice) as one ``error:`` line,
+    like ours, instead of its usage block and ``Error:``."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class OneLineCommand(_OneLineUsageErrors, click.Command):
+    pass
+
+
+class OneLineGroup(_OneLineUsageErrors, click.Group):
+    pass
+
+
+def config_options(example: str) -> Callable[[Callable], Callable]:
+    """The CONFIG argument and repeatable --set option, with an example that fits the command."""
+    def add(fn: Callable) -> Callable:
+        fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help=f"Override one config key, e.g. --set {example} (repeatable).")(fn)
+        return click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))(fn)
+    return add
 
 
 def resolve_config(config: Path | None, overrides: tuple[str, ...]) -> RunConfig:
-    """CONFIG if given, else configs/demo.yaml of this checkout (or the same built-in defaults)."""
-    if config is None and DEMO_CONFIG.exists():
-        config = DEMO_CONFIG
+    """CONFIG if given, else the built-in defaults (a timestamped run folder, no activation
+    cache: nothing shared with the demo's configs/demo.yaml), with the overrides applied."""
     return load_config(config, overrides)
 
 
-@click.command(epilog=_keys_epilog(), context_settings={"max_content_width": 120})
-@config_options
+@click.command(cls=OneLineCommand, epilog=_keys_epilog(), context_settings={"max_content_width": 120})
+@config_options("train.lr=3e-4")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.option("--resume", "resume_dir", metavar="RUN_DIR", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the interrupted run in RUN_DIR (e.g. checkpoints/demo) from its last checkpoint, "
@@ -69,11 +100,13 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...]) -> RunConfig
 def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, resume_dir: Path | None) -> None:
     """Train sparse autoencoders on a language model's activations.
 
-    CONFIG is a YAML run config (default: configs/demo.yaml, the embedded demo model on
-    the built-in corpus). Any key listed below can be overridden with --set:
+    CONFIG is a YAML run config; without one, the defaults listed below (the embedded demo
+    model on the built-in corpus, a timestamped run folder, no activation cache). Any key
+    can be overridden with --set:
 
     \b
-        python train.py configs/demo.yaml --set train.lr=3e-4 --set 'hooks=[layers.1,layers.3]'
+        python train.py configs/demo.yaml                      # the demo: checkpoints/demo/
+        python train.py --set model.name_or_path=meta-llama/Llama-3.1-8B --set 'hooks=[layers.16]'
 
     Ctrl-C or SIGTERM writes a checkpoint and stops; `python train.py --resume RUN_DIR`
     continues, ending exactly as an uninterrupted run would.
@@ -106,7 +139,7 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
         dist.close()
 
 
-@click.group(context_settings={"max_content_width": 120})
+@click.group(cls=OneLineGroup, context_settings={"max_content_width": 120})
 def analyze() -> None:
     """Inspect models and trained SAEs: hook points, held-out metrics, what each feature
     means (features, report), which features lie behind a behaviour (search, attribute,
@@ -119,18 +152,23 @@ def analyze() -> None:
 
 
 @analyze.command()
-@config_options
+@config_options("model.name_or_path=meta-llama/Llama-3.1-8B")
+@json_option
 @one_line_errors
-def layers(config: Path | None, overrides: tuple[str, ...]) -> None:
+def layers(config: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """List a model's decoder layers: the valid layers.N hook points."""
     cfg = resolve_config(config, overrides)
     from sae.models import decoder_layers, load_model, model_summary
 
     model, _ = load_model(cfg.model)
     name, mods = decoder_layers(model)
+    children = [n for n, _ in mods[0].named_children()]
+    if as_json:
+        click.echo(json.dumps({"model": cfg.model.name_or_path, "summary": model_summary(model), "layers_module": name,
+                               "hook_points": [f"layers.{i}" for i in range(len(mods))], "sub_modules": children}))
+        return
     click.echo(model_summary(model))
     click.echo(f"decoder layers: {name}[0..{len(mods) - 1}] -> hook points layers.0 .. layers.{len(mods) - 1}")
-    children = [n for n, _ in mods[0].named_children()]
     click.echo(f"sub-modules of each layer: {', '.join(children)}")
 
 
@@ -138,15 +176,18 @@ def layers(config: Path | None, overrides: tuple[str, ...]) -> None:
 @click.argument("run_dir", metavar="RUN_DIR")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Change the run's config for this evaluation, e.g. --set data.eval_tokens=200000.")
+@json_option
 @one_line_errors
-def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
+def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
     """Held-out metrics of a trained run's SAEs: FVU, L0, dead and dense fractions, and CE
     loss recovered, delta LM loss and KL with each SAE spliced into the model. Printed as a
     table and written to metrics.json beside each SAE. RUN_DIR may also be any SAE folder
     or a SAELens or sparsify run, local or on the hub."""
     from sae.run import evaluate_saved_run
 
-    evaluate_saved_run(run_dir, overrides, log=click.echo)
+    results = evaluate_saved_run(run_dir, overrides, log=_log if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(results))
 
 
 @analyze.command()
@@ -157,8 +198,9 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--hook", default=None, metavar="HOOK",
               help="Hook point to record, for SAEs whose files name none (e.g. layers.12).")
 @click.option("--overwrite", is_flag=True, help="Write into DST even if it exists and is not empty.")
+@json_option
 @one_line_errors
-def convert(src: str, dst: Path, fmt: str, hook: str | None, overwrite: bool) -> None:
+def convert(src: str, dst: Path, fmt: str, hook: str | None, overwrite: bool, as_json: bool) -> None:
     """Rewrite the SAE (or every SAE of the run) at SRC in another format under DST.
 
     SRC is an SAE folder or run in any format, or a hub repo id with a subfolder. One SAE
@@ -167,18 +209,20 @@ def convert(src: str, dst: Path, fmt: str, hook: str | None, overwrite: bool) ->
     SAELens or sparsify and back are the same files, tensors bit for bit.
 
     \b
-        python analyze.py convert checkpoints/demo demo-saelens --format saelens
-        python analyze.py convert EleutherAI/sae-llama-3-8b-32x/layers.10 llama-l10 --format sae
+        python analyze.py convert checkpoints/demo checkpoints/demo-saelens --format saelens
+        python analyze.py convert EleutherAI/sae-llama-3-8b-32x/layers.10 checkpoints/llama-l10 --format sae
     """
     from sae.formats import convert as convert_saes
     from sae.formats.hook_names import to_ours
 
-    convert_saes(src, dst, fmt, hook=(to_ours(hook) or hook) if hook else None, overwrite=overwrite, log=click.echo)
+    written = convert_saes(src, dst, fmt, hook=(to_ours(hook) or hook) if hook else None, overwrite=overwrite,
+                           log=_log if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps({"format": fmt, "written": {name: str(folder) for name, folder in written.items()}}))
 
 
 # ---- the analyzer: features, search, report ---------------------------------------------
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (for scripts).")
 
 
 def target_options(fn: Callable) -> Callable:
@@ -290,7 +334,6 @@ def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, exampl
         python analyze.py features checkpoints/demo                 # summary + densest features
         python analyze.py features checkpoints/demo -f 93 -f 1539    # two features in full
     """
-    import json
 
     from sae.feature_stats import check_feature, density_histogram, feature_record, token_decoder
 
@@ -350,7 +393,6 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
             --baseline configs/prompts/demo_not_raised.txt
         python analyze.py search checkpoints/demo --text "a KeyError is raised" --focus raised
     """
-    import json
 
     from sae.feature_search import contrast_search, features_in_text, read_prompts
 
@@ -474,7 +516,6 @@ def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples
                         samples_per_bin=show_samples)
     seconds = time.perf_counter() - start
     if as_json:
-        import json
 
         click.echo(json.dumps({"path": str(info.path), "bytes": info.bytes, "features": info.features,
                                "cards": info.cards, "build_seconds": round(seconds, 2)}))
@@ -542,7 +583,6 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
         python analyze.py generate checkpoints/demo --prompt "If the key is missing, a KeyError" \\
             --ablate 93,1539 --steer 1876:+6 --temperature 0
     """
-    import json
     import shutil
 
     from sae.generation import Sampling, continuations
@@ -591,7 +631,7 @@ def _describe_edit(e) -> str:
 # ---- activation patching -------------------------------------------------------------------
 
 @analyze.command()
-@config_options
+@config_options("model.device=cuda:1")
 @click.option("--clean", required=True, help="The prompt that shows the behaviour.")
 @click.option("--corrupted", required=True, help="A prompt of the same token length that does not.")
 @click.option("--answer", required=True, metavar="TOKEN",
@@ -628,7 +668,6 @@ def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, laye
             --corrupted "If the key is missing, the default is" --answer " raised" --wrong " returned" \\
             --svg patch.svg
     """
-    import json
 
     from sae.lm_metrics import answer_token, logit_diff, logprob
     from sae.patching import ActivationPatcher, check_svg_path, write_svg
@@ -701,7 +740,6 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
         python analyze.py attribute checkpoints/demo --prompt "If the key is missing, a KeyError is" \\
             --answer " raised"
     """
-    import json
 
     from sae.attribution import attribute as run_attribution
 
@@ -764,7 +802,6 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
         python analyze.py fix-test checkpoints/demo --prompts configs/prompts/demo_fix.txt \\
             --scorer words:raised,raise,raises --answer " raised" --ablate-top 5
     """
-    import json
 
     from sae.fix_test import fix_test
     from sae.generation import Sampling

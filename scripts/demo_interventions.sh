@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The interventions demo on the shipped model (CPU, about 3 minutes after training):
+# The interventions demo on the shipped model (CPU, about 30 s after training):
 # find the features behind "talking about threads" with a contrast search, then ablate
 # and steer them while the model writes, and measure the effect and its cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=checkpoints/demo
 P=configs/prompts
-[ -f "$RUN/layers.2/cfg.json" ] || python train.py          # the demo SAE (about 2 minutes)
+[ -f "$RUN/layers.2/cfg.json" ] || python train.py configs/demo.yaml   # the demo SAE (about 2 minutes)
 
 echo "== 1. contrast: sentences about threads vs the same sentences about files"
 python analyze.py search "$RUN" --target "$P/demo_threads.txt" --baseline "$P/demo_files.txt" --top 5

@@ -34,8 +34,17 @@ def test_misspelt_key_in_config_file_prints_one_line(tmp_path):
     assert len(lines) == 1 and "unknown key 'train.learning_rat'" in lines[0], result.stderr
 
 
-def test_no_arguments_runs_the_demo_config_and_saves_the_resolved_config(tmp_path):
-    result = run("train.py", "--set", f"output.root={tmp_path}", "--set", "output.run_name=demo",
+def test_without_a_config_the_defaults_share_no_run_folder_or_cache_with_the_demo():
+    result = run("train.py", "--print-config", "--set", "data.dataset=/data/my_corpus")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["output"]["run_name"] is None and cfg["harvest"]["cache_dir"] is None
+    demo = yaml.safe_load(run("train.py", "configs/demo.yaml", "--print-config").stdout)
+    assert demo["output"]["run_name"] == "demo" and demo["harvest"]["cache_dir"]
+
+
+def test_the_demo_config_runs_and_saves_the_resolved_config(tmp_path):
+    result = run("train.py", "configs/demo.yaml", "--set", f"output.root={tmp_path}", "--set", "output.run_name=demo",
                  "--set", "data.token_budget=20000", "--set", "data.eval_tokens=4096",
                  "--set", f"harvest.cache_dir={tmp_path / 'cache'}")
     assert result.returncode == 0, result.stderr
