@@ -16,11 +16,17 @@ training run can resume bit-identically:
 
     state = buffer.state_dict()                      # between two batches
     buffer = activation_batches(cfg, model, tokenizer, resume=state)
+
+Filling the buffer before the first batch is a run's first long phase: ``first_batch``
+takes that batch and turns Ctrl-C or SIGTERM meanwhile into one line saying what was kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,7 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae import corpus
-from sae.activation_cache import CacheReader, CacheWriter, tokenizer_fingerprint
+from sae.activation_cache import CacheReader, CacheWriter, read_manifest, tokenizer_fingerprint
 from sae.buffer import ShuffleBuffer
 from sae.config import RunConfig
 from sae.data import context_batches, describe_split, load_text_dataset, split_source
@@ -36,6 +42,7 @@ from sae.distributed import Shard
 from sae.errors import ConfigError
 from sae.harvest import Harvester, check_context_length
 from sae.hooks import resolve_hooks
+from sae.trainer import TrainingStopped
 
 
 def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -229,13 +236,14 @@ def buffer_capacity(cfg: RunConfig) -> int:
 
 
 def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       resume: dict | None = None, shard: Shard | None = None) -> ShuffleBuffer:
+                       resume: dict | None = None, shard: Shard | None = None, progress: bool = False) -> ShuffleBuffer:
     """Shuffled {hook: [train.batch_tokens, d]} batches for training.
 
     ``resume``: a ``ShuffleBuffer.state_dict()`` of an earlier buffer of this config (its
     tensors and meta as saved, e.g. read back from safetensors + JSON): the new buffer
     serves exactly the batches that one would have served next. A state of another data
     stream or buffer size is refused with a ConfigError before any cache is touched.
+    ``progress``: a bar while the buffer fills before the first batch (rank 0 of a run only).
     """
     device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
     fingerprint = stream_fingerprint(cfg, model, tokenizer, shard)
@@ -246,4 +254,75 @@ def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTra
         ShuffleBuffer.check_resume(resume, capacity, cfg.train.batch_tokens, fingerprint=fingerprint)
         start = StreamPosition.from_dict(resume["meta"]["position"])
     return ShuffleBuffer(activation_source(cfg, model, tokenizer, start, shard), capacity, cfg.train.batch_tokens,
-                         device=device, seed=cfg.train.seed, fingerprint=fingerprint, resume=resume)
+                         device=device, seed=cfg.train.seed, fingerprint=fingerprint, resume=resume,
+                         progress=progress)
+
+
+class StoppedWhileFilling(TrainingStopped):
+    """Ctrl-C or SIGTERM while the shuffle buffer filled, before the run's first step (of
+    this start): no checkpoint was written; the message says what was kept. A TrainingStopped,
+    so callers that handle a stop request (train.py: exit 130, nothing more printed) handle
+    this one alike."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(step)
+        self.args = (message,)
+
+
+def first_batch(buffer: ShuffleBuffer, batches: Iterator[dict[str, torch.Tensor]], run_dir: Path,
+                resumed_step: int | None = None, log: Callable[[str], None] = print) -> dict[str, torch.Tensor] | None:
+    """``next(batches, None)`` of ``iter(buffer)``: the whole fill of the buffer.
+
+    Ctrl-C, or SIGTERM (turned into the same for the fill: its default would end the
+    process without a word), logs one line saying what was kept and raises
+    StoppedWhileFilling. There is nothing to checkpoint yet: no step has run, and a run
+    folder is only written after this batch. ``run_dir``: the run's folder;
+    ``resumed_step``: the step of the checkpoint this run resumes from, if any.
+    """
+    try:
+        with _sigterm_as_interrupt():
+            return next(batches, None)
+    except KeyboardInterrupt:
+        message = fill_stopped_message(buffer, run_dir, resumed_step)
+        log(message)
+        raise StoppedWhileFilling(resumed_step or 0, message) from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, like Ctrl-C (handlers: main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def fill_stopped_message(buffer: ShuffleBuffer, run_dir: Path, resumed_step: int | None = None) -> str:
+    """One line: how far the fill got, what of the harvest is kept, and the run folder's state."""
+    head = f"stopped while filling the shuffle buffer ({buffer.filled:,} of {buffer.capacity:,} activation vectors)"
+    writer = getattr(buffer.source, "writer", None)
+    if writer is None:
+        kept = "what it harvested is not kept (no harvest.cache_dir)"
+    else:
+        manifest = read_manifest(writer.folder)  # what is on disk; rows not yet in a shard are lost
+        if manifest["complete"]:
+            kept = f"the activation cache in {writer.folder} is complete and unchanged"
+        else:
+            kept = (f"the activation cache in {writer.folder} keeps the {manifest['tokens']:,} tokens of its "
+                    f"{len(manifest['shards'])} shard(s), and the next start harvests on from there")
+    if resumed_step is not None:
+        run = (f"the checkpoint of step {resumed_step:,} is unchanged; continue with: "
+               f"python train.py --resume {run_dir}")
+    elif run_dir.exists():  # a finished run of the same config, which a new start would replace
+        run = f"{run_dir} is not changed (a run writes its folder after the first batch)"
+    else:
+        run = "no run folder was created"
+    return f"{head}: {kept}; {run}"

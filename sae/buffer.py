@@ -12,6 +12,10 @@ Resuming: between two batches the buffer's whole state is explicit (``state_dict
 ``ShuffleBuffer(source, ..., resume=state)`` continues bit for bit, given a ``source`` that
 starts at the saved ``meta["position"]["rows"]`` (the rows placed into the storage so far;
 rows of a source item read but not yet placed are not saved, the source yields them again).
+
+Progress: the fill before the first batch runs a whole buffer's worth of harvest (seconds
+to minutes) with nothing else to show; ``progress=True`` shows a bar for it, counting rows
+up to the capacity, gone once the buffer is full (training then shows its own bar).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from sae.activation_cache import first_difference
 from sae.errors import ConfigError
@@ -42,6 +47,7 @@ class ShuffleBuffer:
         state saved under another fingerprint is refused on resume.
     resume: a ``state_dict()`` of a buffer with the same sizes and fingerprint; ``source``
         must then start at its ``meta["position"]["rows"]``.
+    progress: show a bar (stderr) while the buffer fills before its first batch.
 
     The batches served are views copied out of the storage (safe to keep). When the source
     runs out, the rows left are served shuffled, and a final incomplete batch is dropped.
@@ -50,7 +56,7 @@ class ShuffleBuffer:
 
     def __init__(self, source: Iterable[dict[str, torch.Tensor]], capacity_tokens: int, batch_tokens: int, *,
                  refill_fraction: float = 0.5, device: torch.device | str = "cpu", seed: int = 0,
-                 fingerprint: dict | None = None, resume: dict | None = None):
+                 fingerprint: dict | None = None, resume: dict | None = None, progress: bool = False):
         if batch_tokens < 1 or capacity_tokens < batch_tokens:
             raise ValueError(f"need 1 <= batch_tokens ({batch_tokens}) <= capacity_tokens ({capacity_tokens})")
         if not 0 < refill_fraction <= 1:
@@ -70,8 +76,15 @@ class ShuffleBuffer:
         self._item_start: dict = dict(getattr(source, "item_start", {}))
         self._source_iter: Iterator[dict[str, torch.Tensor]] | None = None
         self._started = False
+        self.progress = progress
+        self._served_any = False  # by this object: a fill before that is the silent start of a run
         if resume is not None:
             self._restore(resume)
+
+    @property
+    def filled(self) -> int:
+        """Rows held now, per hook (the capacity once the buffer is full)."""
+        return int(self.occupied.sum())
 
     def nbytes(self) -> int:
         """Bytes held by the storage (the buffer's configured size once allocated)."""
@@ -92,8 +105,9 @@ class ShuffleBuffer:
             name: torch.empty(self.capacity, rows.shape[1], dtype=rows.dtype, device=self.device)
             for name, rows in first.items()}, nbytes)
 
-    def _fill(self) -> None:
-        """Write rows into free slots until none is free or the source ends (then ``exhausted``).
+    def _fill(self, on_placed=lambda n: None) -> None:
+        """Write rows into free slots until none is free or the source ends (then ``exhausted``);
+        ``on_placed(n)`` after each ``n`` rows placed.
 
         Free slots are filled in ascending order from the row stream, so where source items
         begin and end does not matter: a source restarted mid-item fills the same slots.
@@ -118,6 +132,7 @@ class ShuffleBuffer:
             self.occupied[slots] = True
             placed += n
             self.rows_placed += n
+            on_placed(n)
             rest = {name: rows[n:] for name, rows in self._pending.items()}
             self._pending = rest if next(iter(rest.values())).shape[0] else None
 
@@ -125,7 +140,10 @@ class ShuffleBuffer:
         """The next batch, or None at the end. All state lives in attributes between calls."""
         if len(self._order) == 0:  # the share is served: refill, then draw the next share
             if not self.exhausted:
-                self._fill()
+                if self._served_any:
+                    self._fill()
+                else:
+                    self._first_fill()
             held = self.occupied.nonzero().squeeze(1)
             share = len(held) if self.exhausted else max(self.batch, int(len(held) * self.refill_fraction))
             n_batches = share // self.batch
@@ -137,7 +155,17 @@ class ShuffleBuffer:
         batch = {name: store[slots_dev] for name, store in self.storage.items()}
         self.occupied[slots] = False
         self.tokens_served += self.batch
+        self._served_any = True
         return batch
+
+    def _first_fill(self) -> None:
+        """``_fill`` with a progress bar (if ``progress``) up to the capacity. It is left off
+        the screen when closed, full, exhausted or interrupted alike: the lines after it (the
+        run's log, training's own bar) start on a clean line."""
+        with tqdm(total=self.capacity, initial=self.filled, desc="filling shuffle buffer", unit="tok",
+                  unit_scale=True, leave=False, disable=not self.progress) as bar:
+            self._fill(bar.update)
+            bar.refresh()  # the final count, whatever the refresh interval skipped
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._started:

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.activations import activation_batches, contexts_for, make_harvester
+from sae.activations import activation_batches, contexts_for, first_batch, make_harvester
 from sae.architectures import SparseAutoencoder
 from sae.architectures.base import CONFIG_FILE
 from sae.atomic_io import existing_folder, write_text_atomic
@@ -82,27 +83,42 @@ def eval_config(cfg: RunConfig) -> RunConfig:
 
 
 def evaluate_run(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 saes: dict[str, SparseAutoencoder], hook_of: dict[str, str] | None = None) -> dict[str, dict]:
+                 saes: dict[str, SparseAutoencoder], hook_of: dict[str, str] | None = None,
+                 progress: bool = True) -> dict[str, dict]:
     """Held-out metrics per SAE: FVU, L0, dead, dense, and the splice metrics.
 
     saes: {name: SAE}; hook_of: {name: hook point} where names are not hook points (sweeps).
+    progress: bars (stderr, in tokens of the held-out text) for the pass that measures
+    FVU, L0, dead and dense, then for each SAE's splice pass (three forward passes each).
     """
     hook_of = hook_of or {name: name for name in saes}
     ecfg = eval_config(cfg)
     ecfg.hooks = sorted(set(hook_of.values()), key=cfg.hooks.index)
     metrics = {name: Metrics(sae) for name, sae in saes.items()}
-    for acts in make_harvester(ecfg, model, tokenizer):
-        for name, m in metrics.items():
-            x = acts[hook_of[name]]
-            if x.shape[1] != saes[name].cfg.d_in:
-                raise ConfigError(f"{name}: the SAE takes inputs of width {saes[name].cfg.d_in}, but "
-                                  f"{hook_of[name]} of {cfg.model.name_or_path} has width {x.shape[1]}")
-            m.update(x)
+    # The tokens the held-out contexts hold: whole contexts, the last one may pass the budget.
+    d = ecfg.data
+    total = -(-d.token_budget // d.context_tokens) * d.context_tokens
+    harvester = make_harvester(ecfg, model, tokenizer)
+    # Counted in tokens read (harvester.tokens_seen), special ones included: they are not
+    # measured but cost the same forward pass. Left off the screen when done: the table follows.
+    with tqdm(total=total, desc="held-out metrics", unit="tok", unit_scale=True, leave=False,
+              disable=not progress) as bar:
+        for acts in harvester:
+            bar.update(harvester.tokens_seen - bar.n)
+            for name, m in metrics.items():
+                x = acts[hook_of[name]]
+                if x.shape[1] != saes[name].cfg.d_in:
+                    raise ConfigError(f"{name}: the SAE takes inputs of width {saes[name].cfg.d_in}, but "
+                                      f"{hook_of[name]} of {cfg.model.name_or_path} has width {x.shape[1]}")
+                m.update(x)
+        bar.update(harvester.tokens_seen - bar.n)  # batches with every token masked yield nothing
+        bar.refresh()  # the final count, whatever the refresh interval skipped
     results = {}
     for name, m in metrics.items():
         sae = saes[name]
-        results[name] = {**m.result(), "hook": hook_of[name], "eval_data": eval_source(cfg), "splice": splice_metrics(
-            model, tokenizer, hook_of[name], lambda x, sae=sae: sae(x.float()), contexts_for(ecfg, tokenizer))}
+        splice = splice_metrics(model, tokenizer, hook_of[name], lambda x, sae=sae: sae(x.float()),
+                                contexts_for(ecfg, tokenizer), progress=progress, desc=f"splice {name}", total=total)
+        results[name] = {**m.result(), "hook": hook_of[name], "eval_data": eval_source(cfg), "splice": splice}
     return results
 
 
@@ -239,13 +255,13 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
             raise ConfigError(str(e).replace("data.split:", "data.eval_split:", 1)) from None
     # checks hooks, data and cache before any work
     buffer = activation_batches(local_cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None,
-                                shard=dist.shard)
+                                shard=dist.shard, progress=dist.is_main)
     batches = iter(buffer)
     log(f"data: {describe_split(d.dataset, d.split, d.subset)}, column {d.text_column!r}, {d.token_budget:,} tokens "
         f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}"
         + (f"; {dist.world} processes, each harvesting 1 context in {dist.world}" if dist.active else ""))
     start = time.perf_counter()
-    first = next(batches, None)
+    first = first_batch(buffer, batches, run_dir, checkpoint.step if checkpoint else None, log)
     if dist.agree(first is None):
         raise ConfigError(f"data: fewer activation vectors than one batch (train.batch_tokens = "
                           f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data")

@@ -168,3 +168,30 @@ def test_peak_host_memory_stays_within_size_plus_margin():
     m = json.loads(result.stdout)
     # storage + one pending source batch + one served batch + the batch being generated: ~32 MiB
     assert m["peak_growth_kib"] <= m["storage_kib"] + 48 * 1024, m
+
+
+def bar_renders(err, desc):
+    """(n, total) of each state of the tqdm bar ``desc`` drawn to ``err`` (counts below 1000,
+    which tqdm writes as plain integers)."""
+    import re
+
+    return [tuple(map(int, m.groups())) for m in re.finditer(rf"{desc}:[^\r\n]*?\| *(\d+)/(\d+) ", err)]
+
+
+def test_the_fill_before_the_first_batch_shows_a_bar_up_to_the_capacity_then_clears_it(capsys):
+    batches = iter(ShuffleBuffer(source(), capacity_tokens=300, batch_tokens=40, seed=1, progress=True))
+    next(batches)
+    err = capsys.readouterr().err
+    counts = bar_renders(err, "filling shuffle buffer")
+    assert counts and counts[-1] == (300, 300)  # the final count drawn: the buffer is full
+    assert all(total == 300 for _, total in counts) and [n for n, _ in counts] == sorted(n for n, _ in counts)
+    assert "\n" not in err and err.endswith("\r")  # closed and wiped: it leaves no line behind
+    list(batches)  # later refills happen under training's own bar: no second bar
+    assert capsys.readouterr().err == ""
+
+
+def test_the_fill_bar_stops_where_a_short_source_ends_and_is_off_by_default(capsys):
+    next(iter(ShuffleBuffer(source(n_batches=2), 900, 10, progress=True)))
+    assert bar_renders(capsys.readouterr().err, "filling shuffle buffer")[-1] == (100, 900)  # 2 x 50 rows
+    list(ShuffleBuffer(source(), 300, 40))
+    assert capsys.readouterr().err == ""
