@@ -85,3 +85,27 @@ def test_an_impossible_sae_stops_before_the_run_folder_is_written(tmp_path):
     with pytest.raises(ConfigError, match="sae.k: 5000 is larger than the 1024 latents"):
         train_run(cfg, log=lambda s: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_running_a_finished_run_again_keeps_what_sits_beside_its_saes_and_sets_its_curves_aside(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = lambda: small_run(tmp_path, "r", "output.tensorboard=true", "output.log_every_steps=7")  # noqa: E731
+    run_dir = train_run(cfg(), log=lambda s: None)
+    tb = run_dir / "tensorboard"
+    events = EventAccumulator(str(tb)).Reload()
+    steps = [e.step for e in events.Scalars("layers.2/loss")]
+    final = events.Scalars("heldout/layers.2/fvu")
+    metrics = json.loads((run_dir / "layers.2" / "metrics.json").read_text())
+    assert steps[-1] == final[0].step and steps[-1] % 7 != 0         # the last step is logged, not the last multiple
+    assert final[0].value == pytest.approx(metrics["fvu"])
+    (run_dir / "layers.2" / "report.html").write_text("mine")
+    (run_dir / "layers.2" / "features").mkdir()
+    lines = []
+    train_run(cfg(), log=lines.append)
+    assert (run_dir / "layers.2" / "report.html").read_text() == "mine" and (run_dir / "layers.2" / "features").is_dir()
+    earlier = [p for p in tb.iterdir() if p.is_dir() and p.name.startswith("earlier-")]
+    assert len(earlier) == 1 and any(earlier[0].glob("events.out.tfevents.*"))
+    again = [e.step for e in EventAccumulator(str(tb)).Reload().Scalars("layers.2/loss")]
+    assert again == steps                                                # the new run's curves alone, not mixed
+    assert any("TensorBoard curves moved to" in line for line in lines)
