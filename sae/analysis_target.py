@@ -30,8 +30,9 @@ from sae.data import context_bos_id
 from sae.errors import ConfigError
 from sae.formats import NATIVE, StoredSAE, build_sae, find_sae_folder, parse_dtype, read_sae
 from sae.formats.hook_names import to_ours
-from sae.feature_stats import (FeatureStats, StatsSettings, compute_feature_stats, load_feature_stats,
-                               read_stats_info, save_feature_stats)
+from sae.feature_stats import (FeatureStats, StatsSettings, compute_feature_stats, distinct_tokens,
+                               load_feature_stats, read_stats_header, read_stats_info, read_top_token_ids,
+                               save_feature_stats, token_decoder, top_tokens)
 from sae.hooks import ActivationCapture, resolve_hook
 from sae.logit_effects import logit_effects, nearest_features
 from sae.models import load_model
@@ -134,33 +135,114 @@ def stats_identity(target: Target, settings: StatsSettings) -> dict:
             "exclude_special_tokens": True, "settings": asdict(settings)}
 
 
-def stats_path(target: Target, settings: StatsSettings, cache_dir: Path | None = None) -> Path:
+def stats_path(target: Target, settings: StatsSettings, cache_dir: Path | None = None,
+               whole_data: bool = False) -> Path:
     """Where the statistics for these settings are cached: one file per identity, in
-    ``<sae folder>/features/`` unless ``cache_dir`` says otherwise."""
-    digest = hashlib.sha256(json.dumps(stats_identity(target, settings), sort_keys=True).encode()).hexdigest()
-    return Path(cache_dir or target.folder / STATS_FOLDER) / f"stats-{digest[:16]}.safetensors"
+    ``<sae folder>/features/`` unless ``cache_dir`` says otherwise.
+
+    whole_data: the file of a scan that read all of the data (it ran out before
+    ``settings.tokens``), keyed without the token count: any request for at least as
+    many tokens would scan the same data to the same statistics.
+    """
+    identity = stats_identity(target, settings)
+    if whole_data:
+        identity = _but_tokens(identity)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir or target.folder / STATS_FOLDER) / f"stats-{'all-' * whole_data}{digest[:16]}.safetensors"
+
+
+def _but_tokens(identity) -> dict | None:
+    """An identity with its token count blanked, to compare everything else (None for
+    anything that is not an identity)."""
+    if not isinstance(identity, dict) or not isinstance(identity.get("settings"), dict):
+        return None
+    return {**identity, "settings": {**identity["settings"], "tokens": None}}
+
+
+def _but_settings(identity) -> dict | None:
+    """An identity with its settings blanked: the same SAE, model, hook and data."""
+    return {**identity, "settings": None} if isinstance(identity, dict) else None
+
+
+def find_cached_stats(target: Target, settings: StatsSettings, cache_dir: Path | None = None) -> Path | None:
+    """A valid cached statistics file for these settings: the one scanned with exactly
+    them, else a scan of the whole data with the same settings but ``tokens``, if they
+    ask for at least the tokens it found (it holds what a new scan would find)."""
+    identity = stats_identity(target, settings)
+    path = stats_path(target, settings, cache_dir)
+    if path.is_file() and read_stats_info(path).get("identity") == identity:
+        return path
+    whole = stats_path(target, settings, cache_dir, whole_data=True)
+    if not whole.is_file():
+        return None
+    meta = read_stats_header(whole)
+    info = json.loads(meta["info"])
+    same = _but_tokens(info.get("identity")) == _but_tokens(identity)
+    return whole if same and info.get("exhausted") and settings.tokens >= int(meta["tokens"]) else None
 
 
 def cached_feature_stats(target: Target, settings: StatsSettings = StatsSettings(), cache_dir: Path | None = None,
                          recompute: bool = False, progress: bool = True, log=print) -> FeatureStats:
     """Feature statistics, logit effects and nearest features of the target's SAE: read
-    from the cache when present and valid, else computed over the config's data
+    from the cache when present and valid (``find_cached_stats``: a scan that read all
+    of the data serves any larger request), else computed over the config's data
     (``data.dataset``, ``data.split``) and cached."""
-    path = stats_path(target, settings, cache_dir)
-    identity = stats_identity(target, settings)
-    if path.is_file() and not recompute and read_stats_info(path).get("identity") == identity:
-        log(f"feature statistics: {path} (cached)")
-        return load_feature_stats(path)
     d = target.cfg.data
+    path = None if recompute else find_cached_stats(target, settings, cache_dir)
+    if path is not None:
+        stats = load_feature_stats(path)
+        whole = f"; all of {d.dataset} [{d.split}] is {stats.tokens:,} tokens" if stats.info.get("exhausted") else ""
+        log(f"feature statistics: {path} (cached){whole}")
+        return stats
     # More contexts than the budget needs: the pass stops at settings.tokens non-special tokens.
     data_cfg = replace(target.cfg, data=replace(d, token_budget=2 * settings.tokens + d.context_tokens))
     contexts = contexts_for(data_cfg, target.tokenizer)
     log(f"feature statistics: scanning up to {settings.tokens:,} tokens of {d.dataset} [{d.split}] at {target.hook}")
     stats = compute_feature_stats(target.model, target.tokenizer, target.sae, target.hook, contexts, settings,
-                                  info={"identity": identity}, progress=progress)
+                                  info={"identity": stats_identity(target, settings)}, progress=progress)
+    # The scan covers the whole data if it ran out before the context budget did (the
+    # budget, not the data, can also end it); then larger requests can reuse it.
+    budget_contexts = -(-data_cfg.data.token_budget // d.context_tokens)
+    stats.info["exhausted"] = stats.info["data_ran_out"] and stats.contexts < budget_contexts
     stats.logits, rule = logit_effects(target.model, target.sae.W_dec.detach(), progress=progress)
     stats.info["logit_rule"] = rule
     stats.nearest = nearest_features(target.sae.W_dec.detach(), progress=progress)
+    path = stats_path(target, settings, cache_dir, whole_data=stats.info["exhausted"])
     save_feature_stats(stats, path)
-    log(f"feature statistics: {stats.tokens:,} tokens scanned, cached in {path}")
+    if stats.info["data_ran_out"]:
+        log(f"feature statistics: the data ran out after {stats.tokens:,} tokens (asked for {settings.tokens:,}); "
+            f"cached in {path}")
+    else:
+        log(f"feature statistics: {stats.tokens:,} tokens scanned, cached in {path}")
     return stats
+
+
+def any_cached_stats(target: Target, cache_dir: Path | None = None) -> Path | None:
+    """The cached statistics file of this SAE, model, hook and data with the most tokens,
+    whatever settings it was scanned with: for uses content with any scan (top tokens
+    beside feature ids), where a fresh scan would cost more than it adds."""
+    want = _but_settings(stats_identity(target, StatsSettings()))
+    best = None
+    for path in sorted(Path(cache_dir or target.folder / STATS_FOLDER).glob("stats-*.safetensors")):
+        try:
+            meta = read_stats_header(path)
+        except ConfigError:   # a broken or foreign file is not a cache hit, nor an error here
+            continue
+        if _but_settings(json.loads(meta["info"]).get("identity")) == want:
+            if best is None or int(meta["tokens"]) > best[0]:
+                best = (int(meta["tokens"]), path)
+    return None if best is None else best[1]
+
+
+def feature_top_tokens(target: Target, features: Iterable[int], n: int = 3, tokens: int = 2**17,
+                       progress: bool = True, log=print) -> dict[int, list[str]]:
+    """Each feature's first ``n`` distinct top-activating tokens (``top_tokens``), from any
+    cached scan of the SAE (``any_cached_stats``), else from a scan of ``tokens`` tokens,
+    which is cached for the next time."""
+    decode = token_decoder(target.tokenizer)
+    path = any_cached_stats(target)
+    if path is None:
+        stats = cached_feature_stats(target, StatsSettings(tokens=tokens), progress=progress, log=log)
+        return {f: top_tokens(stats, f, decode, n) for f in features}
+    log(f"feature statistics for top tokens: {path} (cached)")
+    return {f: distinct_tokens(ids, decode, n) for f, ids in read_top_token_ids(path, features).items()}

@@ -369,6 +369,55 @@ def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, exampl
         click.echo(f"  {r['feature']:>8} {r['density']:>9.3%} {r['max']:>8.3f} {r['mean']:>8.3f}  {top}")
 
 
+# Tokens scanned for top tokens when the SAE has no cached statistics: a first look that
+# takes a minute or two on a laptop, not the full --tokens scan of `features`.
+TOP_TOKENS_SCAN = 2**17
+
+
+def top_tokens_option(fn: Callable) -> Callable:
+    """--no-top-tokens, for the commands that list feature ids (search, attribute, fix-test)."""
+    return click.option("--no-top-tokens", is_flag=True,
+                        help="List feature ids without their top-activating tokens (these come from the SAE's "
+                             f"cached feature statistics, else from a scan of {TOP_TOKENS_SCAN:,} tokens, "
+                             "cached for next time).")(fn)
+
+
+def _feature_tokens(target, features, no_top_tokens: bool) -> dict[int, list[str]] | None:
+    """Each listed feature's top-activating tokens, or None when --no-top-tokens."""
+    if no_top_tokens:
+        return None
+    from sae.analysis_target import feature_top_tokens
+
+    return feature_top_tokens(target, list(dict.fromkeys(features)), tokens=TOP_TOKENS_SCAN, log=_log)
+
+
+def _tokens_cell(tokens: dict[int, list[str]] | None, f: int) -> str:
+    """Feature f's top tokens as the last column: quoted, newlines visible; '' when off."""
+    if tokens is None:
+        return ""
+    return "  " + (" ".join(repr(_show(t)) for t in tokens[f]) or "(never fired in the scan)")
+
+
+def _with_tokens(row: dict, tokens: dict[int, list[str]] | None) -> dict:
+    """A feature's JSON row with its top tokens added (unchanged when --no-top-tokens)."""
+    return row if tokens is None else {**row, "top_tokens": tokens[row["feature"]]}
+
+
+def _print_text_hits(hits, tokens: dict[int, list[str]] | None) -> None:
+    """`search --text` as text: the ranking (with top tokens), then each token's strongest features."""
+    focus_text = "".join(hits.tokens[i] for i in hits.focus)
+    click.echo(f"features firing on {_show(focus_text)!r} (max activation over {len(hits.focus)} tokens):")
+    if tokens is not None:
+        click.echo(f"  {'feature':>8} {'max act':>9}  top tokens")
+    for f, v in hits.ranking:
+        click.echo(f"  {f:>8} {v:>9.3f}{_tokens_cell(tokens, f)}")
+    click.echo("per token (strongest features):")
+    for i, (t, row) in enumerate(zip(hits.tokens, hits.per_token)):
+        mark = "*" if i in hits.focus else " "
+        feats = "  ".join(f"{f}:{v:.2f}" for f, v in row[:6]) or "-"
+        click.echo(f" {mark}{_show(t)!r:>16} {feats}")
+
+
 @analyze.command()
 @target_options
 @click.option("--target", "target_file", type=click.Path(path_type=Path), metavar="FILE",
@@ -382,9 +431,11 @@ def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, exampl
 @click.option("--reduce", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="A prompt's score per feature: max or mean over its tokens.")
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed.")
+@top_tokens_option
 @json_option
 @one_line_errors
-def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, baseline_file, text, focus, rank, reduce, top, as_json) -> None:
+def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, baseline_file, text, focus, rank, reduce, top,
+           no_top_tokens, as_json) -> None:
     """Find features: those that separate --target prompts from --baseline prompts
     (contrast search), or those that fire on --text.
 
@@ -408,41 +459,37 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
     target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     if not contrast_mode:
         hits = features_in_text(target, text, focus, top)
+        tokens = _feature_tokens(target, [f for f, _ in hits.ranking], no_top_tokens)
         if as_json:
             click.echo(json.dumps({"text": text, "tokens": hits.tokens, "focus": hits.focus,
-                                   "ranking": [{"feature": f, "activation": v} for f, v in hits.ranking],
+                                   "ranking": [_with_tokens({"feature": f, "activation": v}, tokens)
+                                               for f, v in hits.ranking],
                                    "per_token": [[{"feature": f, "activation": v} for f, v in row]
                                                  for row in hits.per_token]}, indent=1))
             return
-        focus_text = "".join(hits.tokens[i] for i in hits.focus)
-        click.echo(f"features firing on {_show(focus_text)!r} (max activation over {len(hits.focus)} tokens):")
-        for f, v in hits.ranking:
-            click.echo(f"  {f:>8} {v:>9.3f}")
-        click.echo("per token (strongest features):")
-        for i, (t, row) in enumerate(zip(hits.tokens, hits.per_token)):
-            mark = "*" if i in hits.focus else " "
-            feats = "  ".join(f"{f}:{v:.2f}" for f, v in row[:6]) or "-"
-            click.echo(f" {mark}{_show(t)!r:>16} {feats}")
+        _print_text_hits(hits, tokens)
         return
     result = contrast_search(target, a, b, reduce)
     ranked = {"target": result.ranking(rank, "a")[:top], "baseline": result.ranking(rank, "b")[:top]}
+    tokens = _feature_tokens(target, ranked["target"] + ranked["baseline"], no_top_tokens)
     if as_json:
         click.echo(json.dumps({"target_prompts": result.n_a, "baseline_prompts": result.n_b,
                                "target_tokens": result.tokens_a, "baseline_tokens": result.tokens_b,
                                "reduce": reduce, "rank": rank,
-                               "higher_in_target": [result.row(f) for f in ranked["target"]],
-                               "higher_in_baseline": [result.row(f) for f in ranked["baseline"]]}, indent=1))
+                               **{f"higher_in_{side}": [_with_tokens(result.row(f), tokens) for f in ranked[side]]
+                                  for side in ranked}}, indent=1))
         return
     click.echo(f"contrast: {result.n_a} target prompts ({result.tokens_a:,} tokens) vs {result.n_b} baseline prompts "
                f"({result.tokens_b:,} tokens); a prompt's score is the {reduce} activation over its tokens")
     for side in ("target", "baseline"):
         click.echo(f"\nhigher in {side}, by {rank}:")
         click.echo(f"  {'feature':>8} {'effect':>7} {'AUROC':>6} {'mean tgt':>9} {'mean base':>9} "
-                   f"{'fires tgt':>9} {'fires base':>10}")
+                   f"{'fires tgt':>9} {'fires base':>10}" + ("" if tokens is None else "  top tokens"))
         for f in ranked[side]:
             r = result.row(f)
             click.echo(f"  {f:>8} {r['effect']:>7.2f} {r['auroc']:>6.3f} {r['mean_target']:>9.3f} "
-                       f"{r['mean_baseline']:>9.3f} {r['fire_target']:>9.0%} {r['fire_baseline']:>10.0%}")
+                       f"{r['mean_baseline']:>9.3f} {r['fire_target']:>9.0%} {r['fire_baseline']:>10.0%}"
+                       f"{_tokens_cell(tokens, f)}")
 
 
 
@@ -729,9 +776,11 @@ def _metric(tokenizer, answer: str | None, wrong: str | None):
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
 @metric_options
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed per direction.")
+@top_tokens_option
 @json_option
 @one_line_errors
-def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, answer, wrong, top, as_json) -> None:
+def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, answer, wrong, top, no_top_tokens,
+              as_json) -> None:
     """Rank features by their effect on the next-token metric at the end of each prompt
     (activation x gradient, summed over positions and prompts; the SAE error term is
     reported too). Ablating the top "up" features should lower the metric.
@@ -748,11 +797,12 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
     result = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
                              _metric(target.tokenizer, answer, wrong))
     ranked = {d: result.ranking(d)[:top] for d in ("up", "down")}
+    tokens = _feature_tokens(target, ranked["up"] + ranked["down"], no_top_tokens)
     if as_json:
         click.echo(json.dumps({"prompts": result.prompts, "metric_mean": result.metric / result.prompts,
                                "error_term": result.error, "features_total": float(result.features.sum()),
-                               **{f"pushes_{d}": [{"feature": f, "attribution": float(result.features[f])}
-                                                  for f in ranked[d]] for d in ranked}}, indent=1))
+                               **{f"pushes_{d}": [_with_tokens({"feature": f, "attribution": float(result.features[f])},
+                                                               tokens) for f in ranked[d]] for d in ranked}}, indent=1))
         return
     what = f"logit({answer!r}) - logit({wrong!r})" if wrong else f"log p({answer!r})"
     click.echo(f"metric {what}: mean {result.metric / result.prompts:.4f} over {result.prompts} prompts; "
@@ -760,8 +810,68 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
                f"SAE error term {result.error:+.4f}")
     for d in ranked:
         click.echo(f"\nfeatures pushing the metric {d}:")
+        if tokens is not None:
+            click.echo(f"  {'feature':>8} {'attribution':>11}  top tokens")
         for f in ranked[d]:
-            click.echo(f"  {f:>8} {float(result.features[f]):>+10.4f}")
+            click.echo(f"  {f:>8} {float(result.features[f]):>+11.4f}{_tokens_cell(tokens, f)}")
+
+
+def _top_edits(ablate_top: int | None, steer_top: str | None) -> dict:
+    """--ablate-top / --steer-top as {edit kind: (how many of the picked features, steering amount)}."""
+    from sae.interventions import parse_feature_edits
+
+    top = {}
+    if ablate_top is not None:
+        top["ablate"] = (ablate_top, None)
+    if steer_top is not None:
+        (k, amount), = [(e.feature, e.alpha) for e in parse_feature_edits(steer=[steer_top])]
+        if k < 1:
+            raise ConfigError(f"--steer-top: {steer_top!r} steers no feature; K must be at least 1")
+        top["steer"] = (k, amount)
+    return top
+
+
+def _rank_features(target, texts, contrast, answer, wrong) -> tuple[list[int], str]:
+    """Features ranked for --ablate-top / --steer-top, by contrast search or attribution, and how."""
+    if contrast is not None:
+        from sae.feature_search import contrast_search, read_prompts
+
+        return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
+                               read_prompts(contrast[1], "--contrast BASELINE")).ranking("effect"), "contrast"
+    from sae.attribution import attribute as run_attribution
+
+    return (run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
+                            _metric(target.tokenizer, answer, wrong)).ranking("up"), f"attribution to {answer!r}")
+
+
+def _print_fix_test(result, hook: str, edits, tokens: dict[int, list[str]] | None, neutral, as_json: bool) -> None:
+    """fix-test's answer: JSON, or the intervention, its features' top tokens and the table."""
+    features = _edited_features(edits)
+    if as_json:
+        click.echo(json.dumps({"edits": [_describe_edit(e) for e in edits],
+                               **({} if tokens is None else {"features": [_with_tokens({"feature": f}, tokens)
+                                                                          for f in features]}),
+                               **result.to_dict()}, indent=1))
+        return
+    click.echo(f"intervention at {hook}: {', '.join(_describe_edit(e) for e in edits)}")
+    if tokens is not None:
+        click.echo("features edited, with their top tokens:")
+        for f in features:
+            click.echo(f"  {f:>8}{_tokens_cell(tokens, f)}")
+    click.echo(result.table())
+    if neutral:
+        click.echo(f"(KL over {sum(c.numel() for c in neutral):,} tokens of neutral text; "
+                   "values in brackets: 95% bootstrap intervals over prompts)")
+
+
+def _edited_features(edits) -> list[int]:
+    """The features an intervention's edits touch, in order, each once."""
+    from sae.interventions import Steer
+
+    found = []
+    for e in edits:
+        found += [e.feature] if isinstance(e, Steer) else list(getattr(e, "features", ()))
+    return list(dict.fromkeys(f for f in found if f is not None))
 
 
 @analyze.command("fix-test")
@@ -788,11 +898,12 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
               help="Tokens of neutral text for the KL cost (0 = skip it).")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
               help="Also write a small HTML page with the table, a chart and samples.")
+@top_tokens_option
 @json_option
 @one_line_errors
 def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, scorer_spec, threshold, ablate, clamp, scale,
                      steer, ablate_top, steer_top, contrast, answer, wrong, max_new_tokens, temperature, top_p, seed, samples,
-                     neutral_file, neutral_tokens, html_path, as_json) -> None:
+                     neutral_file, neutral_tokens, html_path, no_top_tokens, as_json) -> None:
     """Does an intervention remove a behaviour, and at what cost? Samples continuations of
     the prompts with and without it (same seed), scores them, and reports the mean score,
     the fraction above --threshold and the perplexity under the clean model, each with a
@@ -811,14 +922,7 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
 
     texts = _prompts(prompt, prompts_file)
     edits = parse_feature_edits(ablate, clamp, scale, steer)
-    top = {}  # edit kind -> (how many of the picked features, steering amount)
-    if ablate_top is not None:
-        top["ablate"] = (ablate_top, None)
-    if steer_top is not None:
-        (k, amount), = [(e.feature, e.alpha) for e in parse_feature_edits(steer=[steer_top])]
-        if k < 1:
-            raise ConfigError(f"--steer-top: {steer_top!r} steers no feature; K must be at least 1")
-        top["steer"] = (k, amount)
+    top = _top_edits(ablate_top, steer_top)
     picks = "--ablate-top / --steer-top"
     if top and contrast is None and answer is None:
         raise ConfigError(f"{picks}: say how to pick the features: --contrast TARGET BASELINE or --answer TOKEN")
@@ -834,40 +938,26 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
     target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     log = _log
     if top:
-        if contrast is not None:
-            from sae.feature_search import contrast_search, read_prompts
-
-            ranking = contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
-                                      read_prompts(contrast[1], "--contrast BASELINE")).ranking("effect")
-            how = "contrast"
-        else:
-            from sae.attribution import attribute as run_attribution
-
-            ranking = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
-                                      _metric(target.tokenizer, answer, wrong)).ranking("up")
-            how = f"attribution to {answer!r}"
+        ranking, how = _rank_features(target, texts, contrast, answer, wrong)
         if "ablate" in top:
             edits.append(Ablate(ranking[:top["ablate"][0]]))
         if "steer" in top:
             k, amount = top["steer"]
             edits += [Steer(f, amount) for f in ranking[:k]]
-        log(f"top features by {how}: {', '.join(map(str, ranking[:max(k for k, _ in top.values())]))}")
     edit = Edit(target.sae, target.hook, edits)
-    edit.check()
+    edit.check()   # before top tokens, which index the features
+    tokens = _feature_tokens(target, _edited_features(edits), no_top_tokens)
+    if top:
+        picked = ranking[:max(k for k, _ in top.values())]
+        label = str if tokens is None else (lambda f: f"{f} ({_tokens_cell(tokens, f).strip()})")
+        log(f"top features by {how}: {', '.join(map(label, picked))}")
     neutral = _neutral_contexts(target, neutral_file, neutral_tokens)
     result = fix_test(target.model, target.tokenizer, texts, [edit], scorer, samples, sampling, threshold, neutral)
     if html_path is not None:
         write_output(html_path, result.html(f"Fix test: {', '.join(_describe_edit(e) for e in edits)} "
                                             f"at {target.hook}"), "--html")
         log(f"wrote {html_path}")
-    if as_json:
-        click.echo(json.dumps({"edits": [_describe_edit(e) for e in edits], **result.to_dict()}, indent=1))
-        return
-    click.echo(f"intervention at {target.hook}: {', '.join(_describe_edit(e) for e in edits)}")
-    click.echo(result.table())
-    if neutral:
-        click.echo(f"(KL over {sum(c.numel() for c in neutral):,} tokens of neutral text; "
-                   "values in brackets: 95% bootstrap intervals over prompts)")
+    _print_fix_test(result, target.hook, edits, tokens, neutral, as_json)
 
 
 def _neutral_contexts(target, neutral_file, tokens: int) -> list:

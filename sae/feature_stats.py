@@ -307,7 +307,8 @@ def compute_feature_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
                           info: dict | None = None, progress: bool = True) -> FeatureStats:
     """Statistics of every feature of ``sae`` (applied at ``hook``) over ``contexts``
     (LongTensor batches [B, T], e.g. ``sae.activations.contexts_for``), until
-    ``settings.tokens`` non-special tokens have been scanned or the data ends."""
+    ``settings.tokens`` non-special tokens have been scanned or the data ends; ``info``
+    gets ``data_ran_out``: whether the contexts ended before ``settings.tokens``."""
     point = resolve_hook(model, hook)
     capture = ActivationCapture(model, [point])
     device = next(model.parameters()).device
@@ -335,10 +336,16 @@ def compute_feature_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
         bar.update(acc.tokens - bar.n)
         if acc.tokens >= settings.tokens:
             break
+    ran_out = acc.tokens < settings.tokens
+    if ran_out:
+        # The contexts ended first: a bar left at its asked-for total would stop short
+        # of 100% with an ETA that never comes, so its total becomes what was scanned.
+        bar.total = acc.tokens
+        bar.refresh()
     bar.close()
     if acc.tokens == 0:
         raise ConfigError("feature stats: the data gave no tokens to scan; is the dataset empty?")
-    return acc.result({**(info or {}), "settings": asdict(settings)})
+    return acc.result({**(info or {}), "settings": asdict(settings), "data_ran_out": ran_out})
 
 
 # ---- on disk ----------------------------------------------------------------------------
@@ -366,8 +373,9 @@ def save_feature_stats(stats: FeatureStats, path: Path) -> None:
                           "choose another --cache-dir") from None
 
 
-def read_stats_info(path: Path) -> dict:
-    """The ``info`` a stats file was saved with (cheap: reads the header only)."""
+def read_stats_header(path: Path) -> dict:
+    """A stats file's header metadata (format, tokens, contexts, settings, info as JSON
+    text); cheap: the tensors are not read."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -375,7 +383,12 @@ def read_stats_info(path: Path) -> dict:
         raise ConfigError(f"{str(path)!r}: not a feature statistics file ({e})") from None
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{str(path)!r}: not a feature statistics file (format {meta.get('format')!r})")
-    return json.loads(meta["info"])
+    return meta
+
+
+def read_stats_info(path: Path) -> dict:
+    """The ``info`` a stats file was saved with (cheap: reads the header only)."""
+    return json.loads(read_stats_header(path)["info"])
 
 
 def load_feature_stats(path: Path) -> FeatureStats:
@@ -406,6 +419,35 @@ def check_feature(f: int, num_features: int) -> int:
     if not 0 <= f < num_features:
         raise ConfigError(f"feature {f} is out of range; this SAE has features 0..{num_features - 1}")
     return f
+
+
+def distinct_tokens(ids: Iterable[int], decode: Callable[[int], str], n: int = 3) -> list[str]:
+    """The first ``n`` distinct texts of token ids, in order. A feature's top examples
+    often repeat one token; saying it once leaves room for the next one."""
+    return list(dict.fromkeys(decode(int(i)) for i in ids))[:n]
+
+
+def top_tokens(stats: FeatureStats, f: int, decode: Callable[[int], str], n: int = 3) -> list[str]:
+    """The first ``n`` distinct tokens feature f's top examples are centred on, most
+    activating first; [] if it never fired."""
+    check_feature(f, stats.num_features)
+    before = stats.settings.context_before
+    return distinct_tokens(stats.top.window_tokens[f, :int(stats.top.count()[f]), before].tolist(), decode, n)
+
+
+def read_top_token_ids(path: Path, features: Iterable[int]) -> dict[int, list[int]]:
+    """The token ids each feature's top examples in a stats file are centred on, most
+    activating first (``top_tokens`` without loading the file): only these features'
+    rows are read, since for a wide SAE the file holds gigabytes of examples."""
+    before = json.loads(read_stats_header(path)["settings"])["context_before"]
+    out = {}
+    with safe_open(str(path), "pt") as file:
+        windows, contexts = file.get_slice("top.window_tokens"), file.get_slice("top.context")
+        for f in features:
+            check_feature(f, windows.get_shape()[0])
+            filled = contexts[f:f + 1][0] >= 0        # sorted, so the filled slots come first
+            out[f] = windows[f:f + 1][0, :, before][filled].tolist()
+    return out
 
 
 def _example(ex: Examples, f: int, slot: int, decode: Callable[[int], str], before: int) -> dict:

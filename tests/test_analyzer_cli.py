@@ -30,6 +30,47 @@ def sae_dir(demo_sae_run):
     return demo_sae_run / "layers.2"
 
 
+@pytest.fixture(scope="module")
+def cached_stats(sae_dir):
+    """The SAE's cached statistics (a short scan, as `features` caches it): search,
+    attribute and fix-test take their top tokens from it instead of scanning."""
+    from sae.feature_stats import load_feature_stats
+
+    assert run("features", sae_dir, *FAST, "--limit", "1", "--json").exit_code == 0
+    (path,) = (sae_dir / "features").glob("stats-*.safetensors")
+    return load_feature_stats(path)
+
+
+def expected_tokens(stats, f):
+    """What a listing should show beside feature f: the first three distinct tokens its
+    cached top examples centre on, decoded by the demo tokenizer."""
+    from transformers import AutoTokenizer
+
+    from sae.demo_model import DEMO_MODEL_DIR
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    centre = stats.settings.context_before
+    ids = stats.top.window_tokens[f, :int(stats.top.count()[f]), centre].tolist()
+    return list(dict.fromkeys(tok.decode([i]) for i in ids))[:3]
+
+
+def tokens_cell(tokens):
+    return " ".join(repr(t.replace("\n", "↵").replace("\t", "⇥")) for t in tokens) or "(never fired in the scan)"
+
+
+def assert_rows_show_top_tokens(stdout, features, stats):
+    """Each feature's row (the line starting with its id) ends with its top tokens."""
+    rows = {}
+    for line in stdout.splitlines():
+        first = line.split(maxsplit=1)[0] if line.strip() else ""
+        if line.startswith("  ") and first.isdigit():
+            rows.setdefault(int(first), []).append(line)
+    for f in features:
+        assert rows[f], (f, stdout)
+        for line in rows[f]:
+            assert line.endswith("  " + tokens_cell(expected_tokens(stats, f))), (line, expected_tokens(stats, f))
+
+
 def test_features_summary_json_and_cache(sae_dir):
     first = run("features", sae_dir, *FAST, "--json", "--limit", "5", "--sort", "max")
     assert first.exit_code == 0, first.output
@@ -52,7 +93,7 @@ def test_feature_in_full_as_text(sae_dir):
     assert "quantile bin 1 of 4" in out and out.count("[[") >= 1
 
 
-def test_search_contrast_json(demo_sae_run):
+def test_search_contrast_json(demo_sae_run, cached_stats):
     result = run("search", demo_sae_run, "--target", PROMPTS / "demo_raised.txt",
                  "--baseline", PROMPTS / "demo_not_raised.txt", "--top", "3", "--json")
     assert result.exit_code == 0, result.output
@@ -61,12 +102,36 @@ def test_search_contrast_json(demo_sae_run):
     top = data["higher_in_target"]
     assert len(top) == 3 and top[0]["effect"] >= top[1]["effect"] >= top[2]["effect"] > 0
     assert data["higher_in_baseline"][0]["effect"] < 0
+    for row in top + data["higher_in_baseline"]:
+        assert row["top_tokens"] == expected_tokens(cached_stats, row["feature"])
+    assert "(cached)" in result.stderr and "scanning" not in result.stderr
 
 
-def test_search_text(demo_sae_run):
+def test_search_contrast_text_shows_top_tokens_beside_each_feature(demo_sae_run, cached_stats):
+    args = ["search", demo_sae_run, "--target", PROMPTS / "demo_raised.txt", "--baseline",
+            PROMPTS / "demo_not_raised.txt", "--top", "3"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(run(*args, "--json").stdout)
+    listed = [r["feature"] for side in ("higher_in_target", "higher_in_baseline") for r in data[side]]
+    assert result.stdout.count("top tokens") == 2
+    assert_rows_show_top_tokens(result.stdout, listed, cached_stats)
+    off = run(*args, "--no-top-tokens")
+    assert off.exit_code == 0 and "top tokens" not in off.stdout and "feature statistics" not in off.stderr
+    first_words = lambda out: [line.split()[:1] for line in out.splitlines()]  # noqa: E731
+    assert first_words(off.stdout) == first_words(result.stdout)   # the same rows, without the tokens
+    assert "top_tokens" not in run(*args, "--json", "--no-top-tokens").stdout
+
+
+def test_search_text(demo_sae_run, cached_stats):
     result = run("search", demo_sae_run, "--text", "a KeyError is raised", "--focus", "raised", "--top", "4")
     assert result.exit_code == 0, result.output
     assert "features firing on ' raised'" in result.stdout and "per token" in result.stdout
+    ranking = json.loads(run("search", demo_sae_run, "--text", "a KeyError is raised", "--focus", "raised",
+                             "--top", "4", "--json").stdout)["ranking"]
+    ranked = result.stdout.split("per token")[0]
+    assert_rows_show_top_tokens(ranked, [r["feature"] for r in ranking], cached_stats)
+    assert all(r["top_tokens"] == expected_tokens(cached_stats, r["feature"]) for r in ranking)
 
 
 def test_bad_input_is_one_line(sae_dir, demo_sae_run, tmp_path):
@@ -96,7 +161,7 @@ def test_every_command_says_which_hook_it_read_and_override_hook_reads_another(s
     own = run("search", sae_dir, "--text", "a KeyError is raised", "--top", "2")
     assert own.exit_code == 0 and "at layers.2 of builtin:demo-llama" in own.stderr, own.output
     other = run("search", sae_dir, "--text", "a KeyError is raised", "--top", "2", "--hook", "layers.1",
-                "--override-hook", "--json")
+                "--override-hook", "--json", "--no-top-tokens")   # top tokens would scan layers.1's data
     assert other.exit_code == 0 and "at layers.1 of builtin:demo-llama" in other.stderr, other.output
     assert json.loads(other.stdout) != json.loads(run("search", sae_dir, "--text", "a KeyError is raised", "--top",
                                                       "2", "--json").stdout)   # another hook, other activations
@@ -137,13 +202,19 @@ def test_generate_side_by_side_json(demo_sae_run):
     assert text.exit_code == 0 and "intervened (ablate 1,2)" in text.stdout
 
 
-def test_attribute_and_fix_test(demo_sae_run, tmp_path):
+def test_attribute_and_fix_test(demo_sae_run, cached_stats, tmp_path):
     prompts = PROMPTS / "demo_fix.txt"
     attr = run("attribute", demo_sae_run, "--prompts", prompts, "--answer", " raised", "--top", "3", "--json")
     assert attr.exit_code == 0, attr.output
     data = json.loads(attr.stdout)
     assert data["prompts"] == 20 and len(data["pushes_up"]) == 3
     assert data["pushes_up"][0]["attribution"] >= data["pushes_up"][2]["attribution"] > 0
+    for row in data["pushes_up"] + data["pushes_down"]:
+        assert row["top_tokens"] == expected_tokens(cached_stats, row["feature"])
+    text = run("attribute", demo_sae_run, "--prompts", prompts, "--answer", " raised", "--top", "3")
+    assert text.exit_code == 0 and text.stdout.count("top tokens") == 2, text.output
+    assert_rows_show_top_tokens(text.stdout, [r["feature"] for r in data["pushes_up"] + data["pushes_down"]],
+                                cached_stats)
     page, neutral = tmp_path / "fix.html", tmp_path / "neutral.txt"
     neutral.write_text("The value is returned when the file is closed.\nIf the key is missing, the default is used.\n")
     three = [a for line in prompts.read_text().splitlines()[:3] for a in ("--prompt", line)]
@@ -154,10 +225,16 @@ def test_attribute_and_fix_test(demo_sae_run, tmp_path):
     result = json.loads(fix.stdout)
     assert len(result["prompts"]) == 3 and len(result["prompts"][0]["baseline"]) == 2
     assert result["edits"][0].startswith("ablate ") and len(result["edits"][0].split(",")) == 5
+    ablated = [int(f) for f in result["edits"][0].removeprefix("ablate ").split(",")]
+    assert ablated == [r["feature"] for r in data["pushes_up"][:3]] + ablated[3:]   # the attribution's top
+    assert [r["feature"] for r in result["features"]] == ablated
+    assert all(r["top_tokens"] == expected_tokens(cached_stats, r["feature"]) for r in result["features"])
+    picked = fix.stderr.split("top features by attribution to ' raised': ")[1].splitlines()[0]
+    assert picked.startswith(f"{ablated[0]} ({tokens_cell(expected_tokens(cached_stats, ablated[0]))}), ")
     assert result["summary"]["kl"]["value"] > 0 and page.read_text().startswith("<!doctype html>")
 
 
-def test_fix_test_steers_the_top_contrast_features(demo_sae_run):
+def test_fix_test_steers_the_top_contrast_features(demo_sae_run, cached_stats):
     result = run("fix-test", demo_sae_run, "--prompt", "The worker thread", "--prompt", "The file",
                  "--scorer", f"words:{PROMPTS / 'demo_thread_words.txt'}", "--contrast", PROMPTS / "demo_threads.txt",
                  PROMPTS / "demo_files.txt", "--steer-top", "2:+4", "--samples", "2", "--max-new-tokens", "5",
@@ -184,3 +261,15 @@ def test_intervention_errors_are_one_line(demo_sae_run, tmp_path):
     one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "hf:/no/such/model", "--ablate", "1"),
                    "is not a folder")
     one_line_error(run("attribute", demo_sae_run, *p, "--answer", " KeyErrorxyz"), "must be exactly one token")
+
+
+def test_fix_test_text_lists_the_edited_features_with_their_top_tokens(demo_sae_run, cached_stats):
+    args = ["fix-test", demo_sae_run, "--prompt", "The file", "--scorer", "words:file", "--ablate", "7,3",
+            "--steer", "12:+2", "--samples", "1", "--max-new-tokens", "3", "--neutral-tokens", "0"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    block = result.stdout.split("features edited, with their top tokens:\n")[1]
+    assert [line.split()[0] for line in block.splitlines()[:3]] == ["7", "3", "12"]
+    assert_rows_show_top_tokens(block, [7, 3, 12], cached_stats)
+    off = run(*args, "--no-top-tokens")
+    assert off.exit_code == 0 and "top tokens" not in off.stdout and "feature statistics" not in off.stderr

@@ -175,3 +175,100 @@ def test_width_mismatch_is_one_line(tiny_llama):
     sae = make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 48)
     with pytest.raises(ConfigError, match="width 48, but layers.1 of this model has width 64"):
         compute_feature_stats(model, tok, sae, "layers.1", [torch.randint(10, 500, (1, 8))], progress=False)
+
+
+def test_progress_bar_ends_at_what_was_scanned_when_the_data_runs_out(tiny_llama, monkeypatch):
+    """Asked for more tokens than the contexts hold, the bar's total becomes the tokens
+    scanned (it ends at 100%) and the result says the data ran out; otherwise the bar
+    keeps the asked-for total and the data did not run out."""
+    from sae import feature_stats
+
+    bars = []
+
+    class Recording(feature_stats.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(feature_stats, "tqdm", Recording)
+    model, tok = tiny_llama
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 64)
+    ids = torch.randint(10, 500, (6, 20), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = tok.bos_token_id
+    short = compute_feature_stats(model, tok, sae, "layers.1", [ids[:4], ids[4:]], StatsSettings(tokens=1000))
+    assert short.tokens == 6 * 19 and short.info["data_ran_out"] is True
+    assert bars[-1].total == bars[-1].n == short.tokens
+    enough = compute_feature_stats(model, tok, sae, "layers.1", [ids[:4], ids[4:]], StatsSettings(tokens=50))
+    assert enough.tokens == 50 and enough.info["data_ran_out"] is False
+    assert bars[-1].total == bars[-1].n == 50
+
+
+@pytest.fixture()
+def small_data_target(tiny_llama, tmp_path):
+    """An SAE on the tiny Llama whose data is a local text file of a few hundred tokens."""
+    from sae.analysis_target import open_target
+
+    model, tok = tiny_llama
+    torch.manual_seed(0)
+    folder = tmp_path / "sae" / "layers.1"
+    make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 64).save(
+        folder, metadata={"hook_name": "layers.1", "model_name": "tiny"})
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the file was not found, so a KeyError is raised here\n" for i in range(30)))
+    return open_target(folder, [f"data.dataset={text}", "data.context_tokens=32"], model=model, tokenizer=tok)
+
+
+def test_a_scan_of_the_whole_data_serves_larger_requests(small_data_target, monkeypatch):
+    """A scan that ran out of data is reused for any request of at least as many tokens
+    (a new scan would find the same tokens); a smaller request or other settings rescan."""
+    from sae import analysis_target
+    from sae.analysis_target import cached_feature_stats
+
+    logs = []
+    first = cached_feature_stats(small_data_target, StatsSettings(tokens=100_000, top_examples=3), progress=False,
+                                 log=logs.append)
+    assert 0 < first.tokens < 100_000 and first.info["exhausted"] is True
+    assert f"the data ran out after {first.tokens:,} tokens (asked for 100,000)" in logs[-1]
+    calls = []
+    real = analysis_target.compute_feature_stats
+    monkeypatch.setattr(analysis_target, "compute_feature_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for tokens in (100_000, 10**9, first.tokens):
+        again = cached_feature_stats(small_data_target, StatsSettings(tokens=tokens, top_examples=3), progress=False,
+                                     log=logs.append)
+        assert "(cached)" in logs[-1] and not calls
+        assert again.tokens == first.tokens and torch.equal(again.fires, first.fires)
+    fewer = cached_feature_stats(small_data_target, StatsSettings(tokens=first.tokens - 1, top_examples=3),
+                                 progress=False, log=logs.append)
+    assert len(calls) == 1 and fewer.tokens == first.tokens - 1 and not fewer.info["data_ran_out"]
+    other = cached_feature_stats(small_data_target, StatsSettings(tokens=10**9, top_examples=4), progress=False,
+                                 log=logs.append)
+    assert len(calls) == 2 and other.tokens == first.tokens
+    # The same result as a fresh scan of a larger request would give.
+    fresh = cached_feature_stats(small_data_target, StatsSettings(tokens=10**9, top_examples=3), recompute=True,
+                                 progress=False, log=logs.append)
+    assert torch.equal(fresh.fires, first.fires) and torch.equal(fresh.top.window_tokens, first.top.window_tokens)
+
+
+def test_top_tokens_come_from_any_cached_scan(small_data_target, monkeypatch):
+    """feature_top_tokens reads the cached scan's top examples (the tokens they centre on,
+    each once, most activating first) without scanning; with no cache it scans once."""
+    from sae import analysis_target
+    from sae.analysis_target import cached_feature_stats, feature_top_tokens
+    from sae.feature_stats import top_tokens
+
+    tok = small_data_target.tokenizer
+    logs = []
+    made = feature_top_tokens(small_data_target, range(32), tokens=300, progress=False, log=logs.append)
+    assert "scanning up to 300 tokens" in "\n".join(logs)
+    stats = cached_feature_stats(small_data_target, StatsSettings(tokens=300), progress=False, log=logs.append)
+    fired = [f for f in range(32) if stats.fires[f] > 0]
+    assert fired and all(made[f] for f in fired)
+    monkeypatch.setattr(analysis_target, "compute_feature_stats", lambda *a, **k: pytest.fail("rescanned"))
+    got = feature_top_tokens(small_data_target, fired, tokens=10**6, progress=False, log=logs.append)
+    assert "(cached)" in logs[-1]
+    before = stats.settings.context_before
+    for f in fired:
+        centres = [tok.decode([i]) for i in stats.top.window_tokens[f, :int(stats.top.count()[f]), before].tolist()]
+        assert got[f] == made[f] == top_tokens(stats, f, token_decoder(tok)) == list(dict.fromkeys(centres))[:3]
+        assert got[f][0] == tok.decode([int(stats.top.window_tokens[f, 0, before])])
