@@ -168,13 +168,19 @@ def test_pagination_and_filter(driver, page):
     assert rows(driver)[0] == 137
 
 
+def open_card_showing(driver, url, stats, tok, text) -> int:
+    """Open the card of a feature whose top examples show ``text``; its id."""
+    f = feature_showing(stats, tok, text, EXAMPLES)
+    assert f >= 0, f"no feature's top examples show {text!r}; change the test texts"
+    load(driver, f"{url}#f={f}")
+    open_card_tokens(driver, f)
+    return f
+
+
 def test_untrusted_text_shows_as_text(driver, page):
     url, stats, tok, _ = page
     for payload in ("<script>", "onerror"):
-        f = feature_showing(stats, tok, payload, EXAMPLES)
-        assert f >= 0, f"no feature's top examples show {payload!r}; change the test texts"
-        load(driver, f"{url}#f={f}")
-        open_card_tokens(driver, f)
+        open_card_showing(driver, url, stats, tok, payload)
         examples = driver.execute_script(
             "return [...document.querySelectorAll('#card .ex')].map(e => "
             "[...e.querySelectorAll('.tok')].map(t => t.textContent).join(''))")
@@ -204,10 +210,7 @@ def test_example_tokens_read_as_the_decoded_text(driver, page):
     split over tokens come out whole: each example reads exactly as tokenizer.decode."""
     url, stats, tok, _ = page
     for text in ("TypedDict", "日本語"):
-        f = feature_showing(stats, tok, text, EXAMPLES)
-        assert f >= 0, f"no feature's top examples show {text!r}; change the test texts"
-        load(driver, f"{url}#f={f}")
-        open_card_tokens(driver, f)
+        f = open_card_showing(driver, url, stats, tok, text)
         shown = driver.execute_script(SHOWN_TEXTS)[:EXAMPLES]
         windows = [[i for i in row if i >= 0] for row in stats.top.window_tokens[f, :len(shown)].tolist()]
         assert ["".join(t) for t in shown] == [tok.decode(w) for w in windows]
