@@ -49,12 +49,14 @@ class DataConfig:
     dataset: str = opt("builtin:python-docs", "builtin:python-docs, a local file or folder "
                        "(.txt .jsonl .json .parquet .csv), or a Hugging Face dataset id.")
     subset: str | None = opt(None, "Configuration name of a hub dataset (e.g. 'sample-10BT').")
-    split: str = opt("train", "Dataset split to read.")
+    split: str = opt("train", "Dataset split to read. Local data (and a hub dataset without a 'test' split): "
+                     "'train' is 90% of the documents, 'test' the other 10%, chosen by a hash of their text.")
     text_column: str = opt("text", "Column that holds the text.")
     context_tokens: int = opt(256, "Tokens per packed context, BOS included.", ge=2)
     token_budget: int = opt(1_000_000, "Stop after harvesting this many tokens.", ge=1)
     streaming: bool = opt(False, "Stream the dataset instead of downloading it whole.")
-    eval_split: str | None = opt("test", "Held-out split for the metrics after training; null = no evaluation.")
+    eval_split: str | None = opt("test", "Held-out split for the metrics after training, or a local file or "
+                                 "folder of held-out text (read whole); null = no evaluation.")
     eval_tokens: int = opt(65_536, "Tokens of eval_split to measure the metrics on.", ge=1)
 
 
