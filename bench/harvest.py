@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from sae.config import ModelConfig
-from sae.data import context_batches, load_text_dataset
+from sae.data import context_batches, context_bos_id, load_text_dataset
 from sae.demo_model import DEMO_MODEL_DIR
 from sae.harvest import Harvester
 from sae.hooks import resolve_hook
@@ -87,14 +87,15 @@ class Truncated:
 @click.option("--steps", default=6, show_default=True, help="Forward passes per timed run.")
 @click.option("--rounds", default=5, show_default=True)
 @click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
-def main(model_name, device, hook, batch, context, steps, rounds, threads):
+@click.option("--dataset", default="builtin:python-docs", show_default=True, help="Text for the end-to-end rate.")
+def main(model_name, device, hook, batch, context, steps, rounds, threads, dataset):
     torch.set_num_threads(threads)
     model, tokenizer = build(model_name, device)
     point = resolve_hook(model, hook)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(3, 4096, (batch, context), generator=g) for _ in range(steps)]
+    batches = [torch.randint(3, min(4096, len(tokenizer)), (batch, context), generator=g) for _ in range(steps)]
     for b in batches:
-        b[:, 0] = tokenizer.bos_token_id
+        b[:, 0] = context_bos_id(tokenizer)
     dev_batches = [b.to(device) for b in batches]
     n_tokens = steps * batch * context
 
@@ -125,7 +126,7 @@ def main(model_name, device, hook, batch, context, steps, rounds, threads):
     rate = {k: n_tokens / statistics.median(v) for k, v in times.items()}
 
     # End to end from text, tokenization included: does the prefetch thread pay?
-    dataset = load_text_dataset("builtin:python-docs")
+    dataset = load_text_dataset(dataset)
     e2e = {}
     for prefetch in (False, True, False, True):
         contexts = context_batches(dataset, tokenizer, context_tokens=context, token_budget=n_tokens,

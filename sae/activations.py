@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae import corpus
 from sae.activation_cache import CacheReader, CacheWriter, read_manifest, tokenizer_fingerprint
 from sae.buffer import ShuffleBuffer
 from sae.config import RunConfig
-from sae.data import context_batches, describe_split, load_text_dataset, split_source
+from sae.data import (BUILTIN_CORPORA, context_batches, context_bos_id, describe_split, document_separator_id,
+                      legacy_context_bos_id, load_text_dataset, split_source)
 from sae.distributed import Shard
 from sae.errors import ConfigError
 from sae.harvest import Harvester, check_context_length
@@ -52,17 +52,24 @@ def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrained
     return {
         **({"shard": shard.label()} if shard is not None else {}),
         "model": cfg.model.name_or_path,
+        **({"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file is not None else {}),
         "hooks": list(cfg.hooks),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "width": model.config.hidden_size,
         "dataset": {"dataset": d.dataset, "subset": d.subset, "split": d.split, "text_column": d.text_column,
                     "context_tokens": d.context_tokens, "token_budget": d.token_budget, "streaming": d.streaming,
-                    # the built-in corpus differs between Python versions
-                    "builtin_sha256": corpus.fingerprint(d.split) if d.dataset == corpus.NAME else None,
+                    # a built-in corpus differs between Python (or gensim) versions
+                    "builtin_sha256": (BUILTIN_CORPORA[d.dataset].fingerprint(d.split)
+                                       if d.dataset in BUILTIN_CORPORA else None),
                     # local data and hub data without a test split: which documents the split holds
                     **({"held_out": describe_split(d.dataset, d.split, d.subset)}
                        if split_source(d.dataset, d.split, d.subset).part else {})},
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        # Only where the start and separator rules changed the tokens, so older caches stay valid elsewhere.
+        **({"context_start_id": start} if (start := context_bos_id(tokenizer)) != legacy_context_bos_id(tokenizer)
+           else {}),
+        **({"document_separator_id": sep} if (sep := document_separator_id(tokenizer)) != tokenizer.eos_token_id
+           else {}),
         "masking": {"exclude_special_tokens": h.exclude_special_tokens, "max_norm_ratio": h.max_norm_ratio,
                     # the norm filter's median is per batch of contexts
                     "batch_contexts": h.batch_contexts if h.max_norm_ratio is not None else None},

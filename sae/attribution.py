@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sae.architectures import SparseAutoencoder
 from sae.errors import ConfigError
 from sae.lm_metrics import Metric, at_least_fp32
-from sae.generation import prompt_token_ids
+from sae.prompt_format import PLAIN, PromptFormat, check_fits
 from sae.hooks import attach, resolve_hook
 
 @dataclass
@@ -46,8 +46,10 @@ class Attribution:
 
 
 def attribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: SparseAutoencoder, hook: str,
-              prompts: Sequence[str], metric: Metric, progress: bool = True) -> Attribution:
-    """Activation x gradient attribution of ``metric`` to every feature (module docstring)."""
+              prompts: Sequence[str], metric: Metric, progress: bool = True, fmt: PromptFormat = PLAIN
+              ) -> Attribution:
+    """Activation x gradient attribution of ``metric`` to every feature (module docstring).
+    ``fmt``: plain prompts, or chat prompts (the metric is then on the reply's first token)."""
     if not prompts:
         raise ConfigError("attribution: no prompts given")
     point = resolve_hook(model, hook)
@@ -68,7 +70,9 @@ def attribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: S
         return (sae.decode(z) + err).to(h.dtype).view(h.shape)
 
     for i, p in enumerate(tqdm(prompts, desc="attribution", disable=not progress)):
-        ids = torch.tensor([prompt_token_ids(tokenizer, p)], device=device)
+        row = fmt.prompt_ids(tokenizer, p)
+        check_fits(row, model, p)
+        ids = torch.tensor([row], device=device)
         handle = attach(point, splice)
         try:
             with torch.enable_grad():

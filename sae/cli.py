@@ -374,6 +374,26 @@ def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, exampl
 TOP_TOKENS_SCAN = 2**17
 
 
+def chat_options(reply: bool = False) -> Callable:
+    """--chat and --system (and for commands that read replies, --user): the prompt format."""
+    def add(fn: Callable) -> Callable:
+        if reply:
+            fn = click.option("--user", "chat_user", default=None, metavar="TEXT",
+                              help="With --chat: the user's turn before each reply (default: none).")(fn)
+        fn = click.option("--system", default=None, metavar="TEXT",
+                          help="With --chat: the system prompt (default: the template's own).")(fn)
+        what = ("each prompt is the assistant's reply, and features are read on its tokens only" if reply else
+                "each prompt is the user's turn, and the model continues as the assistant")
+        return click.option("--chat", is_flag=True, help=f"Use the tokenizer's chat template: {what}.")(fn)
+    return add
+
+
+def _prompt_format(chat: bool, system: str | None, user: str | None = None):
+    from sae.prompt_format import PromptFormat
+
+    return PromptFormat(chat=chat, system=system, user=user)
+
+
 def top_tokens_option(fn: Callable) -> Callable:
     """--no-top-tokens, for the commands that list feature ids (search, attribute, fix-test)."""
     return click.option("--no-top-tokens", is_flag=True,
@@ -431,11 +451,12 @@ def _print_text_hits(hits, tokens: dict[int, list[str]] | None) -> None:
 @click.option("--reduce", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="A prompt's score per feature: max or mean over its tokens.")
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed.")
+@chat_options(reply=True)
 @top_tokens_option
 @json_option
 @one_line_errors
 def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, baseline_file, text, focus, rank, reduce, top,
-           no_top_tokens, as_json) -> None:
+           chat, system, chat_user, no_top_tokens, as_json) -> None:
     """Find features: those that separate --target prompts from --baseline prompts
     (contrast search), or those that fire on --text.
 
@@ -456,9 +477,10 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
         raise ConfigError("--focus: applies to --text only")
     if contrast_mode:
         a, b = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
+    fmt = _prompt_format(chat, system, chat_user)
     target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     if not contrast_mode:
-        hits = features_in_text(target, text, focus, top)
+        hits = features_in_text(target, text, focus, top, fmt)
         tokens = _feature_tokens(target, [f for f, _ in hits.ranking], no_top_tokens)
         if as_json:
             click.echo(json.dumps({"text": text, "tokens": hits.tokens, "focus": hits.focus,
@@ -469,7 +491,7 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
             return
         _print_text_hits(hits, tokens)
         return
-    result = contrast_search(target, a, b, reduce)
+    result = contrast_search(target, a, b, reduce, fmt=fmt)
     ranked = {"target": result.ranking(rank, "a")[:top], "baseline": result.ranking(rank, "b")[:top]}
     tokens = _feature_tokens(target, ranked["target"] + ranked["baseline"], no_top_tokens)
     if as_json:
@@ -509,10 +531,11 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
               help="Top examples on each card.")
 @click.option("--show-samples", type=click.IntRange(1), default=3, show_default=True,
               help="Random samples per activation-quantile bin on each card.")
+@chat_options(reply=True)
 @json_option
 @one_line_errors
 def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute, output, target_file, baseline_file,
-           cards, show_examples, show_samples, as_json) -> None:
+           cards, show_examples, show_samples, chat, system, chat_user, as_json) -> None:
     """Write one self-contained HTML file (works offline) about the SAE: run summary and
     training curves, density histogram, a sortable feature index and a card per feature
     with highlighted examples, activation histogram and promoted / suppressed tokens.
@@ -532,6 +555,7 @@ def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples
     if (target_file is None) != (baseline_file is None):
         raise ConfigError("report: contrast columns need both --target FILE and --baseline FILE")
     prompts = None
+    fmt = _prompt_format(chat, system, chat_user)
     if target_file is not None:
         prompts = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
     output = output or find_sae_folder(sae_path) / "report.html"
@@ -539,7 +563,7 @@ def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples
     target, stats = _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
     columns, help_, ranked = {}, {}, []
     if prompts is not None:
-        result = contrast_search(target, *prompts)
+        result = contrast_search(target, *prompts, fmt=fmt)
         columns = {"effect": result.effect, "AUROC": result.auroc}
         help_ = {"effect": f"contrast effect size (Cohen's d) of {target_file.name} vs {baseline_file.name}",
                  "AUROC": f"AUROC of the feature as a classifier of {target_file.name} vs {baseline_file.name}"}
@@ -616,13 +640,14 @@ def _columns(left: str, right: str, width: int) -> list[str]:
 @target_options
 @click.option("--prompt", multiple=True, help="A prompt (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
+@chat_options()
 @edit_options
 @sampling_options
 @click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
 @json_option
 @one_line_errors
-def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, ablate, clamp, scale, steer, max_new_tokens,
-             temperature, top_p, seed, samples, as_json) -> None:
+def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, chat, system, ablate, clamp, scale,
+             steer, max_new_tokens, temperature, top_p, seed, samples, as_json) -> None:
     """Continue prompts with and without an intervention on SAE features, side by side,
     with the same seed (the edit applies to prompt and generated tokens alike).
 
@@ -639,13 +664,14 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
     if not edits:
         raise ConfigError("generate: no intervention; give --ablate, --clamp, --scale or --steer")
     texts = _prompts(prompt, prompts_file)
+    fmt = _prompt_format(chat, system)
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     edit = Edit(target.sae, target.hook, edits)
     edit.check()
-    base = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True)
+    base = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True, fmt=fmt)
     with intervene(target.model, [edit]):
-        changed = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True)
+        changed = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True, fmt=fmt)
     if as_json:
         click.echo(json.dumps([{"prompt": p, "baseline": b, "intervened": c}
                                for p, b, c in zip(texts, base, changed)], indent=1))
@@ -776,11 +802,12 @@ def _metric(tokenizer, answer: str | None, wrong: str | None):
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
 @metric_options
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed per direction.")
+@chat_options()
 @top_tokens_option
 @json_option
 @one_line_errors
-def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, answer, wrong, top, no_top_tokens,
-              as_json) -> None:
+def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, answer, wrong, top, chat, system,
+              no_top_tokens, as_json) -> None:
     """Rank features by their effect on the next-token metric at the end of each prompt
     (activation x gradient, summed over positions and prompts; the SAE error term is
     reported too). Ablating the top "up" features should lower the metric.
@@ -793,9 +820,10 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
     from sae.attribution import attribute as run_attribution
 
     texts = _prompts(prompt, prompts_file)
+    fmt = _prompt_format(chat, system)
     target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     result = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
-                             _metric(target.tokenizer, answer, wrong))
+                             _metric(target.tokenizer, answer, wrong), fmt=fmt)
     ranked = {d: result.ranking(d)[:top] for d in ("up", "down")}
     tokens = _feature_tokens(target, ranked["up"] + ranked["down"], no_top_tokens)
     if as_json:
@@ -831,17 +859,22 @@ def _top_edits(ablate_top: int | None, steer_top: str | None) -> dict:
     return top
 
 
-def _rank_features(target, texts, contrast, answer, wrong) -> tuple[list[int], str]:
-    """Features ranked for --ablate-top / --steer-top, by contrast search or attribution, and how."""
+def _rank_features(target, texts, contrast, answer, wrong, fmt) -> tuple[list[int], str]:
+    """Features ranked for --ablate-top / --steer-top, by contrast search or attribution, and how.
+    In chat format the contrast files hold assistant replies, as for ``search --chat``."""
     if contrast is not None:
+        from dataclasses import replace
+
         from sae.feature_search import contrast_search, read_prompts
 
         return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
-                               read_prompts(contrast[1], "--contrast BASELINE")).ranking("effect"), "contrast"
+                               read_prompts(contrast[1], "--contrast BASELINE"),
+                               fmt=replace(fmt, user=None)).ranking("effect"), "contrast"
     from sae.attribution import attribute as run_attribution
 
     return (run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
-                            _metric(target.tokenizer, answer, wrong)).ranking("up"), f"attribution to {answer!r}")
+                            _metric(target.tokenizer, answer, wrong), fmt=fmt).ranking("up"),
+            f"attribution to {answer!r}")
 
 
 def _print_fix_test(result, hook: str, edits, tokens: dict[int, list[str]] | None, neutral, as_json: bool) -> None:
@@ -890,6 +923,7 @@ def _edited_features(edits) -> list[int]:
 @click.option("--contrast", nargs=2, type=click.Path(path_type=Path), default=None, metavar="TARGET BASELINE",
               help="Prompt files for a contrast search that picks the features for --ablate-top.")
 @metric_options
+@chat_options()
 @sampling_options
 @click.option("--samples", type=click.IntRange(1), default=8, show_default=True, help="Continuations per prompt.")
 @click.option("--neutral", "neutral_file", type=click.Path(path_type=Path), default=None,
@@ -902,8 +936,8 @@ def _edited_features(edits) -> list[int]:
 @json_option
 @one_line_errors
 def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, scorer_spec, threshold, ablate, clamp, scale,
-                     steer, ablate_top, steer_top, contrast, answer, wrong, max_new_tokens, temperature, top_p, seed, samples,
-                     neutral_file, neutral_tokens, html_path, no_top_tokens, as_json) -> None:
+                     steer, ablate_top, steer_top, contrast, answer, wrong, chat, system, max_new_tokens, temperature,
+                     top_p, seed, samples, neutral_file, neutral_tokens, html_path, no_top_tokens, as_json) -> None:
     """Does an intervention remove a behaviour, and at what cost? Samples continuations of
     the prompts with and without it (same seed), scores them, and reports the mean score,
     the fraction above --threshold and the perplexity under the clean model, each with a
@@ -934,11 +968,12 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
     if html_path is not None:
         check_output_path(html_path, "--html")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    fmt = _prompt_format(chat, system)
     scorer = load_scorer(scorer_spec)
     target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     log = _log
     if top:
-        ranking, how = _rank_features(target, texts, contrast, answer, wrong)
+        ranking, how = _rank_features(target, texts, contrast, answer, wrong, fmt)
         if "ablate" in top:
             edits.append(Ablate(ranking[:top["ablate"][0]]))
         if "steer" in top:
@@ -952,7 +987,8 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
         label = str if tokens is None else (lambda f: f"{f} ({_tokens_cell(tokens, f).strip()})")
         log(f"top features by {how}: {', '.join(map(label, picked))}")
     neutral = _neutral_contexts(target, neutral_file, neutral_tokens)
-    result = fix_test(target.model, target.tokenizer, texts, [edit], scorer, samples, sampling, threshold, neutral)
+    result = fix_test(target.model, target.tokenizer, texts, [edit], scorer, samples, sampling, threshold, neutral,
+                      fmt=fmt)
     if html_path is not None:
         write_output(html_path, result.html(f"Fix test: {', '.join(_describe_edit(e) for e in edits)} "
                                             f"at {target.hook}"), "--html")

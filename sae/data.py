@@ -1,6 +1,6 @@
 """Text datasets in, fixed-length token contexts out.
 
-``load_text_dataset`` resolves a dataset spec (the built-in corpus, local files or a
+``load_text_dataset`` resolves a dataset spec (a built-in corpus, local files or a
 Hugging Face dataset id); ``context_batches`` tokenizes it in batches and packs it into
 contexts of one length, each starting with BOS, documents separated by EOS, up to a
 token budget.
@@ -18,7 +18,7 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sae import corpus
+from sae import corpus, english_corpus
 from sae.corpus import HELDOUT_PERCENT
 from sae.distributed import Shard
 from sae.errors import ConfigError
@@ -26,6 +26,9 @@ from sae.hub import looks_like_local_path
 
 # File suffix -> the `datasets` builder that reads it.
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# Built-in corpora: name -> module with load(split) and fingerprint(split).
+BUILTIN_CORPORA = {corpus.NAME: corpus, english_corpus.NAME: english_corpus}
 
 
 def load_text_dataset(
@@ -39,8 +42,9 @@ def load_text_dataset(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split of a text dataset.
 
-    ``dataset`` is ``builtin:python-docs``, a local file or folder of ``.txt``/``.jsonl``/
-    ``.json``/``.parquet``/``.csv`` files, or a Hugging Face hub id (``subset`` names its
+    ``dataset`` is a built-in corpus (``BUILTIN_CORPORA``: ``builtin:python-docs``,
+    ``builtin:english-prose``), a local file or folder of ``.txt``/``.jsonl``/``.json``/
+    ``.parquet``/``.csv`` files, or a Hugging Face hub id (``subset`` names its
     configuration). ``split`` may also be a local file or folder, read whole (a held-out
     set of the user's own). With ``hold_out``, a dataset without a ``test`` split of its
     own (local files; hub datasets with only ``train``) gets one: the documents whose text
@@ -55,10 +59,13 @@ def load_text_dataset(
     if source.path is not None:
         ds = _load_local(Path(source.path), "train", streaming)
     elif dataset.startswith("builtin:"):
-        if dataset != corpus.NAME:
-            raise ConfigError(f"data.dataset: unknown built-in dataset {dataset!r}; valid: {corpus.NAME}")
+        if dataset not in BUILTIN_CORPORA:
+            raise ConfigError(f"data.dataset: unknown built-in dataset {dataset!r}; "
+                              f"valid: {', '.join(BUILTIN_CORPORA)}")
         try:
-            ds = corpus.load(split)
+            ds = BUILTIN_CORPORA[dataset].load(split)
+        except ConfigError:
+            raise  # already one line about the dataset (english-prose without gensim)
         except ValueError as e:
             raise ConfigError(f"data.split: {e}") from None
         if streaming:
@@ -104,7 +111,7 @@ def split_source(dataset: str, split: str, subset: str | None = None) -> SplitSo
             looks_like_local_path(split) or Path(split).suffix in LOCAL_FORMATS or Path(split).is_dir()):
         return SplitSource("train", None, split)
     if dataset.startswith("builtin:"):
-        return SplitSource(split, None, None)   # the built-in corpus holds out its own 10%
+        return SplitSource(split, None, None)   # the built-in corpora hold out their own 10%
     if Path(dataset).exists():
         if split not in ("train", "test"):
             raise ConfigError(f"data.split: {split!r}: local data has the splits 'train' ({100 - HELDOUT_PERCENT}% "
@@ -129,7 +136,7 @@ def describe_split(dataset: str, split: str, subset: str | None = None) -> str:
         return f"{dataset} [test: {HELDOUT_PERCENT}% of the documents, by a hash of their text; never trained on]"
     if source.part == "train":
         return f"{dataset} [train: {100 - HELDOUT_PERCENT}% of the documents; the other {HELDOUT_PERCENT}% are held out as test]"
-    if dataset == corpus.NAME and split == "test":
+    if dataset in BUILTIN_CORPORA and split == "test":
         return f"{dataset} [test: its held-out {HELDOUT_PERCENT}% of the documents; never trained on]"
     return f"{dataset} [{split}]"
 
@@ -219,13 +226,44 @@ def iter_token_documents(dataset: datasets.Dataset | datasets.IterableDataset, t
             yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+# Tokens that end a document in pretraining data (GPT-2, Qwen2, SmolLM2; Llama 3).
+DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>")
+
+
 def context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The token that starts every context (and every prompt): BOS, or EOS for tokenizers
-    without one (GPT-2)."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None or tokenizer.eos_token_id is None:
+    """The token that starts every context (and every plain prompt), in this order:
+
+    1. the special token the tokenizer itself puts first (BOS of Llama, Mistral, Gemma);
+    2. the document separator (``document_separator_id``) when the tokenizer has one of
+       ``DOCUMENT_SEPARATORS``: the token GPT-2, Qwen2 and SmolLM2 were pretrained with
+       between documents. Their chat tokenizers name a chat-turn marker as BOS
+       (SmolLM2-Instruct: ``<|im_start|>``) or EOS (``<|im_end|>``), which open and close
+       turns, not documents; SmolLM2-135M-Instruct's loss on prose is 3.60 nats/token after
+       ``<|im_start|>`` and 3.55 after ``<|endoftext|>``;
+    3. else BOS, else EOS.
+    """
+    if tokenizer.eos_token_id is None and tokenizer.bos_token_id is None:
         raise ConfigError("model.name_or_path: the tokenizer has neither a BOS nor an EOS token to mark contexts")
-    return bos
+    added = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if len(added) > len(tokenizer("a", add_special_tokens=False)["input_ids"]) and added[0] in tokenizer.all_special_ids:
+        return added[0]
+    known = [t for t in DOCUMENT_SEPARATORS if t in tokenizer.all_special_tokens]
+    if known:
+        return tokenizer.convert_tokens_to_ids(known[0])
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def document_separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token put between documents in a context: the first of ``DOCUMENT_SEPARATORS``
+    the tokenizer has as a special token, else EOS (a chat model's EOS may end a turn)."""
+    known = [t for t in DOCUMENT_SEPARATORS if t in tokenizer.all_special_tokens]
+    return tokenizer.convert_tokens_to_ids(known[0]) if known else tokenizer.eos_token_id
+
+
+def legacy_context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The start token before ``context_bos_id``'s rules 1 and 2 (BOS, else EOS): activation
+    caches made where it differs hold other activations and must not be reused."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def context_batches(dataset: datasets.Dataset | datasets.IterableDataset, tokenizer: PreTrainedTokenizerBase, *,
@@ -243,7 +281,7 @@ def context_batches(dataset: datasets.Dataset | datasets.IterableDataset, tokeni
     bos = context_bos_id(tokenizer)
     limit = None if token_budget is None else -(-token_budget // context_tokens)
     contexts = iter_packed(iter_token_documents(dataset, tokenizer, text_column), context_tokens, bos,
-                           tokenizer.eos_token_id)
+                           document_separator_id(tokenizer))
     contexts = itertools.islice(contexts, limit)
     if shard is not None:
         contexts = itertools.islice(contexts, shard.rank, None, shard.world)

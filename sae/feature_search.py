@@ -12,7 +12,8 @@ Per feature and set: mean score, firing rate (share of prompts where it fires at
 across sets: the difference of means, the effect size (difference over the pooled
 standard deviation, Cohen's d) and the AUROC of the score as a classifier of target vs
 baseline (ties count half). Prompts are tokenized like the training contexts: BOS, then
-the text without special tokens; special tokens never count.
+the text without special tokens; special tokens never count. With a chat ``PromptFormat``
+each prompt is the assistant's reply, and only the reply's tokens count.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from sae.analysis_target import Target
 from sae.config import read_yaml
 from sae.data import load_text_dataset
 from sae.errors import ConfigError
-from sae.generation import pad_id, padded, prompt_token_ids
-from sae.harvest import max_context_tokens, special_token_ids
+from sae.generation import pad_id, padded
+from sae.prompt_format import PLAIN, PromptFormat, check_fits
+from sae.harvest import special_token_ids
 from sae.hooks import ActivationCapture, resolve_hook
 
 REDUCTIONS = ("max", "mean")
@@ -134,13 +136,18 @@ def _lookup(row: dict, keys: list[str]):
 
 @torch.no_grad()
 def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
-                  progress: bool = False) -> list[torch.Tensor]:
+                  progress: bool = False, fmt: PromptFormat = PLAIN) -> list[torch.Tensor]:
     """Latents of every prompt token: one [T_i, M] float32 tensor (on the model's device)
-    per prompt, rows of special tokens zeroed. Prompts longer than the model allows (or
-    MAX_PROMPT_TOKENS) are cut at the end."""
+    per prompt, rows of special tokens (and, in chat format, of everything before the
+    reply) zeroed. A prompt longer than the model reads is refused; one longer than
+    MAX_PROMPT_TOKENS (which bounds the [T, M] tensors' memory) is cut at the end."""
     tok = target.tokenizer
-    limit = min(MAX_PROMPT_TOKENS, max_context_tokens(target.model) or MAX_PROMPT_TOKENS)
-    ids = [prompt_token_ids(tok, p)[:limit] for p in prompts]
+    ids, starts = [], []
+    for p in prompts:
+        row, start = fmt.reply_ids(tok, p)
+        check_fits(row, target.model, p)
+        ids.append(row[:MAX_PROMPT_TOKENS])
+        starts.append(start)
     capture = ActivationCapture(target.model, [resolve_hook(target.model, target.hook)])
     special = special_token_ids(tok).to(target.device)
     out = []
@@ -150,19 +157,22 @@ def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
         acts = capture.run(input_ids=batch, attention_mask=mask)[target.hook]
         z = target.encode(acts).float()
         z = torch.where(torch.isin(batch, special)[..., None], 0.0, z)
-        out += [z[row, :len(i)] for row, i in enumerate(chunk)]
+        for row, i in enumerate(chunk):
+            z[row, :starts[start + row]] = 0.0
+            out.append(z[row, :len(i)])
     return out
 
 
 def prompt_scores(target: Target, prompts: Sequence[str], reduce: str = "max", batch_size: int = 16,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, fmt: PromptFormat = PLAIN) -> torch.Tensor:
     """Per-prompt feature scores [P, M] (float32, CPU): max or mean latent over each prompt's
-    non-special tokens."""
+    tokens that count (``token_latents``)."""
     if reduce not in REDUCTIONS:
         raise ConfigError(f"reduce: {reduce!r} is not valid; use one of {', '.join(REDUCTIONS)}")
     scores = []
-    for z in token_latents(target, prompts, batch_size, progress):
-        scores.append(z.max(0).values if reduce == "max" else z.sum(0) / max(1, z.shape[0] - 1))  # BOS not counted
+    for p, z in zip(prompts, token_latents(target, prompts, batch_size, progress, fmt)):
+        counted = max(1, min(z.shape[0], _counted_tokens(target, p, fmt)))
+        scores.append(z.max(0).values if reduce == "max" else z.sum(0) / counted)
     return torch.stack(scores).cpu()
 
 
@@ -231,15 +241,21 @@ def contrast(a: torch.Tensor, b: torch.Tensor, reduce: str = "max", tokens: tupl
 
 
 def contrast_search(target: Target, prompts_a: Sequence[str], prompts_b: Sequence[str], reduce: str = "max",
-                    batch_size: int = 16, progress: bool = True) -> ContrastResult:
+                    batch_size: int = 16, progress: bool = True, fmt: PromptFormat = PLAIN) -> ContrastResult:
     """Contrast statistics of every feature between target prompts (A) and baseline prompts (B)."""
     for what, prompts in (("target prompts", prompts_a), ("baseline prompts", prompts_b)):
         if not prompts:
             raise ConfigError(f"{what}: none given")
-    a = prompt_scores(target, prompts_a, reduce, batch_size, progress)
-    b = prompt_scores(target, prompts_b, reduce, batch_size, progress)
-    tokens = tuple(sum(len(prompt_token_ids(target.tokenizer, p)) - 1 for p in ps) for ps in (prompts_a, prompts_b))
+    a = prompt_scores(target, prompts_a, reduce, batch_size, progress, fmt)
+    b = prompt_scores(target, prompts_b, reduce, batch_size, progress, fmt)
+    tokens = tuple(sum(_counted_tokens(target, p, fmt) for p in ps) for ps in (prompts_a, prompts_b))
     return contrast(a, b, reduce, tokens)
+
+
+def _counted_tokens(target: Target, prompt: str, fmt: PromptFormat) -> int:
+    """How many of a prompt's tokens its scores are read on (BOS or the chat header not)."""
+    ids, start = fmt.reply_ids(target.tokenizer, prompt)
+    return len(ids) - start
 
 
 @dataclass
@@ -253,9 +269,10 @@ class TextFeatures:
     ranking: list[tuple[int, float]]       # (feature, max activation over the focus tokens)
 
 
-def focus_positions(target: Target, text: str, focus: str | None) -> list[int]:
-    """Token positions (BOS = 0) whose characters overlap the first occurrence of ``focus``
-    in ``text``; all text tokens when focus is None."""
+def focus_positions(target: Target, text: str, focus: str | None, first: int = 1) -> list[int]:
+    """Token positions whose characters overlap the first occurrence of ``focus`` in
+    ``text``; all text tokens when focus is None. The text's first token sits at ``first``
+    (after BOS, or after the chat header)."""
     try:
         enc = target.tokenizer(text, add_special_tokens=False, return_offsets_mapping=focus is not None)
     except NotImplementedError:  # slow (Python) tokenizers have no character offsets
@@ -263,24 +280,25 @@ def focus_positions(target: Target, text: str, focus: str | None) -> list[int]:
                           "tokenizer is a slow one; leave out --focus to rank over the whole text") from None
     n = len(enc["input_ids"])
     if focus is None:
-        return list(range(1, n + 1))
+        return list(range(first, first + n))
     start = text.find(focus)
     if not focus or start < 0:
         raise ConfigError(f"--focus: {focus!r} does not occur in the text {text!r}")
     end = start + len(focus)
-    hits = [i + 1 for i, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > start]
+    hits = [i + first for i, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > start]
     if not hits:
         raise ConfigError(f"--focus: no token of the text covers {focus!r}")
     return hits
 
 
-def features_in_text(target: Target, text: str, focus: str | None = None, top: int = 10) -> TextFeatures:
+def features_in_text(target: Target, text: str, focus: str | None = None, top: int = 10,
+                     fmt: PromptFormat = PLAIN) -> TextFeatures:
     """The features that fire on ``text`` (or the tokens covering ``focus`` in it), strongest first."""
     if not text.strip():
         raise ConfigError("--text: empty; give the text to search")
-    ids = prompt_token_ids(target.tokenizer, text)
-    z = token_latents(target, [text])[0].cpu()  # [T, M]; shorter than ids if the text was cut
-    positions = [p for p in focus_positions(target, text, focus) if p < z.shape[0]]
+    ids, first = fmt.reply_ids(target.tokenizer, text)
+    z = token_latents(target, [text], fmt=fmt)[0].cpu()  # [T, M]; shorter than ids if the text was cut
+    positions = [p for p in focus_positions(target, text, focus, first) if p < z.shape[0]]
     ids = ids[:z.shape[0]]
     tok = target.tokenizer
     tokens = [tok.decode([i]) for i in ids]

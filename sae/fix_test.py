@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.generation import Sampling, continuation_ids, prompt_token_ids
+from sae.generation import Sampling, continuation_ids
+from sae.prompt_format import PLAIN, PromptFormat
 from sae.interventions import Edit, intervene
 from sae.lm_metrics import at_least_fp32
 from sae.scorers import Scorer
@@ -204,17 +205,19 @@ def _statistics(threshold: float) -> dict:
 def fix_test(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
              edits: Sequence[Edit], scorer: Scorer, samples: int = 8, sampling: Sampling = Sampling(),
              threshold: float = 0.5, neutral: Sequence[torch.Tensor] = (), resamples: int = 1000,
-             progress: bool = True) -> FixTestResult:
-    """Continuations with and without ``edits``, scored, with fluency costs (module docstring)."""
-    ids = {"baseline": continuation_ids(model, tokenizer, prompts, samples, sampling, progress=progress)}
+             progress: bool = True, fmt: PromptFormat = PLAIN) -> FixTestResult:
+    """Continuations with and without ``edits``, scored, with fluency costs (module docstring).
+    ``fmt``: plain prompts, or chat prompts whose continuation is the assistant's reply."""
+    ids = {"baseline": continuation_ids(model, tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt)}
     with intervene(model, edits):
-        ids["intervened"] = continuation_ids(model, tokenizer, prompts, samples, sampling, progress=progress)
+        ids["intervened"] = continuation_ids(model, tokenizer, prompts, samples, sampling, progress=progress,
+                                             fmt=fmt)
     texts = {c: [[tokenizer.decode(s, skip_special_tokens=True) for s in per] for per in ids[c]] for c in CONDITIONS}
     scores, nll, tokens = {}, {}, {}
     for c in CONDITIONS:
         flat = [t for per in texts[c] for t in per]
         scores[c] = torch.tensor(scorer(flat), dtype=torch.float64).view(len(prompts), samples)
-        pairs = [continuation_nll(model, prompt_token_ids(tokenizer, p), s)
+        pairs = [continuation_nll(model, fmt.prompt_ids(tokenizer, p), s)
                  for p, per in zip(prompts, ids[c]) for s in per]
         nll[c] = torch.tensor([p[0] for p in pairs], dtype=torch.float64).view(len(prompts), samples)
         tokens[c] = torch.tensor([p[1] for p in pairs], dtype=torch.float64).view(len(prompts), samples)

@@ -5,7 +5,7 @@
         edited = continuations(model, tokenizer, ["The file"], samples=4, seed=0)
 
 Prompts are tokenized like the training contexts (BOS, then the text without special
-tokens) and batched with left padding, so every prompt's last token is where generation
+tokens), or in the model's chat format (``sae.prompt_format``), and batched with left padding, so every prompt's last token is where generation
 starts. The generator is re-seeded per call: two calls with the same seed draw the same
 random numbers, so a baseline and an intervened run differ only through the edit.
 """
@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.data import context_bos_id
 from sae.errors import ConfigError
+from sae.prompt_format import PLAIN, PromptFormat, check_fits
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Sampling:
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """BOS + the text's tokens (no special tokens), as the training contexts were built."""
-    return [context_bos_id(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return PLAIN.prompt_ids(tokenizer, text)
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -67,9 +67,9 @@ def padded(rows: Sequence[Sequence[int]], pad: int, device, left: bool) -> tuple
 @torch.no_grad()
 def continuation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                      samples: int = 1, sampling: Sampling = Sampling(), batch_size: int = 8,
-                     progress: bool = False) -> list[list[list[int]]]:
+                     progress: bool = False, fmt: PromptFormat = PLAIN) -> list[list[list[int]]]:
     """Token ids of ``samples`` continuations per prompt: [prompt][sample] -> ids (ending at
-    EOS or ``max_new_tokens``; EOS not included)."""
+    EOS or ``max_new_tokens``; EOS not included). ``fmt``: plain or chat prompts."""
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
@@ -83,7 +83,10 @@ def continuation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     torch.manual_seed(sampling.seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(sampling.seed)
-    rows = [prompt_token_ids(tokenizer, p) for p in prompts for _ in range(samples)]
+    encoded = [fmt.prompt_ids(tokenizer, p) for p in prompts]
+    for p, ids in zip(prompts, encoded):
+        check_fits(ids, model, p, sampling.max_new_tokens, "new tokens (--max-new-tokens)")
+    rows = [ids for ids in encoded for _ in range(samples)]
     out: list[list[int]] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not progress):
         ids, mask = padded(rows[start:start + batch_size], pad, device, left=True)
@@ -95,7 +98,7 @@ def continuation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 def continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                   samples: int = 1, sampling: Sampling = Sampling(), batch_size: int = 8,
-                  progress: bool = False) -> list[list[str]]:
+                  progress: bool = False, fmt: PromptFormat = PLAIN) -> list[list[str]]:
     """Decoded continuations: [prompt][sample] -> text."""
-    ids = continuation_ids(model, tokenizer, prompts, samples, sampling, batch_size, progress)
+    ids = continuation_ids(model, tokenizer, prompts, samples, sampling, batch_size, progress, fmt)
     return [[tokenizer.decode(seq, skip_special_tokens=True) for seq in per_prompt] for per_prompt in ids]

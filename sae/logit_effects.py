@@ -24,6 +24,9 @@ from transformers import PreTrainedModel
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 # Rows of W_dec per matmul against the unembedding: bounds the [rows, vocab] buffer.
 ROWS_PER_CHUNK = 1024
+# Vocabulary rows of a bf16/fp16/fp64 unembedding upcast (or cast) to float32 at a time:
+# bounds the float32 copy to [VOCAB_PER_CHUNK, d] instead of the whole (often tied) matrix.
+VOCAB_PER_CHUNK = 8192
 
 
 def final_norm(model: PreTrainedModel) -> nn.Module | None:
@@ -57,13 +60,31 @@ def norm_linearisation(model: PreTrainedModel) -> tuple[Callable[[torch.Tensor],
 
 
 @torch.no_grad()
+def direction_logits(v: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
+    """Float32 logits [n, V] of directions v [n, d] (float32, on W_U's device) against the
+    unembedding W_U [V, d], whatever W_U's dtype.
+
+    A float32 W_U is used in place. Any other dtype is cast to float32 VOCAB_PER_CHUNK rows
+    at a time: computing in bf16 would round both v and the logits to 8 bits of mantissa,
+    which reorders near-tied top tokens, while upcasting W_U whole would copy the (tied,
+    vocab x d) embedding matrix, and a float64 model would need a float64 [n, V] buffer.
+    """
+    if W_U.dtype == torch.float32:
+        return v @ W_U.t()
+    out = torch.empty(v.shape[0], W_U.shape[0], device=v.device, dtype=torch.float32)
+    for start in range(0, W_U.shape[0], VOCAB_PER_CHUNK):
+        out[:, start:start + VOCAB_PER_CHUNK] = v @ W_U[start:start + VOCAB_PER_CHUNK].float().t()
+    return out
+
+
+@torch.no_grad()
 def logit_effects(model: PreTrainedModel, W_dec: torch.Tensor, n: int = 10,
                   progress: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """Top promoted and suppressed output tokens of each feature.
 
     W_dec: [M, d] decoder rows. Returns ({"top_ids", "top_values", "bottom_ids",
-    "bottom_values"}: [M, n] on the CPU, top largest first, bottom most negative first;
-    the rule used for the final norm).
+    "bottom_values"}: [M, n] on the CPU, top largest first, bottom most negative first,
+    values float32 whatever the model's dtype; the rule used for the final norm).
     """
     W_U = model.get_output_embeddings().weight  # [V, d]
     fold, rule = norm_linearisation(model)
@@ -71,7 +92,7 @@ def logit_effects(model: PreTrainedModel, W_dec: torch.Tensor, n: int = 10,
     out = {k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")}
     for start in tqdm(range(0, W_dec.shape[0], ROWS_PER_CHUNK), desc="logit effects", disable=not progress):
         v = fold(W_dec[start:start + ROWS_PER_CHUNK].to(W_U.device, torch.float32))
-        logits = v @ W_U.float().t() if W_U.dtype == torch.float32 else (v.to(W_U.dtype) @ W_U.t()).float()
+        logits = direction_logits(v, W_U)
         top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
         out["top_ids"].append(top.indices.cpu())
         out["top_values"].append(top.values.cpu())

@@ -1,7 +1,9 @@
 """Loading a causal LM and its tokenizer, and finding its decoder layers.
 
 Any model that ``AutoModelForCausalLM`` loads works, by local folder or hub id;
-``builtin:demo-llama`` names the small model shipped in ``sae/demo_model/``.
+``builtin:demo-llama`` names the small model shipped in ``sae/demo_model/``. GGUF
+checkpoints (a ``.gguf`` file, a folder or repo plus ``model.gguf_file``, or
+``builtin:smollm2-135m-instruct``) are converted once into a plain folder (``sae.gguf_source``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from sae import demo_model
+from sae import demo_model, gguf_source
 from sae.config import ModelConfig
 from sae.errors import ConfigError
 from sae.hub import looks_like_local_path
@@ -48,12 +50,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_path(name_or_path: str) -> str:
-    """``builtin:demo-llama`` -> the shipped folder; anything else is passed to from_pretrained."""
+def resolve_path(name_or_path: str, gguf_file: str | None = None) -> str:
+    """``builtin:demo-llama`` -> the shipped folder; a GGUF checkpoint -> its converted folder;
+    anything else is passed to from_pretrained."""
     if name_or_path == demo_model.NAME:
         return str(demo_model.DEMO_MODEL_DIR)
+    if gguf_source.is_gguf(name_or_path, gguf_file):
+        return str(gguf_source.converted_folder(name_or_path, gguf_file))
     if name_or_path.startswith("builtin:"):
-        raise ConfigError(f"model.name_or_path: unknown built-in model {name_or_path!r}; valid: {demo_model.NAME}")
+        raise ConfigError(f"model.name_or_path: unknown built-in model {name_or_path!r}; valid: "
+                          f"{demo_model.NAME}, {gguf_source.SMOLLM2}")
     looks_like_path = looks_like_local_path(name_or_path)
     if looks_like_path and not Path(name_or_path).expanduser().is_dir():
         raise ConfigError(f"model.name_or_path: {name_or_path!r} is not a folder (nor a hub id like org/name)")
@@ -64,7 +70,7 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     """Model (eval mode, on cfg.device in cfg.dtype) and tokenizer (with a pad token)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    path = resolve_path(cfg.name_or_path)
+    path = resolve_path(cfg.name_or_path, cfg.gguf_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
