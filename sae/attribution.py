@@ -10,6 +10,11 @@ rounding). The first-order effect of removing feature f at a position, on metric
 positive attribution means the feature pushes the metric up, and ablating it should
 lower the metric). The error term gets the same treatment, e . dm/de, so the share of
 the metric that the SAE does not explain is visible.
+
+Special-token positions (the context's start token, a chat template's turn markers) keep
+the model's own activation and get no attribution: the SAE never saw them in training
+(``harvest.exclude_special_tokens``), and the first position's activation is typically
+huge (an attention sink), so features read there are noise that would swamp the ranking.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sae.architectures import SparseAutoencoder
 from sae.errors import ConfigError
 from sae.lm_metrics import Metric, at_least_fp32
-from sae.prompt_format import PLAIN, PromptFormat, check_fits
+from sae.harvest import special_token_ids
 from sae.hooks import attach, resolve_hook
+from sae.prompt_format import PLAIN, PromptFormat, check_fits
 
 @dataclass
 class Attribution:
@@ -58,6 +64,7 @@ def attribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: S
     per_prompt = torch.zeros(len(prompts), M, dtype=torch.float64)
     error_total, metric_total = 0.0, 0.0
     leaves: dict[str, torch.Tensor] = {}
+    special = special_token_ids(tokenizer).to(device)
 
     def splice(h: torch.Tensor) -> torch.Tensor:
         x = h.reshape(-1, h.shape[-1]).to(sae.W_dec.dtype)
@@ -67,12 +74,14 @@ def attribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: S
         z.requires_grad_(True)
         err.requires_grad_(True)
         leaves["z"], leaves["err"] = z, err
-        return (sae.decode(z) + err).to(h.dtype).view(h.shape)
+        spliced = torch.where(leaves["special"], x, sae.decode(z) + err)  # special rows: no path to z, err
+        return spliced.to(h.dtype).view(h.shape)
 
     for i, p in enumerate(tqdm(prompts, desc="attribution", disable=not progress)):
         row = fmt.prompt_ids(tokenizer, p)
         check_fits(row, model, p)
         ids = torch.tensor([row], device=device)
+        leaves["special"] = torch.isin(ids, special).reshape(-1, 1)   # [T, 1]
         handle = attach(point, splice)
         try:
             with torch.enable_grad():

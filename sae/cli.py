@@ -658,6 +658,7 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
     import shutil
 
     from sae.generation import Sampling, continuations
+    from sae.harvest import special_token_ids
     from sae.interventions import Edit, intervene, parse_feature_edits
 
     edits = parse_feature_edits(ablate, clamp, scale, steer)
@@ -670,7 +671,7 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
     edit = Edit(target.sae, target.hook, edits)
     edit.check()
     base = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True, fmt=fmt)
-    with intervene(target.model, [edit]):
+    with intervene(target.model, [edit], special_token_ids(target.tokenizer)):
         changed = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True, fmt=fmt)
     if as_json:
         click.echo(json.dumps([{"prompt": p, "baseline": b, "intervened": c}

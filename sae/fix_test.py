@@ -31,8 +31,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.generation import Sampling, continuation_ids
-from sae.prompt_format import PLAIN, PromptFormat
+from sae.harvest import special_token_ids
 from sae.interventions import Edit, intervene
+from sae.prompt_format import PLAIN, PromptFormat
 from sae.lm_metrics import at_least_fp32
 from sae.scorers import Scorer
 
@@ -64,14 +65,16 @@ def continuation_nll(model: PreTrainedModel, prompt_ids: Sequence[int], cont: Se
 
 
 @torch.no_grad()
-def neutral_kl(model: PreTrainedModel, edits: Sequence[Edit], contexts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """KL(p_clean || p_edited) per context, averaged over its predicted tokens: [n_contexts]."""
+def neutral_kl(model: PreTrainedModel, edits: Sequence[Edit], contexts: Sequence[torch.Tensor],
+               skip_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p_clean || p_edited) per context, averaged over its predicted tokens: [n_contexts].
+    ``skip_tokens``: ids whose positions the edits leave alone (``intervene``)."""
     device = next(model.parameters()).device
     out = []
     for ids in contexts:
         ids = ids.to(device).view(1, -1)
         clean = at_least_fp32(model(input_ids=ids, use_cache=False).logits[0]).log_softmax(-1)
-        with intervene(model, edits):
+        with intervene(model, edits, skip_tokens):
             edited = at_least_fp32(model(input_ids=ids, use_cache=False).logits[0]).log_softmax(-1)
         out.append(float((clean.exp() * (clean - edited)).sum(-1).mean()))
     return torch.tensor(out, dtype=torch.float64)
@@ -209,7 +212,8 @@ def fix_test(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     """Continuations with and without ``edits``, scored, with fluency costs (module docstring).
     ``fmt``: plain prompts, or chat prompts whose continuation is the assistant's reply."""
     ids = {"baseline": continuation_ids(model, tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt)}
-    with intervene(model, edits):
+    skip = special_token_ids(tokenizer)  # the edits leave special tokens alone, as training did
+    with intervene(model, edits, skip):
         ids["intervened"] = continuation_ids(model, tokenizer, prompts, samples, sampling, progress=progress,
                                              fmt=fmt)
     texts = {c: [[tokenizer.decode(s, skip_special_tokens=True) for s in per] for per in ids[c]] for c in CONDITIONS}
@@ -232,7 +236,7 @@ def fix_test(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         summary["change"][key] = {"value": float(diff(paired)), "ci": bootstrap_ci(paired, diff, resamples, seed=1)}
     kl = None
     if neutral:
-        kl = neutral_kl(model, edits, neutral)
+        kl = neutral_kl(model, edits, neutral, skip)
         summary["kl"] = {"value": float(kl.mean()), "ci": bootstrap_ci(kl, lambda v: v.mean(), resamples, seed=1)}
     return FixTestResult(prompts=list(prompts), texts=texts, scores=scores, nll=nll, tokens=tokens, kl=kl,
                          scorer=scorer.name, threshold=threshold, summary=summary, marks=scorer.pattern)

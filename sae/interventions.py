@@ -20,11 +20,18 @@ seeing the first's output). The edit
 is computed in float32 and cast back to the model's dtype. Hooks are removed when the
 context exits, also on an exception. No edits: no hook is attached, so outputs are
 bit-identical to the plain model.
+
+``intervene(..., skip_tokens=special_token_ids(tokenizer))`` leaves the positions of those
+tokens alone (the context's start token, a chat template's turn markers): the SAE never
+saw them in training, and the first position's activation is usually huge (an attention
+sink), so the SAE's features there are noise, and editing them changes every later
+position. The CLI and ``fix_test`` always pass the tokenizer's special tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -158,17 +165,37 @@ def parse_feature_edits(ablate: str | None = None, clamp: Sequence[str] = (), sc
 
 
 @contextlib.contextmanager
-def intervene(model: nn.Module, edits: Sequence[Edit]) -> Iterator[None]:
-    """Apply ``edits`` in every forward of ``model`` while the context is open."""
+def intervene(model: nn.Module, edits: Sequence[Edit], skip_tokens: torch.Tensor | None = None) -> Iterator[None]:
+    """Apply ``edits`` in every forward of ``model`` while the context is open, except at
+    positions holding one of ``skip_tokens`` (LongTensor of ids; module docstring)."""
     handles = []
+    keep: dict[str, torch.Tensor | None] = {"rows": None}  # this context's current forward only
     try:
+        if skip_tokens is not None and any(e.edits for e in edits):
+            handles.append(model.register_forward_pre_hook(functools.partial(_track_ids, keep, skip_tokens),
+                                                           with_kwargs=True))
         for e in edits:
             e.check()
             if not e.edits:
                 continue
             point = resolve_hook(model, e.hook)
-            handles.append(attach(point, e.apply))
+            handles.append(attach(point, functools.partial(_edit_kept_rows, e, keep)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _track_ids(keep: dict, skip_tokens: torch.Tensor, _module, args, kwargs) -> None:
+    """Model pre-hook: which positions of this forward's input_ids [B, T] may be edited."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    keep["rows"] = None if ids is None else ~torch.isin(ids, skip_tokens.to(ids.device))   # [B, T]
+
+
+def _edit_kept_rows(edit: Edit, keep: dict, h: torch.Tensor) -> torch.Tensor:
+    """The edited activation h [B, T, d], with skipped positions left as they were."""
+    new = edit.apply(h)
+    rows = keep["rows"]
+    if rows is None or rows.shape != h.shape[:-1]:  # no ids seen (inputs_embeds): edit everywhere
+        return new
+    return torch.where(rows[..., None], new, h)

@@ -456,6 +456,8 @@ def summary_section(summary: dict) -> str:
     """Metrics table, training curves and collapsible config of a run_summary."""
     parts = ['<section id="summary"><h2>Run summary</h2>']
     metrics, curves, config = summary.get("metrics"), summary.get("curves") or {}, summary.get("config_yaml")
+    # A tag with one point (the held-out metrics, logged once at the end) is no curve; the table has it.
+    curves = {tag: pts for tag, pts in curves.items() if len(pts) > 1}
     if metrics:
         parts.append(f"<h3>Held-out metrics</h3>{kv_table(flatten(metrics), labels=metric_label)}")
     if curves:

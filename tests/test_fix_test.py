@@ -15,6 +15,7 @@ from sae.demo_model import DEMO_MODEL_DIR
 from sae.errors import ConfigError
 from sae.fix_test import CONDITIONS, FixTestResult, bootstrap_ci, fix_test
 from sae.generation import Sampling, continuation_ids, continuations, prompt_token_ids
+from sae.harvest import special_token_ids
 from sae.interventions import Ablate, Edit, Scale, intervene
 from sae.lm_metrics import logprob
 from sae.scorers import Scorer, load_scorer, word_list_scorer
@@ -35,7 +36,7 @@ def sae():
 
 def metric_with(model, tok, metric, edits):
     total = 0.0
-    with torch.no_grad(), intervene(model, edits):
+    with torch.no_grad(), intervene(model, edits, special_token_ids(tok)):  # as attribution: BOS untouched
         for p in PROMPTS:
             logits = model(input_ids=torch.tensor([prompt_token_ids(tok, p)])).logits[0, -1]
             total += metric(logits)

