@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -125,12 +126,18 @@ def documents() -> tuple[Document, ...]:
     keyed by the Python version and the size and mtime of every source file.
     """
     files = _stdlib_files(Path(sysconfig.get_paths()["stdlib"]))
-    cached = cache_dir() / f"python-docs-{_sources_key(files)}.json"
+    return cached_documents(cache_dir() / f"python-docs-{_sources_key(files)}.json",
+                            lambda: _topic_documents() + _stdlib_documents(files))
+
+
+def cached_documents(cached: Path, build: Callable[[], list[Document]]) -> tuple[Document, ...]:
+    """A built-in corpus's documents, sorted by id: read from the JSON file ``cached``, or
+    built (``build()``) and written there for the next run."""
     try:
         return tuple(Document(d["id"], d["text"]) for d in json.loads(cached.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no cache yet, or an unreadable one: build it
-    docs = tuple(sorted(_topic_documents() + _stdlib_documents(files), key=lambda d: d.id))
+    docs = tuple(sorted(build(), key=lambda d: d.id))
     try:
         write_text_atomic(cached, json.dumps([{"id": d.id, "text": d.text} for d in docs]))
     except OSError:
@@ -138,24 +145,31 @@ def documents() -> tuple[Document, ...]:
     return docs
 
 
-def load(split: str = "train") -> datasets.Dataset:
-    """The corpus as a ``datasets.Dataset`` with columns ``id`` and ``text``.
-
-    ``split`` is ``"train"`` or ``"test"`` (the held-out documents).
-    """
+def split_dataset(docs: Sequence[Document], name: str, split: str) -> datasets.Dataset:
+    """One split of a built-in corpus as a ``datasets.Dataset`` with columns ``id`` and ``text``."""
     if split not in SPLITS:
-        raise ValueError(f"{NAME} has no split {split!r}; valid splits: {', '.join(SPLITS)}")
-    docs = [d for d in documents() if split_of(d.id) == split]
-    return datasets.Dataset.from_dict({"id": [d.id for d in docs], "text": [d.text for d in docs]})
+        raise ValueError(f"{name} has no split {split!r}; valid splits: {', '.join(SPLITS)}")
+    kept = [d for d in docs if split_of(d.id) == split]
+    return datasets.Dataset.from_dict({"id": [d.id for d in kept], "text": [d.text for d in kept]})
 
 
-def fingerprint(split: str) -> str:
-    """SHA-256 over the ids and texts of one split: tells whether two Pythons see the same text."""
+def split_fingerprint(docs: Sequence[Document], split: str) -> str:
+    """SHA-256 over the ids and texts of one split: tells whether two installs see the same text."""
     h = hashlib.sha256()
-    for d in documents():
+    for d in docs:
         if split_of(d.id) == split:
             h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
     return h.hexdigest()
+
+
+def load(split: str = "train") -> datasets.Dataset:
+    """The corpus's ``split``, "train" or "test" (the held-out documents), as a Dataset."""
+    return split_dataset(documents(), NAME, split)
+
+
+def fingerprint(split: str) -> str:
+    """SHA-256 of one split's text (it differs between Python versions)."""
+    return split_fingerprint(documents(), split)
 
 
 def python_version() -> str:

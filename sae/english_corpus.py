@@ -34,7 +34,6 @@ import bz2
 import hashlib
 import html
 import importlib.util
-import json
 import re
 import xml.etree.ElementTree as ET
 from functools import lru_cache
@@ -42,8 +41,7 @@ from pathlib import Path
 
 import datasets
 
-from sae.atomic_io import write_text_atomic
-from sae.corpus import SPLITS, Document, cache_dir, split_of
+from sae.corpus import Document, cache_dir, cached_documents, split_dataset, split_fingerprint
 from sae.errors import ConfigError
 
 NAME = "builtin:english-prose"
@@ -265,35 +263,15 @@ def documents() -> tuple[Document, ...]:
     of both source files and the cleaning rules' version.
     """
     folder = data_dir()
-    cached = cache_dir() / f"english-prose-{_sources_key(folder)}.json"
-    try:
-        return tuple(Document(d["id"], d["text"]) for d in json.loads(cached.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no cache yet, or an unreadable one: build it
-    docs = wiki_documents(folder / WIKI_FILE) + lee_documents(folder / LEE_FILE)
-    docs = tuple(sorted(docs, key=lambda d: d.id))
-    try:
-        write_text_atomic(cached, json.dumps([{"id": d.id, "text": d.text} for d in docs]))
-    except OSError:
-        pass  # a read-only home only costs the next run a few seconds
-    return docs
+    return cached_documents(cache_dir() / f"english-prose-{_sources_key(folder)}.json",
+                            lambda: wiki_documents(folder / WIKI_FILE) + lee_documents(folder / LEE_FILE))
 
 
 def load(split: str = "train") -> datasets.Dataset:
-    """The corpus as a ``datasets.Dataset`` with columns ``id`` and ``text``.
-
-    ``split`` is ``"train"`` or ``"test"`` (the held-out documents).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"{NAME} has no split {split!r}; valid splits: {', '.join(SPLITS)}")
-    docs = [d for d in documents() if split_of(d.id) == split]
-    return datasets.Dataset.from_dict({"id": [d.id for d in docs], "text": [d.text for d in docs]})
+    """The corpus's ``split``, "train" or "test" (the held-out documents), as a Dataset."""
+    return split_dataset(documents(), NAME, split)
 
 
 def fingerprint(split: str) -> str:
-    """SHA-256 over the ids and texts of one split: tells whether two installs see the same text."""
-    h = hashlib.sha256()
-    for d in documents():
-        if split_of(d.id) == split:
-            h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
-    return h.hexdigest()
+    """SHA-256 of one split's text (it differs between gensim versions)."""
+    return split_fingerprint(documents(), split)

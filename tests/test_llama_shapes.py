@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from sae.architectures import ReLUConfig, ReLUSAE
+from tiny_models import identity_sae
 from sae.demo_model import DEMO_MODEL_DIR
 from sae.errors import ConfigError
 from sae.hooks import resolve_hook, resolve_hooks
@@ -235,17 +235,6 @@ def test_patching_rejects_layers_past_the_last(patcher):
 
 
 # ---- 4. an identity SAE spliced into a middle layer -----------------------------------------
-
-def identity_sae(d: int) -> ReLUSAE:
-    """A ReLU SAE with 2d latents, W_enc = W_dec = [I; -I], zero biases:
-    relu(x) - relu(-x) = x exactly, in float arithmetic too (every sum has one nonzero term)."""
-    sae = ReLUSAE(ReLUConfig(d_in=d, num_latents=2 * d))
-    with torch.no_grad():
-        eye = torch.eye(d)
-        sae.W_enc.copy_(torch.cat([eye, -eye]))
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-    return sae
-
 
 def test_identity_sae_splice_gives_the_models_own_loss(smol):
     model, tok = smol

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from sae.architectures import ReLUConfig, ReLUSAE
+from tiny_models import identity_sae
 from sae.config import ModelConfig, SAEConfig
 from sae.data import context_batches, load_text_dataset
 from sae.errors import ConfigError
@@ -102,16 +102,6 @@ def test_harvested_activations_are_the_models_own_without_special_tokens(smol, c
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[LAYER + 1]
         torch.testing.assert_close(acts, hidden[keep], rtol=1e-5, atol=1e-5)
     assert harvester.tokens_seen == sum(ids.numel() for ids in contexts)
-
-
-def identity_sae(d: int) -> ReLUSAE:
-    """W_enc = W_dec = [I; -I], zero biases: relu(x) - relu(-x) = x exactly."""
-    sae = ReLUSAE(ReLUConfig(d_in=d, num_latents=2 * d))
-    with torch.no_grad():
-        eye = torch.eye(d)
-        sae.W_enc.copy_(torch.cat([eye, -eye]))
-        sae.W_dec.copy_(torch.cat([eye, -eye]))
-    return sae
 
 
 def test_an_identity_sae_spliced_in_gives_the_models_own_loss(smol, contexts):

@@ -60,3 +60,19 @@ def make_tiny_model(family: str, path: Path, n_layers: int = 3, width: int = 64,
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def identity_sae(d: int):
+    """A ReLU SAE with 2d latents, W_enc = W_dec = [I; -I], zero biases: relu(x) - relu(-x) = x
+    exactly, in float arithmetic too (every sum has one nonzero term). Splicing it in must
+    leave a model's outputs unchanged."""
+    import torch
+
+    from sae.architectures import ReLUConfig, ReLUSAE
+
+    sae = ReLUSAE(ReLUConfig(d_in=d, num_latents=2 * d))
+    with torch.no_grad():
+        eye = torch.eye(d)
+        sae.W_enc.copy_(torch.cat([eye, -eye]))
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+    return sae
