@@ -77,6 +77,23 @@ class Truncated:
         setattr(self.parent, self.attr, self.layers)
 
 
+def from_text(model, tokenizer, dataset, hook: str, batch: int, context: int, n_tokens: int, device: str) -> dict:
+    """End to end from text, tokenization included, with and without the prefetch thread
+    (best of 2 each): does prefetching pay?"""
+    e2e: dict[str, list[float]] = {}
+    for prefetch in (False, True, False, True):
+        contexts = context_batches(dataset, tokenizer, context_tokens=context, token_budget=n_tokens,
+                                   batch_contexts=batch)
+        h = Harvester(model, tokenizer, contexts, [hook], prefetch=prefetch)
+        sync(device)
+        t = time.perf_counter()
+        for _ in h:
+            pass
+        sync(device)
+        e2e.setdefault(f"from_text_prefetch_{prefetch}", []).append(h.tokens_seen / (time.perf_counter() - t))
+    return {k: max(v) for k, v in e2e.items()}
+
+
 @click.command()
 @click.option("--model", "model_name", default="builtin:demo-llama", show_default=True,
               help=f"builtin:demo-llama, a path/hub id, or a random shape: {', '.join(SHAPES)}.")
@@ -125,20 +142,7 @@ def main(model_name, device, hook, batch, context, steps, rounds, threads, datas
                 times[name].append(time.perf_counter() - t)
     rate = {k: n_tokens / statistics.median(v) for k, v in times.items()}
 
-    # End to end from text, tokenization included: does the prefetch thread pay?
-    dataset = load_text_dataset(dataset)
-    e2e = {}
-    for prefetch in (False, True, False, True):
-        contexts = context_batches(dataset, tokenizer, context_tokens=context, token_budget=n_tokens,
-                                   batch_contexts=batch)
-        h = Harvester(model, tokenizer, contexts, [hook], prefetch=prefetch)
-        sync(device)
-        t = time.perf_counter()
-        for acts in h:
-            pass
-        sync(device)
-        e2e.setdefault(f"from_text_prefetch_{prefetch}", []).append(h.tokens_seen / (time.perf_counter() - t))
-    e2e = {k: max(v) for k, v in e2e.items()}
+    e2e = from_text(model, tokenizer, load_text_dataset(dataset), hook, batch, context, n_tokens, device)
 
     result = {
         "model": model_name, "device": device, "dtype": str(next(model.parameters()).dtype),

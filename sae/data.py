@@ -2,7 +2,8 @@
 
 ``load_text_dataset`` resolves a dataset spec (a built-in corpus, local files or a
 Hugging Face dataset id); ``context_batches`` tokenizes it in batches and packs it into
-contexts of one length, each starting with BOS, documents separated by EOS, up to a
+contexts of one length, each starting with a start token and documents separated by a
+separator token (BOS and EOS, except for chat tokenizers: ``context_bos_id``), up to a
 token budget.
 """
 
