@@ -864,13 +864,10 @@ def _rank_features(target, texts, contrast, answer, wrong, fmt) -> tuple[list[in
     """Features ranked for --ablate-top / --steer-top, by contrast search or attribution, and how.
     In chat format the contrast files hold assistant replies, as for ``search --chat``."""
     if contrast is not None:
-        from dataclasses import replace
-
         from sae.feature_search import contrast_search, read_prompts
 
         return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
-                               read_prompts(contrast[1], "--contrast BASELINE"),
-                               fmt=replace(fmt, user=None)).ranking("effect"), "contrast"
+                               read_prompts(contrast[1], "--contrast BASELINE"), fmt=fmt).ranking("effect"), "contrast"
     from sae.attribution import attribute as run_attribution
 
     return (run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,

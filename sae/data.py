@@ -248,17 +248,22 @@ def context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     added = tokenizer("a", add_special_tokens=True)["input_ids"]
     if len(added) > len(tokenizer("a", add_special_tokens=False)["input_ids"]) and added[0] in tokenizer.all_special_ids:
         return added[0]
-    known = [t for t in DOCUMENT_SEPARATORS if t in tokenizer.all_special_tokens]
-    if known:
-        return tokenizer.convert_tokens_to_ids(known[0])
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    separator = _known_separator(tokenizer)
+    if separator is not None:
+        return separator
+    return legacy_context_bos_id(tokenizer)
 
 
 def document_separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token put between documents in a context: the first of ``DOCUMENT_SEPARATORS``
     the tokenizer has as a special token, else EOS (a chat model's EOS may end a turn)."""
+    separator = _known_separator(tokenizer)
+    return tokenizer.eos_token_id if separator is None else separator
+
+
+def _known_separator(tokenizer: PreTrainedTokenizerBase) -> int | None:
     known = [t for t in DOCUMENT_SEPARATORS if t in tokenizer.all_special_tokens]
-    return tokenizer.convert_tokens_to_ids(known[0]) if known else tokenizer.eos_token_id
+    return tokenizer.convert_tokens_to_ids(known[0]) if known else None
 
 
 def legacy_context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:

@@ -135,31 +135,42 @@ def _lookup(row: dict, keys: list[str]):
 
 
 @torch.no_grad()
+def encode_replies(target: Target, prompts: Sequence[str], fmt: PromptFormat = PLAIN) -> list[tuple[list[int], int]]:
+    """(token ids, first position that counts) per prompt, as ``fmt.reply_ids``. A prompt
+    longer than the model reads is refused; one longer than MAX_PROMPT_TOKENS (which bounds
+    the [T, M] latents' memory) is cut at the end."""
+    encoded = []
+    for p in prompts:
+        row, start = fmt.reply_ids(target.tokenizer, p)
+        check_fits(row, target.model, p)
+        encoded.append((row[:MAX_PROMPT_TOKENS], start))
+    return encoded
+
+
 def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
                   progress: bool = False, fmt: PromptFormat = PLAIN) -> list[torch.Tensor]:
     """Latents of every prompt token: one [T_i, M] float32 tensor (on the model's device)
     per prompt, rows of special tokens (and, in chat format, of everything before the
-    reply) zeroed. A prompt longer than the model reads is refused; one longer than
-    MAX_PROMPT_TOKENS (which bounds the [T, M] tensors' memory) is cut at the end."""
+    reply) zeroed (``encode_replies`` says which prompts are refused or cut)."""
+    return _latents(target, encode_replies(target, prompts, fmt), batch_size, progress)
+
+
+def _latents(target: Target, encoded: list[tuple[list[int], int]], batch_size: int,
+             progress: bool) -> list[torch.Tensor]:
+    """``token_latents`` of prompts already encoded."""
     tok = target.tokenizer
-    ids, starts = [], []
-    for p in prompts:
-        row, start = fmt.reply_ids(tok, p)
-        check_fits(row, target.model, p)
-        ids.append(row[:MAX_PROMPT_TOKENS])
-        starts.append(start)
     capture = ActivationCapture(target.model, [resolve_hook(target.model, target.hook)])
     special = special_token_ids(tok).to(target.device)
     out = []
-    for start in tqdm(range(0, len(ids), batch_size), desc="prompts", disable=not progress):
-        chunk = ids[start:start + batch_size]
-        batch, mask = padded(chunk, pad_id(tok), target.device, left=False)
+    for first in tqdm(range(0, len(encoded), batch_size), desc="prompts", disable=not progress):
+        chunk = encoded[first:first + batch_size]
+        batch, mask = padded([ids for ids, _ in chunk], pad_id(tok), target.device, left=False)
         acts = capture.run(input_ids=batch, attention_mask=mask)[target.hook]
         z = target.encode(acts).float()
         z = torch.where(torch.isin(batch, special)[..., None], 0.0, z)
-        for row, i in enumerate(chunk):
-            z[row, :starts[start + row]] = 0.0
-            out.append(z[row, :len(i)])
+        for row, (ids, start) in enumerate(chunk):
+            z[row, :start] = 0.0
+            out.append(z[row, :len(ids)])
     return out
 
 
@@ -167,12 +178,17 @@ def prompt_scores(target: Target, prompts: Sequence[str], reduce: str = "max", b
                   progress: bool = False, fmt: PromptFormat = PLAIN) -> torch.Tensor:
     """Per-prompt feature scores [P, M] (float32, CPU): max or mean latent over each prompt's
     tokens that count (``token_latents``)."""
+    return _scores(target, encode_replies(target, prompts, fmt), reduce, batch_size, progress)
+
+
+def _scores(target: Target, encoded: list[tuple[list[int], int]], reduce: str, batch_size: int,
+            progress: bool) -> torch.Tensor:
+    """``prompt_scores`` of prompts already encoded."""
     if reduce not in REDUCTIONS:
         raise ConfigError(f"reduce: {reduce!r} is not valid; use one of {', '.join(REDUCTIONS)}")
     scores = []
-    for p, z in zip(prompts, token_latents(target, prompts, batch_size, progress, fmt)):
-        counted = max(1, min(z.shape[0], _counted_tokens(target, p, fmt)))
-        scores.append(z.max(0).values if reduce == "max" else z.sum(0) / counted)
+    for (ids, start), z in zip(encoded, _latents(target, encoded, batch_size, progress)):
+        scores.append(z.max(0).values if reduce == "max" else z.sum(0) / max(1, len(ids) - start))
     return torch.stack(scores).cpu()
 
 
@@ -246,16 +262,10 @@ def contrast_search(target: Target, prompts_a: Sequence[str], prompts_b: Sequenc
     for what, prompts in (("target prompts", prompts_a), ("baseline prompts", prompts_b)):
         if not prompts:
             raise ConfigError(f"{what}: none given")
-    a = prompt_scores(target, prompts_a, reduce, batch_size, progress, fmt)
-    b = prompt_scores(target, prompts_b, reduce, batch_size, progress, fmt)
-    tokens = tuple(sum(_counted_tokens(target, p, fmt) for p in ps) for ps in (prompts_a, prompts_b))
+    encoded = [encode_replies(target, ps, fmt) for ps in (prompts_a, prompts_b)]
+    a, b = (_scores(target, e, reduce, batch_size, progress) for e in encoded)
+    tokens = tuple(sum(len(ids) - start for ids, start in e) for e in encoded)  # BOS or the chat header not
     return contrast(a, b, reduce, tokens)
-
-
-def _counted_tokens(target: Target, prompt: str, fmt: PromptFormat) -> int:
-    """How many of a prompt's tokens its scores are read on (BOS or the chat header not)."""
-    ids, start = fmt.reply_ids(target.tokenizer, prompt)
-    return len(ids) - start
 
 
 @dataclass

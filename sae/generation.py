@@ -5,9 +5,10 @@
         edited = continuations(model, tokenizer, ["The file"], samples=4, seed=0)
 
 Prompts are tokenized like the training contexts (BOS, then the text without special
-tokens), or in the model's chat format (``sae.prompt_format``), and batched with left padding, so every prompt's last token is where generation
-starts. The generator is re-seeded per call: two calls with the same seed draw the same
-random numbers, so a baseline and an intervened run differ only through the edit.
+tokens), or in the model's chat format (``sae.prompt_format``), and batched with left
+padding, so every prompt's last token is where generation starts. The generator is
+re-seeded per call: two calls with the same seed draw the same random numbers, so a
+baseline and an intervened run differ only through the edit.
 """
 
 from __future__ import annotations

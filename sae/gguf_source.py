@@ -100,9 +100,7 @@ def converted_folder(name_or_path: str, gguf_file: str | None = None) -> Path:
     print(f"converting {path.name} to a Hugging Face folder, once: {folder}", flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the cache from other users
+    _share(tmp, 0o777)  # mkdtemp's 0700 would hide the cache from other users
     try:
         _convert(path, tmp)
         (tmp / _DONE).write_text(json.dumps({"source": str(path), "format": _FORMAT}))
@@ -141,10 +139,15 @@ def _convert(path: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    for f in out.iterdir():  # safetensors writes 0600; the cache is shared like the folder
+        _share(f, 0o666)
+
+
+def _share(path: Path, mode: int) -> None:
+    """chmod ``path`` to ``mode`` less the process's umask, as a plain create would."""
     umask = os.umask(0)
     os.umask(umask)
-    for f in out.iterdir():  # safetensors writes 0600; the cache is shared like the folder
-        f.chmod(0o666 & ~umask)
+    os.chmod(path, mode & ~umask)
 
 
 def _architectures() -> list[str]:
