@@ -134,7 +134,6 @@ def _lookup(row: dict, keys: list[str]):
     return row
 
 
-@torch.no_grad()
 def encode_replies(target: Target, prompts: Sequence[str], fmt: PromptFormat = PLAIN) -> list[tuple[list[int], int]]:
     """(token ids, first position that counts) per prompt, as ``fmt.reply_ids``. A prompt
     longer than the model reads is refused; one longer than MAX_PROMPT_TOKENS (which bounds
@@ -155,6 +154,7 @@ def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
     return _latents(target, encode_replies(target, prompts, fmt), batch_size, progress)
 
 
+@torch.no_grad()
 def _latents(target: Target, encoded: list[tuple[list[int], int]], batch_size: int,
              progress: bool) -> list[torch.Tensor]:
     """``token_latents`` of prompts already encoded."""
