@@ -5,7 +5,7 @@ point, [n, d], rows of whole contexts) and ``manifest.json``:
 
     {"format": 1, "identity": {...what produced it...}, "complete": false,
      "tokens": 123, "contexts_done": 45,
-     "shards": [{"file": ..., "tokens": ..., "contexts_done": ...}, ...]}
+     "shards": [{"file": ..., "tokens": ..., "contexts_done": ..., "bytes": ..., "crc32": ...}, ...]}
 
 ``identity`` names the model, hook points, dtype, widths, dataset, tokenizer fingerprint
 and masking; a run whose identity differs is refused. Shards are written to a temporary
@@ -14,6 +14,13 @@ once it is whole. An interrupted cache run resumes after the last listed shard b
 ``contexts_done`` contexts of the (deterministic) context stream. A shard's own
 ``contexts_done`` (the context count after its last row; absent in caches written before
 it was added, which stay readable) lets a stream restart at that shard without the cache.
+
+Damage: every listed shard's size is checked when a cache is opened, and its CRC-32 when
+the shard is read (both recorded since they were added; older caches skip the check). A
+writer that finds a shard missing or cut short drops it and every later shard from the
+manifest and harvests them again (a shard records where its harvest restarts); a shard
+that fails its checksum while read stops the run in one line naming it. One process at
+a time writes a cache: it holds the folder's lock (``sae.folder_lock``) while incomplete.
 
 Reading order: epoch 1 is manifest (= harvest) order, so a cold, a partial and a complete
 cache all give the run the same row stream; epochs 2.. read the shards in a permutation
@@ -25,15 +32,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import sys
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from transformers import PreTrainedTokenizerBase
 
-from sae.atomic_io import fsync_dir, write_text_atomic
+from sae.atomic_io import fsync_dir, remove_temporaries, save_tensors, write_text_atomic
 from sae.errors import ConfigError
+from sae.folder_lock import FolderLock
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -92,11 +103,16 @@ class CacheWriter:
 
     ``identity`` is a JSON-able dict describing what produces the activations; an existing
     cache with another identity is refused. ``contexts_done`` after opening says how many
-    contexts the listed shards already cover: skip that many when resuming.
+    contexts the listed shards already cover: skip that many when resuming. An incomplete
+    (or damaged, then repaired) cache is claimed for this process until ``finish`` or
+    ``close``; another live writer is refused in one line. ``log``: where the repair of a
+    damaged cache is announced.
     """
 
-    def __init__(self, folder: str | Path, identity: dict, shard_tokens: int = 65536):
+    def __init__(self, folder: str | Path, identity: dict, shard_tokens: int = 65536,
+                 log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)):
         self.folder, self.identity, self.shard_tokens = Path(folder), identity, shard_tokens
+        self.lock: FolderLock | None = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -107,18 +123,43 @@ class CacheWriter:
             if diff:
                 raise ConfigError(f"harvest.cache_dir: {str(self.folder)!r} holds activations of another run "
                                   f"({diff}); use another cache_dir")
+            damaged = first_damaged(self.folder, self.manifest["shards"])
+            if not self.manifest["complete"] or damaged is not None:
+                self._claim()
+                if damaged is not None:
+                    self._drop_from(*damaged, log)
         else:
+            self._claim()
             self.manifest = {"format": FORMAT, "identity": identity, "complete": False, "tokens": 0,
                              "contexts_done": 0, "shards": []}
             try:
                 self._write_manifest()  # claims the folder for this run's identity at once
             except OSError as e:
                 raise ConfigError(f"harvest.cache_dir: cannot write to {str(self.folder)!r}: {e.strerror}") from None
-        # Leftovers of an interrupted write are never listed, so never read: remove them.
-        for stale in self.folder.glob(".shard-*"):
-            stale.unlink()
         self._rows: dict[str, list[torch.Tensor]] = {}
         self._n_rows = 0
+
+    def _claim(self) -> None:
+        """Hold the folder while writing; leftovers of an interrupted write (never listed,
+        so never read) are removed once no one else can be writing them."""
+        self.lock = FolderLock(self.folder, "harvest.cache_dir")
+        remove_temporaries(self.folder)
+
+    def _drop_from(self, index: int, why: str, log: Callable[[str], None]) -> None:
+        """Unlist shard ``index`` (damaged: ``why``) and all after it, to harvest them again."""
+        shards = self.manifest["shards"]
+        name = shards[index]["file"]
+        restart = 0 if index == 0 else shards[index - 1].get("contexts_done")
+        if restart is None:
+            raise ConfigError(f"harvest.cache_dir: {name} in {str(self.folder)!r} is damaged ({why}), and this "
+                              "cache predates the restart points a repair needs; delete the folder to harvest again")
+        kept = shards[:index]
+        self.manifest.update(shards=kept, complete=False, tokens=sum(s["tokens"] for s in kept), contexts_done=restart)
+        self._write_manifest()
+        for shard in shards[index:]:
+            (self.folder / shard["file"]).unlink(missing_ok=True)
+        log(f"harvest.cache_dir: {name} in {self.folder} is damaged ({why}); harvesting it and the "
+            f"{len(shards) - index - 1} shard(s) after it again (the cache keeps {index} shard(s))")
 
     @property
     def complete(self) -> bool:
@@ -149,14 +190,18 @@ class CacheWriter:
         tmp = self.folder / f".{name}.tmp"
         tensors = {hook: torch.cat(parts) for hook, parts in self._rows.items()}
         listed = self.manifest["tokens"]
+        if self.lock is None:
+            raise RuntimeError("CacheWriter: rows added after close()")
+        self.lock.check()  # the folder was not deleted or taken over since this run claimed it
         try:
-            save_file(tensors, str(tmp))
+            save_tensors(tensors, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            size, crc = tmp.stat().st_size, file_crc32(tmp)
             os.replace(tmp, self.folder / name)
             fsync_dir(self.folder)  # the shard's rename must be on disk before the manifest lists it
             self.manifest["shards"].append({"file": name, "tokens": self._n_rows,
-                                            "contexts_done": self._contexts_after})
+                                            "contexts_done": self._contexts_after, "bytes": size, "crc32": crc})
             self.manifest["tokens"] += self._n_rows
             self.manifest["contexts_done"] = self._contexts_after
             self._write_manifest()
@@ -171,9 +216,64 @@ class CacheWriter:
         self.flush()
         self.manifest["complete"] = True
         self._write_manifest()
+        self.close()
+
+    def close(self) -> None:
+        """Give up the claim on the folder (rows not yet in a shard are dropped)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _write_manifest(self) -> None:
         write_text_atomic(self.folder / MANIFEST, json.dumps(self.manifest, indent=1) + "\n")
+
+
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file (3 GB/s here: damage detection, not protection from tampering)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def first_damaged(folder: Path, shards: list[dict]) -> tuple[int, str] | None:
+    """(index, why) of the first listed shard that is missing or of another size than
+    written, or None. Cheap: sizes only (checksums are checked as shards are read)."""
+    for i, shard in enumerate(shards):
+        try:
+            size = (Path(folder) / shard["file"]).stat().st_size
+        except FileNotFoundError:
+            return i, "missing"
+        if "bytes" in shard and size != shard["bytes"]:
+            return i, f"{size:,} bytes where {shard['bytes']:,} were written"
+    return None
+
+
+def damaged_shard(folder: Path, file: str, why: str) -> ConfigError:
+    return ConfigError(f"harvest.cache_dir: {file} in {str(folder)!r} is damaged ({why}); delete that file and "
+                       "run again: a training run harvests it again")
+
+
+def read_shard(folder: Path, shard: dict) -> dict[str, torch.Tensor]:
+    """A listed shard's tensors, its checksum checked (where the manifest records one)."""
+    path = Path(folder) / shard["file"]
+
+    def damaged(why: str) -> ConfigError:
+        return damaged_shard(folder, shard["file"], why)
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise damaged("missing") from None
+    except OSError as e:
+        raise damaged(e.strerror) from None
+    if "crc32" in shard and zlib.crc32(data) != shard["crc32"]:
+        raise damaged("its checksum does not match the one recorded when it was written")
+    try:
+        return load_safetensors_bytes(data)
+    except SafetensorError as e:
+        raise damaged(str(e)) from None
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -224,6 +324,9 @@ class CacheReader:
         missing = [h for h in self.hooks if h not in cached]
         if missing:
             raise ConfigError(f"hooks: {missing[0]!r} is not in the cache at {str(folder)!r}; it has {', '.join(cached)}")
+        damaged = first_damaged(self.folder, self.manifest["shards"])
+        if damaged is not None:
+            raise damaged_shard(self.folder, self.manifest["shards"][damaged[0]]["file"], damaged[1])
         self.item_start: dict = {"contexts": None, "rows_before_contexts": None}
 
     def _restart_points(self) -> list[dict]:
@@ -250,6 +353,6 @@ class CacheReader:
                 row += n
                 if drop >= n:
                     continue
-                tensors = load_file(str(self.folder / shards[i]["file"]))
+                tensors = read_shard(self.folder, shards[i])
                 self.item_start = restart[i] if epoch == 1 else {"contexts": None, "rows_before_contexts": None}
                 yield {h: tensors[h][drop:] for h in self.hooks}

@@ -194,6 +194,11 @@ class ActivationStream:
                 self.item_start = item_start
                 yield {name: a[drop:] for name, a in acts.items()} if drop else acts
 
+    def close(self) -> None:
+        """Release the cache folder this stream writes, if any (a stopped or failed run)."""
+        if self.writer is not None:
+            self.writer.close()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         h, writer, rows = self.cfg.harvest, self.writer, self.start.rows
         if writer is None:  # no cache: one pass over the data
@@ -328,7 +333,7 @@ def fill_stopped_message(buffer: ShuffleBuffer, run_dir: Path, resumed_step: int
     if resumed_step is not None:
         run = (f"the checkpoint of step {resumed_step:,} is unchanged; continue with: "
                f"python train.py --resume {run_dir}")
-    elif run_dir.exists():  # a finished run of the same config, which a new start would replace
+    elif (run_dir / "config.yaml").exists():  # a finished run of the same config, which a new start would replace
         run = f"{run_dir} is not changed (a run writes its folder after the first batch)"
     else:
         run = "no run folder was created"

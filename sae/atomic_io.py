@@ -1,26 +1,92 @@
 """Atomic file writes: write beside the target, then rename, so no reader (or a resumed
-run) ever sees half a file."""
+run) ever sees half a file.
+
+Every temporary name is ``.<name>.tmp<random>``: a write that a crash or SIGKILL cut
+short leaves only such names, which ``remove_temporaries`` clears (by the folder's
+owner: a run holding its folder's lock). Files get the user's default mode (umask), like
+any other file they write, whatever the serializer would choose. Write failures arrive as
+``OSError`` whatever library raised them (``save_tensors`` translates safetensors' own).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sae.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+TMP = ".tmp"  # every temporary name is "." + target name + TMP + random letters
+
+
+def file_mode() -> int:
+    """The mode a new file gets from this process's umask (0o644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets from this process's umask (0o755 under the usual 022)."""
+    return 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    try:  # read, not set: setting it even briefly would race with other threads
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, with the usual file mode, and its I/O errors (a
+    ``SafetensorError`` wrapping e.g. "No space left on device") raised as ``OSError``."""
+    from safetensors import SafetensorError  # here: the run-folder checks import this module without torch
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        found = re.search(r"os error (\d+)|code: (\d+)", str(e))  # how the Rust side prints an errno
+        if found is None:
+            raise OSError(errno.EIO, f"cannot serialize tensors ({e})", str(path)) from None
+        code = int(found.group(1) or found.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from None
+    os.chmod(path, file_mode())
+
+
+def remove_temporaries(folder: Path, recursive: bool = False) -> int:
+    """Delete what interrupted atomic writes left in ``folder`` (and its sub-folders);
+    the number removed. Only for a folder this process owns: another writer's
+    temporaries are in use."""
+    found = 0
+    for entry in (Path(folder).rglob(f".*{TMP}*") if recursive else Path(folder).glob(f".*{TMP}*")):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        found += 1
+    return found
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` in one step; the parent folder is created if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP}")
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs
+        os.chmod(tmp, file_mode())  # mkstemp makes files private; these are ordinary outputs
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -86,13 +152,14 @@ def replace_folder_atomic(folder: Path, fill: Callable[[Path], None]) -> None:
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}{TMP}"))
     try:
         fill(tmp)
         for f in tmp.iterdir():
+            os.chmod(f, file_mode())
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        tmp.chmod(0o755)
+        tmp.chmod(folder_mode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -120,11 +187,11 @@ def replace_files_atomic(folder: Path, writers: dict[str, Callable[[Path], None]
     tmps: dict[str, Path] = {}
     try:
         for name, fill in writers.items():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}{TMP}")
             os.close(fd)
             tmps[name] = Path(tmp)
             fill(tmps[name])
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, file_mode())
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
     except BaseException:

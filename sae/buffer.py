@@ -167,6 +167,11 @@ class ShuffleBuffer:
             self._fill(bar.update)
             bar.refresh()  # the final count, whatever the refresh interval skipped
 
+    def close(self) -> None:
+        """Close the source if it holds something open (an activation cache being written)."""
+        if hasattr(self.source, "close"):
+            self.source.close()
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._started:
             raise RuntimeError("a ShuffleBuffer is iterated once; make a new one for another pass")

@@ -27,26 +27,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sae.activation_cache import first_difference
-from sae.atomic_io import existing_folder, replace_folder_atomic
-from sae.config import RunConfig, to_dict
+from sae.atomic_io import existing_folder, replace_folder_atomic, save_tensors
+from sae.config import RunConfig
 from sae.distributed import Dist
 from sae.errors import ConfigError
+from sae.run_folder import PARTS_DIR, STATE_DIR, clear_temporaries, resumable_config
 
-STATE_DIR = "state"
-PARTS_DIR = ".state-parts"   # where ranks leave their buffers for rank 0 to move into state/
 FORMAT = 1
-
-
-def resumable_config(cfg: RunConfig) -> dict:
-    """The settings a resumed run must share with the interrupted one: everything but the
-    output section (where the run lives, how often it logs and checkpoints)."""
-    values = to_dict(cfg)
-    values.pop("output")
-    values["distributed"].pop("timeout_s")
-    return values
 
 
 @dataclass
@@ -76,8 +66,8 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, di
         if dist.active:  # each rank's files go beside the state first; rank 0 moves them in
             parts.mkdir(parents=True, exist_ok=True)
             for name, t in mine.items():
-                save_file(t, str(parts / f".{name}"))
-                os.replace(parts / f".{name}", parts / name)
+                save_tensors(t, parts / f".{name}.tmp")
+                os.replace(parts / f".{name}.tmp", parts / name)
         buffer_metas = dist.gather_objects(buffer_state["meta"])   # also: every part is on disk now
         trainer_metas = dist.gather_objects(meta) if per_rank else [meta]
         if dist.is_main:
@@ -92,13 +82,13 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, di
 
             def fill(tmp: Path) -> None:
                 if not per_rank:
-                    save_file(tensors, str(tmp / "trainer.safetensors"))
+                    save_tensors(tensors, tmp / "trainer.safetensors")
                 if dist.active:
                     for r in range(dist.world):
                         for kind in ("buffer", "trainer") if per_rank else ("buffer",):
                             os.replace(parts / rank_file(kind, r, dist.world), tmp / rank_file(kind, r, dist.world))
                 else:
-                    save_file(buffer_tensors, str(tmp / rank_file("buffer", 0, 1)))
+                    save_tensors(buffer_tensors, tmp / rank_file("buffer", 0, 1))
                 (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
 
             replace_folder_atomic(run_dir / STATE_DIR, fill)
@@ -150,7 +140,8 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> 
 
 
 def remove_checkpoint(run_dir: Path) -> None:
-    """Drop the state of a finished run."""
-    for folder in (run_dir / STATE_DIR, run_dir / f".{STATE_DIR}.old", run_dir / PARTS_DIR):
+    """Drop the state of a finished run, and whatever interrupted writes left."""
+    for folder in (run_dir / STATE_DIR, run_dir / f".{STATE_DIR}.old"):
         shutil.rmtree(folder, ignore_errors=True)
+    clear_temporaries(run_dir)
 

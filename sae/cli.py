@@ -27,7 +27,8 @@ def _keys_epilog() -> str:
 
 
 def one_line_errors(fn: Callable) -> Callable:
-    """Print ConfigError as one line (exit 2) and Ctrl-C as 'interrupted' (exit 130)."""
+    """Print ConfigError as one line (exit 2), any other OSError as one line naming the file
+    (exit 1), and Ctrl-C as 'interrupted' (exit 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -36,6 +37,10 @@ def one_line_errors(fn: Callable) -> Callable:
         except ConfigError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:  # a disk or file system failure that no library call put in words
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -117,7 +122,7 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
     if resume_dir is not None and (config is not None or overrides):
         raise ConfigError("--resume: the run continues with its own config.yaml; drop CONFIG and --set")
     if resume_dir is not None:
-        from sae.run import resume_config
+        from sae.run_folder import resume_config
 
         cfg = resume_config(resume_dir)
     else:

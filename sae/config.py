@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -231,13 +232,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except (ValueError, OverflowError):
                 pass
     elif tp is float:
+        number = None
         try:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-                return float(value)
+                number = float(value)
+            elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+                number = float(value)
         except (ValueError, OverflowError):
             pass
+        if number is not None and not math.isfinite(number):  # inf passes every ">= 0" bound, then diverges
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        if number is not None:
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -337,8 +343,19 @@ def _check_sae_architecture(sae: SAEConfig, prefix: str) -> None:
                               f"{sae.architecture}; remove it or change the architecture")
 
 
+def _check_run_name(name: str | None) -> None:
+    """A plain folder name: an empty one (an unset shell variable) or a path would put the
+    run's files beside other runs, or somewhere else entirely."""
+    if name is None:
+        return
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"output.run_name: {name!r} is not a folder name; give a plain name (no '/'), "
+                          "set output.root for the parent folder, or null for a timestamp")
+
+
 def _check_relations(cfg: RunConfig) -> None:
     """Checks that involve more than one field."""
+    _check_run_name(cfg.output.run_name)
     _check_sae_architecture(cfg.sae, "sae.")
     sae_variants(cfg)
     if cfg.harvest.cache_epochs > 1 and cfg.harvest.cache_dir is None:

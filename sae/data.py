@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -57,8 +58,9 @@ def load_text_dataset(
     if subset is not None and local_or_builtin:
         raise ConfigError(f"data.subset: {subset!r} applies to hub datasets only; {dataset} has no subsets (use null)")
     source = split_source(dataset, split, subset) if hold_out else SplitSource(split, None, None)
+    local: tuple[Path, list[Path]] | None = None  # (what was named, the files read)
     if source.path is not None:
-        ds = _load_local(Path(source.path), "train", streaming)
+        ds, local = _load_local(Path(source.path), "train", streaming)
     elif dataset.startswith("builtin:"):
         if dataset not in BUILTIN_CORPORA:
             raise ConfigError(f"data.dataset: unknown built-in dataset {dataset!r}; "
@@ -72,12 +74,25 @@ def load_text_dataset(
         if streaming:
             ds = ds.to_iterable_dataset()
     elif Path(dataset).exists():
-        ds = _load_local(Path(dataset), source.split, streaming)
+        ds, local = _load_local(Path(dataset), source.split, streaming)
     elif looks_like_local_path(dataset):
         raise ConfigError(f"data.dataset: {dataset!r} does not exist (nor is it a hub id like org/name)")
     else:
         ds = _guarded(lambda: datasets.load_dataset(dataset, subset, split=source.split, streaming=streaming),
                       f"data.dataset: cannot load {dataset!r} (subset {subset!r}, split {source.split!r})")
+    _check_text_column(ds, dataset, text_column, require_text)
+    if source.part is not None:
+        keep = functools.partial(_in_part, column=text_column, part=source.part)
+        ds = (ds.filter(keep, batched=True) if isinstance(ds, datasets.IterableDataset)
+              else ds.filter(keep, batched=True, desc=f"{source.part} documents of {dataset}"))
+    key = "data.split" if source.path is not None else "data.dataset"
+    root, files = local or (None, [])
+    ds._sae_origin = DataOrigin(key, f"{dataset} (split {split!r}, column {text_column!r})", root, files)
+    return ds
+
+
+def _check_text_column(ds: datasets.Dataset | datasets.IterableDataset, dataset: str, text_column: str,
+                       require_text: bool) -> None:
     columns = ds.column_names
     if columns is not None and text_column not in columns:
         raise ConfigError(
@@ -86,11 +101,22 @@ def load_text_dataset(
     feature = (ds.features or {}).get(text_column)
     if require_text and feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise ConfigError(f"data.text_column: column {text_column!r} of {dataset} holds {feature.dtype}, not text")
-    if source.part is not None:
-        keep = functools.partial(_in_part, column=text_column, part=source.part)
-        ds = (ds.filter(keep, batched=True) if isinstance(ds, datasets.IterableDataset)
-              else ds.filter(keep, batched=True, desc=f"{source.part} documents of {dataset}"))
-    return ds
+
+
+@dataclass(frozen=True)
+class DataOrigin:
+    """Where a dataset from ``load_text_dataset`` came from, kept on it (``_sae_origin``) for
+    errors found only while reading it: a malformed line of a streamed file, no text."""
+    key: str                # the config key that named it
+    description: str        # "corpus.jsonl (split 'train', column 'text')"
+    root: Path | None       # local data: the file or folder named
+    files: list[Path]       # local data: the files read
+
+
+def _origin(dataset: datasets.Dataset | datasets.IterableDataset, text_column: str) -> DataOrigin:
+    """The dataset's ``DataOrigin``; one made up for a dataset built elsewhere (tests, callers)."""
+    found = getattr(dataset, "_sae_origin", None)
+    return found if found is not None else DataOrigin("data.dataset", f"the dataset (column {text_column!r})", None, [])
 
 
 @dataclass(frozen=True)
@@ -148,17 +174,25 @@ def _in_part(batch: dict, column: str, part: str) -> list[bool]:
     return [corpus.split_of(t if isinstance(t, str) else repr(t)) == part for t in batch[column]]
 
 
-def _guarded(load, what: str):
-    """Run a `datasets` loader; its many error types become one ConfigError line."""
+def _guarded(load, what: str, explain=lambda: None):
+    """Run a `datasets` loader; its many error types become one ConfigError line (``explain``
+    may say more precisely what is wrong than the error)."""
     try:
         return load()
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         # ConnectionError and FileNotFoundError are OSErrors; bad splits/configs raise ValueError.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{what}: {first}") from None
+        raise ConfigError(f"{what}: {explain() or _first_line(e)}") from None
 
 
-def _load_local(path: Path, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+def _first_line(e: BaseException) -> str:
+    if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ is not None:
+        e = e.__cause__  # "An error occurred while generating the dataset" says nothing; its cause does
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _load_local(path: Path, split: str, streaming: bool
+                ) -> tuple[datasets.Dataset | datasets.IterableDataset, tuple[Path, list[Path]]]:
+    """The files at ``path`` as one split, and (path, the files read)."""
     files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
     suffixes = {p.suffix for p in files}
     if not files or len(suffixes) != 1 or next(iter(suffixes)) not in LOCAL_FORMATS:
@@ -170,9 +204,59 @@ def _load_local(path: Path, split: str, streaming: bool) -> datasets.Dataset | d
         raise ConfigError(f"data.dataset: {str(path)!r} is empty")
     builder = LOCAL_FORMATS[files[0].suffix]
     # Local files carry no split of their own: everything is read as one (split_source holds out a part).
-    return _guarded(lambda: datasets.load_dataset(builder, data_files={split: [str(p) for p in files]}, split=split,
-                                                  streaming=streaming),
-                    f"data.dataset: cannot read {str(path)!r}")
+    ds = _guarded(lambda: datasets.load_dataset(builder, data_files={split: [str(p) for p in files]}, split=split,
+                                                streaming=streaming),
+                  f"data.dataset: cannot read {str(path)!r}", lambda: bad_json_line(path, files))
+    return ds, (path, files)
+
+
+def bad_json_line(root: Path, files: Sequence[Path]) -> str | None:
+    """Where the first malformed JSON in ``files`` (.jsonl, .json) is, in words ("line 18 is
+    not valid JSON (...)"), or None. Reads every file in Python: only for after a load failed."""
+    for file in files:
+        where = f" of {file.relative_to(root)}" if root.is_dir() else ""
+        if file.suffix == ".jsonl" or (file.suffix == ".json" and _is_json_lines(file)):
+            found = _bad_line(file)
+            if found is not None:
+                return f"line {found[0]}{where} {found[1]}"
+        elif file.suffix == ".json":
+            try:
+                json.loads(file.read_text(encoding="utf-8-sig"))
+            except json.JSONDecodeError as e:
+                return f"line {e.lineno}{where} is not valid JSON ({_json_problem(e)})"
+            except UnicodeDecodeError:
+                return f"{file.name} is not UTF-8 text"
+    return None
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    # json's messages end in " at" where it would add a position: "Unterminated string starting at".
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+
+
+def _is_json_lines(file: Path) -> bool:
+    """Whether a .json file is JSON lines (the `datasets` json reader takes both): its first
+    line is a whole JSON object of its own."""
+    with open(file, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
+
+
+def _bad_line(file: Path) -> tuple[int, str] | None:
+    with open(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+                if line and not isinstance(json.loads(line), dict):
+                    return number, "is not a JSON object"
+            except json.JSONDecodeError as e:
+                return number, f"is not valid JSON ({_json_problem(e)})"
+            except UnicodeDecodeError:
+                return number, "is not UTF-8 text"
+    return None
 
 
 def iter_packed(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int) -> Iterator[list[int]]:
@@ -215,16 +299,43 @@ def iter_token_documents(dataset: datasets.Dataset | datasets.IterableDataset, t
     """Token ids of each document (no special tokens), tokenized ``chunk_docs`` at a time.
 
     Batched calls let the fast (Rust) tokenizer use every core; streaming datasets work
-    the same way, since only ``chunk_docs`` texts are held at once.
+    the same way, since only ``chunk_docs`` texts are held at once. Raises ConfigError when
+    the data ends without any document holding text (all empty or whitespace).
     """
-    for chunk in dataset.iter(batch_size=chunk_docs):
+    documents, has_text = 0, False
+    for chunk in _read_chunks(dataset, text_column, chunk_docs):
         if text_column not in chunk:  # streaming datasets may not know their columns up front
             raise ConfigError(f"data.text_column: {text_column!r} is not a column; columns: {', '.join(chunk)}")
         texts = [t for t in chunk[text_column] if t]
         if any(not isinstance(t, str) for t in texts):
             raise ConfigError(f"data.text_column: column {text_column!r} holds non-text values")
+        documents += len(chunk[text_column])
+        has_text = has_text or any(t.strip() for t in texts)  # stops looking at the first document with text
         if texts:
             yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    if not has_text:
+        # Else whitespace packs into contexts of blank tokens, and the run ends much later
+        # asking for a larger data.token_budget.
+        origin = _origin(dataset, text_column)
+        what = f"its {documents:,} documents are all empty or whitespace" if documents else "it has no documents"
+        raise ConfigError(f"{origin.key}: {origin.description} holds no text ({what}), so no complete context of "
+                          "text can be packed from it; check data.dataset, data.split and data.text_column")
+
+
+def _read_chunks(dataset: datasets.Dataset | datasets.IterableDataset, text_column: str,
+                 chunk_docs: int) -> Iterator[dict]:
+    """``dataset.iter``; a malformed local file that is streamed (read only now, not when
+    loaded: ``_load_local``) stops in one line naming the file and line."""
+    try:
+        yield from dataset.iter(batch_size=chunk_docs)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        origin = _origin(dataset, text_column)
+        if origin.root is None:
+            raise  # hub data: connection errors mid-stream are not about the user's data
+        detail = bad_json_line(origin.root, origin.files) or _first_line(e)
+        raise ConfigError(f"{origin.key}: cannot read {str(origin.root)!r}: {detail}") from None
 
 
 # Tokens that end a document in pretraining data (GPT-2, Qwen2, SmolLM2; Llama 3).

@@ -35,12 +35,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.architectures import SparseAutoencoder
-from sae.atomic_io import fsync_dir
+from sae.atomic_io import fsync_dir, save_tensors
 from sae.errors import ConfigError
 from sae.harvest import check_context_length, special_token_ids
 from sae.hooks import ActivationCapture, resolve_hook
@@ -365,10 +364,11 @@ def save_feature_stats(stats: FeatureStats, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=meta)
+        save_tensors(tensors, tmp, metadata=meta)
         tmp.replace(path)
         fsync_dir(path.parent)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write feature statistics to {str(path)!r}: {e.strerror}; "
                           "choose another --cache-dir") from None
 

@@ -19,58 +19,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sae.activations import activation_batches, contexts_for, first_batch, make_harvester
 from sae.architectures import SparseAutoencoder
 from sae.architectures.base import CONFIG_FILE
-from sae.atomic_io import existing_folder, write_text_atomic
-from sae.checkpoint import STATE_DIR, load_checkpoint, remove_checkpoint, resumable_config, save_checkpoint
-from sae.config import RunConfig, config_from_dict, load_config, read_yaml, to_dict, to_yaml
+from sae.atomic_io import write_text_atomic
+from sae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from sae.config import RunConfig, config_from_dict, to_dict
 from sae.data import describe_split, load_text_dataset
 from sae.distributed import Dist
 from sae.formats import NATIVE, load_sae
 from sae.errors import ConfigError
 from sae.metrics import Metrics
+from sae.folder_lock import FolderLock
 from sae.models import load_model, model_summary
+from sae.run_folder import STATE_DIR, claim_run_folder, discard_failed_start, run_dir_for, save_run_config
 from sae.splice import splice_metrics
 from sae.trainer import TensorBoardLogger, Trainer, TrainingStopped, log_heldout_metrics, set_aside_old_events
-
-
-def run_dir_for(cfg: RunConfig) -> Path:
-    """The run folder of a new run; refused if it holds another run's config or a
-    checkpoint to resume. A null output.run_name becomes a timestamp, recorded in ``cfg``
-    (hence in config.yaml) so ``--resume`` finds the same folder.
-
-    Checked before any slow work, written (``save_run_config``) only once the first batch
-    of activations exists, so a failed start leaves nothing behind.
-    """
-    if cfg.output.run_name is None:
-        cfg.output.run_name = time.strftime("run-%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.output.root) / cfg.output.run_name
-    saved = run_dir / "config.yaml"
-    if saved.exists() and resumable_config(config_from_dict(read_yaml(saved))) != resumable_config(cfg):
-        raise ConfigError(f"output.run_name: {str(run_dir)!r} already holds another run's config; "
-                          "choose another output.run_name")
-    if existing_folder(run_dir / STATE_DIR) is not None:
-        raise ConfigError(f"output.run_name: {str(run_dir)!r} holds an unfinished run; continue it with "
-                          f"--resume {run_dir}, or choose another output.run_name")
-    return run_dir
-
-
-def resume_config(run_dir: Path) -> RunConfig:
-    """The config of the run in ``run_dir``, pointed at that folder wherever it now is."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"--resume: {str(run_dir)!r} is not a run folder (it has no config.yaml)")
-    cfg = config_from_dict(read_yaml(saved))
-    cfg.output.root, cfg.output.run_name = str(run_dir.parent), run_dir.name
-    if existing_folder(run_dir / STATE_DIR) is None and any(run_dir.rglob("metrics.json")):
-        raise ConfigError(f"--resume: the run in {str(run_dir)!r} has already finished; its SAEs are in "
-                          f"{run_dir}/<hook>/")
-    return cfg
-
-
-def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
-    try:
-        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    except OSError as e:
-        raise ConfigError(f"output.root: cannot write to {str(run_dir)!r}: {e.strerror}") from None
 
 
 def eval_config(cfg: RunConfig) -> RunConfig:
@@ -234,16 +195,50 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     dist = dist or Dist()
     if not dist.is_main:
         log = _silent
-    local_cfg = cfg
     if dist.active:
         if cfg.train.batch_tokens % dist.world:
             raise ConfigError(f"train.batch_tokens: {cfg.train.batch_tokens} does not divide over {dist.world} "
                               f"processes; use a multiple of {dist.world}")
         # A run name made of the time must be the same on every rank: rank 0's.
         cfg.output.run_name = dist.gather_objects(cfg.output.run_name)[0]
+    run_dir = Path(cfg.output.root) / cfg.output.run_name if resume else run_dir_for(cfg)
+    lock = _claim(cfg, resume, dist)
+    try:
+        with contextlib.ExitStack() as resources:  # closed before the folder is released
+            return _train_claimed(cfg, run_dir, lock, resources, log, resume, dist)
+    except Exception as e:
+        if lock is not None and not resume and not isinstance(e, TrainingStopped) and discard_failed_start(run_dir):
+            log(f"nothing of this run was kept: no checkpoint or SAE had been written, so {run_dir} is removed")
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(cfg: RunConfig, resume: bool, dist: Dist) -> FolderLock | None:
+    """Rank 0 claims the run folder (``claim_run_folder``); every rank learns whether it could."""
+    lock, refusal = None, None
+    if dist.is_main:
+        try:
+            lock = claim_run_folder(cfg, resume)
+        except ConfigError as e:
+            if not dist.active:
+                raise
+            refusal = str(e)
+    refusal = dist.gather_objects(refusal)[0]
+    if refusal is not None:
+        raise ConfigError(refusal)
+    return lock
+
+
+def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resources: contextlib.ExitStack,
+                   log: Callable[[str], None], resume: bool, dist: Dist) -> Path:
+    """``train_run`` once the run folder is this run's (``lock``: rank 0's claim); what
+    holds files open (the activation cache's writer) is closed through ``resources``."""
+    local_cfg = cfg
+    if dist.active:
         local_cfg = replace(cfg, model=replace(cfg.model, device=dist.device_setting(cfg.model.device)),
                             train=replace(cfg.train, batch_tokens=cfg.train.batch_tokens // dist.world))
-    run_dir = Path(cfg.output.root) / cfg.output.run_name if resume else run_dir_for(cfg)
     checkpoint = load_checkpoint(run_dir, cfg, dist) if resume else None
     d, h = cfg.data, cfg.harvest
     model, tokenizer = load_model(local_cfg.model)
@@ -256,6 +251,7 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
     # checks hooks, data and cache before any work
     buffer = activation_batches(local_cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None,
                                 shard=dist.shard, progress=dist.is_main)
+    resources.callback(buffer.close)
     batches = iter(buffer)
     log(f"data: {describe_split(d.dataset, d.split, d.subset)}, column {d.text_column!r}, {d.token_budget:,} tokens "
         f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}"
@@ -284,6 +280,8 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
               if cfg.output.tensorboard and dist.is_main else None)
 
     def on_checkpoint(trainer: Trainer) -> None:
+        if lock is not None:
+            lock.check()  # the folder is still this run's: not deleted, not taken over
         save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), dist,
                         per_rank=trainer.sharded or trainer.by_hook)
         if dist.is_main or trainer.sharded or trainer.by_hook:

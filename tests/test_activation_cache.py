@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sae import activation_cache
@@ -90,13 +92,14 @@ def test_full_disk_is_one_line_and_keeps_the_cache_resumable(tmp_path, monkeypat
     w = CacheWriter(tmp_path, IDENTITY, shard_tokens=7)
     w.add(next(batches()), contexts_done=1)
 
-    def no_space(tensors, filename):
+    def no_space(tensors, filename, metadata=None):  # as safetensors reports a full disk
         open(filename, "wb").write(b"partial")
-        raise OSError(28, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(activation_cache, "save_file", no_space)
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
     with pytest.raises(ConfigError, match=r"cannot write shard-00001.safetensors .*No space left on device.*keeps its 7 tokens"):
         w.add(next(batches()), contexts_done=2)
+    w.close()  # as the run's end does: the lock file goes too
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "shard-00000.safetensors"]
     assert CacheWriter(tmp_path, IDENTITY).contexts_done == 1
 

@@ -124,7 +124,8 @@ def small_run(root, name="r", mode="data"):
 
 
 def _run_worker(rank, world, root, name, stop_at, resume, mode="data"):
-    from sae.run import resume_config, train_run
+    from sae.run import train_run
+    from sae.run_folder import resume_config
     from sae.trainer import TrainingStopped
     from test_resume import signalling_step
 
@@ -145,7 +146,8 @@ def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path, mode):
     from safetensors.torch import load_file
 
     from sae.errors import ConfigError
-    from sae.run import resume_config, train_run
+    from sae.run import train_run
+    from sae.run_folder import resume_config
 
     spawn(_run_worker, 2, str(tmp_path), "whole", None, False, mode)
     spawn(_run_worker, 2, str(tmp_path), "parts", 10, False, mode)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from sae.config import load_config
 from sae.errors import ConfigError
-from sae.run import resume_config, run_dir_for, train_run
+from sae.run import train_run
+from sae.run_folder import resume_config, run_dir_for
 from sae.trainer import Trainer, TrainingStopped
 
 
@@ -71,6 +72,9 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch, c
 def test_resume_refusals_are_one_line(tmp_path, monkeypatch):
     cfg = small_run(tmp_path)
     run_dir = run_dir_for(cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resume_config(run_dir)
+    run_dir.mkdir()
     with pytest.raises(ConfigError, match="is not a run folder"):
         resume_config(run_dir)
     interrupt_at(monkeypatch, 3)

@@ -53,12 +53,17 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 3, width: int = 64
 
 
 def make_tiny_model(family: str, path: Path, n_layers: int = 3, width: int = 64, seed: int = 0) -> Path:
-    """Write a randomly initialised model of ``family`` and the demo tokenizer to ``path``."""
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    """Write a randomly initialised model of ``family`` and the demo tokenizer to ``path``.
+
+    The embedding rows match the tokenizer as it loads from ``path``: a family's own
+    tokenizer class (picked by its model type) may add special tokens, e.g. Qwen2's
+    ``<|endoftext|>``, and ids past the embeddings are refused at load."""
+    config = tiny_config(family, 1, n_layers, width)
+    config.save_pretrained(path)
+    AutoTokenizer.from_pretrained(DEMO_MODEL_DIR).save_pretrained(path)
+    config.vocab_size = len(AutoTokenizer.from_pretrained(path))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), n_layers, width))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return Path(path)
 
 

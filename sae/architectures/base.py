@@ -16,10 +16,10 @@ from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from sae.atomic_io import replace_files_atomic
+from sae.atomic_io import replace_files_atomic, save_tensors
 from sae.errors import ConfigError
 
 CONFIG_FILE = "cfg.json"
@@ -189,13 +189,13 @@ def write_sae_folder(folder: Path, json_files: dict[str, dict], tensor_files: di
     writers: dict[str, Callable[[Path], None]] = {}
     for name, tensors in tensor_files.items():
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        writers[name] = lambda tmp, cpu=cpu: save_file(cpu, str(tmp))
+        writers[name] = lambda tmp, cpu=cpu: save_tensors(cpu, tmp)
     for name, doc in json_files.items():
         writers[name] = lambda tmp, doc=doc: tmp.write_text(json.dumps(doc, indent=1) + "\n")
     try:
         replace_files_atomic(folder, writers, remove=SAE_FILES)
-    except (OSError, SafetensorError) as e:
-        raise ConfigError(f"cannot write the SAE folder {str(folder)!r}: {getattr(e, 'strerror', None) or e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot write the SAE folder {str(folder)!r}: {e.strerror}") from None
 
 
 def read_json(path: Path) -> dict:
