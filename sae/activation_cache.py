@@ -126,8 +126,12 @@ class CacheWriter:
             damaged = first_damaged(self.folder, self.manifest["shards"])
             if not self.manifest["complete"] or damaged is not None:
                 self._claim()
-                if damaged is not None:
-                    self._drop_from(*damaged, log)
+                try:
+                    if damaged is not None:
+                        self._drop_from(*damaged, log)
+                except BaseException:
+                    self.close()
+                    raise
         else:
             self._claim()
             self.manifest = {"format": FORMAT, "identity": identity, "complete": False, "tokens": 0,

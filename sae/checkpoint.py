@@ -34,7 +34,7 @@ from sae.atomic_io import existing_folder, replace_folder_atomic, save_tensors
 from sae.config import RunConfig
 from sae.distributed import Dist
 from sae.errors import ConfigError
-from sae.run_folder import PARTS_DIR, STATE_DIR, clear_temporaries, resumable_config
+from sae.run_folder import PARTS_DIR, STATE_DIR, clear_temporaries, no_checkpoint, resumable_config
 
 FORMAT = 1
 
@@ -109,8 +109,7 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> 
     dist = dist or Dist()
     folder = existing_folder(run_dir / STATE_DIR)
     if folder is None:
-        raise ConfigError(f"--resume: {str(run_dir)!r} holds no checkpoint (a run writes one every "
-                          "output.checkpoint_every_steps steps and when stopped with Ctrl-C or SIGTERM)")
+        raise no_checkpoint(run_dir)
     try:
         doc = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError) as e:

@@ -73,10 +73,17 @@ def resume_config(run_dir: Path) -> RunConfig:
         raise ConfigError(f"--resume: the run in {str(run_dir)!r} is still running ({describe_holder(holder)})")
     cfg = config_from_dict(read_yaml(saved))
     cfg.output.root, cfg.output.run_name = str(run_dir.parent), run_dir.name
-    if existing_folder(run_dir / STATE_DIR) is None and any(run_dir.rglob("metrics.json")):
-        raise ConfigError(f"--resume: the run in {str(run_dir)!r} has already finished; its SAEs are in "
-                          f"{run_dir}/<hook>/")
+    if existing_folder(run_dir / STATE_DIR) is None:
+        if any(run_dir.rglob("metrics.json")):
+            raise ConfigError(f"--resume: the run in {str(run_dir)!r} has already finished; its SAEs are in "
+                              f"{run_dir}/<hook>/")
+        raise no_checkpoint(run_dir)
     return cfg
+
+
+def no_checkpoint(run_dir: Path) -> ConfigError:
+    return ConfigError(f"--resume: {str(run_dir)!r} holds no checkpoint (a run writes one every "
+                       "output.checkpoint_every_steps steps and when stopped with Ctrl-C or SIGTERM)")
 
 
 def claim_run_folder(cfg: RunConfig, resume: bool) -> FolderLock:

@@ -351,7 +351,7 @@ class Trainer:
         if mine != theirs or meta["total_steps"] != self.total_steps:
             raise ConfigError(f"resume: the checkpoint holds SAEs {theirs} over {meta['total_steps']} steps "
                               f"(hook: (d_in, latents)), this config makes {mine} over {self.total_steps}")
-        self._check_state_shapes(tensors)
+        self._check_state_shapes(tensors, stepped=meta["step"] > 0)
         for hook, sae in self.saes.items():
             sae.load_state_dict({name: tensors[f"{hook}/sae/{name}"] for name in sae.state_dict()})
             opt = self.optimizers[hook]
@@ -368,25 +368,26 @@ class Trainer:
         self.checked_step, self.window_tokens = meta["checked_step"], dict(meta["window_tokens"])
         self.last_checkpoint_step = self.step_count
 
-    def _check_state_shapes(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _check_state_shapes(self, tensors: dict[str, torch.Tensor], stepped: bool) -> None:
         """Every tensor a state must hold is there with this trainer's shape: a checkpoint
-        whose JSON half agrees but whose tensors do not is damaged or another run's."""
-        expected = {"torch_rng": torch.get_rng_state().shape}
+        whose JSON half agrees but whose tensors do not is damaged or another run's.
+        stepped: the state is of a trainer that has stepped (its Adam state exists)."""
+        expected: dict[str, torch.Size | None] = {"torch_rng": torch.get_rng_state().shape}
         for hook, sae in self.saes.items():
             params = list(sae.parameters())  # Adam numbers its state by this order
             expected |= {f"{hook}/sae/{name}": t.shape for name, t in sae.state_dict().items()}
             expected |= {f"{hook}/{name}": getattr(self, name)[hook].shape
                          for name in ("since_fired", "window_fires", "input_scale")}
-            for key in tensors:
-                if key.startswith(f"{hook}/adam/"):
-                    i, _, slot = key.removeprefix(f"{hook}/adam/").partition("/")
-                    param = params[int(i)] if i.isdigit() and int(i) < len(params) else None
-                    expected[key] = None if param is None else torch.Size([]) if slot == "step" else param.shape
+            saved = [key for key in tensors if key.startswith(f"{hook}/adam/")]
+            slots = {key.rsplit("/", 1)[1] for key in saved} or ({"step", "exp_avg", "exp_avg_sq"} if stepped else set())
+            for i, p in enumerate(params):
+                expected |= {f"{hook}/adam/{i}/{slot}": torch.Size([]) if slot == "step" else p.shape for slot in slots}
+            expected |= {key: None for key in saved if key not in expected}  # a parameter this SAE lacks
         for key, shape in expected.items():
             got = tuple(tensors[key].shape) if key in tensors else None
             if shape is None or got != tuple(shape):
                 raise ConfigError(f"resume: the checkpoint's {key} has shape {got}, this run needs "
-                                  f"{shape and tuple(shape)}; the checkpoint is damaged or belongs to another run")
+                                  f"{None if shape is None else tuple(shape)}; the checkpoint is damaged or belongs to another run")
 
     def fit(self, batches, progress: bool = True, log_every: int = 50,
             on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None = None,

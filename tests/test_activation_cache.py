@@ -227,3 +227,67 @@ def test_tokenizer_fingerprint_ignores_per_call_padding_state(tiny_llama):
     before = activation_cache.tokenizer_fingerprint(tok)
     tok(["hello world"], truncation=True, max_length=5, padding="max_length")
     assert activation_cache.tokenizer_fingerprint(tok) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_shard_is_harvested_again_from_where_it_starts(tmp_path, damage):
+    full, hurt = tmp_path / "full", tmp_path / "hurt"
+    write(full, batches())
+    write(hurt, batches())
+    shard = hurt / "shard-00001.safetensors"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-9])
+    else:
+        shard.unlink()
+    with pytest.raises(ConfigError, match=rf"shard-00001.safetensors in .* is damaged \(.*\); delete that file"):
+        CacheReader(hurt)  # a reader alone says which shard, before reading any
+    said = []
+    w = CacheWriter(hurt, IDENTITY, 20, log=said.append)
+    assert len(said) == 1 and "shard-00001.safetensors" in said[0] and "keeps 1 shard" in said[0]
+    assert not w.complete and w.contexts_done == 3  # shard 0 held batches 0-2
+    for i, acts in enumerate(list(batches())[w.contexts_done:], start=w.contexts_done):
+        w.add(acts, contexts_done=i + 1)
+    w.finish()
+    assert json.loads((hurt / MANIFEST).read_text()) == json.loads((full / MANIFEST).read_text())
+    assert torch.equal(rows_of(CacheReader(hurt)), rows_of(CacheReader(full)))
+
+
+def test_a_shard_that_fails_its_checksum_is_named_when_read(tmp_path):
+    write(tmp_path, batches())
+    shard = tmp_path / "shard-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # same size, still parses: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    reader = iter(CacheReader(tmp_path))
+    next(reader), next(reader)  # shards 0 and 1 are fine
+    with pytest.raises(ConfigError, match="shard-00002.safetensors in .* is damaged .*checksum"):
+        next(reader)
+
+
+def test_a_cache_without_restart_points_is_not_repaired_but_refused(tmp_path):
+    write(tmp_path, batches())
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    for s in m["shards"]:
+        del s["contexts_done"]  # as caches written before restart points were recorded
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    (tmp_path / "shard-00001.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"shard-00001.safetensors .*\(missing\).*predates the restart points.*delete"):
+        CacheWriter(tmp_path, IDENTITY)
+    assert not (tmp_path / ".lock").exists()  # refused: the folder is not kept claimed
+
+
+def test_a_second_writer_process_is_refused_while_the_first_holds_the_cache(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from sae.folder_lock import FolderLock; FolderLock(sys.argv[1], 'x'); "
+        "print('held', flush=True); time.sleep(120)"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match=rf"harvest.cache_dir: .* is in use by process {holder.pid} on "):
+            CacheWriter(tmp_path, IDENTITY)
+    finally:
+        holder.kill()
+        holder.wait()
+    CacheWriter(tmp_path, IDENTITY).close()  # a dead holder's lock is stale

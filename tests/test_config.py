@@ -70,6 +70,14 @@ def test_round_trip_through_yaml_is_lossless(tmp_path):
     ("data.token_budget=1000", ["data.token_budget", "less than one batch"]),
     ("harvest.buffer_tokens=100", ["harvest.buffer_tokens", "100", "train.batch_tokens = 4096"]),
     ("harvest.buffer_device=gpu", ["harvest.buffer_device", "'gpu'", "cpu, model"]),
+    # Values that pass every bound and fail late: inf >= 0, NaN compares false to everything.
+    ("train.lr=inf", ["train.lr", "'inf'", "not a finite number"]),
+    ("train.lr=.inf", ["train.lr", "inf", "not a finite number"]),
+    ("sae.l1_coefficient=.nan", ["sae.l1_coefficient", "nan", "not a finite number"]),
+    # An unset shell variable, or a path: the run would land beside other runs or elsewhere.
+    ("output.run_name=", ["output.run_name", "''", "not a folder name"]),
+    ("output.run_name=a/b", ["output.run_name", "'a/b'", "plain name"]),
+    ("output.run_name=..", ["output.run_name", "'..'", "not a folder name"]),
 ])
 def test_bad_values_give_one_line_naming_key_value_and_valid_range(override, must_contain):
     with pytest.raises(ConfigError) as err:

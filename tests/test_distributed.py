@@ -77,13 +77,22 @@ def train(arch: str, rank: int = 0, world: int = 1, mode: str = "data", hook: st
             "input_scale": trainer.input_scale[hook].clone(), "tokens": torch.tensor(trainer.tokens_seen)}
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as in the spawned processes (same rounding), given back after:
+    later tests compare against fresh processes, which use the default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _data_parallel_worker(rank, world, arch, out, mode="data", hook="h"):
     torch.save(train(arch, rank, world, mode, hook), f"{out}.{rank}")
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
-def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(tmp_path, arch):
-    torch.set_num_threads(1)
+def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(tmp_path, arch, one_thread):
     one = train(arch)
     spawn(_data_parallel_worker, 2, arch, str(tmp_path / "w"))
     for rank in range(2):
@@ -220,8 +229,7 @@ def test_latent_sharded_topk_gives_the_unsharded_loss_and_gradients(tmp_path, k,
     assert grads["W_enc"][sharded_problem()["dead"]].abs().sum() > 0   # AuxK reached the dead latents
 
 
-def test_two_process_latent_sharded_training_equals_one_process(tmp_path):
-    torch.set_num_threads(1)
+def test_two_process_latent_sharded_training_equals_one_process(tmp_path, one_thread):
     one = train("topk")
     spawn(_data_parallel_worker, 2, "topk", str(tmp_path / "w"), "latents")
     for rank in range(2):
@@ -231,8 +239,7 @@ def test_two_process_latent_sharded_training_equals_one_process(tmp_path):
     assert one["since_fired"].max() > 0
 
 
-def test_hook_points_split_over_two_processes_train_as_one_process(tmp_path):
-    torch.set_num_threads(1)
+def test_hook_points_split_over_two_processes_train_as_one_process(tmp_path, one_thread):
     for rank, hook in enumerate(["h", "g"]):   # rank 0 trains h's SAE, rank 1 g's
         one = train("topk", hook=hook)
         spawn(_data_parallel_worker, 2, "topk", str(tmp_path / hook), "hooks", hook)

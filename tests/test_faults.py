@@ -48,36 +48,40 @@ def weights(root):
     return load_file(str(Path(root) / "r" / "layers.1" / "sae_weights.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The SAE weights of the kill driver's run, uninterrupted, trained in this process."""
-    root = tmp_path_factory.mktemp("reference")
-    assert train(*run_args(root)).exit_code == 0
-    return weights(root)
+def drive(root, kill_at):
+    """One process of the kill driver's run in ``root``; its CompletedProcess."""
+    return subprocess.run([sys.executable, str(HERE / "kill_driver.py"), str(root), str(kill_at)],
+                          capture_output=True, text=True, timeout=300)
 
 
-def test_sigkill_inside_checkpoint_writes_then_resume_ends_bit_identical(tmp_path, reference):
+def test_sigkill_inside_checkpoint_writes_then_resume_ends_bit_identical(tmp_path):
+    # The reference is a fresh process too: this one's thread count and settings, which
+    # other tests may have changed, could round differently.
+    assert drive(tmp_path / "reference", 0).returncode == 0
+    reference = weights(tmp_path / "reference")
     # Kill points, counted in file-system steps of checkpoint writes (about 19 per step):
     # inside the 2nd checkpoint's tensors, between the 1st's two renames of the resumed
     # run (the old state is then only under .state.old), and inside a 3rd checkpoint.
     left_over = []
     for kill_at in (21, 8, 45):
-        proc = subprocess.run([sys.executable, str(HERE / "kill_driver.py"), str(tmp_path), str(kill_at)],
-                              capture_output=True, text=True, timeout=300)
+        proc = drive(tmp_path / "killed", kill_at)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-        left_over += temporaries(tmp_path / "r")
-        assert load_checkpoint(tmp_path / "r", load_config(None, [*RUN, f"output.root={tmp_path}"])).step >= 1
+        left_over += temporaries(tmp_path / "killed" / "r")
+        cfg = load_config(None, [*RUN, f"output.root={tmp_path / 'killed'}"])
+        assert load_checkpoint(tmp_path / "killed" / "r", cfg).step >= 1
     assert left_over, "no kill landed inside a write: the kill points no longer hit the checkpoint"
-    proc = subprocess.run([sys.executable, str(HERE / "kill_driver.py"), str(tmp_path), "0"],
-                          capture_output=True, text=True, timeout=300)
+    proc = drive(tmp_path / "killed", 0)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert temporaries(tmp_path) == [] and not (tmp_path / "r" / "state").exists()
-    assert not (tmp_path / "r" / ".lock").exists()
-    final = weights(tmp_path)
+    run_dir = tmp_path / "killed" / "r"
+    assert temporaries(run_dir) == [] and not (run_dir / "state").exists() and not (run_dir / ".lock").exists()
+    final = weights(tmp_path / "killed")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 
-def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_path, monkeypatch, reference):
+def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_path, monkeypatch):
+    assert train(*run_args(tmp_path / "reference")).exit_code == 0
+    reference = weights(tmp_path / "reference")
+    root = tmp_path / "full"
     calls = {"n": 0}
     real_save = safetensors.torch.save_file
 
@@ -89,15 +93,15 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", fills_up)
-    result = train(*run_args(tmp_path))
+    result = train(*run_args(root))
     assert result.exit_code == 2
     line = one_error_line(result)
     assert "cannot write the checkpoint in" in line and "No space left on device" in line
-    assert temporaries(tmp_path) == []
+    assert temporaries(root) == []
     monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "r", load_config(None, [*RUN, f"output.root={tmp_path}"])).step == 1
-    assert train("--resume", tmp_path / "r").exit_code == 0
-    final = weights(tmp_path)
+    assert load_checkpoint(root / "r", load_config(None, [*RUN, f"output.root={root}"])).step == 1
+    assert train("--resume", root / "r").exit_code == 0
+    final = weights(root)
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
 

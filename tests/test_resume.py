@@ -2,6 +2,7 @@
 uninterrupted one; bad resume folders get one line."""
 
 import json
+import re
 import os
 import signal
 
@@ -112,3 +113,18 @@ def test_checkpoint_width_mismatch_is_refused():
     state = Trainer(cfg, {"layers.1": 16}, total_steps=10).state_dict()
     with pytest.raises(ConfigError, match=r"checkpoint holds SAEs \{'layers.1': \(16, 64\)\}"):
         Trainer(cfg, {"layers.1": 32}, total_steps=10).load_state_dict(*state)
+
+
+@pytest.mark.parametrize("key, shape", [("layers.1/sae/W_enc", (64, 32)), ("layers.1/adam/2/exp_avg", (64,)),
+                                        ("layers.1/since_fired", (65,)), ("torch_rng", (7,))])
+def test_checkpoint_tensors_of_another_shape_are_refused_though_its_json_agrees(key, shape):
+    cfg = load_config(None, ["sae.num_latents=64", "sae.k=4", "train.batch_tokens=32"])
+    trainer = Trainer(cfg, {"layers.1": 16}, total_steps=10)
+    trainer.step({"layers.1": torch.randn(32, 16)})  # Adam state exists after a step
+    tensors, meta = trainer.state_dict()
+    tensors[key] = torch.zeros(shape, dtype=tensors[key].dtype)
+    with pytest.raises(ConfigError, match=rf"checkpoint's {key} has shape {re.escape(str(shape))}, this run needs"):
+        Trainer(cfg, {"layers.1": 16}, total_steps=10).load_state_dict(tensors, meta)
+    del tensors[key]
+    with pytest.raises(ConfigError, match=rf"checkpoint's {key} has shape None"):
+        Trainer(cfg, {"layers.1": 16}, total_steps=10).load_state_dict(tensors, meta)
