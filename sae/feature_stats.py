@@ -26,6 +26,7 @@ whether a cached file is still valid.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -368,7 +369,8 @@ def save_feature_stats(stats: FeatureStats, path: Path) -> None:
         tmp.replace(path)
         fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the parent is a file: there is no tmp either
+            tmp.unlink()
         raise ConfigError(f"cannot write feature statistics to {str(path)!r}: {e.strerror}; "
                           "choose another --cache-dir") from None
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sae.activations import activation_batches, contexts_for, first_batch, make_harvester
 from sae.architectures import SparseAutoencoder
 from sae.architectures.base import CONFIG_FILE
+from sae.buffer import ShuffleBuffer
 from sae.atomic_io import write_text_atomic
 from sae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from sae.config import RunConfig, config_from_dict, to_dict
@@ -235,19 +236,12 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
                    log: Callable[[str], None], resume: bool, dist: Dist) -> Path:
     """``train_run`` once the run folder is this run's (``lock``: rank 0's claim); what
     holds files open (the activation cache's writer) is closed through ``resources``."""
-    local_cfg = cfg
-    if dist.active:
-        local_cfg = replace(cfg, model=replace(cfg.model, device=dist.device_setting(cfg.model.device)),
-                            train=replace(cfg.train, batch_tokens=cfg.train.batch_tokens // dist.world))
+    local_cfg = process_config(cfg, dist)
     checkpoint = load_checkpoint(run_dir, cfg, dist) if resume else None
     d, h = cfg.data, cfg.harvest
     model, tokenizer = load_model(local_cfg.model)
     log(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
-    if d.eval_split is not None:  # a missing held-out split should stop the run now, not after training
-        try:
-            load_text_dataset(d.dataset, d.eval_split, d.text_column, d.subset, d.streaming)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("data.split:", "data.eval_split:", 1)) from None
+    check_eval_split(cfg)
     # checks hooks, data and cache before any work
     buffer = activation_batches(local_cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None,
                                 shard=dist.shard, progress=dist.is_main)
@@ -267,11 +261,7 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
     trainer = Trainer(cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps,
                       next(model.parameters()).device, dist)
     if checkpoint is None and dist.is_main:  # data and SAE settings both work: only now is this a run worth a folder
-        save_run_config(cfg, run_dir)
-        log(f"run folder: {run_dir} (resolved config in config.yaml)")
-        if cfg.output.tensorboard and (moved := set_aside_old_events(run_dir / "tensorboard")):
-            log(f"this folder held a finished run of the same config: its SAEs are replaced (files beside them "
-                f"are kept), its TensorBoard curves moved to {moved}")
+        start_run_folder(cfg, run_dir, log)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
@@ -279,19 +269,13 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
     logger = (TensorBoardLogger(run_dir / "tensorboard", resumed=trainer if checkpoint else None)
               if cfg.output.tensorboard and dist.is_main else None)
 
-    def on_checkpoint(trainer: Trainer) -> None:
-        if lock is not None:
-            lock.check()  # the folder is still this run's: not deleted, not taken over
-        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), dist,
-                        per_rank=trainer.sharded or trainer.by_hook)
-        if dist.is_main or trainer.sharded or trainer.by_hook:
-            save_saes(trainer, cfg, run_dir)
-
     try:
         with stop_signals(log) as stop_requested:
-            trainer.fit(in_step(itertools.chain([first], batches), dist), progress=dist.is_main, log_every=cfg.output.log_every_steps,
-                        on_log=logger, checkpoint_every=cfg.output.checkpoint_every_steps,
-                        on_checkpoint=on_checkpoint, stop_requested=lambda: dist.agree(stop_requested()))
+            trainer.fit(in_step(itertools.chain([first], batches), dist), progress=dist.is_main,
+                        log_every=cfg.output.log_every_steps, on_log=logger,
+                        checkpoint_every=cfg.output.checkpoint_every_steps,
+                        on_checkpoint=checkpointer(cfg, run_dir, buffer, lock),
+                        stop_requested=lambda: dist.agree(stop_requested()))
     except TrainingStopped as e:
         log(f"checkpoint after step {e.step:,} written to {run_dir}/{STATE_DIR}; continue with: "
             f"python train.py --resume {run_dir}")
@@ -299,12 +283,20 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
     finally:
         if logger is not None:
             logger.close()
-    seconds = time.perf_counter() - start
-    tokens = (trainer.step_count - step0) * cfg.train.batch_tokens
-    log(f"harvested and trained {trainer.step_count - step0} steps on {tokens:,} tokens per hook "
-        f"point in {seconds:.0f} s ({tokens / seconds:,.0f} tokens/s)")
+    steps, seconds = trainer.step_count - step0, time.perf_counter() - start
+    log(f"harvested and trained {steps} steps on {steps * cfg.train.batch_tokens:,} tokens per hook "
+        f"point in {seconds:.0f} s ({steps * cfg.train.batch_tokens / seconds:,.0f} tokens/s)")
     if not (dist.is_main or trainer.sharded or trainer.by_hook):  # rank 0 saves and evaluates
         return run_dir
+    finish_run(cfg, run_dir, trainer, model, tokenizer, log)
+    return run_dir
+
+
+def finish_run(cfg: RunConfig, run_dir: Path, trainer: Trainer, model: PreTrainedModel,
+               tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None]) -> None:
+    """After the last step: save the SAEs, measure them on held-out text (rank 0), write
+    metrics.json beside each, and drop the checkpoint."""
+    dist = trainer.dist
     saes = save_saes(trainer, cfg, run_dir)
     if trainer.by_hook:  # rank 0 evaluates every SAE: the others' from their folders
         dist.barrier()
@@ -313,11 +305,11 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
             saes = {name: saes[name] if name in saes else load_sae(run_dir / name, device=device)
                     for name in trainer.all_saes}
     if not dist.is_main:  # evaluation runs no collective: the others are done
-        return run_dir
-    if d.eval_split is None:
+        return
+    if cfg.data.eval_split is None:
         remove_checkpoint(run_dir)
         log(f"saved to {run_dir}; no evaluation (data.eval_split is null)")
-        return run_dir
+        return
     results = evaluate_run(cfg, model, tokenizer, saes, trainer.all_saes)
     print_metrics(results, cfg, log)
     if cfg.output.tensorboard:
@@ -327,7 +319,48 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
     remove_checkpoint(run_dir)
     where = "<hook>/<variant>" if cfg.sweep else "<hook>"
     log(f"saved to {run_dir}/{where}/ (cfg.json, sae_weights.safetensors, metrics.json)")
-    return run_dir
+
+
+def checkpointer(cfg: RunConfig, run_dir: Path, buffer: ShuffleBuffer, lock: FolderLock | None) -> Callable[[Trainer], None]:
+    """What the trainer calls to checkpoint: the state (``sae.checkpoint``) and the SAEs beside it."""
+
+    def on_checkpoint(trainer: Trainer) -> None:
+        if lock is not None:
+            lock.check()  # the folder is still this run's: not deleted, not taken over
+        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), trainer.dist,
+                        per_rank=trainer.sharded or trainer.by_hook)
+        if trainer.dist.is_main or trainer.sharded or trainer.by_hook:
+            save_saes(trainer, cfg, run_dir)
+
+    return on_checkpoint
+
+
+def process_config(cfg: RunConfig, dist: Dist) -> RunConfig:
+    """This process's view of the run: its own device, and its share of each batch."""
+    if not dist.active:
+        return cfg
+    return replace(cfg, model=replace(cfg.model, device=dist.device_setting(cfg.model.device)),
+                   train=replace(cfg.train, batch_tokens=cfg.train.batch_tokens // dist.world))
+
+
+def start_run_folder(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> None:
+    """Write config.yaml; set aside the curves of a finished run of the same config."""
+    save_run_config(cfg, run_dir)
+    log(f"run folder: {run_dir} (resolved config in config.yaml)")
+    if cfg.output.tensorboard and (moved := set_aside_old_events(run_dir / "tensorboard")):
+        log(f"this folder held a finished run of the same config: its SAEs are replaced (files beside them "
+            f"are kept), its TensorBoard curves moved to {moved}")
+
+
+def check_eval_split(cfg: RunConfig) -> None:
+    """A missing held-out split stops the run now, not after training."""
+    d = cfg.data
+    if d.eval_split is None:
+        return
+    try:
+        load_text_dataset(d.dataset, d.eval_split, d.text_column, d.subset, d.streaming)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("data.split:", "data.eval_split:", 1)) from None
 
 
 def in_step(batches: Iterable, dist: Dist) -> Iterator:
