@@ -1,5 +1,5 @@
 """Testing a fix: does an intervention remove a behaviour, and what does it cost?
-(DESIGN.md section 6, "Effect of a fix".)
+(docs/design.md §6, "Effect of a fix".)
 
     result = fix_test(model, tokenizer, prompts, [Edit(sae, hook, [Ablate(features)])], scorer,
                       samples=8, neutral=neutral_contexts)

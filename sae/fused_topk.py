@@ -1,7 +1,7 @@
 """The fused, Triton-free loss of the TopK family (TopK, multi-TopK, BatchTopK): encoder,
 sparse decoder, MSE and AuxK in one ``torch.autograd.Function``.
 
-Notation (DESIGN.md section 2): x [N, d] inputs, M latents, k active, W_enc [M, d],
+Notation (docs/design.md §2): x [N, d] inputs, M latents, k active, W_enc [M, d],
 b_enc [M], W_dec [M, d], b_dec [d].
 
     pre   = (x - b_dec) @ W_enc.T + b_enc                  [N, M]  (the one dense GEMM)

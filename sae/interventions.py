@@ -1,4 +1,4 @@
-"""Editing a model's activations through SAE features, while it runs (DESIGN.md section 6).
+"""Editing a model's activations through SAE features, while it runs (docs/design.md §6).
 
     with intervene(model, [Edit(sae, "layers.2", [Ablate([12, 345]), Steer(99, 8.0)])]):
         out = model.generate(ids, max_new_tokens=40)      # KV cache on: every position edited

@@ -1,5 +1,5 @@
 """What a feature writes: the output tokens its decoder direction promotes and suppresses,
-and its nearest features by decoder cosine similarity (DESIGN.md section 6).
+and its nearest features by decoder cosine similarity (docs/design.md §6).
 
 The logit effect of feature f is (W_dec[f] ⊙ g) @ W_Uᵀ: its decoder row pushed through
 the model's final norm, linearised, and the unembedding W_U [V, d]. For an RMSNorm the

@@ -1,4 +1,4 @@
-"""SAE quality metrics, defined once (DESIGN.md section 3) and used everywhere.
+"""SAE quality metrics, defined once (docs/design.md §3) and used everywhere.
 
 FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the whole eval set (not a mean of
 per-batch ratios); L0 = mean active latents per token; dead fraction = latents that never

@@ -1,4 +1,4 @@
-"""A self-contained HTML dashboard of an SAE's features (DESIGN.md section 6).
+"""A self-contained HTML dashboard of an SAE's features (docs/design.md §6).
 
     info = build_report(stats, tokenizer, Path("report.html"), title="layers.2", sae_info={...},
                         summary=run_summary(sae_folder, run_config))

@@ -1,4 +1,4 @@
-"""Splice metrics (DESIGN.md section 3): how much of the model's behaviour survives when
+"""Splice metrics (docs/design.md §3): how much of the model's behaviour survives when
 an SAE's reconstruction replaces the activation at its hook point.
 
     CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)

@@ -1,7 +1,7 @@
 """Training SAEs on activation batches: one SAE per hook point and sweep variant, all fed
 by one harvest.
 
-Per step and SAE (DESIGN.md section 2): the architecture's loss (for the TopK family the
+Per step and SAE (docs/design.md §2): the architecture's loss (for the TopK family the
 fused FVU + AuxK loss) and backward; for unit-norm decoders the decoder-row-parallel part
 of W_dec's gradient removed; optional gradient clipping; Adam; decoder rows
 renormalized. On the first batch b_dec starts at the geometric median (architectures

@@ -1,4 +1,4 @@
-"""SAELens and sparsify files: built here from the format description in DESIGN.md section 5
+"""SAELens and sparsify files: built here from the format description in docs/design.md §5
 (tensor names, shapes, cfg keys), loaded, and checked against reference encoders written
 from that description; round trips ours -> theirs -> ours give back the same files."""
 
@@ -23,7 +23,7 @@ def rand(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-# ---- reference encoders, from DESIGN.md section 5 and the projects' documented math ------
+# ---- reference encoders, from docs/design.md §5 and the projects' documented math ------
 
 def ref_saelens(cfg: dict, t: dict, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, x_hat) of a SAELens SAE; ``scale``: the factor of expected_average_only_in."""

@@ -1,4 +1,4 @@
-"""ReLU SAE with the L1 penalty of Anthropic's April 2024 update (DESIGN.md section 2).
+"""ReLU SAE with the L1 penalty of Anthropic's April 2024 update (docs/design.md §2).
 
     z = ReLU(W_enc x + b_enc)             (no b_dec subtracted at the input)
     x_hat = z @ W_dec + b_dec

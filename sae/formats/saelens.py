@@ -1,4 +1,4 @@
-"""SAELens folders: ``cfg.json`` + ``sae_weights.safetensors`` (DESIGN.md section 5).
+"""SAELens folders: ``cfg.json`` + ``sae_weights.safetensors`` (docs/design.md §5).
 
 Tensors: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], and for
 jumprelu threshold [d_sae]: the layouts our own files use, so no tensor is transposed.

@@ -1,4 +1,4 @@
-"""EleutherAI sparsify folders (DESIGN.md section 5).
+"""EleutherAI sparsify folders (docs/design.md §5).
 
 A run is one folder per hook point, named after the module it hooks relative to the
 model's base model (``layers.10``: decoder layer 10's output, ``hidden_states[11]``, our
