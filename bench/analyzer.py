@@ -51,15 +51,15 @@ import torch
 
 from sae.formats import load_sae
 from sae.config import ModelConfig, SAEConfig
-from sae.data import context_batches, load_text_dataset
-from sae.feature_stats import (HIST_BINS, Examples, FeatureStats, StatsAccumulator, StatsSettings,
+from sae.data.text import context_batches, load_text_dataset
+from sae.analysis.feature_stats import (HIST_BINS, Examples, FeatureStats, StatsAccumulator, StatsSettings,
                                compute_feature_stats, hist_bin)
-from sae.harvest import special_token_ids
-from sae.hooks import ActivationCapture, resolve_hook
-from sae.logit_effects import logit_effects, nearest_features
-from sae.models import load_model
-from sae.report import build_report
-from sae.trainer import make_sae
+from sae.activations.harvest import special_token_ids
+from sae.activations.hooks import ActivationCapture, resolve_hook
+from sae.analysis.logit_effects import logit_effects, nearest_features
+from sae.models.loading import load_model
+from sae.analysis.report import build_report
+from sae.training.trainer import make_sae
 
 HOOK = "layers.2"
 CARDS_SUBSET = 4096

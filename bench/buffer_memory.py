@@ -17,9 +17,9 @@ import json
 import click
 import torch
 
-from sae.activations import activation_batches
+from sae.activations.stream import activation_batches
 from sae.config import load_config
-from sae.models import load_model
+from sae.models.loading import load_model
 
 
 def peak_rss_mib() -> float:

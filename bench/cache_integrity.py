@@ -20,7 +20,7 @@ import click
 import torch
 from safetensors.torch import load_file
 
-from sae.activation_cache import CacheWriter, first_damaged, read_manifest, read_shard
+from sae.activations.cache import CacheWriter, first_damaged, read_manifest, read_shard
 
 
 def build_cache(folder: Path, shards: int, shard_mb: int, width: int = 2048) -> dict:

@@ -19,9 +19,9 @@ from pathlib import Path
 import click
 from transformers import AutoTokenizer
 
-from sae.corpus import load
-from sae.data import context_batches, load_text_dataset
-from sae.demo_model import DEMO_MODEL_DIR
+from sae.data.corpus import load
+from sae.data.text import context_batches, load_text_dataset
+from sae.models.demo_model import DEMO_MODEL_DIR
 
 
 def packed_tokens_per_s(path: Path, tokenizer, hold_out: bool, streaming: bool) -> float:

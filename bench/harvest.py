@@ -24,11 +24,11 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from sae.config import ModelConfig
-from sae.data import context_batches, context_bos_id, load_text_dataset
-from sae.demo_model import DEMO_MODEL_DIR
-from sae.harvest import Harvester
-from sae.hooks import resolve_hook
-from sae.models import decoder_layers, load_model
+from sae.data.text import context_batches, context_bos_id, load_text_dataset
+from sae.models.demo_model import DEMO_MODEL_DIR
+from sae.activations.harvest import Harvester
+from sae.activations.hooks import resolve_hook
+from sae.models.loading import decoder_layers, load_model
 
 SHAPES = {  # random-weight Llama shapes
     "tiny-llama": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,

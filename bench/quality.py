@@ -6,13 +6,13 @@
 
 Activations: the residual stream that ``configs/demo.yaml`` trains on (layers.2 of the
 built-in demo model, d = 256), harvested once into ``--cache-dir`` and served by
-``sae.activations.activation_batches`` (the shuffling buffer, ``harvest.cache_epochs``
+``sae.activations.stream.activation_batches`` (the shuffling buffer, ``harvest.cache_epochs``
 passes). The batches are materialized once, so every contender sees the same batches in
-the same order; the held-out set is the config's eval split (``sae.run.eval_config``).
+the same order; the held-out set is the config's eval split (``sae.evaluation.heldout.eval_config``).
 
 Contenders (k = 32, 2048 latents, the demo's lr / warmup / dead window for all):
 
-- ``topk``, ``batchtopk``, ``topk_multi``: ``sae.trainer.Trainer.step`` per batch, with
+- ``topk``, ``batchtopk``, ``topk_multi``: ``sae.training.trainer.Trainer.step`` per batch, with
   ``sae.architecture`` / ``sae.multi_topk`` overridden; evaluated as ``trained_sae`` (BatchTopK
   with its learned inference threshold).
 - ``topk_unit_enc``, ``topk_enc058``: ablations, ``topk`` with the encoder rows set after
@@ -22,7 +22,7 @@ Contenders (k = 32, 2048 latents, the demo's lr / warmup / dead window for all):
 - ``sparsify``, ``sparsify_multi``: ``sparsify.SparseCoder`` trained with the step of
   sparsify's own trainer: loss = fvu + auxk_loss / 32 (+ multi_topk_fvu / 8), backward,
   gradient parallel to decoder rows removed, ``torch.optim.Adam`` with our lr schedule
-  (``sae.trainer.learning_rate``, same peak), decoder rows renormalized. b_dec starts at
+  (``sae.training.trainer.learning_rate``, same peak), decoder rows renormalized. b_dec starts at
   the mean of the first batch (what sparsify's trainer does at step 0); a latent is dead
   for AuxK once it is absent from ``latent_indices`` for ``train.dead_tokens`` tokens
   (sparsify's bookkeeping, with our ``>=`` window test).
@@ -32,7 +32,7 @@ FVU = sum|x - x_hat|^2 / sum|x - mean(x)|^2 over the whole held-out set, L0 = me
 non-zero latents per token, dead = never non-zero on the held-out set, dense = non-zero on
 more than 10% of its tokens. FVU and L0 are also taken on the last 4 training batches
 (``train_batches``), to tell a held-out shift from a training gap. For our SAEs the
-held-out result is cross-checked against ``sae.metrics.evaluate``. Wall times (training
+held-out result is cross-checked against ``sae.evaluation.metrics.evaluate``. Wall times (training
 loop only) are informative.
 """
 
@@ -47,12 +47,12 @@ from pathlib import Path
 import click
 import torch
 
-from sae.activations import activation_batches, make_harvester
+from sae.activations.stream import activation_batches, make_harvester
 from sae.config import load_config
-from sae.metrics import evaluate
-from sae.models import load_model
-from sae.run import eval_config
-from sae.trainer import Trainer, learning_rate
+from sae.evaluation.metrics import evaluate
+from sae.models.loading import load_model
+from sae.evaluation.heldout import eval_config
+from sae.training.trainer import Trainer, learning_rate
 
 OURS = {"topk": [], "batchtopk": ["sae.architecture=batchtopk"], "topk_multi": ["sae.multi_topk=true"],
         "topk_unit_enc": [], "topk_enc058": []}

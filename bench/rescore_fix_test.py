@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 import torch
 
-from sae.fix_test import bootstrap_ci
-from sae.scorers import load_scorer
+from sae.interventions.fix_test import bootstrap_ci
+from sae.interventions.scorers import load_scorer
 
 CONDITIONS = ("baseline", "intervened")
 

@@ -7,7 +7,7 @@
 One step = loss (MSE + AuxK, alpha 1/32, k_aux = d/2, ~2% dead latents) + backward +
 removing the gradient parallel to decoder rows + Adam + renormalizing decoder rows, on the
 same activations and the same Adam settings for every contender. Ours is
-``sae.trainer.Trainer.step`` itself (dead-latent bookkeeping and schedule included). Rounds interleave ours
+``sae.training.trainer.Trainer.step`` itself (dead-latent bookkeeping and schedule included). Rounds interleave ours
 and sparsify; the dense step runs alone afterwards (see run_shape); medians are reported. sparsify (PyPI eai-sparsify) is optional: its
 SparseCoder forward/backward and its decoder-norm helpers are used when importable.
 """
@@ -22,12 +22,12 @@ import click
 import torch
 
 from sae.config import load_config
-from sae.fused_topk import topk_loss_reference
-from sae.trainer import Trainer
+from sae.architectures.fused_topk import topk_loss_reference
+from sae.training.trainer import Trainer
 
 
 def make_ours(d, M, k, device, x, dead, autocast=False):
-    """The real training step: sae.trainer.Trainer.step, with the same dead latents forced."""
+    """The real training step: sae.training.trainer.Trainer.step, with the same dead latents forced."""
     cfg = load_config(None, [f"sae.num_latents={M}", f"sae.k={k}", f"train.batch_tokens={x.shape[0]}",
                              "train.lr=2e-4", "train.warmup_steps=0", f"train.autocast={str(autocast).lower()}"])
     trainer = Trainer(cfg, {"x": d}, total_steps=10**6, device=device)

@@ -1,7 +1,7 @@
 """sae: sparse autoencoders on the activations of local language models.
 
-Start at ``sae.config`` (what a run is), ``sae.models`` (loading a model) and
-``sae.data`` (loading and packing text). The analyzer's functions are importable from
+Start at ``sae.config`` (what a run is), ``sae.models.loading`` (loading a model) and
+``sae.data.text`` (loading and packing text). The analyzer's functions are importable from
 here too::
 
     from sae import open_target, cached_feature_stats, contrast_search, build_report
@@ -20,20 +20,20 @@ _API = {
     "load_sae": "sae.formats",
     "read_sae": "sae.formats",
     "convert": "sae.formats",
-    "open_target": "sae.analysis_target",
-    "cached_feature_stats": "sae.analysis_target",
-    "StatsSettings": "sae.feature_stats",
-    "FeatureStats": "sae.feature_stats",
-    "compute_feature_stats": "sae.feature_stats",
-    "load_feature_stats": "sae.feature_stats",
-    "feature_record": "sae.feature_stats",
-    "logit_effects": "sae.logit_effects",
-    "nearest_features": "sae.logit_effects",
-    "contrast_search": "sae.feature_search",
-    "features_in_text": "sae.feature_search",
-    "read_prompts": "sae.feature_search",
-    "build_report": "sae.report",
-    "run_summary": "sae.report",
+    "open_target": "sae.analysis.target",
+    "cached_feature_stats": "sae.analysis.target",
+    "StatsSettings": "sae.analysis.feature_stats",
+    "FeatureStats": "sae.analysis.feature_stats",
+    "compute_feature_stats": "sae.analysis.feature_stats",
+    "load_feature_stats": "sae.analysis.feature_stats",
+    "feature_record": "sae.analysis.feature_stats",
+    "logit_effects": "sae.analysis.logit_effects",
+    "nearest_features": "sae.analysis.logit_effects",
+    "contrast_search": "sae.analysis.feature_search",
+    "features_in_text": "sae.analysis.feature_search",
+    "read_prompts": "sae.analysis.feature_search",
+    "build_report": "sae.analysis.report",
+    "run_summary": "sae.analysis.report",
 }
 
 __all__ = sorted(_API)

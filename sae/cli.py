@@ -122,7 +122,7 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
     if resume_dir is not None and (config is not None or overrides):
         raise ConfigError("--resume: the run continues with its own config.yaml; drop CONFIG and --set")
     if resume_dir is not None:
-        from sae.run_folder import resume_config
+        from sae.training.run_folder import resume_config
 
         cfg = resume_config(resume_dir)
     else:
@@ -132,8 +132,8 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
         return
     # Imported only now: torch + transformers take seconds, and a config error should not wait.
     from sae.distributed import Dist
-    from sae.run import train_run
-    from sae.trainer import TrainingStopped
+    from sae.training.run import train_run
+    from sae.errors import TrainingStopped
 
     dist = Dist.from_env(cfg.distributed.timeout_s, cfg.model.device)   # several processes under torchrun
     try:
@@ -163,7 +163,7 @@ def analyze() -> None:
 def layers(config: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """List a model's decoder layers: the valid layers.N hook points."""
     cfg = resolve_config(config, overrides)
-    from sae.models import decoder_layers, load_model, model_summary
+    from sae.models.loading import decoder_layers, load_model, model_summary
 
     model, _ = load_model(cfg.model)
     name, mods = decoder_layers(model)
@@ -188,7 +188,7 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
     loss recovered, delta LM loss and KL with each SAE spliced into the model. Printed as a
     table and written to metrics.json beside each SAE. RUN_DIR may also be any SAE folder
     or a SAELens or sparsify run, local or on the hub."""
-    from sae.run import evaluate_saved_run
+    from sae.evaluation.heldout import evaluate_saved_run
 
     results = evaluate_saved_run(run_dir, overrides, log=_log if as_json else click.echo)
     if as_json:
@@ -262,7 +262,7 @@ def _log(line: str) -> None:
 
 def open_sae(sae_path, overrides, hook, override_hook, sae_dtype):
     """The SAE under analysis with its model (``open_target``), saying which hook it reads."""
-    from sae.analysis_target import open_target
+    from sae.analysis.target import open_target
 
     target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook)
     _log(f"SAE {target.folder} ({target.format}) at {target.hook} of {target.cfg.model.name_or_path}")
@@ -270,8 +270,8 @@ def open_sae(sae_path, overrides, hook, override_hook, sae_dtype):
 
 
 def _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute):
-    from sae.analysis_target import cached_feature_stats
-    from sae.feature_stats import StatsSettings
+    from sae.analysis.target import cached_feature_stats
+    from sae.analysis.feature_stats import StatsSettings
 
     settings = StatsSettings(tokens=tokens, top_examples=examples)  # bad values fail before the model loads
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
@@ -340,7 +340,7 @@ def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, exampl
         python analyze.py features checkpoints/demo -f 93 -f 1539    # two features in full
     """
 
-    from sae.feature_stats import check_feature, density_histogram, feature_record, token_decoder
+    from sae.analysis.feature_stats import check_feature, density_histogram, feature_record, token_decoder
 
     target, stats = _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
     for f in features:
@@ -394,7 +394,7 @@ def chat_options(reply: bool = False) -> Callable:
 
 
 def _prompt_format(chat: bool, system: str | None, user: str | None = None):
-    from sae.prompt_format import PromptFormat
+    from sae.data.prompt_format import PromptFormat
 
     return PromptFormat(chat=chat, system=system, user=user)
 
@@ -411,7 +411,7 @@ def _feature_tokens(target, features, no_top_tokens: bool) -> dict[int, list[str
     """Each listed feature's top-activating tokens, or None when --no-top-tokens."""
     if no_top_tokens:
         return None
-    from sae.analysis_target import feature_top_tokens
+    from sae.analysis.target import feature_top_tokens
 
     return feature_top_tokens(target, list(dict.fromkeys(features)), tokens=TOP_TOKENS_SCAN, log=_log)
 
@@ -471,7 +471,7 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
         python analyze.py search checkpoints/demo --text "a KeyError is raised" --focus raised
     """
 
-    from sae.feature_search import contrast_search, features_in_text, read_prompts
+    from sae.analysis.feature_search import contrast_search, features_in_text, read_prompts
 
     contrast_mode = target_file is not None or baseline_file is not None
     if contrast_mode == (text is not None):
@@ -551,11 +551,11 @@ def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples
     """
     import time
 
-    from sae.analysis_target import run_config_of
+    from sae.formats.run_config import run_config_of
     from sae.formats import find_sae_folder
-    from sae.feature_search import contrast_search, read_prompts
+    from sae.analysis.feature_search import contrast_search, read_prompts
     from sae.atomic_io import check_output_path
-    from sae.report import build_report, run_summary
+    from sae.analysis.report import build_report, run_summary
 
     if (target_file is None) != (baseline_file is None):
         raise ConfigError("report: contrast columns need both --target FILE and --baseline FILE")
@@ -625,7 +625,7 @@ def sampling_options(fn: Callable) -> Callable:
 
 
 def _prompts(prompt: tuple[str, ...], prompts_file: Path | None) -> list[str]:
-    from sae.feature_search import read_prompts
+    from sae.analysis.feature_search import read_prompts
 
     if bool(prompt) == (prompts_file is not None):
         raise ConfigError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both")
@@ -662,9 +662,9 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
     """
     import shutil
 
-    from sae.generation import Sampling, continuations
-    from sae.harvest import special_token_ids
-    from sae.interventions import Edit, intervene, parse_feature_edits
+    from sae.models.generation import Sampling, continuations
+    from sae.activations.harvest import special_token_ids
+    from sae.interventions.edits import Edit, intervene, parse_feature_edits
 
     edits = parse_feature_edits(ablate, clamp, scale, steer)
     if not edits:
@@ -694,7 +694,7 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
 
 
 def _describe_edit(e) -> str:
-    from sae.interventions import Ablate, Clamp, Scale, Steer
+    from sae.interventions.edits import Ablate, Clamp, Scale, Steer
 
     if isinstance(e, Ablate):
         return "ablate " + ",".join(map(str, e.features))
@@ -748,8 +748,8 @@ def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, laye
             --svg patch.svg
     """
 
-    from sae.lm_metrics import answer_token, logit_diff, logprob
-    from sae.patching import ActivationPatcher, check_svg_path, write_svg
+    from sae.evaluation.lm_metrics import answer_token, logit_diff, logprob
+    from sae.interventions.patching import ActivationPatcher, check_svg_path, write_svg
 
     metric = metric or ("logit-diff" if wrong is not None else "logprob")
     if metric == "logit-diff" and wrong is None:
@@ -759,7 +759,7 @@ def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, laye
     if svg_path is not None:
         check_svg_path(svg_path)
     cfg = resolve_config(config, overrides)
-    from sae.models import load_model
+    from sae.models.loading import load_model
 
     model, tokenizer = load_model(cfg.model)
     a = answer_token(tokenizer, answer, "--answer")
@@ -793,7 +793,7 @@ def metric_options(fn: Callable) -> Callable:
 
 
 def _metric(tokenizer, answer: str | None, wrong: str | None):
-    from sae.lm_metrics import answer_token, logit_diff, logprob
+    from sae.evaluation.lm_metrics import answer_token, logit_diff, logprob
 
     if answer is None:
         raise ConfigError("--answer: required; the token whose probability the features are ranked by")
@@ -823,7 +823,7 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
             --answer " raised"
     """
 
-    from sae.attribution import attribute as run_attribution
+    from sae.interventions.attribution import attribute as run_attribution
 
     texts = _prompts(prompt, prompts_file)
     fmt = _prompt_format(chat, system)
@@ -852,7 +852,7 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
 
 def _top_edits(ablate_top: int | None, steer_top: str | None) -> dict:
     """--ablate-top / --steer-top as {edit kind: (how many of the picked features, steering amount)}."""
-    from sae.interventions import parse_feature_edits
+    from sae.interventions.edits import parse_feature_edits
 
     top = {}
     if ablate_top is not None:
@@ -869,11 +869,11 @@ def _rank_features(target, texts, contrast, answer, wrong, fmt) -> tuple[list[in
     """Features ranked for --ablate-top / --steer-top, by contrast search or attribution, and how.
     In chat format the contrast files hold assistant replies, as for ``search --chat``."""
     if contrast is not None:
-        from sae.feature_search import contrast_search, read_prompts
+        from sae.analysis.feature_search import contrast_search, read_prompts
 
         return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
                                read_prompts(contrast[1], "--contrast BASELINE"), fmt=fmt).ranking("effect"), "contrast"
-    from sae.attribution import attribute as run_attribution
+    from sae.interventions.attribution import attribute as run_attribution
 
     return (run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
                             _metric(target.tokenizer, answer, wrong), fmt=fmt).ranking("up"),
@@ -902,7 +902,7 @@ def _print_fix_test(result, hook: str, edits, tokens: dict[int, list[str]] | Non
 
 def _edited_features(edits) -> list[int]:
     """The features an intervention's edits touch, in order, each once."""
-    from sae.interventions import Steer
+    from sae.interventions.edits import Steer
 
     found = []
     for e in edits:
@@ -951,11 +951,11 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
             --scorer words:raised,raise,raises --answer " raised" --ablate-top 5
     """
 
-    from sae.fix_test import fix_test
-    from sae.generation import Sampling
+    from sae.interventions.fix_test import fix_test
+    from sae.models.generation import Sampling
     from sae.atomic_io import check_output_path, write_output
-    from sae.interventions import Ablate, Edit, Steer, parse_feature_edits
-    from sae.scorers import load_scorer
+    from sae.interventions.edits import Ablate, Edit, Steer, parse_feature_edits
+    from sae.interventions.scorers import load_scorer
 
     texts = _prompts(prompt, prompts_file)
     edits = parse_feature_edits(ablate, clamp, scale, steer)
@@ -1003,12 +1003,12 @@ def _neutral_contexts(target, neutral_file, tokens: int) -> list:
     """Contexts of neutral text for the KL cost: the file's lines, or the data's held-out split."""
     import torch
 
-    from sae.generation import prompt_token_ids
+    from sae.models.generation import prompt_token_ids
 
     if tokens == 0:
         return []
     if neutral_file is not None:
-        from sae.feature_search import read_prompts
+        from sae.analysis.feature_search import read_prompts
 
         contexts, total = [], 0
         for line in read_prompts(neutral_file, "--neutral"):
@@ -1024,7 +1024,7 @@ def _neutral_contexts(target, neutral_file, tokens: int) -> list:
         return []
     from dataclasses import replace
 
-    from sae.activations import contexts_for
+    from sae.activations.stream import contexts_for
 
     cfg = replace(target.cfg, data=replace(d, split=d.eval_split, token_budget=tokens))
     return [row for batch in contexts_for(cfg, target.tokenizer) for row in batch]

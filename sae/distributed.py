@@ -9,7 +9,7 @@ group (NCCL on GPUs, gloo on CPUs) with ``distributed.timeout_s`` as the collect
 timeout, and binds each process to GPU LOCAL_RANK. Without torchrun (WORLD_SIZE unset or
 1) everything runs as one process and no collective is ever called.
 
-What the ranks share depends on ``distributed.mode`` (sae.trainer and sae.run use these):
+What the ranks share depends on ``distributed.mode`` (sae.training.trainer and sae.training.run use these):
 
 * data: each rank harvests every world-th context (``Shard``); SAEs are replicated; the
   loss is normalised by the global batch (its token count and total variance) and the
@@ -17,7 +17,7 @@ What the ranks share depends on ``distributed.mode`` (sae.trainer and sae.run us
 * hooks: each rank harvests its share too, but trains only the SAEs of 1/N of the hook
   points, on each of their batches gathered whole from all ranks.
 * latents: every TopK SAE split by latents; each rank trains its slice on the whole
-  batch (``sae.sharded_topk``).
+  batch (``sae.architectures.sharded_topk``).
 
 Only rank 0 prints, logs and writes checkpoints (and SAEs, except in hooks mode, where each
 rank writes its own); a checkpoint holds every rank's data position.

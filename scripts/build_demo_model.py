@@ -1,4 +1,4 @@
-"""Rebuild the demo model and tokenizer shipped in ``sae/demo_model/``.
+"""Rebuild the demo model and tokenizer shipped in ``sae/models/demo_model/``.
 
     python scripts/build_demo_model.py            # ~25 min on 2 CPU cores
 
@@ -26,10 +26,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sae import corpus
-from sae.data import pack
-from sae.demo_model import CARD_FILE, DEMO_MODEL_DIR, EVAL_CONTEXT_LEN, heldout_contexts
-from sae.lm_metrics import next_token_loss, unigram_entropy
+from sae.data import corpus
+from sae.data.text import pack
+from sae.models.demo_model import CARD_FILE, DEMO_MODEL_DIR, EVAL_CONTEXT_LEN, heldout_contexts
+from sae.evaluation.lm_metrics import next_token_loss, unigram_entropy
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 

@@ -23,9 +23,9 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_dir):
-    """(model, tokenizer) of the tiny Llama, loaded through sae.models.load_model in fp32 on CPU."""
+    """(model, tokenizer) of the tiny Llama, loaded through sae.models.loading.load_model in fp32 on CPU."""
     from sae.config import ModelConfig
-    from sae.models import load_model
+    from sae.models.loading import load_model
 
     return load_model(ModelConfig(name_or_path=str(tiny_llama_dir), device="cpu"))
 
@@ -35,7 +35,7 @@ def demo_sae_run(tmp_path_factory):
     """Run folder of a small TopK SAE (1024 latents, k = 32) trained on 300k tokens of the
     demo model's layers.2: good enough to have interpretable features (~35 s)."""
     from sae.config import load_config
-    from sae.run import train_run
+    from sae.training.run import train_run
 
     root = tmp_path_factory.mktemp("demo-sae")
     cfg = load_config(None, [

@@ -24,8 +24,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from click.testing import CliRunner  # noqa: E402
 
 import sae.atomic_io  # noqa: E402
-import sae.checkpoint  # noqa: E402
-import sae.run  # noqa: E402
+import sae.training.checkpoint  # noqa: E402
+import sae.training.run  # noqa: E402
 from sae import cli  # noqa: E402
 
 RUN = ["output.run_name=r", "output.tensorboard=false", "output.checkpoint_every_steps=1", "data.token_budget=4096",
@@ -55,14 +55,14 @@ def counting_kills(kill_at: int) -> None:
                 state["inside"] = False
         return wrapped
 
-    for module in (sae.atomic_io, sae.checkpoint):
+    for module in (sae.atomic_io, sae.training.checkpoint):
         if hasattr(module, "save_tensors"):
             module.save_tensors = step(module.save_tensors)
     sae.atomic_io.fsync_dir = step(sae.atomic_io.fsync_dir)
     os.replace, os.rename, os.fsync, os.unlink = (step(os.replace), step(os.rename), step(os.fsync), step(os.unlink))
     shutil.rmtree = step(shutil.rmtree)
-    sae.run.save_checkpoint = writing(sae.run.save_checkpoint)
-    sae.run.save_saes = writing(sae.run.save_saes)
+    sae.training.run.save_checkpoint = writing(sae.training.run.save_checkpoint)
+    sae.training.run.save_saes = writing(sae.training.run.save_saes)
 
 
 def main(root: Path, kill_at: int) -> int:

@@ -8,9 +8,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sae import activation_cache
-from sae.activation_cache import MANIFEST, CacheReader, CacheWriter
-from sae.activations import activation_source
+from sae.activations import cache as activation_cache
+from sae.activations.cache import MANIFEST, CacheReader, CacheWriter
+from sae.activations.stream import activation_source
 from sae.config import load_config
 from sae.errors import ConfigError
 

@@ -34,7 +34,7 @@ def sae_dir(demo_sae_run):
 def cached_stats(sae_dir):
     """The SAE's cached statistics (a short scan, as `features` caches it): search,
     attribute and fix-test take their top tokens from it instead of scanning."""
-    from sae.feature_stats import load_feature_stats
+    from sae.analysis.feature_stats import load_feature_stats
 
     assert run("features", sae_dir, *FAST, "--limit", "1", "--json").exit_code == 0
     (path,) = (sae_dir / "features").glob("stats-*.safetensors")
@@ -46,7 +46,7 @@ def expected_tokens(stats, f):
     cached top examples centre on, decoded by the demo tokenizer."""
     from transformers import AutoTokenizer
 
-    from sae.demo_model import DEMO_MODEL_DIR
+    from sae.models.demo_model import DEMO_MODEL_DIR
 
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     centre = stats.settings.context_before

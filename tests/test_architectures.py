@@ -113,7 +113,7 @@ ALL = ["topk", "batchtopk", "relu", "jumprelu"]
 def random_sae(arch, d=16, M=64, seed=0):
     """An SAE of ``arch`` with random (not freshly initialized) weights and thresholds."""
     from sae.config import load_config
-    from sae.trainer import make_sae
+    from sae.training.trainer import make_sae
 
     extra = ["sae.k=4"] if "topk" in arch else []
     sae = make_sae(load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", *extra]).sae, d)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.buffer import ShuffleBuffer
+from sae.activations.buffer import ShuffleBuffer
 
 
 def source(n_batches=20, rows=50, d=6, start_row=0):
@@ -139,7 +139,7 @@ def test_resume_checks_sizes_fingerprint_source_and_damage(tmp_path):
 
 PEAK_SCRIPT = r"""
 import json, resource, sys, torch
-from sae.buffer import ShuffleBuffer
+from sae.activations.buffer import ShuffleBuffer
 torch.set_num_threads(1)
 def peak_kib():  # VmHWM: the process's peak resident memory
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from sae import corpus, demo_model
+from sae.data import corpus
+from sae.models import demo_model
 
 
 def test_split_is_fixed_by_document_id():
@@ -36,7 +37,7 @@ def test_corpus_has_both_sources_and_real_prose():
 
 
 def test_corpus_is_the_same_in_a_fresh_process_with_another_hash_seed(tmp_path):
-    code = "from sae import corpus; print(corpus.fingerprint('train'), corpus.fingerprint('test'))"
+    code = "from sae.data import corpus; print(corpus.fingerprint('train'), corpus.fingerprint('test'))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed, "SAE_CACHE": str(tmp_path / seed)}).stdout
             for seed in ("1", "2")}  # separate caches: both processes parse the stdlib themselves

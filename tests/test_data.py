@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from sae.corpus import split_of
-from sae.data import describe_split, load_text_dataset, pack
+from sae.data.corpus import split_of
+from sae.data.text import describe_split, load_text_dataset, pack
 from sae.errors import ConfigError
 
 BOS, EOS = 1, 2

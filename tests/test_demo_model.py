@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from sae import corpus, demo_model
+from sae.data import corpus
+from sae.models import demo_model
 from sae.config import ModelConfig
-from sae.lm_metrics import next_token_loss
-from sae.models import decoder_layers, load_model
+from sae.evaluation.lm_metrics import next_token_loss
+from sae.models.loading import decoder_layers, load_model
 
 
 @pytest.fixture(scope="module")

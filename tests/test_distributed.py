@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from sae.config import load_config
 from sae.distributed import Dist, join_group, native_threads
-from sae.trainer import Trainer
+from sae.training.trainer import Trainer
 
 D, M, N = 16, 64, 48   # width, latents, global batch rows
 
@@ -133,9 +133,9 @@ def small_run(root, name="r", mode="data"):
 
 
 def _run_worker(rank, world, root, name, stop_at, resume, mode="data"):
-    from sae.run import train_run
-    from sae.run_folder import resume_config
-    from sae.trainer import TrainingStopped
+    from sae.training.run import train_run
+    from sae.training.run_folder import resume_config
+    from sae.errors import TrainingStopped
     from test_resume import signalling_step
 
     if stop_at is not None and rank == world - 1:   # Ctrl-C reaches one process; all must stop together
@@ -155,8 +155,8 @@ def test_two_process_run_checkpoints_and_resumes_bit_identical(tmp_path, mode):
     from safetensors.torch import load_file
 
     from sae.errors import ConfigError
-    from sae.run import train_run
-    from sae.run_folder import resume_config
+    from sae.training.run import train_run
+    from sae.training.run_folder import resume_config
 
     spawn(_run_worker, 2, str(tmp_path), "whole", None, False, mode)
     spawn(_run_worker, 2, str(tmp_path), "parts", 10, False, mode)
@@ -189,7 +189,7 @@ def sharded_problem():
 
 
 def reference_loss_and_grads(k, k_aux):
-    from sae.fused_topk import topk_loss_reference
+    from sae.architectures.fused_topk import topk_loss_reference
 
     p = sharded_problem()
     params = {n: p[n].clone().requires_grad_() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
@@ -200,7 +200,7 @@ def reference_loss_and_grads(k, k_aux):
 
 
 def _sharded_worker(rank, world, k, k_aux, out):
-    from sae.sharded_topk import sharded_topk_loss
+    from sae.architectures.sharded_topk import sharded_topk_loss
 
     p = sharded_problem()
     m = M // world
@@ -309,7 +309,7 @@ def test_a_dead_process_stops_the_others_with_one_line(tmp_path):
 
 def test_a_run_whose_batch_does_not_split_is_refused(tmp_path):
     from sae.errors import ConfigError
-    from sae.run import train_run
+    from sae.training.run import train_run
 
     cfg = load_config(None, [f"output.root={tmp_path}", "train.batch_tokens=1001"])
     with pytest.raises(ConfigError, match="train.batch_tokens: 1001 does not divide over 2 processes"):

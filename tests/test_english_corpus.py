@@ -7,9 +7,9 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from sae import english_corpus
-from sae.corpus import Document, split_of
-from sae.data import describe_split, load_text_dataset
+from sae.data import english_corpus
+from sae.data.corpus import Document, split_of
+from sae.data.text import describe_split, load_text_dataset
 from sae.errors import ConfigError
 
 WIKITEXT = """\

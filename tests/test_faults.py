@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sae import cli
-from sae.checkpoint import load_checkpoint
+from sae.training.checkpoint import load_checkpoint
 from sae.config import load_config
-from sae.run_folder import claim_run_folder
+from sae.training.run_folder import claim_run_folder
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from sae.analysis_target import open_target
+from sae.analysis.target import open_target
 from sae.config import SAEConfig
 from sae.errors import ConfigError
-from sae.feature_search import (auroc, contrast, contrast_search, features_in_text, prompt_scores,
+from sae.analysis.feature_search import (auroc, contrast, contrast_search, features_in_text, prompt_scores,
                                 read_prompts, token_latents)
-from sae.generation import prompt_token_ids
-from sae.trainer import make_sae
+from sae.models.generation import prompt_token_ids
+from sae.training.trainer import make_sae
 
 PROMPTS = "configs/prompts"
 

@@ -7,12 +7,12 @@ import torch
 
 from sae.config import SAEConfig
 from sae.errors import ConfigError
-from sae.feature_stats import (HIST_BINS, HIST_BINS_PER_OCTAVE, HIST_LOG2_MIN, StatsAccumulator, StatsSettings,
+from sae.analysis.feature_stats import (HIST_BINS, HIST_BINS_PER_OCTAVE, HIST_LOG2_MIN, StatsAccumulator, StatsSettings,
                                compute_feature_stats, density_histogram, feature_record, load_feature_stats,
                                save_feature_stats, token_decoder)
-from sae.harvest import special_token_ids
-from sae.hooks import ActivationCapture, resolve_hook
-from sae.trainer import make_sae
+from sae.activations.harvest import special_token_ids
+from sae.activations.hooks import ActivationCapture, resolve_hook
+from sae.training.trainer import make_sae
 
 
 def sparse_latents(B, T, M, seed, density=0.2):
@@ -181,7 +181,7 @@ def test_progress_bar_ends_at_what_was_scanned_when_the_data_runs_out(tiny_llama
     """Asked for more tokens than the contexts hold, the bar's total becomes the tokens
     scanned (it ends at 100%) and the result says the data ran out; otherwise the bar
     keeps the asked-for total and the data did not run out."""
-    from sae import feature_stats
+    from sae.analysis import feature_stats
 
     bars = []
 
@@ -207,7 +207,7 @@ def test_progress_bar_ends_at_what_was_scanned_when_the_data_runs_out(tiny_llama
 @pytest.fixture()
 def small_data_target(tiny_llama, tmp_path):
     """An SAE on the tiny Llama whose data is a local text file of a few hundred tokens."""
-    from sae.analysis_target import open_target
+    from sae.analysis.target import open_target
 
     model, tok = tiny_llama
     torch.manual_seed(0)
@@ -222,8 +222,8 @@ def small_data_target(tiny_llama, tmp_path):
 def test_a_scan_of_the_whole_data_serves_larger_requests(small_data_target, monkeypatch):
     """A scan that ran out of data is reused for any request of at least as many tokens
     (a new scan would find the same tokens); a smaller request or other settings rescan."""
-    from sae import analysis_target
-    from sae.analysis_target import cached_feature_stats
+    from sae.analysis import target as analysis_target
+    from sae.analysis.target import cached_feature_stats
 
     logs = []
     first = cached_feature_stats(small_data_target, StatsSettings(tokens=100_000, top_examples=3), progress=False,
@@ -253,9 +253,9 @@ def test_a_scan_of_the_whole_data_serves_larger_requests(small_data_target, monk
 def test_top_tokens_come_from_any_cached_scan(small_data_target, monkeypatch):
     """feature_top_tokens reads the cached scan's top examples (the tokens they centre on,
     each once, most activating first) without scanning; with no cache it scans once."""
-    from sae import analysis_target
-    from sae.analysis_target import cached_feature_stats, feature_top_tokens
-    from sae.feature_stats import top_tokens
+    from sae.analysis import target as analysis_target
+    from sae.analysis.target import cached_feature_stats, feature_top_tokens
+    from sae.analysis.feature_stats import top_tokens
 
     tok = small_data_target.tokenizer
     logs = []

@@ -9,17 +9,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from sae.attribution import attribute
+from sae.interventions.attribution import attribute
 from sae.config import SAEConfig
-from sae.demo_model import DEMO_MODEL_DIR
+from sae.models.demo_model import DEMO_MODEL_DIR
 from sae.errors import ConfigError
-from sae.fix_test import CONDITIONS, FixTestResult, bootstrap_ci, fix_test
-from sae.generation import Sampling, continuation_ids, continuations, prompt_token_ids
-from sae.harvest import special_token_ids
-from sae.interventions import Ablate, Edit, Scale, intervene
-from sae.lm_metrics import logprob
-from sae.scorers import Scorer, load_scorer, word_list_scorer
-from sae.trainer import make_sae
+from sae.interventions.fix_test import CONDITIONS, FixTestResult, bootstrap_ci, fix_test
+from sae.models.generation import Sampling, continuation_ids, continuations, prompt_token_ids
+from sae.activations.harvest import special_token_ids
+from sae.interventions.edits import Ablate, Edit, Scale, intervene
+from sae.evaluation.lm_metrics import logprob
+from sae.interventions.scorers import Scorer, load_scorer, word_list_scorer
+from sae.training.trainer import make_sae
 
 HOOK = "layers.1"
 PROMPTS = ["the file is not", "a value was", "when the lock is held the"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.fused_topk import FusedTopKLoss, TopKSpec, _row_dots, fused_topk_loss, per_token_codes, topk_loss_reference
+from sae.architectures.fused_topk import FusedTopKLoss, TopKSpec, _row_dots, fused_topk_loss, per_token_codes, topk_loss_reference
 
 
 def make(N, d, M, dtype, seed=0):

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sae import gguf_source
+from sae.models import gguf_source
 from sae.config import ModelConfig
 from sae.errors import ConfigError
-from sae.gguf_source import SMOLLM2, SMOLLM2_FILE, converted_folder, is_gguf
-from sae.models import load_model, resolve_path
+from sae.models.gguf_source import SMOLLM2, SMOLLM2_FILE, converted_folder, is_gguf
+from sae.models.loading import load_model, resolve_path
 
 
 @pytest.fixture(autouse=True)

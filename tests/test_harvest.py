@@ -4,9 +4,9 @@ import datasets
 import pytest
 import torch
 
-from sae.data import context_batches
+from sae.data.text import context_batches
 from sae.errors import ConfigError
-from sae.harvest import Harvester, check_context_length
+from sae.activations.harvest import Harvester, check_context_length
 
 TEXTS = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs. " * (1 + i % 4) for i in range(40)]
 
@@ -106,7 +106,7 @@ def test_bad_input_is_one_line(tiny_llama, dataset):
 
 def test_streaming_gives_the_same_contexts(tiny_llama, tmp_path):
     _, tok = tiny_llama
-    from sae.data import load_text_dataset
+    from sae.data.text import load_text_dataset
 
     path = tmp_path / "docs.jsonl"
     path.write_text("".join('{"text": "%s"}\n' % t for t in TEXTS))

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sae.errors import ConfigError
-from sae.hooks import ActivationCapture, resolve_hook, resolve_hooks
-from sae.models import decoder_layers
+from sae.activations.hooks import ActivationCapture, resolve_hook, resolve_hooks
+from sae.models.loading import decoder_layers
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_a_hook_reads_the_same_whatever_else_is_hooked(model_and_ids):
 def test_model_runs_normally_between_harvest_batches(model_and_ids, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from sae.harvest import Harvester
+    from sae.activations.harvest import Harvester
 
     model, ids = model_and_ids
     with torch.no_grad():

@@ -19,10 +19,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BertConfig, BertF
 
 from sae import cli
 from sae.config import ModelConfig
-from sae.data import load_text_dataset
-from sae.demo_model import DEMO_MODEL_DIR
+from sae.data.text import load_text_dataset
+from sae.models.demo_model import DEMO_MODEL_DIR
 from sae.errors import ConfigError
-from sae.models import is_causal, load_model
+from sae.models.loading import is_causal, load_model
 from tiny_models import make_tiny_model, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent

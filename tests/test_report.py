@@ -1,4 +1,4 @@
-"""sae.report without a browser: what the HTML file holds, and that untrusted text stays data."""
+"""sae.analysis.report without a browser: what the HTML file holds, and that untrusted text stays data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from report_data import M, decode_block, feature_showing, joined_tokens, report_stats, script_text
 from sae.errors import ConfigError
-from sae.report import BLOCK, StringTable, build_report, round_sig, run_summary, script_json
+from sae.analysis.report import BLOCK, StringTable, build_report, round_sig, run_summary, script_json
 
 EXAMPLES = 4
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"

@@ -1,4 +1,4 @@
-"""sae.report in headless Chromium: the page runs without errors, the index sorts and pages,
+"""sae.analysis.report in headless Chromium: the page runs without errors, the index sorts and pages,
 cards open (by click and by #f=N), and untrusted text shows as text, never as markup.
 
 Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver). Without
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from report_data import M, feature_showing, report_stats, script_text
-from sae.report import build_report
+from sae.analysis.report import build_report
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 EXAMPLES = 4

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from sae.config import load_config
 from sae.errors import ConfigError
-from sae.run import train_run
-from sae.run_folder import resume_config, run_dir_for
-from sae.trainer import Trainer, TrainingStopped
+from sae.training.run import train_run
+from sae.training.run_folder import resume_config, run_dir_for
+from sae.errors import TrainingStopped
+from sae.training.trainer import Trainer
 
 
 def small_run(root, *extra):

@@ -1,4 +1,4 @@
-"""Whole runs through sae.run: sweeps on one harvest, evaluation of a saved run."""
+"""Whole runs through sae.training.run: sweeps on one harvest, evaluation of a saved run."""
 
 import json
 
@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from sae.config import load_config
 from sae.errors import ConfigError
-from sae.run import evaluate_saved_run, train_run
+from sae.evaluation.heldout import evaluate_saved_run
+from sae.training.run import train_run
 
 
 def small_run(root, name, *extra):

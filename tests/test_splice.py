@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sae.hooks import EditActivation, resolve_hook
-from sae.splice import splice_metrics
+from sae.activations.hooks import EditActivation, resolve_hook
+from sae.evaluation.splice import splice_metrics
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.activation_cache import MANIFEST
-from sae.activations import StreamPosition, activation_batches, activation_source
+from sae.activations.cache import MANIFEST
+from sae.activations.stream import StreamPosition, activation_batches, activation_source
 from sae.config import load_config
 from sae.errors import ConfigError
 

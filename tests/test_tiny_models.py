@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sae.config import ModelConfig
-from sae.models import decoder_layers, load_model
+from sae.models.loading import decoder_layers, load_model
 
 
 def test_loads_by_path_with_the_saved_weights(tiny_model_dir):

@@ -7,9 +7,9 @@ import torch
 
 from sae.config import load_config
 from sae.errors import ConfigError
-from sae.metrics import evaluate
+from sae.evaluation.metrics import evaluate
 from sae.architectures import TopKSAE
-from sae.trainer import Trainer, geometric_median, learning_rate
+from sae.training.trainer import Trainer, geometric_median, learning_rate
 
 default_lr = TopKSAE.default_lr  # Gao et al.'s scaling rule
 
@@ -98,7 +98,7 @@ def test_bad_settings_and_bad_activations_are_one_line():
 def test_tensorboard_logger_writes_scalars_and_density_histograms(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sae.trainer import TensorBoardLogger
+    from sae.training.trainer import TensorBoardLogger
 
     trainer = Trainer(config(), {"h": 32}, total_steps=6)
     logger = TensorBoardLogger(tmp_path)

@@ -22,7 +22,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from sae.demo_model import DEMO_MODEL_DIR
+from sae.models.demo_model import DEMO_MODEL_DIR
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox", "falcon")
 

@@ -1,8 +1,14 @@
-"""SAE architectures: one module each, registered here by name.
+"""Stage 4, SAE architectures: one module each, registered here by name (docs/design.md §2).
+
+- ``topk`` (TopK and BatchTopK), ``relu`` (L1 penalty), ``jumprelu``; ``base``: the shared
+  module, initialisation and on-disk layout.
+- ``fused_topk``: the TopK family's fused loss (one autograd Function) and its dense
+  reference; ``sharded_topk``: the same with the latents split over processes.
 
 Adding an architecture: write ``sae/architectures/<name>.py`` with a config dataclass and a
 ``SparseAutoencoder`` subclass, and add it to ``ARCHITECTURES``. Loading any SAE folder
-(ours, SAELens, sparsify) is ``sae.formats.load_sae``.
+(ours, SAELens, sparsify) is ``sae.formats.load_sae``. Imports only the sides (and
+``sae.distributed`` for the sharded loss): no stage before it is needed to define an SAE.
 """
 
 from __future__ import annotations

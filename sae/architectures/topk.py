@@ -1,5 +1,5 @@
 """TopK SAE (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024), trained with the fused
-loss of ``sae.fused_topk``.
+loss of ``sae.architectures.fused_topk``.
 
 TopK:      z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc)), per token.
 BatchTopK: in training, the N*k largest pre-activations of the batch (so the number per
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sae.architectures.base import SparseAutoencoder
-from sae.fused_topk import FusedTopKLoss, TopKSpec
+from sae.architectures.fused_topk import FusedTopKLoss, TopKSpec
 
 
 @dataclass

@@ -10,7 +10,11 @@ Ours and SAELens's share file names and tensor layouts; a cfg.json with ``num_la
 ours. ``load_sae`` builds the module from any of them, ``convert`` rewrites one SAE or a
 whole run in another format; a round trip ours -> theirs -> ours gives back the same files
 (tensors bit for bit, the same cfg.json). ``sae.formats.saelens`` and
-``sae.formats.sparsify`` say what each field means and how it is honoured.
+``sae.formats.sparsify`` say what each field means and how it is honoured;
+``sae.formats.run_config`` gives the model and data a saved SAE was trained on.
+
+Beside the stages: it builds SAEs (``sae.architectures``), and every stage from the
+architectures on may use it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Hook point names: ours, TransformerLens's (SAELens files) and module paths (sparsify files).
 
-Ours are relative to the decoder-layer list (``sae.hooks``): ``layers.N`` (residual stream
+Ours are relative to the decoder-layer list (``sae.activations.hooks``): ``layers.N`` (residual stream
 after layer N), ``layers.N.resid_pre``, ``layers.N.<sub-module>``.
 
 * SAELens names TransformerLens hook points. For a Llama-family model they map as

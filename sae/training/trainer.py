@@ -1,0 +1,511 @@
+"""Training SAEs on activation batches: one SAE per hook point and sweep variant, all fed
+by one harvest.
+
+Per step and SAE (docs/design.md §2): the architecture's loss (for the TopK family the
+fused FVU + AuxK loss) and backward; for unit-norm decoders the decoder-row-parallel part
+of W_dec's gradient removed; optional gradient clipping; Adam; decoder rows
+renormalized. On the first batch b_dec starts at the geometric median (architectures
+that subtract it at the input) and the input scale s (E|x s| = sqrt(d)) is fixed
+(architectures that train on scaled inputs). The learning rate warms up linearly, stays
+flat, and decays linearly to zero over the last ``decay_fraction`` of the steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sae.architectures import ARCHITECTURES, SparseAutoencoder
+from sae.architectures.base import BatchTotals
+from sae.config import RunConfig, SAEConfig, sae_variants
+from sae.distributed import Dist, sharded
+from sae.architectures.sharded_topk import sharded_topk_loss
+from sae.errors import ConfigError, TrainingStopped
+
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, decay_fraction: float) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
+    warmup = min(warmup_steps, total_steps)
+    decay_start = total_steps - int(decay_fraction * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if step >= decay_start:
+        return peak * (total_steps - step) / max(1, total_steps - decay_start)
+    return peak
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iterations: int = 100, eps: float = 1e-8) -> torch.Tensor:
+    """Point minimizing the summed Euclidean distance to the rows of x [N, d] (Weiszfeld)."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iterations):
+        w = 1 / (x - m).norm(dim=1).clamp_min(eps)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() < eps * (1 + m.norm()):
+            return new
+        m = new
+    return m
+
+
+def make_sae(settings: SAEConfig, d_in: int, device: torch.device | str = "cpu") -> SparseAutoencoder:
+    """The SAE ``settings`` (a config's sae section) describe for inputs of width d_in,
+    initialized, not trained."""
+    cls = ARCHITECTURES[settings.architecture]
+    M = settings.num_latents or settings.expansion_factor * d_in
+    if settings.architecture in ("topk", "batchtopk") and settings.k > M:
+        raise ConfigError(f"sae.k: {settings.k} is larger than the {M} latents for width {d_in}; use at most {M}")
+    fields = {f: getattr(settings, f) for f in cls.Config.__dataclass_fields__ if hasattr(settings, f)}
+    return cls(cls.Config(**{**fields, "d_in": d_in, "num_latents": M}), device=device)
+
+
+def sae_id(hook: str, variant: str) -> str:
+    """Name of one trained SAE, also its folder under the run: the hook, or hook/variant in a sweep."""
+    return f"{hook}/{variant}" if variant else hook
+
+
+def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool) -> SparseAutoencoder:
+    """This rank's slice (latents [r M/w, (r+1) M/w)) of a TopK SAE, as a TopK SAE."""
+    multi = getattr(sae.cfg, "multi_topk", False)
+    if sae.architecture != "topk" or multi or autocast:
+        raise ConfigError(f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
+                          f"{name} is {sae.architecture}" + (" with multi_topk" if multi else "")
+                          + (" with train.autocast" if autocast else ""))
+    M = sae.cfg.num_latents
+    if M % dist.world:
+        raise ConfigError(f"distributed.mode: latents: the {M} latents of {name} do not divide over {dist.world} "
+                          f"processes; use a latent count divisible by {dist.world}")
+    m = M // dist.world
+    part = type(sae)(replace(sae.cfg, num_latents=m))
+    mine = slice(dist.rank * m, (dist.rank + 1) * m)
+    with torch.no_grad():
+        for p_name in ("W_enc", "b_enc", "W_dec"):
+            getattr(part, p_name).copy_(getattr(sae, p_name)[mine])
+        part.b_dec.copy_(sae.b_dec)
+    return part
+
+
+def gather_latents(part: SparseAutoencoder, dist: Dist) -> SparseAutoencoder:
+    """The whole SAE from every rank's slice (a collective: every rank calls it)."""
+    whole = type(part)(replace(part.cfg, num_latents=part.cfg.num_latents * dist.world), device=part.W_dec.device)
+    with torch.no_grad():
+        for p_name in ("W_enc", "b_enc", "W_dec"):
+            getattr(whole, p_name).copy_(dist.gather_rows(getattr(part, p_name).detach()))
+        whole.b_dec.copy_(part.b_dec)
+    return whole
+
+
+class Trainer:
+    """Trains one SAE per hook point and sweep variant, all on the same batches.
+    ``step(batch)`` takes {hook: [N, d]}; the dicts below are keyed by ``sae_id``.
+
+    The architecture's class attributes say what each step does besides the loss: whether
+    b_dec starts at the geometric median, decoder rows stay unit-norm (gradient projected,
+    rows renormalized), inputs are scaled by one constant, and the gradient is clipped.
+    """
+
+    def __init__(self, cfg: RunConfig, widths: dict[str, int], total_steps: int,
+                 device: torch.device | str = "cpu", dist: Dist | None = None):
+        """dist: the processes this trainer is one of; None or a world of 1 for one process.
+        With ``distributed.mode: data`` each steps on its share of every batch; with
+        ``latents`` each holds a slice of every SAE's latents and trains on the whole batch
+        (``sae.architectures.sharded_topk``)."""
+        self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
+        self.dist = dist or Dist()
+        mode = cfg.distributed.mode if self.dist.active else None
+        self.sharded, self.by_hook = mode == "latents", mode == "hooks"
+        # whom a batch is split over: the processes in data-parallel mode, nobody otherwise
+        self.batch_dist = self.dist if mode == "data" else Dist()
+        self.hooks = list(widths)
+        # which process trains each hook point's SAEs (hooks mode: an even, contiguous split)
+        self.owner = {hook: 0 for hook in self.hooks}
+        if self.by_hook:
+            sharded(self.hooks, self.dist.world, "hook points")
+            per = len(self.hooks) // self.dist.world
+            self.owner = {hook: i // per for i, hook in enumerate(self.hooks)}
+        self.densities: dict[str, torch.Tensor] = {}   # per SAE, set at each log step (for TensorBoard)
+        self.step_count, self.tokens_seen = 0, 0
+        self.saes: dict[str, SparseAutoencoder] = {}
+        self.optimizers: dict[str, torch.optim.Adam] = {}
+        self.since_fired: dict[str, torch.Tensor] = {}
+        self.nonfinite: dict[str, torch.Tensor] = {}
+        self.window_fires: dict[str, torch.Tensor] = {}  # firing counts since the last density log
+        self.window_tokens: dict[str, int] = {}
+        self.input_scale: dict[str, torch.Tensor] = {}   # s with E|x s| = sqrt(d), set on the first batch
+        self.workspace: dict[str, torch.Tensor] = {}     # reused N x M pre-activation buffer per hook
+        self.checked_step = 0
+        self.last_checkpoint_step: int | None = None
+        self.diverged: dict[str, torch.Tensor] = {}
+        self.peak_lr: dict[str, float] = {}
+        self.hook_of: dict[str, str] = {}
+        # every SAE of the run, this process's or not: {name: hook point}
+        self.all_saes = {sae_id(hook, variant): hook for hook in widths for variant in sae_variants(cfg)}
+        for hook, d in widths.items():
+            if self.by_hook and self.owner[hook] != self.dist.rank:
+                continue
+            for variant, settings in sae_variants(cfg).items():
+                self._add(sae_id(hook, variant), hook, make_sae(settings, d, "cpu" if self.sharded else self.device))
+
+    def _add(self, name: str, hook: str, sae: SparseAutoencoder) -> None:
+        """Register ``sae`` as ``name``, trained on the activations at ``hook``."""
+        # Each SAE's init depends on the seed and its shape only: a sweep variant starts
+        # (and, on the same batches, ends) exactly as the same SAE trained alone.
+        sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
+        self.peak_lr[name] = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents)
+        if self.sharded:  # keep this rank's slice of the same initial SAE
+            clip = sae.grad_clip if self.cfg.train.grad_clip is None else self.cfg.train.grad_clip
+            sae = shard_latents(sae, self.dist, name, self.cfg.train.autocast).to(self.device)
+            if clip:
+                raise ConfigError(f"train.grad_clip: {clip} cannot be applied with distributed.mode: latents (each "
+                                  "process holds part of the gradient); set train.grad_clip=0")
+        M = sae.cfg.num_latents
+        self.saes[name], self.hook_of[name] = sae, hook
+        self.optimizers[name] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[name], betas=sae.adam_betas,
+                                                 fused=self.device.type in ("cuda", "cpu"))
+        self.since_fired[name] = torch.zeros(M, dtype=torch.long, device=self.device)
+        self.nonfinite[name] = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.diverged[name] = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.window_fires[name] = torch.zeros(M, dtype=torch.long, device=self.device)
+        self.window_tokens[name] = 0
+        self.input_scale[name] = torch.ones((), device=self.device)
+
+    def scales_inputs(self, hook: str) -> bool:
+        setting = self.cfg.train.scale_inputs
+        return self.saes[hook].scale_inputs if setting is None else setting
+
+    def grad_clip(self, hook: str) -> float | None:
+        setting = self.cfg.train.grad_clip
+        return self.saes[hook].grad_clip if setting is None else (setting or None)
+
+    def _workspace(self, hook: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        need = n * self.saes[hook].cfg.num_latents
+        ws = self.workspace.get(hook)
+        if ws is None or ws.numel() < need or ws.dtype != dtype:
+            ws = self.workspace[hook] = torch.empty(need, dtype=dtype, device=self.device)
+        return ws
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """One optimizer step per SAE. Returns per-SAE stats as 0-d tensors (no host sync)."""
+        stats = {}
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast)
+        inputs = {}
+        if self.by_hook:  # each hook point's batch, whole, goes to the process that trains its SAEs
+            for hook in self.hooks:
+                whole = self.dist.gather_to(batch[hook].to(self.device, torch.float32), self.owner[hook])
+                if whole is not None:
+                    inputs[hook] = whole
+        for name, sae in self.saes.items():
+            hook = self.hook_of[name]
+            if hook not in inputs:  # several SAEs (a sweep) can train on one hook's batch
+                inputs[hook] = batch[hook].to(self.device, torch.float32, non_blocking=True)
+                if self.sharded:  # every slice of the latents trains on the whole batch
+                    inputs[hook] = self.dist.gather_rows(inputs[hook])
+            x = inputs[hook]
+            # Recorded on the device, checked in check_finite(): no host sync per step.
+            self.nonfinite[name] |= ~torch.isfinite(x).all()
+            if self.step_count == 0:
+                with torch.no_grad():
+                    if self.scales_inputs(name):
+                        norms = self.batch_dist.sum_(torch.stack([x.norm(dim=1).sum(),
+                                                                  torch.tensor(x.shape[0], device=x.device)]))
+                        self.input_scale[name].copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
+                    if sae.apply_b_dec_to_input:
+                        sae.b_dec.copy_(geometric_median(self.batch_dist.gather_rows(x) * self.input_scale[name]))
+            if self.scales_inputs(name):
+                x = x * self.input_scale[name]
+            totals = self._totals(x) if self.batch_dist.active else None
+            dead = self.since_fired[name] >= self.cfg.train.dead_tokens
+            ws = (self._workspace(name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
+                  if sae.uses_workspace else None)
+            if self.sharded:
+                spec = sae.spec()
+                loss, fvu, fires = sharded_topk_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, spec.k, self.dist,
+                                                     dead, spec.k_aux, spec.aux_alpha)
+            else:
+                with autocast:
+                    loss, fvu, fires = sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps,
+                                                         totals=totals)
+            self.diverged[name] |= ~torch.isfinite(loss.detach())
+            loss.backward()
+            opt = self.optimizers[name]
+            n = totals.n if totals is not None else x.shape[0]
+            with torch.no_grad():
+                if self.batch_dist.active:  # each share's loss is its part of the batch's: gradients add up
+                    for p in sae.parameters():
+                        if p.grad is not None:
+                            self.batch_dist.sum_(p.grad)
+                    fires = self.batch_dist.sum_(fires)
+                    loss_fvu = self.batch_dist.sum_(torch.stack([loss.detach(), fvu]))
+                    loss, fvu = loss_fvu[0], loss_fvu[1]
+                W = sae.W_dec
+                if sae.unit_norm_decoder:
+                    g = W.grad
+                    g -= (g * W).sum(1, keepdim=True) * W  # keep rows on the unit sphere to first order
+                clip = self.grad_clip(name)
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(self.step_count, self.total_steps, self.peak_lr[name],
+                                                self.cfg.train.warmup_steps, self.cfg.train.decay_fraction)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if sae.unit_norm_decoder:
+                    W.copy_(F.normalize(W, dim=1))
+                since = self.since_fired[name]
+                since += n
+                since.masked_fill_(fires > 0, 0)
+                self.window_fires[name] += fires
+                self.window_tokens[name] += n
+            fired, n_dead = fires.sum(), dead.sum()
+            if self.sharded:  # counts of this slice of the latents: add the others'
+                fired, n_dead = self.dist.sum_(torch.stack([fired, n_dead]))
+            stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fired / n,
+                           "dead_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1)),
+                           "lr": opt.param_groups[0]["lr"]}
+        self.step_count += 1
+        self.tokens_seen += next(iter(batch.values())).shape[0] * self.dist.world
+        return stats
+
+    def _totals(self, x: torch.Tensor) -> BatchTotals:
+        """Size and total variance of the whole batch that x [n, d] is this process's share of
+        (two-pass, as one process computes it). Every share has the same size (the buffers
+        serve fixed batches and ``sae.training.run.in_step`` keeps the processes in step), so the size
+        needs no collective and the step no host sync."""
+        with torch.no_grad():
+            n = x.shape[0] * self.dist.world
+            mean = self.dist.sum_(x.sum(0)) / n
+            var = self.dist.sum_((x - mean).pow(2).sum())
+        return BatchTotals(n, var, self.dist.min_)
+
+    def trained_sae(self, hook: str) -> SparseAutoencoder:
+        """The SAE for ``hook`` as it should be used and saved: a copy taking unscaled inputs.
+        With latents sharded every rank must call this (the slices are gathered)."""
+        sae = gather_latents(self.saes[hook], self.dist) if self.sharded else copy.deepcopy(self.saes[hook])
+        if self.scales_inputs(hook):
+            sae.fold_input_scale(float(self.input_scale[hook]))
+        return sae
+
+    def check_finite(self) -> None:
+        """Stop with one line if activations or a loss since the last check were NaN or inf.
+
+        Called before every checkpoint, so a checkpoint never holds a diverged state.
+        """
+        kept = (f"; the last good checkpoint (step {self.last_checkpoint_step}) is kept"
+                if self.last_checkpoint_step is not None else "")
+        if self.dist.active:  # all processes stop together, or none does
+            flags = torch.stack([torch.stack(list(self.nonfinite.values())).any(),
+                                 torch.stack(list(self.diverged.values())).any()]).long()
+            if self.dist.max_(flags.clone()).any() and not flags.any():
+                raise ConfigError(f"another process saw NaN or inf in steps {self.checked_step}..{self.step_count - 1}"
+                                  f"; see its message{kept}")
+        for hook in self.saes:
+            steps = f"steps {self.checked_step}..{self.step_count - 1}"
+            if self.nonfinite[hook]:
+                raise ConfigError(f"activations at {self.hook_of[hook]} held NaN or inf in {steps}; check model.dtype or drop "
+                                  f"outliers with harvest.max_norm_ratio{kept}")
+            if self.diverged[hook]:
+                raise ConfigError(f"training of the SAE at {hook} diverged (loss NaN or inf) in {steps}; "
+                                  f"lower train.lr{kept}")
+        self.checked_step = self.step_count
+
+    # ---- resumable state -----------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able meta): everything a resumed run needs to continue bit-identically."""
+        tensors: dict[str, torch.Tensor] = {}
+        for hook, sae in self.saes.items():
+            for name, t in sae.state_dict().items():
+                tensors[f"{hook}/sae/{name}"] = t
+            for i, slots in self.optimizers[hook].state_dict()["state"].items():
+                for key, t in slots.items():
+                    tensors[f"{hook}/adam/{i}/{key}"] = t
+            tensors[f"{hook}/since_fired"] = self.since_fired[hook]
+            tensors[f"{hook}/window_fires"] = self.window_fires[hook]
+            tensors[f"{hook}/input_scale"] = self.input_scale[hook]
+        tensors["torch_rng"] = torch.get_rng_state()
+        meta = {"step": self.step_count, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+                "checked_step": self.checked_step, "window_tokens": self.window_tokens,
+                "widths": {hook: sae.cfg.d_in for hook, sae in self.saes.items()},
+                "num_latents": {hook: sae.cfg.num_latents for hook, sae in self.saes.items()}}
+        return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore ``state_dict()``'s output; a state for other hooks or shapes is refused in one line."""
+        mine = {hook: (sae.cfg.d_in, sae.cfg.num_latents) for hook, sae in self.saes.items()}
+        theirs = {hook: (meta["widths"][hook], meta["num_latents"][hook]) for hook in meta["widths"]}
+        if mine != theirs or meta["total_steps"] != self.total_steps:
+            raise ConfigError(f"resume: the checkpoint holds SAEs {theirs} over {meta['total_steps']} steps "
+                              f"(hook: (d_in, latents)), this config makes {mine} over {self.total_steps}")
+        self._check_state_shapes(tensors, stepped=meta["step"] > 0)
+        for hook, sae in self.saes.items():
+            sae.load_state_dict({name: tensors[f"{hook}/sae/{name}"] for name in sae.state_dict()})
+            opt = self.optimizers[hook]
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, t in tensors.items():
+                if key.startswith(f"{hook}/adam/"):
+                    i, slot = key.removeprefix(f"{hook}/adam/").split("/")
+                    state.setdefault(int(i), {})[slot] = t
+            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+            for name in ("since_fired", "window_fires", "input_scale"):
+                getattr(self, name)[hook].copy_(tensors[f"{hook}/{name}"])
+        torch.set_rng_state(tensors["torch_rng"])
+        self.step_count, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.checked_step, self.window_tokens = meta["checked_step"], dict(meta["window_tokens"])
+        self.last_checkpoint_step = self.step_count
+
+    def _check_state_shapes(self, tensors: dict[str, torch.Tensor], stepped: bool) -> None:
+        """Every tensor a state must hold is there with this trainer's shape: a checkpoint
+        whose JSON half agrees but whose tensors do not is damaged or another run's.
+        stepped: the state is of a trainer that has stepped (its Adam state exists)."""
+        expected: dict[str, torch.Size | None] = {"torch_rng": torch.get_rng_state().shape}
+        for hook, sae in self.saes.items():
+            params = list(sae.parameters())  # Adam numbers its state by this order
+            expected |= {f"{hook}/sae/{name}": t.shape for name, t in sae.state_dict().items()}
+            expected |= {f"{hook}/{name}": getattr(self, name)[hook].shape
+                         for name in ("since_fired", "window_fires", "input_scale")}
+            saved = [key for key in tensors if key.startswith(f"{hook}/adam/")]
+            slots = {key.rsplit("/", 1)[1] for key in saved} or ({"step", "exp_avg", "exp_avg_sq"} if stepped else set())
+            for i, p in enumerate(params):
+                expected |= {f"{hook}/adam/{i}/{slot}": torch.Size([]) if slot == "step" else p.shape for slot in slots}
+            expected |= {key: None for key in saved if key not in expected}  # a parameter this SAE lacks
+        for key, shape in expected.items():
+            got = tuple(tensors[key].shape) if key in tensors else None
+            if shape is None or got != tuple(shape):
+                raise ConfigError(f"resume: the checkpoint's {key} has shape {got}, this run needs "
+                                  f"{None if shape is None else tuple(shape)}; the checkpoint is damaged or belongs to another run")
+
+    def fit(self, batches, progress: bool = True, log_every: int = 50,
+            on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None = None,
+            checkpoint_every: int | None = None, on_checkpoint: Callable[[Trainer], None] | None = None,
+            stop_requested: Callable[[], bool] = lambda: False) -> dict[str, dict[str, float]]:
+        """Steps over ``batches`` until total_steps; returns the last stats as floats.
+
+        Every ``log_every`` steps (the loop's only host syncs) the progress bar is refreshed
+        and ``on_log(trainer, stats)`` is called, e.g. a TensorBoardLogger. Every
+        ``checkpoint_every`` steps, and as soon as ``stop_requested()`` turns true,
+        ``on_checkpoint(trainer)`` is called once the state is checked finite; after a stop
+        request, fit then raises ``TrainingStopped``.
+        """
+        last: dict[str, dict[str, float]] = {}
+        batch_tokens = self.cfg.train.batch_tokens
+        stats, logged = None, self.step_count
+        # Counted in tokens so the bar shows tokens/s and an ETA.
+        with tqdm(total=self.total_steps * batch_tokens, initial=self.step_count * batch_tokens, desc="train",
+                  unit="tok", unit_scale=True, disable=not progress) as bar:
+            for batch in batches:
+                if self.step_count >= self.total_steps:
+                    break
+                stats = self.step(batch)
+                bar.update(batch_tokens)
+                if self.step_count % log_every == 0 or self.step_count == self.total_steps:
+                    last, logged = self._log(stats, bar, on_log), self.step_count
+                stop = stop_requested()
+                due = checkpoint_every is not None and self.step_count % checkpoint_every == 0
+                if on_checkpoint is not None and (stop or due) and self.step_count < self.total_steps:
+                    self.check_finite()
+                    on_checkpoint(self)
+                    self.last_checkpoint_step = self.step_count
+                if stop:
+                    raise TrainingStopped(self.step_count)
+            # The data ran out a little before total_steps (special tokens are dropped): the
+            # bar and the log end at the step really reached, not at the last multiple of log_every.
+            if stats is not None and logged != self.step_count:
+                last = self._log(stats, bar, on_log)
+            bar.total = bar.n
+            bar.refresh()
+        self.check_finite()
+        return last
+
+    def _log(self, stats: dict[str, dict[str, torch.Tensor]], bar: tqdm,
+             on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None) -> dict[str, dict[str, float]]:
+        """Check the state, show ``stats`` (this step's) on the bar and hand them to ``on_log``."""
+        self.check_finite()
+        last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}
+        self.densities = self.take_window_densities()
+        if self.by_hook:  # every process's SAEs, for the progress bar and the log
+            last = {h: s for part in self.dist.gather_objects(last) for h, s in part.items()}
+        first = next(iter(last.values()))
+        bar.set_postfix(step=self.step_count, loss=f"{first['loss']:.3g}", fvu=f"{first['fvu']:.3f}",
+                        l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.1%}")
+        if on_log is not None:
+            on_log(self, last)
+        return last
+
+    def take_window_densities(self) -> dict[str, torch.Tensor]:
+        """{SAE: per-latent firing rate [M]} since the last call (for density histograms), of
+        every process's SAEs; a collective when SAEs are split over processes."""
+        rates = {}
+        for name in self.saes:
+            rate = self.window_fires[name].double() / max(1, self.window_tokens[name])
+            self.window_fires[name].zero_()
+            self.window_tokens[name] = 0
+            rates[name] = self.dist.gather_rows(rate) if self.sharded else rate
+        if self.by_hook:
+            rates = {name: r for part in self.dist.gather_objects({n: r.cpu() for n, r in rates.items()})
+                     for name, r in part.items()}
+        return rates
+
+
+class TensorBoardLogger:
+    """``on_log`` callback writing losses, FVU, L0, dead fraction, lr, tokens/s, and over
+    the tokens since the last log, the dense fraction (latents firing on > 10%) and a
+    histogram of log10 feature density, to ``folder`` (one run per folder)."""
+
+    def __init__(self, folder: str | Path, resumed: Trainer | None = None):
+        """resumed: the trainer of a resumed run; events the interrupted run logged after
+        its checkpoint are hidden, and tokens/s counts from the resumed step."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder), purge_step=resumed.step_count if resumed else None)
+        self.last_time, self.last_tokens = time.perf_counter(), resumed.tokens_seen if resumed else 0
+
+    def __call__(self, trainer: Trainer, stats: dict[str, dict[str, float]]) -> None:
+        step, now = trainer.step_count, time.perf_counter()
+        rate = (trainer.tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, trainer.tokens_seen
+        for hook, values in stats.items():
+            for name, value in values.items():
+                self.writer.add_scalar(f"{hook}/{name}", value, step)
+            density = trainer.densities[hook]
+            self.writer.add_scalar(f"{hook}/dense_fraction", (density > 0.1).double().mean().item(), step)
+            self.writer.add_histogram(f"{hook}/log10_density", torch.log10(density.clamp_min(1e-10)).cpu(), step)
+        self.writer.add_scalar("tokens_per_s", rate, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def log_heldout_metrics(folder: str | Path, results: dict[str, dict], step: int) -> None:
+    """Write each SAE's held-out metrics (``evaluate_run``'s results) to TensorBoard at
+    ``step``, as heldout/<SAE>/<metric>, beside the training curves in ``folder``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(folder)) as writer:
+        for name, r in results.items():
+            values = {k: r[k] for k in ("fvu", "l0", "dead_fraction", "dense_fraction")}
+            values.update({k: r["splice"][k] for k in ("ce_loss_recovered", "delta_lm_loss", "kl")})
+            for key, value in values.items():
+                writer.add_scalar(f"heldout/{name}/{key}", value, step)
+
+
+def set_aside_old_events(folder: Path) -> Path | None:
+    """Move the TensorBoard event files of an earlier run with this folder into a
+    sub-folder named by their time (TensorBoard shows it as its own run, not mixed into
+    the new curves); where they went, or None when there were none."""
+    events = sorted(Path(folder).glob("events.out.tfevents.*"))
+    if not events:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(e.stat().st_mtime for e in events)))
+    dest = Path(folder) / f"earlier-{stamp}"
+    dest.mkdir(exist_ok=True)
+    for e in events:
+        e.rename(dest / e.name)
+    return dest
