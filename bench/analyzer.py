@@ -49,16 +49,23 @@ from pathlib import Path
 import click
 import torch
 
-from sae.formats import load_sae
-from sae.config import ModelConfig, SAEConfig
-from sae.data.text import context_batches, load_text_dataset
-from sae.analysis.feature_stats import (HIST_BINS, Examples, FeatureStats, StatsAccumulator, StatsSettings,
-                               compute_feature_stats, hist_bin)
 from sae.activations.harvest import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
+from sae.analysis.feature_stats import (
+    HIST_BINS,
+    Examples,
+    FeatureStats,
+    StatsAccumulator,
+    StatsSettings,
+    compute_feature_stats,
+    hist_bin,
+)
 from sae.analysis.logit_effects import logit_effects, nearest_features
-from sae.models.loading import load_model
 from sae.analysis.report import build_report
+from sae.config import ModelConfig, SAEConfig
+from sae.data.text import context_batches, load_text_dataset
+from sae.formats import load_sae
+from sae.models.loading import load_model
 from sae.training.trainer import make_sae
 
 HOOK = "layers.2"
@@ -436,7 +443,7 @@ def main(sae_path, tokens, rounds, sizes, skip_browser, skip_throughput, one_thr
         label = f"real stats ({real.num_features:,} features)"
         # Threads for the tensor work of build_report: 1 vs the default, interleaved, on the real stats.
         check = {}
-        for r in range(2):
+        for _ in range(2):
             for threads in dict.fromkeys((build_threads, results["threads"])):
                 check.setdefault(threads, []).append(timed_build(real, tokenizer, tmp / "real.html", label, threads,
                                                                      idle_s=idle_s))

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from sae.activations.harvest import Harvester
+from sae.activations.hooks import resolve_hook
 from sae.config import ModelConfig
 from sae.data.text import context_batches, context_bos_id, load_text_dataset
 from sae.models.demo_model import DEMO_MODEL_DIR
-from sae.activations.harvest import Harvester
-from sae.activations.hooks import resolve_hook
 from sae.models.loading import decoder_layers, load_model
 
 SHAPES = {  # random-weight Llama shapes
@@ -122,7 +122,7 @@ def main(model_name, device, hook, batch, context, steps, rounds, threads, datas
                 base(input_ids=ids, use_cache=False)
 
     def harvest():
-        for acts in Harvester(model, tokenizer, dev_batches, [hook]):
+        for _acts in Harvester(model, tokenizer, dev_batches, [hook]):
             pass
 
     def full():

@@ -49,9 +49,9 @@ import torch
 
 from sae.activations.stream import activation_batches, make_harvester
 from sae.config import load_config
+from sae.evaluation.heldout import eval_config
 from sae.evaluation.metrics import evaluate
 from sae.models.loading import load_model
-from sae.evaluation.heldout import eval_config
 from sae.training.trainer import Trainer, learning_rate
 
 OURS = {"topk": [], "batchtopk": ["sae.architecture=batchtopk"], "topk_multi": ["sae.multi_topk=true"],
@@ -106,7 +106,7 @@ def train_ours(cfg, hook, batches, held_out, encoder_norm=None):
     max_dead, steps_with_dead = torch.zeros(()), torch.zeros((), dtype=torch.long)
     start = time.perf_counter()
     for x in batches:
-        dead = trainer.step({hook: x})[hook]["dead_fraction"]  # dead for AuxK in this step
+        dead = trainer.step({hook: x})[hook]["silent_fraction"]  # dead for AuxK in this step
         max_dead, steps_with_dead = torch.maximum(max_dead, dead), steps_with_dead + (dead > 0)
     seconds = time.perf_counter() - start
     trainer.check_finite()

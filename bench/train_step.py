@@ -21,8 +21,8 @@ import time
 import click
 import torch
 
-from sae.config import load_config
 from sae.architectures.fused_topk import topk_loss_reference
+from sae.config import load_config
 from sae.training.trainer import Trainer
 
 

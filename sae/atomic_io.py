@@ -51,7 +51,9 @@ def _umask() -> int:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' ``save_file``, with the usual file mode, and its I/O errors (a
     ``SafetensorError`` wrapping e.g. "No space left on device") raised as ``OSError``."""
-    from safetensors import SafetensorError  # here: the run-folder checks import this module without torch
+    from safetensors import (
+        SafetensorError,  # here: the run-folder checks import this module without torch
+    )
     from safetensors.torch import save_file
 
     try:

@@ -132,8 +132,8 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
         return
     # Imported only now: torch + transformers take seconds, and a config error should not wait.
     from sae.distributed import Dist
-    from sae.training.run import train_run
     from sae.errors import TrainingStopped
+    from sae.training.run import train_run
 
     dist = Dist.from_env(cfg.distributed.timeout_s, cfg.model.device)   # several processes under torchrun
     try:
@@ -270,8 +270,8 @@ def open_sae(sae_path, overrides, hook, override_hook, sae_dtype):
 
 
 def _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute):
-    from sae.analysis.target import cached_feature_stats
     from sae.analysis.feature_stats import StatsSettings
+    from sae.analysis.target import cached_feature_stats
 
     settings = StatsSettings(tokens=tokens, top_examples=examples)  # bad values fail before the model loads
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
@@ -340,7 +340,12 @@ def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, exampl
         python analyze.py features checkpoints/demo -f 93 -f 1539    # two features in full
     """
 
-    from sae.analysis.feature_stats import check_feature, density_histogram, feature_record, token_decoder
+    from sae.analysis.feature_stats import (
+        check_feature,
+        density_histogram,
+        feature_record,
+        token_decoder,
+    )
 
     target, stats = _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
     for f in features:
@@ -551,11 +556,11 @@ def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples
     """
     import time
 
-    from sae.formats.run_config import run_config_of
-    from sae.formats import find_sae_folder
     from sae.analysis.feature_search import contrast_search, read_prompts
-    from sae.atomic_io import check_output_path
     from sae.analysis.report import build_report, run_summary
+    from sae.atomic_io import check_output_path
+    from sae.formats import find_sae_folder
+    from sae.formats.run_config import run_config_of
 
     if (target_file is None) != (baseline_file is None):
         raise ConfigError("report: contrast columns need both --target FILE and --baseline FILE")
@@ -662,9 +667,9 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
     """
     import shutil
 
-    from sae.models.generation import Sampling, continuations
     from sae.activations.harvest import special_token_ids
     from sae.interventions.edits import Edit, intervene, parse_feature_edits
+    from sae.models.generation import Sampling, continuations
 
     edits = parse_feature_edits(ablate, clamp, scale, steer)
     if not edits:
@@ -951,11 +956,11 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
             --scorer words:raised,raise,raises --answer " raised" --ablate-top 5
     """
 
-    from sae.interventions.fix_test import fix_test
-    from sae.models.generation import Sampling
     from sae.atomic_io import check_output_path, write_output
     from sae.interventions.edits import Ablate, Edit, Steer, parse_feature_edits
+    from sae.interventions.fix_test import fix_test
     from sae.interventions.scorers import load_scorer
+    from sae.models.generation import Sampling
 
     texts = _prompts(prompt, prompts_file)
     edits = parse_feature_edits(ablate, clamp, scale, steer)

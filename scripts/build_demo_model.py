@@ -24,12 +24,18 @@ from pathlib import Path
 import click
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from sae.data import corpus
 from sae.data.text import pack
-from sae.models.demo_model import CARD_FILE, DEMO_MODEL_DIR, EVAL_CONTEXT_LEN, heldout_contexts
 from sae.evaluation.lm_metrics import next_token_loss, unigram_entropy
+from sae.models.demo_model import CARD_FILE, DEMO_MODEL_DIR, EVAL_CONTEXT_LEN, heldout_contexts
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 

@@ -30,10 +30,10 @@ M = 512  # features of the random SAE
 def report_stats():
     """(stats, tokenizer) computed once per test process: ~1k tokens through the demo model
     and a random 512-feature TopK SAE, with logit effects and nearest features filled."""
-    from sae.config import ModelConfig, SAEConfig
-    from sae.data.text import pack
     from sae.analysis.feature_stats import StatsSettings, compute_feature_stats
     from sae.analysis.logit_effects import logit_effects, nearest_features
+    from sae.config import ModelConfig, SAEConfig
+    from sae.data.text import pack
     from sae.models.loading import load_model
     from sae.training.trainer import make_sae
 

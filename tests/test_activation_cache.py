@@ -130,7 +130,7 @@ def test_reader_starts_at_any_row_and_says_where_a_harvest_would_restart(tmp_pat
         assert torch.equal(torch.cat(got) if got else torch.empty(0), full[start:]), start
     reader = CacheReader(tmp_path, start_row=30)
     starts = []
-    for shard in reader:
+    for shard in reader:  # noqa: B007 (the last one is checked below)
         starts.append(reader.item_start)
     assert shard["a"][0, 0] == 56  # the last shard, rows 56..69
     assert starts == [{"contexts": 4, "rows_before_contexts": 28}, {"contexts": 6, "rows_before_contexts": 42},
@@ -239,7 +239,7 @@ def test_a_damaged_shard_is_harvested_again_from_where_it_starts(tmp_path, damag
         shard.write_bytes(shard.read_bytes()[:-9])
     else:
         shard.unlink()
-    with pytest.raises(ConfigError, match=rf"shard-00001.safetensors in .* is damaged \(.*\); delete that file"):
+    with pytest.raises(ConfigError, match=r"shard-00001.safetensors in .* is damaged \(.*\); delete that file"):
         CacheReader(hurt)  # a reader alone says which shard, before reading any
     said = []
     w = CacheWriter(hurt, IDENTITY, 20, log=said.append)

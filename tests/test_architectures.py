@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from sae.architectures import TopKConfig, TopKSAE
-from sae.formats import load_sae
 from sae.architectures.base import CONFIG_FILE, WEIGHTS_FILE
 from sae.errors import ConfigError
+from sae.formats import load_sae
 
 
 def make_sae(d=16, M=64, k=4, seed=0):

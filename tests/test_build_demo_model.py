@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sae.models.demo_model import CARD_FILE, heldout_contexts
 from sae.evaluation.lm_metrics import next_token_loss
+from sae.models.demo_model import CARD_FILE, heldout_contexts
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae.config import RunConfig, config_from_dict, describe, load_config, parse_override, to_dict, to_yaml
+from sae.config import (
+    RunConfig,
+    config_from_dict,
+    describe,
+    load_config,
+    parse_override,
+    to_dict,
+    to_yaml,
+)
 from sae.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))

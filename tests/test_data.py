@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from sae.data.corpus import split_of
 from sae.data.text import describe_split, load_text_dataset, pack

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sae.data import corpus
-from sae.models import demo_model
 from sae.config import ModelConfig
+from sae.data import corpus
 from sae.evaluation.lm_metrics import next_token_loss
+from sae.models import demo_model
 from sae.models.loading import decoder_layers, load_model
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sae.config import load_config
@@ -133,10 +132,11 @@ def small_run(root, name="r", mode="data"):
 
 
 def _run_worker(rank, world, root, name, stop_at, resume, mode="data"):
+    from test_resume import signalling_step
+
+    from sae.errors import TrainingStopped
     from sae.training.run import train_run
     from sae.training.run_folder import resume_config
-    from sae.errors import TrainingStopped
-    from test_resume import signalling_step
 
     if stop_at is not None and rank == world - 1:   # Ctrl-C reaches one process; all must stop together
         Trainer.step = signalling_step(stop_at)

@@ -16,8 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sae import cli
-from sae.training.checkpoint import load_checkpoint
 from sae.config import load_config
+from sae.training.checkpoint import load_checkpoint
 from sae.training.run_folder import claim_run_folder
 
 HERE = Path(__file__).parent

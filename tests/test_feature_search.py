@@ -6,11 +6,18 @@ import json
 import pytest
 import torch
 
+from sae.analysis.feature_search import (
+    auroc,
+    contrast,
+    contrast_search,
+    features_in_text,
+    prompt_scores,
+    read_prompts,
+    token_latents,
+)
 from sae.analysis.target import open_target
 from sae.config import SAEConfig
 from sae.errors import ConfigError
-from sae.analysis.feature_search import (auroc, contrast, contrast_search, features_in_text, prompt_scores,
-                                read_prompts, token_latents)
 from sae.models.generation import prompt_token_ids
 from sae.training.trainer import make_sae
 

@@ -5,13 +5,23 @@ import math
 import pytest
 import torch
 
-from sae.config import SAEConfig
-from sae.errors import ConfigError
-from sae.analysis.feature_stats import (HIST_BINS, HIST_BINS_PER_OCTAVE, HIST_LOG2_MIN, StatsAccumulator, StatsSettings,
-                               compute_feature_stats, density_histogram, feature_record, load_feature_stats,
-                               save_feature_stats, token_decoder)
 from sae.activations.harvest import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
+from sae.analysis.feature_stats import (
+    HIST_BINS,
+    HIST_BINS_PER_OCTAVE,
+    HIST_LOG2_MIN,
+    StatsAccumulator,
+    StatsSettings,
+    compute_feature_stats,
+    density_histogram,
+    feature_record,
+    load_feature_stats,
+    save_feature_stats,
+    token_decoder,
+)
+from sae.config import SAEConfig
+from sae.errors import ConfigError
 from sae.training.trainer import make_sae
 
 
@@ -62,14 +72,14 @@ def test_top_examples_are_the_largest_with_their_windows(stream):
     T = 16
     for f in range(6):
         entries = []  # (value, context index, position) of every kept firing
-        for c, (z, ids, keep) in enumerate(stream):
+        for c, (z, _ids, keep) in enumerate(stream):
             for b in range(2):
                 for t in range(T):
                     if keep[b, t] and z[b, t, f] > 0:
                         entries.append((z[b, t, f].item(), 2 * c + b, t))
         entries.sort(reverse=True)
         assert stats.top.values[f].tolist() == pytest.approx([v for v, _, _ in entries[:4]])
-        for slot, (value, ctx, pos) in enumerate(entries[:4]):
+        for slot, (_value, ctx, pos) in enumerate(entries[:4]):
             assert (stats.top.context[f, slot].item(), stats.top.position[f, slot].item()) == (ctx, pos)
             z, ids, _ = stream[ctx // 2]
             for w, offset in enumerate(range(-3, 3)):
@@ -254,8 +264,8 @@ def test_top_tokens_come_from_any_cached_scan(small_data_target, monkeypatch):
     """feature_top_tokens reads the cached scan's top examples (the tokens they centre on,
     each once, most activating first) without scanning; with no cache it scans once."""
     from sae.analysis import target as analysis_target
-    from sae.analysis.target import cached_feature_stats, feature_top_tokens
     from sae.analysis.feature_stats import top_tokens
+    from sae.analysis.target import cached_feature_stats, feature_top_tokens
 
     tok = small_data_target.tokenizer
     logs = []

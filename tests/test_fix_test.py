@@ -9,16 +9,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from sae.interventions.attribution import attribute
-from sae.config import SAEConfig
-from sae.models.demo_model import DEMO_MODEL_DIR
-from sae.errors import ConfigError
-from sae.interventions.fix_test import CONDITIONS, FixTestResult, bootstrap_ci, fix_test
-from sae.models.generation import Sampling, continuation_ids, continuations, prompt_token_ids
 from sae.activations.harvest import special_token_ids
-from sae.interventions.edits import Ablate, Edit, Scale, intervene
+from sae.config import SAEConfig
+from sae.errors import ConfigError
 from sae.evaluation.lm_metrics import logprob
+from sae.interventions.attribution import attribute
+from sae.interventions.edits import Ablate, Edit, Scale, intervene
+from sae.interventions.fix_test import CONDITIONS, FixTestResult, bootstrap_ci, fix_test
 from sae.interventions.scorers import Scorer, load_scorer, word_list_scorer
+from sae.models.demo_model import DEMO_MODEL_DIR
+from sae.models.generation import Sampling, continuation_ids, continuations, prompt_token_ids
 from sae.training.trainer import make_sae
 
 HOOK = "layers.1"

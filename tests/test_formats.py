@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_architectures import random_sae
 
 from sae.errors import ConfigError
 from sae.formats import convert, find_sae_folder, load_sae, parse_dtype, read_sae
 from sae.formats.hook_names import to_module_path, to_ours, to_transformer_lens
-from test_architectures import random_sae
 
 D, M = 12, 40
 

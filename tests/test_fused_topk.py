@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from sae.architectures.fused_topk import FusedTopKLoss, TopKSpec, _row_dots, fused_topk_loss, per_token_codes, topk_loss_reference
+from sae.architectures.fused_topk import (
+    FusedTopKLoss,
+    TopKSpec,
+    _row_dots,
+    fused_topk_loss,
+    per_token_codes,
+    topk_loss_reference,
+)
 
 
 def make(N, d, M, dtype, seed=0):
@@ -39,7 +46,7 @@ def test_loss_and_every_gradient_match_the_dense_reference(dtype, tol, N, d, M, 
     loss, g = grads(fused_topk_loss, x, params, **kw)
     torch.testing.assert_close(loss, loss_ref, rtol=tol, atol=tol)
     for name in params:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g[name], g_ref[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_aux_gradient_reaches_the_encoder_rows_of_dead_latents():

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sae.models import gguf_source
 from sae.config import ModelConfig
 from sae.errors import ConfigError
+from sae.models import gguf_source
 from sae.models.gguf_source import SMOLLM2, SMOLLM2_FILE, converted_folder, is_gguf
 from sae.models.loading import load_model, resolve_path
 

@@ -4,9 +4,9 @@ import datasets
 import pytest
 import torch
 
+from sae.activations.harvest import Harvester, check_context_length
 from sae.data.text import context_batches
 from sae.errors import ConfigError
-from sae.activations.harvest import Harvester, check_context_length
 
 TEXTS = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs. " * (1 + i % 4) for i in range(40)]
 
@@ -109,7 +109,7 @@ def test_streaming_gives_the_same_contexts(tiny_llama, tmp_path):
     from sae.data.text import load_text_dataset
 
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join('{"text": "%s"}\n' % t for t in TEXTS))
+    path.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXTS))
     kw = dict(context_tokens=16, batch_contexts=5, token_budget=16 * 12)
     eager = torch.cat(list(context_batches(load_text_dataset(str(path)), tok, **kw)))
     streamed = torch.cat(list(context_batches(load_text_dataset(str(path), streaming=True), tok, **kw)))

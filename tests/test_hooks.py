@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sae.errors import ConfigError
 from sae.activations.hooks import ActivationCapture, resolve_hook, resolve_hooks
+from sae.errors import ConfigError
 from sae.models.loading import decoder_layers
 
 

@@ -13,17 +13,27 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel,
-                          DistilBertConfig, DistilBertModel, LlamaForCausalLM, LlamaModel, T5Config,
-                          T5ForConditionalGeneration)
+from tiny_models import make_tiny_model, tiny_config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    LlamaForCausalLM,
+    LlamaModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from sae import cli
 from sae.config import ModelConfig
 from sae.data.text import load_text_dataset
-from sae.models.demo_model import DEMO_MODEL_DIR
 from sae.errors import ConfigError
+from sae.models.demo_model import DEMO_MODEL_DIR
 from sae.models.loading import is_causal, load_model
-from tiny_models import make_tiny_model, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 WIDTH = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)

@@ -5,11 +5,20 @@ context."""
 import pytest
 import torch
 
+from sae.activations.hooks import attach, resolve_hook
 from sae.config import SAEConfig
 from sae.errors import ConfigError
+from sae.interventions.edits import (
+    Ablate,
+    Clamp,
+    Edit,
+    Reconstruct,
+    Scale,
+    Steer,
+    intervene,
+    parse_feature_edits,
+)
 from sae.models.generation import Sampling, continuation_ids, continuations
-from sae.activations.hooks import attach, resolve_hook
-from sae.interventions.edits import Ablate, Clamp, Edit, Reconstruct, Scale, Steer, intervene, parse_feature_edits
 from sae.training.trainer import make_sae
 
 HOOK = "layers.1"

@@ -61,3 +61,14 @@ def test_every_module_sits_in_a_stage_or_a_side():
     folders = {p.name for p in SAE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert top <= SIDES | {"cli"}, top - SIDES - {"cli"}
     assert folders == set(STAGES) | {"formats"}, folders ^ (set(STAGES) | {"formats"})
+
+
+def test_the_hooks_load_without_the_datasets_library():
+    """Hooking a model needs no dataset: a script that only captures activations should not
+    pay for importing `datasets` (nor depend on it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, sae.activations.hooks, sae.models.loading; print('datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -7,18 +7,18 @@ import copy
 
 import pytest
 import torch
+from tiny_models import identity_sae
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tiny_models import identity_sae
-from sae.models.demo_model import DEMO_MODEL_DIR
-from sae.errors import ConfigError
 from sae.activations.hooks import resolve_hook, resolve_hooks
-from sae.evaluation.lm_metrics import Metric, logit_diff
 from sae.analysis.logit_effects import logit_effects
-from sae.interventions.patching import ActivationPatcher, Patch, parse_layers
+from sae.errors import ConfigError
+from sae.evaluation.lm_metrics import Metric, logit_diff
 from sae.evaluation.splice import splice_metrics
+from sae.interventions.patching import ActivationPatcher, Patch, parse_layers
+from sae.models.demo_model import DEMO_MODEL_DIR
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB, WIDTH = 9, 3, 8, 4, 49152, 72
 CLEAN = "If the key is missing, a KeyError is"
@@ -88,7 +88,7 @@ def test_head_sweep_has_one_cell_per_query_head_matching_a_hand_patch(smol, patc
     for layer in range(LAYERS):
         clean_heads = run_recording(model, ids_of(patcher, "clean"), layer)[0]
         for h in range(HEADS):
-            def swap(_m, args, h=h):
+            def swap(_m, args, h=h, clean_heads=clean_heads):
                 x = args[0].clone()
                 x.view(*x.shape[:2], HEADS, HEAD_DIM)[:, :, h] = clean_heads[:, :, h]
                 return (x,)

@@ -2,8 +2,8 @@
 
 import torch
 
-from sae.config import ModelConfig
 from sae.analysis.logit_effects import final_norm, logit_effects, nearest_features
+from sae.config import ModelConfig
 from sae.models.loading import load_model
 
 

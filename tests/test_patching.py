@@ -13,10 +13,16 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sae import cli
-from sae.errors import ConfigError
 from sae.activations.hooks import ActivationCapture, EditActivation, resolve_hook
+from sae.errors import ConfigError
 from sae.evaluation.lm_metrics import Metric, answer_token, logit_diff, logprob
-from sae.interventions.patching import ActivationPatcher, Patch, activation_patching, normalized_score, parse_layers
+from sae.interventions.patching import (
+    ActivationPatcher,
+    Patch,
+    activation_patching,
+    normalized_score,
+    parse_layers,
+)
 
 CLEAN = "If the key is missing, a KeyError is"
 CORRUPTED = "If the key is missing, the default is"   # same token count (10 with BOS)

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from sae import cli
 from sae.activations import stream as activations
-from sae.config import load_config
 from sae.activations.harvest import Harvester
-from sae.training.run import train_run
+from sae.config import load_config
 from sae.errors import TrainingStopped
+from sae.training.run import train_run
 
 
 def settings(root, *extra):

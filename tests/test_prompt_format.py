@@ -7,13 +7,13 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from sae.analysis.feature_search import token_latents
 from sae.analysis.target import open_target
 from sae.config import SAEConfig
+from sae.data.prompt_format import PLAIN, PromptFormat, check_fits, check_no_special_tokens
 from sae.data.text import context_bos_id
 from sae.errors import ConfigError
-from sae.analysis.feature_search import token_latents
 from sae.models.generation import Sampling, continuation_ids
-from sae.data.prompt_format import PLAIN, PromptFormat, check_fits, check_no_special_tokens
 from sae.training.trainer import make_sae
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

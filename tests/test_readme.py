@@ -295,9 +295,9 @@ def toxicity_classifier(folder: Path) -> None:
 def interrupted_run(work: Path) -> None:
     """checkpoints/interrupted: a run of the README's local-text example stopped by Ctrl-C
     after step 3, for ``--resume``."""
-    from sae.training.trainer import Trainer
-
     from test_resume import signalling_step
+
+    from sae.training.trainer import Trainer
 
     original = Trainer.step
     Trainer.step = signalling_step(3)

@@ -14,18 +14,18 @@ import os
 
 import pytest
 import torch
+from tiny_models import identity_sae
 from transformers import LlamaForCausalLM
 
-from tiny_models import identity_sae
+from sae.activations.harvest import Harvester
 from sae.config import ModelConfig, SAEConfig
+from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
 from sae.data.text import context_batches, load_text_dataset
 from sae.errors import ConfigError
+from sae.evaluation.splice import splice_metrics
+from sae.interventions.edits import Ablate, Edit, intervene
 from sae.models.generation import Sampling, continuation_ids, continuations
 from sae.models.gguf_source import SMOLLM2
-from sae.activations.harvest import Harvester
-from sae.interventions.edits import Ablate, Edit, intervene
-from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
-from sae.evaluation.splice import splice_metrics
 from sae.training.trainer import make_sae
 
 pytestmark = pytest.mark.real

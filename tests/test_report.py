@@ -8,10 +8,17 @@ import re
 
 import pytest
 import torch
-
 from report_data import M, decode_block, feature_showing, joined_tokens, report_stats, script_text
+
+from sae.analysis.report import (
+    BLOCK,
+    StringTable,
+    build_report,
+    round_sig,
+    run_summary,
+    script_json,
+)
 from sae.errors import ConfigError
-from sae.analysis.report import BLOCK, StringTable, build_report, round_sig, run_summary, script_json
 
 EXAMPLES = 4
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from report_data import M, feature_showing, report_stats, script_text
+
 from sae.analysis.report import build_report
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

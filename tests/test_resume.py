@@ -2,8 +2,8 @@
 uninterrupted one; bad resume folders get one line."""
 
 import json
-import re
 import os
+import re
 import signal
 
 import pytest
@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from sae.config import load_config
-from sae.errors import ConfigError
+from sae.errors import ConfigError, TrainingStopped
 from sae.training.run import train_run
 from sae.training.run_folder import resume_config, run_dir_for
-from sae.errors import TrainingStopped
 from sae.training.trainer import Trainer
 
 

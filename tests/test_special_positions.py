@@ -4,13 +4,13 @@ activations of an unedited forward and the edit formula computed by hand."""
 
 import torch
 
-from sae.interventions.attribution import attribute
-from sae.config import SAEConfig
-from sae.models.generation import prompt_token_ids
 from sae.activations.harvest import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
-from sae.interventions.edits import Ablate, Edit, Steer, intervene
+from sae.config import SAEConfig
 from sae.evaluation.lm_metrics import logprob
+from sae.interventions.attribution import attribute
+from sae.interventions.edits import Ablate, Edit, Steer, intervene
+from sae.models.generation import prompt_token_ids
 from sae.training.trainer import make_sae
 
 HOOK = "layers.1"

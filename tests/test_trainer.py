@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from sae.architectures import TopKSAE
 from sae.config import load_config
 from sae.errors import ConfigError
 from sae.evaluation.metrics import evaluate
-from sae.architectures import TopKSAE
 from sae.training.trainer import Trainer, geometric_median, learning_rate
 
 default_lr = TopKSAE.default_lr  # Gao et al.'s scaling rule
@@ -74,10 +74,10 @@ def test_latents_silent_for_the_window_count_as_dead():
     with torch.no_grad():
         sae.b_enc[:10] = -1e6  # these can never win the top-k
     stats = [trainer.step({"h": sparse_data(256, seed=s)}) for s in range(3)]
-    assert stats[0]["h"]["dead_fraction"] == 0  # nothing has been silent for 512 tokens yet
+    assert stats[0]["h"]["silent_fraction"] == 0  # nothing has been silent for 512 tokens yet
     since = trainer.since_fired["h"]
     assert (since[:10] == 768).all()
-    assert stats[2]["h"]["dead_fraction"] >= 10 / 128
+    assert stats[2]["h"]["silent_fraction"] >= 10 / 128
 
 
 def test_bad_settings_and_bad_activations_are_one_line():
@@ -106,7 +106,7 @@ def test_tensorboard_logger_writes_scalars_and_density_histograms(tmp_path):
     logger.close()
     events = EventAccumulator(str(tmp_path)).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"h/fvu", "h/l0", "h/loss", "h/dead_fraction", "h/dense_fraction", "h/lr", "tokens_per_s"} <= scalars
+    assert {"h/fvu", "h/l0", "h/loss", "h/silent_fraction", "h/dense_fraction", "h/lr", "tokens_per_s"} <= scalars
     assert [e.step for e in events.Scalars("h/fvu")] == [3, 6]
     assert events.Tags()["histograms"] == ["h/log10_density"]
     assert events.Histograms("h/log10_density")[0].histogram_value.num == 128  # one value per latent

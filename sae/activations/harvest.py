@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.errors import ConfigError
 from sae.activations.hooks import ActivationCapture, resolve_hooks
+from sae.errors import ConfigError
 
 
 def max_context_tokens(model: PreTrainedModel) -> int | None:

@@ -33,16 +33,23 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.activations.cache import CacheReader, CacheWriter, read_manifest, tokenizer_fingerprint
 from sae.activations.buffer import ShuffleBuffer
-from sae.config import RunConfig
-from sae.data.text import (BUILTIN_CORPORA, context_batches, context_bos_id, describe_split, document_separator_id,
-                      legacy_context_bos_id, load_text_dataset, split_source)
-from sae.distributed import Shard
-from sae.errors import ConfigError
+from sae.activations.cache import CacheReader, CacheWriter, read_manifest, tokenizer_fingerprint
 from sae.activations.harvest import Harvester, check_context_length
 from sae.activations.hooks import resolve_hooks
-from sae.errors import TrainingStopped
+from sae.config import RunConfig
+from sae.data.text import (
+    BUILTIN_CORPORA,
+    context_batches,
+    context_bos_id,
+    describe_split,
+    document_separator_id,
+    legacy_context_bos_id,
+    load_text_dataset,
+    split_source,
+)
+from sae.distributed import Shard
+from sae.errors import ConfigError, TrainingStopped
 
 
 def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from sae.activations.harvest import special_token_ids
+from sae.activations.hooks import ActivationCapture, resolve_hook
 from sae.analysis.target import Target
 from sae.config import read_yaml
+from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
 from sae.data.text import load_text_dataset
 from sae.errors import ConfigError
 from sae.models.generation import pad_id, padded
-from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
-from sae.activations.harvest import special_token_ids
-from sae.activations.hooks import ActivationCapture, resolve_hook
 
 REDUCTIONS = ("max", "mean")
 RANKINGS = ("effect", "auroc", "diff")

@@ -39,11 +39,11 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sae.activations.harvest import check_context_length, special_token_ids
+from sae.activations.hooks import ActivationCapture, resolve_hook
 from sae.architectures import SparseAutoencoder
 from sae.atomic_io import fsync_dir, save_tensors
 from sae.errors import ConfigError
-from sae.activations.harvest import check_context_length, special_token_ids
-from sae.activations.hooks import ActivationCapture, resolve_hook
 
 FORMAT = "sae-feature-stats/1"
 # Histogram of nonzero activations: bin i holds values in [2^((i + 1) / 4 + LOG2_MIN) ...),

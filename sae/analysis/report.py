@@ -56,9 +56,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from sae.analysis.feature_stats import FeatureStats, check_feature, density_histogram
 from sae.atomic_io import check_output_path, write_output
 from sae.errors import ConfigError
-from sae.analysis.feature_stats import FeatureStats, check_feature, density_histogram
 
 # Features per lazily decoded card block: small enough that opening a card decodes little.
 BLOCK = 256

@@ -22,7 +22,22 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sae.activations.hooks import ActivationCapture, resolve_hook
 from sae.activations.stream import contexts_for
+from sae.analysis.feature_stats import (
+    FeatureStats,
+    StatsSettings,
+    compute_feature_stats,
+    distinct_tokens,
+    load_feature_stats,
+    read_stats_header,
+    read_stats_info,
+    read_top_token_ids,
+    save_feature_stats,
+    token_decoder,
+    top_tokens,
+)
+from sae.analysis.logit_effects import logit_effects, nearest_features
 from sae.architectures import SparseAutoencoder
 from sae.architectures.base import CONFIG_FILE
 from sae.config import RunConfig
@@ -31,11 +46,6 @@ from sae.errors import ConfigError
 from sae.formats import build_sae, find_sae_folder, parse_dtype, read_sae
 from sae.formats.hook_names import to_ours
 from sae.formats.run_config import analysis_config
-from sae.analysis.feature_stats import (FeatureStats, StatsSettings, compute_feature_stats, distinct_tokens,
-                               load_feature_stats, read_stats_header, read_stats_info, read_top_token_ids,
-                               save_feature_stats, token_decoder, top_tokens)
-from sae.activations.hooks import ActivationCapture, resolve_hook
-from sae.analysis.logit_effects import logit_effects, nearest_features
 from sae.models.loading import load_model
 
 STATS_FOLDER = "features"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -34,6 +34,12 @@ class BatchTotals:
     var: torch.Tensor
     reduce_min: Callable[[torch.Tensor], torch.Tensor]
 WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def total_variance(x: torch.Tensor) -> torch.Tensor:
+    """sum_n |x_n - mean(x)|^2 over a batch x [N, d] (0-d): the denominator of FVU
+    (docs/design.md §3). Split batches use ``BatchTotals`` instead."""
+    return (x - x.mean(0)).pow(2).sum()
 
 
 class SparseAutoencoder(nn.Module):

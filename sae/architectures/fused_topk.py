@@ -33,6 +33,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae.architectures.base import total_variance
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
@@ -182,7 +184,7 @@ class FusedTopKLoss(torch.autograd.Function):
 
         e = x - decode(codes, W_dec) - b_dec
         if var is None:   # given when the batch is split over processes: the whole batch's
-            var = (x - x.mean(0)).pow(2).sum()
+            var = total_variance(x)
         loss = e.pow(2).sum() / var
         fvu = loss.detach().clone()
         terms = [(codes, e, 1.0, True)]      # (code, residual, weight, b_dec in the decoder)

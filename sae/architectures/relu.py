@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.architectures.base import BatchTotals, SparseAutoencoder
+from sae.architectures.base import BatchTotals, SparseAutoencoder, total_variance
 
 
 @dataclass
@@ -34,7 +34,7 @@ def warmed_up(coefficient: float, progress: float, warmup_fraction: float) -> fl
 
 def batch_fvu(x: torch.Tensor, sq_err: torch.Tensor, totals: BatchTotals | None = None) -> torch.Tensor:
     """Sum of squared errors over the batch's total variance (no gradient)."""
-    var = totals.var if totals is not None else (x - x.mean(0)).pow(2).sum()
+    var = totals.var if totals is not None else total_variance(x)
     return (sq_err / var).detach()
 
 

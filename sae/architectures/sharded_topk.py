@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
+from sae.architectures.base import total_variance
 from sae.distributed import Dist, collective
 
 
@@ -78,7 +79,7 @@ def sharded_topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     pre = xc @ W_enc.t() + b_enc                                                 # [N, M/w]
     z = _global_topk_code(pre, k, dist)
     e = x - (_SumOverRanks.apply(z @ W_dec) + b_dec)
-    var = (x - x.mean(0)).pow(2).sum()
+    var = total_variance(x)
     loss = e.pow(2).sum() / var
     fvu = loss.detach().clone()
     n_dead = int(dist.sum_(dead.sum().reshape(1))[0]) if dead is not None else 0

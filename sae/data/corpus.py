@@ -26,10 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from sae.atomic_io import write_text_atomic
+
+if TYPE_CHECKING:
+    import datasets
 
 NAME = "builtin:python-docs"
 SPLITS = ("train", "test")
@@ -149,6 +151,8 @@ def split_dataset(docs: Sequence[Document], name: str, split: str) -> datasets.D
     """One split of a built-in corpus as a ``datasets.Dataset`` with columns ``id`` and ``text``."""
     if split not in SPLITS:
         raise ValueError(f"{name} has no split {split!r}; valid splits: {', '.join(SPLITS)}")
+    import datasets  # here: the GGUF cache and the demo model use this module without a dataset
+
     kept = [d for d in docs if split_of(d.id) == split]
     return datasets.Dataset.from_dict({"id": [d.id for d in kept], "text": [d.text for d in kept]})
 

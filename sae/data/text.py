@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets

@@ -26,8 +26,14 @@ from pathlib import Path
 import torch
 
 from sae.architectures import ARCHITECTURES, SparseAutoencoder
+from sae.architectures.base import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_json,
+    read_tensors,
+    write_sae_folder,
+)
 from sae.atomic_io import write_text_atomic
-from sae.architectures.base import CONFIG_FILE, WEIGHTS_FILE, read_json, read_tensors, write_sae_folder
 from sae.errors import ConfigError
 from sae.formats import saelens, sparsify
 from sae.formats.stored import StoredSAE

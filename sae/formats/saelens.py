@@ -37,7 +37,13 @@ from pathlib import Path
 import torch
 
 from sae.architectures import ARCHITECTURES
-from sae.architectures.base import CONFIG_FILE, WEIGHTS_FILE, read_json, read_tensors, write_sae_folder
+from sae.architectures.base import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    read_json,
+    read_tensors,
+    write_sae_folder,
+)
 from sae.errors import ConfigError
 from sae.formats.hook_names import to_ours, to_transformer_lens
 from sae.formats.stored import StoredSAE, dtype_name, imported_metadata

@@ -26,12 +26,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.architectures import SparseAutoencoder
-from sae.errors import ConfigError
-from sae.evaluation.lm_metrics import Metric, at_least_fp32
 from sae.activations.harvest import special_token_ids
 from sae.activations.hooks import attach, resolve_hook
+from sae.architectures import SparseAutoencoder
 from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
+from sae.errors import ConfigError
+from sae.evaluation.lm_metrics import Metric, at_least_fp32
+
 
 @dataclass
 class Attribution:

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sae.activations.hooks import attach, resolve_hook
 from sae.architectures import SparseAutoencoder
 from sae.errors import ConfigError
-from sae.activations.hooks import attach, resolve_hook
 
 
 @dataclass(frozen=True)

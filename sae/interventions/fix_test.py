@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.models.generation import Sampling, continuation_ids
 from sae.activations.harvest import special_token_ids
-from sae.interventions.edits import Edit, intervene
 from sae.data.prompt_format import PLAIN, PromptFormat
 from sae.evaluation.lm_metrics import at_least_fp32
+from sae.interventions.edits import Edit, intervene
 from sae.interventions.scorers import Scorer
+from sae.models.generation import Sampling, continuation_ids
 
 CONDITIONS = ("baseline", "intervened")
 

@@ -44,11 +44,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sae.activations.hooks import ALIASES, HookPoint, attach, resolve_hook
 from sae.atomic_io import check_output_path, write_output
 from sae.errors import ConfigError
-from sae.models.generation import prompt_token_ids
-from sae.activations.hooks import ALIASES, HookPoint, attach, resolve_hook
 from sae.evaluation.lm_metrics import Metric, at_least_fp32
+from sae.models.generation import prompt_token_ids
 from sae.models.loading import decoder_layers
 
 MODES = ("layer", "position", "head")

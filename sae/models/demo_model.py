@@ -14,9 +14,6 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from sae.data import corpus
-from sae.data.text import pack
-
 NAME = "builtin:demo-llama"
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
 CARD_FILE = "card.json"
@@ -30,6 +27,9 @@ def card() -> dict:
 
 def heldout_contexts(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The held-out split of the corpus, packed: LongTensor [n, EVAL_CONTEXT_LEN]."""
+    from sae.data import corpus  # here: loading any model reads this module's paths, not the data
+    from sae.data.text import pack
+
     texts = list(corpus.load("test")["text"])
     docs = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     return pack(docs, EVAL_CONTEXT_LEN, tokenizer.bos_token_id, tokenizer.eos_token_id)

@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.errors import ConfigError
 from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
+from sae.errors import ConfigError
 
 
 @dataclass(frozen=True)

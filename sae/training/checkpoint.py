@@ -34,7 +34,13 @@ from sae.atomic_io import existing_folder, replace_folder_atomic, save_tensors
 from sae.config import RunConfig
 from sae.distributed import Dist
 from sae.errors import ConfigError
-from sae.training.run_folder import PARTS_DIR, STATE_DIR, clear_temporaries, no_checkpoint, resumable_config
+from sae.training.run_folder import (
+    PARTS_DIR,
+    STATE_DIR,
+    clear_temporaries,
+    no_checkpoint,
+    resumable_config,
+)
 
 FORMAT = 1
 

@@ -15,22 +15,32 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sae.activations.buffer import ShuffleBuffer
 from sae.activations.stream import activation_batches, first_batch
 from sae.architectures import SparseAutoencoder
-from sae.activations.buffer import ShuffleBuffer
 from sae.atomic_io import write_text_atomic
-from sae.training.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from sae.config import RunConfig
 from sae.data.text import describe_split, load_text_dataset
 from sae.distributed import Dist
+from sae.errors import ConfigError, TrainingStopped
 from sae.evaluation.heldout import evaluate_run, print_metrics
-from sae.formats import load_sae
-from sae.errors import ConfigError
 from sae.folder_lock import FolderLock
+from sae.formats import load_sae
 from sae.models.loading import load_model, model_summary
-from sae.training.run_folder import STATE_DIR, claim_run_folder, discard_failed_start, run_dir_for, save_run_config
-from sae.errors import TrainingStopped
-from sae.training.trainer import TensorBoardLogger, Trainer, log_heldout_metrics, set_aside_old_events
+from sae.training.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from sae.training.run_folder import (
+    STATE_DIR,
+    claim_run_folder,
+    discard_failed_start,
+    run_dir_for,
+    save_run_config,
+)
+from sae.training.trainer import (
+    TensorBoardLogger,
+    Trainer,
+    log_heldout_metrics,
+    set_aside_old_events,
+)
 
 
 def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> dict[str, SparseAutoencoder]:

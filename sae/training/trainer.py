@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from sae.architectures import ARCHITECTURES, SparseAutoencoder
 from sae.architectures.base import BatchTotals
+from sae.architectures.sharded_topk import sharded_topk_loss
 from sae.config import RunConfig, SAEConfig, sae_variants
 from sae.distributed import Dist, sharded
-from sae.architectures.sharded_topk import sharded_topk_loss
 from sae.errors import ConfigError, TrainingStopped
 
 
@@ -267,7 +267,9 @@ class Trainer:
             if self.sharded:  # counts of this slice of the latents: add the others'
                 fired, n_dead = self.dist.sum_(torch.stack([fired, n_dead]))
             stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fired / n,
-                           "dead_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1)),
+                           # Not fired for train.dead_tokens (what AuxK trains); the held-out
+                           # "dead_fraction" is another count: never fired on the evaluation text.
+                           "silent_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1)),
                            "lr": opt.param_groups[0]["lr"]}
         self.step_count += 1
         self.tokens_seen += next(iter(batch.values())).shape[0] * self.dist.world
@@ -433,7 +435,7 @@ class Trainer:
             last = {h: s for part in self.dist.gather_objects(last) for h, s in part.items()}
         first = next(iter(last.values()))
         bar.set_postfix(step=self.step_count, loss=f"{first['loss']:.3g}", fvu=f"{first['fvu']:.3f}",
-                        l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.1%}")
+                        l0=f"{first['l0']:.1f}", silent=f"{first['silent_fraction']:.1%}")
         if on_log is not None:
             on_log(self, last)
         return last
@@ -454,7 +456,7 @@ class Trainer:
 
 
 class TensorBoardLogger:
-    """``on_log`` callback writing losses, FVU, L0, dead fraction, lr, tokens/s, and over
+    """``on_log`` callback writing losses, FVU, L0, silent fraction, lr, tokens/s, and over
     the tokens since the last log, the dense fraction (latents firing on > 10%) and a
     histogram of log10 feature density, to ``folder`` (one run per folder)."""
 
