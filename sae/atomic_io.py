@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sae.errors import ConfigError
+from sae.errors import StorageError
 
 if TYPE_CHECKING:
     import torch
@@ -134,8 +134,8 @@ def write_output(path: Path, data: bytes | str, option: str) -> int:
     return len(data)
 
 
-def _output_error(path: Path, option: str, reason: str | None) -> ConfigError:
-    return ConfigError(f"{option}: cannot write {str(path)!r}: {reason}")
+def _output_error(path: Path, option: str, reason: str | None) -> StorageError:
+    return StorageError(f"{option}: cannot write {str(path)!r}: {reason}")
 
 
 def fsync_dir(folder: Path) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,17 +29,20 @@ def _keys_epilog() -> str:
 
 
 def one_line_errors(fn: Callable) -> Callable:
-    """Print ConfigError as one line (exit 2), any other OSError as one line naming the file
-    (exit 1), and Ctrl-C as 'interrupted' (exit 130)."""
+    """Print ConfigError (and its kinds, sae.errors) as one line (exit 2), any other OSError
+    as one line naming the file (exit 1), and Ctrl-C as 'interrupted' (exit 130). With
+    SAE_DEBUG=1 in the environment, the traceback and its cause come first."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ConfigError as e:
+            _debug_traceback(e)
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except OSError as e:  # a disk or file system failure that no library call put in words
+            _debug_traceback(e)
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e}", err=True)
             sys.exit(1)
@@ -46,6 +51,15 @@ def one_line_errors(fn: Callable) -> Callable:
             sys.exit(130)
 
     return wrapper
+
+
+def _debug_traceback(e: BaseException) -> None:
+    """With SAE_DEBUG set, print ``e``'s traceback and the exception it was raised from,
+    which ``raise ... from None`` hides but Python keeps (``__context__``)."""
+    if not os.environ.get("SAE_DEBUG"):
+        return
+    for exc in (e.__context__, e) if e.__context__ is not None else (e,):
+        click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__, chain=False)), err=True)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (for scripts).")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sae.errors import ConfigError
+from sae.errors import DistributedError
 
 
 @dataclass(frozen=True)
@@ -182,12 +182,12 @@ def collective(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (RuntimeError, dist.DistError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ConfigError(f"rank {dist.get_rank()}: another process stopped or timed out "
+        raise DistributedError(f"rank {dist.get_rank()}: another process stopped or timed out "
                           f"(distributed.timeout_s); {first}") from None
 
 
 def sharded(items: list, world: int, what: str) -> None:
     """Refuse a split of ``items`` that is not even across ``world`` ranks."""
     if len(items) % world:
-        raise ConfigError(f"distributed.mode: {len(items)} {what} do not divide evenly over {world} processes; "
+        raise DistributedError(f"distributed.mode: {len(items)} {what} do not divide evenly over {world} processes; "
                           f"use a process count that divides {len(items)}")

@@ -27,7 +27,7 @@ import socket
 import time
 from pathlib import Path
 
-from sae.errors import ConfigError
+from sae.errors import StorageError
 
 try:
     import fcntl
@@ -38,7 +38,7 @@ LOCK_FILE = ".lock"
 _HELD: dict[str, FolderLock] = {}  # lock file path -> this process's current claim on it
 
 
-class FolderHeld(ConfigError):
+class FolderHeld(StorageError):
     """Another live process holds the folder. The message is one line naming the holder."""
 
 
@@ -70,7 +70,7 @@ class FolderLock:
             except FileNotFoundError:
                 continue
             except OSError as e:
-                raise ConfigError(f"{self.what}: cannot write to {str(self.folder)!r}: {e.strerror}") from None
+                raise StorageError(f"{self.what}: cannot write to {str(self.folder)!r}: {e.strerror}") from None
             if not _lock_fd(fd, self.path):
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -81,15 +81,15 @@ class FolderLock:
                 _write_holder(fd)
                 return
             os.close(fd)  # locked a file its holder had just removed: try the new one
-        raise ConfigError(f"{self.what}: could not claim {str(self.folder)!r} (its lock file keeps changing)")
+        raise StorageError(f"{self.what}: could not claim {str(self.folder)!r} (its lock file keeps changing)")
 
     def check(self) -> None:
         """Raise unless this claim still holds the folder (it was not deleted or replaced)."""
         if self._superseded:
-            raise ConfigError(f"{self.what}: {str(self.folder)!r} was claimed again by a later run in this "
+            raise StorageError(f"{self.what}: {str(self.folder)!r} was claimed again by a later run in this "
                               "process; this one stops writing to it")
         if self._fd is None or not _same_file(self._fd, self.path):
-            raise ConfigError(f"{self.what}: {str(self.folder)!r} was removed or replaced by someone else while "
+            raise StorageError(f"{self.what}: {str(self.folder)!r} was removed or replaced by someone else while "
                               "this process wrote it; stopping so that nothing lands in the wrong folder")
 
     def release(self) -> None:

@@ -12,7 +12,7 @@ from sae.activations import cache as activation_cache
 from sae.activations.cache import MANIFEST, CacheReader, CacheWriter
 from sae.activations.stream import activation_source
 from sae.config import load_config
-from sae.errors import ConfigError
+from sae.errors import ConfigError, DataError
 
 IDENTITY = {"model": "m", "hooks": ["a", "b"], "dtype": "float32", "width": 4}
 
@@ -260,7 +260,7 @@ def test_a_shard_that_fails_its_checksum_is_named_when_read(tmp_path):
     shard.write_bytes(bytes(data))
     reader = iter(CacheReader(tmp_path))
     next(reader), next(reader)  # shards 0 and 1 are fine
-    with pytest.raises(ConfigError, match="shard-00002.safetensors in .* is damaged .*checksum"):
+    with pytest.raises(DataError, match="shard-00002.safetensors in .* is damaged .*checksum"):
         next(reader)
 
 

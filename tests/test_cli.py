@@ -171,3 +171,23 @@ def test_resume_with_a_config_is_refused():
     result = run("train.py", "configs/demo.yaml", "--resume", "checkpoints/x")
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: --resume: the run continues with its own config.yaml; drop CONFIG and --set")
+
+
+def test_sae_debug_shows_the_traceback_and_its_cause_before_the_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [\n")
+    quiet = CliRunner().invoke(cli.train, [str(bad)])
+    loud = CliRunner(env={"SAE_DEBUG": "1"}).invoke(cli.train, [str(bad)])
+    assert quiet.exit_code == loud.exit_code == 2
+    assert "Traceback" not in quiet.output and quiet.output.startswith("error: config file")
+    assert "Traceback" in loud.output and "yaml" in loud.output  # the YAML parser's own error, hidden by default
+    assert loud.output.rstrip().splitlines()[-1] == quiet.output.rstrip()
+
+
+def test_failures_come_in_kinds_that_are_all_one_line_errors():
+    from sae import errors
+
+    kinds = [errors.DataError, errors.CheckpointError, errors.DivergedError, errors.DistributedError,
+             errors.StorageError]
+    assert all(issubclass(kind, errors.ConfigError) for kind in kinds)  # the CLI prints each as one line
+    assert not issubclass(errors.TrainingStopped, errors.ConfigError)  # a stop is not an error

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae.config import load_config
-from sae.errors import ConfigError, TrainingStopped
+from sae.errors import CheckpointError, ConfigError, TrainingStopped
 from sae.training.run import train_run
 from sae.training.run_folder import resume_config, run_dir_for
 from sae.training.trainer import Trainer
@@ -123,7 +123,7 @@ def test_checkpoint_tensors_of_another_shape_are_refused_though_its_json_agrees(
     trainer.step({"layers.1": torch.randn(32, 16)})  # Adam state exists after a step
     tensors, meta = trainer.state_dict()
     tensors[key] = torch.zeros(shape, dtype=tensors[key].dtype)
-    with pytest.raises(ConfigError, match=rf"checkpoint's {key} has shape {re.escape(str(shape))}, this run needs"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint's {key} has shape {re.escape(str(shape))}, this run needs"):
         Trainer(cfg, {"layers.1": 16}, total_steps=10).load_state_dict(tensors, meta)
     del tensors[key]
     with pytest.raises(ConfigError, match=rf"checkpoint's {key} has shape None"):

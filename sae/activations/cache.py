@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from sae.atomic_io import fsync_dir, remove_temporaries, save_tensors, write_text_atomic
-from sae.errors import ConfigError
+from sae.errors import ConfigError, DataError, StorageError
 from sae.folder_lock import FolderLock
 
 MANIFEST = "manifest.json"
@@ -120,12 +120,12 @@ class CacheWriter:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"harvest.cache_dir: cannot create {str(self.folder)!r}: {e.strerror}") from None
+            raise StorageError(f"harvest.cache_dir: cannot create {str(self.folder)!r}: {e.strerror}") from None
         if (self.folder / MANIFEST).exists():
             self.manifest = read_manifest(self.folder)
             diff = identity_difference(self.manifest.get("identity", {}), identity)
             if diff:
-                raise ConfigError(f"harvest.cache_dir: {str(self.folder)!r} holds activations of another run "
+                raise DataError(f"harvest.cache_dir: {str(self.folder)!r} holds activations of another run "
                                   f"({diff}); use another cache_dir")
             damaged = first_damaged(self.folder, self.manifest["shards"])
             if not self.manifest["complete"] or damaged is not None:
@@ -143,7 +143,7 @@ class CacheWriter:
             try:
                 self._write_manifest()  # claims the folder for this run's identity at once
             except OSError as e:
-                raise ConfigError(f"harvest.cache_dir: cannot write to {str(self.folder)!r}: {e.strerror}") from None
+                raise StorageError(f"harvest.cache_dir: cannot write to {str(self.folder)!r}: {e.strerror}") from None
         self._rows: dict[str, list[torch.Tensor]] = {}
         self._n_rows = 0
 
@@ -159,7 +159,7 @@ class CacheWriter:
         name = shards[index]["file"]
         restart = 0 if index == 0 else shards[index - 1].get("contexts_done")
         if restart is None:
-            raise ConfigError(f"harvest.cache_dir: {name} in {str(self.folder)!r} is damaged ({why}), and this "
+            raise DataError(f"harvest.cache_dir: {name} in {str(self.folder)!r} is damaged ({why}), and this "
                               "cache predates the restart points a repair needs; delete the folder to harvest again")
         kept = shards[:index]
         self.manifest.update(shards=kept, complete=False, tokens=sum(s["tokens"] for s in kept), contexts_done=restart)
@@ -216,7 +216,7 @@ class CacheWriter:
             self._write_manifest()
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise ConfigError(f"harvest.cache_dir: cannot write {name} in {str(self.folder)!r} ({e.strerror}); "
+            raise StorageError(f"harvest.cache_dir: cannot write {name} in {str(self.folder)!r} ({e.strerror}); "
                               f"the cache keeps its {listed} tokens and resumes from there") from None
         self._rows, self._n_rows = {}, 0
 
@@ -263,8 +263,8 @@ def first_damaged(folder: Path, shards: list[dict]) -> tuple[int, str] | None:
     return None
 
 
-def damaged_shard(folder: Path, file: str, why: str) -> ConfigError:
-    return ConfigError(f"harvest.cache_dir: {file} in {str(folder)!r} is damaged ({why}); delete that file and "
+def damaged_shard(folder: Path, file: str, why: str) -> DataError:
+    return DataError(f"harvest.cache_dir: {file} in {str(folder)!r} is damaged ({why}); delete that file and "
                        "run again: a training run harvests it again")
 
 
@@ -296,7 +296,7 @@ def read_manifest(folder: str | Path) -> dict:
     """The manifest of a cache folder; ConfigError if missing or not one of ours."""
     path = Path(folder) / MANIFEST
     if not path.exists():
-        raise ConfigError(f"harvest.cache_dir: {str(folder)!r} holds no {MANIFEST}")
+        raise DataError(f"harvest.cache_dir: {str(folder)!r} holds no {MANIFEST}")
     try:
         manifest = json.loads(path.read_text())
         ok = (manifest.get("format") == FORMAT and isinstance(manifest.get("identity"), dict)
@@ -305,7 +305,7 @@ def read_manifest(folder: str | Path) -> dict:
     except (ValueError, UnicodeDecodeError, AttributeError):
         ok = False
     if not ok:
-        raise ConfigError(f"harvest.cache_dir: {str(path)!r} is not a format-{FORMAT} activation cache manifest; "
+        raise DataError(f"harvest.cache_dir: {str(path)!r} is not a format-{FORMAT} activation cache manifest; "
                           "use another cache_dir")
     return manifest
 
@@ -331,9 +331,9 @@ class CacheReader:
         if identity is not None:
             diff = identity_difference(self.manifest["identity"], identity)
             if diff:
-                raise ConfigError(f"harvest.cache_dir: {str(folder)!r} holds activations of another run ({diff})")
+                raise DataError(f"harvest.cache_dir: {str(folder)!r} holds activations of another run ({diff})")
         if require_complete and not self.manifest["complete"]:
-            raise ConfigError(f"harvest.cache_dir: the cache in {str(folder)!r} is incomplete "
+            raise DataError(f"harvest.cache_dir: the cache in {str(folder)!r} is incomplete "
                               f"({self.manifest['tokens']} tokens); rerun the harvest to finish it")
         cached = self.manifest["identity"]["hooks"]
         self.hooks = hooks or cached

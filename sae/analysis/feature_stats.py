@@ -43,7 +43,7 @@ from sae.activations.harvest import check_context_length, special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
 from sae.architectures import SparseAutoencoder
 from sae.atomic_io import fsync_dir, save_tensors
-from sae.errors import ConfigError
+from sae.errors import ConfigError, DataError, StorageError
 
 FORMAT = "sae-feature-stats/1"
 # Histogram of nonzero activations: bin i holds values in [2^((i + 1) / 4 + LOG2_MIN) ...),
@@ -344,7 +344,7 @@ def compute_feature_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
         bar.refresh()
     bar.close()
     if acc.tokens == 0:
-        raise ConfigError("feature stats: the data gave no tokens to scan; is the dataset empty?")
+        raise DataError("feature stats: the data gave no tokens to scan; is the dataset empty?")
     return acc.result({**(info or {}), "settings": asdict(settings), "data_ran_out": ran_out})
 
 
@@ -371,7 +371,7 @@ def save_feature_stats(stats: FeatureStats, path: Path) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):  # e.g. the parent is a file: there is no tmp either
             tmp.unlink()
-        raise ConfigError(f"cannot write feature statistics to {str(path)!r}: {e.strerror}; "
+        raise StorageError(f"cannot write feature statistics to {str(path)!r}: {e.strerror}; "
                           "choose another --cache-dir") from None
 
 
@@ -382,9 +382,9 @@ def read_stats_header(path: Path) -> dict:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (OSError, SafetensorError) as e:
-        raise ConfigError(f"{str(path)!r}: not a feature statistics file ({e})") from None
+        raise DataError(f"{str(path)!r}: not a feature statistics file ({e})") from None
     if meta.get("format") != FORMAT:
-        raise ConfigError(f"{str(path)!r}: not a feature statistics file (format {meta.get('format')!r})")
+        raise DataError(f"{str(path)!r}: not a feature statistics file (format {meta.get('format')!r})")
     return meta
 
 

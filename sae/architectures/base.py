@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sae.atomic_io import replace_files_atomic, save_tensors
-from sae.errors import ConfigError
+from sae.errors import CheckpointError, StorageError
 
 CONFIG_FILE = "cfg.json"
 
@@ -163,19 +163,19 @@ class SparseAutoencoder(nn.Module):
         try:  # built on the meta device: no random init of weights that are overwritten next
             sae = cls(cls.Config(**fields), device="meta", dtype=dtype)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ConfigError(f"{where}: not a valid {cls.architecture} SAE config ({e})") from None
+            raise CheckpointError(f"{where}: not a valid {cls.architecture} SAE config ({e})") from None
         for name, t in sae.disk_tensors().items():
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != tuple(t.shape):
-                raise ConfigError(f"{where}: {name} has shape {got}, cfg.json says {tuple(t.shape)}")
+                raise CheckpointError(f"{where}: {name} has shape {got}, cfg.json says {tuple(t.shape)}")
             if not tensors[name].is_floating_point():
-                raise ConfigError(f"{where}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')}; "
+                raise CheckpointError(f"{where}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')}; "
                                   "SAE weights must be float32, bfloat16, float16 or float64")
         sae = sae.to_empty(device=device)
         sae.load_disk_tensors(tensors)
         for name, t in sae.disk_tensors().items():  # checked where it is fast: in dtype, on device
             if not torch.isfinite(t).all():
-                raise ConfigError(f"{where}: {name} holds NaN or inf; the file is damaged")
+                raise CheckpointError(f"{where}: {name} holds NaN or inf; the file is damaged")
         apply = bool(cfg.get("apply_b_dec_to_input", cls.apply_b_dec_to_input))
         if apply != cls.apply_b_dec_to_input:
             sae.apply_b_dec_to_input = apply
@@ -201,7 +201,7 @@ def write_sae_folder(folder: Path, json_files: dict[str, dict], tensor_files: di
     try:
         replace_files_atomic(folder, writers, remove=SAE_FILES)
     except OSError as e:
-        raise ConfigError(f"cannot write the SAE folder {str(folder)!r}: {e.strerror}") from None
+        raise StorageError(f"cannot write the SAE folder {str(folder)!r}: {e.strerror}") from None
 
 
 def read_json(path: Path) -> dict:
@@ -209,9 +209,9 @@ def read_json(path: Path) -> dict:
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a readable SAE config ({e})") from None
+        raise CheckpointError(f"{path}: not a readable SAE config ({e})") from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: not a readable SAE config (a JSON object was expected)")
+        raise CheckpointError(f"{path}: not a readable SAE config (a JSON object was expected)")
     return doc
 
 
@@ -220,4 +220,4 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as e:
-        raise ConfigError(f"{path}: cannot read SAE weights ({e})") from None
+        raise CheckpointError(f"{path}: cannot read SAE weights ({e})") from None

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from sae.data import corpus, english_corpus
 from sae.data.corpus import HELDOUT_PERCENT
 from sae.distributed import Shard
-from sae.errors import ConfigError
+from sae.errors import ConfigError, DataError
 from sae.hub import looks_like_local_path
 
 # File suffix -> the `datasets` builder that reads it.
@@ -181,7 +181,7 @@ def _guarded(load, what: str, explain=lambda: None):
         return load()
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         # ConnectionError and FileNotFoundError are OSErrors; bad splits/configs raise ValueError.
-        raise ConfigError(f"{what}: {explain() or _first_line(e)}") from None
+        raise DataError(f"{what}: {explain() or _first_line(e)}") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -201,7 +201,7 @@ def _load_local(path: Path, split: str, streaming: bool
             f"({', '.join(LOCAL_FORMATS)}); found {sorted(suffixes) or 'no such files'}"
         )
     if all(p.stat().st_size == 0 for p in files):
-        raise ConfigError(f"data.dataset: {str(path)!r} is empty")
+        raise DataError(f"data.dataset: {str(path)!r} is empty")
     builder = LOCAL_FORMATS[files[0].suffix]
     # Local files carry no split of their own: everything is read as one (split_source holds out a part).
     ds = _guarded(lambda: datasets.load_dataset(builder, data_files={split: [str(p) for p in files]}, split=split,
@@ -318,7 +318,7 @@ def iter_token_documents(dataset: datasets.Dataset | datasets.IterableDataset, t
         # asking for a larger data.token_budget.
         origin = _origin(dataset, text_column)
         what = f"its {documents:,} documents are all empty or whitespace" if documents else "it has no documents"
-        raise ConfigError(f"{origin.key}: {origin.description} holds no text ({what}), so no complete context of "
+        raise DataError(f"{origin.key}: {origin.description} holds no text ({what}), so no complete context of "
                           "text can be packed from it; check data.dataset, data.split and data.text_column")
 
 
@@ -335,7 +335,7 @@ def _read_chunks(dataset: datasets.Dataset | datasets.IterableDataset, text_colu
         if origin.root is None:
             raise  # hub data: connection errors mid-stream are not about the user's data
         detail = bad_json_line(origin.root, origin.files) or _first_line(e)
-        raise ConfigError(f"{origin.key}: cannot read {str(origin.root)!r}: {detail}") from None
+        raise DataError(f"{origin.key}: cannot read {str(origin.root)!r}: {detail}") from None
 
 
 # Tokens that end a document in pretraining data (GPT-2, Qwen2, SmolLM2; Llama 3).

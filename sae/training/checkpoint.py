@@ -33,7 +33,7 @@ from sae.activations.cache import first_difference
 from sae.atomic_io import existing_folder, replace_folder_atomic, save_tensors
 from sae.config import RunConfig
 from sae.distributed import Dist
-from sae.errors import ConfigError
+from sae.errors import CheckpointError, StorageError
 from sae.training.run_folder import (
     PARTS_DIR,
     STATE_DIR,
@@ -100,7 +100,7 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, di
             replace_folder_atomic(run_dir / STATE_DIR, fill)
             shutil.rmtree(parts, ignore_errors=True)
     except OSError as e:
-        raise ConfigError(f"output.root: cannot write the checkpoint in {str(run_dir)!r}: {e.strerror}") from None
+        raise StorageError(f"output.root: cannot write the checkpoint in {str(run_dir)!r}: {e.strerror}") from None
     dist.barrier()
 
 
@@ -119,10 +119,10 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> 
     try:
         doc = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
+        raise CheckpointError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
     world = doc.get("world_size", 1)
     if world != dist.world:
-        raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} was written by {world} process(es), and "
+        raise CheckpointError(f"--resume: the checkpoint in {str(folder)!r} was written by {world} process(es), and "
                           f"each kept its own data position; resume it with {world} (torchrun --nproc_per_node "
                           f"{world} ..., or plain python for 1), not {dist.world}")
     try:
@@ -131,13 +131,13 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> 
                                                    else "trainer.safetensors")))
         buffer_tensors = load_file(str(folder / rank_file("buffer", dist.rank, world)))
     except (OSError, ValueError, SafetensorError) as e:
-        raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
+        raise CheckpointError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
     if doc.get("format") != FORMAT:
-        raise ConfigError(f"--resume: checkpoint format {doc.get('format')!r} in {str(folder)!r}; "
+        raise CheckpointError(f"--resume: checkpoint format {doc.get('format')!r} in {str(folder)!r}; "
                           f"this version reads format {FORMAT}")
     if doc["config"] != resumable_config(cfg):
         diff = first_difference(doc["config"], resumable_config(cfg), a_has="checkpoint has")
-        raise ConfigError(f"--resume: the checkpoint in {str(folder)!r} belongs to another run ({diff} "
+        raise CheckpointError(f"--resume: the checkpoint in {str(folder)!r} belongs to another run ({diff} "
                           "in config.yaml)")
     buffer_meta = doc["buffers"][dist.rank] if world > 1 else doc["buffer"]
     trainer_meta = doc["trainers"][dist.rank] if per_rank else doc["trainer"]

@@ -259,7 +259,7 @@ def check_eval_split(cfg: RunConfig) -> None:
     try:
         load_text_dataset(d.dataset, d.eval_split, d.text_column, d.subset, d.streaming)
     except ConfigError as e:
-        raise ConfigError(str(e).replace("data.split:", "data.eval_split:", 1)) from None
+        raise type(e)(str(e).replace("data.split:", "data.eval_split:", 1)) from None
 
 
 def in_step(batches: Iterable, dist: Dist) -> Iterator:

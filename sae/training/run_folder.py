@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sae.atomic_io import existing_folder, remove_temporaries, write_text_atomic
 from sae.config import RunConfig, config_from_dict, read_yaml, to_dict, to_yaml
-from sae.errors import ConfigError
+from sae.errors import CheckpointError, ConfigError, StorageError
 from sae.folder_lock import LOCK_FILE, FolderLock, describe_holder, holder_of
 
 STATE_DIR = "state"
@@ -81,8 +81,8 @@ def resume_config(run_dir: Path) -> RunConfig:
     return cfg
 
 
-def no_checkpoint(run_dir: Path) -> ConfigError:
-    return ConfigError(f"--resume: {str(run_dir)!r} holds no checkpoint (a run writes one every "
+def no_checkpoint(run_dir: Path) -> CheckpointError:
+    return CheckpointError(f"--resume: {str(run_dir)!r} holds no checkpoint (a run writes one every "
                        "output.checkpoint_every_steps steps and when stopped with Ctrl-C or SIGTERM)")
 
 
@@ -118,7 +118,7 @@ def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
     try:
         write_text_atomic(run_dir / CONFIG_FILE, to_yaml(cfg))
     except OSError as e:
-        raise ConfigError(f"output.root: cannot write to {str(run_dir)!r}: {e.strerror}") from None
+        raise StorageError(f"output.root: cannot write to {str(run_dir)!r}: {e.strerror}") from None
 
 
 def discard_failed_start(run_dir: Path) -> bool:

@@ -27,7 +27,13 @@ from sae.architectures.base import BatchTotals
 from sae.architectures.sharded_topk import sharded_topk_loss
 from sae.config import RunConfig, SAEConfig, sae_variants
 from sae.distributed import Dist, sharded
-from sae.errors import ConfigError, TrainingStopped
+from sae.errors import (
+    CheckpointError,
+    ConfigError,
+    DistributedError,
+    DivergedError,
+    TrainingStopped,
+)
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, decay_fraction: float) -> float:
@@ -75,12 +81,12 @@ def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool)
     """This rank's slice (latents [r M/w, (r+1) M/w)) of a TopK SAE, as a TopK SAE."""
     multi = getattr(sae.cfg, "multi_topk", False)
     if sae.architecture != "topk" or multi or autocast:
-        raise ConfigError(f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
+        raise DistributedError(f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
                           f"{name} is {sae.architecture}" + (" with multi_topk" if multi else "")
                           + (" with train.autocast" if autocast else ""))
     M = sae.cfg.num_latents
     if M % dist.world:
-        raise ConfigError(f"distributed.mode: latents: the {M} latents of {name} do not divide over {dist.world} "
+        raise DistributedError(f"distributed.mode: latents: the {M} latents of {name} do not divide over {dist.world} "
                           f"processes; use a latent count divisible by {dist.world}")
     m = M // dist.world
     part = type(sae)(replace(sae.cfg, num_latents=m))
@@ -305,15 +311,15 @@ class Trainer:
             flags = torch.stack([torch.stack(list(self.nonfinite.values())).any(),
                                  torch.stack(list(self.diverged.values())).any()]).long()
             if self.dist.max_(flags.clone()).any() and not flags.any():
-                raise ConfigError(f"another process saw NaN or inf in steps {self.checked_step}..{self.step_count - 1}"
+                raise DivergedError(f"another process saw NaN or inf in steps {self.checked_step}..{self.step_count - 1}"
                                   f"; see its message{kept}")
         for hook in self.saes:
             steps = f"steps {self.checked_step}..{self.step_count - 1}"
             if self.nonfinite[hook]:
-                raise ConfigError(f"activations at {self.hook_of[hook]} held NaN or inf in {steps}; check model.dtype or drop "
+                raise DivergedError(f"activations at {self.hook_of[hook]} held NaN or inf in {steps}; check model.dtype or drop "
                                   f"outliers with harvest.max_norm_ratio{kept}")
             if self.diverged[hook]:
-                raise ConfigError(f"training of the SAE at {hook} diverged (loss NaN or inf) in {steps}; "
+                raise DivergedError(f"training of the SAE at {hook} diverged (loss NaN or inf) in {steps}; "
                                   f"lower train.lr{kept}")
         self.checked_step = self.step_count
 
@@ -343,7 +349,7 @@ class Trainer:
         mine = {hook: (sae.cfg.d_in, sae.cfg.num_latents) for hook, sae in self.saes.items()}
         theirs = {hook: (meta["widths"][hook], meta["num_latents"][hook]) for hook in meta["widths"]}
         if mine != theirs or meta["total_steps"] != self.total_steps:
-            raise ConfigError(f"resume: the checkpoint holds SAEs {theirs} over {meta['total_steps']} steps "
+            raise CheckpointError(f"resume: the checkpoint holds SAEs {theirs} over {meta['total_steps']} steps "
                               f"(hook: (d_in, latents)), this config makes {mine} over {self.total_steps}")
         self._check_state_shapes(tensors, stepped=meta["step"] > 0)
         for hook, sae in self.saes.items():
@@ -380,7 +386,7 @@ class Trainer:
         for key, shape in expected.items():
             got = tuple(tensors[key].shape) if key in tensors else None
             if shape is None or got != tuple(shape):
-                raise ConfigError(f"resume: the checkpoint's {key} has shape {got}, this run needs "
+                raise CheckpointError(f"resume: the checkpoint's {key} has shape {got}, this run needs "
                                   f"{None if shape is None else tuple(shape)}; the checkpoint is damaged or belongs to another run")
 
     def fit(self, batches, progress: bool = True, log_every: int = 50,
