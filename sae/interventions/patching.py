@@ -193,10 +193,6 @@ class PatchResult:
         finite = shown[torch.isfinite(shown)]
         vmax = max(1.0 if shown is norm else 0.0, float(finite.abs().max()) if finite.numel() else 0.0) or 1.0
         n_rows, n_cols = shown.shape
-
-        def font(size: int = 11) -> str:
-            return f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="{size}"'
-
         label_w = 8 + 7 * max(len(r) for r in self.rows)
         top_h = 30 + 7 * min(28, max(len(c) for c in self.columns))
         left, top = label_w + 10, top_h + 40
@@ -212,18 +208,27 @@ class PatchResult:
         out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
                f'viewBox="0 0 {width} {height}">',
                f'<rect width="{width}" height="{height}" fill="white"/>',
-               f'<text x="10" y="18" {font(13)} font-weight="bold">{esc(title)}</text>',
-               f'<text x="10" y="34" {font()}>{esc(subtitle)}</text>']
+               f'<text x="10" y="18" {_font(13)} font-weight="bold">{esc(title)}</text>',
+               f'<text x="10" y="34" {_font()}>{esc(subtitle)}</text>']
         for c, name in enumerate(self.columns):
             x, y = left + c * cell + cell / 2, top - 6
             short = name if len(name) <= 28 else name[:27] + "…"
-            out.append(f'<text x="{x:.1f}" y="{y}" {font()} transform="rotate(-60 {x:.1f} {y})">'
+            out.append(f'<text x="{x:.1f}" y="{y}" {_font()} transform="rotate(-60 {x:.1f} {y})">'
                        f'<title>{esc(name)}</title>{esc(short)}</text>')
         for r, name in enumerate(self.rows):
             y = top + r * cell + cell / 2 + 4
-            out.append(f'<text x="{left - 6}" y="{y:.1f}" {font()} text-anchor="end">{esc(name)}</text>')
-        for r in range(n_rows):
-            for c in range(n_cols):
+            out.append(f'<text x="{left - 6}" y="{y:.1f}" {_font()} text-anchor="end">{esc(name)}</text>')
+        out += self._svg_cells(shown, vmax, left, top, cell)
+        out += _svg_legend(vmax, left, legend_y, what)
+        out.append("</svg>")
+        return "\n".join(out) + "\n"
+
+    def _svg_cells(self, shown: torch.Tensor, vmax: float, left: int, top: int, cell: int) -> list[str]:
+        """One coloured square per (row, column) of ``shown`` [rows, columns], its value
+        written in it and the raw and normalised metric in its tooltip."""
+        out, esc, norm = [], html.escape, self.normalized
+        for r in range(shown.shape[0]):
+            for c in range(shown.shape[1]):
                 v, raw, nv = float(shown[r, c]), float(self.values[r, c]), float(norm[r, c])
                 x, y = left + c * cell, top + r * cell
                 tip = (f"{self.rows[r]}, {self.columns[c]}: metric {raw:.4f}, normalised "
@@ -233,21 +238,27 @@ class PatchResult:
                 ink = "white" if math.isfinite(v) and abs(v) / vmax > 0.6 else "black"
                 out.append(f'<g><title>{esc(tip)}</title><rect x="{x}" y="{y}" width="{cell}" height="{cell}" '
                            f'fill="{_colour(v, vmax)}" stroke="white"/>'
-                           f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 3.5:.1f}" {font(9)} '
+                           f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 3.5:.1f}" {_font(9)} '
                            f'text-anchor="middle" fill="{ink}">{text}</text></g>')
-        # Legend: a gradient bar from -vmax to +vmax.
-        bar_w, bar_x = 240, left
-        out.append('<defs><linearGradient id="diverging" x1="0" x2="1" y1="0" y2="0">'
-                   + "".join(f'<stop offset="{i / 8:.3f}" stop-color="{_colour((i / 4 - 1) * vmax, vmax)}"/>'
-                             for i in range(9)) + "</linearGradient></defs>")
-        out.append(f'<rect x="{bar_x}" y="{legend_y}" width="{bar_w}" height="12" fill="url(#diverging)" '
-                   'stroke="#999"/>')
-        for frac, val in ((0, -vmax), (0.5, 0.0), (1, vmax)):
-            out.append(f'<text x="{bar_x + frac * bar_w:.1f}" y="{legend_y + 26}" {font()} text-anchor="middle">'
-                       f'{val:.3g}</text>')
-        out.append(f'<text x="{bar_x}" y="{legend_y - 6}" {font()}>{esc(what)}</text>')
-        out.append("</svg>")
-        return "\n".join(out) + "\n"
+        return out
+
+
+def _svg_legend(vmax: float, left: int, legend_y: int, what: str) -> list[str]:
+    """A gradient bar from -vmax to +vmax under the grid, its ticks, and what it measures."""
+    bar_w = 240
+    out = ['<defs><linearGradient id="diverging" x1="0" x2="1" y1="0" y2="0">'
+           + "".join(f'<stop offset="{i / 8:.3f}" stop-color="{_colour((i / 4 - 1) * vmax, vmax)}"/>'
+                     for i in range(9)) + "</linearGradient></defs>",
+           f'<rect x="{left}" y="{legend_y}" width="{bar_w}" height="12" fill="url(#diverging)" stroke="#999"/>']
+    for frac, val in ((0, -vmax), (0.5, 0.0), (1, vmax)):
+        out.append(f'<text x="{left + frac * bar_w:.1f}" y="{legend_y + 26}" {_font()} text-anchor="middle">'
+                   f'{val:.3g}</text>')
+    out.append(f'<text x="{left}" y="{legend_y - 6}" {_font()}>{html.escape(what)}</text>')
+    return out
+
+
+def _font(size: int = 11) -> str:
+    return f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="{size}"'
 
 
 def _fmt(v: float) -> str:
