@@ -198,77 +198,27 @@ class Trainer:
         return ws
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """One optimizer step per SAE. Returns per-SAE stats as 0-d tensors (no host sync)."""
+        """One optimizer step per SAE. Returns per-SAE stats as 0-d tensors (no host sync).
+
+        batch: {hook: [n, d]}, this process's rows. Per SAE: its input (gathered where the
+        mode needs the whole batch), the first step's initialisation, the loss, the update."""
         stats = {}
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast)
-        inputs = {}
-        if self.by_hook:  # each hook point's batch, whole, goes to the process that trains its SAEs
-            for hook in self.hooks:
-                whole = self.dist.gather_to(batch[hook].to(self.device, torch.float32), self.owner[hook])
-                if whole is not None:
-                    inputs[hook] = whole
+        inputs = self._whole_batches(batch) if self.by_hook else {}
         for name, sae in self.saes.items():
-            hook = self.hook_of[name]
-            if hook not in inputs:  # several SAEs (a sweep) can train on one hook's batch
-                inputs[hook] = batch[hook].to(self.device, torch.float32, non_blocking=True)
-                if self.sharded:  # every slice of the latents trains on the whole batch
-                    inputs[hook] = self.dist.gather_rows(inputs[hook])
-            x = inputs[hook]
+            x = self._input(self.hook_of[name], batch, inputs)
             # Recorded on the device, checked in check_finite(): no host sync per step.
             self.nonfinite[name] |= ~torch.isfinite(x).all()
             if self.step_count == 0:
-                with torch.no_grad():
-                    if self.scales_inputs(name):
-                        norms = self.batch_dist.sum_(torch.stack([x.norm(dim=1).sum(),
-                                                                  torch.tensor(x.shape[0], device=x.device)]))
-                        self.input_scale[name].copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
-                    if sae.apply_b_dec_to_input:
-                        sae.b_dec.copy_(geometric_median(self.batch_dist.gather_rows(x) * self.input_scale[name]))
+                self._initialise(name, sae, x)
             if self.scales_inputs(name):
                 x = x * self.input_scale[name]
             totals = self._totals(x) if self.batch_dist.active else None
             dead = self.since_fired[name] >= self.cfg.train.dead_tokens
-            ws = (self._workspace(name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
-                  if sae.uses_workspace else None)
-            if self.sharded:
-                spec = sae.spec()
-                loss, fvu, fires = sharded_topk_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, spec.k, self.dist,
-                                                     dead, spec.k_aux, spec.aux_alpha)
-            else:
-                with autocast:
-                    loss, fvu, fires = sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps,
-                                                         totals=totals)
+            loss, fvu, fires = self._loss(name, sae, x, dead, totals)
             self.diverged[name] |= ~torch.isfinite(loss.detach())
             loss.backward()
-            opt = self.optimizers[name]
             n = totals.n if totals is not None else x.shape[0]
-            with torch.no_grad():
-                if self.batch_dist.active:  # each share's loss is its part of the batch's: gradients add up
-                    for p in sae.parameters():
-                        if p.grad is not None:
-                            self.batch_dist.sum_(p.grad)
-                    fires = self.batch_dist.sum_(fires)
-                    loss_fvu = self.batch_dist.sum_(torch.stack([loss.detach(), fvu]))
-                    loss, fvu = loss_fvu[0], loss_fvu[1]
-                W = sae.W_dec
-                if sae.unit_norm_decoder:
-                    g = W.grad
-                    g -= (g * W).sum(1, keepdim=True) * W  # keep rows on the unit sphere to first order
-                clip = self.grad_clip(name)
-                if clip:
-                    torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(self.step_count, self.total_steps, self.peak_lr[name],
-                                                self.cfg.train.warmup_steps, self.cfg.train.decay_fraction)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if sae.unit_norm_decoder:
-                    W.copy_(F.normalize(W, dim=1))
-                since = self.since_fired[name]
-                since += n
-                since.masked_fill_(fires > 0, 0)
-                self.window_fires[name] += fires
-                self.window_tokens[name] += n
+            loss, fvu, fires = self._update(name, sae, loss, fvu, fires, n)
             fired, n_dead = fires.sum(), dead.sum()
             if self.sharded:  # counts of this slice of the latents: add the others'
                 fired, n_dead = self.dist.sum_(torch.stack([fired, n_dead]))
@@ -276,10 +226,87 @@ class Trainer:
                            # Not fired for train.dead_tokens (what AuxK trains); the held-out
                            # "dead_fraction" is another count: never fired on the evaluation text.
                            "silent_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1)),
-                           "lr": opt.param_groups[0]["lr"]}
+                           "lr": self.optimizers[name].param_groups[0]["lr"]}
         self.step_count += 1
         self.tokens_seen += next(iter(batch.values())).shape[0] * self.dist.world
         return stats
+
+    def _whole_batches(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook points split over processes: each hook's whole batch [N, d], gathered on the
+        process that trains its SAEs ({hook: rows} of the hooks this process owns)."""
+        inputs = {}
+        for hook in self.hooks:
+            whole = self.dist.gather_to(batch[hook].to(self.device, torch.float32), self.owner[hook])
+            if whole is not None:
+                inputs[hook] = whole
+        return inputs
+
+    def _input(self, hook: str, batch: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The rows [n, d] an SAE of ``hook`` trains on, made once per hook (several SAEs of a
+        sweep share them) and kept in ``inputs``; with latents sharded, the whole batch."""
+        if hook not in inputs:
+            inputs[hook] = batch[hook].to(self.device, torch.float32, non_blocking=True)
+            if self.sharded:  # every slice of the latents trains on the whole batch
+                inputs[hook] = self.dist.gather_rows(inputs[hook])
+        return inputs[hook]
+
+    @torch.no_grad()
+    def _initialise(self, name: str, sae: SparseAutoencoder, x: torch.Tensor) -> None:
+        """First step only: the input scale (recipes that scale inputs) and b_dec at the
+        geometric median of the first batch (recipes that subtract b_dec first)."""
+        if self.scales_inputs(name):
+            norms = self.batch_dist.sum_(torch.stack([x.norm(dim=1).sum(), torch.tensor(x.shape[0], device=x.device)]))
+            self.input_scale[name].copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
+        if sae.apply_b_dec_to_input:
+            sae.b_dec.copy_(geometric_median(self.batch_dist.gather_rows(x) * self.input_scale[name]))
+
+    def _loss(self, name: str, sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor,
+              totals: BatchTotals | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, fvu, fires [M]) of one SAE on x [n, d]: its architecture's loss, or the
+        sharded TopK loss when its latents are split over processes."""
+        if self.sharded:
+            spec = sae.spec()
+            return sharded_topk_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, spec.k, self.dist, dead,
+                                     spec.k_aux, spec.aux_alpha)
+        ws = (self._workspace(name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
+              if sae.uses_workspace else None)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast):
+            return sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps, totals=totals)
+
+    @torch.no_grad()
+    def _update(self, name: str, sae: SparseAutoencoder, loss: torch.Tensor, fvu: torch.Tensor,
+                fires: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The optimizer step after backward: shares' gradients summed (data parallel), the
+        decoder kept at unit norm where the recipe says so, clipping, the scheduled learning
+        rate; then the firing counters. Returns (loss, fvu, fires) of the whole batch."""
+        if self.batch_dist.active:  # each share's loss is its part of the batch's: gradients add up
+            for p in sae.parameters():
+                if p.grad is not None:
+                    self.batch_dist.sum_(p.grad)
+            fires = self.batch_dist.sum_(fires)
+            loss_fvu = self.batch_dist.sum_(torch.stack([loss.detach(), fvu]))
+            loss, fvu = loss_fvu[0], loss_fvu[1]
+        W = sae.W_dec
+        if sae.unit_norm_decoder:
+            g = W.grad
+            g -= (g * W).sum(1, keepdim=True) * W  # keep rows on the unit sphere to first order
+        clip = self.grad_clip(name)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
+        opt = self.optimizers[name]
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(self.step_count, self.total_steps, self.peak_lr[name],
+                                        self.cfg.train.warmup_steps, self.cfg.train.decay_fraction)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sae.unit_norm_decoder:
+            W.copy_(F.normalize(W, dim=1))
+        since = self.since_fired[name]
+        since += n
+        since.masked_fill_(fires > 0, 0)
+        self.window_fires[name] += fires
+        self.window_tokens[name] += n
+        return loss, fvu, fires
 
     def _totals(self, x: torch.Tensor) -> BatchTotals:
         """Size and total variance of the whole batch that x [n, d] is this process's share of
