@@ -62,9 +62,10 @@ def test_the_demo_config_runs_and_saves_the_resolved_config(tmp_path):
 def test_run_folder_of_another_run_is_refused(tmp_path):
     runner = CliRunner()
     args = ["--set", f"output.root={tmp_path}", "--set", "output.run_name=r", "--set", "train.seed=1"]
+    from sae.config import load_config
     from sae.training.run_folder import run_dir_for, save_run_config
 
-    first = cli.load_config(None, args[1::2])
+    first = load_config(None, args[1::2])
     save_run_config(first, run_dir_for(first))
     result = runner.invoke(cli.train, args[:-1] + ["train.seed=2"])
     assert result.exit_code == 2
