@@ -254,24 +254,11 @@ def _top_edits(ablate_top: int | None, steer_top: str | None) -> dict:
     return top
 
 
-def _rank_features(target, texts, contrast, answer, wrong, fmt) -> tuple[list[int], str]:
-    """Features ranked for --ablate-top / --steer-top, by contrast search or attribution, and how.
-    In chat format the contrast files hold assistant replies, as for ``search --chat``."""
-    if contrast is not None:
-        from sae.analysis.feature_search import contrast_search, read_prompts
-
-        return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
-                               read_prompts(contrast[1], "--contrast BASELINE"), fmt=fmt).ranking("effect"), "contrast"
-    from sae.interventions.attribution import attribute as run_attribution
-
-    return (run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
-                            _metric(target.tokenizer, answer, wrong), fmt=fmt).ranking("up"),
-            f"attribution to {answer!r}")
-
-
 def _print_fix_test(result, hook: str, edits, tokens: dict[int, list[str]] | None, neutral, as_json: bool) -> None:
     """fix-test's answer: JSON, or the intervention, its features' top tokens and the table."""
-    features = _edited_features(edits)
+    from sae.interventions.edits import edited_features
+
+    features = edited_features(edits)
     if as_json:
         click.echo(json.dumps({"edits": [_describe_edit(e) for e in edits],
                                **({} if tokens is None else {"features": [_with_tokens({"feature": f}, tokens)
@@ -287,16 +274,6 @@ def _print_fix_test(result, hook: str, edits, tokens: dict[int, list[str]] | Non
     if neutral:
         click.echo(f"(KL over {sum(c.numel() for c in neutral):,} tokens of neutral text; "
                    "values in brackets: 95% bootstrap intervals over prompts)")
-
-
-def _edited_features(edits) -> list[int]:
-    """The features an intervention's edits touch, in order, each once."""
-    from sae.interventions.edits import Steer
-
-    found = []
-    for e in edits:
-        found += [e.feature] if isinstance(e, Steer) else list(getattr(e, "features", ()))
-    return list(dict.fromkeys(f for f in found if f is not None))
 
 
 @analyze.command("fix-test")
@@ -340,9 +317,10 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
             --scorer words:raised,raise,raises --answer " raised" --ablate-top 5
     """
 
+    from sae.analysis.feature_search import read_prompts
     from sae.atomic_io import check_output_path, write_output
-    from sae.interventions.edits import Ablate, Edit, Steer, parse_feature_edits
-    from sae.interventions.fix_test import fix_test
+    from sae.interventions.edits import Ablate, Edit, Steer, edited_features, parse_feature_edits
+    from sae.interventions.fix_test import fix_test, neutral_contexts, rank_features
     from sae.interventions.scorers import load_scorer
     from sae.models.generation import Sampling
 
@@ -365,7 +343,8 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
     target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
     log = _log
     if top:
-        ranking, how = _rank_features(target, texts, contrast, answer, wrong, fmt)
+        ranking, how = rank_features(target, texts, contrast, lambda: _metric(target.tokenizer, answer, wrong), fmt)
+        how = how if contrast is not None else f"attribution to {answer!r}"
         if "ablate" in top:
             edits.append(Ablate(ranking[:top["ablate"][0]]))
         if "steer" in top:
@@ -373,12 +352,13 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
             edits += [Steer(f, amount) for f in ranking[:k]]
     edit = Edit(target.sae, target.hook, edits)
     edit.check()   # before top tokens, which index the features
-    tokens = _feature_tokens(target, _edited_features(edits), no_top_tokens)
+    tokens = _feature_tokens(target, edited_features(edits), no_top_tokens)
     if top:
         picked = ranking[:max(k for k, _ in top.values())]
         label = str if tokens is None else (lambda f: f"{f} ({_tokens_cell(tokens, f).strip()})")
         log(f"top features by {how}: {', '.join(map(label, picked))}")
-    neutral = _neutral_contexts(target, neutral_file, neutral_tokens)
+    neutral = neutral_contexts(target, read_prompts(neutral_file, "--neutral") if neutral_file else None,
+                               neutral_tokens, log=_log)
     result = fix_test(target.model, target.tokenizer, texts, [edit], scorer, samples, sampling, threshold, neutral,
                       fmt=fmt)
     if html_path is not None:
@@ -388,32 +368,3 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
     _print_fix_test(result, target.hook, edits, tokens, neutral, as_json)
 
 
-def _neutral_contexts(target, neutral_file, tokens: int) -> list:
-    """Contexts of neutral text for the KL cost: the file's lines, or the data's held-out split."""
-    import torch
-
-    from sae.models.generation import prompt_token_ids
-
-    if tokens == 0:
-        return []
-    if neutral_file is not None:
-        from sae.analysis.feature_search import read_prompts
-
-        contexts, total = [], 0
-        for line in read_prompts(neutral_file, "--neutral"):
-            ids = prompt_token_ids(target.tokenizer, line)[:target.cfg.data.context_tokens]
-            contexts.append(torch.tensor(ids))
-            total += len(ids)
-            if total >= tokens:
-                break
-        return contexts
-    d = target.cfg.data
-    if d.eval_split is None:
-        _log("no KL cost: data.eval_split is null and no --neutral file was given")
-        return []
-    from dataclasses import replace
-
-    from sae.activations.stream import contexts_for
-
-    cfg = replace(target.cfg, data=replace(d, split=d.eval_split, token_budget=tokens))
-    return [row for batch in contexts_for(cfg, target.tokenizer) for row in batch]

@@ -199,3 +199,11 @@ def _edit_kept_rows(edit: Edit, keep: dict, h: torch.Tensor) -> torch.Tensor:
     if rows is None or rows.shape != h.shape[:-1]:  # no ids seen (inputs_embeds): edit everywhere
         return new
     return torch.where(rows[..., None], new, h)
+
+
+def edited_features(edits: Sequence[Edit]) -> list[int]:
+    """The features some edits touch, in order, each once."""
+    found = []
+    for e in edits:
+        found += [e.feature] if isinstance(e, Steer) else list(getattr(e, "features", ()))
+    return list(dict.fromkeys(f for f in found if f is not None))

@@ -24,18 +24,23 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations.harvest import special_token_ids
+from sae.activations.stream import contexts_for
+from sae.analysis.feature_search import contrast_search, read_prompts
+from sae.analysis.target import Target
 from sae.data.prompt_format import PLAIN, PromptFormat
 from sae.evaluation.lm_metrics import at_least_fp32
+from sae.interventions.attribution import attribute
 from sae.interventions.edits import Edit, intervene
 from sae.interventions.scorers import Scorer
-from sae.models.generation import Sampling, continuation_ids
+from sae.models.generation import Sampling, continuation_ids, prompt_token_ids
 
 CONDITIONS = ("baseline", "intervened")
 
@@ -240,3 +245,40 @@ def fix_test(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         summary["kl"] = {"value": float(kl.mean()), "ci": bootstrap_ci(kl, lambda v: v.mean(), resamples, seed=1)}
     return FixTestResult(prompts=list(prompts), texts=texts, scores=scores, nll=nll, tokens=tokens, kl=kl,
                          scorer=scorer.name, threshold=threshold, summary=summary, marks=scorer.pattern)
+
+
+def rank_features(target: Target, texts: Sequence[str], contrast: tuple[Path, Path] | None,
+                  metric: Callable[[], Callable], fmt: PromptFormat = PLAIN) -> tuple[list[int], str]:
+    """Features ranked for a fix test that edits the top ones, and how they were ranked:
+    by contrast search over two prompt files (``contrast``: target, baseline; in chat format
+    they hold assistant replies, as for ``search --chat``), else by attribution of
+    ``metric()`` (built only then) over ``texts``."""
+    if contrast is not None:
+        return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
+                               read_prompts(contrast[1], "--contrast BASELINE"), fmt=fmt).ranking("effect"), "contrast"
+    ranked = attribute(target.model, target.tokenizer, target.sae, target.hook, texts, metric(), fmt=fmt)
+    return ranked.ranking("up"), "attribution"
+
+
+def neutral_contexts(target: Target, lines: Sequence[str] | None, tokens: int,
+                     log: Callable[[str], None] = print) -> list[torch.Tensor]:
+    """Contexts (LongTensors [<= context_tokens]) of neutral text for a fix test's KL cost,
+    about ``tokens`` in all: ``lines`` (each a context), else the data's held-out split;
+    none when ``tokens`` is 0 or there is no held-out split."""
+    if tokens == 0:
+        return []
+    if lines is not None:
+        contexts, total = [], 0
+        for line in lines:
+            ids = prompt_token_ids(target.tokenizer, line)[:target.cfg.data.context_tokens]
+            contexts.append(torch.tensor(ids))
+            total += len(ids)
+            if total >= tokens:
+                break
+        return contexts
+    d = target.cfg.data
+    if d.eval_split is None:
+        log("no KL cost: data.eval_split is null and no --neutral file was given")
+        return []
+    cfg = replace(target.cfg, data=replace(d, split=d.eval_split, token_budget=tokens))
+    return [row for batch in contexts_for(cfg, target.tokenizer) for row in batch]
