@@ -34,7 +34,7 @@ def make_ours(d, M, k, device, x, dead, autocast=False):
     forced = dead.nonzero().squeeze(1)
 
     def step():
-        trainer.since_fired["x"][forced] = cfg.train.dead_tokens  # same ~2% dead as the others
+        trainer.states["x"].since_fired[forced] = cfg.train.dead_tokens  # same ~2% dead as the others
         trainer.step({"x": x})
     step.trainer = trainer
     return step

@@ -69,11 +69,11 @@ def train(arch: str, rank: int = 0, world: int = 1, mode: str = "data", hook: st
     if hook not in trainer.saes:
         return {}
     sae = trainer.trained_sae(hook)   # the whole SAE, gathered when its latents are sharded
-    since = trainer.since_fired[hook]
+    since = trainer.states[hook].since_fired
     if trainer.sharded:
         since = d.gather_rows(since)
     return {**{k: v.detach().clone() for k, v in sae.state_dict().items()}, "since_fired": since.clone(),
-            "input_scale": trainer.input_scale[hook].clone(), "tokens": torch.tensor(trainer.tokens_seen)}
+            "input_scale": trainer.states[hook].input_scale.clone(), "tokens": torch.tensor(trainer.tokens_seen)}
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ def test_latents_silent_for_the_window_count_as_dead():
         sae.b_enc[:10] = -1e6  # these can never win the top-k
     stats = [trainer.step({"h": sparse_data(256, seed=s)}) for s in range(3)]
     assert stats[0]["h"]["silent_fraction"] == 0  # nothing has been silent for 512 tokens yet
-    since = trainer.since_fired["h"]
+    since = trainer.states["h"].since_fired
     assert (since[:10] == 768).all()
     assert stats[2]["h"]["silent_fraction"] >= 10 / 128
 
@@ -111,7 +111,7 @@ def test_tensorboard_logger_writes_scalars_and_density_histograms(tmp_path):
     assert events.Tags()["histograms"] == ["h/log10_density"]
     assert events.Histograms("h/log10_density")[0].histogram_value.num == 128  # one value per latent
     # the density window covers exactly the tokens since the last log: 3 steps x 256
-    assert trainer.window_tokens["h"] == 0 and trainer.window_fires["h"].sum() == 0
+    assert trainer.states["h"].window_tokens == 0 and trainer.states["h"].window_fires.sum() == 0
 
 
 RECIPES = {  # short-run settings for the toy data; the defaults are for real runs

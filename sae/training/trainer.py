@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -108,6 +108,22 @@ def gather_latents(part: SparseAutoencoder, dist: Dist) -> SparseAutoencoder:
     return whole
 
 
+@dataclass
+class SAEState:
+    """One SAE in training and everything its steps carry besides the batch."""
+    sae: SparseAutoencoder
+    hook: str                     # the hook point it trains on
+    optimizer: torch.optim.Adam
+    peak_lr: float
+    since_fired: torch.Tensor     # [M] long: tokens since each latent last fired (dead: >= train.dead_tokens)
+    window_fires: torch.Tensor    # [M] long: firings since the last density log
+    input_scale: torch.Tensor     # 0-d: s with E|x s| = sqrt(d), set on the first batch
+    nonfinite: torch.Tensor       # 0-d bool: inputs held NaN or inf since the last check
+    diverged: torch.Tensor        # 0-d bool: the loss was NaN or inf since the last check
+    window_tokens: int = 0        # tokens since the last density log
+    workspace: torch.Tensor | None = None  # reused N x M pre-activation buffer
+
+
 class Trainer:
     """Trains one SAE per hook point and sweep variant, all on the same batches.
     ``step(batch)`` takes {hook: [N, d]}; the dicts below are keyed by ``sae_id``.
@@ -138,19 +154,9 @@ class Trainer:
             self.owner = {hook: i // per for i, hook in enumerate(self.hooks)}
         self.densities: dict[str, torch.Tensor] = {}   # per SAE, set at each log step (for TensorBoard)
         self.step_count, self.tokens_seen = 0, 0
-        self.saes: dict[str, SparseAutoencoder] = {}
-        self.optimizers: dict[str, torch.optim.Adam] = {}
-        self.since_fired: dict[str, torch.Tensor] = {}
-        self.nonfinite: dict[str, torch.Tensor] = {}
-        self.window_fires: dict[str, torch.Tensor] = {}  # firing counts since the last density log
-        self.window_tokens: dict[str, int] = {}
-        self.input_scale: dict[str, torch.Tensor] = {}   # s with E|x s| = sqrt(d), set on the first batch
-        self.workspace: dict[str, torch.Tensor] = {}     # reused N x M pre-activation buffer per hook
+        self.states: dict[str, SAEState] = {}   # this process's SAEs, by name
         self.checked_step = 0
         self.last_checkpoint_step: int | None = None
-        self.diverged: dict[str, torch.Tensor] = {}
-        self.peak_lr: dict[str, float] = {}
-        self.hook_of: dict[str, str] = {}
         # every SAE of the run, this process's or not: {name: hook point}
         self.all_saes = {sae_id(hook, variant): hook for hook in widths for variant in sae_variants(cfg)}
         for hook, d in widths.items():
@@ -164,37 +170,47 @@ class Trainer:
         # Each SAE's init depends on the seed and its shape only: a sweep variant starts
         # (and, on the same batches, ends) exactly as the same SAE trained alone.
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
-        self.peak_lr[name] = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents)
+        peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents)
         if self.sharded:  # keep this rank's slice of the same initial SAE
             clip = sae.grad_clip if self.cfg.train.grad_clip is None else self.cfg.train.grad_clip
             sae = shard_latents(sae, self.dist, name, self.cfg.train.autocast).to(self.device)
             if clip:
                 raise ConfigError(f"train.grad_clip: {clip} cannot be applied with distributed.mode: latents (each "
                                   "process holds part of the gradient); set train.grad_clip=0")
-        M = sae.cfg.num_latents
-        self.saes[name], self.hook_of[name] = sae, hook
-        self.optimizers[name] = torch.optim.Adam(sae.parameters(), lr=self.peak_lr[name], betas=sae.adam_betas,
-                                                 fused=self.device.type in ("cuda", "cpu"))
-        self.since_fired[name] = torch.zeros(M, dtype=torch.long, device=self.device)
-        self.nonfinite[name] = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.diverged[name] = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.window_fires[name] = torch.zeros(M, dtype=torch.long, device=self.device)
-        self.window_tokens[name] = 0
-        self.input_scale[name] = torch.ones((), device=self.device)
+        M, dev = sae.cfg.num_latents, self.device
+        self.states[name] = SAEState(
+            sae=sae, hook=hook, peak_lr=peak_lr,
+            optimizer=torch.optim.Adam(sae.parameters(), lr=peak_lr, betas=sae.adam_betas,
+                                       fused=dev.type in ("cuda", "cpu")),
+            since_fired=torch.zeros(M, dtype=torch.long, device=dev),
+            window_fires=torch.zeros(M, dtype=torch.long, device=dev),
+            input_scale=torch.ones((), device=dev),
+            nonfinite=torch.zeros((), dtype=torch.bool, device=dev),
+            diverged=torch.zeros((), dtype=torch.bool, device=dev))
+
+    @property
+    def saes(self) -> dict[str, SparseAutoencoder]:
+        """This process's SAEs, by name (``<hook>`` or ``<hook>/<variant>``)."""
+        return {name: st.sae for name, st in self.states.items()}
+
+    @property
+    def hook_of(self) -> dict[str, str]:
+        """The hook point each of this process's SAEs trains on."""
+        return {name: st.hook for name, st in self.states.items()}
 
     def scales_inputs(self, hook: str) -> bool:
         setting = self.cfg.train.scale_inputs
-        return self.saes[hook].scale_inputs if setting is None else setting
+        return self.states[hook].sae.scale_inputs if setting is None else setting
 
     def grad_clip(self, hook: str) -> float | None:
         setting = self.cfg.train.grad_clip
-        return self.saes[hook].grad_clip if setting is None else (setting or None)
+        return self.states[hook].sae.grad_clip if setting is None else (setting or None)
 
     def _workspace(self, hook: str, n: int, dtype: torch.dtype) -> torch.Tensor:
-        need = n * self.saes[hook].cfg.num_latents
-        ws = self.workspace.get(hook)
+        need = n * self.states[hook].sae.cfg.num_latents
+        ws = self.states[hook].workspace
         if ws is None or ws.numel() < need or ws.dtype != dtype:
-            ws = self.workspace[hook] = torch.empty(need, dtype=dtype, device=self.device)
+            ws = self.states[hook].workspace = torch.empty(need, dtype=dtype, device=self.device)
         return ws
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -205,17 +221,17 @@ class Trainer:
         stats = {}
         inputs = self._whole_batches(batch) if self.by_hook else {}
         for name, sae in self.saes.items():
-            x = self._input(self.hook_of[name], batch, inputs)
+            x = self._input(self.states[name].hook, batch, inputs)
             # Recorded on the device, checked in check_finite(): no host sync per step.
-            self.nonfinite[name] |= ~torch.isfinite(x).all()
+            self.states[name].nonfinite |= ~torch.isfinite(x).all()
             if self.step_count == 0:
                 self._initialise(name, sae, x)
             if self.scales_inputs(name):
-                x = x * self.input_scale[name]
+                x = x * self.states[name].input_scale
             totals = self._totals(x) if self.batch_dist.active else None
-            dead = self.since_fired[name] >= self.cfg.train.dead_tokens
+            dead = self.states[name].since_fired >= self.cfg.train.dead_tokens
             loss, fvu, fires = self._loss(name, sae, x, dead, totals)
-            self.diverged[name] |= ~torch.isfinite(loss.detach())
+            self.states[name].diverged |= ~torch.isfinite(loss.detach())
             loss.backward()
             n = totals.n if totals is not None else x.shape[0]
             loss, fvu, fires = self._update(name, sae, loss, fvu, fires, n)
@@ -226,7 +242,7 @@ class Trainer:
                            # Not fired for train.dead_tokens (what AuxK trains); the held-out
                            # "dead_fraction" is another count: never fired on the evaluation text.
                            "silent_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1)),
-                           "lr": self.optimizers[name].param_groups[0]["lr"]}
+                           "lr": self.states[name].optimizer.param_groups[0]["lr"]}
         self.step_count += 1
         self.tokens_seen += next(iter(batch.values())).shape[0] * self.dist.world
         return stats
@@ -256,9 +272,9 @@ class Trainer:
         geometric median of the first batch (recipes that subtract b_dec first)."""
         if self.scales_inputs(name):
             norms = self.batch_dist.sum_(torch.stack([x.norm(dim=1).sum(), torch.tensor(x.shape[0], device=x.device)]))
-            self.input_scale[name].copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
+            self.states[name].input_scale.copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
         if sae.apply_b_dec_to_input:
-            sae.b_dec.copy_(geometric_median(self.batch_dist.gather_rows(x) * self.input_scale[name]))
+            sae.b_dec.copy_(geometric_median(self.batch_dist.gather_rows(x) * self.states[name].input_scale))
 
     def _loss(self, name: str, sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor,
               totals: BatchTotals | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -293,19 +309,19 @@ class Trainer:
         clip = self.grad_clip(name)
         if clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
-        opt = self.optimizers[name]
+        opt = self.states[name].optimizer
         for group in opt.param_groups:
-            group["lr"] = learning_rate(self.step_count, self.total_steps, self.peak_lr[name],
+            group["lr"] = learning_rate(self.step_count, self.total_steps, self.states[name].peak_lr,
                                         self.cfg.train.warmup_steps, self.cfg.train.decay_fraction)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sae.unit_norm_decoder:
             W.copy_(F.normalize(W, dim=1))
-        since = self.since_fired[name]
+        since = self.states[name].since_fired
         since += n
         since.masked_fill_(fires > 0, 0)
-        self.window_fires[name] += fires
-        self.window_tokens[name] += n
+        self.states[name].window_fires += fires
+        self.states[name].window_tokens += n
         return loss, fvu, fires
 
     def _totals(self, x: torch.Tensor) -> BatchTotals:
@@ -322,9 +338,9 @@ class Trainer:
     def trained_sae(self, hook: str) -> SparseAutoencoder:
         """The SAE for ``hook`` as it should be used and saved: a copy taking unscaled inputs.
         With latents sharded every rank must call this (the slices are gathered)."""
-        sae = gather_latents(self.saes[hook], self.dist) if self.sharded else copy.deepcopy(self.saes[hook])
+        sae = gather_latents(self.states[hook].sae, self.dist) if self.sharded else copy.deepcopy(self.states[hook].sae)
         if self.scales_inputs(hook):
-            sae.fold_input_scale(float(self.input_scale[hook]))
+            sae.fold_input_scale(float(self.states[hook].input_scale))
         return sae
 
     def check_finite(self) -> None:
@@ -335,17 +351,17 @@ class Trainer:
         kept = (f"; the last good checkpoint (step {self.last_checkpoint_step}) is kept"
                 if self.last_checkpoint_step is not None else "")
         if self.dist.active:  # all processes stop together, or none does
-            flags = torch.stack([torch.stack(list(self.nonfinite.values())).any(),
-                                 torch.stack(list(self.diverged.values())).any()]).long()
+            flags = torch.stack([torch.stack([st.nonfinite for st in self.states.values()]).any(),
+                                 torch.stack([st.diverged for st in self.states.values()]).any()]).long()
             if self.dist.max_(flags.clone()).any() and not flags.any():
                 raise DivergedError(f"another process saw NaN or inf in steps {self.checked_step}..{self.step_count - 1}"
                                   f"; see its message{kept}")
         for hook in self.saes:
             steps = f"steps {self.checked_step}..{self.step_count - 1}"
-            if self.nonfinite[hook]:
-                raise DivergedError(f"activations at {self.hook_of[hook]} held NaN or inf in {steps}; check model.dtype or drop "
+            if self.states[hook].nonfinite:
+                raise DivergedError(f"activations at {self.states[hook].hook} held NaN or inf in {steps}; check model.dtype or drop "
                                   f"outliers with harvest.max_norm_ratio{kept}")
-            if self.diverged[hook]:
+            if self.states[hook].diverged:
                 raise DivergedError(f"training of the SAE at {hook} diverged (loss NaN or inf) in {steps}; "
                                   f"lower train.lr{kept}")
         self.checked_step = self.step_count
@@ -358,15 +374,16 @@ class Trainer:
         for hook, sae in self.saes.items():
             for name, t in sae.state_dict().items():
                 tensors[f"{hook}/sae/{name}"] = t
-            for i, slots in self.optimizers[hook].state_dict()["state"].items():
+            for i, slots in self.states[hook].optimizer.state_dict()["state"].items():
                 for key, t in slots.items():
                     tensors[f"{hook}/adam/{i}/{key}"] = t
-            tensors[f"{hook}/since_fired"] = self.since_fired[hook]
-            tensors[f"{hook}/window_fires"] = self.window_fires[hook]
-            tensors[f"{hook}/input_scale"] = self.input_scale[hook]
+            tensors[f"{hook}/since_fired"] = self.states[hook].since_fired
+            tensors[f"{hook}/window_fires"] = self.states[hook].window_fires
+            tensors[f"{hook}/input_scale"] = self.states[hook].input_scale
         tensors["torch_rng"] = torch.get_rng_state()
         meta = {"step": self.step_count, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
-                "checked_step": self.checked_step, "window_tokens": self.window_tokens,
+                "checked_step": self.checked_step,
+                "window_tokens": {name: st.window_tokens for name, st in self.states.items()},
                 "widths": {hook: sae.cfg.d_in for hook, sae in self.saes.items()},
                 "num_latents": {hook: sae.cfg.num_latents for hook, sae in self.saes.items()}}
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
@@ -381,7 +398,7 @@ class Trainer:
         self._check_state_shapes(tensors, stepped=meta["step"] > 0)
         for hook, sae in self.saes.items():
             sae.load_state_dict({name: tensors[f"{hook}/sae/{name}"] for name in sae.state_dict()})
-            opt = self.optimizers[hook]
+            opt = self.states[hook].optimizer
             state: dict[int, dict[str, torch.Tensor]] = {}
             for key, t in tensors.items():
                 if key.startswith(f"{hook}/adam/"):
@@ -389,10 +406,12 @@ class Trainer:
                     state.setdefault(int(i), {})[slot] = t
             opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
             for name in ("since_fired", "window_fires", "input_scale"):
-                getattr(self, name)[hook].copy_(tensors[f"{hook}/{name}"])
+                getattr(self.states[hook], name).copy_(tensors[f"{hook}/{name}"])
         torch.set_rng_state(tensors["torch_rng"])
         self.step_count, self.tokens_seen = meta["step"], meta["tokens_seen"]
-        self.checked_step, self.window_tokens = meta["checked_step"], dict(meta["window_tokens"])
+        self.checked_step = meta["checked_step"]
+        for name, tokens in meta["window_tokens"].items():
+            self.states[name].window_tokens = tokens
         self.last_checkpoint_step = self.step_count
 
     def _check_state_shapes(self, tensors: dict[str, torch.Tensor], stepped: bool) -> None:
@@ -403,7 +422,7 @@ class Trainer:
         for hook, sae in self.saes.items():
             params = list(sae.parameters())  # Adam numbers its state by this order
             expected |= {f"{hook}/sae/{name}": t.shape for name, t in sae.state_dict().items()}
-            expected |= {f"{hook}/{name}": getattr(self, name)[hook].shape
+            expected |= {f"{hook}/{name}": getattr(self.states[hook], name).shape
                          for name in ("since_fired", "window_fires", "input_scale")}
             saved = [key for key in tensors if key.startswith(f"{hook}/adam/")]
             slots = {key.rsplit("/", 1)[1] for key in saved} or ({"step", "exp_avg", "exp_avg_sq"} if stepped else set())
@@ -478,9 +497,9 @@ class Trainer:
         every process's SAEs; a collective when SAEs are split over processes."""
         rates = {}
         for name in self.saes:
-            rate = self.window_fires[name].double() / max(1, self.window_tokens[name])
-            self.window_fires[name].zero_()
-            self.window_tokens[name] = 0
+            rate = self.states[name].window_fires.double() / max(1, self.states[name].window_tokens)
+            self.states[name].window_fires.zero_()
+            self.states[name].window_tokens = 0
             rates[name] = self.dist.gather_rows(rate) if self.sharded else rate
         if self.by_hook:
             rates = {name: r for part in self.dist.gather_objects({n: r.cpu() for n, r in rates.items()})
