@@ -239,10 +239,19 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
             click.echo(f"  {f:>8} {float(result.features[f]):>+11.4f}{_tokens_cell(tokens, f)}")
 
 
-def _top_edits(ablate_top: int | None, steer_top: str | None) -> dict:
-    """--ablate-top / --steer-top as {edit kind: (how many of the picked features, steering amount)}."""
+def _top_edits(ablate_top: int | None, steer_top: str | None, contrast, answer: str | None, has_edits: bool) -> dict:
+    """--ablate-top / --steer-top as {edit kind: (how many of the picked features, steering
+    amount)}, checked against the options that pick them and the explicit edits."""
     from sae.interventions.edits import parse_feature_edits
 
+    picks = "--ablate-top / --steer-top"
+    if (ablate_top is not None or steer_top is not None) and contrast is None and answer is None:
+        raise ConfigError(f"{picks}: say how to pick the features: --contrast TARGET BASELINE or --answer TOKEN")
+    if ablate_top is None and steer_top is None and (contrast is not None or answer is not None):
+        raise ConfigError(f"--contrast / --answer pick features for {picks}; give one of them")
+    if not has_edits and ablate_top is None and steer_top is None:
+        raise ConfigError("fix-test: no intervention; give --ablate/--clamp/--scale/--steer, --ablate-top K "
+                          "or --steer-top K:A")
     top = {}
     if ablate_top is not None:
         top["ablate"] = (ablate_top, None)
@@ -326,22 +335,13 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
 
     texts = _prompts(prompt, prompts_file)
     edits = parse_feature_edits(ablate, clamp, scale, steer)
-    top = _top_edits(ablate_top, steer_top)
-    picks = "--ablate-top / --steer-top"
-    if top and contrast is None and answer is None:
-        raise ConfigError(f"{picks}: say how to pick the features: --contrast TARGET BASELINE or --answer TOKEN")
-    if not top and (contrast is not None or answer is not None):
-        raise ConfigError(f"--contrast / --answer pick features for {picks}; give one of them")
-    if not edits and not top:
-        raise ConfigError("fix-test: no intervention; give --ablate/--clamp/--scale/--steer, --ablate-top K "
-                          "or --steer-top K:A")
+    top = _top_edits(ablate_top, steer_top, contrast, answer, bool(edits))
     if html_path is not None:
         check_output_path(html_path, "--html")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     fmt = _prompt_format(chat, system)
     scorer = load_scorer(scorer_spec)
     target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
-    log = _log
     if top:
         ranking, how = rank_features(target, texts, contrast, lambda: _metric(target.tokenizer, answer, wrong), fmt)
         how = how if contrast is not None else f"attribution to {answer!r}"
@@ -356,7 +356,7 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
     if top:
         picked = ranking[:max(k for k, _ in top.values())]
         label = str if tokens is None else (lambda f: f"{f} ({_tokens_cell(tokens, f).strip()})")
-        log(f"top features by {how}: {', '.join(map(label, picked))}")
+        _log(f"top features by {how}: {', '.join(map(label, picked))}")
     neutral = neutral_contexts(target, read_prompts(neutral_file, "--neutral") if neutral_file else None,
                                neutral_tokens, log=_log)
     result = fix_test(target.model, target.tokenizer, texts, [edit], scorer, samples, sampling, threshold, neutral,
@@ -364,7 +364,7 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
     if html_path is not None:
         write_output(html_path, result.html(f"Fix test: {', '.join(_describe_edit(e) for e in edits)} "
                                             f"at {target.hook}"), "--html")
-        log(f"wrote {html_path}")
+        _log(f"wrote {html_path}")
     _print_fix_test(result, target.hook, edits, tokens, neutral, as_json)
 
 
