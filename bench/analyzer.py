@@ -62,7 +62,7 @@ from sae.analysis.feature_stats import (
 )
 from sae.analysis.logit_effects import logit_effects, nearest_features
 from sae.analysis.report import build_report
-from sae.config import ModelConfig, SAEConfig
+from sae.config import ModelConfig, sae_config
 from sae.data.text import context_batches, load_text_dataset
 from sae.formats import load_sae
 from sae.models.loading import load_model
@@ -421,7 +421,7 @@ def main(sae_path, tokens, rounds, sizes, skip_browser, skip_throughput, one_thr
     model, tokenizer = load_model(ModelConfig())
     torch.manual_seed(0)
     sae = (load_sae(sae_path) if sae_path else
-           make_sae(SAEConfig(architecture="topk", num_latents=2048, k=32), model.config.hidden_size))
+           make_sae(sae_config("topk", num_latents=2048, k=32), model.config.hidden_size))
     sae.eval()
     sae_label = sae_path or "random TopK, 2048 latents, k = 32"
     dataset = load_text_dataset("builtin:python-docs")

@@ -2,9 +2,13 @@
 
 A run is described by one ``RunConfig`` made of sections (model, data, sae, train,
 output) plus the list of hook points. Each field declares its type in the annotation and
-its valid range or choices in ``field(metadata=...)`` through ``opt``; ``validate`` checks
-all of them, so a bad value stops the run before any work with one line naming the key,
-the value and what is valid.
+its valid range or choices in ``field(metadata=...)`` through ``opt``; building a config
+checks all of them, so a bad value stops the run before any work with one line naming the
+key, the value and what is valid.
+
+The ``sae`` section is the config class of the architecture it names: each architecture
+declares its own in its file under ``sae/architectures/`` (a subclass of ``SAEConfig``),
+so its settings, help and bounds live beside its loss.
 
     cfg = load_config("configs/demo.yaml", overrides=["train.lr=3e-4", "hooks=[layers.1]"])
 """
@@ -26,10 +30,9 @@ from sae.errors import ConfigError
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None, archs: tuple[str, ...] | None = None) -> Any:
-    """A config field: default, one-line help, optional choices or numeric bounds, and for
-    SAE settings the architectures they apply to (setting one for another is an error)."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "archs": archs}
+        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A config field: default, one-line help, optional choices or numeric bounds."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -82,31 +85,56 @@ class HarvestConfig:
                             "the cache (needs cache_dir when > 1) in a new shard order each.", ge=1)
 
 
+def architecture_field(name: str) -> Any:
+    """The ``architecture`` field of an architecture's config class: fixed to ``name`` (the
+    class is the architecture), written to config.yaml and cfg.json, read to pick the class."""
+    return field(default=name, init=False, metadata={
+        "help": "SAE architecture (one file each in sae/architectures/); the keys that start with names "
+                "apply to those architectures only.",
+        "choices": None, "ge": None, "gt": None, "le": None, "lt": None})
+
+
 @dataclass
 class SAEConfig:
-    architecture: str = opt("topk", "SAE architecture: topk, batchtopk, relu (L1 penalty) or jumprelu.",
-                            choices=("topk", "batchtopk", "relu", "jumprelu"))
+    """What every architecture's config holds. Each architecture's file (sae/architectures/)
+    subclasses it with the settings its recipe reads, and the run's ``sae`` section is an
+    instance of the subclass that ``architecture`` names (docs/design.md §2)."""
+    architecture: str = architecture_field("topk")
     expansion_factor: int = opt(8, "Latents per input dimension; ignored when num_latents is set.", ge=1)
     num_latents: int | None = opt(None, "Number of latents (overrides expansion_factor).", ge=1)
-    k: int = opt(32, "Active latents per token (batchtopk: on average over the batch).", ge=1,
-                 archs=("topk", "batchtopk"))
-    multi_topk: bool = opt(False, "Also train the top 4k latents to reconstruct (loss L(k) + L(4k)/8), so "
-                           "the SAE can be used with a larger k later.", archs=("topk", "batchtopk"))
-    l1_coefficient: float = opt(5.0, "Weight of the L1 penalty sum_i z_i |W_dec,i| (inputs scaled to "
-                                "E|x| = sqrt(d)).", ge=0, archs=("relu",))
-    l0_coefficient: float = opt(1.0, "Weight of the L0 penalty (inputs scaled to E|x| = sqrt(d)).", ge=0,
-                                archs=("jumprelu",))
-    sparsity_warmup_fraction: float = opt(0.05, "Fraction of training over which the sparsity penalty ramps "
-                                          "up linearly from 0.", ge=0, le=1, archs=("relu", "jumprelu"))
-    bandwidth: float = opt(0.05, "Width of the straight-through estimator's kernel around the threshold.",
-                           gt=0, archs=("jumprelu",))
+
+    def for_width(self, d_in: int) -> SAEConfig:
+        """A copy with ``num_latents`` fixed for inputs of width d_in; a subclass refuses
+        settings that cannot hold at that size (ConfigError naming the key)."""
+        return dataclasses.replace(self, num_latents=self.num_latents or self.expansion_factor * d_in)
+
+
+def architecture_configs() -> dict[str, type[SAEConfig]]:
+    """{architecture name: its config class}, from the registry in sae/architectures.
+
+    Imported here rather than at the top: the registry needs torch, which takes seconds,
+    and a missing run folder or a wrong key should be answered before that."""
+    from sae.architectures import ARCHITECTURES
+
+    return {name: cls.Config for name, cls in ARCHITECTURES.items()}
+
+
+def sae_config(architecture: str = "topk", **values: Any) -> SAEConfig:
+    """The config of one SAE, checked like the run config's sae section:
+    ``sae_config("topk", num_latents=4096, k=32)``."""
+    return _build(SAEConfig, {"architecture": architecture, **values}, "sae.")
+
+
+def _default_sae() -> SAEConfig:
+    return architecture_configs()[SAEConfig.architecture]()
 
 
 @dataclass
 class TrainConfig:
     batch_tokens: int = opt(4096, "Activation vectors (tokens) per optimizer step.", ge=1)
-    lr: float | None = opt(None, "Adam learning rate; null = the architecture's: 2e-4 / sqrt(num_latents / "
-                           "2^14) for topk and batchtopk, 5e-5 for relu, 7e-5 for jumprelu.", gt=0)
+    lr: float | None = opt(None, "Adam learning rate; null = the architecture's (topk and batchtopk: 2e-4 / "
+                           "sqrt(num_latents / 2^14); relu: 5e-5; jumprelu: 7e-5; README, Architectures).",
+                           gt=0)
     warmup_steps: int = opt(1000, "Steps of linear learning-rate warmup.", ge=0)
     decay_fraction: float = opt(0.2, "Final fraction of steps with linear decay to zero.", ge=0, le=1)
     seed: int = opt(0, "Seed for initialization and data order.", ge=0, le=2**63 - 1)
@@ -151,7 +179,7 @@ class RunConfig:
     hooks: list[str] = opt(["layers.2"], "Hook points, e.g. layers.16 (residual after layer 16), "
                            "layers.16.resid_pre, layers.16.mlp, layers.16.self_attn.")
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
+    sae: SAEConfig = field(default_factory=_default_sae)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -161,10 +189,12 @@ class RunConfig:
 
 
 def sae_variants(cfg: RunConfig) -> dict[str, SAEConfig]:
-    """{variant name: its SAE settings}: {'': cfg.sae} without a sweep, else one per entry."""
+    """{variant name: its SAE settings}: {'': cfg.sae} without a sweep, else one per entry.
+    An entry inherits the sae section's settings that its architecture also has."""
     if not cfg.sweep:
         return {"": cfg.sae}
     variants: dict[str, SAEConfig] = {}
+    configs = architecture_configs()
     for i, entry in enumerate(cfg.sweep):
         entry = dict(entry)
         name = entry.pop("name", None)
@@ -173,8 +203,11 @@ def sae_variants(cfg: RunConfig) -> dict[str, SAEConfig]:
             raise ConfigError(f"sweep[{i}].name: {name!r} must be letters, digits, '-', '_' or '.' (a folder name)")
         if name in variants:
             raise ConfigError(f"sweep[{i}]: a second variant named {name!r}; give each entry its own name")
-        variants[name] = _build(SAEConfig, _merge(dataclasses.asdict(cfg.sae), entry), f"sweep[{i}].")
-        _check_sae_architecture(variants[name], f"sweep[{i}].")
+        base = dataclasses.asdict(cfg.sae)
+        target = configs.get(entry.get("architecture", cfg.sae.architecture))
+        if target is not None:
+            base = {k: v for k, v in base.items() if k in _field_names(target)}
+        variants[name] = _build(SAEConfig, _merge(base, entry), f"sweep[{i}].")
     return variants
 
 
@@ -259,26 +292,50 @@ def _check_bounds(key: str, value: Any, meta: typing.Mapping) -> None:
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
     for bound, ok, words in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                             ("le", lambda v, b: v <= b, "<=")):
+                             ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
         b = meta.get(bound)
         if b is not None and not ok(value, b):
             raise ConfigError(f"{key}: {value!r} is out of range; must be {words} {b}")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _architecture_class(values: dict, prefix: str) -> type[SAEConfig]:
+    """The config class of the architecture an sae section (or sweep entry) names."""
+    configs = architecture_configs()
+    name = values.get("architecture", SAEConfig.architecture)
+    if name not in configs:
+        raise ConfigError(f"{prefix}architecture: {name!r} is not valid; choose one of {', '.join(configs)}")
+    return configs[name]
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = _field_names(cls)
+    if issubclass(cls, SAEConfig):  # a setting of another architecture would do nothing
+        owners = [name for name, other in architecture_configs().items() if key in _field_names(other)]
+        if owners:
+            return ConfigError(f"{prefix}{key}: applies to {' and '.join(owners)} only, not {prefix}architecture = "
+                               f"{cls.architecture}; remove it or change the architecture")
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
+    return ConfigError(f"unknown key '{prefix}{key}'{hint}")
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "config"
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {values!r}")
+    if cls is SAEConfig:
+        cls = _architecture_class(values, prefix)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        if key not in _field_names(cls):
+            raise _unknown_key(cls, key, prefix)
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if f.name not in values:
+        if f.name not in values or not f.init:
             continue
         tp, key = hints[f.name], prefix + f.name
         if _is_section(tp):
@@ -334,15 +391,6 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def _check_sae_architecture(sae: SAEConfig, prefix: str) -> None:
-    """No setting of another architecture is set: it would do nothing."""
-    for f in dataclasses.fields(SAEConfig):
-        archs = f.metadata["archs"]
-        if archs and sae.architecture not in archs and getattr(sae, f.name) != f.default:
-            raise ConfigError(f"{prefix}{f.name}: applies to {' and '.join(archs)} only, not {prefix}architecture = "
-                              f"{sae.architecture}; remove it or change the architecture")
-
-
 def _check_run_name(name: str | None) -> None:
     """A plain folder name: an empty one (an unset shell variable) or a path would put the
     run's files beside other runs, or somewhere else entirely."""
@@ -356,7 +404,6 @@ def _check_run_name(name: str | None) -> None:
 def _check_relations(cfg: RunConfig) -> None:
     """Checks that involve more than one field."""
     _check_run_name(cfg.output.run_name)
-    _check_sae_architecture(cfg.sae, "sae.")
     sae_variants(cfg)
     if cfg.harvest.cache_epochs > 1 and cfg.harvest.cache_dir is None:
         raise ConfigError(f"harvest.cache_epochs: {cfg.harvest.cache_epochs} passes need the activation cache; "
@@ -383,6 +430,21 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     return config_from_dict(values)
 
 
+def saved_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> RunConfig:
+    """A run's config.yaml, as ``load_config`` reads a file, except that sae settings of
+    other architectures are dropped: earlier versions wrote every architecture's settings
+    into each run's sae section (at their defaults, as they were then required to be), and
+    the run they describe ignored them."""
+    values = read_yaml(path)
+    section = values.get("sae")
+    if isinstance(section, dict) and section.get("architecture", SAEConfig.architecture) in architecture_configs():
+        keep = _field_names(_architecture_class(section, "sae."))
+        values["sae"] = {k: v for k, v in section.items() if k in keep}
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return config_from_dict(values)
+
+
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -392,14 +454,36 @@ def to_yaml(cfg: RunConfig) -> str:
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every field, for ``--help`` and the README."""
+    """(key, default, help) for every field, for ``--help`` and the README. The sae section
+    lists the shared keys, then each architecture's own, marked with the architectures
+    that have them: (topk, batchtopk)."""
     rows = []
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
-        if _is_section(tp):
+        if tp is SAEConfig:
+            rows += _describe_sae(f"{prefix}{f.name}.")
+        elif _is_section(tp):
             rows += describe(tp, f"{prefix}{f.name}.")
         else:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            rows.append((prefix + f.name, yaml.safe_dump(default, default_flow_style=True).strip()
-                         .removesuffix("\n...").removesuffix("..."), f.metadata["help"]))
+            rows.append(_row(f, prefix))
     return rows
+
+
+def _row(f: dataclasses.Field, prefix: str, owners: str = "") -> tuple[str, str, str]:
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...")
+    return prefix + f.name, shown, (f"{owners}: " if owners else "") + f.metadata["help"]
+
+
+def _describe_sae(prefix: str) -> list[tuple[str, str, str]]:
+    shared = _field_names(SAEConfig)
+    rows = [_row(f, prefix) for f in dataclasses.fields(SAEConfig)]
+    rows[0] = (rows[0][0], rows[0][1], rows[0][2] + f" Choose one of: {', '.join(architecture_configs())}.")
+    owners: dict[str, list[str]] = {}
+    fields: dict[str, dataclasses.Field] = {}
+    for name, cls in architecture_configs().items():
+        for f in dataclasses.fields(cls):
+            if f.name not in shared:
+                owners.setdefault(f.name, []).append(name)
+                fields.setdefault(f.name, f)
+    return rows + [_row(fields[key], prefix, ", ".join(names)) for key, names in owners.items()]

@@ -32,7 +32,7 @@ def report_stats():
     and a random 512-feature TopK SAE, with logit effects and nearest features filled."""
     from sae.analysis.feature_stats import StatsSettings, compute_feature_stats
     from sae.analysis.logit_effects import logit_effects, nearest_features
-    from sae.config import ModelConfig, SAEConfig
+    from sae.config import ModelConfig, sae_config
     from sae.data.text import pack
     from sae.models.loading import load_model
     from sae.training.trainer import make_sae
@@ -41,7 +41,7 @@ def report_stats():
     ids = tok(TEXTS * 6, add_special_tokens=False)["input_ids"]
     contexts = pack(ids, 48, tok.bos_token_id, tok.eos_token_id)
     torch.manual_seed(0)
-    sae = make_sae(SAEConfig(architecture="topk", num_latents=M, k=8), model.config.hidden_size, "cpu")
+    sae = make_sae(sae_config("topk", num_latents=M, k=8), model.config.hidden_size, "cpu")
     settings = StatsSettings(tokens=4096, top_examples=5, quantile_bins=3, samples_per_bin=2, context_before=8,
                              context_after=3)
     stats = compute_feature_stats(model, tok, sae, "layers.2", contexts.split(8), settings, progress=False)

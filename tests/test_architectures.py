@@ -12,7 +12,7 @@ from sae.formats import load_sae
 
 
 def make_sae(d=16, M=64, k=4, seed=0):
-    sae = TopKSAE(TopKConfig(d_in=d, num_latents=M, k=k))
+    sae = TopKSAE(TopKConfig(num_latents=M, k=k), d)
     sae.reset_parameters(torch.Generator().manual_seed(seed))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
@@ -32,7 +32,7 @@ def test_topk_encode_keeps_at_most_k_nonnegative_latents_and_matches_the_formula
 
 
 def test_init_is_unit_decoder_rows_and_transposed_encoder():
-    sae = TopKSAE(TopKConfig(d_in=8, num_latents=32, k=2))
+    sae = TopKSAE(TopKConfig(num_latents=32, k=2), 8)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
     torch.testing.assert_close(sae.W_enc, sae.W_dec / 3**0.5)   # same directions, sparsify's encoder scale
 
@@ -185,3 +185,73 @@ def test_sae_settings_for_another_architecture_are_refused():
         load_config(None, ["sae.l1_coefficient=2"])
     with pytest.raises(ConfigError, match="sae.k: applies to topk and batchtopk only"):
         load_config(None, ["sae.architecture=relu", "sae.k=8"])
+
+
+def test_every_setting_of_an_architecture_reaches_its_sae():
+    """Settings that the old flat config could not express now reach the module."""
+    from sae.config import load_config
+    from sae.training.trainer import make_sae
+
+    jump = make_sae(load_config(None, ["sae.architecture=jumprelu", "sae.init_threshold=0.5"]).sae, 16)
+    torch.testing.assert_close(jump.threshold, torch.full((128,), 0.5))
+    topk = make_sae(load_config(None, ["sae.k_aux=5", "sae.aux_alpha=0.5", "sae.num_latents=64"]).sae, 16)
+    assert (topk.spec().k_aux, topk.spec().aux_alpha) == (5, 0.5)
+    btk = load_config(None, ["sae.architecture=batchtopk", "sae.threshold_momentum=0.9"]).sae
+    assert make_sae(btk, 16).cfg.threshold_momentum == 0.9
+    with pytest.raises(ConfigError, match=r"sae.threshold_momentum: 1.0 is out of range; must be < 1"):
+        load_config(None, ["sae.architecture=batchtopk", "sae.threshold_momentum=1"])
+
+
+def test_an_architecture_is_its_file_plus_one_registry_line(tmp_path, monkeypatch):
+    """What adding an architecture takes: a config class and a module class (here a ReLU
+    SAE whose latents are scaled by a new setting), and its entry in ARCHITECTURES. The run
+    config, --help, the sweep and the SAE folder format then know it."""
+    from dataclasses import dataclass
+
+    from sae import architectures
+    from sae.architectures.relu import ReLUConfig, ReLUSAE
+    from sae.config import architecture_field, describe, load_config, opt, sae_variants
+    from sae.training.trainer import make_sae
+
+    @dataclass
+    class GainConfig(ReLUConfig):
+        architecture: str = architecture_field("gain")
+        gain: float = opt(1.0, "Latents are multiplied by this.", gt=0)
+
+    class GainSAE(ReLUSAE):
+        Config = GainConfig
+        saelens_writes, saelens_reads = None, ()
+
+        def activation(self, pre):
+            return self.cfg.gain * pre.relu()
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, "gain", GainSAE)
+    cfg = load_config(None, ["sae.architecture=gain", "sae.gain=3", "sae.num_latents=32",
+                             "sweep=[{gain: 2}, {architecture: relu}]"])
+    assert ("sae.gain", "1.0", "gain: Latents are multiplied by this.") in describe()
+    variants = sae_variants(cfg)
+    assert (variants["gain2"].gain, variants["gain2"].l1_coefficient) == (2, 5.0)
+    assert type(variants["architecturerelu"]).__name__ == "ReLUConfig"   # gain is not carried over
+    sae = make_sae(cfg.sae, 8)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(sae.encode(x), 3 * (x @ sae.W_enc.t() + sae.b_enc).relu())
+    sae.save(tmp_path / "gain")
+    loaded = load_sae(tmp_path / "gain")
+    assert type(loaded) is GainSAE and loaded.cfg == sae.cfg and torch.equal(loaded.encode(x), sae.encode(x))
+    with pytest.raises(ConfigError, match="sae.gain: applies to gain only, not sae.architecture = relu"):
+        load_config(None, ["sae.architecture=relu", "sae.gain=2"])
+
+
+def test_a_run_config_written_with_every_architectures_settings_still_reads(tmp_path):
+    """config.yaml files of earlier versions hold every architecture's settings at their
+    defaults; the run they describe ignored the others, and so does reading them now."""
+    import yaml
+
+    from sae.config import load_config, saved_config, to_dict
+
+    old = to_dict(load_config(None, []))
+    old["sae"].update(l1_coefficient=5.0, l0_coefficient=1.0, sparsity_warmup_fraction=0.05, bandwidth=0.05)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert saved_config(tmp_path / "config.yaml") == load_config(None, [])
+    with pytest.raises(ConfigError, match=r"sae.\w+: applies to (relu|jumprelu)"):
+        load_config(tmp_path / "config.yaml")   # a config the user writes is still checked

@@ -8,6 +8,7 @@ import yaml
 
 from sae.config import (
     RunConfig,
+    architecture_configs,
     config_from_dict,
     describe,
     load_config,
@@ -81,7 +82,7 @@ def test_round_trip_through_yaml_is_lossless(tmp_path):
     # Values that pass every bound and fail late: inf >= 0, NaN compares false to everything.
     ("train.lr=inf", ["train.lr", "'inf'", "not a finite number"]),
     ("train.lr=.inf", ["train.lr", "inf", "not a finite number"]),
-    ("sae.l1_coefficient=.nan", ["sae.l1_coefficient", "nan", "not a finite number"]),
+    ("sae.aux_alpha=.nan", ["sae.aux_alpha", "nan", "not a finite number"]),
     # An unset shell variable, or a path: the run would land beside other runs or elsewhere.
     ("output.run_name=", ["output.run_name", "''", "not a folder name"]),
     ("output.run_name=a/b", ["output.run_name", "'a/b'", "plain name"]),
@@ -136,7 +137,12 @@ def test_every_field_has_help_and_describe_covers_all_leaves():
                 assert f.metadata.get("help"), f"{prefix}{f.name} has no help"
                 yield prefix + f.name
 
-    assert [key for key, _, _ in describe()] == list(leaves(RunConfig()))
+    # the sae section: the default architecture's keys, then every other architecture's own
+    keys = list(leaves(RunConfig()))
+    for cls in architecture_configs().values():
+        keys += [f"sae.{key}" for key in leaves(cls()) if f"sae.{key}" not in keys]
+    assert sorted(key for key, _, _ in describe()) == sorted(keys)
+    assert len({key for key, _, _ in describe()}) == len(describe())
 
 
 def test_defaults_serialize_to_plain_yaml():

@@ -16,7 +16,7 @@ from sae.analysis.feature_search import (
     token_latents,
 )
 from sae.analysis.target import open_target
-from sae.config import SAEConfig
+from sae.config import sae_config
 from sae.errors import ConfigError
 from sae.models.generation import prompt_token_ids
 from sae.training.trainer import make_sae
@@ -67,7 +67,7 @@ def tiny_target(tiny_llama, tmp_path_factory):
     model, tok = tiny_llama
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("sae") / "layers.1"
-    make_sae(SAEConfig(architecture="topk", num_latents=48, k=6), 64).save(folder, metadata={"hook_name": "layers.1", "model_name": "tiny"})
+    make_sae(sae_config("topk", num_latents=48, k=6), 64).save(folder, metadata={"hook_name": "layers.1", "model_name": "tiny"})
     return open_target(folder, model=model, tokenizer=tok)
 
 
@@ -96,11 +96,11 @@ def test_text_search_focus_covers_the_substring(tiny_target):
 
 def test_open_target_refuses_an_sae_of_another_width(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 48).save(tmp_path / "s",
+    make_sae(sae_config("topk", num_latents=32, k=4), 48).save(tmp_path / "s",
                                                                            metadata={"hook_name": "layers.1"})
     with pytest.raises(ConfigError, match="takes inputs of width 48, but layers.1 .* has width 64"):
         open_target(tmp_path / "s", model=model, tokenizer=tok)
-    make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 64).save(tmp_path / "nohook")
+    make_sae(sae_config("topk", num_latents=32, k=4), 64).save(tmp_path / "nohook")
     with pytest.raises(ConfigError, match="names no hook point .* pass --hook"):
         open_target(tmp_path / "nohook", model=model, tokenizer=tok)
 

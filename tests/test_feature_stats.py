@@ -20,7 +20,7 @@ from sae.analysis.feature_stats import (
     save_feature_stats,
     token_decoder,
 )
-from sae.config import SAEConfig
+from sae.config import sae_config
 from sae.errors import ConfigError
 from sae.training.trainer import make_sae
 
@@ -152,7 +152,7 @@ def test_model_pass_matches_the_sae_on_the_hook(tiny_llama):
     recorded value; the token budget is exact; special tokens are never examples."""
     model, tok = tiny_llama
     torch.manual_seed(0)
-    sae = make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 64)
+    sae = make_sae(sae_config("topk", num_latents=32, k=4), 64)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 500, (6, 20), generator=g)
     ids[:, 0] = tok.bos_token_id
@@ -182,7 +182,7 @@ def test_model_pass_matches_the_sae_on_the_hook(tiny_llama):
 
 def test_width_mismatch_is_one_line(tiny_llama):
     model, tok = tiny_llama
-    sae = make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 48)
+    sae = make_sae(sae_config("topk", num_latents=32, k=4), 48)
     with pytest.raises(ConfigError, match="width 48, but layers.1 of this model has width 64"):
         compute_feature_stats(model, tok, sae, "layers.1", [torch.randint(10, 500, (1, 8))], progress=False)
 
@@ -203,7 +203,7 @@ def test_progress_bar_ends_at_what_was_scanned_when_the_data_runs_out(tiny_llama
     monkeypatch.setattr(feature_stats, "tqdm", Recording)
     model, tok = tiny_llama
     torch.manual_seed(0)
-    sae = make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 64)
+    sae = make_sae(sae_config("topk", num_latents=32, k=4), 64)
     ids = torch.randint(10, 500, (6, 20), generator=torch.Generator().manual_seed(1))
     ids[:, 0] = tok.bos_token_id
     short = compute_feature_stats(model, tok, sae, "layers.1", [ids[:4], ids[4:]], StatsSettings(tokens=1000))
@@ -222,7 +222,7 @@ def small_data_target(tiny_llama, tmp_path):
     model, tok = tiny_llama
     torch.manual_seed(0)
     folder = tmp_path / "sae" / "layers.1"
-    make_sae(SAEConfig(architecture="topk", num_latents=32, k=4), 64).save(
+    make_sae(sae_config("topk", num_latents=32, k=4), 64).save(
         folder, metadata={"hook_name": "layers.1", "model_name": "tiny"})
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"line {i}: the file was not found, so a KeyError is raised here\n" for i in range(30)))

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from sae.activations.harvest import special_token_ids
-from sae.config import SAEConfig
+from sae.config import sae_config
 from sae.errors import ConfigError
 from sae.evaluation.lm_metrics import logprob
 from sae.interventions.attribution import attribute
@@ -28,7 +28,7 @@ PROMPTS = ["the file is not", "a value was", "when the lock is held the"]
 @pytest.fixture(scope="module")
 def sae():
     torch.manual_seed(0)
-    s = make_sae(SAEConfig(architecture="topk", num_latents=32, k=8), 64)
+    s = make_sae(sae_config("topk", num_latents=32, k=8), 64)
     with torch.no_grad():
         s.b_enc.add_(0.5)
     return s

@@ -277,7 +277,7 @@ def test_bad_folders_and_files_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="in no known SAE format: expected cfg.json with"):
         read_sae(tmp_path / "cfg_only")
     write_saelens(tmp_path / "gated", saelens_cfg("gated"), saelens_tensors("standard"))
-    refused(tmp_path / "gated", "architecture 'gated' is not supported; SAELens SAEs of architecture standard, topk")
+    refused(tmp_path / "gated", "architecture 'gated' is not supported; SAELens SAEs of architecture jumprelu, standard, topk")
     write_saelens(tmp_path / "shape", saelens_cfg("standard"), {**saelens_tensors("standard"), "b_enc": torch.zeros(M + 1)})
     refused(tmp_path / "shape", r"b_enc has shape \(41,\), cfg.json says \(40,\)")
     write_saelens(tmp_path / "ints", saelens_cfg("standard"), {**saelens_tensors("standard"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae.activations.hooks import attach, resolve_hook
-from sae.config import SAEConfig
+from sae.config import sae_config
 from sae.errors import ConfigError
 from sae.interventions.edits import (
     Ablate,
@@ -27,7 +27,7 @@ HOOK = "layers.1"
 @pytest.fixture(scope="module")
 def sae():
     torch.manual_seed(0)
-    s = make_sae(SAEConfig(architecture="topk", num_latents=32, k=8), 64)
+    s = make_sae(sae_config("topk", num_latents=32, k=8), 64)
     with torch.no_grad():
         s.b_enc.add_(0.5)  # fire often, so edited features are active at most positions
     return s
@@ -77,7 +77,7 @@ def test_edit_formula_at_every_position_generated_included(tiny_llama, sae, edit
 def test_several_saes_and_hooks_at_once(tiny_llama, sae):
     model, tok = tiny_llama
     torch.manual_seed(1)
-    other = make_sae(SAEConfig(architecture="topk", num_latents=16, k=4), 64)
+    other = make_sae(sae_config("topk", num_latents=16, k=4), 64)
     seen = {}
     points = {h: resolve_hook(model, h) for h in ("layers.0", "layers.2")}
     handles = [attach(p, lambda h, n=n: seen.setdefault(n + ":in", h.clone())) for n, p in points.items()]

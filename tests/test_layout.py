@@ -2,7 +2,9 @@
 
 Stages, in order: data, models, activations, architectures, evaluation, training,
 analysis, interventions. Beside them: the side modules every stage may use, ``formats``
-(SAE files; it knows the architectures) and ``cli/`` (which may use everything).
+(SAE files; it knows the architectures) and ``cli/`` (which may use everything). One side
+reaches into a stage: ``config`` finds each architecture's config class in the registry of
+``sae.architectures`` (the run config's sae section is one of them).
 """
 
 import ast
@@ -33,6 +35,8 @@ def place(module: str) -> str:
 def may_import(importer: str, imported: str) -> bool:
     if imported in SIDES or importer == imported:
         return True
+    if importer == "config":
+        return imported == "architectures"
     if importer in SIDES:
         return False
     if importer == "cli":

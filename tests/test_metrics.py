@@ -5,7 +5,7 @@ from sae.evaluation.metrics import evaluate
 
 
 def test_metrics_match_direct_computation_and_do_not_depend_on_batching():
-    sae = TopKSAE(TopKConfig(d_in=8, num_latents=40, k=3))
+    sae = TopKSAE(TopKConfig(num_latents=40, k=3), 8)
     sae.reset_parameters(torch.Generator().manual_seed(0))
     x = torch.randn(300, 8) * 2 + 1
     z = sae.encode(x)

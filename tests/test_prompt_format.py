@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sae.analysis.feature_search import token_latents
 from sae.analysis.target import open_target
-from sae.config import SAEConfig
+from sae.config import sae_config
 from sae.data.prompt_format import PLAIN, PromptFormat, check_fits, check_no_special_tokens
 from sae.data.text import context_bos_id
 from sae.errors import ConfigError
@@ -235,7 +235,7 @@ def test_greedy_chat_continuation_continues_the_chatml_ids(model, tok):
 def test_token_latents_of_a_chat_reply_are_read_on_the_reply_only(model, tok, tmp_path):
     torch.manual_seed(1)
     folder = tmp_path / "layers.0"
-    sae = make_sae(SAEConfig(architecture="relu", num_latents=64), 32)
+    sae = make_sae(sae_config("relu", num_latents=64), 32)
     with torch.no_grad():
         sae.b_enc.fill_(0.3)   # most latents fire everywhere, so zeroed rows are the code's doing
     sae.save(folder, metadata={"hook_name": "layers.0", "model_name": "tiny"})

@@ -18,7 +18,7 @@ from tiny_models import identity_sae
 from transformers import LlamaForCausalLM
 
 from sae.activations.harvest import Harvester
-from sae.config import ModelConfig, SAEConfig
+from sae.config import ModelConfig, sae_config
 from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
 from sae.data.text import context_batches, load_text_dataset
 from sae.errors import ConfigError
@@ -138,7 +138,7 @@ def layer_output(model, ids: torch.Tensor) -> torch.Tensor:
 def test_ablating_features_subtracts_exactly_their_decoder_rows(smol):
     model, tok = smol
     torch.manual_seed(0)
-    sae = make_sae(SAEConfig(architecture="topk", num_latents=4 * WIDTH, k=32), WIDTH)
+    sae = make_sae(sae_config("topk", num_latents=4 * WIDTH, k=32), WIDTH)
     with torch.no_grad():
         sae.b_dec.copy_(torch.randn(WIDTH) * 0.1)
     ids = torch.tensor([PLAIN.prompt_ids(tok, "The quick brown fox jumps over the lazy dog near the river bank.")])

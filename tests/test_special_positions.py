@@ -6,7 +6,7 @@ import torch
 
 from sae.activations.harvest import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
-from sae.config import SAEConfig
+from sae.config import sae_config
 from sae.evaluation.lm_metrics import logprob
 from sae.interventions.attribution import attribute
 from sae.interventions.edits import Ablate, Edit, Steer, intervene
@@ -18,7 +18,7 @@ HOOK = "layers.1"
 
 def _sae(d: int):
     torch.manual_seed(0)
-    s = make_sae(SAEConfig(architecture="topk", num_latents=32, k=8), d)
+    s = make_sae(sae_config("topk", num_latents=32, k=8), d)
     with torch.no_grad():
         s.b_enc.add_(0.5)  # every feature fires somewhere, the start token included
     return s

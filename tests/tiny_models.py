@@ -75,7 +75,7 @@ def identity_sae(d: int):
 
     from sae.architectures import ReLUConfig, ReLUSAE
 
-    sae = ReLUSAE(ReLUConfig(d_in=d, num_latents=2 * d))
+    sae = ReLUSAE(ReLUConfig(num_latents=2 * d), d)
     with torch.no_grad():
         eye = torch.eye(d)
         sae.W_enc.copy_(torch.cat([eye, -eye]))

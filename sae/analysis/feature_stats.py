@@ -320,8 +320,8 @@ def compute_feature_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
         batch = batch.to(device)
         check_context_length(model, batch.shape[1])
         acts = capture.run(input_ids=batch)[hook]
-        if acts.shape[-1] != sae.cfg.d_in:
-            raise ConfigError(f"the SAE takes inputs of width {sae.cfg.d_in}, but {hook} of this model has "
+        if acts.shape[-1] != sae.d_in:
+            raise ConfigError(f"the SAE takes inputs of width {sae.d_in}, but {hook} of this model has "
                               f"width {acts.shape[-1]}; is it the SAE of another model or hook?")
         keep = ~torch.isin(batch, special)
         # Stop exactly at the token budget: later tokens of the last batch are masked out.

@@ -106,8 +106,8 @@ def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | Non
     point = resolve_hook(model, hook)
     bos = context_bos_id(tokenizer)
     width = ActivationCapture(model, [point]).run(input_ids=torch.tensor([[bos, bos]], device=device))[hook].shape[-1]
-    if width != sae.cfg.d_in:
-        raise ConfigError(f"SAE {str(stored.folder)!r} takes inputs of width {sae.cfg.d_in}, but {hook} of "
+    if width != sae.d_in:
+        raise ConfigError(f"SAE {str(stored.folder)!r} takes inputs of width {sae.d_in}, but {hook} of "
                           f"{cfg.model.name_or_path} has width {width}; is it the SAE of another model or hook?")
     return Target(sae=sae, folder=stored.folder, hook=hook, cfg=cfg, model=model, tokenizer=tokenizer,
                   weights=stored.weights, format=stored.format)

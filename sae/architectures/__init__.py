@@ -5,8 +5,11 @@
 - ``fused_topk``: the TopK family's fused loss (one autograd Function) and its dense
   reference; ``sharded_topk``: the same with the latents split over processes.
 
-Adding an architecture: write ``sae/architectures/<name>.py`` with a config dataclass and a
-``SparseAutoencoder`` subclass, and add it to ``ARCHITECTURES``. Loading any SAE folder
+Adding an architecture: write ``sae/architectures/<name>.py`` with its config (a subclass of
+``sae.config.SAEConfig`` holding every setting it reads, with help and bounds: the run
+config's ``sae`` section, ``--help`` and the one-line errors come from it) and a
+``SparseAutoencoder`` subclass (its recipe, loss, tensors on disk and SAELens names), and add
+the class to ``ARCHITECTURES`` below. Loading any SAE folder
 (ours, SAELens, sparsify) is ``sae.formats.load_sae``. Imports only the sides (and
 ``sae.distributed`` for the sharded loss): no stage before it is needed to define an SAE.
 """
@@ -19,7 +22,7 @@ from sae.architectures.relu import ReLUConfig, ReLUSAE
 from sae.architectures.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    cls.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE)}
+    cls.Config.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE)}
 
 
 __all__ = ["ARCHITECTURES", "BatchTopKConfig", "BatchTopKSAE", "JumpReLUConfig", "JumpReLUSAE", "ReLUConfig",

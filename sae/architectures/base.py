@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sae.atomic_io import replace_files_atomic, save_tensors
-from sae.errors import CheckpointError, StorageError
+from sae.config import SAEConfig, sae_config
+from sae.errors import CheckpointError, ConfigError, StorageError
 
 CONFIG_FILE = "cfg.json"
 
@@ -36,6 +37,14 @@ class BatchTotals:
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
+def stored_settings(cfg: SAEConfig, d_in: int) -> dict:
+    """The start of an SAE's cfg.json in our format: architecture, d_in and its settings
+    with num_latents fixed for that width (so no expansion_factor)."""
+    values = asdict(cfg.for_width(d_in))
+    del values["architecture"], values["expansion_factor"]
+    return {"architecture": cfg.architecture, "d_in": d_in, **values}
+
+
 def total_variance(x: torch.Tensor) -> torch.Tensor:
     """sum_n |x_n - mean(x)|^2 over a batch x [N, d] (0-d): the denominator of FVU
     (docs/design.md §3). Split batches use ``BatchTotals`` instead."""
@@ -43,14 +52,15 @@ def total_variance(x: torch.Tensor) -> torch.Tensor:
 
 
 class SparseAutoencoder(nn.Module):
-    """Base class; a subclass sets ``architecture`` and ``Config`` (a dataclass with at
-    least d_in and num_latents) and implements ``activation`` and ``training_loss``.
+    """Base class; a subclass sets ``Config`` (its subclass of ``sae.config.SAEConfig``:
+    every setting it reads, with help and bounds) and implements ``activation`` and
+    ``training_loss``.
 
-    The class attributes below are the architecture's training recipe, read by the trainer.
+    The class attributes below are the architecture's training recipe, read by the
+    trainer, and how SAELens names it.
     """
 
-    architecture: ClassVar[str]
-    Config: ClassVar[type]
+    Config: ClassVar[type[SAEConfig]]
     apply_b_dec_to_input: ClassVar[bool] = True   # encode (x - b_dec); b_dec starts at the geometric median
     unit_norm_decoder: ClassVar[bool] = True      # decoder rows kept on the unit sphere during training
     scale_inputs: ClassVar[bool] = False          # train on x * s with E|x * s| = sqrt(d); s folded in on save
@@ -59,17 +69,27 @@ class SparseAutoencoder(nn.Module):
     init_decoder_norm: ClassVar[float] = 1.0
     init_encoder_scale: ClassVar[float] = 1.0     # W_enc = this x W_dec at init
     uses_workspace: ClassVar[bool] = False        # training_loss can reuse an N x M buffer
+    shards_latents: ClassVar[bool] = False        # trains with distributed.mode: latents (sharded_topk)
+    saelens_writes: ClassVar[str | None] = None   # the SAELens architecture it is written as (None: not)
+    saelens_reads: ClassVar[tuple[str, ...]] = ()  # SAELens architectures read as this one
 
-    def __init__(self, cfg, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        """An SAE for inputs of width d_in, initialised (``reset_parameters``); a null
+        cfg.num_latents becomes cfg.expansion_factor * d_in."""
         super().__init__()
-        self.cfg = cfg
-        M, d = cfg.num_latents, cfg.d_in
+        self.cfg, self.d_in = cfg.for_width(d_in), d_in
+        M, d = self.cfg.num_latents, d_in
         kw = dict(device=device, dtype=dtype)
         self.W_enc = nn.Parameter(torch.empty(M, d, **kw))
         self.b_enc = nn.Parameter(torch.zeros(M, **kw))
         self.W_dec = nn.Parameter(torch.empty(M, d, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d, **kw))
         self.reset_parameters()
+
+    @property
+    def architecture(self) -> str:
+        return self.cfg.architecture
 
     @classmethod
     def default_lr(cls, num_latents: int) -> float:
@@ -140,11 +160,24 @@ class SparseAutoencoder(nn.Module):
             getattr(self, name).copy_(tensors[name])
 
     def native_cfg(self, metadata: dict | None = None) -> dict:
-        """The cfg.json of this SAE in our format: architecture, its config fields, and the
-        keys SAELens also reads (d_sae, apply_b_dec_to_input, dtype, metadata)."""
-        return {"architecture": self.architecture, **asdict(self.cfg), "d_sae": self.cfg.num_latents,
+        """The cfg.json of this SAE in our format: architecture, d_in, its config fields
+        (num_latents fixed, so no expansion_factor), and the keys SAELens also reads
+        (d_sae, apply_b_dec_to_input, dtype, metadata)."""
+        return {**stored_settings(self.cfg, self.d_in), "d_sae": self.cfg.num_latents,
                 "apply_b_dec_to_input": self.apply_b_dec_to_input,
                 "dtype": str(self.W_dec.dtype).removeprefix("torch."), "metadata": metadata or {}}
+
+    @classmethod
+    def saelens_fields(cls, native: dict) -> dict:
+        """The architecture's own keys of the SAELens cfg.json written for ``native`` (our
+        cfg.json), besides d_in, d_sae and the encoding flags."""
+        return {}
+
+    @classmethod
+    def fields_from_saelens(cls, cfg: dict, where: str) -> dict:
+        """Our config fields read from a SAELens cfg.json of an architecture in
+        ``saelens_reads`` (besides num_latents); CheckpointError naming ``where`` if missing."""
+        return {}
 
     def save(self, folder: str | Path, metadata: dict | None = None) -> None:
         """Write cfg.json + sae_weights.safetensors into ``folder`` (other files there are kept)."""
@@ -159,11 +192,13 @@ class SparseAutoencoder(nn.Module):
         ``apply_b_dec_to_input`` is read from cfg: SAEs trained elsewhere may differ from
         this architecture's recipe (a SAELens ReLU SAE usually subtracts b_dec).
         """
-        fields = {f: cfg[f] for f in cls.Config.__dataclass_fields__ if f in cfg}
+        fields = {f: cfg[f] for f in cls.Config.__dataclass_fields__
+                  if f in cfg and f not in ("architecture", "expansion_factor")}
         try:  # built on the meta device: no random init of weights that are overwritten next
-            sae = cls(cls.Config(**fields), device="meta", dtype=dtype)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{where}: not a valid {cls.architecture} SAE config ({e})") from None
+            settings = sae_config(cls.Config.architecture, **fields)
+            sae = cls(settings, cfg.get("d_in"), device="meta", dtype=dtype)
+        except (ConfigError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{where}: not a valid {cls.Config.architecture} SAE config ({e})") from None
         for name, t in sae.disk_tensors().items():
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != tuple(t.shape):

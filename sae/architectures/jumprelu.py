@@ -22,16 +22,18 @@ from torch import nn
 
 from sae.architectures.base import SparseAutoencoder
 from sae.architectures.relu import batch_fvu, warmed_up
+from sae.config import SAEConfig, architecture_field, opt
 
 
 @dataclass
-class JumpReLUConfig:
-    d_in: int
-    num_latents: int
-    l0_coefficient: float = 1.0
-    sparsity_warmup_fraction: float = 0.05
-    bandwidth: float = 0.05
-    init_threshold: float = 0.1
+class JumpReLUConfig(SAEConfig):
+    architecture: str = architecture_field("jumprelu")
+    l0_coefficient: float = opt(1.0, "Weight of the L0 penalty (inputs scaled to E|x| = sqrt(d)).", ge=0)
+    sparsity_warmup_fraction: float = opt(0.05, "Fraction of training over which the sparsity penalty ramps "
+                                          "up linearly from 0.", ge=0, le=1)
+    bandwidth: float = opt(0.05, "Width of the straight-through estimator's kernel around the threshold.", gt=0)
+    init_threshold: float = opt(0.1, "Every latent's threshold at the start of training (on the scaled "
+                                "inputs).", gt=0)
 
 
 class _ThresholdFn(torch.autograd.Function):
@@ -78,15 +80,16 @@ class StepFn(_ThresholdFn):
 
 
 class JumpReLUSAE(SparseAutoencoder):
-    architecture = "jumprelu"
     Config = JumpReLUConfig
+    saelens_writes, saelens_reads = "jumprelu", ("jumprelu",)
     apply_b_dec_to_input = False
     scale_inputs = True
     adam_betas = (0.0, 0.999)
 
-    def __init__(self, cfg, device="cpu", dtype=torch.float32):
-        super().__init__(cfg, device, dtype)
-        self.log_threshold = nn.Parameter(torch.full((cfg.num_latents,), math.log(cfg.init_threshold),
+    def __init__(self, cfg: JumpReLUConfig, d_in: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(cfg, d_in, device, dtype)
+        self.log_threshold = nn.Parameter(torch.full((self.cfg.num_latents,), math.log(cfg.init_threshold),
                                                      device=device, dtype=dtype))
 
     @classmethod

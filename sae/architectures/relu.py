@@ -17,14 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from sae.architectures.base import BatchTotals, SparseAutoencoder, total_variance
+from sae.config import SAEConfig, architecture_field, opt
 
 
 @dataclass
-class ReLUConfig:
-    d_in: int
-    num_latents: int
-    l1_coefficient: float = 5.0
-    sparsity_warmup_fraction: float = 0.05
+class ReLUConfig(SAEConfig):
+    architecture: str = architecture_field("relu")
+    l1_coefficient: float = opt(5.0, "Weight of the L1 penalty sum_i z_i |W_dec,i| (inputs scaled to "
+                                "E|x| = sqrt(d)).", ge=0)
+    sparsity_warmup_fraction: float = opt(0.05, "Fraction of training over which the sparsity penalty ramps "
+                                          "up linearly from 0.", ge=0, le=1)
 
 
 def warmed_up(coefficient: float, progress: float, warmup_fraction: float) -> float:
@@ -39,8 +41,8 @@ def batch_fvu(x: torch.Tensor, sq_err: torch.Tensor, totals: BatchTotals | None 
 
 
 class ReLUSAE(SparseAutoencoder):
-    architecture = "relu"
     Config = ReLUConfig
+    saelens_writes, saelens_reads = "standard", ("standard",)
     apply_b_dec_to_input = False
     unit_norm_decoder = False
     scale_inputs = True

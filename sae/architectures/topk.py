@@ -16,34 +16,53 @@ import torch
 
 from sae.architectures.base import SparseAutoencoder
 from sae.architectures.fused_topk import FusedTopKLoss, TopKSpec
+from sae.config import SAEConfig, architecture_field, opt
+from sae.errors import CheckpointError, ConfigError
 
 
 @dataclass
-class TopKConfig:
-    d_in: int
-    num_latents: int
-    k: int = 32
-    k_aux: int | None = None    # None: d_in // 2 (Gao et al., appendix B.1)
-    aux_alpha: float = 1 / 32
-    multi_topk: bool = False    # add the reconstruction loss of the top 4k latents, weighted 1/8
+class TopKConfig(SAEConfig):
+    architecture: str = architecture_field("topk")
+    k: int = opt(32, "Active latents per token (batchtopk: on average over the batch).", ge=1)
+    k_aux: int | None = opt(None, "Dead latents AuxK reconstructs the residual with; null = d_in / 2 (Gao et "
+                            "al., appendix B.1).", ge=1)
+    aux_alpha: float = opt(1 / 32, "Weight of the AuxK loss.", ge=0)
+    multi_topk: bool = opt(False, "Also train the top 4k latents to reconstruct (loss L(k) + L(4k)/8), so "
+                           "the SAE can be used with a larger k later.")
 
-    def __post_init__(self):
-        if not 1 <= self.k <= self.num_latents:
-            raise ValueError(f"k = {self.k} must be between 1 and num_latents = {self.num_latents}")
+    def for_width(self, d_in: int) -> TopKConfig:
+        cfg = super().for_width(d_in)
+        if cfg.k > cfg.num_latents:
+            raise ConfigError(f"sae.k: {cfg.k} is larger than the {cfg.num_latents} latents for width {d_in}; "
+                              f"use at most {cfg.num_latents}")
+        return cfg
 
 
 class TopKSAE(SparseAutoencoder):
-    architecture = "topk"
     Config = TopKConfig
     batch_topk = False
     uses_workspace = True
+    shards_latents = True
+    saelens_writes, saelens_reads = "topk", ("topk",)
     # Encoder rows start at norm 1/sqrt(3) (what sparsify's nn.Linear init gives), not 1:
     # on the demo (427 steps) held-out FVU 0.116 against 0.146 with unit rows
     # (bench/quality.py, BENCHMARKS.md). Adam's steps are then larger relative to the weights.
     init_encoder_scale = 3 ** -0.5
 
+    @classmethod
+    def saelens_fields(cls, native: dict) -> dict:
+        return {"k": native["k"], "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def fields_from_saelens(cls, cfg: dict, where: str) -> dict:
+        # pre-6.0 files: architecture standard with activation_fn_kwargs {k: ...}
+        k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+        if not isinstance(k, int):
+            raise CheckpointError(f"{where}: no integer k; not a complete SAELens config")
+        return {"k": k}
+
     def spec(self) -> TopKSpec:
-        return TopKSpec(self.cfg.k, self.cfg.k_aux or self.cfg.d_in // 2, self.cfg.aux_alpha, self.cfg.multi_topk,
+        return TopKSpec(self.cfg.k, self.cfg.k_aux or self.d_in // 2, self.cfg.aux_alpha, self.cfg.multi_topk,
                         self.batch_topk)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
@@ -58,19 +77,27 @@ class TopKSAE(SparseAutoencoder):
 
 @dataclass
 class BatchTopKConfig(TopKConfig):
-    threshold_momentum: float = 0.99    # running average of the batch's smallest selected value
+    architecture: str = architecture_field("batchtopk")
+    threshold_momentum: float = opt(0.99, "Momentum of the running average of the smallest value each batch "
+                                    "selects: the inference threshold.", ge=0, lt=1)
 
 
 class BatchTopKSAE(TopKSAE):
-    architecture = "batchtopk"
     Config = BatchTopKConfig
     batch_topk = True
+    shards_latents = False
+    saelens_writes, saelens_reads = "jumprelu", ()   # at inference it is a JumpReLU with one threshold
 
-    def __init__(self, cfg, device="cpu", dtype=torch.float32):
-        super().__init__(cfg, device, dtype)
+    def __init__(self, cfg: BatchTopKConfig, d_in: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(cfg, d_in, device, dtype)
         # Stored per latent (all equal) so the file reads as a JumpReLU SAE elsewhere.
-        self.register_buffer("threshold", torch.zeros(cfg.num_latents, device=device, dtype=dtype))
+        self.register_buffer("threshold", torch.zeros(self.cfg.num_latents, device=device, dtype=dtype))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
+
+    @classmethod
+    def saelens_fields(cls, native: dict) -> dict:
+        return {}
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu() * (pre > self.threshold)

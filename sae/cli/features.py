@@ -228,7 +228,7 @@ def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples
     cfg = target.sae.cfg
     sae_info = {"SAE": str(target.folder), "format": target.format, "model": target.cfg.model.name_or_path,
                 "hook": target.hook,
-                "architecture": target.sae.architecture, "features": cfg.num_latents, "d_in": cfg.d_in,
+                "architecture": target.sae.architecture, "features": cfg.num_latents, "d_in": target.sae.d_in,
                 **({"k": cfg.k} if hasattr(cfg, "k") else {}),
                 "data": f"{target.cfg.data.dataset} [{target.cfg.data.split}]"}
     start = time.perf_counter()

@@ -60,8 +60,8 @@ def evaluate_run(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTo
             bar.update(harvester.tokens_seen - bar.n)
             for name, m in metrics.items():
                 x = acts[hook_of[name]]
-                if x.shape[1] != saes[name].cfg.d_in:
-                    raise ConfigError(f"{name}: the SAE takes inputs of width {saes[name].cfg.d_in}, but "
+                if x.shape[1] != saes[name].d_in:
+                    raise ConfigError(f"{name}: the SAE takes inputs of width {saes[name].d_in}, but "
                                       f"{hook_of[name]} of {cfg.model.name_or_path} has width {x.shape[1]}")
                 m.update(x)
         bar.update(harvester.tokens_seen - bar.n)  # batches with every token masked yield nothing

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from sae.config import RunConfig, load_config
+from sae.config import RunConfig, load_config, saved_config
 from sae.formats import NATIVE, StoredSAE
 
 
@@ -23,7 +23,7 @@ def analysis_config(stored: StoredSAE, overrides: Iterable[str] = ()) -> RunConf
     else one built from its metadata (model, dataset, split, text column, context length)."""
     run_config = run_config_of(stored.folder) if stored.format == NATIVE else None
     if run_config is not None:
-        return load_config(run_config, overrides)
+        return saved_config(run_config, overrides)
     meta = stored.metadata
     keys = {"model_name": "model.name_or_path", "dataset_path": "data.dataset", "dataset_split": "data.split",
             "text_column": "data.text_column", "context_size": "data.context_tokens"}

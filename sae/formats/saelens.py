@@ -31,7 +31,6 @@ architecture (batchtopk is written as the jumprelu it computes) and hook name ex
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,16 +41,19 @@ from sae.architectures.base import (
     WEIGHTS_FILE,
     read_json,
     read_tensors,
+    stored_settings,
     write_sae_folder,
 )
+from sae.config import sae_config
 from sae.errors import ConfigError
 from sae.formats.hook_names import to_ours, to_transformer_lens
 from sae.formats.stored import StoredSAE, dtype_name, imported_metadata
 
 NAME = "saelens"
 SCALER_FILE = "activation_scaler.json"
-TO_OURS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
-FROM_OURS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+# SAELens architecture -> ours, and ours -> what it is written as: each architecture says (base.py)
+TO_OURS = {theirs: ours for ours, cls in ARCHITECTURES.items() for theirs in cls.saelens_reads}
+FROM_OURS = {ours: cls.saelens_writes for ours, cls in ARCHITECTURES.items() if cls.saelens_writes}
 # the keys that decide what a file computes: a carried-along sae_cfg is trusted only if it agrees
 _CORE = ("architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "normalize_activations",
          "rescale_acts_by_decoder_norm", "reshape_activations")
@@ -72,8 +74,7 @@ def saelens_cfg(native: dict) -> dict:
     cfg = {"architecture": arch, "d_in": native["d_in"], "d_sae": native["num_latents"], "dtype": native["dtype"],
            "device": "cpu", "apply_b_dec_to_input": bool(native["apply_b_dec_to_input"]),
            "normalize_activations": "none", "reshape_activations": "none"}
-    if arch == "topk":
-        cfg.update(k=native["k"], rescale_acts_by_decoder_norm=False)
+    cfg.update(ARCHITECTURES[native["architecture"]].saelens_fields(native))
     cfg["metadata"] = {
         "model_name": meta.get("model_name"), "hook_name": their_hook,
         "hook_head_index": None, "context_size": meta.get("context_size"), "prepend_bos": True,
@@ -104,7 +105,7 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
         raise ConfigError(f"{where}: activation function {act!r} is not supported; SAEs with relu or topk are")
     if arch not in TO_OURS:
         raise ConfigError(f"{where}: architecture {arch!r} is not supported; SAELens SAEs of architecture "
-                          f"{', '.join(TO_OURS)} are")
+                          f"{', '.join(sorted(TO_OURS))} are")
     if cfg.get("reshape_activations") not in (None, "none") or field("hook_head_index") is not None:
         raise ConfigError(f"{where}: per-head (hook_z) SAEs are not supported; residual, MLP and attention "
                           "output SAEs are")
@@ -113,9 +114,6 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
         raise ConfigError(f"{where}: normalize_activations {norm!r} (a per-token normalisation) is not supported; "
                           "none and expected_average_only_in are")
     missing = [k for k in ("d_in", "d_sae") if not isinstance(cfg.get(k), int)]
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-    if arch == "topk" and not isinstance(k, int):
-        missing.append("k")
     if missing:
         raise ConfigError(f"{where}: no integer {', '.join(missing)}; not a complete SAELens config")
     d, M = cfg["d_in"], cfg["d_sae"]
@@ -133,9 +131,9 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
 
     folded = _fold(tensors, file_tensors.get("scaling_factor"), arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"),
                    _input_scale(folder, _NORMALIZE[norm]))
-    ours = TO_OURS[arch]
-    config = ARCHITECTURES[ours].Config(d_in=d, num_latents=M, **({"k": k} if arch == "topk" else {}))
-    native = {"architecture": ours, **asdict(config), "d_sae": M,
+    cls = ARCHITECTURES[TO_OURS[arch]]
+    settings = sae_config(cls.Config.architecture, num_latents=M, **cls.fields_from_saelens(cfg, str(where)))
+    native = {**stored_settings(settings, d), "d_sae": M,
               "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
               "dtype": dtype_name(tensors["W_dec"].dtype),
               "metadata": imported_metadata(NAME, field("hook_name"), to_ours(field("hook_name")), field("model_name"),

@@ -23,11 +23,16 @@ sparsify prints every unknown key it drops).
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
-from sae.architectures import ARCHITECTURES
-from sae.architectures.base import CONFIG_FILE, read_json, read_tensors, write_sae_folder
+from sae.architectures.base import (
+    CONFIG_FILE,
+    read_json,
+    read_tensors,
+    stored_settings,
+    write_sae_folder,
+)
+from sae.architectures.topk import TopKConfig
 from sae.errors import ConfigError
 from sae.formats.hook_names import to_module_path, to_ours
 from sae.formats.stored import StoredSAE, dtype_name, imported_metadata
@@ -68,8 +73,8 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
     if carried is not None and _agrees(carried, cfg):
         return StoredSAE(carried, tensors, folder, NAME, weights)   # a folder we wrote
     run = _run_config(folder)
-    config = ARCHITECTURES["topk"].Config(d_in=d, num_latents=M, k=k, multi_topk=bool(cfg.get("multi_topk")))
-    native = {"architecture": "topk", **asdict(config), "d_sae": M, "apply_b_dec_to_input": True,
+    settings = TopKConfig(num_latents=M, k=k, multi_topk=bool(cfg.get("multi_topk")))
+    native = {**stored_settings(settings, d), "d_sae": M, "apply_b_dec_to_input": True,
               "dtype": dtype_name(t["W_dec"].dtype),
               "metadata": imported_metadata(NAME, folder.name, to_ours(folder.name), run.get("model"),
                                             run.get("dataset"), run.get("ctx_len"), dataset_split=run.get("split"),

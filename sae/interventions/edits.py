@@ -110,9 +110,9 @@ class Edit:
             for f in feats:
                 if not 0 <= f < M:
                     raise ConfigError(f"feature {f} is out of range; the SAE at {self.hook} has features 0..{M - 1}")
-            if isinstance(e, Steer) and e.direction is not None and e.direction.shape != (self.sae.cfg.d_in,):
+            if isinstance(e, Steer) and e.direction is not None and e.direction.shape != (self.sae.d_in,):
                 raise ConfigError(f"steering direction has shape {tuple(e.direction.shape)}; the SAE at {self.hook} "
-                                  f"needs ({self.sae.cfg.d_in},)")
+                                  f"needs ({self.sae.d_in},)")
             if isinstance(e, Steer) and (e.feature is None) == (e.direction is None):
                 raise ConfigError("Steer: give a feature or a direction, not both or neither")
 

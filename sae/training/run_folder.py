@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from sae.atomic_io import existing_folder, remove_temporaries, write_text_atomic
-from sae.config import RunConfig, config_from_dict, read_yaml, to_dict, to_yaml
+from sae.config import RunConfig, saved_config, to_dict, to_yaml
 from sae.errors import CheckpointError, ConfigError, StorageError
 from sae.folder_lock import LOCK_FILE, FolderLock, describe_holder, holder_of
 
@@ -50,7 +50,7 @@ def run_dir_for(cfg: RunConfig) -> Path:
         cfg.output.run_name = time.strftime("run-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output.root) / cfg.output.run_name
     saved = run_dir / CONFIG_FILE
-    if saved.exists() and resumable_config(config_from_dict(read_yaml(saved))) != resumable_config(cfg):
+    if saved.exists() and resumable_config(saved_config(saved)) != resumable_config(cfg):
         raise ConfigError(f"output.run_name: {str(run_dir)!r} already holds another run's config; "
                           "choose another output.run_name")
     if existing_folder(run_dir / STATE_DIR) is not None:
@@ -71,7 +71,7 @@ def resume_config(run_dir: Path) -> RunConfig:
     holder = holder_of(run_dir)
     if holder is not None:
         raise ConfigError(f"--resume: the run in {str(run_dir)!r} is still running ({describe_holder(holder)})")
-    cfg = config_from_dict(read_yaml(saved))
+    cfg = saved_config(saved)
     cfg.output.root, cfg.output.run_name = str(run_dir.parent), run_dir.name
     if existing_folder(run_dir / STATE_DIR) is None:
         if any(run_dir.rglob("metrics.json")):

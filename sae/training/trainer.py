@@ -64,12 +64,7 @@ def geometric_median(x: torch.Tensor, iterations: int = 100, eps: float = 1e-8) 
 def make_sae(settings: SAEConfig, d_in: int, device: torch.device | str = "cpu") -> SparseAutoencoder:
     """The SAE ``settings`` (a config's sae section) describe for inputs of width d_in,
     initialized, not trained."""
-    cls = ARCHITECTURES[settings.architecture]
-    M = settings.num_latents or settings.expansion_factor * d_in
-    if settings.architecture in ("topk", "batchtopk") and settings.k > M:
-        raise ConfigError(f"sae.k: {settings.k} is larger than the {M} latents for width {d_in}; use at most {M}")
-    fields = {f: getattr(settings, f) for f in cls.Config.__dataclass_fields__ if hasattr(settings, f)}
-    return cls(cls.Config(**{**fields, "d_in": d_in, "num_latents": M}), device=device)
+    return ARCHITECTURES[settings.architecture](settings, d_in, device=device)
 
 
 def sae_id(hook: str, variant: str) -> str:
@@ -80,7 +75,7 @@ def sae_id(hook: str, variant: str) -> str:
 def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool) -> SparseAutoencoder:
     """This rank's slice (latents [r M/w, (r+1) M/w)) of a TopK SAE, as a TopK SAE."""
     multi = getattr(sae.cfg, "multi_topk", False)
-    if sae.architecture != "topk" or multi or autocast:
+    if not sae.shards_latents or multi or autocast:
         raise DistributedError(f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
                           f"{name} is {sae.architecture}" + (" with multi_topk" if multi else "")
                           + (" with train.autocast" if autocast else ""))
@@ -89,7 +84,7 @@ def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool)
         raise DistributedError(f"distributed.mode: latents: the {M} latents of {name} do not divide over {dist.world} "
                           f"processes; use a latent count divisible by {dist.world}")
     m = M // dist.world
-    part = type(sae)(replace(sae.cfg, num_latents=m))
+    part = type(sae)(replace(sae.cfg, num_latents=m), sae.d_in)
     mine = slice(dist.rank * m, (dist.rank + 1) * m)
     with torch.no_grad():
         for p_name in ("W_enc", "b_enc", "W_dec"):
@@ -100,7 +95,8 @@ def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool)
 
 def gather_latents(part: SparseAutoencoder, dist: Dist) -> SparseAutoencoder:
     """The whole SAE from every rank's slice (a collective: every rank calls it)."""
-    whole = type(part)(replace(part.cfg, num_latents=part.cfg.num_latents * dist.world), device=part.W_dec.device)
+    whole = type(part)(replace(part.cfg, num_latents=part.cfg.num_latents * dist.world), part.d_in,
+                       device=part.W_dec.device)
     with torch.no_grad():
         for p_name in ("W_enc", "b_enc", "W_dec"):
             getattr(whole, p_name).copy_(dist.gather_rows(getattr(part, p_name).detach()))
@@ -384,13 +380,13 @@ class Trainer:
         meta = {"step": self.step_count, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
                 "checked_step": self.checked_step,
                 "window_tokens": {name: st.window_tokens for name, st in self.states.items()},
-                "widths": {hook: sae.cfg.d_in for hook, sae in self.saes.items()},
+                "widths": {hook: sae.d_in for hook, sae in self.saes.items()},
                 "num_latents": {hook: sae.cfg.num_latents for hook, sae in self.saes.items()}}
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Restore ``state_dict()``'s output; a state for other hooks or shapes is refused in one line."""
-        mine = {hook: (sae.cfg.d_in, sae.cfg.num_latents) for hook, sae in self.saes.items()}
+        mine = {hook: (sae.d_in, sae.cfg.num_latents) for hook, sae in self.saes.items()}
         theirs = {hook: (meta["widths"][hook], meta["num_latents"][hook]) for hook in meta["widths"]}
         if mine != theirs or meta["total_steps"] != self.total_steps:
             raise CheckpointError(f"resume: the checkpoint holds SAEs {theirs} over {meta['total_steps']} steps "
