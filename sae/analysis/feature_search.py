@@ -107,10 +107,10 @@ def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
                    "!=": operator.ne}[op]
         condition = (key, compare, value)
     limit = int(s["limit"])
-    ds = load_text_dataset(str(s["dataset"]), str(s["split"]), field[0], s["subset"], streaming=True,
-                           require_text=False)
+    data = load_text_dataset(str(s["dataset"]), str(s["split"]), field[0], s["subset"], streaming=True,
+                             require_text=False)
     prompts = []
-    for row in ds:
+    for row in data.dataset:
         if condition is not None:
             got = _lookup(row, condition[0])
             if got is None or not condition[1](got, condition[2]):
