@@ -49,7 +49,7 @@ from pathlib import Path
 import click
 import torch
 
-from sae.activations.harvest import special_token_ids
+from sae.activations.capture import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
 from sae.analysis.feature_stats import (
     HIST_BINS,

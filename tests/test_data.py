@@ -40,15 +40,15 @@ def test_local_files_load_with_their_text(tmp_path, fmt):
 
         ds = datasets.Dataset.from_dict({"text": texts})
         ds.to_csv(path) if fmt == "csv" else ds.to_parquet(path)
-    ds = load_text_dataset(str(path), hold_out=False)
+    ds = load_text_dataset(str(path), hold_out=False).dataset
     assert list(ds["text"]) == texts
 
 
 def test_folder_of_files_and_streaming(tmp_path):
     (tmp_path / "a.txt").write_text("alpha\n")
     (tmp_path / "b.txt").write_text("beta\n")
-    assert sorted(load_text_dataset(str(tmp_path), hold_out=False)["text"]) == ["alpha", "beta"]
-    streamed = load_text_dataset(str(tmp_path), streaming=True, hold_out=False)
+    assert sorted(load_text_dataset(str(tmp_path), hold_out=False).dataset["text"]) == ["alpha", "beta"]
+    streamed = load_text_dataset(str(tmp_path), streaming=True, hold_out=False).dataset
     assert sorted(row["text"] for row in streamed) == ["alpha", "beta"]
 
 
@@ -97,8 +97,8 @@ def write_docs(path, n):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_local_data_holds_out_a_fixed_tenth_of_its_documents_as_test(tmp_path, streaming):
     texts = write_docs(tmp_path / "d.jsonl", 400)
-    train = [r["text"] for r in load_text_dataset(str(tmp_path / "d.jsonl"), "train", streaming=streaming)]
-    test = [r["text"] for r in load_text_dataset(str(tmp_path / "d.jsonl"), "test", streaming=streaming)]
+    train = [r["text"] for r in load_text_dataset(str(tmp_path / "d.jsonl"), "train", streaming=streaming).dataset]
+    test = [r["text"] for r in load_text_dataset(str(tmp_path / "d.jsonl"), "test", streaming=streaming).dataset]
     assert not set(train) & set(test) and sorted(train + test) == sorted(texts)
     assert 20 <= len(test) <= 60                                  # about 10% of 400
     assert test == [t for t in texts if split_of(t) == "test"]    # decided by the text alone: the same every run
@@ -109,7 +109,7 @@ def test_local_data_takes_a_held_out_file_of_its_own_and_refuses_other_split_nam
     write_docs(tmp_path / "d.jsonl", 50)
     held = tmp_path / "held.txt"
     held.write_text("one held-out line\nanother\n")
-    ds = load_text_dataset(str(tmp_path / "d.jsonl"), str(held))
+    ds = load_text_dataset(str(tmp_path / "d.jsonl"), str(held)).dataset
     assert list(ds["text"]) == ["one held-out line", "another"]
     with pytest.raises(ConfigError, match="data.split: 'validation': local data has the splits 'train'"):
         load_text_dataset(str(tmp_path / "d.jsonl"), "validation")
@@ -122,8 +122,8 @@ def test_a_hub_dataset_without_a_test_split_gets_one_and_train_leaves_it_out(mon
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset=None: ["train"])
     monkeypatch.setattr(datasets, "load_dataset", lambda name, subset, split, streaming: (
         datasets.Dataset.from_dict({"text": texts}) if split == "train" else pytest.fail(f"asked for {split}")))
-    train = list(load_text_dataset("org/only-train", "train")["text"])
-    test = list(load_text_dataset("org/only-train", "test")["text"])
+    train = list(load_text_dataset("org/only-train", "train").dataset["text"])
+    test = list(load_text_dataset("org/only-train", "test").dataset["text"])
     assert sorted(train + test) == sorted(texts) and not set(train) & set(test) and test
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset=None: ["train", "test"])
-    assert list(load_text_dataset("org/has-test", "train")["text"]) == texts   # its own splits are used as they are
+    assert list(load_text_dataset("org/has-test", "train").dataset["text"]) == texts   # its own splits are used as they are

@@ -136,7 +136,7 @@ def test_splits_are_disjoint_and_cover_every_document(sources):
     assert len(train) + len(test) == len(english_corpus.documents()) == 61
     assert test["id"] and all(split_of(i) == "test" for i in test["id"])
     # and through the data layer, like the other built-in corpus
-    assert load_text_dataset(english_corpus.NAME, "test")["id"] == test["id"]
+    assert load_text_dataset(english_corpus.NAME, "test").dataset["id"] == test["id"]
     assert "held-out 10%" in describe_split(english_corpus.NAME, "test")
     with pytest.raises(ConfigError, match="data.split: builtin:english-prose has no split 'validation'"):
         load_text_dataset(english_corpus.NAME, "validation")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sae.activations.harvest import special_token_ids
+from sae.activations.capture import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
 from sae.analysis.feature_stats import (
     HIST_BINS,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-from sae.activations.harvest import special_token_ids
+from sae.activations.capture import special_token_ids
 from sae.config import sae_config
 from sae.errors import ConfigError
 from sae.evaluation.lm_metrics import logprob

@@ -4,7 +4,8 @@ import datasets
 import pytest
 import torch
 
-from sae.activations.harvest import Harvester, check_context_length
+from sae.activations.capture import MaskedCapture, check_context_length
+from sae.activations.harvest import Harvester
 from sae.data.text import context_batches
 from sae.errors import ConfigError
 
@@ -31,6 +32,25 @@ def test_rows_are_the_non_special_hidden_states(tiny_llama, dataset):
     special = torch.isin(ids, torch.tensor(tok.all_special_ids))
     assert special[:, 0].all() and special.sum() > ids.shape[0]  # BOS per context plus EOS separators
     torch.testing.assert_close(rows, ref[~special])
+
+
+def test_capture_keeps_the_attended_non_special_positions(tiny_llama):
+    """MaskedCapture's keep mask against one made from the token ids and the attention mask;
+    its logits, when the forward runs to the end, against the model's own."""
+    model, tok = tiny_llama
+    ids = torch.randint(3, 500, (3, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = tok.bos_token_id
+    ids[1, 5] = tok.eos_token_id
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    text = torch.tensor([[t not in tok.all_special_ids for t in row] for row in ids.tolist()])
+    early, = MaskedCapture(model, tok, ["layers.1"]).batches([ids])
+    full, = MaskedCapture(model, tok, ["layers.1"], stop_early=False).batches([(ids, mask)])
+    assert torch.equal(early.keep, text) and early.output is None
+    assert torch.equal(full.keep, text & (mask == 1)) and full.keep.sum() == 3 * 12 - 3 - 1 - 4
+    with torch.no_grad():
+        torch.testing.assert_close(full.output.logits, model(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=0, atol=0)
 
 
 def test_counters_and_token_budget(tiny_llama, dataset):

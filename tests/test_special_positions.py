@@ -4,7 +4,7 @@ activations of an unedited forward and the edit formula computed by hand."""
 
 import torch
 
-from sae.activations.harvest import special_token_ids
+from sae.activations.capture import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
 from sae.config import sae_config
 from sae.evaluation.lm_metrics import logprob

@@ -1,14 +1,16 @@
-"""The harvester: token contexts in, per-hook activation rows out.
+"""The harvester: token contexts in, per-hook activation rows out, for training.
 
     from sae.activations import harvest
     for acts in harvest.Harvester(model, tokenizer, contexts, ["layers.2"]):
         acts["layers.2"]   # [n_kept_tokens, d], on the model's device, in its dtype
 
 One forward pass per batch of contexts feeds every hook point, and stops after the
-deepest one. Special tokens (BOS, EOS, pad, ...) are dropped by default: their norms are
-10-100x larger and would dominate both training and metrics. Optionally, tokens whose
-activation norm exceeds ``max_norm_ratio`` x the batch median are dropped too (attention
-sinks); a token dropped at one hook point is dropped at all, so rows stay aligned.
+deepest one. Which tokens are kept is ``sae.activations.capture``'s rule: special tokens
+(BOS, EOS, pad, ...) are dropped by default, since their norms are 10-100x larger and
+would dominate both training and metrics; optionally, tokens whose activation norm
+exceeds ``max_norm_ratio`` x the batch median are dropped too (attention sinks), at every
+hook point together so rows stay aligned. Here the kept rows are flattened and counted,
+and the contexts may be prepared in a background thread.
 """
 
 from __future__ import annotations
@@ -21,29 +23,13 @@ from collections.abc import Iterable, Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.activations.hooks import ActivationCapture, resolve_hooks
+from sae.activations.capture import MaskedCapture
 from sae.errors import ConfigError
 
 
-def max_context_tokens(model: PreTrainedModel) -> int | None:
-    """The longest context the model's position scheme allows (None if unbounded)."""
-    return getattr(model.config, "max_position_embeddings", None)
-
-
-def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """LongTensor of the tokenizer's special ids (BOS, EOS, pad, ...): never harvested or spliced."""
-    return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-
-
-def check_context_length(model: PreTrainedModel, context_tokens: int) -> None:
-    limit = max_context_tokens(model)
-    if limit is not None and context_tokens > limit:
-        raise ConfigError(f"data.context_tokens: {context_tokens} is longer than this model allows; "
-                          f"use at most {limit}")
-
-
 class Harvester:
-    """Iterable of {hook name: activations [n, d]} dicts, one per batch of contexts.
+    """Iterable of {hook name: activations [n, d]} dicts, one per batch of contexts that
+    keeps a token.
 
     contexts: iterable of LongTensor [B, T] (see ``sae.data.text.context_batches``).
     Counters after (or during) iteration: ``contexts_done``, ``tokens_seen``,
@@ -55,44 +41,20 @@ class Harvester:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: Iterable[torch.Tensor],
                  hooks: list[str], *, exclude_special_tokens: bool = True, max_norm_ratio: float | None = None,
                  prefetch: bool = False, expect_data: bool = True):
-        self.model, self.contexts, self.prefetch, self.expect_data = model, contexts, prefetch, expect_data
-        self.points = resolve_hooks(model, hooks)
-        self.excluded = special_token_ids(tokenizer) if exclude_special_tokens else torch.empty(0, dtype=torch.long)
-        self.max_norm_ratio = max_norm_ratio
-        self.device = next(model.parameters()).device
+        self.contexts, self.prefetch, self.expect_data = contexts, prefetch, expect_data
+        self.capture = MaskedCapture(model, tokenizer, hooks, exclude_special_tokens=exclude_special_tokens,
+                                     max_norm_ratio=max_norm_ratio)
         self.contexts_done = self.tokens_seen = self.tokens_kept = 0
 
-    def keep_mask(self, ids: torch.Tensor, acts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Bool [B, T]: tokens to keep: not special, and, with ``max_norm_ratio``, finite and
-        not a norm outlier at any hook. Each hook's median is taken over the non-special
-        tokens, independently of the other hooks (so hook order does not matter)."""
-        keep = ~torch.isin(ids, self.excluded.to(ids.device))
-        if self.max_norm_ratio is not None and keep.any():
-            candidates = keep.clone()
-            for a in acts.values():
-                norms = a.float().norm(dim=-1)
-                median = norms[candidates].nanmedian()
-                keep &= torch.isfinite(norms) & (norms <= self.max_norm_ratio * median)
-        return keep
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batches = _prefetched(self.contexts) if self.prefetch else iter(self.contexts)
-        capture = ActivationCapture(self.model, self.points)
-        for ids in batches:
-            ids = ids.to(self.device, non_blocking=True)
-            check_context_length(self.model, ids.shape[1])
-            acts = capture.run(input_ids=ids)
-            for name, a in acts.items():
-                if a.shape[:2] != ids.shape:
-                    raise ConfigError(f"hooks: {name!r} gives activations of shape {tuple(a.shape)}, not "
-                                      f"[batch, tokens, width] = {tuple(ids.shape)} + [width]; hook another module")
-            keep = self.keep_mask(ids, acts)
-            self.contexts_done += ids.shape[0]
-            self.tokens_seen += ids.numel()
-            n_kept = int(keep.sum())
+        contexts = _prefetched(self.contexts) if self.prefetch else self.contexts
+        for batch in self.capture.batches(contexts):
+            self.contexts_done += batch.ids.shape[0]
+            self.tokens_seen += batch.ids.numel()
+            n_kept = int(batch.keep.sum())
             self.tokens_kept += n_kept
             if n_kept:
-                yield {name: a[keep] for name, a in acts.items()}
+                yield batch.kept()
         if self.tokens_seen == 0 and self.expect_data:
             raise ConfigError("data.dataset: no complete context could be packed from the data; "
                               "is the dataset empty or data.context_tokens too long?")

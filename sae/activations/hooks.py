@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,10 +122,15 @@ class ActivationCapture:
     def __init__(self, model: nn.Module, points: list[HookPoint], stop_early: bool = True):
         self.model, self.points, self.stop_early = model, points, stop_early
 
-    @torch.no_grad()
     def run(self, **inputs) -> dict[str, torch.Tensor]:
         """One forward pass; returns {hook name: activation [B, T, d]} in the model's dtype."""
+        return self.run_with_output(**inputs)[0]
+
+    @torch.no_grad()
+    def run_with_output(self, **inputs) -> tuple[dict[str, torch.Tensor], Any]:
+        """``run``, and the model's output (``.logits`` ...): None when the forward stopped early."""
         acts: dict[str, torch.Tensor] = {}
+        output = None
 
         def record(name: str, value: torch.Tensor) -> None:
             done = len(acts) + 1 == len(self.points)
@@ -138,7 +144,7 @@ class ActivationCapture:
         try:
             for p in self.points:
                 handles.append(attach(p, lambda value, name=p.name: record(name, value)))
-            self.model(**inputs, use_cache=False)
+            output = self.model(**inputs, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -148,7 +154,7 @@ class ActivationCapture:
         if missing:
             raise ConfigError(f"hooks: {', '.join(missing)} did not run in the forward pass; "
                               "choose modules that every forward runs")
-        return acts
+        return acts, output
 
 
 class EditActivation:

@@ -35,7 +35,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations.buffer import ShuffleBuffer
 from sae.activations.cache import CacheReader, CacheWriter, read_manifest, tokenizer_fingerprint
-from sae.activations.harvest import Harvester, check_context_length
+from sae.activations.capture import check_context_length
+from sae.activations.harvest import Harvester
 from sae.activations.hooks import resolve_hooks
 from sae.config import RunConfig
 from sae.data.text import (

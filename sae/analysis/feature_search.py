@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sae.activations.harvest import special_token_ids
-from sae.activations.hooks import ActivationCapture, resolve_hook
+from sae.activations.capture import MaskedCapture
 from sae.analysis.target import Target
 from sae.config import read_yaml
 from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
@@ -108,10 +107,10 @@ def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
                    "!=": operator.ne}[op]
         condition = (key, compare, value)
     limit = int(s["limit"])
-    ds = load_text_dataset(str(s["dataset"]), str(s["split"]), field[0], s["subset"], streaming=True,
-                           require_text=False)
+    data = load_text_dataset(str(s["dataset"]), str(s["split"]), field[0], s["subset"], streaming=True,
+                             require_text=False)
     prompts = []
-    for row in ds:
+    for row in data.dataset:
         if condition is not None:
             got = _lookup(row, condition[0])
             if got is None or not condition[1](got, condition[2]):
@@ -159,15 +158,13 @@ def _latents(target: Target, encoded: list[tuple[list[int], int]], batch_size: i
              progress: bool) -> list[torch.Tensor]:
     """``token_latents`` of prompts already encoded."""
     tok = target.tokenizer
-    capture = ActivationCapture(target.model, [resolve_hook(target.model, target.hook)])
-    special = special_token_ids(tok).to(target.device)
+    capture = MaskedCapture(target.model, tok, [target.hook])
+    chunks = [encoded[first:first + batch_size] for first in range(0, len(encoded), batch_size)]
+    batches = (padded([ids for ids, _ in chunk], pad_id(tok), target.device, left=False) for chunk in chunks)
     out = []
-    for first in tqdm(range(0, len(encoded), batch_size), desc="prompts", disable=not progress):
-        chunk = encoded[first:first + batch_size]
-        batch, mask = padded([ids for ids, _ in chunk], pad_id(tok), target.device, left=False)
-        acts = capture.run(input_ids=batch, attention_mask=mask)[target.hook]
-        z = target.encode(acts).float()
-        z = torch.where(torch.isin(batch, special)[..., None], 0.0, z)
+    for chunk, batch in zip(tqdm(chunks, desc="prompts", disable=not progress), capture.batches(batches)):
+        z = target.encode(batch.acts[target.hook]).float()
+        z = torch.where(batch.keep[..., None], z, 0.0)
         for row, (ids, start) in enumerate(chunk):
             z[row, :start] = 0.0
             out.append(z[row, :len(ids)])

@@ -39,8 +39,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.activations.harvest import check_context_length, special_token_ids
-from sae.activations.hooks import ActivationCapture, resolve_hook
+from sae.activations.capture import MaskedCapture
 from sae.architectures import SparseAutoencoder
 from sae.atomic_io import fsync_dir, save_tensors
 from sae.errors import ConfigError, DataError, StorageError
@@ -309,30 +308,27 @@ def compute_feature_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     (LongTensor batches [B, T], e.g. ``sae.activations.stream.contexts_for``), until
     ``settings.tokens`` non-special tokens have been scanned or the data ends; ``info``
     gets ``data_ran_out``: whether the contexts ended before ``settings.tokens``."""
-    point = resolve_hook(model, hook)
-    capture = ActivationCapture(model, [point])
+    capture = MaskedCapture(model, tokenizer, [hook])
     device = next(model.parameters()).device
-    special = special_token_ids(tokenizer).to(device)
     acc = StatsAccumulator(sae.cfg.num_latents, settings, device)
     sae_dtype = sae.W_dec.dtype
     bar = tqdm(total=settings.tokens, unit="tok", unit_scale=True, desc="feature stats", disable=not progress)
-    for batch in contexts:
-        batch = batch.to(device)
-        check_context_length(model, batch.shape[1])
-        acts = capture.run(input_ids=batch)[hook]
+    for batch in capture.batches(contexts):
+        acts, ids = batch.acts[hook], batch.ids
         if acts.shape[-1] != sae.d_in:
             raise ConfigError(f"the SAE takes inputs of width {sae.d_in}, but {hook} of this model has "
                               f"width {acts.shape[-1]}; is it the SAE of another model or hook?")
-        keep = ~torch.isin(batch, special)
         # Stop exactly at the token budget: later tokens of the last batch are masked out.
         room = settings.tokens - acc.tokens
-        keep &= keep.view(-1).cumsum(0).view(keep.shape) <= room
-        per_chunk = max(1, CHUNK_ELEMENTS // (batch.shape[1] * sae.cfg.num_latents))
-        for start in range(0, batch.shape[0], per_chunk):
+        keep = batch.keep & (batch.keep.view(-1).cumsum(0).view(ids.shape) <= room)
+        # Latents on the whole [B, T] grid, not only the kept rows: examples and their
+        # windows are found by (context, position); update zeroes the positions not kept.
+        per_chunk = max(1, CHUNK_ELEMENTS // (ids.shape[1] * sae.cfg.num_latents))
+        for start in range(0, ids.shape[0], per_chunk):
             sl = slice(start, start + per_chunk)
             x = acts[sl].to(sae_dtype)
             z = sae.encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
-            acc.update(z, batch[sl], keep[sl])
+            acc.update(z, ids[sl], keep[sl])
         bar.update(acc.tokens - bar.n)
         if acc.tokens >= settings.tokens:
             break

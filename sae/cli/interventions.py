@@ -53,7 +53,7 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
     """
     import shutil
 
-    from sae.activations.harvest import special_token_ids
+    from sae.activations.capture import special_token_ids
     from sae.interventions.edits import Edit, intervene, parse_feature_edits
     from sae.models.generation import Sampling, continuations
 

@@ -41,8 +41,9 @@ def load_text_dataset(
     streaming: bool = False,
     require_text: bool = True,
     hold_out: bool = True,
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Load one split of a text dataset.
+) -> TextData:
+    """Load one split of a text dataset: its rows (``.dataset``, a ``datasets`` object) and
+    where they came from (``.origin``, which errors found only while reading them name).
 
     ``dataset`` is a built-in corpus (``BUILTIN_CORPORA``: ``builtin:python-docs``,
     ``builtin:english-prose``), a local file or folder of ``.txt``/``.jsonl``/``.json``/
@@ -87,8 +88,7 @@ def load_text_dataset(
               else ds.filter(keep, batched=True, desc=f"{source.part} documents of {dataset}"))
     key = "data.split" if source.path is not None else "data.dataset"
     root, files = local or (None, [])
-    ds._sae_origin = DataOrigin(key, f"{dataset} (split {split!r}, column {text_column!r})", root, files)
-    return ds
+    return TextData(ds, DataOrigin(key, f"{dataset} (split {split!r}, column {text_column!r})", root, files))
 
 
 def _check_text_column(ds: datasets.Dataset | datasets.IterableDataset, dataset: str, text_column: str,
@@ -105,18 +105,26 @@ def _check_text_column(ds: datasets.Dataset | datasets.IterableDataset, dataset:
 
 @dataclass(frozen=True)
 class DataOrigin:
-    """Where a dataset from ``load_text_dataset`` came from, kept on it (``_sae_origin``) for
-    errors found only while reading it: a malformed line of a streamed file, no text."""
+    """Where a dataset came from, for the errors found only while reading it: a malformed
+    line of a streamed file, no text."""
     key: str                # the config key that named it
     description: str        # "corpus.jsonl (split 'train', column 'text')"
     root: Path | None       # local data: the file or folder named
     files: list[Path]       # local data: the files read
 
 
-def _origin(dataset: datasets.Dataset | datasets.IterableDataset, text_column: str) -> DataOrigin:
-    """The dataset's ``DataOrigin``; one made up for a dataset built elsewhere (tests, callers)."""
-    found = getattr(dataset, "_sae_origin", None)
-    return found if found is not None else DataOrigin("data.dataset", f"the dataset (column {text_column!r})", None, [])
+@dataclass(frozen=True)
+class TextData:
+    """A dataset from ``load_text_dataset`` (its rows: ``dataset``) and its origin."""
+    dataset: datasets.Dataset | datasets.IterableDataset
+    origin: DataOrigin
+
+    @classmethod
+    def of(cls, data: TextData | datasets.Dataset | datasets.IterableDataset, text_column: str) -> TextData:
+        """``data`` itself, or a dataset built elsewhere (tests, callers) with an origin made up for it."""
+        if isinstance(data, TextData):
+            return data
+        return cls(data, DataOrigin("data.dataset", f"the dataset (column {text_column!r})", None, []))
 
 
 @dataclass(frozen=True)
@@ -294,16 +302,18 @@ def pack(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_
     return torch.tensor(contexts, dtype=torch.long)
 
 
-def iter_token_documents(dataset: datasets.Dataset | datasets.IterableDataset, tokenizer: PreTrainedTokenizerBase,
-                         text_column: str = "text", chunk_docs: int = 256) -> Iterator[list[int]]:
+def iter_token_documents(dataset: TextData | datasets.Dataset | datasets.IterableDataset,
+                         tokenizer: PreTrainedTokenizerBase, text_column: str = "text",
+                         chunk_docs: int = 256) -> Iterator[list[int]]:
     """Token ids of each document (no special tokens), tokenized ``chunk_docs`` at a time.
 
     Batched calls let the fast (Rust) tokenizer use every core; streaming datasets work
     the same way, since only ``chunk_docs`` texts are held at once. Raises ConfigError when
     the data ends without any document holding text (all empty or whitespace).
     """
+    data = TextData.of(dataset, text_column)
     documents, has_text = 0, False
-    for chunk in _read_chunks(dataset, text_column, chunk_docs):
+    for chunk in _read_chunks(data, chunk_docs):
         if text_column not in chunk:  # streaming datasets may not know their columns up front
             raise ConfigError(f"data.text_column: {text_column!r} is not a column; columns: {', '.join(chunk)}")
         texts = [t for t in chunk[text_column] if t]
@@ -316,22 +326,20 @@ def iter_token_documents(dataset: datasets.Dataset | datasets.IterableDataset, t
     if not has_text:
         # Else whitespace packs into contexts of blank tokens, and the run ends much later
         # asking for a larger data.token_budget.
-        origin = _origin(dataset, text_column)
         what = f"its {documents:,} documents are all empty or whitespace" if documents else "it has no documents"
-        raise DataError(f"{origin.key}: {origin.description} holds no text ({what}), so no complete context of "
+        raise DataError(f"{data.origin.key}: {data.origin.description} holds no text ({what}), so no complete context of "
                           "text can be packed from it; check data.dataset, data.split and data.text_column")
 
 
-def _read_chunks(dataset: datasets.Dataset | datasets.IterableDataset, text_column: str,
-                 chunk_docs: int) -> Iterator[dict]:
-    """``dataset.iter``; a malformed local file that is streamed (read only now, not when
-    loaded: ``_load_local``) stops in one line naming the file and line."""
+def _read_chunks(data: TextData, chunk_docs: int) -> Iterator[dict]:
+    """``data.dataset.iter``; a malformed local file that is streamed (read only now, not
+    when loaded: ``_load_local``) stops in one line naming the file and line."""
     try:
-        yield from dataset.iter(batch_size=chunk_docs)
+        yield from data.dataset.iter(batch_size=chunk_docs)
     except ConfigError:
         raise
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
-        origin = _origin(dataset, text_column)
+        origin = data.origin
         if origin.root is None:
             raise  # hub data: connection errors mid-stream are not about the user's data
         detail = bad_json_line(origin.root, origin.files) or _first_line(e)
@@ -383,14 +391,17 @@ def legacy_context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def context_batches(dataset: datasets.Dataset | datasets.IterableDataset, tokenizer: PreTrainedTokenizerBase, *,
+def context_batches(dataset: TextData | datasets.Dataset | datasets.IterableDataset,
+                    tokenizer: PreTrainedTokenizerBase, *,
                     text_column: str = "text", context_tokens: int = 256, token_budget: int | None = None,
                     batch_contexts: int = 8, skip_contexts: int = 0, shard: Shard | None = None
                     ) -> Iterator[torch.Tensor]:
     """Packed contexts in batches: LongTensor [batch_contexts, context_tokens] (the last may be smaller).
 
-    Stops after ``ceil(token_budget / context_tokens)`` contexts (counted from the start,
-    skipped ones included) or when the data runs out. ``shard``: keep only this process's
+    dataset: what ``load_text_dataset`` returned (errors met while reading it name its
+    origin), or any ``datasets`` object with a ``text_column``. Stops after
+    ``ceil(token_budget / context_tokens)`` contexts (counted from the start, skipped ones
+    included) or when the data runs out. ``shard``: keep only this process's
     share, contexts i with i % world == rank (of those within the budget).
     ``skip_contexts`` drops the first contexts (of the share), to resume an interrupted
     harvest where it stopped.

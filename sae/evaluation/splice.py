@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.activations.harvest import special_token_ids
+from sae.activations.capture import MaskedCapture
 from sae.activations.hooks import EditActivation, resolve_hook
 from sae.evaluation.lm_metrics import at_least_fp32, next_token_ce_sum
 
@@ -34,14 +34,13 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, h
     (``contexts`` may be a stream of unknown length); gone from the screen when done.
     """
     point = resolve_hook(model, hook)
-    device = next(model.parameters()).device
-    special = special_token_ids(tokenizer).to(device)
+    # The clean forward runs to the end: its logits are the reference.
+    capture = MaskedCapture(model, tokenizer, [hook], stop_early=False)
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl, n = 0.0, 0
     with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False, disable=not progress) as bar:
-        for ids in contexts:
-            ids = ids.to(device)
-            keep = ~torch.isin(ids, special)[..., None]  # [B, T, 1]
+        for batch in capture.batches(contexts):
+            ids, clean, keep = batch.ids, batch.output.logits, batch.keep[..., None]  # keep: [B, T, 1]
 
             def spliced(h, keep=keep):
                 out = reconstruct(at_least_fp32(h).reshape(-1, h.shape[-1])).reshape(h.shape).to(h.dtype)
@@ -50,7 +49,6 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, h
             def zeroed(h, keep=keep):
                 return torch.where(keep, torch.zeros_like(h), h)
 
-            clean = model(input_ids=ids, use_cache=False).logits
             with EditActivation(model, point, spliced):
                 sae_logits = model(input_ids=ids, use_cache=False).logits
             with EditActivation(model, point, zeroed):

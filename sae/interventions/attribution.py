@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.activations.harvest import special_token_ids
+from sae.activations.capture import special_token_ids
 from sae.activations.hooks import attach, resolve_hook
 from sae.architectures import SparseAutoencoder
 from sae.data.prompt_format import PLAIN, PromptFormat, check_fits

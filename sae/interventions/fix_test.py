@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sae.activations.harvest import special_token_ids
+from sae.activations.capture import special_token_ids
 from sae.activations.stream import contexts_for
 from sae.analysis.feature_search import contrast_search, read_prompts
 from sae.analysis.target import Target
