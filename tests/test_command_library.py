@@ -13,6 +13,17 @@ from sae.config import RunConfig
 from sae.errors import ConfigError
 
 
+def test_the_command_lines_copies_of_library_choices_match_the_library():
+    """The CLI loads without torch, so it spells these out instead of importing them."""
+    from sae.analysis.feature_overview import SORTS
+    from sae.analysis.target import TOP_TOKENS_SCAN
+    from sae.cli import common
+    from sae.cli import features as features_module
+
+    assert features_module.SORTS == tuple(sorted(SORTS))
+    assert common.TOP_TOKENS_SCAN == TOP_TOKENS_SCAN
+
+
 @pytest.mark.parametrize("sae, k", [(TopKSAE(TopKConfig(d_in=8, num_latents=32, k=3)), {"k": 3}),
                                     (ReLUSAE(ReLUConfig(d_in=8, num_latents=32)), {})])
 def test_the_report_header_names_k_only_for_architectures_that_have_one(sae, k):

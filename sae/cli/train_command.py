@@ -9,13 +9,19 @@ import click
 
 from sae.cli.common import (
     OneLineCommand,
-    _keys_epilog,
     config_options,
     one_line_errors,
     resolve_config,
 )
-from sae.config import to_yaml
+from sae.config import describe, to_yaml
 from sae.errors import ConfigError
+
+
+def _keys_epilog() -> str:
+    width = max(len(key) for key, _, _ in describe())
+    lines = [f"  {key:<{width}}  {default:<20} {help}" for key, default, help in describe()]
+    # "\b" stops click from re-wrapping the table.
+    return "\b\nConfig keys (KEY, default, meaning):\n" + "\n".join(lines)
 
 
 @click.command(cls=OneLineCommand, epilog=_keys_epilog(), context_settings={"max_content_width": 120})

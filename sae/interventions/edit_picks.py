@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sae.analysis.feature_search import contrast_search, read_prompts
 from sae.analysis.target import TOP_TOKENS_SCAN, Target, listed_top_tokens, with_top_tokens
 from sae.data.prompt_format import PLAIN, PromptFormat
 from sae.errors import ConfigError
-from sae.evaluation.lm_metrics import answer_metric
+from sae.evaluation.lm_metrics import Metric, answer_metric
+from sae.interventions.attribution import attribute
 from sae.interventions.edits import (
     Ablate,
     Edit,
@@ -26,7 +28,6 @@ from sae.interventions.edits import (
     edited_features,
     parse_feature_edits,
 )
-from sae.interventions.fix_test import rank_features
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,19 @@ class TopEdits:
                 raise ConfigError(f"--steer-top: {steer_top!r} steers no feature; K must be at least 1")
             steer = (k, amount)
         return cls(ablate=ablate_top, steer=steer)
+
+
+def rank_features(target: Target, texts: Sequence[str], contrast: tuple[Path, Path] | None,
+                  metric: Callable[[], Metric], fmt: PromptFormat = PLAIN) -> tuple[list[int], str]:
+    """Features ranked for a fix test that edits the top ones, and how they were ranked:
+    by contrast search over two prompt files (``contrast``: target, baseline; in chat format
+    they hold assistant replies, as for ``search --chat``), else by attribution of
+    ``metric()`` (built only then) over ``texts``."""
+    if contrast is not None:
+        return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
+                               read_prompts(contrast[1], "--contrast BASELINE"), fmt=fmt).ranking("effect"), "contrast"
+    ranked = attribute(target.model, target.tokenizer, target.sae, target.hook, texts, metric(), fmt=fmt)
+    return ranked.ranking("up"), "attribution"
 
 
 @dataclass

@@ -33,12 +33,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations.harvest import special_token_ids
 from sae.activations.stream import contexts_for
-from sae.analysis.feature_search import contrast_search, read_prompts
+from sae.analysis.feature_search import read_prompts
 from sae.analysis.target import Target
 from sae.atomic_io import write_output
 from sae.data.prompt_format import PLAIN, PromptFormat
 from sae.evaluation.lm_metrics import at_least_fp32
-from sae.interventions.attribution import attribute
 from sae.interventions.edits import Edit, describe_edit, intervene
 from sae.interventions.scorers import Scorer
 from sae.models.generation import Sampling, continuation_ids, prompt_token_ids
@@ -248,19 +247,6 @@ def fix_test(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     return FixTestResult(prompts=list(prompts), texts=texts, scores=scores, nll=nll, tokens=tokens, kl=kl,
                          scorer=scorer.name, threshold=threshold, summary=summary, marks=scorer.pattern,
                          neutral_tokens=sum(c.numel() for c in neutral))
-
-
-def rank_features(target: Target, texts: Sequence[str], contrast: tuple[Path, Path] | None,
-                  metric: Callable[[], Callable], fmt: PromptFormat = PLAIN) -> tuple[list[int], str]:
-    """Features ranked for a fix test that edits the top ones, and how they were ranked:
-    by contrast search over two prompt files (``contrast``: target, baseline; in chat format
-    they hold assistant replies, as for ``search --chat``), else by attribution of
-    ``metric()`` (built only then) over ``texts``."""
-    if contrast is not None:
-        return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
-                               read_prompts(contrast[1], "--contrast BASELINE"), fmt=fmt).ranking("effect"), "contrast"
-    ranked = attribute(target.model, target.tokenizer, target.sae, target.hook, texts, metric(), fmt=fmt)
-    return ranked.ranking("up"), "attribution"
 
 
 def neutral_contexts(target: Target, lines: Sequence[str] | None, tokens: int,
