@@ -317,3 +317,11 @@ def features_in_text(target: Target, text: str, focus: str | None = None, top: i
     vals, feats = best.topk(min(top, best.shape[0]))
     return TextFeatures(tokens=tokens, focus=positions, per_token=per_token,
                         ranking=[(int(f), float(v)) for f, v in zip(feats, vals) if v > 0])
+
+
+def given_prompts(texts: Sequence[str], path: str | Path | None) -> list[str]:
+    """Prompts given one by one (``--prompt``, repeatable) or in a file (``--prompts``,
+    ``read_prompts``): exactly one of the two."""
+    if bool(texts) == (path is not None):
+        raise ConfigError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both")
+    return list(texts) if texts else read_prompts(path, "--prompts")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -49,6 +49,9 @@ from sae.formats.run_config import analysis_config
 from sae.models.loading import load_model
 
 STATS_FOLDER = "features"
+# Tokens scanned for the top tokens beside listed feature ids when the SAE has no cached
+# statistics: a first look that takes a minute or two on a laptop, not a full scan.
+TOP_TOKENS_SCAN = 2**17
 
 
 @dataclass
@@ -78,7 +81,8 @@ class Target:
 
 def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | None = None,
                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                sae_dtype: str = "float32", override_hook: bool = False) -> Target:
+                sae_dtype: str = "float32", override_hook: bool = False,
+                log: Callable[[str], None] | None = None) -> Target:
     """Load the SAE at ``path`` (an SAE folder in any format, a run folder holding one, or a
     hub id with a subfolder) with its model, checked against its hook.
 
@@ -86,6 +90,7 @@ def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | Non
     hook the files name is refused unless ``override_hook``.
     model, tokenizer: an already loaded model to use instead of loading the config's.
     sae_dtype: what the SAE computes in (float32, bfloat16, float16, float64).
+    log: given, told which SAE was opened and which hook of which model it reads.
     """
     dtype = parse_dtype(sae_dtype)
     stored = read_sae(find_sae_folder(path))
@@ -109,8 +114,23 @@ def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | Non
     if width != sae.d_in:
         raise ConfigError(f"SAE {str(stored.folder)!r} takes inputs of width {sae.d_in}, but {hook} of "
                           f"{cfg.model.name_or_path} has width {width}; is it the SAE of another model or hook?")
-    return Target(sae=sae, folder=stored.folder, hook=hook, cfg=cfg, model=model, tokenizer=tokenizer,
-                  weights=stored.weights, format=stored.format)
+    target = Target(sae=sae, folder=stored.folder, hook=hook, cfg=cfg, model=model, tokenizer=tokenizer,
+                    weights=stored.weights, format=stored.format)
+    if log is not None:
+        log(f"SAE {target.folder} ({target.format}) at {target.hook} of {target.cfg.model.name_or_path}")
+    return target
+
+
+def open_target_with_stats(path: str | Path, settings: StatsSettings, overrides: Iterable[str] = (),
+                           hook: str | None = None, *, sae_dtype: str = "float32", override_hook: bool = False,
+                           cache_dir: Path | None = None, recompute: bool = False,
+                           log: Callable[[str], None] = print) -> tuple[Target, FeatureStats]:
+    """``open_target`` (saying which hook it reads), then its ``cached_feature_stats``.
+    A ``cache_dir`` that is a file is refused before the model loads."""
+    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+        raise ConfigError(f"--cache-dir: {str(cache_dir)!r} is a file, not a folder")
+    target = open_target(path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
+    return target, cached_feature_stats(target, settings, cache_dir, recompute, log=log)
 
 
 def stats_identity(target: Target, settings: StatsSettings) -> dict:
@@ -224,7 +244,7 @@ def any_cached_stats(target: Target, cache_dir: Path | None = None) -> Path | No
     return None if best is None else best[1]
 
 
-def feature_top_tokens(target: Target, features: Iterable[int], n: int = 3, tokens: int = 2**17,
+def feature_top_tokens(target: Target, features: Iterable[int], n: int = 3, tokens: int = TOP_TOKENS_SCAN,
                        progress: bool = True, log=print) -> dict[int, list[str]]:
     """Each feature's first ``n`` distinct top-activating tokens (``top_tokens``), from any
     cached scan of the SAE (``any_cached_stats``), else from a scan of ``tokens`` tokens,
@@ -236,3 +256,19 @@ def feature_top_tokens(target: Target, features: Iterable[int], n: int = 3, toke
         return {f: top_tokens(stats, f, decode, n) for f in features}
     log(f"feature statistics for top tokens: {path} (cached)")
     return {f: distinct_tokens(ids, decode, n) for f, ids in read_top_token_ids(path, features).items()}
+
+
+def listed_top_tokens(target: Target, features: Iterable[int], scan: int | None = TOP_TOKENS_SCAN,
+                      log: Callable[[str], None] = print) -> dict[int, list[str]] | None:
+    """The top tokens of the features a listing shows (``feature_top_tokens``, each feature
+    looked up once), or None when ``scan`` is None: a listing of bare feature ids.
+    scan: tokens to scan when the SAE has no cached statistics (the scan is cached)."""
+    if scan is None:
+        return None
+    return feature_top_tokens(target, list(dict.fromkeys(features)), tokens=scan, log=log)
+
+
+def with_top_tokens(row: dict, tokens: dict[int, list[str]] | None) -> dict:
+    """A listed feature's row (it holds ``"feature"``) with its top tokens added as
+    ``"top_tokens"``; the row itself when ``tokens`` is None (``listed_top_tokens``)."""
+    return row if tokens is None else {**row, "top_tokens": tokens[row["feature"]]}

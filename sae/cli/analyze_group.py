@@ -10,9 +10,9 @@ import click
 
 from sae.cli.common import (
     OneLineGroup,
-    _log,
     config_options,
     json_option,
+    log,
     one_line_errors,
     resolve_config,
 )
@@ -37,18 +37,17 @@ def analyze() -> None:
 def layers(config: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
     """List a model's decoder layers: the valid layers.N hook points."""
     cfg = resolve_config(config, overrides)
-    from sae.models.loading import decoder_layers, load_model, model_summary
+    from sae.models.loading import layer_overview, load_model
 
     model, _ = load_model(cfg.model)
-    name, mods = decoder_layers(model)
-    children = [n for n, _ in mods[0].named_children()]
+    overview = layer_overview(model)
     if as_json:
-        click.echo(json.dumps({"model": cfg.model.name_or_path, "summary": model_summary(model), "layers_module": name,
-                               "hook_points": [f"layers.{i}" for i in range(len(mods))], "sub_modules": children}))
+        click.echo(json.dumps({"model": cfg.model.name_or_path, **overview}))
         return
-    click.echo(model_summary(model))
-    click.echo(f"decoder layers: {name}[0..{len(mods) - 1}] -> hook points layers.0 .. layers.{len(mods) - 1}")
-    click.echo(f"sub-modules of each layer: {', '.join(children)}")
+    last = len(overview["hook_points"]) - 1
+    click.echo(overview["summary"])
+    click.echo(f"decoder layers: {overview['layers_module']}[0..{last}] -> hook points layers.0 .. layers.{last}")
+    click.echo(f"sub-modules of each layer: {', '.join(overview['sub_modules'])}")
 
 
 @analyze.command()
@@ -64,7 +63,7 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
     or a SAELens or sparsify run, local or on the hub."""
     from sae.evaluation.heldout import evaluate_saved_run
 
-    results = evaluate_saved_run(run_dir, overrides, log=_log if as_json else click.echo)
+    results = evaluate_saved_run(run_dir, overrides, log=log if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(results))
 
@@ -95,6 +94,6 @@ def convert(src: str, dst: Path, fmt: str, hook: str | None, overwrite: bool, as
     from sae.formats.hook_names import to_ours
 
     written = convert_saes(src, dst, fmt, hook=(to_ours(hook) or hook) if hook else None, overwrite=overwrite,
-                           log=_log if as_json else click.echo)
+                           log=log if as_json else click.echo)
     if as_json:
         click.echo(json.dumps({"format": fmt, "written": {name: str(folder) for name, folder in written.items()}}))

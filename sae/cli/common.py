@@ -1,5 +1,5 @@
 """What the commands share: one-line errors, the config, SAE, chat and edit options,
-and how features and examples are printed."""
+progress lines, and how top tokens are printed beside feature ids."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ from pathlib import Path
 
 import click
 
-from sae.config import RunConfig, describe, load_config
+from sae.config import RunConfig, load_config
 from sae.errors import ConfigError
-
-
-def _keys_epilog() -> str:
-    width = max(len(key) for key, _, _ in describe())
-    lines = [f"  {key:<{width}}  {default:<20} {help}" for key, default, help in describe()]
-    # "\b" stops click from re-wrapping the table.
-    return "\b\nConfig keys (KEY, default, meaning):\n" + "\n".join(lines)
 
 
 def one_line_errors(fn: Callable) -> Callable:
@@ -129,70 +122,15 @@ def stats_options(fn: Callable) -> Callable:
                         help="Tokens of data.dataset [data.split] to scan for statistics.")(fn)
 
 
-def _log(line: str) -> None:
+def log(line: str) -> None:
     """Progress lines go to stderr, so stdout holds only the answer (pure JSON with --json)."""
     click.echo(line, err=True)
 
 
-def open_sae(sae_path, overrides, hook, override_hook, sae_dtype):
-    """The SAE under analysis with its model (``open_target``), saying which hook it reads."""
-    from sae.analysis.target import open_target
-
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook)
-    _log(f"SAE {target.folder} ({target.format}) at {target.hook} of {target.cfg.model.name_or_path}")
-    return target
-
-
-def _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute):
-    from sae.analysis.feature_stats import StatsSettings
-    from sae.analysis.target import cached_feature_stats
-
-    settings = StatsSettings(tokens=tokens, top_examples=examples)  # bad values fail before the model loads
-    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
-        raise ConfigError(f"--cache-dir: {str(cache_dir)!r} is a file, not a folder")
-    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
-    return target, cached_feature_stats(target, settings, cache_dir, recompute, log=_log)
-
-
-def _show(text: str) -> str:
-    """A token as the terminal shows it: newlines and tabs visible."""
-    return text.replace("\n", "↵").replace("\t", "⇥")
-
-
-def _example_text(ex: dict) -> str:
-    """The example's context on one line, its token in [[ ]]."""
-    return "".join(f"[[{_show(t)}]]" if i == ex["centre"] else _show(t) for i, t in enumerate(ex["tokens"]))
-
-
-def _example_line(ex: dict) -> str:
-    return f"{ex['activation']:>9.3f}  {_example_text(ex)}"
-
-
-def _print_feature(r: dict) -> None:
-    click.echo(f"feature {r['feature']}: fires on {r['density']:.3%} of tokens ({r['fires']:,}), "
-               f"max {r['max']:.3f}, mean when firing {r['mean']:.3f}")
-    for key in ("promoted", "suppressed"):
-        if key in r:
-            click.echo(f"  {key + ':':<12}" + "  ".join(f"{_show(t['token'])!r} {t['logit']:+.3f}" for t in r[key]))
-    if "nearest" in r:
-        click.echo(f"  {'nearest:':<12}" + "  ".join(f"{n['feature']} ({n['cosine']:.2f})" for n in r["nearest"]))
-    click.echo("  top examples (activation, [[token]] in context):")
-    for ex in r["top_examples"]:
-        click.echo("  " + _example_line(ex))
-    bins = r["quantile_bins"]
-    for b, group in enumerate(bins):
-        if group:
-            click.echo(f"  quantile bin {b + 1} of {len(bins)} ({b * 100 // len(bins)}-{(b + 1) * 100 // len(bins)}% "
-                       "of firings by activation):")
-            for ex in group:
-                click.echo("  " + _example_line(ex))
-
-
-SORTS = {"density": lambda s: s.density, "max": lambda s: s.act_max.double(), "mean": lambda s: s.mean_act.double()}
-
-
 # Tokens scanned for top tokens when the SAE has no cached statistics: a first look that
-# takes a minute or two on a laptop, not the full --tokens scan of `features`.
+# takes a minute or two on a laptop, not the full --tokens scan of `features`. Spelled out
+# here, not imported from sae.analysis.target, since --no-top-tokens' help needs it before
+# torch is imported.
 TOP_TOKENS_SCAN = 2**17
 
 
@@ -210,12 +148,6 @@ def chat_options(reply: bool = False) -> Callable:
     return add
 
 
-def _prompt_format(chat: bool, system: str | None, user: str | None = None):
-    from sae.data.prompt_format import PromptFormat
-
-    return PromptFormat(chat=chat, system=system, user=user)
-
-
 def top_tokens_option(fn: Callable) -> Callable:
     """--no-top-tokens, for the commands that list feature ids (search, attribute, fix-test)."""
     return click.option("--no-top-tokens", is_flag=True,
@@ -224,40 +156,20 @@ def top_tokens_option(fn: Callable) -> Callable:
                              "cached for next time).")(fn)
 
 
-def _feature_tokens(target, features, no_top_tokens: bool) -> dict[int, list[str]] | None:
-    """Each listed feature's top-activating tokens, or None when --no-top-tokens."""
-    if no_top_tokens:
-        return None
-    from sae.analysis.target import feature_top_tokens
-
-    return feature_top_tokens(target, list(dict.fromkeys(features)), tokens=TOP_TOKENS_SCAN, log=_log)
+def show_token(text: str) -> str:
+    """A token as the terminal shows it: newlines and tabs visible."""
+    return text.replace("\n", "↵").replace("\t", "⇥")
 
 
-def _tokens_cell(tokens: dict[int, list[str]] | None, f: int) -> str:
-    """Feature f's top tokens as the last column: quoted, newlines visible; '' when off."""
-    if tokens is None:
-        return ""
-    return "  " + (" ".join(repr(_show(t)) for t in tokens[f]) or "(never fired in the scan)")
+def tokens_text(tokens: list[str]) -> str:
+    """A feature's top tokens on one line: quoted, newlines visible."""
+    return " ".join(repr(show_token(t)) for t in tokens) or "(never fired in the scan)"
 
 
-def _with_tokens(row: dict, tokens: dict[int, list[str]] | None) -> dict:
-    """A feature's JSON row with its top tokens added (unchanged when --no-top-tokens)."""
-    return row if tokens is None else {**row, "top_tokens": tokens[row["feature"]]}
-
-
-def _print_text_hits(hits, tokens: dict[int, list[str]] | None) -> None:
-    """`search --text` as text: the ranking (with top tokens), then each token's strongest features."""
-    focus_text = "".join(hits.tokens[i] for i in hits.focus)
-    click.echo(f"features firing on {_show(focus_text)!r} (max activation over {len(hits.focus)} tokens):")
-    if tokens is not None:
-        click.echo(f"  {'feature':>8} {'max act':>9}  top tokens")
-    for f, v in hits.ranking:
-        click.echo(f"  {f:>8} {v:>9.3f}{_tokens_cell(tokens, f)}")
-    click.echo("per token (strongest features):")
-    for i, (t, row) in enumerate(zip(hits.tokens, hits.per_token)):
-        mark = "*" if i in hits.focus else " "
-        feats = "  ".join(f"{f}:{v:.2f}" for f, v in row[:6]) or "-"
-        click.echo(f" {mark}{_show(t)!r:>16} {feats}")
+def tokens_cell(row: dict) -> str:
+    """A listed feature's top tokens as the last column of its row; '' when the listing
+    has none (--no-top-tokens)."""
+    return "  " + tokens_text(row["top_tokens"]) if "top_tokens" in row else ""
 
 
 def edit_options(fn: Callable) -> Callable:
@@ -279,20 +191,3 @@ def sampling_options(fn: Callable) -> Callable:
     fn = click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")(fn)
     return click.option("--max-new-tokens", type=int, default=40, show_default=True,
                         help="Tokens generated per continuation.")(fn)
-
-
-def _prompts(prompt: tuple[str, ...], prompts_file: Path | None) -> list[str]:
-    from sae.analysis.feature_search import read_prompts
-
-    if bool(prompt) == (prompts_file is not None):
-        raise ConfigError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both")
-    return list(prompt) if prompt else read_prompts(prompts_file, "--prompts")
-
-
-def _columns(left: str, right: str, width: int) -> list[str]:
-    """Two texts side by side, wrapped to ``width`` characters each."""
-    import itertools
-    import textwrap
-
-    wrap = lambda t: textwrap.wrap(t.replace("\n", " ↵ "), width) or [""]  # noqa: E731
-    return [f"{a:<{width}} | {b}" for a, b in itertools.zip_longest(wrap(left), wrap(right), fillvalue="")]

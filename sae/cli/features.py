@@ -10,24 +10,22 @@ import click
 
 from sae.cli.analyze_group import analyze
 from sae.cli.common import (
-    SORTS,
-    _example_text,
-    _feature_tokens,
-    _load_stats,
-    _print_feature,
-    _print_text_hits,
-    _prompt_format,
-    _tokens_cell,
-    _with_tokens,
+    TOP_TOKENS_SCAN,
     chat_options,
     json_option,
+    log,
     one_line_errors,
-    open_sae,
+    show_token,
     stats_options,
     target_options,
+    tokens_cell,
     top_tokens_option,
 )
 from sae.errors import ConfigError
+
+# The orders of the feature table: the keys of sae.analysis.feature_overview.SORTS, spelled
+# out so that the command line loads without torch.
+SORTS = ("density", "max", "mean")
 
 
 @analyze.command()
@@ -35,7 +33,7 @@ from sae.errors import ConfigError
 @stats_options
 @click.option("--feature", "-f", "features", multiple=True, type=int, metavar="N",
               help="Show feature N in full (repeatable).")
-@click.option("--sort", type=click.Choice(sorted(SORTS)), default="density", show_default=True,
+@click.option("--sort", type=click.Choice(SORTS), default="density", show_default=True,
               help="Order of the feature table (without --feature).")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="Rows of the feature table.")
 @click.option("--show-examples", type=click.IntRange(0), default=5, show_default=True,
@@ -52,44 +50,72 @@ def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, exampl
         python analyze.py features checkpoints/demo                 # summary + densest features
         python analyze.py features checkpoints/demo -f 93 -f 1539    # two features in full
     """
+    from sae.analysis.feature_overview import feature_overview
+    from sae.analysis.feature_stats import StatsSettings
+    from sae.analysis.target import open_target_with_stats
 
-    from sae.analysis.feature_stats import (
-        check_feature,
-        density_histogram,
-        feature_record,
-        token_decoder,
-    )
-
-    target, stats = _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
-    for f in features:
-        check_feature(f, stats.num_features)
-    decode = token_decoder(target.tokenizer)
-    hist = density_histogram(stats)
-    summary = {"sae": str(target.folder), "hook": target.hook, "model": target.cfg.model.name_or_path,
-               "features": stats.num_features, "tokens": stats.tokens, "contexts": stats.contexts,
-               "density_histogram": hist}
-    shown = list(features) or SORTS[sort](stats).argsort(descending=True)[:limit].tolist()
-    records = [feature_record(stats, f, decode) for f in shown]
+    settings = StatsSettings(tokens=tokens, top_examples=examples)  # bad values fail before the model loads
+    target, stats = open_target_with_stats(sae_path, settings, overrides, hook, sae_dtype=sae_dtype,
+                                           override_hook=override_hook, cache_dir=cache_dir, recompute=recompute,
+                                           log=log)
+    overview = feature_overview(target, stats, features, sort, limit)
     if as_json:
-        click.echo(json.dumps({**summary, "sorted_by": None if features else sort, "features_shown": records}, indent=1))
+        click.echo(json.dumps(overview, indent=1))
         return
-    click.echo(f"{target.folder}: {stats.num_features:,} features at {target.hook}; statistics over "
-               f"{stats.tokens:,} tokens in {stats.contexts:,} contexts")
+    _print_overview(overview, show_examples)
+
+
+def _print_overview(overview: dict, show_examples: int) -> None:
+    """`features` as text: the scan, the density histogram, then each chosen feature in
+    full (its first ``show_examples`` top examples), or the table of the first ones."""
+    o, hist = overview, overview["density_histogram"]
+    click.echo(f"{o['sae']}: {o['features']:,} features at {o['hook']}; statistics over "
+               f"{o['tokens']:,} tokens in {o['contexts']:,} contexts")
     click.echo(f"never fired: {hist['never_fired']:,} features; log10 density histogram:")
     peak = max(hist["counts"], default=0) or 1
     for edge, count in zip(hist["edges"], hist["counts"]):
         click.echo(f"  {edge:>5.1f} {count:>8,} {'#' * round(40 * count / peak)}")
-    if features:
+    records = o["features_shown"]
+    if o["sorted_by"] is None:
         for r in records:
-            r["top_examples"] = r["top_examples"][:show_examples]
             click.echo("")
-            _print_feature(r)
+            _print_feature(r, show_examples)
         return
-    click.echo(f"\nfeatures by {sort} (top {len(records)}; -f N shows one in full):")
+    click.echo(f"\nfeatures by {o['sorted_by']} (top {len(records)}; -f N shows one in full):")
     click.echo(f"  {'feature':>8} {'density':>9} {'max':>8} {'mean':>8}  top example")
     for r in records:
         top = _example_text(r["top_examples"][0]) if r["top_examples"] else "(never fired)"
         click.echo(f"  {r['feature']:>8} {r['density']:>9.3%} {r['max']:>8.3f} {r['mean']:>8.3f}  {top}")
+
+
+def _example_text(ex: dict) -> str:
+    """The example's context on one line, its token in [[ ]]."""
+    return "".join(f"[[{show_token(t)}]]" if i == ex["centre"] else show_token(t) for i, t in enumerate(ex["tokens"]))
+
+
+def _example_line(ex: dict) -> str:
+    return f"{ex['activation']:>9.3f}  {_example_text(ex)}"
+
+
+def _print_feature(r: dict, show_examples: int) -> None:
+    """One feature's record in full, with its first ``show_examples`` top examples."""
+    click.echo(f"feature {r['feature']}: fires on {r['density']:.3%} of tokens ({r['fires']:,}), "
+               f"max {r['max']:.3f}, mean when firing {r['mean']:.3f}")
+    for key in ("promoted", "suppressed"):
+        if key in r:
+            click.echo(f"  {key + ':':<12}" + "  ".join(f"{show_token(t['token'])!r} {t['logit']:+.3f}" for t in r[key]))
+    if "nearest" in r:
+        click.echo(f"  {'nearest:':<12}" + "  ".join(f"{n['feature']} ({n['cosine']:.2f})" for n in r["nearest"]))
+    click.echo("  top examples (activation, [[token]] in context):")
+    for ex in r["top_examples"][:show_examples]:
+        click.echo("  " + _example_line(ex))
+    bins = r["quantile_bins"]
+    for b, group in enumerate(bins):
+        if group:
+            click.echo(f"  quantile bin {b + 1} of {len(bins)} ({b * 100 // len(bins)}-{(b + 1) * 100 // len(bins)}% "
+                       "of firings by activation):")
+            for ex in group:
+                click.echo("  " + _example_line(ex))
 
 
 @analyze.command()
@@ -120,7 +146,10 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
         python analyze.py search checkpoints/demo --text "a KeyError is raised" --focus raised
     """
 
-    from sae.analysis.feature_search import contrast_search, features_in_text, read_prompts
+    from sae.analysis.feature_search import read_prompts
+    from sae.analysis.search_results import contrast_listing, text_listing
+    from sae.analysis.target import open_target
+    from sae.data.prompt_format import PromptFormat
 
     contrast_mode = target_file is not None or baseline_file is not None
     if contrast_mode == (text is not None):
@@ -131,41 +160,51 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
         raise ConfigError("--focus: applies to --text only")
     if contrast_mode:
         a, b = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
-    fmt = _prompt_format(chat, system, chat_user)
-    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
-    if not contrast_mode:
-        hits = features_in_text(target, text, focus, top, fmt)
-        tokens = _feature_tokens(target, [f for f, _ in hits.ranking], no_top_tokens)
-        if as_json:
-            click.echo(json.dumps({"text": text, "tokens": hits.tokens, "focus": hits.focus,
-                                   "ranking": [_with_tokens({"feature": f, "activation": v}, tokens)
-                                               for f, v in hits.ranking],
-                                   "per_token": [[{"feature": f, "activation": v} for f, v in row]
-                                                 for row in hits.per_token]}, indent=1))
-            return
-        _print_text_hits(hits, tokens)
-        return
-    result = contrast_search(target, a, b, reduce, fmt=fmt)
-    ranked = {"target": result.ranking(rank, "a")[:top], "baseline": result.ranking(rank, "b")[:top]}
-    tokens = _feature_tokens(target, ranked["target"] + ranked["baseline"], no_top_tokens)
+    fmt = PromptFormat(chat=chat, system=system, user=chat_user)
+    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
+    scan = None if no_top_tokens else TOP_TOKENS_SCAN
+    if contrast_mode:
+        listing = contrast_listing(target, a, b, reduce=reduce, rank=rank, top=top, fmt=fmt, top_tokens=scan, log=log)
+    else:
+        listing = text_listing(target, text, focus, top, fmt, top_tokens=scan, log=log)
     if as_json:
-        click.echo(json.dumps({"target_prompts": result.n_a, "baseline_prompts": result.n_b,
-                               "target_tokens": result.tokens_a, "baseline_tokens": result.tokens_b,
-                               "reduce": reduce, "rank": rank,
-                               **{f"higher_in_{side}": [_with_tokens(result.row(f), tokens) for f in ranked[side]]
-                                  for side in ranked}}, indent=1))
-        return
-    click.echo(f"contrast: {result.n_a} target prompts ({result.tokens_a:,} tokens) vs {result.n_b} baseline prompts "
-               f"({result.tokens_b:,} tokens); a prompt's score is the {reduce} activation over its tokens")
+        click.echo(json.dumps(listing, indent=1))
+    elif contrast_mode:
+        _print_contrast(listing, top_tokens=not no_top_tokens)
+    else:
+        _print_text_hits(listing, top_tokens=not no_top_tokens)
+
+
+def _print_contrast(listing: dict, top_tokens: bool) -> None:
+    """`search` of a contrast as text: the sets, then each side's features (with top tokens)."""
+    c = listing
+    click.echo(f"contrast: {c['target_prompts']} target prompts ({c['target_tokens']:,} tokens) vs "
+               f"{c['baseline_prompts']} baseline prompts ({c['baseline_tokens']:,} tokens); a prompt's score is "
+               f"the {c['reduce']} activation over its tokens")
     for side in ("target", "baseline"):
-        click.echo(f"\nhigher in {side}, by {rank}:")
+        click.echo(f"\nhigher in {side}, by {c['rank']}:")
         click.echo(f"  {'feature':>8} {'effect':>7} {'AUROC':>6} {'mean tgt':>9} {'mean base':>9} "
-                   f"{'fires tgt':>9} {'fires base':>10}" + ("" if tokens is None else "  top tokens"))
-        for f in ranked[side]:
-            r = result.row(f)
-            click.echo(f"  {f:>8} {r['effect']:>7.2f} {r['auroc']:>6.3f} {r['mean_target']:>9.3f} "
+                   f"{'fires tgt':>9} {'fires base':>10}" + ("  top tokens" if top_tokens else ""))
+        for r in c[f"higher_in_{side}"]:
+            click.echo(f"  {r['feature']:>8} {r['effect']:>7.2f} {r['auroc']:>6.3f} {r['mean_target']:>9.3f} "
                        f"{r['mean_baseline']:>9.3f} {r['fire_target']:>9.0%} {r['fire_baseline']:>10.0%}"
-                       f"{_tokens_cell(tokens, f)}")
+                       f"{tokens_cell(r)}")
+
+
+def _print_text_hits(listing: dict, top_tokens: bool) -> None:
+    """`search --text` as text: the ranking (with top tokens), then each token's strongest features."""
+    tokens, focus = listing["tokens"], listing["focus"]
+    focus_text = "".join(tokens[i] for i in focus)
+    click.echo(f"features firing on {show_token(focus_text)!r} (max activation over {len(focus)} tokens):")
+    if top_tokens:
+        click.echo(f"  {'feature':>8} {'max act':>9}  top tokens")
+    for r in listing["ranking"]:
+        click.echo(f"  {r['feature']:>8} {r['activation']:>9.3f}{tokens_cell(r)}")
+    click.echo("per token (strongest features):")
+    for i, (t, row) in enumerate(zip(tokens, listing["per_token"])):
+        mark = "*" if i in focus else " "
+        feats = "  ".join(f"{c['feature']}:{c['activation']:.2f}" for c in row[:6]) or "-"
+        click.echo(f" {mark}{show_token(t)!r:>16} {feats}")
 
 
 @analyze.command()
@@ -197,50 +236,27 @@ def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples
         python analyze.py report checkpoints/demo -o demo-report.html \\
             --target configs/prompts/demo_raised.txt --baseline configs/prompts/demo_not_raised.txt
     """
-    import time
-
-    from sae.analysis.feature_search import contrast_search, read_prompts
-    from sae.analysis.report import build_report, run_summary
-    from sae.atomic_io import check_output_path
-    from sae.formats import find_sae_folder
-    from sae.formats.run_config import run_config_of
+    from sae.analysis.feature_search import read_prompts
+    from sae.analysis.feature_stats import StatsSettings
+    from sae.analysis.target import open_target_with_stats
+    from sae.analysis.target_report import report_output, write_target_report
+    from sae.data.prompt_format import PromptFormat
 
     if (target_file is None) != (baseline_file is None):
         raise ConfigError("report: contrast columns need both --target FILE and --baseline FILE")
-    prompts = None
-    fmt = _prompt_format(chat, system, chat_user)
+    prompts = names = None
+    fmt = PromptFormat(chat=chat, system=system, user=chat_user)
     if target_file is not None:
         prompts = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
-    output = output or find_sae_folder(sae_path) / "report.html"
-    check_output_path(output, "--output")  # before minutes of scanning
-    target, stats = _load_stats(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute)
-    columns, help_, ranked = {}, {}, []
-    if prompts is not None:
-        result = contrast_search(target, *prompts, fmt=fmt)
-        columns = {"effect": result.effect, "AUROC": result.auroc}
-        help_ = {"effect": f"contrast effect size (Cohen's d) of {target_file.name} vs {baseline_file.name}",
-                 "AUROC": f"AUROC of the feature as a classifier of {target_file.name} vs {baseline_file.name}"}
-        ranked = result.ranking("effect")
-    card_ids = None
-    if cards is not None:
-        dense = stats.density.argsort(descending=True).tolist()
-        card_ids = sorted(set(ranked[:cards]) | set(dense[:cards]))
-    cfg = target.sae.cfg
-    sae_info = {"SAE": str(target.folder), "format": target.format, "model": target.cfg.model.name_or_path,
-                "hook": target.hook,
-                "architecture": target.sae.architecture, "features": cfg.num_latents, "d_in": target.sae.d_in,
-                **({"k": cfg.k} if hasattr(cfg, "k") else {}),
-                "data": f"{target.cfg.data.dataset} [{target.cfg.data.split}]"}
-    start = time.perf_counter()
-    name = target.folder.name if run_config_of(target.folder) is None else \
-        str(target.folder.relative_to(run_config_of(target.folder).parent.parent))
-    info = build_report(stats, target.tokenizer, output, title=f"SAE features: {name} at {target.hook}",
-                        sae_info=sae_info, summary=run_summary(target.folder, run_config_of(target.folder)),
-                        columns=columns or None, column_help=help_ or None, cards=card_ids, examples=show_examples,
-                        samples_per_bin=show_samples)
-    seconds = time.perf_counter() - start
+        names = target_file.name, baseline_file.name
+    output = report_output(sae_path, output)  # before minutes of scanning
+    settings = StatsSettings(tokens=tokens, top_examples=examples)
+    target, stats = open_target_with_stats(sae_path, settings, overrides, hook, sae_dtype=sae_dtype,
+                                           override_hook=override_hook, cache_dir=cache_dir, recompute=recompute,
+                                           log=log)
+    info, seconds = write_target_report(target, stats, output, prompts=prompts, prompt_names=names, cards=cards,
+                                        examples=show_examples, samples_per_bin=show_samples, fmt=fmt)
     if as_json:
-
         click.echo(json.dumps({"path": str(info.path), "bytes": info.bytes, "features": info.features,
                                "cards": info.cards, "build_seconds": round(seconds, 2)}))
         return

@@ -3,33 +3,37 @@ a behaviour lives (patch, attribute), and measure a fix (fix-test)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from sae.cli.analyze_group import analyze
 from sae.cli.common import (
-    _columns,
-    _feature_tokens,
-    _log,
-    _prompt_format,
-    _prompts,
-    _tokens_cell,
-    _with_tokens,
+    TOP_TOKENS_SCAN,
     chat_options,
     config_options,
     edit_options,
     json_option,
+    log,
     one_line_errors,
-    open_sae,
     resolve_config,
     sampling_options,
     target_options,
+    tokens_cell,
+    tokens_text,
     top_tokens_option,
 )
 from sae.errors import ConfigError
+
+if TYPE_CHECKING:  # the commands import the library when they run: `analyze.py --help` needs no torch
+    from sae.interventions.edit_picks import PickedEdits
+    from sae.interventions.fix_test import FixTestResult
 
 
 @analyze.command()
@@ -51,51 +55,45 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
         python analyze.py generate checkpoints/demo --prompt "If the key is missing, a KeyError" \\
             --ablate 93,1539 --steer 1876:+6 --temperature 0
     """
-    import shutil
-
-    from sae.activations.capture import special_token_ids
-    from sae.interventions.edits import Edit, intervene, parse_feature_edits
-    from sae.models.generation import Sampling, continuations
+    from sae.analysis.feature_search import given_prompts
+    from sae.analysis.target import open_target
+    from sae.data.prompt_format import PromptFormat
+    from sae.interventions.continuations import compare_continuations
+    from sae.interventions.edits import describe_edit, parse_feature_edits
+    from sae.models.generation import Sampling
 
     edits = parse_feature_edits(ablate, clamp, scale, steer)
     if not edits:
         raise ConfigError("generate: no intervention; give --ablate, --clamp, --scale or --steer")
-    texts = _prompts(prompt, prompts_file)
-    fmt = _prompt_format(chat, system)
+    texts = given_prompts(prompt, prompts_file)
+    fmt = PromptFormat(chat=chat, system=system)
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
-    edit = Edit(target.sae, target.hook, edits)
-    edit.check()
-    base = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True, fmt=fmt)
-    with intervene(target.model, [edit], special_token_ids(target.tokenizer)):
-        changed = continuations(target.model, target.tokenizer, texts, samples, sampling, progress=True, fmt=fmt)
+    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
+    rows = compare_continuations(target, texts, edits, samples, sampling, fmt)
     if as_json:
-        click.echo(json.dumps([{"prompt": p, "baseline": b, "intervened": c}
-                               for p, b, c in zip(texts, base, changed)], indent=1))
+        click.echo(json.dumps(rows, indent=1))
         return
+    _print_side_by_side(rows, ", ".join(describe_edit(e) for e in edits))
+
+
+def _print_side_by_side(rows: list[dict], edit_text: str) -> None:
+    """`generate` as text: per prompt, each sample's baseline and intervened continuations
+    in two columns as wide as the terminal allows."""
     width = max(30, (shutil.get_terminal_size((120, 24)).columns - 3) // 2)
-    for p, bs, cs in zip(texts, base, changed):
-        click.echo(f"\nprompt: {p!r}")
-        click.echo(f"{'baseline':<{width}} | intervened ({', '.join(_describe_edit(e) for e in edits)})")
-        for i, (b, c) in enumerate(zip(bs, cs)):
+    for row in rows:
+        click.echo(f"\nprompt: {row['prompt']!r}")
+        click.echo(f"{'baseline':<{width}} | intervened ({edit_text})")
+        for i, (b, c) in enumerate(zip(row["baseline"], row["intervened"])):
             if i:
                 click.echo(f"{'-' * width}-+-{'-' * width}")
             for line in _columns(b, c, width):
                 click.echo(line)
 
 
-def _describe_edit(e) -> str:
-    from sae.interventions.edits import Ablate, Clamp, Scale, Steer
-
-    if isinstance(e, Ablate):
-        return "ablate " + ",".join(map(str, e.features))
-    if isinstance(e, Clamp):
-        return f"clamp {e.features[0]}={e.value:g}"
-    if isinstance(e, Scale):
-        return f"scale {e.features[0]}x{e.factor:g}"
-    if isinstance(e, Steer):
-        return f"steer {e.feature}{e.alpha:+g}"
-    return type(e).__name__.lower()
+def _columns(left: str, right: str, width: int) -> list[str]:
+    """Two texts side by side, wrapped to ``width`` characters each."""
+    wrap = lambda t: textwrap.wrap(t.replace("\n", " ↵ "), width) or [""]  # noqa: E731
+    return [f"{a:<{width}} | {b}" for a, b in itertools.zip_longest(wrap(left), wrap(right), fillvalue="")]
 
 
 @analyze.command()
@@ -137,8 +135,7 @@ def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, laye
             --svg patch.svg
     """
 
-    from sae.evaluation.lm_metrics import answer_token, logit_diff, logprob
-    from sae.interventions.patching import ActivationPatcher, check_svg_path, write_svg
+    from sae.interventions.patching import answer_patching, check_svg_path, write_svg
 
     metric = metric or ("logit-diff" if wrong is not None else "logprob")
     if metric == "logit-diff" and wrong is None:
@@ -148,14 +145,7 @@ def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, laye
     if svg_path is not None:
         check_svg_path(svg_path)
     cfg = resolve_config(config, overrides)
-    from sae.models.loading import load_model
-
-    model, tokenizer = load_model(cfg.model)
-    a = answer_token(tokenizer, answer, "--answer")
-    scorer = (logit_diff(a, answer_token(tokenizer, wrong, "--wrong"), tokenizer) if metric == "logit-diff"
-              else logprob(a, tokenizer))
-    patcher = ActivationPatcher(model, tokenizer, clean, corrupted, scorer)
-    result = patcher.sweep(mode, layer_spec, batch_size, progress=True)
+    result = answer_patching(cfg.model, clean, corrupted, answer, wrong, mode, layer_spec, batch_size)
     if svg_path is not None:
         write_svg(svg_path, result.heatmap_svg())
     if as_json:
@@ -163,7 +153,7 @@ def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, laye
                                **result.to_dict(), "svg": None if svg_path is None else str(svg_path)}, indent=1))
         return
     click.echo(f"model: {cfg.model.name_or_path}; metric: {result.metric} at the last position")
-    click.echo(f"  clean     {result.clean_metric:>9.4f}  {clean!r} ({patcher.n_tokens} tokens)")
+    click.echo(f"  clean     {result.clean_metric:>9.4f}  {clean!r} ({len(result.clean_tokens)} tokens)")
     click.echo(f"  corrupted {result.corrupted_metric:>9.4f}  {corrupted!r}")
     click.echo(f"\npatched metric (rows: layer patched; columns: {result.column_title}):")
     click.echo(result.table_text())
@@ -179,16 +169,6 @@ def metric_options(fn: Callable) -> Callable:
     return click.option("--answer", default=None, metavar="TOKEN",
                         help="The next token whose log-probability (at each prompt's end) is the metric, "
                              "e.g. ' raised' (mind the leading space).")(fn)
-
-
-def _metric(tokenizer, answer: str | None, wrong: str | None):
-    from sae.evaluation.lm_metrics import answer_token, logit_diff, logprob
-
-    if answer is None:
-        raise ConfigError("--answer: required; the token whose probability the features are ranked by")
-    a = answer_token(tokenizer, answer, "--answer")
-    return logit_diff(a, answer_token(tokenizer, wrong, "--wrong"), tokenizer) if wrong is not None \
-        else logprob(a, tokenizer)
 
 
 @analyze.command()
@@ -212,77 +192,29 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
             --answer " raised"
     """
 
-    from sae.interventions.attribution import attribute as run_attribution
+    from sae.analysis.feature_search import given_prompts
+    from sae.analysis.target import open_target
+    from sae.data.prompt_format import PromptFormat
+    from sae.interventions.attribution import attribution_listing
 
-    texts = _prompts(prompt, prompts_file)
-    fmt = _prompt_format(chat, system)
-    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
-    result = run_attribution(target.model, target.tokenizer, target.sae, target.hook, texts,
-                             _metric(target.tokenizer, answer, wrong), fmt=fmt)
-    ranked = {d: result.ranking(d)[:top] for d in ("up", "down")}
-    tokens = _feature_tokens(target, ranked["up"] + ranked["down"], no_top_tokens)
+    texts = given_prompts(prompt, prompts_file)
+    fmt = PromptFormat(chat=chat, system=system)
+    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
+    listing = attribution_listing(target, texts, answer, wrong, top, fmt,
+                                  top_tokens=None if no_top_tokens else TOP_TOKENS_SCAN, log=log)
     if as_json:
-        click.echo(json.dumps({"prompts": result.prompts, "metric_mean": result.metric / result.prompts,
-                               "error_term": result.error, "features_total": float(result.features.sum()),
-                               **{f"pushes_{d}": [_with_tokens({"feature": f, "attribution": float(result.features[f])},
-                                                               tokens) for f in ranked[d]] for d in ranked}}, indent=1))
+        click.echo(json.dumps(listing, indent=1))
         return
     what = f"logit({answer!r}) - logit({wrong!r})" if wrong else f"log p({answer!r})"
-    click.echo(f"metric {what}: mean {result.metric / result.prompts:.4f} over {result.prompts} prompts; "
-               f"attribution summed over prompts: features {float(result.features.sum()):+.4f}, "
-               f"SAE error term {result.error:+.4f}")
-    for d in ranked:
+    click.echo(f"metric {what}: mean {listing['metric_mean']:.4f} over {listing['prompts']} prompts; "
+               f"attribution summed over prompts: features {listing['features_total']:+.4f}, "
+               f"SAE error term {listing['error_term']:+.4f}")
+    for d in ("up", "down"):
         click.echo(f"\nfeatures pushing the metric {d}:")
-        if tokens is not None:
+        if not no_top_tokens:
             click.echo(f"  {'feature':>8} {'attribution':>11}  top tokens")
-        for f in ranked[d]:
-            click.echo(f"  {f:>8} {float(result.features[f]):>+11.4f}{_tokens_cell(tokens, f)}")
-
-
-def _top_edits(ablate_top: int | None, steer_top: str | None, contrast, answer: str | None, has_edits: bool) -> dict:
-    """--ablate-top / --steer-top as {edit kind: (how many of the picked features, steering
-    amount)}, checked against the options that pick them and the explicit edits."""
-    from sae.interventions.edits import parse_feature_edits
-
-    picks = "--ablate-top / --steer-top"
-    if (ablate_top is not None or steer_top is not None) and contrast is None and answer is None:
-        raise ConfigError(f"{picks}: say how to pick the features: --contrast TARGET BASELINE or --answer TOKEN")
-    if ablate_top is None and steer_top is None and (contrast is not None or answer is not None):
-        raise ConfigError(f"--contrast / --answer pick features for {picks}; give one of them")
-    if not has_edits and ablate_top is None and steer_top is None:
-        raise ConfigError("fix-test: no intervention; give --ablate/--clamp/--scale/--steer, --ablate-top K "
-                          "or --steer-top K:A")
-    top = {}
-    if ablate_top is not None:
-        top["ablate"] = (ablate_top, None)
-    if steer_top is not None:
-        (k, amount), = [(e.feature, e.alpha) for e in parse_feature_edits(steer=[steer_top])]
-        if k < 1:
-            raise ConfigError(f"--steer-top: {steer_top!r} steers no feature; K must be at least 1")
-        top["steer"] = (k, amount)
-    return top
-
-
-def _print_fix_test(result, hook: str, edits, tokens: dict[int, list[str]] | None, neutral, as_json: bool) -> None:
-    """fix-test's answer: JSON, or the intervention, its features' top tokens and the table."""
-    from sae.interventions.edits import edited_features
-
-    features = edited_features(edits)
-    if as_json:
-        click.echo(json.dumps({"edits": [_describe_edit(e) for e in edits],
-                               **({} if tokens is None else {"features": [_with_tokens({"feature": f}, tokens)
-                                                                          for f in features]}),
-                               **result.to_dict()}, indent=1))
-        return
-    click.echo(f"intervention at {hook}: {', '.join(_describe_edit(e) for e in edits)}")
-    if tokens is not None:
-        click.echo("features edited, with their top tokens:")
-        for f in features:
-            click.echo(f"  {f:>8}{_tokens_cell(tokens, f)}")
-    click.echo(result.table())
-    if neutral:
-        click.echo(f"(KL over {sum(c.numel() for c in neutral):,} tokens of neutral text; "
-                   "values in brackets: 95% bootstrap intervals over prompts)")
+        for r in listing[f"pushes_{d}"]:
+            click.echo(f"  {r['feature']:>8} {r['attribution']:>+11.4f}{tokens_cell(r)}")
 
 
 @analyze.command("fix-test")
@@ -326,45 +258,48 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
             --scorer words:raised,raise,raises --answer " raised" --ablate-top 5
     """
 
-    from sae.analysis.feature_search import read_prompts
-    from sae.atomic_io import check_output_path, write_output
-    from sae.interventions.edits import Ablate, Edit, Steer, edited_features, parse_feature_edits
-    from sae.interventions.fix_test import fix_test, neutral_contexts, rank_features
+    from sae.analysis.feature_search import given_prompts
+    from sae.analysis.target import open_target
+    from sae.atomic_io import check_output_path
+    from sae.data.prompt_format import PromptFormat
+    from sae.interventions.edit_picks import TopEdits, pick_edits
+    from sae.interventions.edits import parse_feature_edits
+    from sae.interventions.fix_test import run_fix_test
     from sae.interventions.scorers import load_scorer
     from sae.models.generation import Sampling
 
-    texts = _prompts(prompt, prompts_file)
+    texts = given_prompts(prompt, prompts_file)
     edits = parse_feature_edits(ablate, clamp, scale, steer)
-    top = _top_edits(ablate_top, steer_top, contrast, answer, bool(edits))
+    top = TopEdits.from_options(ablate_top, steer_top, contrast, answer, has_edits=bool(edits))
     if html_path is not None:
         check_output_path(html_path, "--html")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    fmt = _prompt_format(chat, system)
+    fmt = PromptFormat(chat=chat, system=system)
     scorer = load_scorer(scorer_spec)
-    target = open_sae(sae_path, overrides, hook, override_hook, sae_dtype)
-    if top:
-        ranking, how = rank_features(target, texts, contrast, lambda: _metric(target.tokenizer, answer, wrong), fmt)
-        how = how if contrast is not None else f"attribution to {answer!r}"
-        if "ablate" in top:
-            edits.append(Ablate(ranking[:top["ablate"][0]]))
-        if "steer" in top:
-            k, amount = top["steer"]
-            edits += [Steer(f, amount) for f in ranking[:k]]
-    edit = Edit(target.sae, target.hook, edits)
-    edit.check()   # before top tokens, which index the features
-    tokens = _feature_tokens(target, edited_features(edits), no_top_tokens)
-    if top:
-        picked = ranking[:max(k for k, _ in top.values())]
-        label = str if tokens is None else (lambda f: f"{f} ({_tokens_cell(tokens, f).strip()})")
-        _log(f"top features by {how}: {', '.join(map(label, picked))}")
-    neutral = neutral_contexts(target, read_prompts(neutral_file, "--neutral") if neutral_file else None,
-                               neutral_tokens, log=_log)
-    result = fix_test(target.model, target.tokenizer, texts, [edit], scorer, samples, sampling, threshold, neutral,
-                      fmt=fmt)
-    if html_path is not None:
-        write_output(html_path, result.html(f"Fix test: {', '.join(_describe_edit(e) for e in edits)} "
-                                            f"at {target.hook}"), "--html")
-        _log(f"wrote {html_path}")
-    _print_fix_test(result, target.hook, edits, tokens, neutral, as_json)
+    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
+    picks = pick_edits(target, edits, top, texts, contrast=contrast, answer=answer, wrong=wrong, fmt=fmt,
+                       top_tokens=None if no_top_tokens else TOP_TOKENS_SCAN, log=log)
+    if picks.picked is not None:
+        label = str if picks.tokens is None else (lambda f: f"{f} ({tokens_text(picks.tokens[f])})")
+        log(f"top features by {picks.how}: {', '.join(map(label, picks.picked))}")
+    result = run_fix_test(target, picks.edit, texts, scorer, samples=samples, sampling=sampling, threshold=threshold,
+                          neutral_file=neutral_file, neutral_tokens=neutral_tokens, html_path=html_path, fmt=fmt,
+                          log=log)
+    _print_fix_test(picks, result, target.hook, as_json)
 
 
+def _print_fix_test(picks: PickedEdits, result: FixTestResult, hook: str, as_json: bool) -> None:
+    """fix-test's answer: JSON, or the intervention, its features' top tokens and the table."""
+    edits = picks.to_dict()
+    if as_json:
+        click.echo(json.dumps({**edits, **result.to_dict()}, indent=1))
+        return
+    click.echo(f"intervention at {hook}: {', '.join(edits['edits'])}")
+    if "features" in edits:
+        click.echo("features edited, with their top tokens:")
+        for r in edits["features"]:
+            click.echo(f"  {r['feature']:>8}{tokens_cell(r)}")
+    click.echo(result.table())
+    if result.kl is not None:
+        click.echo(f"(KL over {result.neutral_tokens:,} tokens of neutral text; "
+                   "values in brackets: 95% bootstrap intervals over prompts)")

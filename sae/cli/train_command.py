@@ -9,16 +9,31 @@ import click
 
 from sae.cli.common import (
     OneLineCommand,
-    _keys_epilog,
     config_options,
     one_line_errors,
     resolve_config,
 )
-from sae.config import to_yaml
+from sae.config import describe, to_yaml
 from sae.errors import ConfigError
 
 
-@click.command(cls=OneLineCommand, epilog=_keys_epilog(), context_settings={"max_content_width": 120})
+def _keys_epilog() -> str:
+    width = max(len(key) for key, _, _ in describe())
+    lines = [f"  {key:<{width}}  {default:<20} {help}" for key, default, help in describe()]
+    # "\b" stops click from re-wrapping the table.
+    return "\b\nConfig keys (KEY, default, meaning):\n" + "\n".join(lines)
+
+
+class TrainCommand(OneLineCommand):
+    """--help ends with every config key. The table is made when help is asked for, not at
+    import: it lists each architecture's settings, whose classes need torch."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.epilog = _keys_epilog()
+        super().format_epilog(ctx, formatter)
+
+
+@click.command(cls=TrainCommand, context_settings={"max_content_width": 120})
 @config_options("train.lr=3e-4")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.option("--resume", "resume_dir", metavar="RUN_DIR", type=click.Path(file_okay=False, path_type=Path),

@@ -122,3 +122,12 @@ def logprob(answer: str | int, tokenizer=None) -> Metric:
     """log_softmax(logits)[answer]."""
     a = _token(tokenizer, answer, "answer")
     return Metric(f"log prob {_label(tokenizer, answer, a)}", lambda logits: logits.log_softmax(-1)[:, a], (a,))
+
+
+def answer_metric(tokenizer, answer: str, wrong: str | None = None) -> Metric:
+    """The metric of ``--answer`` (and ``--wrong``), one-token strings: log p(answer), or
+    logit(answer) - logit(wrong) when ``wrong`` is given."""
+    a = answer_token(tokenizer, answer, "--answer")
+    if wrong is None:
+        return logprob(a, tokenizer)
+    return logit_diff(a, answer_token(tokenizer, wrong, "--wrong"), tokenizer)

@@ -19,7 +19,7 @@ huge (an attention sink), so features read there are noise that would swamp the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +28,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations.capture import special_token_ids
 from sae.activations.hooks import attach, resolve_hook
+from sae.analysis.target import TOP_TOKENS_SCAN, Target, listed_top_tokens, with_top_tokens
 from sae.architectures import SparseAutoencoder
 from sae.data.prompt_format import PLAIN, PromptFormat, check_fits
 from sae.errors import ConfigError
-from sae.evaluation.lm_metrics import Metric, at_least_fp32
+from sae.evaluation.lm_metrics import Metric, answer_metric, at_least_fp32
 
 
 @dataclass
@@ -96,3 +97,23 @@ def attribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: S
         metric_total += float(m.detach())
     return Attribution(features=per_prompt.sum(0), error=error_total, metric=metric_total, per_prompt=per_prompt,
                        prompts=len(prompts))
+
+
+def attribution_listing(target: Target, prompts: Sequence[str], answer: str | None, wrong: str | None = None,
+                        top: int = 20, fmt: PromptFormat = PLAIN, top_tokens: int | None = TOP_TOKENS_SCAN,
+                        log: Callable[[str], None] = print) -> dict:
+    """``attribute`` the metric of ``answer`` (and ``wrong``; ``answer_metric``) at the end
+    of each prompt to ``target``'s features, as {"prompts", "metric_mean", "error_term",
+    "features_total", "pushes_up", "pushes_down"}: the last two list the ``top`` features
+    pushing the metric each way, as {"feature", "attribution", "top_tokens"} (no
+    "top_tokens" when ``top_tokens`` is None; ``listed_top_tokens``)."""
+    if answer is None:
+        raise ConfigError("--answer: required; the token whose probability the features are ranked by")
+    result = attribute(target.model, target.tokenizer, target.sae, target.hook, prompts,
+                       answer_metric(target.tokenizer, answer, wrong), fmt=fmt)
+    ranked = {d: result.ranking(d)[:top] for d in ("up", "down")}
+    tokens = listed_top_tokens(target, ranked["up"] + ranked["down"], top_tokens, log)
+    return {"prompts": result.prompts, "metric_mean": result.metric / result.prompts, "error_term": result.error,
+            "features_total": float(result.features.sum()),
+            **{f"pushes_{d}": [with_top_tokens({"feature": f, "attribution": float(result.features[f])}, tokens)
+                               for f in ranked[d]] for d in ranked}}

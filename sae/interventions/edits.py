@@ -25,7 +25,8 @@ bit-identical to the plain model.
 tokens alone (the context's start token, a chat template's turn markers): the SAE never
 saw them in training, and the first position's activation is usually huge (an attention
 sink), so the SAE's features there are noise, and editing them changes every later
-position. The CLI and ``fix_test`` always pass the tokenizer's special tokens.
+position. ``compare_continuations`` (generate) and ``fix_test`` always pass the tokenizer's
+special tokens.
 """
 
 from __future__ import annotations
@@ -207,3 +208,17 @@ def edited_features(edits: Sequence[Edit]) -> list[int]:
     for e in edits:
         found += [e.feature] if isinstance(e, Steer) else list(getattr(e, "features", ()))
     return list(dict.fromkeys(f for f in found if f is not None))
+
+
+def describe_edit(e: FeatureEdit) -> str:
+    """An edit in the words of its command-line option: "ablate 12,345", "clamp 7=10",
+    "scale 7x0.5", "steer 99+8" (a clamp or scale of several features names the first)."""
+    if isinstance(e, Ablate):
+        return "ablate " + ",".join(map(str, e.features))
+    if isinstance(e, Clamp):
+        return f"clamp {e.features[0]}={e.value:g}"
+    if isinstance(e, Scale):
+        return f"scale {e.features[0]}x{e.factor:g}"
+    if isinstance(e, Steer):
+        return f"steer {e.feature}{e.alpha:+g}"
+    return type(e).__name__.lower()

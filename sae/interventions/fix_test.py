@@ -33,12 +33,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations.capture import special_token_ids
 from sae.activations.stream import contexts_for
-from sae.analysis.feature_search import contrast_search, read_prompts
+from sae.analysis.feature_search import read_prompts
 from sae.analysis.target import Target
+from sae.atomic_io import write_output
 from sae.data.prompt_format import PLAIN, PromptFormat
 from sae.evaluation.lm_metrics import at_least_fp32
-from sae.interventions.attribution import attribute
-from sae.interventions.edits import Edit, intervene
+from sae.interventions.edits import Edit, describe_edit, intervene
 from sae.interventions.scorers import Scorer
 from sae.models.generation import Sampling, continuation_ids, prompt_token_ids
 
@@ -99,6 +99,7 @@ class FixTestResult:
     threshold: float
     summary: dict
     marks: re.Pattern | None = None            # what a words: scorer counts, marked in html()
+    neutral_tokens: int = 0                    # tokens of neutral text the KL was measured on
 
     def table(self) -> str:
         s = self.summary
@@ -244,20 +245,8 @@ def fix_test(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
         kl = neutral_kl(model, edits, neutral, skip)
         summary["kl"] = {"value": float(kl.mean()), "ci": bootstrap_ci(kl, lambda v: v.mean(), resamples, seed=1)}
     return FixTestResult(prompts=list(prompts), texts=texts, scores=scores, nll=nll, tokens=tokens, kl=kl,
-                         scorer=scorer.name, threshold=threshold, summary=summary, marks=scorer.pattern)
-
-
-def rank_features(target: Target, texts: Sequence[str], contrast: tuple[Path, Path] | None,
-                  metric: Callable[[], Callable], fmt: PromptFormat = PLAIN) -> tuple[list[int], str]:
-    """Features ranked for a fix test that edits the top ones, and how they were ranked:
-    by contrast search over two prompt files (``contrast``: target, baseline; in chat format
-    they hold assistant replies, as for ``search --chat``), else by attribution of
-    ``metric()`` (built only then) over ``texts``."""
-    if contrast is not None:
-        return contrast_search(target, read_prompts(contrast[0], "--contrast TARGET"),
-                               read_prompts(contrast[1], "--contrast BASELINE"), fmt=fmt).ranking("effect"), "contrast"
-    ranked = attribute(target.model, target.tokenizer, target.sae, target.hook, texts, metric(), fmt=fmt)
-    return ranked.ranking("up"), "attribution"
+                         scorer=scorer.name, threshold=threshold, summary=summary, marks=scorer.pattern,
+                         neutral_tokens=sum(c.numel() for c in neutral))
 
 
 def neutral_contexts(target: Target, lines: Sequence[str] | None, tokens: int,
@@ -282,3 +271,22 @@ def neutral_contexts(target: Target, lines: Sequence[str] | None, tokens: int,
         return []
     cfg = replace(target.cfg, data=replace(d, split=d.eval_split, token_budget=tokens))
     return [row for batch in contexts_for(cfg, target.tokenizer) for row in batch]
+
+
+def run_fix_test(target: Target, edit: Edit, prompts: Sequence[str], scorer: Scorer, *, samples: int = 8,
+                 sampling: Sampling = Sampling(), threshold: float = 0.5, neutral_file: Path | None = None,
+                 neutral_tokens: int = 16384, html_path: Path | None = None, fmt: PromptFormat = PLAIN,
+                 log: Callable[[str], None] = print) -> FixTestResult:
+    """``fix_test`` of ``edit`` on ``target``'s model, with the KL cost on about
+    ``neutral_tokens`` tokens of neutral text (``neutral_contexts``: the lines of
+    ``neutral_file``, else the data's held-out split); with ``html_path``, the result's
+    page is written there too."""
+    lines = read_prompts(neutral_file, "--neutral") if neutral_file else None
+    neutral = neutral_contexts(target, lines, neutral_tokens, log=log)
+    result = fix_test(target.model, target.tokenizer, prompts, [edit], scorer, samples, sampling, threshold, neutral,
+                      fmt=fmt)
+    if html_path is not None:
+        title = f"Fix test: {', '.join(describe_edit(e) for e in edit.edits)} at {target.hook}"
+        write_output(html_path, result.html(title), "--html")
+        log(f"wrote {html_path}")
+    return result

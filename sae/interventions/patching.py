@@ -46,10 +46,11 @@ from tqdm.auto import tqdm
 
 from sae.activations.hooks import ALIASES, HookPoint, attach, resolve_hook
 from sae.atomic_io import check_output_path, write_output
+from sae.config import ModelConfig
 from sae.errors import ConfigError
-from sae.evaluation.lm_metrics import Metric, at_least_fp32
+from sae.evaluation.lm_metrics import Metric, answer_metric, at_least_fp32
 from sae.models.generation import prompt_token_ids
-from sae.models.loading import decoder_layers
+from sae.models.loading import decoder_layers, load_model
 
 MODES = ("layer", "position", "head")
 # Names of the attention output projection (its input holds the heads side by side).
@@ -454,6 +455,16 @@ def activation_patching(model: nn.Module, tokenizer, clean: str | Sequence[int],
         raise ConfigError(f"--mode: {mode!r} is not a patching mode; valid: {', '.join(MODES)}")
     patcher = ActivationPatcher(model, tokenizer, clean, corrupted, metric, metric_position)
     return patcher.sweep(mode, layers, batch_size, progress)
+
+
+def answer_patching(model_cfg: ModelConfig, clean: str, corrupted: str, answer: str, wrong: str | None = None,
+                    mode: str = "position", layers: str | Sequence[int] | None = None, batch_size: int = 16,
+                    progress: bool = True) -> PatchResult:
+    """``activation_patching`` of the model ``model_cfg`` loads, measuring the metric of
+    ``answer`` (and ``wrong``; ``answer_metric``) at the last position."""
+    model, tokenizer = load_model(model_cfg)
+    return activation_patching(model, tokenizer, clean, corrupted, answer_metric(tokenizer, answer, wrong), mode,
+                               layers, batch_size, progress)
 
 
 def check_svg_path(path, what: str = "--svg") -> None:

@@ -283,3 +283,13 @@ def model_summary(model: PreTrainedModel) -> str:
     return (f"{type(model).__name__}: {n_params / 1e6:.1f}M parameters, {len(layers)} layers, "
             f"width {model.config.hidden_size}, {p.dtype} on {p.device}")
 
+
+
+def layer_overview(model: PreTrainedModel) -> dict:
+    """The model's hook points, JSON-able: {"summary": ``model_summary``, "layers_module":
+    the decoder layers' qualified name, "hook_points": ["layers.0", ...], "sub_modules": the
+    names of a layer's children}."""
+    name, layers = decoder_layers(model)
+    return {"summary": model_summary(model), "layers_module": name,
+            "hook_points": [f"layers.{i}" for i in range(len(layers))],
+            "sub_modules": [n for n, _ in layers[0].named_children()]}
