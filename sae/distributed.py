@@ -46,6 +46,11 @@ class Shard:
     def label(self) -> str:
         return f"rank{self.rank}-of-{self.world}"
 
+    def rows(self, batch_tokens: int) -> int:
+        """This process's rows of each batch of ``batch_tokens`` (train.batch_tokens, the
+        whole batch; a run refuses one that does not split evenly)."""
+        return batch_tokens // self.world
+
 
 @dataclass
 class Dist:

@@ -24,8 +24,8 @@ def test_the_command_lines_copies_of_library_choices_match_the_library():
     assert common.TOP_TOKENS_SCAN == TOP_TOKENS_SCAN
 
 
-@pytest.mark.parametrize("sae, k", [(TopKSAE(TopKConfig(d_in=8, num_latents=32, k=3)), {"k": 3}),
-                                    (ReLUSAE(ReLUConfig(d_in=8, num_latents=32)), {})])
+@pytest.mark.parametrize("sae, k", [(TopKSAE(TopKConfig(num_latents=32, k=3), 8), {"k": 3}),
+                                    (ReLUSAE(ReLUConfig(num_latents=32), 8), {})])
 def test_the_report_header_names_k_only_for_architectures_that_have_one(sae, k):
     from sae.analysis.target_report import sae_info
 

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from sae.config import load_config
 from sae.distributed import Dist, join_group, native_threads
+from sae.training.parallel import LatentParallel
 from sae.training.trainer import Trainer
 
 D, M, N = 16, 64, 48   # width, latents, global batch rows
@@ -70,7 +71,7 @@ def train(arch: str, rank: int = 0, world: int = 1, mode: str = "data", hook: st
         return {}
     sae = trainer.trained_sae(hook)   # the whole SAE, gathered when its latents are sharded
     since = trainer.states[hook].since_fired
-    if trainer.sharded:
+    if isinstance(trainer.parallel, LatentParallel):
         since = d.gather_rows(since)
     return {**{k: v.detach().clone() for k, v in sae.state_dict().items()}, "since_fired": since.clone(),
             "input_scale": trainer.states[hook].input_scale.clone(), "tokens": torch.tensor(trainer.tokens_seen)}

@@ -2,7 +2,7 @@
 
     model, tokenizer = load_model(cfg.model)
     for batch in activation_batches(cfg, model, tokenizer):
-        batch["layers.2"]     # [cfg.train.batch_tokens, d]
+        batch["layers.2"]     # [cfg.train.batch_tokens, d] (one process)
 
 With ``harvest.cache_dir`` set, the first run writes the cache while it harvests; a run
 after an interruption serves the shards already written and harvests only the rest; once
@@ -248,16 +248,17 @@ def activation_source(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrai
     return ActivationStream(cfg, model, tokenizer, start, writer, identity, shard)
 
 
-def buffer_capacity(cfg: RunConfig) -> int:
-    """Rows per hook the run's shuffling buffer holds."""
+def buffer_capacity(cfg: RunConfig, batch_rows: int) -> int:
+    """Rows per hook the run's shuffling buffer holds, serving batches of ``batch_rows``."""
     # No point holding more rows than the whole run will ever see.
     run_tokens = cfg.data.token_budget * cfg.harvest.cache_epochs
-    return max(cfg.train.batch_tokens, min(cfg.harvest.buffer_tokens, run_tokens))
+    return max(batch_rows, min(cfg.harvest.buffer_tokens, run_tokens))
 
 
 def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                        resume: dict | None = None, shard: Shard | None = None, progress: bool = False) -> ShuffleBuffer:
-    """Shuffled {hook: [train.batch_tokens, d]} batches for training.
+    """Shuffled {hook: [rows, d]} batches for training: rows = train.batch_tokens, or with
+    ``shard`` (one process of several) this process's share of it (``Shard.rows``).
 
     ``resume``: a ``ShuffleBuffer.state_dict()`` of an earlier buffer of this config (its
     tensors and meta as saved, e.g. read back from safetensors + JSON): the new buffer
@@ -267,13 +268,14 @@ def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTra
     """
     device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
     fingerprint = stream_fingerprint(cfg, model, tokenizer, shard)
-    capacity = buffer_capacity(cfg)
+    rows = shard.rows(cfg.train.batch_tokens) if shard is not None else cfg.train.batch_tokens
+    capacity = buffer_capacity(cfg, rows)
     start = StreamPosition()
     if resume is not None:
         # Refuse another run's state before a cache folder is touched or a model runs.
-        ShuffleBuffer.check_resume(resume, capacity, cfg.train.batch_tokens, fingerprint=fingerprint)
+        ShuffleBuffer.check_resume(resume, capacity, rows, fingerprint=fingerprint)
         start = StreamPosition.from_dict(resume["meta"]["position"])
-    return ShuffleBuffer(activation_source(cfg, model, tokenizer, start, shard), capacity, cfg.train.batch_tokens,
+    return ShuffleBuffer(activation_source(cfg, model, tokenizer, start, shard), capacity, rows,
                          device=device, seed=cfg.train.seed, fingerprint=fingerprint, resume=resume,
                          progress=progress)
 

@@ -48,7 +48,7 @@ def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> dict[str, Spar
     writes; with latents sharded every rank calls this, to gather them; with hook points
     split each process writes its own). Returns them."""
     saes = {name: trainer.trained_sae(name) for name in trainer.saes}
-    if trainer.dist.is_main or trainer.by_hook:
+    if trainer.dist.is_main or trainer.parallel.writes_own_saes:
         for name, sae in saes.items():
             sae.save(run_dir / name, metadata={
                 "model_name": cfg.model.name_or_path, "hook_name": trainer.hook_of[name],
@@ -135,14 +135,13 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
                    log: Callable[[str], None], resume: bool, dist: Dist) -> Path:
     """``train_run`` once the run folder is this run's (``lock``: rank 0's claim); what
     holds files open (the activation cache's writer) is closed through ``resources``."""
-    local_cfg = process_config(cfg, dist)
     checkpoint = load_checkpoint(run_dir, cfg, dist) if resume else None
     d, h = cfg.data, cfg.harvest
-    model, tokenizer = load_model(local_cfg.model)
+    model, tokenizer = load_model(replace(cfg.model, device=dist.device_setting(cfg.model.device)))
     log(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
     check_eval_split(cfg)
     # checks hooks, data and cache before any work
-    buffer = activation_batches(local_cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None,
+    buffer = activation_batches(cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None,
                                 shard=dist.shard, progress=dist.is_main)
     resources.callback(buffer.close)
     batches = iter(buffer)
@@ -185,7 +184,7 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
     steps, seconds = trainer.step_count - step0, time.perf_counter() - start
     log(f"harvested and trained {steps} steps on {steps * cfg.train.batch_tokens:,} tokens per hook "
         f"point in {seconds:.0f} s ({steps * cfg.train.batch_tokens / seconds:,.0f} tokens/s)")
-    if not (dist.is_main or trainer.sharded or trainer.by_hook):  # rank 0 saves and evaluates
+    if not (dist.is_main or trainer.parallel.every_rank_saves):  # rank 0 saves and evaluates
         return run_dir
     finish_run(cfg, run_dir, trainer, model, tokenizer, log)
     return run_dir
@@ -197,7 +196,7 @@ def finish_run(cfg: RunConfig, run_dir: Path, trainer: Trainer, model: PreTraine
     metrics.json beside each, and drop the checkpoint."""
     dist = trainer.dist
     saes = save_saes(trainer, cfg, run_dir)
-    if trainer.by_hook:  # rank 0 evaluates every SAE: the others' from their folders
+    if trainer.parallel.writes_own_saes:  # rank 0 evaluates every SAE: the others' from their folders
         dist.barrier()
         if dist.is_main:
             device = next(model.parameters()).device
@@ -227,19 +226,11 @@ def checkpointer(cfg: RunConfig, run_dir: Path, buffer: ShuffleBuffer, lock: Fol
         if lock is not None:
             lock.check()  # the folder is still this run's: not deleted, not taken over
         save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), trainer.dist,
-                        per_rank=trainer.sharded or trainer.by_hook)
-        if trainer.dist.is_main or trainer.sharded or trainer.by_hook:
+                        per_rank=trainer.parallel.every_rank_saves)
+        if trainer.dist.is_main or trainer.parallel.every_rank_saves:
             save_saes(trainer, cfg, run_dir)
 
     return on_checkpoint
-
-
-def process_config(cfg: RunConfig, dist: Dist) -> RunConfig:
-    """This process's view of the run: its own device, and its share of each batch."""
-    if not dist.active:
-        return cfg
-    return replace(cfg, model=replace(cfg.model, device=dist.device_setting(cfg.model.device)),
-                   train=replace(cfg.train, batch_tokens=cfg.train.batch_tokens // dist.world))
 
 
 def start_run_folder(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> None:

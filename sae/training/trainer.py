@@ -12,10 +12,10 @@ flat, and decays linearly to zero over the last ``decay_fraction`` of the steps.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,16 +24,14 @@ from tqdm.auto import tqdm
 
 from sae.architectures import ARCHITECTURES, SparseAutoencoder
 from sae.architectures.base import BatchTotals
-from sae.architectures.sharded_topk import sharded_topk_loss
 from sae.config import RunConfig, SAEConfig, sae_variants
-from sae.distributed import Dist, sharded
+from sae.distributed import Dist
 from sae.errors import (
     CheckpointError,
-    ConfigError,
-    DistributedError,
     DivergedError,
     TrainingStopped,
 )
+from sae.training.parallel import parallelism
 
 
 def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, decay_fraction: float) -> float:
@@ -72,38 +70,6 @@ def sae_id(hook: str, variant: str) -> str:
     return f"{hook}/{variant}" if variant else hook
 
 
-def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool) -> SparseAutoencoder:
-    """This rank's slice (latents [r M/w, (r+1) M/w)) of a TopK SAE, as a TopK SAE."""
-    multi = getattr(sae.cfg, "multi_topk", False)
-    if not sae.shards_latents or multi or autocast:
-        raise DistributedError(f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
-                          f"{name} is {sae.architecture}" + (" with multi_topk" if multi else "")
-                          + (" with train.autocast" if autocast else ""))
-    M = sae.cfg.num_latents
-    if M % dist.world:
-        raise DistributedError(f"distributed.mode: latents: the {M} latents of {name} do not divide over {dist.world} "
-                          f"processes; use a latent count divisible by {dist.world}")
-    m = M // dist.world
-    part = type(sae)(replace(sae.cfg, num_latents=m), sae.d_in)
-    mine = slice(dist.rank * m, (dist.rank + 1) * m)
-    with torch.no_grad():
-        for p_name in ("W_enc", "b_enc", "W_dec"):
-            getattr(part, p_name).copy_(getattr(sae, p_name)[mine])
-        part.b_dec.copy_(sae.b_dec)
-    return part
-
-
-def gather_latents(part: SparseAutoencoder, dist: Dist) -> SparseAutoencoder:
-    """The whole SAE from every rank's slice (a collective: every rank calls it)."""
-    whole = type(part)(replace(part.cfg, num_latents=part.cfg.num_latents * dist.world), part.d_in,
-                       device=part.W_dec.device)
-    with torch.no_grad():
-        for p_name in ("W_enc", "b_enc", "W_dec"):
-            getattr(whole, p_name).copy_(dist.gather_rows(getattr(part, p_name).detach()))
-        whole.b_dec.copy_(part.b_dec)
-    return whole
-
-
 @dataclass
 class SAEState:
     """One SAE in training and everything its steps carry besides the batch."""
@@ -137,17 +103,8 @@ class Trainer:
         (``sae.architectures.sharded_topk``)."""
         self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
         self.dist = dist or Dist()
-        mode = cfg.distributed.mode if self.dist.active else None
-        self.sharded, self.by_hook = mode == "latents", mode == "hooks"
-        # whom a batch is split over: the processes in data-parallel mode, nobody otherwise
-        self.batch_dist = self.dist if mode == "data" else Dist()
         self.hooks = list(widths)
-        # which process trains each hook point's SAEs (hooks mode: an even, contiguous split)
-        self.owner = {hook: 0 for hook in self.hooks}
-        if self.by_hook:
-            sharded(self.hooks, self.dist.world, "hook points")
-            per = len(self.hooks) // self.dist.world
-            self.owner = {hook: i // per for i, hook in enumerate(self.hooks)}
+        self.parallel = parallelism(cfg.distributed.mode, self.dist, self.hooks)
         self.densities: dict[str, torch.Tensor] = {}   # per SAE, set at each log step (for TensorBoard)
         self.step_count, self.tokens_seen = 0, 0
         self.states: dict[str, SAEState] = {}   # this process's SAEs, by name
@@ -156,10 +113,10 @@ class Trainer:
         # every SAE of the run, this process's or not: {name: hook point}
         self.all_saes = {sae_id(hook, variant): hook for hook in widths for variant in sae_variants(cfg)}
         for hook, d in widths.items():
-            if self.by_hook and self.owner[hook] != self.dist.rank:
+            if not self.parallel.owns(hook):
                 continue
             for variant, settings in sae_variants(cfg).items():
-                self._add(sae_id(hook, variant), hook, make_sae(settings, d, "cpu" if self.sharded else self.device))
+                self._add(sae_id(hook, variant), hook, make_sae(settings, d, self.parallel.build_device(self.device)))
 
     def _add(self, name: str, hook: str, sae: SparseAutoencoder) -> None:
         """Register ``sae`` as ``name``, trained on the activations at ``hook``."""
@@ -167,12 +124,7 @@ class Trainer:
         # (and, on the same batches, ends) exactly as the same SAE trained alone.
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
         peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents)
-        if self.sharded:  # keep this rank's slice of the same initial SAE
-            clip = sae.grad_clip if self.cfg.train.grad_clip is None else self.cfg.train.grad_clip
-            sae = shard_latents(sae, self.dist, name, self.cfg.train.autocast).to(self.device)
-            if clip:
-                raise ConfigError(f"train.grad_clip: {clip} cannot be applied with distributed.mode: latents (each "
-                                  "process holds part of the gradient); set train.grad_clip=0")
+        sae = self.parallel.prepare(sae, name, self.cfg.train, self.device)
         M, dev = sae.cfg.num_latents, self.device
         self.states[name] = SAEState(
             sae=sae, hook=hook, peak_lr=peak_lr,
@@ -212,74 +164,49 @@ class Trainer:
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """One optimizer step per SAE. Returns per-SAE stats as 0-d tensors (no host sync).
 
-        batch: {hook: [n, d]}, this process's rows. Per SAE: its input (gathered where the
-        mode needs the whole batch), the first step's initialisation, the loss, the update."""
+        batch: {hook: [n, d]}, this process's rows. Per SAE: its input (``self.parallel``
+        says which rows), the first step's initialisation, the loss, the update."""
         stats = {}
-        inputs = self._whole_batches(batch) if self.by_hook else {}
+        inputs = self.parallel.inputs(batch, self.device)
         for name, sae in self.saes.items():
-            x = self._input(self.states[name].hook, batch, inputs)
+            x = inputs[self.states[name].hook]
             # Recorded on the device, checked in check_finite(): no host sync per step.
             self.states[name].nonfinite |= ~torch.isfinite(x).all()
             if self.step_count == 0:
                 self._initialise(name, sae, x)
             if self.scales_inputs(name):
                 x = x * self.states[name].input_scale
-            totals = self._totals(x) if self.batch_dist.active else None
+            totals = self.parallel.totals(x)
             dead = self.states[name].since_fired >= self.cfg.train.dead_tokens
-            loss, fvu, fires = self._loss(name, sae, x, dead, totals)
+            loss, fvu, fires = self.parallel.loss(sae, x, dead, partial(self._loss, name, sae, x, dead, totals))
             self.states[name].diverged |= ~torch.isfinite(loss.detach())
             loss.backward()
             n = totals.n if totals is not None else x.shape[0]
             loss, fvu, fires = self._update(name, sae, loss, fvu, fires, n)
-            fired, n_dead = fires.sum(), dead.sum()
-            if self.sharded:  # counts of this slice of the latents: add the others'
-                fired, n_dead = self.dist.sum_(torch.stack([fired, n_dead]))
+            fired, n_dead = self.parallel.whole_counts(torch.stack([fires.sum(), dead.sum()]))
             stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fired / n,
                            # Not fired for train.dead_tokens (what AuxK trains); the held-out
                            # "dead_fraction" is another count: never fired on the evaluation text.
-                           "silent_fraction": n_dead / (dead.numel() * (self.dist.world if self.sharded else 1)),
+                           "silent_fraction": n_dead / (dead.numel() * self.parallel.latent_shares),
                            "lr": self.states[name].optimizer.param_groups[0]["lr"]}
         self.step_count += 1
-        self.tokens_seen += next(iter(batch.values())).shape[0] * self.dist.world
+        self.tokens_seen += self.cfg.train.batch_tokens
         return stats
-
-    def _whole_batches(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Hook points split over processes: each hook's whole batch [N, d], gathered on the
-        process that trains its SAEs ({hook: rows} of the hooks this process owns)."""
-        inputs = {}
-        for hook in self.hooks:
-            whole = self.dist.gather_to(batch[hook].to(self.device, torch.float32), self.owner[hook])
-            if whole is not None:
-                inputs[hook] = whole
-        return inputs
-
-    def _input(self, hook: str, batch: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The rows [n, d] an SAE of ``hook`` trains on, made once per hook (several SAEs of a
-        sweep share them) and kept in ``inputs``; with latents sharded, the whole batch."""
-        if hook not in inputs:
-            inputs[hook] = batch[hook].to(self.device, torch.float32, non_blocking=True)
-            if self.sharded:  # every slice of the latents trains on the whole batch
-                inputs[hook] = self.dist.gather_rows(inputs[hook])
-        return inputs[hook]
 
     @torch.no_grad()
     def _initialise(self, name: str, sae: SparseAutoencoder, x: torch.Tensor) -> None:
         """First step only: the input scale (recipes that scale inputs) and b_dec at the
         geometric median of the first batch (recipes that subtract b_dec first)."""
         if self.scales_inputs(name):
-            norms = self.batch_dist.sum_(torch.stack([x.norm(dim=1).sum(), torch.tensor(x.shape[0], device=x.device)]))
+            norms = self.parallel.batch_sum(torch.stack([x.norm(dim=1).sum(),
+                                                         torch.tensor(x.shape[0], device=x.device)]))
             self.states[name].input_scale.copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
         if sae.apply_b_dec_to_input:
-            sae.b_dec.copy_(geometric_median(self.batch_dist.gather_rows(x) * self.states[name].input_scale))
+            sae.b_dec.copy_(geometric_median(self.parallel.batch_rows(x) * self.states[name].input_scale))
 
     def _loss(self, name: str, sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor,
               totals: BatchTotals | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, fvu, fires [M]) of one SAE on x [n, d]: its architecture's loss, or the
-        sharded TopK loss when its latents are split over processes."""
-        if self.sharded:
-            spec = sae.spec()
-            return sharded_topk_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, spec.k, self.dist, dead,
-                                     spec.k_aux, spec.aux_alpha)
+        """(loss, fvu, fires [M]) of one SAE on x [n, d]: its architecture's loss."""
         ws = (self._workspace(name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
               if sae.uses_workspace else None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast):
@@ -291,13 +218,7 @@ class Trainer:
         """The optimizer step after backward: shares' gradients summed (data parallel), the
         decoder kept at unit norm where the recipe says so, clipping, the scheduled learning
         rate; then the firing counters. Returns (loss, fvu, fires) of the whole batch."""
-        if self.batch_dist.active:  # each share's loss is its part of the batch's: gradients add up
-            for p in sae.parameters():
-                if p.grad is not None:
-                    self.batch_dist.sum_(p.grad)
-            fires = self.batch_dist.sum_(fires)
-            loss_fvu = self.batch_dist.sum_(torch.stack([loss.detach(), fvu]))
-            loss, fvu = loss_fvu[0], loss_fvu[1]
+        loss, fvu, fires = self.parallel.after_backward(sae, loss, fvu, fires)
         W = sae.W_dec
         if sae.unit_norm_decoder:
             g = W.grad
@@ -320,21 +241,10 @@ class Trainer:
         self.states[name].window_tokens += n
         return loss, fvu, fires
 
-    def _totals(self, x: torch.Tensor) -> BatchTotals:
-        """Size and total variance of the whole batch that x [n, d] is this process's share of
-        (two-pass, as one process computes it). Every share has the same size (the buffers
-        serve fixed batches and ``sae.training.run.in_step`` keeps the processes in step), so the size
-        needs no collective and the step no host sync."""
-        with torch.no_grad():
-            n = x.shape[0] * self.dist.world
-            mean = self.dist.sum_(x.sum(0)) / n
-            var = self.dist.sum_((x - mean).pow(2).sum())
-        return BatchTotals(n, var, self.dist.min_)
-
     def trained_sae(self, hook: str) -> SparseAutoencoder:
         """The SAE for ``hook`` as it should be used and saved: a copy taking unscaled inputs.
         With latents sharded every rank must call this (the slices are gathered)."""
-        sae = gather_latents(self.states[hook].sae, self.dist) if self.sharded else copy.deepcopy(self.states[hook].sae)
+        sae = self.parallel.whole_sae(self.states[hook].sae)
         if self.scales_inputs(hook):
             sae.fold_input_scale(float(self.states[hook].input_scale))
         return sae
@@ -479,8 +389,7 @@ class Trainer:
         self.check_finite()
         last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}
         self.densities = self.take_window_densities()
-        if self.by_hook:  # every process's SAEs, for the progress bar and the log
-            last = {h: s for part in self.dist.gather_objects(last) for h, s in part.items()}
+        last = self.parallel.gather_stats(last)   # every process's SAEs, for the progress bar and the log
         first = next(iter(last.values()))
         bar.set_postfix(step=self.step_count, loss=f"{first['loss']:.3g}", fvu=f"{first['fvu']:.3f}",
                         l0=f"{first['l0']:.1f}", silent=f"{first['silent_fraction']:.1%}")
@@ -496,11 +405,8 @@ class Trainer:
             rate = self.states[name].window_fires.double() / max(1, self.states[name].window_tokens)
             self.states[name].window_fires.zero_()
             self.states[name].window_tokens = 0
-            rates[name] = self.dist.gather_rows(rate) if self.sharded else rate
-        if self.by_hook:
-            rates = {name: r for part in self.dist.gather_objects({n: r.cpu() for n, r in rates.items()})
-                     for name, r in part.items()}
-        return rates
+            rates[name] = rate
+        return self.parallel.gather_rates(rates)
 
 
 class TensorBoardLogger:
