@@ -120,12 +120,22 @@ def wait_idle(max_s: float, below: float = QUIET) -> float:
 
 # ---- part 1: statistics throughput --------------------------------------------------------
 
-def throughput(model, tokenizer, sae, all_batches: list[torch.Tensor], rounds: int, one_thread: bool,
-               idle_s: float) -> dict:
+
+def throughput(
+    model,
+    tokenizer,
+    sae,
+    all_batches: list[torch.Tensor],
+    rounds: int,
+    one_thread: bool,
+    idle_s: float,
+) -> dict:
     point = resolve_hook(model, HOOK)
     n_tokens = sum(b.numel() for b in all_batches)
     batches = list(all_batches)  # what the runs below iterate: two batches in the warm-up round
-    settings = StatsSettings()  # 2^20 tokens: more than any --tokens here, so every batch is scanned
+    settings = (
+        StatsSettings()
+    )  # 2^20 tokens: more than any --tokens here, so every batch is scanned
 
     @torch.no_grad()
     def harvest():
@@ -145,13 +155,17 @@ def throughput(model, tokenizer, sae, all_batches: list[torch.Tensor], rounds: i
 
     runs = {"harvest": harvest, "harvest+encode": encode, "feature stats": stats}
     default_threads = torch.get_num_threads()
-    variants = [(default_threads, "")] + ([(1, " (1 thread)")] if one_thread and default_threads > 1 else [])
+    variants = [(default_threads, "")] + (
+        [(1, " (1 thread)")] if one_thread and default_threads > 1 else []
+    )
     times: dict[str, list[float]] = {}
     others: dict[str, list[float]] = {}
     waited = 0.0
     timed_batches = all_batches
     for r in range(rounds + 1):
-        batches[:] = timed_batches[:2] if r == 0 else timed_batches  # round 0 warms up on two batches
+        batches[:] = (
+            timed_batches[:2] if r == 0 else timed_batches
+        )  # round 0 warms up on two batches
         waited += wait_idle(idle_s) if r else 0.0
         for threads, suffix in variants:
             torch.set_num_threads(threads)
@@ -165,21 +179,32 @@ def throughput(model, tokenizer, sae, all_batches: list[torch.Tensor], rounds: i
                 if r:
                     times.setdefault(name + suffix, []).append(dt)
                     others.setdefault(name + suffix, []).append(load.cores)
-                    log(f"round {r}: {name + suffix} {dt:.1f} s (other processes: {load.cores:.2f} cores)")
+                    log(
+                        f"round {r}: {name + suffix} {dt:.1f} s (other processes: {load.cores:.2f} cores)"
+                    )
     torch.set_num_threads(default_threads)
     med = {k: statistics.median(v) for k, v in times.items()}
     # Rounds in which no run shared the machine (other processes < QUIET cores throughout).
     quiet = [r for r in range(rounds) if all(v[r] < QUIET for v in others.values())]
     flat = [x for v in others.values() for x in v]
-    return {"tokens": n_tokens, "threads": default_threads, "rounds": rounds,
-            "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
-            "other_cores": {k: [round(x, 2) for x in v] for k, v in others.items()},
-            "other_cores_median": statistics.median(flat), "other_cores_max": max(flat), "waited_s": waited,
-            "quiet_rounds": quiet,
-            "tok_per_s_quiet": {k: n_tokens / statistics.median([v[r] for r in quiet]) for k, v in times.items()}
-            if quiet else None,
-            "tok_per_s": {k: n_tokens / v for k, v in med.items()},
-            "breakdown": breakdown(model, tokenizer, sae, all_batches, settings, point)}
+    return {
+        "tokens": n_tokens,
+        "threads": default_threads,
+        "rounds": rounds,
+        "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "other_cores": {k: [round(x, 2) for x in v] for k, v in others.items()},
+        "other_cores_median": statistics.median(flat),
+        "other_cores_max": max(flat),
+        "waited_s": waited,
+        "quiet_rounds": quiet,
+        "tok_per_s_quiet": {
+            k: n_tokens / statistics.median([v[r] for r in quiet]) for k, v in times.items()
+        }
+        if quiet
+        else None,
+        "tok_per_s": {k: n_tokens / v for k, v in med.items()},
+        "breakdown": breakdown(model, tokenizer, sae, all_batches, settings, point),
+    }
 
 
 @torch.no_grad()
@@ -188,13 +213,20 @@ def breakdown(model, tokenizer, sae, batches, settings: StatsSettings, point) ->
     capture = ActivationCapture(model, [point])
     special = special_token_ids(tokenizer)
     acc = StatsAccumulator(sae.cfg.num_latents, settings, "cpu")
-    parts = {"forward": 0.0, "encode": 0.0, "top offer": 0.0, "reservoir offer": 0.0, "update, other": 0.0}
+    parts = {
+        "forward": 0.0,
+        "encode": 0.0,
+        "top offer": 0.0,
+        "reservoir offer": 0.0,
+        "update, other": 0.0,
+    }
 
     def timed(key, fn):
         def wrapper(*args, **kwargs):
             t = time.perf_counter()
             fn(*args, **kwargs)
             parts[key] += time.perf_counter() - t
+
         return wrapper
 
     acc.top.offer = timed("top offer", acc.top.offer)
@@ -210,7 +242,9 @@ def breakdown(model, tokenizer, sae, batches, settings: StatsSettings, point) ->
         acc.update(z, ids, ~torch.isin(ids, special))
         parts["forward"] += t1 - t
         parts["encode"] += t2 - t1
-        parts["update, other"] += time.perf_counter() - t2 - (parts["top offer"] + parts["reservoir offer"] - offers)
+        parts["update, other"] += (
+            time.perf_counter() - t2 - (parts["top offer"] + parts["reservoir offer"] - offers)
+        )
     t = time.perf_counter()
     acc.result({})
     parts["result (sort, copy)"] = time.perf_counter() - t
@@ -220,8 +254,14 @@ def breakdown(model, tokenizer, sae, batches, settings: StatsSettings, point) ->
 
 # ---- part 2: synthetic statistics and report build ----------------------------------------
 
-def synthetic_stats(M: int, stream: torch.Tensor, vocab: int, seed: int = 0,
-                    settings: StatsSettings = StatsSettings()) -> FeatureStats:
+
+def synthetic_stats(
+    M: int,
+    stream: torch.Tensor,
+    vocab: int,
+    seed: int = 0,
+    settings: StatsSettings = StatsSettings(),
+) -> FeatureStats:
     """FeatureStats of M features shaped like a real scan (see the module docstring).
 
     stream: the real token ids [N] that windows are cut from (BOS/EOS included)."""
@@ -243,22 +283,31 @@ def synthetic_stats(M: int, stream: torch.Tensor, vocab: int, seed: int = 0,
         values = act_max[:, None] * frac
         start = torch.randint(0, len(stream) - W, (M, S), generator=g)
         win_tokens = stream[start[..., None] + torch.arange(W)]  # [M, S, W]
-        win_acts = torch.where(torch.rand(M, S, W, generator=g) < 0.06,
-                               values[..., None] * torch.rand(M, S, W, generator=g), 0.0)
+        win_acts = torch.where(
+            torch.rand(M, S, W, generator=g) < 0.06,
+            values[..., None] * torch.rand(M, S, W, generator=g),
+            0.0,
+        )
         win_acts[..., before] = values
         # 1.5% of examples sit near a context start: padding (-1, activation 0) in front.
         pos = torch.randint(0, 256, (M, S), generator=g)
         near = torch.rand(M, S, generator=g) < 0.015
-        pos = torch.where(near, torch.randint(0, before, (M, S), generator=g), pos.clamp(min=before))
+        pos = torch.where(
+            near, torch.randint(0, before, (M, S), generator=g), pos.clamp(min=before)
+        )
         pad = torch.arange(W)[None, None, :] < (before - pos)[..., None]
         win_tokens[pad], win_acts[pad] = -1, 0.0
         win_acts = win_acts.half().float()
         keys = values if top else torch.rand(M, S, generator=g)
         ctx = torch.randint(0, 4096, (M, S), generator=g)
-        return Examples(keys=torch.where(filled, keys, -math.inf), values=torch.where(filled, values, math.nan),
-                        context=torch.where(filled, ctx, -1), position=torch.where(filled, pos, -1),
-                        window_tokens=torch.where(filled[..., None], win_tokens, -1),
-                        window_acts=torch.where(filled[..., None], win_acts, 0.0))
+        return Examples(
+            keys=torch.where(filled, keys, -math.inf),
+            values=torch.where(filled, values, math.nan),
+            context=torch.where(filled, ctx, -1),
+            position=torch.where(filled, pos, -1),
+            window_tokens=torch.where(filled[..., None], win_tokens, -1),
+            window_acts=torch.where(filled[..., None], win_acts, 0.0),
+        )
 
     top = examples(settings.top_examples, top=True)
     reservoir = examples(settings.quantile_bins * settings.samples_per_bin, top=False)
@@ -271,46 +320,94 @@ def synthetic_stats(M: int, stream: torch.Tensor, vocab: int, seed: int = 0,
     counts = (fires[:, None].double() * weight / weight.sum()).floor().long()
     counts[:, 6] += fires - counts.sum(1)
     hist.scatter_add_(1, cols, counts)
-    logits = {"top_ids": torch.randint(0, vocab, (M, 10), generator=g),
-              "top_values": (0.3 + 0.4 * torch.rand(M, 10, generator=g)).sort(1, descending=True).values,
-              "bottom_ids": torch.randint(0, vocab, (M, 10), generator=g),
-              "bottom_values": -(0.3 + 0.4 * torch.rand(M, 10, generator=g)).sort(1, descending=True).values}
-    nearest = {"ids": torch.randint(0, M, (M, 8), generator=g),
-               "cosine": (0.1 + 0.5 * torch.rand(M, 8, generator=g)).sort(1, descending=True).values}
-    return FeatureStats(tokens=tokens, contexts=tokens // 256, fires=fires, act_sum=fires.double() * mean.double(),
-                        act_max=torch.where(fires > 0, act_max, 0.0), hist=hist, top=top, reservoir=reservoir,
-                        settings=settings, info={"logit_rule": "synthetic"}, logits=logits, nearest=nearest)
+    logits = {
+        "top_ids": torch.randint(0, vocab, (M, 10), generator=g),
+        "top_values": (0.3 + 0.4 * torch.rand(M, 10, generator=g)).sort(1, descending=True).values,
+        "bottom_ids": torch.randint(0, vocab, (M, 10), generator=g),
+        "bottom_values": -(0.3 + 0.4 * torch.rand(M, 10, generator=g))
+        .sort(1, descending=True)
+        .values,
+    }
+    nearest = {
+        "ids": torch.randint(0, M, (M, 8), generator=g),
+        "cosine": (0.1 + 0.5 * torch.rand(M, 8, generator=g)).sort(1, descending=True).values,
+    }
+    return FeatureStats(
+        tokens=tokens,
+        contexts=tokens // 256,
+        fires=fires,
+        act_sum=fires.double() * mean.double(),
+        act_max=torch.where(fires > 0, act_max, 0.0),
+        hist=hist,
+        top=top,
+        reservoir=reservoir,
+        settings=settings,
+        info={"logit_rule": "synthetic"},
+        logits=logits,
+        nearest=nearest,
+    )
 
 
-def timed_build(stats: FeatureStats, tokenizer, path: Path, label: str, threads: int, cards=None,
-                idle_s: float = 0.0) -> dict:
+def timed_build(
+    stats: FeatureStats,
+    tokenizer,
+    path: Path,
+    label: str,
+    threads: int,
+    cards=None,
+    idle_s: float = 0.0,
+) -> dict:
     waited = wait_idle(idle_s)
     default = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with OtherLoad() as load:
             t = time.perf_counter()
-            info = build_report(stats, tokenizer, path, title=label, sae_info={"SAE": label}, cards=cards,
-                                progress=False)
+            info = build_report(
+                stats,
+                tokenizer,
+                path,
+                title=label,
+                sae_info={"SAE": label},
+                cards=cards,
+                progress=False,
+            )
             seconds = time.perf_counter() - t
     finally:
         torch.set_num_threads(default)
     log(f"built {label} ({threads} thread(s)): {seconds:.1f} s, {info.bytes / MiB:.1f} MiB")
-    return {"label": label, "path": str(path), "features": info.features, "cards": info.cards, "threads": threads,
-            "build_s": seconds, "mib": info.bytes / MiB, "bytes_per_card": info.bytes / max(info.cards, 1),
-            "other_cores": load.cores, "waited_s": waited}
+    return {
+        "label": label,
+        "path": str(path),
+        "features": info.features,
+        "cards": info.cards,
+        "threads": threads,
+        "build_s": seconds,
+        "mib": info.bytes / MiB,
+        "bytes_per_card": info.bytes / max(info.cards, 1),
+        "other_cores": load.cores,
+        "waited_s": waited,
+    }
 
 
 # ---- part 3: headless Chromium -------------------------------------------------------------
+
 
 def start_browser(profile: str):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--no-first-run", f"--user-data-dir={profile}",
-                "--window-size=1400,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -375,8 +472,10 @@ def open_in_browser(driver, build: dict, timeout_s: float) -> dict:
                 raise TimeoutException("no index rows")
             time.sleep(0.01)
         out["load_s"] = time.perf_counter() - t
-        nav = driver.execute_script("const n = performance.getEntriesByType('navigation')[0];"
-                                    "return {dcl: n.domContentLoadedEventEnd, load: n.loadEventEnd};")
+        nav = driver.execute_script(
+            "const n = performance.getEntriesByType('navigation')[0];"
+            "return {dcl: n.domContentLoadedEventEnd, load: n.loadEventEnd};"
+        )
         out["dom_content_loaded_s"] = nav["dcl"] / 1000
         out["sort_ms"] = driver.execute_script(SORT_JS)
         last = build["cards"] - 1 if build["cards"] < build["features"] else build["features"] - 1
@@ -384,7 +483,9 @@ def open_in_browser(driver, build: dict, timeout_s: float) -> dict:
             r = driver.execute_async_script(OPEN_CARD_JS, f)
             out[key] = r["ms"]
             out[key.replace("_ms", "_examples")] = r["examples"]
-        out["browser_pss_mib"] = tree_pss_mib(driver.service.process.pid)  # Chromium, all its processes
+        out["browser_pss_mib"] = tree_pss_mib(
+            driver.service.process.pid
+        )  # Chromium, all its processes
     except TimeoutException as e:
         out["error"] = f"timeout after {timeout_s:.0f} s ({e.msg or 'page load'})"
     except WebDriverException as e:
@@ -394,44 +495,108 @@ def open_in_browser(driver, build: dict, timeout_s: float) -> dict:
 
 # ---- main -----------------------------------------------------------------------------------
 
+
 def fmt_rate(x: float) -> str:
     return f"{x / 1000:.1f}k"
 
 
 @click.command()
-@click.option("--sae", "sae_path", type=click.Path(exists=True, file_okay=False), default=None,
-              help="SAE folder (e.g. checkpoints/demo1/layers.2); default: a random TopK SAE, 2048 latents, k = 32.")
-@click.option("--tokens", default=100_000, show_default=True, help="Tokens per timed pass (part 1).")
-@click.option("--rounds", default=3, show_default=True, help="Timed rounds (part 1), after one warm-up round.")
-@click.option("--sizes", default="16384,131072", show_default=True, help="Feature counts of the synthetic reports.")
-@click.option("--skip-browser", is_flag=True, help="Build the reports but do not open them in Chromium.")
+@click.option(
+    "--sae",
+    "sae_path",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="SAE folder (e.g. checkpoints/demo1/layers.2); default: a random TopK SAE, 2048 latents, k = 32.",
+)
+@click.option(
+    "--tokens", default=100_000, show_default=True, help="Tokens per timed pass (part 1)."
+)
+@click.option(
+    "--rounds", default=3, show_default=True, help="Timed rounds (part 1), after one warm-up round."
+)
+@click.option(
+    "--sizes",
+    default="16384,131072",
+    show_default=True,
+    help="Feature counts of the synthetic reports.",
+)
+@click.option(
+    "--skip-browser", is_flag=True, help="Build the reports but do not open them in Chromium."
+)
 @click.option("--skip-throughput", is_flag=True, help="Parts 2 and 3 only.")
-@click.option("--one-thread/--no-one-thread", default=True, show_default=True,
-              help="Also time harvest and feature stats with torch.set_num_threads(1).")
-@click.option("--build-threads", default=1, show_default=True,
-              help="torch threads while building reports (also compared with the default on the real stats).")
-@click.option("--wait-idle", "idle_s", default=0.0, show_default=True,
-              help="Before each timed round and each build, wait up to this many seconds for other processes "
-                   "to use < 0.3 cores.")
-@click.option("--browser-timeout", default=120, show_default=True, help="Seconds before a page load counts as failed.")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the raw results here.")
-def main(sae_path, tokens, rounds, sizes, skip_browser, skip_throughput, one_thread, build_threads, idle_s,
-         browser_timeout, json_out):
+@click.option(
+    "--one-thread/--no-one-thread",
+    default=True,
+    show_default=True,
+    help="Also time harvest and feature stats with torch.set_num_threads(1).",
+)
+@click.option(
+    "--build-threads",
+    default=1,
+    show_default=True,
+    help="torch threads while building reports (also compared with the default on the real stats).",
+)
+@click.option(
+    "--wait-idle",
+    "idle_s",
+    default=0.0,
+    show_default=True,
+    help="Before each timed round and each build, wait up to this many seconds for other processes "
+    "to use < 0.3 cores.",
+)
+@click.option(
+    "--browser-timeout",
+    default=120,
+    show_default=True,
+    help="Seconds before a page load counts as failed.",
+)
+@click.option(
+    "--json-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the raw results here.",
+)
+def main(
+    sae_path,
+    tokens,
+    rounds,
+    sizes,
+    skip_browser,
+    skip_throughput,
+    one_thread,
+    build_threads,
+    idle_s,
+    browser_timeout,
+    json_out,
+):
     t_start = time.perf_counter()
     model, tokenizer = load_model(ModelConfig())
     torch.manual_seed(0)
-    sae = (load_sae(sae_path) if sae_path else
-           make_sae(sae_config("topk", num_latents=2048, k=32), model.config.hidden_size))
+    sae = (
+        load_sae(sae_path)
+        if sae_path
+        else make_sae(sae_config("topk", num_latents=2048, k=32), model.config.hidden_size)
+    )
     sae.eval()
     sae_label = sae_path or "random TopK, 2048 latents, k = 32"
     dataset = load_text_dataset("builtin:python-docs")
-    batches = list(context_batches(dataset, tokenizer, context_tokens=256, token_budget=tokens, batch_contexts=8))
-    results: dict = {"sae": sae_label, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    batches = list(
+        context_batches(
+            dataset, tokenizer, context_tokens=256, token_budget=tokens, batch_contexts=8
+        )
+    )
+    results: dict = {
+        "sae": sae_label,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
     if not skip_throughput:
         tp = throughput(model, tokenizer, sae, batches, rounds, one_thread, idle_s)
         results["throughput"] = tp
-    real = compute_feature_stats(model, tokenizer, sae, HOOK, batches, StatsSettings(), progress=False)
+    real = compute_feature_stats(
+        model, tokenizer, sae, HOOK, batches, StatsSettings(), progress=False
+    )
     with torch.no_grad():
         real.logits, real.info["logit_rule"] = logit_effects(model, sae.W_dec, n=10, progress=False)
         real.nearest = nearest_features(sae.W_dec, n=8, progress=False)
@@ -445,25 +610,53 @@ def main(sae_path, tokens, rounds, sizes, skip_browser, skip_throughput, one_thr
         check = {}
         for _ in range(2):
             for threads in dict.fromkeys((build_threads, results["threads"])):
-                check.setdefault(threads, []).append(timed_build(real, tokenizer, tmp / "real.html", label, threads,
-                                                                     idle_s=idle_s))
+                check.setdefault(threads, []).append(
+                    timed_build(real, tokenizer, tmp / "real.html", label, threads, idle_s=idle_s)
+                )
         results["build_threads_check"] = {t: [b["build_s"] for b in v] for t, v in check.items()}
         builds = [check[build_threads][-1]]
         builds[0]["build_s"] = statistics.median(results["build_threads_check"][build_threads])
         twin = synthetic_stats(real.num_features, stream, vocab)
-        builds.append(timed_build(twin, tokenizer, tmp / "twin.html", f"synthetic, {real.num_features:,} features",
-                                  build_threads, idle_s=idle_s))
+        builds.append(
+            timed_build(
+                twin,
+                tokenizer,
+                tmp / "twin.html",
+                f"synthetic, {real.num_features:,} features",
+                build_threads,
+                idle_s=idle_s,
+            )
+        )
         del twin
         for M in (int(s) for s in sizes.split(",") if s.strip()):
             t = time.perf_counter()
             stats = synthetic_stats(M, stream, vocab)
             gen_s = time.perf_counter() - t
-            builds.append({**timed_build(stats, tokenizer, tmp / f"all-{M}.html", f"synthetic, {M:,} features",
-                                         build_threads, idle_s=idle_s), "generate_s": gen_s})
+            builds.append(
+                {
+                    **timed_build(
+                        stats,
+                        tokenizer,
+                        tmp / f"all-{M}.html",
+                        f"synthetic, {M:,} features",
+                        build_threads,
+                        idle_s=idle_s,
+                    ),
+                    "generate_s": gen_s,
+                }
+            )
             if M > CARDS_SUBSET:
-                builds.append(timed_build(stats, tokenizer, tmp / f"cards-{M}.html",
-                                          f"synthetic, {M:,} features, cards for the first {CARDS_SUBSET:,}",
-                                          build_threads, cards=range(CARDS_SUBSET), idle_s=idle_s))
+                builds.append(
+                    timed_build(
+                        stats,
+                        tokenizer,
+                        tmp / f"cards-{M}.html",
+                        f"synthetic, {M:,} features, cards for the first {CARDS_SUBSET:,}",
+                        build_threads,
+                        cards=range(CARDS_SUBSET),
+                        idle_s=idle_s,
+                    )
+                )
             del stats
         results["builds"] = builds
 
@@ -476,7 +669,9 @@ def main(sae_path, tokens, rounds, sizes, skip_browser, skip_throughput, one_thr
                 for b in builds:
                     b["browser"] = open_in_browser(driver, b, browser_timeout)
                     log(f"opened {b['label']}: {b['browser']}")
-                    if "error" in b["browser"]:  # a crashed or hung tab: carry on in a fresh browser
+                    if (
+                        "error" in b["browser"]
+                    ):  # a crashed or hung tab: carry on in a fresh browser
                         driver.quit()
                         driver = start_browser(profile)
             finally:
@@ -492,40 +687,70 @@ def main(sae_path, tokens, rounds, sizes, skip_browser, skip_throughput, one_thr
 
 
 def print_tables(results: dict) -> None:
-    print(f"\nSAE: {results['sae']}; torch {results['torch']}, {results['threads']} threads; "
-          f"wall {results['wall_s']:.0f} s\n")
+    print(
+        f"\nSAE: {results['sae']}; torch {results['torch']}, {results['threads']} threads; "
+        f"wall {results['wall_s']:.0f} s\n"
+    )
     tp = results.get("throughput")
     if tp:
         r = tp["tok_per_s"]
-        print(f"Throughput, demo model, {HOOK}, {tp['tokens']:,} tokens in 8 x 256 batches, "
-              f"median of {tp['rounds']} interleaved rounds; other processes used {tp['other_cores_median']:.2f} "
-              f"cores (median, max {tp['other_cores_max']:.2f}) during the timed runs:\n")
-        print("| rounds | threads | (a) harvest | (b) harvest + encode | (c) feature stats | (b)/(a) | (c)/(a) |")
+        print(
+            f"Throughput, demo model, {HOOK}, {tp['tokens']:,} tokens in 8 x 256 batches, "
+            f"median of {tp['rounds']} interleaved rounds; other processes used {tp['other_cores_median']:.2f} "
+            f"cores (median, max {tp['other_cores_max']:.2f}) during the timed runs:\n"
+        )
+        print(
+            "| rounds | threads | (a) harvest | (b) harvest + encode | (c) feature stats | (b)/(a) | (c)/(a) |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         sets = [(f"all {tp['rounds']}", r)]
         if tp.get("tok_per_s_quiet"):
             sets.append((f"{len(tp['quiet_rounds'])} quiet", tp["tok_per_s_quiet"]))
         for label, r in sets:
-            print(f"| {label} | {tp['threads']} | {fmt_rate(r['harvest'])} tok/s | "
-                  f"{fmt_rate(r['harvest+encode'])} tok/s | {fmt_rate(r['feature stats'])} tok/s | "
-                  f"{r['harvest+encode'] / r['harvest']:.2f} | **{r['feature stats'] / r['harvest']:.2f}** |")
+            print(
+                f"| {label} | {tp['threads']} | {fmt_rate(r['harvest'])} tok/s | "
+                f"{fmt_rate(r['harvest+encode'])} tok/s | {fmt_rate(r['feature stats'])} tok/s | "
+                f"{r['harvest+encode'] / r['harvest']:.2f} | **{r['feature stats'] / r['harvest']:.2f}** |"
+            )
             if "harvest (1 thread)" in r:
                 a1, c1 = r["harvest (1 thread)"], r["feature stats (1 thread)"]
-                print(f"| {label} | 1 | {fmt_rate(a1)} tok/s | - | {fmt_rate(c1)} tok/s | - | **{c1 / a1:.2f}** |")
+                print(
+                    f"| {label} | 1 | {fmt_rate(a1)} tok/s | - | {fmt_rate(c1)} tok/s | - | **{c1 / a1:.2f}** |"
+                )
         bd = tp["breakdown"]
         total = bd["total"]
-        print(f"\nOne (c) pass split up ({total:.2f} s, {tp['tokens'] / total / 1000:.1f}k tok/s):\n")
+        print(
+            f"\nOne (c) pass split up ({total:.2f} s, {tp['tokens'] / total / 1000:.1f}k tok/s):\n"
+        )
         print("| " + " | ".join(k for k in bd if k != "total") + " |")
         print("| " + " | ".join("---" for k in bd if k != "total") + " |")
-        print("| " + " | ".join(f"{v:.2f} s ({v / total:.0%})" for k, v in bd.items() if k != "total") + " |")
+        print(
+            "| "
+            + " | ".join(f"{v:.2f} s ({v / total:.0%})" for k, v in bd.items() if k != "total")
+            + " |"
+        )
     tc = results["build_threads_check"]
-    runs = (f"{t} thread{'s' if int(t) > 1 else ''}: {', '.join(f'{x:.1f}' for x in v)}" for t, v in tc.items())
-    print("\nbuild_report of the real stats, seconds by torch threads (interleaved): " + "; ".join(runs))
-    print(f"\nReport build ({results['builds'][0]['threads']} torch thread(s)) and opening in headless Chromium"
-          + (f" (Chromium on about:blank: {results['browser_pss_blank_mib']:.0f} MiB PSS)"
-             if "browser_pss_blank_mib" in results else "") + ":\n")
-    print("| report | cards | build | other cores | file | per card | load to index rows | sort by density "
-          "| 1st card of a block | 2nd card, same block | last card | Chromium memory (PSS) |")
+    runs = (
+        f"{t} thread{'s' if int(t) > 1 else ''}: {', '.join(f'{x:.1f}' for x in v)}"
+        for t, v in tc.items()
+    )
+    print(
+        "\nbuild_report of the real stats, seconds by torch threads (interleaved): "
+        + "; ".join(runs)
+    )
+    print(
+        f"\nReport build ({results['builds'][0]['threads']} torch thread(s)) and opening in headless Chromium"
+        + (
+            f" (Chromium on about:blank: {results['browser_pss_blank_mib']:.0f} MiB PSS)"
+            if "browser_pss_blank_mib" in results
+            else ""
+        )
+        + ":\n"
+    )
+    print(
+        "| report | cards | build | other cores | file | per card | load to index rows | sort by density "
+        "| 1st card of a block | 2nd card, same block | last card | Chromium memory (PSS) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for b in results["builds"]:
         br = b.get("browser")
@@ -534,10 +759,18 @@ def print_tables(results: dict) -> None:
         elif "error" in br:
             cols = [br["error"]] + ["-"] * 5
         else:
-            cols = [f"{br['load_s']:.2f} s", f"{br['sort_ms']:.0f} ms", f"{br['card_cold_ms']:.0f} ms",
-                    f"{br['card_warm_ms']:.0f} ms", f"{br['card_last_ms']:.0f} ms", f"{br['browser_pss_mib']:.0f} MiB"]
-        print(f"| {b['label']} | {b['cards']:,} | {b['build_s']:.1f} s | {b['other_cores']:.2f} | {b['mib']:.1f} MiB | "
-              f"{b['bytes_per_card'] / 1024:.2f} KiB | " + " | ".join(cols) + " |")
+            cols = [
+                f"{br['load_s']:.2f} s",
+                f"{br['sort_ms']:.0f} ms",
+                f"{br['card_cold_ms']:.0f} ms",
+                f"{br['card_warm_ms']:.0f} ms",
+                f"{br['card_last_ms']:.0f} ms",
+                f"{br['browser_pss_mib']:.0f} MiB",
+            ]
+        print(
+            f"| {b['label']} | {b['cards']:,} | {b['build_s']:.1f} s | {b['other_cores']:.2f} | {b['mib']:.1f} MiB | "
+            f"{b['bytes_per_card'] / 1024:.2f} KiB | " + " | ".join(cols) + " |"
+        )
 
 
 if __name__ == "__main__":

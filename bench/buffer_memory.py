@@ -33,11 +33,15 @@ def peak_rss_mib() -> float:
 @click.option("--set", "overrides", multiple=True, help="More config overrides.")
 def main(buffer_tokens, token_budget, overrides):
     torch.set_num_threads(2)
-    cfg = load_config("configs/demo.yaml", [f"harvest.buffer_tokens={buffer_tokens}",
-                                            f"data.token_budget={token_budget}", *overrides])
+    cfg = load_config(
+        "configs/demo.yaml",
+        [f"harvest.buffer_tokens={buffer_tokens}", f"data.token_budget={token_budget}", *overrides],
+    )
     model, tokenizer = load_model(cfg.model)
     buffer = activation_batches(cfg, model, tokenizer)
-    model(input_ids=torch.ones(cfg.harvest.batch_contexts, cfg.data.context_tokens, dtype=torch.long))  # warm up
+    model(
+        input_ids=torch.ones(cfg.harvest.batch_contexts, cfg.data.context_tokens, dtype=torch.long)
+    )  # warm up
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = peak_rss_mib()
@@ -46,9 +50,18 @@ def main(buffer_tokens, token_budget, overrides):
         served += next(iter(batch.values())).shape[0]
     growth = peak_rss_mib() - base
     storage = buffer.nbytes() / 2**20
-    print(json.dumps({"buffer_tokens": buffer_tokens, "storage_mib": round(storage, 1),
-                      "peak_rss_growth_mib": round(growth, 1), "margin_mib": round(growth - storage, 1),
-                      "tokens_served": served}, indent=1))
+    print(
+        json.dumps(
+            {
+                "buffer_tokens": buffer_tokens,
+                "storage_mib": round(storage, 1),
+                "peak_rss_growth_mib": round(growth, 1),
+                "margin_mib": round(growth - storage, 1),
+                "tokens_served": served,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,12 @@ def main(shards: int, shard_mb: int, rounds: int) -> None:
         # Both copy every row out, as the shuffling buffer does: load_file alone maps the
         # file and reads nothing.
         contenders = {
-            "plain load_file": lambda: [load_file(str(folder / s["file"]))["h"].clone() for s in listed],
-            "read_shard (CRC-32 checked)": lambda: [read_shard(folder, s)["h"].clone() for s in listed],
+            "plain load_file": lambda: [
+                load_file(str(folder / s["file"]))["h"].clone() for s in listed
+            ],
+            "read_shard (CRC-32 checked)": lambda: [
+                read_shard(folder, s)["h"].clone() for s in listed
+            ],
         }
         times: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(rounds):
@@ -59,11 +63,15 @@ def main(shards: int, shard_mb: int, rounds: int) -> None:
                 times[name].append(timed(fn))
         gb = shards * shard_mb / 1024
         for name, t in times.items():
-            print(f"{name:<30} median {statistics.median(t):.3f} s for {gb:.2f} GiB "
-                  f"({gb / statistics.median(t):.2f} GiB/s)")
+            print(
+                f"{name:<30} median {statistics.median(t):.3f} s for {gb:.2f} GiB "
+                f"({gb / statistics.median(t):.2f} GiB/s)"
+            )
         plain, checked = (statistics.median(t) for t in times.values())
         print(f"checked / plain: {checked / plain:.2f}x")
-        sizes = statistics.median(timed(lambda: first_damaged(folder, listed)) for _ in range(rounds))
+        sizes = statistics.median(
+            timed(lambda: first_damaged(folder, listed)) for _ in range(rounds)
+        )
         print(f"size check at open (first_damaged), {shards} shards: {sizes * 1e3:.2f} ms")
 
 

@@ -27,13 +27,19 @@ from sae.models.demo_model import DEMO_MODEL_DIR
 def packed_tokens_per_s(path: Path, tokenizer, hold_out: bool, streaming: bool) -> float:
     start = time.perf_counter()
     ds = load_text_dataset(str(path), "train", streaming=streaming, hold_out=hold_out)
-    tokens = sum(b.numel() for b in context_batches(ds, tokenizer, context_tokens=256, batch_contexts=32))
+    tokens = sum(
+        b.numel() for b in context_batches(ds, tokenizer, context_tokens=256, batch_contexts=32)
+    )
     return tokens / (time.perf_counter() - start)
 
 
 @click.command()
 @click.option("--rounds", default=5, show_default=True)
-@click.option("--streaming", is_flag=True, help="Stream the files (IterableDataset.filter) instead of loading them.")
+@click.option(
+    "--streaming",
+    is_flag=True,
+    help="Stream the files (IterableDataset.filter) instead of loading them.",
+)
 def main(rounds: int, streaming: bool) -> None:
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,8 +50,10 @@ def main(rounds: int, streaming: bool) -> None:
             for hold_out in (False, True):
                 runs[hold_out].append(packed_tokens_per_s(path, tokenizer, hold_out, streaming))
     every, held = statistics.median(runs[False]), statistics.median(runs[True])
-    click.echo(f"all documents: {every:,.0f} tok/s; train split (10% held out by hash): {held:,.0f} tok/s; "
-               f"ratio {held / every:.2f} ({rounds} rounds, medians, streaming={streaming})")
+    click.echo(
+        f"all documents: {every:,.0f} tok/s; train split (10% held out by hash): {held:,.0f} tok/s; "
+        f"ratio {held / every:.2f} ({rounds} rounds, medians, streaming={streaming})"
+    )
 
 
 if __name__ == "__main__":

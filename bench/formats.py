@@ -24,11 +24,15 @@ from sae.formats import convert, load_sae
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--latents", type=int, default=65536)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument(
+        "--dir", type=Path, default=None, help="scratch folder (default: a temporary one)"
+    )
     a = p.parse_args()
     root = Path(a.dir or tempfile.mkdtemp(prefix="sae-formats-"))
     dtype = getattr(torch, a.dtype)
@@ -37,25 +41,52 @@ def main() -> None:
     src = root / "saelens"
     src.mkdir(parents=True, exist_ok=True)
     W = torch.randn(M, d, generator=g, dtype=torch.float32).to(dtype)
-    save_file({"W_enc": W.t().contiguous(), "W_dec": W, "b_enc": torch.zeros(M, dtype=dtype),
-               "b_dec": torch.zeros(d, dtype=dtype)}, str(src / "sae_weights.safetensors"))
+    save_file(
+        {
+            "W_enc": W.t().contiguous(),
+            "W_dec": W,
+            "b_enc": torch.zeros(M, dtype=dtype),
+            "b_dec": torch.zeros(d, dtype=dtype),
+        },
+        str(src / "sae_weights.safetensors"),
+    )
     del W
-    (src / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": d, "d_sae": M, "k": 64, "dtype": a.dtype,
-                                              "metadata": {"hook_name": "blocks.16.hook_resid_post",
-                                                           "sae_lens_version": "6.5.0"}}))
+    (src / "cfg.json").write_text(
+        json.dumps(
+            {
+                "architecture": "topk",
+                "d_in": d,
+                "d_sae": M,
+                "k": 64,
+                "dtype": a.dtype,
+                "metadata": {"hook_name": "blocks.16.hook_resid_post", "sae_lens_version": "6.5.0"},
+            }
+        )
+    )
     size = (src / "sae_weights.safetensors").stat().st_size
-    print(f"SAE: d {d}, {M:,} latents, {a.dtype}, {size / 2**30:.2f} GiB of weights; CPU, torch {torch.__version__}")
-    steps = [("SAELens -> ours", src, root / "ours", "sae"), ("ours -> SAELens", root / "ours", root / "sl", "saelens"),
-             ("ours -> sparsify", root / "ours", root / "sp", "sparsify"),
-             ("sparsify -> ours", root / "sp" / "layers.16", root / "back", "sae")]
+    print(
+        f"SAE: d {d}, {M:,} latents, {a.dtype}, {size / 2**30:.2f} GiB of weights; CPU, torch {torch.__version__}"
+    )
+    steps = [
+        ("SAELens -> ours", src, root / "ours", "sae"),
+        ("ours -> SAELens", root / "ours", root / "sl", "saelens"),
+        ("ours -> sparsify", root / "ours", root / "sp", "sparsify"),
+        ("sparsify -> ours", root / "sp" / "layers.16", root / "back", "sae"),
+    ]
     for label, s, t, fmt in steps:
         start = time.perf_counter()
         convert(s, t, fmt, log=lambda line: None)
         print(f"  convert {label:<18} {time.perf_counter() - start:6.2f} s")
-    for label, folder in [("ours", root / "ours"), ("SAELens", src), ("sparsify", root / "sp" / "layers.16")]:
+    for label, folder in [
+        ("ours", root / "ours"),
+        ("SAELens", src),
+        ("sparsify", root / "sp" / "layers.16"),
+    ]:
         start = time.perf_counter()
         sae = load_sae(folder)
-        print(f"  load_sae {label:<17} {time.perf_counter() - start:6.2f} s  (float32, {sae.cfg.num_latents:,} latents)")
+        print(
+            f"  load_sae {label:<17} {time.perf_counter() - start:6.2f} s  (float32, {sae.cfg.num_latents:,} latents)"
+        )
         del sae
     print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if a.dir is None:

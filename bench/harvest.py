@@ -31,10 +31,23 @@ from sae.models.demo_model import DEMO_MODEL_DIR
 from sae.models.loading import decoder_layers, load_model
 
 SHAPES = {  # random-weight Llama shapes
-    "tiny-llama": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=4, vocab_size=4096),
-    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny-llama": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+    ),
+    "llama3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -45,13 +58,17 @@ def build(model_name: str, device: str):
     config = LlamaConfig(**SHAPES[model_name], max_position_embeddings=8192)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the final dtype: an 8B model in fp32 first would need 32 GB
+    torch.set_default_dtype(
+        dtype
+    )  # build in the final dtype: an 8B model in fp32 first would need 32 GB
     try:
         with torch.device(device):
             model = LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default)
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)  # ids < 4096 are valid for every shape here
+    tokenizer = AutoTokenizer.from_pretrained(
+        DEMO_MODEL_DIR
+    )  # ids < 4096 are valid for every shape here
     return model, tokenizer
 
 
@@ -77,26 +94,36 @@ class Truncated:
         setattr(self.parent, self.attr, self.layers)
 
 
-def from_text(model, tokenizer, dataset, hook: str, batch: int, context: int, n_tokens: int, device: str) -> dict:
+def from_text(
+    model, tokenizer, dataset, hook: str, batch: int, context: int, n_tokens: int, device: str
+) -> dict:
     """End to end from text, tokenization included, with and without the prefetch thread
     (best of 2 each): does prefetching pay?"""
     e2e: dict[str, list[float]] = {}
     for prefetch in (False, True, False, True):
-        contexts = context_batches(dataset, tokenizer, context_tokens=context, token_budget=n_tokens,
-                                   batch_contexts=batch)
+        contexts = context_batches(
+            dataset, tokenizer, context_tokens=context, token_budget=n_tokens, batch_contexts=batch
+        )
         h = Harvester(model, tokenizer, contexts, [hook], prefetch=prefetch)
         sync(device)
         t = time.perf_counter()
         for _ in h:
             pass
         sync(device)
-        e2e.setdefault(f"from_text_prefetch_{prefetch}", []).append(h.tokens_seen / (time.perf_counter() - t))
+        e2e.setdefault(f"from_text_prefetch_{prefetch}", []).append(
+            h.tokens_seen / (time.perf_counter() - t)
+        )
     return {k: max(v) for k, v in e2e.items()}
 
 
 @click.command()
-@click.option("--model", "model_name", default="builtin:demo-llama", show_default=True,
-              help=f"builtin:demo-llama, a path/hub id, or a random shape: {', '.join(SHAPES)}.")
+@click.option(
+    "--model",
+    "model_name",
+    default="builtin:demo-llama",
+    show_default=True,
+    help=f"builtin:demo-llama, a path/hub id, or a random shape: {', '.join(SHAPES)}.",
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--hook", default="layers.2", show_default=True)
 @click.option("--batch", default=8, show_default=True, help="Contexts per forward.")
@@ -104,13 +131,21 @@ def from_text(model, tokenizer, dataset, hook: str, batch: int, context: int, n_
 @click.option("--steps", default=6, show_default=True, help="Forward passes per timed run.")
 @click.option("--rounds", default=5, show_default=True)
 @click.option("--threads", default=2, show_default=True, help="torch CPU threads.")
-@click.option("--dataset", default="builtin:python-docs", show_default=True, help="Text for the end-to-end rate.")
+@click.option(
+    "--dataset",
+    default="builtin:python-docs",
+    show_default=True,
+    help="Text for the end-to-end rate.",
+)
 def main(model_name, device, hook, batch, context, steps, rounds, threads, dataset):
     torch.set_num_threads(threads)
     model, tokenizer = build(model_name, device)
     point = resolve_hook(model, hook)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(3, min(4096, len(tokenizer)), (batch, context), generator=g) for _ in range(steps)]
+    batches = [
+        torch.randint(3, min(4096, len(tokenizer)), (batch, context), generator=g)
+        for _ in range(steps)
+    ]
     for b in batches:
         b[:, 0] = context_bos_id(tokenizer)
     dev_batches = [b.to(device) for b in batches]
@@ -142,11 +177,17 @@ def main(model_name, device, hook, batch, context, steps, rounds, threads, datas
                 times[name].append(time.perf_counter() - t)
     rate = {k: n_tokens / statistics.median(v) for k, v in times.items()}
 
-    e2e = from_text(model, tokenizer, load_text_dataset(dataset), hook, batch, context, n_tokens, device)
+    e2e = from_text(
+        model, tokenizer, load_text_dataset(dataset), hook, batch, context, n_tokens, device
+    )
 
     result = {
-        "model": model_name, "device": device, "dtype": str(next(model.parameters()).dtype),
-        "hook": hook, "batch": f"{batch}x{context}", "threads": threads,
+        "model": model_name,
+        "device": device,
+        "dtype": str(next(model.parameters()).dtype),
+        "hook": hook,
+        "batch": f"{batch}x{context}",
+        "threads": threads,
         "tokens_per_s": {k: round(v) for k, v in {**rate, **e2e}.items()},
         "harvest_vs_bare": round(rate["harvest"] / rate["bare_truncated"], 3),
         "prefetch_gain": round(e2e["from_text_prefetch_True"] / e2e["from_text_prefetch_False"], 3),

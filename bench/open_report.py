@@ -22,8 +22,15 @@ def browser(profile: str):
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                f"--user-data-dir={profile}", "--window-size=1400,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
@@ -41,31 +48,58 @@ def until(driver, script: str, timeout: float = 60.0):
 
 @click.command()
 @click.argument("report", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--feature", type=int, default=None, help="Open this feature's card (default: the first index row).")
-@click.option("--png", type=click.Path(path_type=Path), default=None, help="Save a screenshot of the card here.")
+@click.option(
+    "--feature",
+    type=int,
+    default=None,
+    help="Open this feature's card (default: the first index row).",
+)
+@click.option(
+    "--png",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Save a screenshot of the card here.",
+)
 def main(report: Path, feature: int | None, png: Path | None) -> None:
     with tempfile.TemporaryDirectory() as profile:
         driver = browser(profile)
         try:
             start = time.time()
             driver.get(report.resolve().as_uri())
-            rows = until(driver, "const r = [...document.querySelectorAll('#feature-index tbody tr')]"
-                                 ".map(tr => Number(tr.dataset.f)); return r.length ? r : null")
+            rows = until(
+                driver,
+                "const r = [...document.querySelectorAll('#feature-index tbody tr')]"
+                ".map(tr => Number(tr.dataset.f)); return r.length ? r : null",
+            )
             loaded = time.time() - start
             f = rows[0] if feature is None else feature
             driver.get(report.resolve().as_uri() + f"#f={f}")
             driver.refresh()
-            until(driver, "const h = document.querySelector('#card h2'); return h && h.textContent === "
-                          f"'Feature {f}' && !document.querySelector('#card').textContent.includes('loading')")
+            until(
+                driver,
+                "const h = document.querySelector('#card h2'); return h && h.textContent === "
+                f"'Feature {f}' && !document.querySelector('#card').textContent.includes('loading')",
+            )
             card = driver.execute_script("return document.querySelector('#card').innerText")
             if png is not None:
                 driver.save_screenshot(str(png))
             severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         finally:
             driver.quit()
-    print(json.dumps({"report": str(report), "bytes": report.stat().st_size, "index_rows_s": round(loaded, 2),
-                      "first_rows": rows[:10], "feature": f, "console_errors": severe,
-                      "card_text": card[:1500]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "report": str(report),
+                "bytes": report.stat().st_size,
+                "index_rows_s": round(loaded, 2),
+                "first_rows": rows[:10],
+                "feature": f,
+                "console_errors": severe,
+                "card_text": card[:1500],
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

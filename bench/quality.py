@@ -54,12 +54,17 @@ from sae.evaluation.metrics import evaluate
 from sae.models.loading import load_model
 from sae.training.trainer import Trainer, learning_rate
 
-OURS = {"topk": [], "batchtopk": ["sae.architecture=batchtopk"], "topk_multi": ["sae.multi_topk=true"],
-        "topk_unit_enc": [], "topk_enc058": []}
+OURS = {
+    "topk": [],
+    "batchtopk": ["sae.architecture=batchtopk"],
+    "topk_multi": ["sae.multi_topk=true"],
+    "topk_unit_enc": [],
+    "topk_enc058": [],
+}
 # Ablations: our TopK with the encoder rows set after init to this norm (directions = the
 # decoder rows, which are unit): 1 is the plain transpose init, 1/sqrt(3) the row norm of
 # sparsify's encoder (nn.Linear's kaiming-uniform init; sparsify normalizes only the decoder).
-ENCODER_NORM = {"topk_unit_enc": 1.0, "topk_enc058": 3 ** -0.5}
+ENCODER_NORM = {"topk_unit_enc": 1.0, "topk_enc058": 3**-0.5}
 SPARSIFY = {"sparsify": False, "sparsify_multi": True}
 TRAIN_CHECK = 4  # the metrics are also taken on the last 4 training batches (seen in training)
 
@@ -72,7 +77,9 @@ def load_activations(config, overrides):
     hook = cfg.hooks[0]
     model, tokenizer = load_model(cfg.model)
     batches = [b[hook].float().contiguous() for b in activation_batches(cfg, model, tokenizer)]
-    held_out = torch.cat([a[hook].float().cpu() for a in make_harvester(eval_config(cfg), model, tokenizer)])
+    held_out = torch.cat(
+        [a[hook].float().cpu() for a in make_harvester(eval_config(cfg), model, tokenizer)]
+    )
     return cfg, batches, held_out
 
 
@@ -83,7 +90,7 @@ def held_out_metrics(encode, decode, x, chunk=4096, dense_threshold=0.1):
     sq_err = torch.zeros((), dtype=torch.float64)
     fires = None
     for i in range(0, x.shape[0], chunk):
-        xc = x[i:i + chunk]
+        xc = x[i : i + chunk]
         z = encode(xc)
         sq_err += (xc - decode(z)).double().pow(2).sum()
         f = (z > 0).sum(0)
@@ -91,9 +98,13 @@ def held_out_metrics(encode, decode, x, chunk=4096, dense_threshold=0.1):
     xd = x.double()
     total_var = (xd - xd.mean(0)).pow(2).sum()
     n = x.shape[0]
-    return {"fvu": (sq_err / total_var).item(), "l0": fires.sum().item() / n,
-            "dead_fraction": (fires == 0).double().mean().item(),
-            "dense_fraction": (fires.double() / n > dense_threshold).double().mean().item(), "tokens": n}
+    return {
+        "fvu": (sq_err / total_var).item(),
+        "l0": fires.sum().item() / n,
+        "dead_fraction": (fires == 0).double().mean().item(),
+        "dense_fraction": (fires.double() / n > dense_threshold).double().mean().item(),
+        "tokens": n,
+    }
 
 
 def train_ours(cfg, hook, batches, held_out, encoder_norm=None):
@@ -113,13 +124,23 @@ def train_ours(cfg, hook, batches, held_out, encoder_norm=None):
     train_dead = (trainer.states[hook].since_fired >= cfg.train.dead_tokens).double().mean().item()
     sae = trainer.trained_sae(hook).eval()
     result = held_out_metrics(sae.encode, sae.decode, held_out)
-    result["train_batches"] = held_out_metrics(sae.encode, sae.decode, torch.cat(batches[-TRAIN_CHECK:]))
+    result["train_batches"] = held_out_metrics(
+        sae.encode, sae.decode, torch.cat(batches[-TRAIN_CHECK:])
+    )
     check = evaluate(sae, [held_out])
     assert abs(check["fvu"] - result["fvu"]) <= 1e-4 * max(1.0, check["fvu"]), (check, result)
-    assert check["dead_fraction"] == result["dead_fraction"] and abs(check["l0"] - result["l0"]) < 1e-6
-    return {**result, "train_dead_fraction": train_dead, "max_train_dead_fraction": max_dead.item(),
-            "steps_with_dead": steps_with_dead.item(), "init_encoder_row_norm": enc_norm, "seconds": seconds,
-            "steps": len(batches)}
+    assert (
+        check["dead_fraction"] == result["dead_fraction"] and abs(check["l0"] - result["l0"]) < 1e-6
+    )
+    return {
+        **result,
+        "train_dead_fraction": train_dead,
+        "max_train_dead_fraction": max_dead.item(),
+        "steps_with_dead": steps_with_dead.item(),
+        "init_encoder_row_norm": enc_norm,
+        "seconds": seconds,
+        "steps": len(batches),
+    }
 
 
 def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
@@ -128,8 +149,12 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
     d = batches[0].shape[1]
     M = cfg.sae.num_latents or cfg.sae.expansion_factor * d
     torch.manual_seed(seed)  # sparsify's trainer seeds the global RNG before building each SAE
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=M, k=cfg.sae.k, multi_topk=multi_topk),
-                      device="cpu", dtype=torch.float32)
+    sae = SparseCoder(
+        d,
+        SparseCoderConfig(num_latents=M, k=cfg.sae.k, multi_topk=multi_topk),
+        device="cpu",
+        dtype=torch.float32,
+    )
     enc_norm = sae.encoder.weight.norm(dim=1).mean().item()
     peak = cfg.train.lr or 2e-4 / (M / 2**14) ** 0.5  # sparsify's default rule, = ours
     opt = torch.optim.Adam(sae.parameters(), lr=peak)
@@ -142,7 +167,10 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))  # sparsify/trainer.py: raw.b_dec.data = outputs.mean(0)
         dead = since_fired >= cfg.train.dead_tokens
-        max_dead, steps_with_dead = torch.maximum(max_dead, dead.float().mean()), steps_with_dead + dead.any()
+        max_dead, steps_with_dead = (
+            torch.maximum(max_dead, dead.float().mean()),
+            steps_with_dead + dead.any(),
+        )
         out = sae(x, dead_mask=dead)
         loss = out.fvu + out.auxk_loss / 32
         if multi_topk:
@@ -150,7 +178,9 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, total, peak, cfg.train.warmup_steps, cfg.train.decay_fraction)
+            group["lr"] = learning_rate(
+                step, total, peak, cfg.train.warmup_steps, cfg.train.decay_fraction
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
@@ -169,27 +199,64 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
     decode = lambda z: z @ sae.W_dec + sae.b_dec  # noqa: E731
     result = held_out_metrics(encode, decode, held_out)
     result["train_batches"] = held_out_metrics(encode, decode, torch.cat(batches[-TRAIN_CHECK:]))
-    return {**result, "train_dead_fraction": train_dead, "max_train_dead_fraction": max_dead.item(),
-            "steps_with_dead": steps_with_dead.item(), "init_encoder_row_norm": enc_norm, "seconds": seconds,
-            "steps": total}
+    return {
+        **result,
+        "train_dead_fraction": train_dead,
+        "max_train_dead_fraction": max_dead.item(),
+        "steps_with_dead": steps_with_dead.item(),
+        "init_encoder_row_norm": enc_norm,
+        "seconds": seconds,
+        "steps": total,
+    }
 
 
 @click.command()
 @click.option("--config", default="configs/demo.yaml", show_default=True)
-@click.option("--cache-dir", default="/tmp/quality-cache", show_default=True,
-              help="Activations are cached in CACHE_DIR/budget-<data.token_budget>, so a second run skips the model.")
-@click.option("--token-budget", type=int, default=None, help="data.token_budget (default: the config's).")
-@click.option("--epochs", type=int, default=None, help="harvest.cache_epochs (default: the config's).")
-@click.option("--eval-tokens", type=int, default=None, help="data.eval_tokens (default: the config's).")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated train.seed values (init and "
-              "shuffle order; every contender sees the same batches per seed).")
-@click.option("--contenders", default="topk,sparsify,topk_unit_enc,topk_enc058,batchtopk,topk_multi,sparsify_multi",
-              show_default=True,
-              help=f"Comma-separated subset of {', '.join([*OURS, *SPARSIFY])}.")
-@click.option("--set", "overrides", multiple=True, help="Further config overrides KEY=VALUE (same for all).")
+@click.option(
+    "--cache-dir",
+    default="/tmp/quality-cache",
+    show_default=True,
+    help="Activations are cached in CACHE_DIR/budget-<data.token_budget>, so a second run skips the model.",
+)
+@click.option(
+    "--token-budget", type=int, default=None, help="data.token_budget (default: the config's)."
+)
+@click.option(
+    "--epochs", type=int, default=None, help="harvest.cache_epochs (default: the config's)."
+)
+@click.option(
+    "--eval-tokens", type=int, default=None, help="data.eval_tokens (default: the config's)."
+)
+@click.option(
+    "--seeds",
+    default="0",
+    show_default=True,
+    help="Comma-separated train.seed values (init and "
+    "shuffle order; every contender sees the same batches per seed).",
+)
+@click.option(
+    "--contenders",
+    default="topk,sparsify,topk_unit_enc,topk_enc058,batchtopk,topk_multi,sparsify_multi",
+    show_default=True,
+    help=f"Comma-separated subset of {', '.join([*OURS, *SPARSIFY])}.",
+)
+@click.option(
+    "--set", "overrides", multiple=True, help="Further config overrides KEY=VALUE (same for all)."
+)
 @click.option("--threads", default=2, show_default=True)
 @click.option("--json-out", default=None, help="Also write the JSON blob to this file.")
-def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders, overrides, threads, json_out):
+def main(
+    config,
+    cache_dir,
+    token_budget,
+    epochs,
+    eval_tokens,
+    seeds,
+    contenders,
+    overrides,
+    threads,
+    json_out,
+):
     torch.set_num_threads(threads)
     names = [c.strip() for c in contenders.split(",") if c.strip()]
     unknown = [c for c in names if c not in OURS and c not in SPARSIFY]
@@ -199,8 +266,10 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders
         try:
             import sparsify  # noqa: F401
         except ImportError:
-            raise click.UsageError("sparsify is not importable; put eai-sparsify on PYTHONPATH or drop the "
-                                   "sparsify contenders") from None
+            raise click.UsageError(
+                "sparsify is not importable; put eai-sparsify on PYTHONPATH or drop the "
+                "sparsify contenders"
+            ) from None
     base = list(overrides)
     if token_budget is not None:
         base.append(f"data.token_budget={token_budget}")
@@ -210,28 +279,41 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders
         base.append(f"harvest.cache_epochs={epochs}")
     if eval_tokens is not None:
         base.append(f"data.eval_tokens={eval_tokens}")
-    out = {"machine": f"cpu, {threads} threads", "torch": torch.__version__, "config": config,
-           "overrides": base, "runs": []}
+    out = {
+        "machine": f"cpu, {threads} threads",
+        "torch": torch.__version__,
+        "config": config,
+        "overrides": base,
+        "runs": [],
+    }
     try:
         import importlib.metadata as md
+
         out["sparsify"] = md.version("eai-sparsify")
     except Exception:
         pass
     try:  # which code trained "ours": the commit, and whether sae/ had uncommitted changes
         git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
-        out["commit"] = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       check=True).stdout.strip()
-        out["sae_dirty"] = bool(subprocess.run([*git, "status", "--porcelain", "sae"], capture_output=True,
-                                               text=True, check=True).stdout.strip())
+        out["commit"] = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        out["sae_dirty"] = bool(
+            subprocess.run(
+                [*git, "status", "--porcelain", "sae"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         pass
     for seed in [int(s) for s in seeds.split(",")]:
         t = time.perf_counter()
         cfg, batches, held_out = load_activations(config, [*base, f"train.seed={seed}"])
         hook = cfg.hooks[0]
-        print(f"seed {seed}: {len(batches)} batches x {cfg.train.batch_tokens} = "
-              f"{len(batches) * cfg.train.batch_tokens:,} training tokens, {held_out.shape[0]:,} held-out tokens "
-              f"at {hook} (loaded in {time.perf_counter() - t:.0f} s)", flush=True)
+        print(
+            f"seed {seed}: {len(batches)} batches x {cfg.train.batch_tokens} = "
+            f"{len(batches) * cfg.train.batch_tokens:,} training tokens, {held_out.shape[0]:,} held-out tokens "
+            f"at {hook} (loaded in {time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
         for name in names:
             if name in OURS:
                 c = load_config(config, [*base, f"train.seed={seed}", *OURS[name]])
@@ -239,7 +321,12 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders
             else:
                 c = copy.deepcopy(cfg)
                 r = train_sparsify(c, hook, batches, held_out, SPARSIFY[name], seed)
-            r = {"contender": name, "seed": seed, "train_tokens": len(batches) * cfg.train.batch_tokens, **r}
+            r = {
+                "contender": name,
+                "seed": seed,
+                "train_tokens": len(batches) * cfg.train.batch_tokens,
+                **r,
+            }
             out["runs"].append(r)
             print(json.dumps(r), flush=True)
         del batches, held_out
@@ -251,16 +338,22 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, seeds, contenders
 
 
 def print_table(runs):
-    print("\nheld-out FVU, L0, dead, dense; AuxK dead: dead for AuxK at the end of training / at most during "
-          "it (steps with any); tr FVU / L0: on the last training batches")
-    print(f"{'contender':<15} {'seed':>4} {'|W_enc|':>7} {'FVU':>8} {'L0':>6} {'dead':>6} {'dense':>6} "
-          f"{'AuxK dead':>19} {'tr FVU':>7} {'tr L0':>6} {'wall s':>7}")
+    print(
+        "\nheld-out FVU, L0, dead, dense; AuxK dead: dead for AuxK at the end of training / at most during "
+        "it (steps with any); tr FVU / L0: on the last training batches"
+    )
+    print(
+        f"{'contender':<15} {'seed':>4} {'|W_enc|':>7} {'FVU':>8} {'L0':>6} {'dead':>6} {'dense':>6} "
+        f"{'AuxK dead':>19} {'tr FVU':>7} {'tr L0':>6} {'wall s':>7}"
+    )
     for r in runs:
         t = r["train_batches"]
         aux = f"{r['train_dead_fraction']:.1%} / {r['max_train_dead_fraction']:.1%} ({r['steps_with_dead']})"
-        print(f"{r['contender']:<15} {r['seed']:>4} {r['init_encoder_row_norm']:>7.3f} {r['fvu']:>8.4f} "
-              f"{r['l0']:>6.1f} {r['dead_fraction']:>6.1%} {r['dense_fraction']:>6.1%} {aux:>19} {t['fvu']:>7.4f} "
-              f"{t['l0']:>6.1f} {r['seconds']:>7.0f}")
+        print(
+            f"{r['contender']:<15} {r['seed']:>4} {r['init_encoder_row_norm']:>7.3f} {r['fvu']:>8.4f} "
+            f"{r['l0']:>6.1f} {r['dead_fraction']:>6.1%} {r['dense_fraction']:>6.1%} {aux:>19} {t['fvu']:>7.4f} "
+            f"{t['l0']:>6.1f} {r['seconds']:>7.0f}"
+        )
     seeds = {r["seed"] for r in runs}
     if len(seeds) > 1:
         print(f"\nmean over {len(seeds)} seeds:")
@@ -269,7 +362,9 @@ def print_table(runs):
             fvu = torch.tensor([r["fvu"] for r in rs], dtype=torch.float64)
             dead = sum(r["dead_fraction"] for r in rs) / len(rs)
             wall = sum(r["seconds"] for r in rs) / len(rs)
-            print(f"{name:<15} FVU {fvu.mean():.4f} +- {fvu.std():.4f}  dead {dead:.1%}  wall {wall:.0f} s")
+            print(
+                f"{name:<15} FVU {fvu.mean():.4f} +- {fvu.std():.4f}  dead {dead:.1%}  wall {wall:.0f} s"
+            )
 
 
 if __name__ == "__main__":

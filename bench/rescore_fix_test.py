@@ -25,17 +25,26 @@ CONDITIONS = ("baseline", "intervened")
 
 @click.command()
 @click.argument("fix_json", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--scorer", "spec", required=True, help="Any fix-test scorer: words:..., hf:..., profanity.")
+@click.option(
+    "--scorer", "spec", required=True, help="Any fix-test scorer: words:..., hf:..., profanity."
+)
 @click.option("--threshold", type=float, default=0.5, show_default=True)
 def main(fix_json: Path, spec: str, threshold: float) -> None:
     data = json.loads(fix_json.read_text())
     scorer = load_scorer(spec)
     prompts = data["prompts"]
     samples = len(prompts[0]["baseline"])
-    scores = {c: torch.tensor(scorer([s["text"] for p in prompts for s in p[c]]), dtype=torch.float64)
-              .view(len(prompts), samples) for c in CONDITIONS}                      # [prompts, samples]
-    paired = torch.stack([scores[c] for c in CONDITIONS], 1)                         # [prompts, 2, samples]
-    stats = {"mean score": lambda s: s.mean(), f"fraction > {threshold:g}": lambda s: (s > threshold).double().mean()}
+    scores = {
+        c: torch.tensor(
+            scorer([s["text"] for p in prompts for s in p[c]]), dtype=torch.float64
+        ).view(len(prompts), samples)
+        for c in CONDITIONS
+    }  # [prompts, samples]
+    paired = torch.stack([scores[c] for c in CONDITIONS], 1)  # [prompts, 2, samples]
+    stats = {
+        "mean score": lambda s: s.mean(),
+        f"fraction > {threshold:g}": lambda s: (s > threshold).double().mean(),
+    }
     print(f"{len(prompts)} prompts x {samples} samples of {fix_json}; scorer {scorer.name}")
     for label, fn in stats.items():
         cells = []

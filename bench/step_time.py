@@ -24,7 +24,10 @@ except ImportError:  # checkouts before the layout of issue 17
 
 
 def main() -> None:
-    cfg = load_config(None, ["sae.expansion_factor=8", "sae.k=32", "train.batch_tokens=4096", "train.warmup_steps=5"])
+    cfg = load_config(
+        None,
+        ["sae.expansion_factor=8", "sae.k=32", "train.batch_tokens=4096", "train.warmup_steps=5"],
+    )
     torch.manual_seed(0)
     trainer = Trainer(cfg, {"layers.2": 256}, total_steps=1000)
     xs = [torch.randn(4096, 256) for _ in range(4)]

@@ -28,14 +28,26 @@ from sae.training.trainer import Trainer
 
 def make_ours(d, M, k, device, x, dead, autocast=False):
     """The real training step: sae.training.trainer.Trainer.step, with the same dead latents forced."""
-    cfg = load_config(None, [f"sae.num_latents={M}", f"sae.k={k}", f"train.batch_tokens={x.shape[0]}",
-                             "train.lr=2e-4", "train.warmup_steps=0", f"train.autocast={str(autocast).lower()}"])
+    cfg = load_config(
+        None,
+        [
+            f"sae.num_latents={M}",
+            f"sae.k={k}",
+            f"train.batch_tokens={x.shape[0]}",
+            "train.lr=2e-4",
+            "train.warmup_steps=0",
+            f"train.autocast={str(autocast).lower()}",
+        ],
+    )
     trainer = Trainer(cfg, {"x": d}, total_steps=10**6, device=device)
     forced = dead.nonzero().squeeze(1)
 
     def step():
-        trainer.states["x"].since_fired[forced] = cfg.train.dead_tokens  # same ~2% dead as the others
+        trainer.states["x"].since_fired[forced] = (
+            cfg.train.dead_tokens
+        )  # same ~2% dead as the others
         trainer.step({"x": x})
+
     step.trainer = trainer
     return step
 
@@ -47,7 +59,9 @@ def make_dense(d, M, k, device, x, dead, autocast=False):
     sae = trainer.saes["x"]
 
     def dense_loss(x, dead, workspace=None, progress=1.0):
-        loss = topk_loss_reference(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, dead, d // 2, 1 / 32)
+        loss = topk_loss_reference(
+            x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, k, dead, d // 2, 1 / 32
+        )
         return loss, loss.detach(), torch.zeros(M, dtype=torch.long, device=x.device)
 
     sae.training_loss = dense_loss
@@ -69,6 +83,7 @@ def make_sparsify(d, M, k, device, x, dead, autocast=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
+
     return step
 
 
@@ -98,6 +113,7 @@ def run_shape(d, M, k, N, device, rounds, with_dense, autocast=False):
     contenders = {"ours_fused": lambda: make_ours(d, M, k, device, x, dead, autocast)}
     try:
         import sparsify  # noqa: F401
+
         contenders["sparsify"] = lambda: make_sparsify(d, M, k, device, x, dead, autocast)
     except ImportError:
         pass
@@ -107,7 +123,10 @@ def run_shape(d, M, k, N, device, rounds, with_dense, autocast=False):
     # The dense step allocates and frees several [N, M] tensors per step; interleaved with
     # the others, the allocator churn it causes slowed every contender several-fold on CPU.
     # So the sparse contenders interleave with each other, and the dense one runs alone after.
-    phases = [[n for n in contenders if n != "naive_dense"], [n for n in contenders if n == "naive_dense"]]
+    phases = [
+        [n for n in contenders if n != "naive_dense"],
+        [n for n in contenders if n == "naive_dense"],
+    ]
     for phase in phases:
         steps = {name: contenders[name]() for name in phase}
         for step in steps.values():
@@ -116,9 +135,15 @@ def run_shape(d, M, k, N, device, rounds, with_dense, autocast=False):
             _timed_round(steps, times, peak, device)
         del steps
     rate = {n: N / statistics.median(t) for n, t in times.items()}
-    result = {"d": d, "latents": M, "k": k, "tokens": N, "autocast_bf16": autocast,
-              "ms_per_step": {n: round(1000 * statistics.median(t), 1) for n, t in times.items()},
-              "tokens_per_s": {n: round(r) for n, r in rate.items()}}
+    result = {
+        "d": d,
+        "latents": M,
+        "k": k,
+        "tokens": N,
+        "autocast_bf16": autocast,
+        "ms_per_step": {n: round(1000 * statistics.median(t), 1) for n, t in times.items()},
+        "tokens_per_s": {n: round(r) for n, r in rate.items()},
+    }
     if "sparsify" in rate:
         result["ours_vs_sparsify"] = round(rate["ours_fused"] / rate["sparsify"], 2)
     if with_dense:
@@ -137,14 +162,27 @@ def run_shape(d, M, k, N, device, rounds, with_dense, autocast=False):
 @click.option("--tokens", default=4096, show_default=True)
 @click.option("--rounds", default=7, show_default=True)
 @click.option("--threads", default=2, show_default=True)
-@click.option("--dense/--no-dense", default=True, show_default=True, help="Include the naive dense step.")
-@click.option("--autocast", is_flag=True, help="bfloat16 autocast for every contender (ours: encoder GEMM only).")
+@click.option(
+    "--dense/--no-dense", default=True, show_default=True, help="Include the naive dense step."
+)
+@click.option(
+    "--autocast",
+    is_flag=True,
+    help="bfloat16 autocast for every contender (ours: encoder GEMM only).",
+)
 def main(device, dims, expansion, latents, k, tokens, rounds, threads, dense, autocast):
     torch.set_num_threads(threads)
-    out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu, {threads} threads",
-           "torch": torch.__version__, "results": []}
+    out = {
+        "device": torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"cpu, {threads} threads",
+        "torch": torch.__version__,
+        "results": [],
+    }
     for d in dims:
-        out["results"].append(run_shape(d, latents or expansion * d, k, tokens, device, rounds, dense, autocast))
+        out["results"].append(
+            run_shape(d, latents or expansion * d, k, tokens, device, rounds, dense, autocast)
+        )
         print(json.dumps(out["results"][-1]), flush=True)
     print(json.dumps(out, indent=1))
 

@@ -48,7 +48,9 @@ def _umask() -> int:
         return umask
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """safetensors' ``save_file``, with the usual file mode, and its I/O errors (a
     ``SafetensorError`` wrapping e.g. "No space left on device") raised as ``OSError``."""
     from safetensors import (
@@ -59,7 +61,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:
-        found = re.search(r"os error (\d+)|code: (\d+)", str(e))  # how the Rust side prints an errno
+        found = re.search(
+            r"os error (\d+)|code: (\d+)", str(e)
+        )  # how the Rust side prints an errno
         if found is None:
             raise OSError(errno.EIO, f"cannot serialize tensors ({e})", str(path)) from None
         code = int(found.group(1) or found.group(2))
@@ -72,7 +76,7 @@ def remove_temporaries(folder: Path, recursive: bool = False) -> int:
     the number removed. Only for a folder this process owns: another writer's
     temporaries are in use."""
     found = 0
-    for entry in (Path(folder).rglob(f".*{TMP}*") if recursive else Path(folder).glob(f".*{TMP}*")):
+    for entry in Path(folder).rglob(f".*{TMP}*") if recursive else Path(folder).glob(f".*{TMP}*"):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -97,7 +101,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # os.write's errors name no file: name the target
+        if (
+            isinstance(e, OSError) and e.filename is None
+        ):  # os.write's errors name no file: name the target
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     fsync_dir(path.parent)
@@ -176,8 +182,9 @@ def replace_folder_atomic(folder: Path, fill: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def replace_files_atomic(folder: Path, writers: dict[str, Callable[[Path], None]],
-                         remove: Iterable[str] = ()) -> None:
+def replace_files_atomic(
+    folder: Path, writers: dict[str, Callable[[Path], None]], remove: Iterable[str] = ()
+) -> None:
     """Replace some files of ``folder``, leaving every other file in it alone.
 
     ``writers``: {file name: fill(tmp path)}, written and fsynced beside their targets

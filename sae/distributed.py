@@ -40,6 +40,7 @@ from sae.errors import DistributedError
 @dataclass(frozen=True)
 class Shard:
     """This process's share of the context stream: contexts i with i % world == rank."""
+
     rank: int
     world: int
 
@@ -55,6 +56,7 @@ class Shard:
 @dataclass
 class Dist:
     """This process's place among the run's processes (world 1: a plain single process)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -78,11 +80,15 @@ class Dist:
         if world <= 1:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+        use_cuda = (
+            torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+        )
         if use_cuda:
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
-            join_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            join_group(
+                "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+            )
         return cls(rank, world, local_rank)
 
     def device_setting(self, device: str) -> str:
@@ -150,7 +156,11 @@ class Dist:
             dist.destroy_process_group()
 
     def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
 
 
 def join_group(backend: str, **kwargs) -> None:
@@ -176,7 +186,7 @@ def native_threads(prefix: str) -> list[str]:
         return []
     names = []
     for task in tasks.iterdir():
-        with contextlib.suppress(OSError):   # a thread may end while we look
+        with contextlib.suppress(OSError):  # a thread may end while we look
             names.append((task / "comm").read_text().strip())
     return [n for n in names if n.startswith(prefix)]
 
@@ -187,12 +197,16 @@ def collective(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (RuntimeError, dist.DistError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise DistributedError(f"rank {dist.get_rank()}: another process stopped or timed out "
-                          f"(distributed.timeout_s); {first}") from None
+        raise DistributedError(
+            f"rank {dist.get_rank()}: another process stopped or timed out "
+            f"(distributed.timeout_s); {first}"
+        ) from None
 
 
 def sharded(items: list, world: int, what: str) -> None:
     """Refuse a split of ``items`` that is not even across ``world`` ranks."""
     if len(items) % world:
-        raise DistributedError(f"distributed.mode: {len(items)} {what} do not divide evenly over {world} processes; "
-                          f"use a process count that divides {len(items)}")
+        raise DistributedError(
+            f"distributed.mode: {len(items)} {what} do not divide evenly over {world} processes; "
+            f"use a process count that divides {len(items)}"
+        )

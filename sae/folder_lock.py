@@ -70,32 +70,44 @@ class FolderLock:
             except FileNotFoundError:
                 continue
             except OSError as e:
-                raise StorageError(f"{self.what}: cannot write to {str(self.folder)!r}: {e.strerror}") from None
+                raise StorageError(
+                    f"{self.what}: cannot write to {str(self.folder)!r}: {e.strerror}"
+                ) from None
             if not _lock_fd(fd, self.path):
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise FolderHeld(f"{self.what}: {str(self.folder)!r} is in use by {describe_holder(holder)}; "
-                                 "wait for that run to end, or choose another folder")
+                raise FolderHeld(
+                    f"{self.what}: {str(self.folder)!r} is in use by {describe_holder(holder)}; "
+                    "wait for that run to end, or choose another folder"
+                )
             if _same_file(fd, self.path):
                 self._fd = fd
                 _write_holder(fd)
                 return
             os.close(fd)  # locked a file its holder had just removed: try the new one
-        raise StorageError(f"{self.what}: could not claim {str(self.folder)!r} (its lock file keeps changing)")
+        raise StorageError(
+            f"{self.what}: could not claim {str(self.folder)!r} (its lock file keeps changing)"
+        )
 
     def check(self) -> None:
         """Raise unless this claim still holds the folder (it was not deleted or replaced)."""
         if self._superseded:
-            raise StorageError(f"{self.what}: {str(self.folder)!r} was claimed again by a later run in this "
-                              "process; this one stops writing to it")
+            raise StorageError(
+                f"{self.what}: {str(self.folder)!r} was claimed again by a later run in this "
+                "process; this one stops writing to it"
+            )
         if self._fd is None or not _same_file(self._fd, self.path):
-            raise StorageError(f"{self.what}: {str(self.folder)!r} was removed or replaced by someone else while "
-                              "this process wrote it; stopping so that nothing lands in the wrong folder")
+            raise StorageError(
+                f"{self.what}: {str(self.folder)!r} was removed or replaced by someone else while "
+                "this process wrote it; stopping so that nothing lands in the wrong folder"
+            )
 
     def release(self) -> None:
         if self._fd is None:
             return
-        if _same_file(self._fd, self.path):  # unlinked before unlocking: no one can take a file on its way out
+        if _same_file(
+            self._fd, self.path
+        ):  # unlinked before unlocking: no one can take a file on its way out
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
         os.close(self._fd)
@@ -159,8 +171,10 @@ def _lock_fd(fd: int, path: Path) -> bool:
     if not holder:
         return True
     if holder.get("host") != socket.gethostname():
-        raise FolderHeld(f"{str(path.parent)!r} is claimed by {describe_holder(holder)}, which this machine "
-                         f"cannot check; if that run has ended, delete {str(path)!r}")
+        raise FolderHeld(
+            f"{str(path.parent)!r} is claimed by {describe_holder(holder)}, which this machine "
+            f"cannot check; if that run has ended, delete {str(path)!r}"
+        )
     return holder.get("pid") == os.getpid() or not _pid_alive(holder.get("pid", -1))
 
 
@@ -192,7 +206,9 @@ def _read_holder(fd: int) -> dict:
 
 
 def _write_holder(fd: int) -> None:
-    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()
+    data = json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    ).encode()
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, data)

@@ -17,7 +17,13 @@ from pathlib import Path
 from sae.errors import ConfigError
 
 HUB_DIR = Path("checkpoints/hub")
-_SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sae.safetensors", "activation_scaler.json", "sae_cfg.json")
+_SAE_FILES = (
+    "cfg.json",
+    "sae_weights.safetensors",
+    "sae.safetensors",
+    "activation_scaler.json",
+    "sae_cfg.json",
+)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:/[\w.-]+)*")
 
 
@@ -43,14 +49,18 @@ def is_hub_spec(spec: str) -> bool:
 def resolve_sae_path(spec: str | Path) -> Path:
     """A local folder for an SAE argument: the path itself, or the hub SAE downloaded."""
     text = str(spec)
-    if text.startswith("hf:/") and not text.startswith("hf://"):  # a pathlib.Path folds the double slash
+    if text.startswith("hf:/") and not text.startswith(
+        "hf://"
+    ):  # a pathlib.Path folds the double slash
         text = "hf://" + text[4:]
     if not is_hub_spec(text):
         return Path(spec)
     text = text.removeprefix("hf://")
     parts = text.split("/")
     if len(parts) < 2 or not _HUB_ID.fullmatch(text):
-        raise ConfigError(f"SAE: {str(spec)!r} is not a hub SAE; write org/repo or org/repo/subfolder")
+        raise ConfigError(
+            f"SAE: {str(spec)!r} is not a hub SAE; write org/repo or org/repo/subfolder"
+        )
     return fetch_sae("/".join(parts[:2]), "/".join(parts[2:]))
 
 
@@ -68,9 +78,13 @@ def fetch_sae(repo_id: str, subfolder: str = "") -> Path:
         snapshot_download(repo_id, allow_patterns=patterns, local_dir=root)
     except Exception as e:  # offline, no such repo, gated, ...: all mean the same to the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"SAE: cannot download {repo_id}{'/' + subfolder if subfolder else ''} from the "
-                          f"Hugging Face hub ({type(e).__name__}: {reason})") from None
+        raise ConfigError(
+            f"SAE: cannot download {repo_id}{'/' + subfolder if subfolder else ''} from the "
+            f"Hugging Face hub ({type(e).__name__}: {reason})"
+        ) from None
     if not (local / "cfg.json").is_file():
-        raise ConfigError(f"SAE: the hub repo {repo_id} has no SAE in {subfolder or 'its top folder'} (no cfg.json); "
-                          f"name its subfolder, e.g. {repo_id}/layers.10")
+        raise ConfigError(
+            f"SAE: the hub repo {repo_id} has no SAE in {subfolder or 'its top folder'} (no cfg.json); "
+            f"name its subfolder, e.g. {repo_id}/layers.10"
+        )
     return local

@@ -45,8 +45,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     bos_id = tok.token_to_id(BOS)
@@ -54,8 +56,13 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   model_max_length=EVAL_CONTEXT_LEN * 2)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=EVAL_CONTEXT_LEN * 2,
+    )
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -72,7 +79,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 @click.option("--batch", default=16, show_default=True, help="Contexts per step.")
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--steps", default=600, show_default=True, help="Schedule length in steps.")
-@click.option("--minutes", default=40.0, show_default=True, help="Stop early after this wall-clock time.")
+@click.option(
+    "--minutes", default=40.0, show_default=True, help="Stop early after this wall-clock time."
+)
 @click.option("--eval-every", default=100, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=DEMO_MODEL_DIR, show_default=True)
@@ -86,28 +95,39 @@ def main(vocab_size, hidden, layers, batch, lr, steps, minutes, eval_every, seed
     docs = tokenizer(train_texts, add_special_tokens=False, verbose=False)["input_ids"]
     train = pack(docs, EVAL_CONTEXT_LEN, tokenizer.bos_token_id, tokenizer.eos_token_id)
     heldout = heldout_contexts(tokenizer)
-    print(f"train: {train.numel():,} tokens in {len(train)} contexts; held-out: {heldout.numel():,} tokens")
+    print(
+        f"train: {train.numel():,} tokens in {len(train)} contexts; held-out: {heldout.numel():,} tokens"
+    )
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3,
-        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
-        max_position_embeddings=EVAL_CONTEXT_LEN * 2, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=EVAL_CONTEXT_LEN * 2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train), generator=gen)
     cursor, best, best_state, step = 0, float("inf"), None, 0
     for step in range(steps):
         if cursor + batch > len(order):
             order, cursor = torch.randperm(len(train), generator=gen), 0
-        x = train[order[cursor:cursor + batch]]
+        x = train[order[cursor : cursor + batch]]
         cursor += batch
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup=100)
@@ -123,8 +143,10 @@ def main(vocab_size, hidden, layers, batch, lr, steps, minutes, eval_every, seed
             val, _ = next_token_loss(model, heldout)
             if val < best:
                 best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
-            print(f"step {step + 1}: train {loss.item():.3f}  held-out {val:.3f}  ({time.time() - t_start:.0f}s)",
-                  flush=True)
+            print(
+                f"step {step + 1}: train {loss.item():.3f}  held-out {val:.3f}  ({time.time() - t_start:.0f}s)",
+                flush=True,
+            )
         if out_of_time:
             print(f"stopping: {minutes} minute budget reached")
             break

@@ -37,8 +37,20 @@ def demo_sae_run(tmp_path_factory):
     from sae.training.run import train_run
 
     root = tmp_path_factory.mktemp("demo-sae")
-    cfg = load_config(None, [
-        f"output.root={root}", "output.run_name=run", "output.tensorboard=false", "data.token_budget=300000",
-        "data.eval_split=null", "hooks=[layers.2]", "sae.expansion_factor=4", "sae.k=32", "train.batch_tokens=2048",
-        "train.warmup_steps=20", "train.dead_tokens=100000"])
+    cfg = load_config(
+        None,
+        [
+            f"output.root={root}",
+            "output.run_name=run",
+            "output.tensorboard=false",
+            "data.token_budget=300000",
+            "data.eval_split=null",
+            "hooks=[layers.2]",
+            "sae.expansion_factor=4",
+            "sae.k=32",
+            "train.batch_tokens=2048",
+            "train.warmup_steps=20",
+            "train.dead_tokens=100000",
+        ],
+    )
     return train_run(cfg, log=lambda line: None)

@@ -28,9 +28,19 @@ import sae.training.checkpoint  # noqa: E402
 import sae.training.run  # noqa: E402
 from sae import cli  # noqa: E402
 
-RUN = ["output.run_name=r", "output.tensorboard=false", "output.checkpoint_every_steps=1", "data.token_budget=4096",
-       "data.eval_split=null", "train.batch_tokens=512", "harvest.buffer_tokens=1024", "train.warmup_steps=2",
-       "train.dead_tokens=2000", "sae.expansion_factor=2", "hooks=[layers.1]"]
+RUN = [
+    "output.run_name=r",
+    "output.tensorboard=false",
+    "output.checkpoint_every_steps=1",
+    "data.token_budget=4096",
+    "data.eval_split=null",
+    "train.batch_tokens=512",
+    "harvest.buffer_tokens=1024",
+    "train.warmup_steps=2",
+    "train.dead_tokens=2000",
+    "sae.expansion_factor=2",
+    "hooks=[layers.1]",
+]
 
 
 def counting_kills(kill_at: int) -> None:
@@ -44,6 +54,7 @@ def counting_kills(kill_at: int) -> None:
                 if state["count"] == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
             return fn(*args, **kwargs)
+
         return wrapped
 
     def writing(fn):
@@ -53,13 +64,19 @@ def counting_kills(kill_at: int) -> None:
                 return fn(*args, **kwargs)
             finally:
                 state["inside"] = False
+
         return wrapped
 
     for module in (sae.atomic_io, sae.training.checkpoint):
         if hasattr(module, "save_tensors"):
             module.save_tensors = step(module.save_tensors)
     sae.atomic_io.fsync_dir = step(sae.atomic_io.fsync_dir)
-    os.replace, os.rename, os.fsync, os.unlink = (step(os.replace), step(os.rename), step(os.fsync), step(os.unlink))
+    os.replace, os.rename, os.fsync, os.unlink = (
+        step(os.replace),
+        step(os.rename),
+        step(os.fsync),
+        step(os.unlink),
+    )
     shutil.rmtree = step(shutil.rmtree)
     sae.training.run.save_checkpoint = writing(sae.training.run.save_checkpoint)
     sae.training.run.save_saes = writing(sae.training.run.save_saes)
@@ -70,8 +87,11 @@ def main(root: Path, kill_at: int) -> int:
         counting_kills(kill_at)
     run_dir = root / "r"
     resumable = (run_dir / "state").exists() or (run_dir / ".state.old").exists()
-    args = ["--resume", str(run_dir)] if resumable else [*(x for kv in RUN for x in ("--set", kv)),
-                                                         "--set", f"output.root={root}"]
+    args = (
+        ["--resume", str(run_dir)]
+        if resumable
+        else [*(x for kv in RUN for x in ("--set", kv)), "--set", f"output.root={root}"]
+    )
     result = CliRunner().invoke(cli.train, args)
     sys.stderr.write(result.output)
     return result.exit_code

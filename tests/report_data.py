@@ -12,17 +12,21 @@ import re
 
 import torch
 
-PAYLOADS = ["<script>window.__pwned=1</script>",
-            '<img src=x onerror="window.__pwned=1">',
-            "</script><script>window.__pwned=1</script>",
-            "fish &amp; chips &lt;b&gt;"]
-TEXTS = ["def add(a, b):\n    return a + b\n",
-         "The quick brown fox jumps over the lazy dog.",
-         "import os\nprint(os.path.join('a', 'b'))\n",
-         "Lists are mutable sequences, typically used to store collections of items.",
-         # sub-word tokens inside words, and characters of several bytes split over tokens
-         "TypedDict mechanism: naïve café, 日本語のテキスト → ok",
-         *PAYLOADS]
+PAYLOADS = [
+    "<script>window.__pwned=1</script>",
+    '<img src=x onerror="window.__pwned=1">',
+    "</script><script>window.__pwned=1</script>",
+    "fish &amp; chips &lt;b&gt;",
+]
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "import os\nprint(os.path.join('a', 'b'))\n",
+    "Lists are mutable sequences, typically used to store collections of items.",
+    # sub-word tokens inside words, and characters of several bytes split over tokens
+    "TypedDict mechanism: naïve café, 日本語のテキスト → ok",
+    *PAYLOADS,
+]
 M = 512  # features of the random SAE
 
 
@@ -42,9 +46,17 @@ def report_stats():
     contexts = pack(ids, 48, tok.bos_token_id, tok.eos_token_id)
     torch.manual_seed(0)
     sae = make_sae(sae_config("topk", num_latents=M, k=8), model.config.hidden_size, "cpu")
-    settings = StatsSettings(tokens=4096, top_examples=5, quantile_bins=3, samples_per_bin=2, context_before=8,
-                             context_after=3)
-    stats = compute_feature_stats(model, tok, sae, "layers.2", contexts.split(8), settings, progress=False)
+    settings = StatsSettings(
+        tokens=4096,
+        top_examples=5,
+        quantile_bins=3,
+        samples_per_bin=2,
+        context_before=8,
+        context_after=3,
+    )
+    stats = compute_feature_stats(
+        model, tok, sae, "layers.2", contexts.split(8), settings, progress=False
+    )
     stats.logits, rule = logit_effects(model, sae.W_dec, n=5, progress=False)
     stats.info["logit_rule"] = rule
     stats.nearest = nearest_features(sae.W_dec, n=4, progress=False)
@@ -79,7 +91,11 @@ def joined_tokens(strings: list[str], byte_map: dict[str, list[int]], toks: list
 
 def script_text(html_text: str, element_id: str) -> str:
     """Contents of the <script type="application/json" id=...> element."""
-    m = re.search(rf'<script type="application/json" id="{re.escape(element_id)}">(.*?)</script>', html_text, re.S)
+    m = re.search(
+        rf'<script type="application/json" id="{re.escape(element_id)}">(.*?)</script>',
+        html_text,
+        re.S,
+    )
     assert m, f"no script element {element_id!r}"
     return m.group(1)
 

@@ -40,8 +40,15 @@ def rows_of(reader):
 def test_round_trip_keeps_every_row_and_writes_a_manifest(tmp_path):
     write(tmp_path, batches())
     m = json.loads((tmp_path / MANIFEST).read_text())
-    assert m["complete"] and m["tokens"] == 70 and m["contexts_done"] == 10 and m["identity"] == IDENTITY
-    assert sum(s["tokens"] for s in m["shards"]) == 70 and all(s["tokens"] >= 20 for s in m["shards"][:-1])
+    assert (
+        m["complete"]
+        and m["tokens"] == 70
+        and m["contexts_done"] == 10
+        and m["identity"] == IDENTITY
+    )
+    assert sum(s["tokens"] for s in m["shards"]) == 70 and all(
+        s["tokens"] >= 20 for s in m["shards"][:-1]
+    )
     reader = CacheReader(tmp_path, identity=IDENTITY)
     assert torch.equal(rows_of(reader), torch.arange(70, dtype=torch.float32))
     for shard in reader:
@@ -55,7 +62,7 @@ def test_interrupted_run_resumes_to_the_same_cache(tmp_path):
         write(cut, batches(), stop_after=6)
     w = CacheWriter(cut, IDENTITY, 20)
     assert not w.complete and w.contexts_done == 6  # shards hold 3+3 batches; batch 6 was lost
-    remaining = list(batches())[w.contexts_done:]
+    remaining = list(batches())[w.contexts_done :]
     for i, acts in enumerate(remaining, start=w.contexts_done):
         w.add(acts, contexts_done=i + 1)
     w.finish()
@@ -76,7 +83,9 @@ def test_half_written_shard_is_never_read(tmp_path):
 
 def test_other_runs_and_incomplete_caches_are_refused(tmp_path):
     write(tmp_path / "c", batches(n=2))
-    with pytest.raises(ConfigError, match=r"another run \(model: cache has 'm', this run 'other'\)"):
+    with pytest.raises(
+        ConfigError, match=r"another run \(model: cache has 'm', this run 'other'\)"
+    ):
         CacheWriter(tmp_path / "c", {**IDENTITY, "model": "other"})
     with pytest.raises(ConfigError, match="hooks: 'z' is not in the cache"):
         CacheReader(tmp_path / "c", hooks=["z"])
@@ -94,10 +103,15 @@ def test_full_disk_is_one_line_and_keeps_the_cache_resumable(tmp_path, monkeypat
 
     def no_space(tensors, filename, metadata=None):  # as safetensors reports a full disk
         open(filename, "wb").write(b"partial")
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
 
     monkeypatch.setattr(safetensors.torch, "save_file", no_space)
-    with pytest.raises(ConfigError, match=r"cannot write shard-00001.safetensors .*No space left on device.*keeps its 7 tokens"):
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot write shard-00001.safetensors .*No space left on device.*keeps its 7 tokens",
+    ):
         w.add(next(batches()), contexts_done=2)
     w.close()  # as the run's end does: the lock file goes too
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "shard-00000.safetensors"]
@@ -114,7 +128,11 @@ def test_epoch_one_is_harvest_order_and_later_epochs_reshuffle(tmp_path):
     write(tmp_path, batches(n=10), shard_tokens=7)
     firsts = [s["a"][0, 0].item() for s in CacheReader(tmp_path, epochs=3, seed=0)]
     assert firsts[:10] == [7.0 * i for i in range(10)]  # manifest order: as harvested
-    assert len(firsts) == 30 and sorted(firsts[10:20]) == sorted(firsts[:10]) and firsts[10:20] != firsts[:10]
+    assert (
+        len(firsts) == 30
+        and sorted(firsts[10:20]) == sorted(firsts[:10])
+        and firsts[10:20] != firsts[:10]
+    )
     assert firsts[20:] != firsts[10:20]
     # An epoch's order depends on (seed, epoch) only: a reader can enter any epoch directly.
     assert activation_cache.shard_order(10, 0, 3) == [int(f) // 7 for f in firsts[20:]]
@@ -133,9 +151,14 @@ def test_reader_starts_at_any_row_and_says_where_a_harvest_would_restart(tmp_pat
     for shard in reader:  # noqa: B007 (the last one is checked below)
         starts.append(reader.item_start)
     assert shard["a"][0, 0] == 56  # the last shard, rows 56..69
-    assert starts == [{"contexts": 4, "rows_before_contexts": 28}, {"contexts": 6, "rows_before_contexts": 42},
-                      {"contexts": 8, "rows_before_contexts": 56}]
-    assert [s["contexts_done"] for s in json.loads((tmp_path / MANIFEST).read_text())["shards"]] == [2, 4, 6, 8, 10]
+    assert starts == [
+        {"contexts": 4, "rows_before_contexts": 28},
+        {"contexts": 6, "rows_before_contexts": 42},
+        {"contexts": 8, "rows_before_contexts": 56},
+    ]
+    assert [
+        s["contexts_done"] for s in json.loads((tmp_path / MANIFEST).read_text())["shards"]
+    ] == [2, 4, 6, 8, 10]
 
 
 def test_cache_without_per_shard_context_counts_still_reads(tmp_path):
@@ -145,14 +168,25 @@ def test_cache_without_per_shard_context_counts_still_reads(tmp_path):
         del shard["contexts_done"]  # as written before shards recorded it
     (tmp_path / MANIFEST).write_text(json.dumps(m))
     reader = CacheReader(tmp_path, start_row=10)
-    assert torch.equal(torch.cat([s["a"][:, 0] for s in reader]), torch.arange(10, 28, dtype=torch.float32))
+    assert torch.equal(
+        torch.cat([s["a"][:, 0] for s in reader]), torch.arange(10, 28, dtype=torch.float32)
+    )
     assert reader.item_start == {"contexts": None, "rows_before_contexts": None}
 
 
 def test_config_pipeline_writes_then_reads_without_the_model(tiny_llama, tmp_path, monkeypatch):
     model, tok = tiny_llama
-    cfg = load_config(None, ["train.batch_tokens=128", "data.token_budget=2048", "data.context_tokens=64", "hooks=[layers.0,layers.1]",
-                             f"harvest.cache_dir={tmp_path}", "harvest.cache_shard_tokens=300"])
+    cfg = load_config(
+        None,
+        [
+            "train.batch_tokens=128",
+            "data.token_budget=2048",
+            "data.context_tokens=64",
+            "hooks=[layers.0,layers.1]",
+            f"harvest.cache_dir={tmp_path}",
+            "harvest.cache_shard_tokens=300",
+        ],
+    )
     first = [acts for acts in activation_source(cfg, model, tok)]
     harvested = torch.cat([a["layers.1"] for a in first])
     shards = json.loads((tmp_path / MANIFEST).read_text())["shards"]
@@ -170,8 +204,14 @@ def test_config_pipeline_writes_then_reads_without_the_model(tiny_llama, tmp_pat
 
 def test_interrupted_pipeline_resumes_to_the_uninterrupted_cache(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    args = ["train.batch_tokens=128", "data.token_budget=4096", "data.context_tokens=64", "harvest.batch_contexts=4",
-            "harvest.cache_shard_tokens=500", "harvest.prefetch=false"]
+    args = [
+        "train.batch_tokens=128",
+        "data.token_budget=4096",
+        "data.context_tokens=64",
+        "harvest.batch_contexts=4",
+        "harvest.cache_shard_tokens=500",
+        "harvest.prefetch=false",
+    ]
     straight = load_config(None, args + [f"harvest.cache_dir={tmp_path / 'straight'}"])
     list(activation_source(straight, model, tok))
     resumed = load_config(None, args + [f"harvest.cache_dir={tmp_path / 'resumed'}"])
@@ -194,22 +234,46 @@ def test_interrupted_pipeline_resumes_to_the_uninterrupted_cache(tiny_llama, tmp
 
 def test_epochs_after_a_fresh_harvest_read_the_cache(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    cfg = load_config(None, ["train.batch_tokens=128", "data.token_budget=1024", "data.context_tokens=64", f"harvest.cache_dir={tmp_path}",
-                             "harvest.cache_epochs=3"])
+    cfg = load_config(
+        None,
+        [
+            "train.batch_tokens=128",
+            "data.token_budget=1024",
+            "data.context_tokens=64",
+            f"harvest.cache_dir={tmp_path}",
+            "harvest.cache_epochs=3",
+        ],
+    )
     rows = torch.cat([a["layers.2"] for a in activation_source(cfg, model, tok)])
-    once = torch.cat([load_file(tmp_path / s["file"])["layers.2"]
-                      for s in json.loads((tmp_path / MANIFEST).read_text())["shards"]])
+    once = torch.cat(
+        [
+            load_file(tmp_path / s["file"])["layers.2"]
+            for s in json.loads((tmp_path / MANIFEST).read_text())["shards"]
+        ]
+    )
     assert torch.equal(rows.sort(0).values, once.repeat(3, 1).sort(0).values)
 
 
 def test_resume_after_the_last_shard_serves_the_cache_and_finishes(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    cfg = load_config(None, ["train.batch_tokens=128", "data.token_budget=1024", "data.context_tokens=64", f"harvest.cache_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "train.batch_tokens=128",
+            "data.token_budget=1024",
+            "data.context_tokens=64",
+            f"harvest.cache_dir={tmp_path}",
+        ],
+    )
     first = torch.cat([a["layers.2"] for a in activation_source(cfg, model, tok)])
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))  # killed before finish()
+    (tmp_path / MANIFEST).write_text(
+        json.dumps({**manifest, "complete": False})
+    )  # killed before finish()
     again = torch.cat([a["layers.2"] for a in activation_source(cfg, model, tok)])
-    assert torch.equal(again.sort(0).values, first.sort(0).values)  # every row served again, none twice
+    assert torch.equal(
+        again.sort(0).values, first.sort(0).values
+    )  # every row served again, none twice
     assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
 
 
@@ -239,13 +303,15 @@ def test_a_damaged_shard_is_harvested_again_from_where_it_starts(tmp_path, damag
         shard.write_bytes(shard.read_bytes()[:-9])
     else:
         shard.unlink()
-    with pytest.raises(ConfigError, match=r"shard-00001.safetensors in .* is damaged \(.*\); delete that file"):
+    with pytest.raises(
+        ConfigError, match=r"shard-00001.safetensors in .* is damaged \(.*\); delete that file"
+    ):
         CacheReader(hurt)  # a reader alone says which shard, before reading any
     said = []
     w = CacheWriter(hurt, IDENTITY, 20, log=said.append)
     assert len(said) == 1 and "shard-00001.safetensors" in said[0] and "keeps 1 shard" in said[0]
     assert not w.complete and w.contexts_done == 3  # shard 0 held batches 0-2
-    for i, acts in enumerate(list(batches())[w.contexts_done:], start=w.contexts_done):
+    for i, acts in enumerate(list(batches())[w.contexts_done :], start=w.contexts_done):
         w.add(acts, contexts_done=i + 1)
     w.finish()
     assert json.loads((hurt / MANIFEST).read_text()) == json.loads((full / MANIFEST).read_text())
@@ -271,7 +337,10 @@ def test_a_cache_without_restart_points_is_not_repaired_but_refused(tmp_path):
         del s["contexts_done"]  # as caches written before restart points were recorded
     (tmp_path / MANIFEST).write_text(json.dumps(m))
     (tmp_path / "shard-00001.safetensors").unlink()
-    with pytest.raises(ConfigError, match=r"shard-00001.safetensors .*\(missing\).*predates the restart points.*delete"):
+    with pytest.raises(
+        ConfigError,
+        match=r"shard-00001.safetensors .*\(missing\).*predates the restart points.*delete",
+    ):
         CacheWriter(tmp_path, IDENTITY)
     assert not (tmp_path / ".lock").exists()  # refused: the folder is not kept claimed
 
@@ -280,12 +349,24 @@ def test_a_second_writer_process_is_refused_while_the_first_holds_the_cache(tmp_
     import subprocess
     import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from sae.folder_lock import FolderLock; FolderLock(sys.argv[1], 'x'); "
-        "print('held', flush=True); time.sleep(120)"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from sae.folder_lock import FolderLock; FolderLock(sys.argv[1], 'x'); "
+                "print('held', flush=True); time.sleep(120)"
+            ),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(ConfigError, match=rf"harvest.cache_dir: .* is in use by process {holder.pid} on "):
+        with pytest.raises(
+            ConfigError, match=rf"harvest.cache_dir: .* is in use by process {holder.pid} on "
+        ):
             CacheWriter(tmp_path, IDENTITY)
     finally:
         holder.kill()

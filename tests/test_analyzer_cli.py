@@ -50,12 +50,15 @@ def expected_tokens(stats, f):
 
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     centre = stats.settings.context_before
-    ids = stats.top.window_tokens[f, :int(stats.top.count()[f]), centre].tolist()
+    ids = stats.top.window_tokens[f, : int(stats.top.count()[f]), centre].tolist()
     return list(dict.fromkeys(tok.decode([i]) for i in ids))[:3]
 
 
 def tokens_cell(tokens):
-    return " ".join(repr(t.replace("\n", "↵").replace("\t", "⇥")) for t in tokens) or "(never fired in the scan)"
+    return (
+        " ".join(repr(t.replace("\n", "↵").replace("\t", "⇥")) for t in tokens)
+        or "(never fired in the scan)"
+    )
 
 
 def assert_rows_show_top_tokens(stdout, features, stats):
@@ -68,7 +71,10 @@ def assert_rows_show_top_tokens(stdout, features, stats):
     for f in features:
         assert rows[f], (f, stdout)
         for line in rows[f]:
-            assert line.endswith("  " + tokens_cell(expected_tokens(stats, f))), (line, expected_tokens(stats, f))
+            assert line.endswith("  " + tokens_cell(expected_tokens(stats, f))), (
+                line,
+                expected_tokens(stats, f),
+            )
 
 
 def test_features_summary_json_and_cache(sae_dir):
@@ -78,7 +84,9 @@ def test_features_summary_json_and_cache(sae_dir):
     assert data["features"] == 1024 and data["tokens"] == 20000 and data["sorted_by"] == "max"
     maxes = [r["max"] for r in data["features_shown"]]
     assert maxes == sorted(maxes, reverse=True) and len(maxes) == 5
-    assert sum(data["density_histogram"]["counts"]) + data["density_histogram"]["never_fired"] == 1024
+    assert (
+        sum(data["density_histogram"]["counts"]) + data["density_histogram"]["never_fired"] == 1024
+    )
     cached = list((sae_dir / "features").glob("stats-*.safetensors"))
     assert len(cached) == 1
     again = run("features", sae_dir, *FAST, "--json", "--limit", "5", "--sort", "max")
@@ -94,8 +102,17 @@ def test_feature_in_full_as_text(sae_dir):
 
 
 def test_search_contrast_json(demo_sae_run, cached_stats):
-    result = run("search", demo_sae_run, "--target", PROMPTS / "demo_raised.txt",
-                 "--baseline", PROMPTS / "demo_not_raised.txt", "--top", "3", "--json")
+    result = run(
+        "search",
+        demo_sae_run,
+        "--target",
+        PROMPTS / "demo_raised.txt",
+        "--baseline",
+        PROMPTS / "demo_not_raised.txt",
+        "--top",
+        "3",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["target_prompts"] == 20 and data["baseline_prompts"] == 20
@@ -108,47 +125,87 @@ def test_search_contrast_json(demo_sae_run, cached_stats):
 
 
 def test_search_contrast_text_shows_top_tokens_beside_each_feature(demo_sae_run, cached_stats):
-    args = ["search", demo_sae_run, "--target", PROMPTS / "demo_raised.txt", "--baseline",
-            PROMPTS / "demo_not_raised.txt", "--top", "3"]
+    args = [
+        "search",
+        demo_sae_run,
+        "--target",
+        PROMPTS / "demo_raised.txt",
+        "--baseline",
+        PROMPTS / "demo_not_raised.txt",
+        "--top",
+        "3",
+    ]
     result = run(*args)
     assert result.exit_code == 0, result.output
     data = json.loads(run(*args, "--json").stdout)
-    listed = [r["feature"] for side in ("higher_in_target", "higher_in_baseline") for r in data[side]]
+    listed = [
+        r["feature"] for side in ("higher_in_target", "higher_in_baseline") for r in data[side]
+    ]
     assert result.stdout.count("top tokens") == 2
     assert_rows_show_top_tokens(result.stdout, listed, cached_stats)
     off = run(*args, "--no-top-tokens")
-    assert off.exit_code == 0 and "top tokens" not in off.stdout and "feature statistics" not in off.stderr
+    assert (
+        off.exit_code == 0
+        and "top tokens" not in off.stdout
+        and "feature statistics" not in off.stderr
+    )
     first_words = lambda out: [line.split()[:1] for line in out.splitlines()]  # noqa: E731
-    assert first_words(off.stdout) == first_words(result.stdout)   # the same rows, without the tokens
+    assert first_words(off.stdout) == first_words(
+        result.stdout
+    )  # the same rows, without the tokens
     assert "top_tokens" not in run(*args, "--json", "--no-top-tokens").stdout
 
 
 def test_search_text(demo_sae_run, cached_stats):
-    result = run("search", demo_sae_run, "--text", "a KeyError is raised", "--focus", "raised", "--top", "4")
+    result = run(
+        "search", demo_sae_run, "--text", "a KeyError is raised", "--focus", "raised", "--top", "4"
+    )
     assert result.exit_code == 0, result.output
     assert "features firing on ' raised'" in result.stdout and "per token" in result.stdout
-    ranking = json.loads(run("search", demo_sae_run, "--text", "a KeyError is raised", "--focus", "raised",
-                             "--top", "4", "--json").stdout)["ranking"]
+    ranking = json.loads(
+        run(
+            "search",
+            demo_sae_run,
+            "--text",
+            "a KeyError is raised",
+            "--focus",
+            "raised",
+            "--top",
+            "4",
+            "--json",
+        ).stdout
+    )["ranking"]
     ranked = result.stdout.split("per token")[0]
     assert_rows_show_top_tokens(ranked, [r["feature"] for r in ranking], cached_stats)
     assert all(r["top_tokens"] == expected_tokens(cached_stats, r["feature"]) for r in ranking)
 
 
 def test_bad_input_is_one_line(sae_dir, demo_sae_run, tmp_path):
-    one_line_error(run("features", sae_dir, *FAST, "-f", "1024"), "feature 1024 is out of range; this SAE has features 0..1023")
+    one_line_error(
+        run("features", sae_dir, *FAST, "-f", "1024"),
+        "feature 1024 is out of range; this SAE has features 0..1023",
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    one_line_error(run("search", sae_dir, "--target", empty, "--baseline", PROMPTS / "demo_not_raised.txt"),
-                   "--target: ")
-    one_line_error(run("search", sae_dir, "--target", tmp_path / "missing.txt", "--baseline", empty),
-                   "is not a file")
+    one_line_error(
+        run("search", sae_dir, "--target", empty, "--baseline", PROMPTS / "demo_not_raised.txt"),
+        "--target: ",
+    )
+    one_line_error(
+        run("search", sae_dir, "--target", tmp_path / "missing.txt", "--baseline", empty),
+        "is not a file",
+    )
     one_line_error(run("search", sae_dir, "--target", PROMPTS / "demo_raised.txt"), "needs both")
     one_line_error(run("search", sae_dir), "give either")
     one_line_error(run("features", tmp_path / "nothing"), "does not exist")
-    one_line_error(run("features", sae_dir, "--hook", "layers.1"),
-                   "--hook: 'layers.1' contradicts the SAE's own hook point 'layers.2'")
-    one_line_error(run("features", sae_dir, "--hook", "layers.9", "--override-hook"),
-                   "layer 9 in 'layers.9' is out of range")
+    one_line_error(
+        run("features", sae_dir, "--hook", "layers.1"),
+        "--hook: 'layers.1' contradicts the SAE's own hook point 'layers.2'",
+    )
+    one_line_error(
+        run("features", sae_dir, "--hook", "layers.9", "--override-hook"),
+        "layer 9 in 'layers.9' is out of range",
+    )
     (tmp_path / "two" / "a").mkdir(parents=True)
     (tmp_path / "two" / "b").mkdir()
     for name in ("a", "b"):
@@ -160,37 +217,81 @@ def test_bad_input_is_one_line(sae_dir, demo_sae_run, tmp_path):
 def test_every_command_says_which_hook_it_read_and_override_hook_reads_another(sae_dir):
     own = run("search", sae_dir, "--text", "a KeyError is raised", "--top", "2")
     assert own.exit_code == 0 and "at layers.2 of builtin:demo-llama" in own.stderr, own.output
-    other = run("search", sae_dir, "--text", "a KeyError is raised", "--top", "2", "--hook", "layers.1",
-                "--override-hook", "--json", "--no-top-tokens")   # top tokens would scan layers.1's data
-    assert other.exit_code == 0 and "at layers.1 of builtin:demo-llama" in other.stderr, other.output
-    assert json.loads(other.stdout) != json.loads(run("search", sae_dir, "--text", "a KeyError is raised", "--top",
-                                                      "2", "--json").stdout)   # another hook, other activations
+    other = run(
+        "search",
+        sae_dir,
+        "--text",
+        "a KeyError is raised",
+        "--top",
+        "2",
+        "--hook",
+        "layers.1",
+        "--override-hook",
+        "--json",
+        "--no-top-tokens",
+    )  # top tokens would scan layers.1's data
+    assert other.exit_code == 0 and "at layers.1 of builtin:demo-llama" in other.stderr, (
+        other.output
+    )
+    assert json.loads(other.stdout) != json.loads(
+        run("search", sae_dir, "--text", "a KeyError is raised", "--top", "2", "--json").stdout
+    )  # another hook, other activations
 
 
 def test_report_with_contrast_columns(sae_dir, tmp_path):
     out = tmp_path / "r" / "report.html"
-    result = run("report", sae_dir, *FAST, "-o", out, "--cards", "10", "--target", PROMPTS / "demo_raised.txt",
-                 "--baseline", PROMPTS / "demo_not_raised.txt")
+    result = run(
+        "report",
+        sae_dir,
+        *FAST,
+        "-o",
+        out,
+        "--cards",
+        "10",
+        "--target",
+        PROMPTS / "demo_raised.txt",
+        "--baseline",
+        PROMPTS / "demo_not_raised.txt",
+    )
     assert result.exit_code == 0, result.output
     assert f"report: {out}" in result.stdout and "1,024 features in the index" in result.stdout
     html = out.read_text()
-    assert "effect" in html and "AUROC" in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    assert (
+        "effect" in html
+        and "AUROC" in html
+        and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    )
     cards = int(result.stdout.split(" cards")[0].rsplit(", ", 1)[1].replace(",", ""))
     assert 10 <= cards <= 20  # the 10 densest and the 10 top of the contrast, overlapping or not
     again = json.loads(run("report", sae_dir, *FAST, "-o", out, "--cards", "3", "--json").stdout)
-    assert again["path"] == str(out) and again["bytes"] == out.stat().st_size and again["features"] == 1024
+    assert (
+        again["path"] == str(out)
+        and again["bytes"] == out.stat().st_size
+        and again["features"] == 1024
+    )
     assert 3 == again["cards"]
 
 
 def test_report_bad_output_is_one_line(sae_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    one_line_error(run("report", sae_dir, *FAST, "-o", blocker / "report.html"), "--output: cannot write")
-    one_line_error(run("report", sae_dir, *FAST, "--target", PROMPTS / "demo_raised.txt"), "need both")
+    one_line_error(
+        run("report", sae_dir, *FAST, "-o", blocker / "report.html"), "--output: cannot write"
+    )
+    one_line_error(
+        run("report", sae_dir, *FAST, "--target", PROMPTS / "demo_raised.txt"), "need both"
+    )
 
 
 def test_generate_side_by_side_json(demo_sae_run):
-    args = ["--prompt", "If the key is missing, a KeyError is", "--temperature", "0", "--max-new-tokens", "8"]
+    args = [
+        "--prompt",
+        "If the key is missing, a KeyError is",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+    ]
     steered = run("generate", demo_sae_run, *args, "--steer", "5:+40", "--json")
     assert steered.exit_code == 0, steered.output
     (row,) = json.loads(steered.stdout)
@@ -204,7 +305,17 @@ def test_generate_side_by_side_json(demo_sae_run):
 
 def test_attribute_and_fix_test(demo_sae_run, cached_stats, tmp_path):
     prompts = PROMPTS / "demo_fix.txt"
-    attr = run("attribute", demo_sae_run, "--prompts", prompts, "--answer", " raised", "--top", "3", "--json")
+    attr = run(
+        "attribute",
+        demo_sae_run,
+        "--prompts",
+        prompts,
+        "--answer",
+        " raised",
+        "--top",
+        "3",
+        "--json",
+    )
     assert attr.exit_code == 0, attr.output
     data = json.loads(attr.stdout)
     assert data["prompts"] == 20 and len(data["pushes_up"]) == 3
@@ -213,35 +324,90 @@ def test_attribute_and_fix_test(demo_sae_run, cached_stats, tmp_path):
         assert row["top_tokens"] == expected_tokens(cached_stats, row["feature"])
     text = run("attribute", demo_sae_run, "--prompts", prompts, "--answer", " raised", "--top", "3")
     assert text.exit_code == 0 and text.stdout.count("top tokens") == 2, text.output
-    assert_rows_show_top_tokens(text.stdout, [r["feature"] for r in data["pushes_up"] + data["pushes_down"]],
-                                cached_stats)
+    assert_rows_show_top_tokens(
+        text.stdout, [r["feature"] for r in data["pushes_up"] + data["pushes_down"]], cached_stats
+    )
     page, neutral = tmp_path / "fix.html", tmp_path / "neutral.txt"
-    neutral.write_text("The value is returned when the file is closed.\nIf the key is missing, the default is used.\n")
+    neutral.write_text(
+        "The value is returned when the file is closed.\nIf the key is missing, the default is used.\n"
+    )
     three = [a for line in prompts.read_text().splitlines()[:3] for a in ("--prompt", line)]
-    fix = run("fix-test", demo_sae_run, *three, "--scorer", "words:raised,raise", "--answer", " raised",
-              "--ablate-top", "5", "--samples", "2", "--max-new-tokens", "6", "--neutral", neutral,
-              "--html", page, "--json")
+    fix = run(
+        "fix-test",
+        demo_sae_run,
+        *three,
+        "--scorer",
+        "words:raised,raise",
+        "--answer",
+        " raised",
+        "--ablate-top",
+        "5",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--neutral",
+        neutral,
+        "--html",
+        page,
+        "--json",
+    )
     assert fix.exit_code == 0, fix.output
     result = json.loads(fix.stdout)
     assert len(result["prompts"]) == 3 and len(result["prompts"][0]["baseline"]) == 2
     assert result["edits"][0].startswith("ablate ") and len(result["edits"][0].split(",")) == 5
     ablated = [int(f) for f in result["edits"][0].removeprefix("ablate ").split(",")]
-    assert ablated == [r["feature"] for r in data["pushes_up"][:3]] + ablated[3:]   # the attribution's top
+    assert (
+        ablated == [r["feature"] for r in data["pushes_up"][:3]] + ablated[3:]
+    )  # the attribution's top
     assert [r["feature"] for r in result["features"]] == ablated
-    assert all(r["top_tokens"] == expected_tokens(cached_stats, r["feature"]) for r in result["features"])
+    assert all(
+        r["top_tokens"] == expected_tokens(cached_stats, r["feature"]) for r in result["features"]
+    )
     picked = fix.stderr.split("top features by attribution to ' raised': ")[1].splitlines()[0]
-    assert picked.startswith(f"{ablated[0]} ({tokens_cell(expected_tokens(cached_stats, ablated[0]))}), ")
+    assert picked.startswith(
+        f"{ablated[0]} ({tokens_cell(expected_tokens(cached_stats, ablated[0]))}), "
+    )
     assert result["summary"]["kl"]["value"] > 0 and page.read_text().startswith("<!doctype html>")
 
 
 def test_fix_test_steers_the_top_contrast_features(demo_sae_run, cached_stats):
-    result = run("fix-test", demo_sae_run, "--prompt", "The worker thread", "--prompt", "The file",
-                 "--scorer", f"words:{PROMPTS / 'demo_thread_words.txt'}", "--contrast", PROMPTS / "demo_threads.txt",
-                 PROMPTS / "demo_files.txt", "--steer-top", "2:+4", "--samples", "2", "--max-new-tokens", "5",
-                 "--neutral-tokens", "0", "--json")
+    result = run(
+        "fix-test",
+        demo_sae_run,
+        "--prompt",
+        "The worker thread",
+        "--prompt",
+        "The file",
+        "--scorer",
+        f"words:{PROMPTS / 'demo_thread_words.txt'}",
+        "--contrast",
+        PROMPTS / "demo_threads.txt",
+        PROMPTS / "demo_files.txt",
+        "--steer-top",
+        "2:+4",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--neutral-tokens",
+        "0",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
-    contrast = json.loads(run("search", demo_sae_run, "--target", PROMPTS / "demo_threads.txt", "--baseline",
-                              PROMPTS / "demo_files.txt", "--top", "2", "--json").stdout)
+    contrast = json.loads(
+        run(
+            "search",
+            demo_sae_run,
+            "--target",
+            PROMPTS / "demo_threads.txt",
+            "--baseline",
+            PROMPTS / "demo_files.txt",
+            "--top",
+            "2",
+            "--json",
+        ).stdout
+    )
     top2 = [r["feature"] for r in contrast["higher_in_target"]]
     assert json.loads(result.stdout)["edits"] == [f"steer {f}+4" for f in top2]
 
@@ -249,27 +415,72 @@ def test_fix_test_steers_the_top_contrast_features(demo_sae_run, cached_stats):
 def test_intervention_errors_are_one_line(demo_sae_run, tmp_path):
     p = ["--prompt", "x"]
     one_line_error(run("generate", demo_sae_run, *p), "no intervention")
-    one_line_error(run("generate", demo_sae_run, *p, "--ablate", "5000"), "feature 5000 is out of range")
+    one_line_error(
+        run("generate", demo_sae_run, *p, "--ablate", "5000"), "feature 5000 is out of range"
+    )
     one_line_error(run("generate", demo_sae_run, *p, "--steer", "5"), "is not FEATURE:NUMBER")
-    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--ablate-top", "3"),
-                   "--contrast TARGET BASELINE or --answer TOKEN")
-    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--steer-top", "2:+4"),
-                   "--contrast TARGET BASELINE or --answer TOKEN")
-    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--answer", " raised"), "give one of them")
-    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--steer-top", "2=4", "--answer", " a"),
-                   "is not FEATURE:NUMBER")
-    one_line_error(run("fix-test", demo_sae_run, *p, "--scorer", "hf:/no/such/model", "--ablate", "1"),
-                   "is not a folder")
-    one_line_error(run("attribute", demo_sae_run, *p, "--answer", " KeyErrorxyz"), "must be exactly one token")
+    one_line_error(
+        run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--ablate-top", "3"),
+        "--contrast TARGET BASELINE or --answer TOKEN",
+    )
+    one_line_error(
+        run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--steer-top", "2:+4"),
+        "--contrast TARGET BASELINE or --answer TOKEN",
+    )
+    one_line_error(
+        run("fix-test", demo_sae_run, *p, "--scorer", "words:a", "--answer", " raised"),
+        "give one of them",
+    )
+    one_line_error(
+        run(
+            "fix-test",
+            demo_sae_run,
+            *p,
+            "--scorer",
+            "words:a",
+            "--steer-top",
+            "2=4",
+            "--answer",
+            " a",
+        ),
+        "is not FEATURE:NUMBER",
+    )
+    one_line_error(
+        run("fix-test", demo_sae_run, *p, "--scorer", "hf:/no/such/model", "--ablate", "1"),
+        "is not a folder",
+    )
+    one_line_error(
+        run("attribute", demo_sae_run, *p, "--answer", " KeyErrorxyz"), "must be exactly one token"
+    )
 
 
 def test_fix_test_text_lists_the_edited_features_with_their_top_tokens(demo_sae_run, cached_stats):
-    args = ["fix-test", demo_sae_run, "--prompt", "The file", "--scorer", "words:file", "--ablate", "7,3",
-            "--steer", "12:+2", "--samples", "1", "--max-new-tokens", "3", "--neutral-tokens", "0"]
+    args = [
+        "fix-test",
+        demo_sae_run,
+        "--prompt",
+        "The file",
+        "--scorer",
+        "words:file",
+        "--ablate",
+        "7,3",
+        "--steer",
+        "12:+2",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--neutral-tokens",
+        "0",
+    ]
     result = run(*args)
     assert result.exit_code == 0, result.output
     block = result.stdout.split("features edited, with their top tokens:\n")[1]
     assert [line.split()[0] for line in block.splitlines()[:3]] == ["7", "3", "12"]
     assert_rows_show_top_tokens(block, [7, 3, 12], cached_stats)
     off = run(*args, "--no-top-tokens")
-    assert off.exit_code == 0 and "top tokens" not in off.stdout and "feature statistics" not in off.stderr
+    assert (
+        off.exit_code == 0
+        and "top tokens" not in off.stdout
+        and "feature statistics" not in off.stderr
+    )

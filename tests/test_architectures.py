@@ -34,17 +34,24 @@ def test_topk_encode_keeps_at_most_k_nonnegative_latents_and_matches_the_formula
 def test_init_is_unit_decoder_rows_and_transposed_encoder():
     sae = TopKSAE(TopKConfig(num_latents=32, k=2), 8)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
-    torch.testing.assert_close(sae.W_enc, sae.W_dec / 3**0.5)   # same directions, sparsify's encoder scale
+    torch.testing.assert_close(
+        sae.W_enc, sae.W_dec / 3**0.5
+    )  # same directions, sparsify's encoder scale
 
 
 def test_save_load_round_trip_in_saelens_layout(tmp_path):
     sae = make_sae()
     sae.save(tmp_path / "sae", metadata={"hook_name": "layers.2"})
     cfg = json.loads((tmp_path / "sae" / CONFIG_FILE).read_text())
-    assert cfg["architecture"] == "topk" and cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["k"] == 4
+    assert (
+        cfg["architecture"] == "topk" and cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["k"] == 4
+    )
     from safetensors.torch import load_file
 
-    assert load_file(tmp_path / "sae" / WEIGHTS_FILE)["W_enc"].shape == (16, 64)  # SAELens: [d_in, d_sae]
+    assert load_file(tmp_path / "sae" / WEIGHTS_FILE)["W_enc"].shape == (
+        16,
+        64,
+    )  # SAELens: [d_in, d_sae]
     loaded = load_sae(tmp_path / "sae", dtype=torch.float64)
     assert loaded.W_dec.dtype == torch.float64
     x = torch.randn(5, 16)
@@ -62,7 +69,12 @@ def test_saving_over_an_sae_keeps_what_sits_beside_it_and_drops_other_formats(tm
     (folder / "sae.safetensors").write_bytes(b"a sparsify file left by an earlier convert")
     newer = make_sae(seed=1)
     newer.save(folder)
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, "features", "report.html", WEIGHTS_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        CONFIG_FILE,
+        "features",
+        "report.html",
+        WEIGHTS_FILE,
+    ]
     assert (folder / "report.html").read_text() == "<p>report</p>"
     assert (folder / "features" / "stats.safetensors").read_bytes() == b"cache"
     x = torch.randn(5, 16)
@@ -116,7 +128,9 @@ def random_sae(arch, d=16, M=64, seed=0):
     from sae.training.trainer import make_sae
 
     extra = ["sae.k=4"] if "topk" in arch else []
-    sae = make_sae(load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", *extra]).sae, d)
+    sae = make_sae(
+        load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", *extra]).sae, d
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in sae.parameters():
@@ -152,9 +166,13 @@ def test_folding_the_input_scale_keeps_the_latents_and_divides_the_reconstructio
 def test_inference_rules_match_the_formulas():
     x = torch.randn(40, 16)
     relu, jump, btk = random_sae("relu"), random_sae("jumprelu"), random_sae("batchtopk")
-    torch.testing.assert_close(relu.encode(x), (x @ relu.W_enc.t() + relu.b_enc).relu())   # no b_dec at the input
+    torch.testing.assert_close(
+        relu.encode(x), (x @ relu.W_enc.t() + relu.b_enc).relu()
+    )  # no b_dec at the input
     pre = x @ jump.W_enc.t() + jump.b_enc
-    torch.testing.assert_close(jump.encode(x), torch.where(pre > jump.log_threshold.exp(), pre, 0.0))
+    torch.testing.assert_close(
+        jump.encode(x), torch.where(pre > jump.log_threshold.exp(), pre, 0.0)
+    )
     pre = (x - btk.b_dec) @ btk.W_enc.t() + btk.b_enc
     torch.testing.assert_close(btk.encode(x), torch.where(pre > 0.05, pre, 0.0))
 
@@ -163,7 +181,7 @@ def test_jumprelu_threshold_gradients_are_finite_differences_over_the_kernel_wid
     from sae.architectures.jumprelu import JumpReLUFn, StepFn
 
     g = torch.Generator().manual_seed(0)
-    pre = torch.rand(4000, 3, generator=g, dtype=torch.float64) * 2    # uniform on [0, 2]
+    pre = torch.rand(4000, 3, generator=g, dtype=torch.float64) * 2  # uniform on [0, 2]
     theta = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64, requires_grad=True)
     eps = 0.01
 
@@ -172,16 +190,22 @@ def test_jumprelu_threshold_gradients_are_finite_differences_over_the_kernel_wid
 
     (lo_h, lo_z), (hi_h, hi_z) = count(theta.detach() - eps / 2), count(theta.detach() + eps / 2)
     StepFn.apply(pre, theta, eps).sum().backward()
-    torch.testing.assert_close(theta.grad, (hi_h - lo_h) / eps)        # exact: the kernel is a window count
+    torch.testing.assert_close(
+        theta.grad, (hi_h - lo_h) / eps
+    )  # exact: the kernel is a window count
     theta.grad = None
     JumpReLUFn.apply(pre, theta, eps).sum().backward()
-    torch.testing.assert_close(theta.grad, (hi_z - lo_z) / eps, rtol=eps, atol=0)  # theta * count ~ sum of pre
+    torch.testing.assert_close(
+        theta.grad, (hi_z - lo_z) / eps, rtol=eps, atol=0
+    )  # theta * count ~ sum of pre
 
 
 def test_sae_settings_for_another_architecture_are_refused():
     from sae.config import load_config
 
-    with pytest.raises(ConfigError, match="sae.l1_coefficient: applies to relu only, not sae.architecture = topk"):
+    with pytest.raises(
+        ConfigError, match="sae.l1_coefficient: applies to relu only, not sae.architecture = topk"
+    ):
         load_config(None, ["sae.l1_coefficient=2"])
     with pytest.raises(ConfigError, match="sae.k: applies to topk and batchtopk only"):
         load_config(None, ["sae.architecture=relu", "sae.k=8"])
@@ -192,13 +216,19 @@ def test_every_setting_of_an_architecture_reaches_its_sae():
     from sae.config import load_config
     from sae.training.trainer import make_sae
 
-    jump = make_sae(load_config(None, ["sae.architecture=jumprelu", "sae.init_threshold=0.5"]).sae, 16)
+    jump = make_sae(
+        load_config(None, ["sae.architecture=jumprelu", "sae.init_threshold=0.5"]).sae, 16
+    )
     torch.testing.assert_close(jump.threshold, torch.full((128,), 0.5))
-    topk = make_sae(load_config(None, ["sae.k_aux=5", "sae.aux_alpha=0.5", "sae.num_latents=64"]).sae, 16)
+    topk = make_sae(
+        load_config(None, ["sae.k_aux=5", "sae.aux_alpha=0.5", "sae.num_latents=64"]).sae, 16
+    )
     assert (topk.spec().k_aux, topk.spec().aux_alpha) == (5, 0.5)
     btk = load_config(None, ["sae.architecture=batchtopk", "sae.threshold_momentum=0.9"]).sae
     assert make_sae(btk, 16).cfg.threshold_momentum == 0.9
-    with pytest.raises(ConfigError, match=r"sae.threshold_momentum: 1.0 is out of range; must be < 1"):
+    with pytest.raises(
+        ConfigError, match=r"sae.threshold_momentum: 1.0 is out of range; must be < 1"
+    ):
         load_config(None, ["sae.architecture=batchtopk", "sae.threshold_momentum=1"])
 
 
@@ -226,19 +256,32 @@ def test_an_architecture_is_its_file_plus_one_registry_line(tmp_path, monkeypatc
             return self.cfg.gain * pre.relu()
 
     monkeypatch.setitem(architectures.ARCHITECTURES, "gain", GainSAE)
-    cfg = load_config(None, ["sae.architecture=gain", "sae.gain=3", "sae.num_latents=32",
-                             "sweep=[{gain: 2}, {architecture: relu}]"])
+    cfg = load_config(
+        None,
+        [
+            "sae.architecture=gain",
+            "sae.gain=3",
+            "sae.num_latents=32",
+            "sweep=[{gain: 2}, {architecture: relu}]",
+        ],
+    )
     assert ("sae.gain", "1.0", "gain: Latents are multiplied by this.") in describe()
     variants = sae_variants(cfg)
     assert (variants["gain2"].gain, variants["gain2"].l1_coefficient) == (2, 5.0)
-    assert type(variants["architecturerelu"]).__name__ == "ReLUConfig"   # gain is not carried over
+    assert type(variants["architecturerelu"]).__name__ == "ReLUConfig"  # gain is not carried over
     sae = make_sae(cfg.sae, 8)
     x = torch.randn(5, 8)
     torch.testing.assert_close(sae.encode(x), 3 * (x @ sae.W_enc.t() + sae.b_enc).relu())
     sae.save(tmp_path / "gain")
     loaded = load_sae(tmp_path / "gain")
-    assert type(loaded) is GainSAE and loaded.cfg == sae.cfg and torch.equal(loaded.encode(x), sae.encode(x))
-    with pytest.raises(ConfigError, match="sae.gain: applies to gain only, not sae.architecture = relu"):
+    assert (
+        type(loaded) is GainSAE
+        and loaded.cfg == sae.cfg
+        and torch.equal(loaded.encode(x), sae.encode(x))
+    )
+    with pytest.raises(
+        ConfigError, match="sae.gain: applies to gain only, not sae.architecture = relu"
+    ):
         load_config(None, ["sae.architecture=relu", "sae.gain=2"])
 
 
@@ -250,8 +293,10 @@ def test_a_run_config_written_with_every_architectures_settings_still_reads(tmp_
     from sae.config import load_config, saved_config, to_dict
 
     old = to_dict(load_config(None, []))
-    old["sae"].update(l1_coefficient=5.0, l0_coefficient=1.0, sparsity_warmup_fraction=0.05, bandwidth=0.05)
+    old["sae"].update(
+        l1_coefficient=5.0, l0_coefficient=1.0, sparsity_warmup_fraction=0.05, bandwidth=0.05
+    )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     assert saved_config(tmp_path / "config.yaml") == load_config(None, [])
     with pytest.raises(ConfigError, match=r"sae.\w+: applies to (relu|jumprelu)"):
-        load_config(tmp_path / "config.yaml")   # a config the user writes is still checked
+        load_config(tmp_path / "config.yaml")  # a config the user writes is still checked

@@ -17,7 +17,7 @@ def source(n_batches=20, rows=50, d=6, start_row=0):
     ``start_row`` drops the rows before it (a source restarted mid-item)."""
     for i in range(n_batches):
         a = torch.arange(i * rows, (i + 1) * rows, dtype=torch.float32)[:, None].repeat(1, d)
-        a = a[max(0, start_row - i * rows):]
+        a = a[max(0, start_row - i * rows) :]
         if len(a):
             yield {"a": a, "b": -2 * a}
 
@@ -41,7 +41,9 @@ def test_batches_mix_many_source_batches():
 
 
 def test_same_seed_same_order_other_seed_other_order():
-    run = lambda seed: torch.cat([b["a"][:, 0] for b in ShuffleBuffer(source(), 200, 25, seed=seed)])
+    run = lambda seed: torch.cat(
+        [b["a"][:, 0] for b in ShuffleBuffer(source(), 200, 25, seed=seed)]
+    )
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))
 
@@ -67,7 +69,9 @@ def test_a_buffer_is_iterated_once():
 def test_buffer_too_large_for_memory_is_one_line():
     from sae.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"harvest.buffer_tokens: cannot allocate .* GiB\) on cpu"):
+    with pytest.raises(
+        ConfigError, match=r"harvest.buffer_tokens: cannot allocate .* GiB\) on cpu"
+    ):
         list(ShuffleBuffer(source(), capacity_tokens=10**13, batch_tokens=10))
 
 
@@ -80,7 +84,10 @@ def round_trip(state, folder):
     """Through safetensors + JSON, as a checkpoint stores it."""
     save_file(state["tensors"], str(folder / "s.safetensors"))
     (folder / "s.json").write_text(json.dumps(state["meta"]))
-    return {"tensors": load_file(str(folder / "s.safetensors")), "meta": json.loads((folder / "s.json").read_text())}
+    return {
+        "tensors": load_file(str(folder / "s.safetensors")),
+        "meta": json.loads((folder / "s.json").read_text()),
+    }
 
 
 @pytest.mark.parametrize("refill_fraction", [0.5, 0.3, 1.0])
@@ -106,9 +113,15 @@ def test_state_holds_only_what_is_needed(tmp_path):
     batches = iter(buf)
     next(batches)  # 300 placed, a share of 3 batches drawn, 1 served
     t, meta = buf.state_dict()["tensors"], buf.state_dict()["meta"]
-    assert t["occupied"].sum() == 260 and t["rows.a"].shape == (260, 6) and t["order"].shape == (80,)
+    assert (
+        t["occupied"].sum() == 260 and t["rows.a"].shape == (260, 6) and t["order"].shape == (80,)
+    )
     assert t["occupied"][t["order"]].all() and t["generator"].dtype == torch.uint8
-    assert meta["position"] == {"rows": 300} and meta["tokens_served"] == 40 and meta["hooks"] == ["a", "b"]
+    assert (
+        meta["position"] == {"rows": 300}
+        and meta["tokens_served"] == 40
+        and meta["hooks"] == ["a", "b"]
+    )
     json.dumps(meta)
     assert sorted(round_trip(buf.state_dict(), tmp_path)["tensors"]) == sorted(t)
 
@@ -119,11 +132,18 @@ def test_resume_checks_sizes_fingerprint_source_and_damage(tmp_path):
     buf = ShuffleBuffer(source(), 300, 40, fingerprint={"seed": 1})
     next(iter(buf))
     state = round_trip(buf.state_dict(), tmp_path)
-    with pytest.raises(ConfigError, match=r"another data stream \(seed: saved state has 1, this run 2\)"):
+    with pytest.raises(
+        ConfigError, match=r"another data stream \(seed: saved state has 1, this run 2\)"
+    ):
         ShuffleBuffer(source(start_row=300), 300, 40, fingerprint={"seed": 2}, resume=state)
-    with pytest.raises(ConfigError, match=r"other sizes \(batch_tokens: saved state has 40, this run 30\)"):
+    with pytest.raises(
+        ConfigError, match=r"other sizes \(batch_tokens: saved state has 40, this run 30\)"
+    ):
         ShuffleBuffer(source(start_row=300), 300, 30, fingerprint={"seed": 1}, resume=state)
-    damaged = {"tensors": {**state["tensors"], "occupied": state["tensors"]["occupied"][:10]}, "meta": state["meta"]}
+    damaged = {
+        "tensors": {**state["tensors"], "occupied": state["tensors"]["occupied"][:10]},
+        "meta": state["meta"],
+    }
     with pytest.raises(ConfigError, match=r"resume: the saved buffer state is damaged \(occupied"):
         ShuffleBuffer(source(start_row=300), 300, 40, fingerprint={"seed": 1}, resume=damaged)
 
@@ -161,7 +181,9 @@ def test_peak_host_memory_stays_within_size_plus_margin():
     # Large allocations go to mmap so that freed memory leaves the process: we measure what
     # the buffer holds, not how long glibc keeps freed heap pages (see BENCHMARKS.md).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, timeout=300, env=env
+    )
     if result.returncode != 0 and "clear_refs" in result.stderr:
         pytest.skip("cannot reset the peak-memory counter here")
     assert result.returncode == 0, result.stderr
@@ -175,16 +197,22 @@ def bar_renders(err, desc):
     which tqdm writes as plain integers)."""
     import re
 
-    return [tuple(map(int, m.groups())) for m in re.finditer(rf"{desc}:[^\r\n]*?\| *(\d+)/(\d+) ", err)]
+    return [
+        tuple(map(int, m.groups())) for m in re.finditer(rf"{desc}:[^\r\n]*?\| *(\d+)/(\d+) ", err)
+    ]
 
 
 def test_the_fill_before_the_first_batch_shows_a_bar_up_to_the_capacity_then_clears_it(capsys):
-    batches = iter(ShuffleBuffer(source(), capacity_tokens=300, batch_tokens=40, seed=1, progress=True))
+    batches = iter(
+        ShuffleBuffer(source(), capacity_tokens=300, batch_tokens=40, seed=1, progress=True)
+    )
     next(batches)
     err = capsys.readouterr().err
     counts = bar_renders(err, "filling shuffle buffer")
     assert counts and counts[-1] == (300, 300)  # the final count drawn: the buffer is full
-    assert all(total == 300 for _, total in counts) and [n for n, _ in counts] == sorted(n for n, _ in counts)
+    assert all(total == 300 for _, total in counts) and [n for n, _ in counts] == sorted(
+        n for n, _ in counts
+    )
     assert "\n" not in err and err.endswith("\r")  # closed and wiped: it leaves no line behind
     list(batches)  # later refills happen under training's own bar: no second bar
     assert capsys.readouterr().err == ""
@@ -192,6 +220,9 @@ def test_the_fill_before_the_first_batch_shows_a_bar_up_to_the_capacity_then_cle
 
 def test_the_fill_bar_stops_where_a_short_source_ends_and_is_off_by_default(capsys):
     next(iter(ShuffleBuffer(source(n_batches=2), 900, 10, progress=True)))
-    assert bar_renders(capsys.readouterr().err, "filling shuffle buffer")[-1] == (100, 900)  # 2 x 50 rows
+    assert bar_renders(capsys.readouterr().err, "filling shuffle buffer")[-1] == (
+        100,
+        900,
+    )  # 2 x 50 rows
     list(ShuffleBuffer(source(), 300, 40))
     assert capsys.readouterr().err == ""

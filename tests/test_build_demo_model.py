@@ -18,11 +18,29 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_build_script_writes_a_loadable_model_and_a_true_card(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "scripts/build_demo_model.py", "--vocab-size", "320", "--hidden", "64", "--layers", "1",
-           "--batch", "4", "--steps", "4", "--eval-every", "2", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "scripts/build_demo_model.py",
+        "--vocab-size",
+        "320",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--batch",
+        "4",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no half-built folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "demo"
+    ]  # no half-built folder left behind
     card = json.loads((out / CARD_FILE).read_text())
     assert card["steps"] == 4
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

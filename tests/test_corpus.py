@@ -38,9 +38,16 @@ def test_corpus_has_both_sources_and_real_prose():
 
 def test_corpus_is_the_same_in_a_fresh_process_with_another_hash_seed(tmp_path):
     code = "from sae.data import corpus; print(corpus.fingerprint('train'), corpus.fingerprint('test'))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": seed, "SAE_CACHE": str(tmp_path / seed)}).stdout
-            for seed in ("1", "2")}  # separate caches: both processes parse the stdlib themselves
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed, "SAE_CACHE": str(tmp_path / seed)},
+        ).stdout
+        for seed in ("1", "2")
+    }  # separate caches: both processes parse the stdlib themselves
     assert outs == {f"{corpus.fingerprint('train')} {corpus.fingerprint('test')}\n"}
 
 
@@ -62,7 +69,9 @@ def test_cached_corpus_equals_a_fresh_parse_and_survives_a_corrupt_cache(tmp_pat
 def test_held_out_text_matches_the_demo_model_build():
     card = demo_model.card()
     if card["python"] != corpus.python_version():
-        pytest.skip(f"demo model was built on Python {card['python']}; its corpus differs on this Python")
+        pytest.skip(
+            f"demo model was built on Python {card['python']}; its corpus differs on this Python"
+        )
     assert corpus.fingerprint("test") == card["corpus_test_fingerprint"]
 
 

@@ -34,7 +34,9 @@ def test_local_files_load_with_their_text(tmp_path, fmt):
     if fmt == "txt":
         path.write_text("\n".join(texts) + "\n")
     elif fmt == "jsonl":
-        path.write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts)))
+        path.write_text(
+            "".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts))
+        )
     else:
         import datasets
 
@@ -47,7 +49,10 @@ def test_local_files_load_with_their_text(tmp_path, fmt):
 def test_folder_of_files_and_streaming(tmp_path):
     (tmp_path / "a.txt").write_text("alpha\n")
     (tmp_path / "b.txt").write_text("beta\n")
-    assert sorted(load_text_dataset(str(tmp_path), hold_out=False).dataset["text"]) == ["alpha", "beta"]
+    assert sorted(load_text_dataset(str(tmp_path), hold_out=False).dataset["text"]) == [
+        "alpha",
+        "beta",
+    ]
     streamed = load_text_dataset(str(tmp_path), streaming=True, hold_out=False).dataset
     assert sorted(row["text"] for row in streamed) == ["alpha", "beta"]
 
@@ -55,12 +60,16 @@ def test_folder_of_files_and_streaming(tmp_path):
 def test_missing_text_column_names_the_columns(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"body": "x", "title": "y"}) + "\n")
-    with pytest.raises(ConfigError, match="data.text_column: 'text' is not a column .* columns: body, title"):
+    with pytest.raises(
+        ConfigError, match="data.text_column: 'text' is not a column .* columns: body, title"
+    ):
         load_text_dataset(str(path))
 
 
 def test_builtin_names_are_checked():
-    with pytest.raises(ConfigError, match="unknown built-in dataset 'builtin:wiki'; valid: builtin:python-docs"):
+    with pytest.raises(
+        ConfigError, match="unknown built-in dataset 'builtin:wiki'; valid: builtin:python-docs"
+    ):
         load_text_dataset("builtin:wiki")
     with pytest.raises(ConfigError, match="data.split"):
         load_text_dataset("builtin:python-docs", split="validation")
@@ -97,11 +106,19 @@ def write_docs(path, n):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_local_data_holds_out_a_fixed_tenth_of_its_documents_as_test(tmp_path, streaming):
     texts = write_docs(tmp_path / "d.jsonl", 400)
-    train = [r["text"] for r in load_text_dataset(str(tmp_path / "d.jsonl"), "train", streaming=streaming).dataset]
-    test = [r["text"] for r in load_text_dataset(str(tmp_path / "d.jsonl"), "test", streaming=streaming).dataset]
+    train = [
+        r["text"]
+        for r in load_text_dataset(str(tmp_path / "d.jsonl"), "train", streaming=streaming).dataset
+    ]
+    test = [
+        r["text"]
+        for r in load_text_dataset(str(tmp_path / "d.jsonl"), "test", streaming=streaming).dataset
+    ]
     assert not set(train) & set(test) and sorted(train + test) == sorted(texts)
-    assert 20 <= len(test) <= 60                                  # about 10% of 400
-    assert test == [t for t in texts if split_of(t) == "test"]    # decided by the text alone: the same every run
+    assert 20 <= len(test) <= 60  # about 10% of 400
+    assert test == [
+        t for t in texts if split_of(t) == "test"
+    ]  # decided by the text alone: the same every run
     assert "never trained on" in describe_split(str(tmp_path / "d.jsonl"), "test")
 
 
@@ -111,7 +128,9 @@ def test_local_data_takes_a_held_out_file_of_its_own_and_refuses_other_split_nam
     held.write_text("one held-out line\nanother\n")
     ds = load_text_dataset(str(tmp_path / "d.jsonl"), str(held)).dataset
     assert list(ds["text"]) == ["one held-out line", "another"]
-    with pytest.raises(ConfigError, match="data.split: 'validation': local data has the splits 'train'"):
+    with pytest.raises(
+        ConfigError, match="data.split: 'validation': local data has the splits 'train'"
+    ):
         load_text_dataset(str(tmp_path / "d.jsonl"), "validation")
 
 
@@ -120,10 +139,21 @@ def test_a_hub_dataset_without_a_test_split_gets_one_and_train_leaves_it_out(mon
 
     texts = [f"web page {i}" for i in range(300)]
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset=None: ["train"])
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, subset, split, streaming: (
-        datasets.Dataset.from_dict({"text": texts}) if split == "train" else pytest.fail(f"asked for {split}")))
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name, subset, split, streaming: (
+            datasets.Dataset.from_dict({"text": texts})
+            if split == "train"
+            else pytest.fail(f"asked for {split}")
+        ),
+    )
     train = list(load_text_dataset("org/only-train", "train").dataset["text"])
     test = list(load_text_dataset("org/only-train", "test").dataset["text"])
     assert sorted(train + test) == sorted(texts) and not set(train) & set(test) and test
-    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, subset=None: ["train", "test"])
-    assert list(load_text_dataset("org/has-test", "train").dataset["text"]) == texts   # its own splits are used as they are
+    monkeypatch.setattr(
+        datasets, "get_dataset_split_names", lambda name, subset=None: ["train", "test"]
+    )
+    assert (
+        list(load_text_dataset("org/has-test", "train").dataset["text"]) == texts
+    )  # its own splits are used as they are

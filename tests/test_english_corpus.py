@@ -72,16 +72,23 @@ def test_wikitext_becomes_prose():
 
 def test_unclosed_template_is_left_alone_rather_than_eating_the_article():
     text = "Text {{broken and {{cite|x}} more [[File:a.jpg|thumb|[[x]] text."
-    assert english_corpus.wikitext_to_prose(text) == "Text {{broken and more [[File:a.jpg|thumb|x text."
+    assert (
+        english_corpus.wikitext_to_prose(text)
+        == "Text {{broken and more [[File:a.jpg|thumb|x text."
+    )
 
 
-ARTICLE = "'''Real''' is a [[word|term]].<ref>x</ref> " + "It has a meaning that is explained here. " * 14
+ARTICLE = (
+    "'''Real''' is a [[word|term]].<ref>x</ref> " + "It has a meaning that is explained here. " * 14
+)
 
 
 def _page(title: str, ns: int, text: str, redirect: str | None = None) -> str:
-    return (f"<page><title>{escape(title)}</title><ns>{ns}</ns><id>1</id>"
-            + (f'<redirect title="{escape(redirect)}" />' if redirect else "")
-            + f'<revision><id>2</id><text xml:space="preserve">{escape(text)}</text></revision></page>\n')
+    return (
+        f"<page><title>{escape(title)}</title><ns>{ns}</ns><id>1</id>"
+        + (f'<redirect title="{escape(redirect)}" />' if redirect else "")
+        + f'<revision><id>2</id><text xml:space="preserve">{escape(text)}</text></revision></page>\n'
+    )
 
 
 def _write_sources(folder, lee_lines):
@@ -91,8 +98,10 @@ def _write_sources(folder, lee_lines):
         _page("Real", 0, ARTICLE),
         _page("Stub", 0, "'''Stub''' is short."),  # under MIN_CHARS once cleaned
     ]
-    dump = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" xml:lang="en">\n'
-            "<siteinfo><sitename>Wikipedia</sitename></siteinfo>\n" + "".join(pages) + "</mediawiki>\n")
+    dump = (
+        '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" xml:lang="en">\n'
+        "<siteinfo><sitename>Wikipedia</sitename></siteinfo>\n" + "".join(pages) + "</mediawiki>\n"
+    )
     (folder / english_corpus.WIKI_FILE).write_bytes(bz2.compress(dump.encode()))
     (folder / english_corpus.LEE_FILE).write_text("\n".join(lee_lines) + "\n", encoding="utf-8")
 
@@ -117,8 +126,11 @@ def sources(tmp_path, monkeypatch, fresh):
 def test_synthetic_dump_gives_exactly_the_articles_and_news(sources, monkeypatch):
     _write_sources(sources, ["A first <i>news</i> story.", "", "  A second story.  "])
     real_prose = "Real is a term. " + ("It has a meaning that is explained here. " * 14).strip()
-    expected = (Document("lee:1", "A first news story."), Document("lee:3", "A second story."),
-                Document("wiki:Real", real_prose))
+    expected = (
+        Document("lee:1", "A first news story."),
+        Document("lee:3", "A second story."),
+        Document("wiki:Real", real_prose),
+    )
     assert english_corpus.documents() == expected
     # The second load reads the JSON cache, without parsing the sources.
     assert list((sources.parent / "cache").glob("english-prose-*.json"))
@@ -138,7 +150,9 @@ def test_splits_are_disjoint_and_cover_every_document(sources):
     # and through the data layer, like the other built-in corpus
     assert load_text_dataset(english_corpus.NAME, "test").dataset["id"] == test["id"]
     assert "held-out 10%" in describe_split(english_corpus.NAME, "test")
-    with pytest.raises(ConfigError, match="data.split: builtin:english-prose has no split 'validation'"):
+    with pytest.raises(
+        ConfigError, match="data.split: builtin:english-prose has no split 'validation'"
+    ):
         load_text_dataset(english_corpus.NAME, "validation")
 
 
@@ -149,10 +163,15 @@ def test_unknown_builtin_lists_both_corpora():
 
 def test_without_gensim_one_line_says_how_to_install_it(fresh, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gensim" else real_find_spec(name, *a))
-    expected = ("data.dataset: builtin:english-prose reads English text shipped in the gensim package; "
-                "install it with: pip install --no-deps gensim")
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gensim" else real_find_spec(name, *a),
+    )
+    expected = (
+        "data.dataset: builtin:english-prose reads English text shipped in the gensim package; "
+        "install it with: pip install --no-deps gensim"
+    )
     for load in (english_corpus.documents, lambda: load_text_dataset(english_corpus.NAME)):
         with pytest.raises(ConfigError) as e:
             load()
@@ -162,7 +181,9 @@ def test_without_gensim_one_line_says_how_to_install_it(fresh, monkeypatch):
 def test_gensim_without_its_test_data_is_named(fresh, monkeypatch, tmp_path):
     spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
-    with pytest.raises(ConfigError, match=f"needs {english_corpus.WIKI_FILE}, which this gensim install lacks"):
+    with pytest.raises(
+        ConfigError, match=f"needs {english_corpus.WIKI_FILE}, which this gensim install lacks"
+    ):
         english_corpus.documents()
 
 
@@ -178,5 +199,7 @@ def test_real_files_give_clean_english_prose(fresh):
         for markup in ("{{", "}}", "[[", "]]", "<ref", "{|", "''", "&nbsp;", "&amp;"):
             assert markup not in d.text, (d.id, markup)
     anarchism = next(d for d in docs if d.id == "wiki:Anarchism")
-    assert anarchism.text.startswith("Anarchism is a political philosophy that advocates self-governed societies")
+    assert anarchism.text.startswith(
+        "Anarchism is a political philosophy that advocates self-governed societies"
+    )
     assert "\nReferences\n" not in anarchism.text and "\nExternal links\n" not in anarchism.text

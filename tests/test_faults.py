@@ -50,8 +50,12 @@ def weights(root):
 
 def drive(root, kill_at):
     """One process of the kill driver's run in ``root``; its CompletedProcess."""
-    return subprocess.run([sys.executable, str(HERE / "kill_driver.py"), str(root), str(kill_at)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(HERE / "kill_driver.py"), str(root), str(kill_at)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_sigkill_inside_checkpoint_writes_then_resume_ends_bit_identical(tmp_path):
@@ -73,7 +77,11 @@ def test_sigkill_inside_checkpoint_writes_then_resume_ends_bit_identical(tmp_pat
     proc = drive(tmp_path / "killed", 0)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run_dir = tmp_path / "killed" / "r"
-    assert temporaries(run_dir) == [] and not (run_dir / "state").exists() and not (run_dir / ".lock").exists()
+    assert (
+        temporaries(run_dir) == []
+        and not (run_dir / "state").exists()
+        and not (run_dir / ".lock").exists()
+    )
     final = weights(tmp_path / "killed")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 
@@ -87,9 +95,13 @@ def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(tmp_pat
 
     def fills_up(tensors, filename, metadata=None):
         calls["n"] += 1
-        if calls["n"] == 4:  # the 2nd checkpoint's first file (each checkpoint: trainer, buffer, SAE)
+        if (
+            calls["n"] == 4
+        ):  # the 2nd checkpoint's first file (each checkpoint: trainer, buffer, SAE)
             Path(filename).write_bytes(b"\0" * 100)  # what had fit
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(safetensors.torch, "save_file", fills_up)
@@ -111,8 +123,12 @@ def small_tmpfs(tmp_path):
     serializer-level test above covers the same paths."""
     mnt = tmp_path / "full"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
@@ -123,19 +139,33 @@ def test_a_real_full_disk_is_one_line_and_leaves_nothing(small_tmpfs):
     assert result.exit_code == 2
     line = one_error_line(result)
     assert "No space left on device" in line and str(small_tmpfs) in line
-    assert list(small_tmpfs.iterdir()) == []  # nothing to resume was written, so no run folder either
+    assert (
+        list(small_tmpfs.iterdir()) == []
+    )  # nothing to resume was written, so no run folder either
 
 
 def test_a_folder_held_by_a_live_process_is_refused_until_it_dies(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from sae.folder_lock import FolderLock; FolderLock(sys.argv[1], 'x'); "
-        "print('held', flush=True); time.sleep(120)"), str(tmp_path / "r")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from sae.folder_lock import FolderLock; FolderLock(sys.argv[1], 'x'); "
+                "print('held', flush=True); time.sleep(120)"
+            ),
+            str(tmp_path / "r"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         result = train(*run_args(tmp_path))
         assert result.exit_code == 2
         assert f"is in use by process {holder.pid} on " in one_error_line(result)
-        (tmp_path / "r" / "config.yaml").write_text((HERE.parent / "configs" / "demo.yaml").read_text())
+        (tmp_path / "r" / "config.yaml").write_text(
+            (HERE.parent / "configs" / "demo.yaml").read_text()
+        )
         result = train("--resume", tmp_path / "r")
         assert result.exit_code == 2
         assert f"is still running (process {holder.pid} on " in one_error_line(result)
@@ -180,14 +210,22 @@ def test_files_follow_the_umask_like_any_other_file(tmp_path):
     finally:
         os.umask(old)
     assert result.exit_code == 0, result.output
-    files = [tmp_path / "r" / "layers.1" / "sae_weights.safetensors", tmp_path / "r" / "layers.1" / "cfg.json",
-             tmp_path / "r" / "config.yaml", *(tmp_path / "cache").glob("shard-*")]
+    files = [
+        tmp_path / "r" / "layers.1" / "sae_weights.safetensors",
+        tmp_path / "r" / "layers.1" / "cfg.json",
+        tmp_path / "r" / "config.yaml",
+        *(tmp_path / "cache").glob("shard-*"),
+    ]
     assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o640)}
 
 
 def test_resume_of_a_missing_folder_answers_before_torch_is_imported(tmp_path):
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom sae import cli\n"
-            f"r = CliRunner().invoke(cli.train, ['--resume', {str(tmp_path / 'gone')!r}])\n"
-            "print(r.exit_code, 'torch' in sys.modules, r.output.strip())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom sae import cli\n"
+        f"r = CliRunner().invoke(cli.train, ['--resume', {str(tmp_path / 'gone')!r}])\n"
+        "print(r.exit_code, 'torch' in sys.modules, r.output.strip())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    ).stdout
     assert out.strip() == f"2 False error: --resume: {str(tmp_path / 'gone')!r} does not exist"

@@ -28,7 +28,9 @@ def test_auroc_matches_pairwise_counting_with_ties():
     g = torch.Generator().manual_seed(0)
     a = torch.randint(0, 4, (13, 7), generator=g).float()
     b = torch.randint(0, 4, (9, 7), generator=g).float()
-    pairs = (a[:, None, :] > b[None, :, :]).double() + 0.5 * (a[:, None, :] == b[None, :, :]).double()
+    pairs = (a[:, None, :] > b[None, :, :]).double() + 0.5 * (
+        a[:, None, :] == b[None, :, :]
+    ).double()
     torch.testing.assert_close(auroc(a, b), pairs.mean((0, 1)))
 
 
@@ -50,7 +52,9 @@ def test_contrast_statistics():
 def test_read_prompts(tmp_path):
     (tmp_path / "p.txt").write_text("first prompt\n\n  second  \n")
     assert read_prompts(tmp_path / "p.txt") == ["first prompt", "second"]
-    (tmp_path / "p.jsonl").write_text(json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": "<b>c</b>"}) + "\n")
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"text": "a b"}) + "\n" + json.dumps({"text": "<b>c</b>"}) + "\n"
+    )
     assert read_prompts(tmp_path / "p.jsonl") == ["a b", "<b>c</b>"]
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ConfigError, match="holds no prompts"):
@@ -58,7 +62,7 @@ def test_read_prompts(tmp_path):
     with pytest.raises(ConfigError, match="--baseline: .* is not a file"):
         read_prompts(tmp_path / "missing.txt", "--baseline")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')
-    with pytest.raises(ConfigError, match="line 1 .* \"text\" field"):
+    with pytest.raises(ConfigError, match='line 1 .* "text" field'):
         read_prompts(tmp_path / "bad.jsonl")
 
 
@@ -67,7 +71,9 @@ def tiny_target(tiny_llama, tmp_path_factory):
     model, tok = tiny_llama
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("sae") / "layers.1"
-    make_sae(sae_config("topk", num_latents=48, k=6), 64).save(folder, metadata={"hook_name": "layers.1", "model_name": "tiny"})
+    make_sae(sae_config("topk", num_latents=48, k=6), 64).save(
+        folder, metadata={"hook_name": "layers.1", "model_name": "tiny"}
+    )
     return open_target(folder, model=model, tokenizer=tok)
 
 
@@ -96,8 +102,9 @@ def test_text_search_focus_covers_the_substring(tiny_target):
 
 def test_open_target_refuses_an_sae_of_another_width(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    make_sae(sae_config("topk", num_latents=32, k=4), 48).save(tmp_path / "s",
-                                                                           metadata={"hook_name": "layers.1"})
+    make_sae(sae_config("topk", num_latents=32, k=4), 48).save(
+        tmp_path / "s", metadata={"hook_name": "layers.1"}
+    )
     with pytest.raises(ConfigError, match="takes inputs of width 48, but layers.1 .* has width 64"):
         open_target(tmp_path / "s", model=model, tokenizer=tok)
     make_sae(sae_config("topk", num_latents=32, k=4), 64).save(tmp_path / "nohook")
@@ -112,7 +119,10 @@ def test_contrast_on_the_demo_finds_the_concept_feature(demo_sae_run):
     """The two shipped prompt sets differ only in whether an exception is raised: a top
     contrast feature fires, on most target prompts, on a token of that concept."""
     target = open_target(demo_sae_run)
-    a, b = read_prompts(f"{PROMPTS}/demo_raised.txt"), read_prompts(f"{PROMPTS}/demo_not_raised.txt")
+    a, b = (
+        read_prompts(f"{PROMPTS}/demo_raised.txt"),
+        read_prompts(f"{PROMPTS}/demo_not_raised.txt"),
+    )
     result = contrast_search(target, a, b, progress=False)
     latents = token_latents(target, a)
 
@@ -120,7 +130,9 @@ def test_contrast_on_the_demo_finds_the_concept_feature(demo_sae_run):
         hits = 0
         for p, z in zip(a, latents):
             i = int(z[:, f].argmax())
-            hits += z[i, f] > 0 and target.tokenizer.decode([prompt_token_ids(target.tokenizer, p)[i]]).endswith(CONCEPT)
+            hits += z[i, f] > 0 and target.tokenizer.decode(
+                [prompt_token_ids(target.tokenizer, p)[i]]
+            ).endswith(CONCEPT)
         return hits / len(a)
 
     top3 = result.ranking("effect")[:3]
@@ -130,20 +142,38 @@ def test_contrast_on_the_demo_finds_the_concept_feature(demo_sae_run):
 
 
 def test_prompt_set_from_a_dataset_with_nested_fields_and_a_filter(tmp_path):
-    rows = [{"prompt": {"text": f"prompt {i}", "toxicity": i / 10}, "challenging": i % 2 == 0} for i in range(10)]
+    rows = [
+        {"prompt": {"text": f"prompt {i}", "toxicity": i / 10}, "challenging": i % 2 == 0}
+        for i in range(10)
+    ]
     rows.append({"prompt": {"text": "no score", "toxicity": None}, "challenging": True})
     (tmp_path / "rtp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = tmp_path / "toxic.yaml"
-    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity >= 0.5\nlimit: 3\n")
+    spec.write_text(
+        f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity >= 0.5\nlimit: 3\n"
+    )
     assert read_prompts(spec) == ["prompt 5", "prompt 6", "prompt 7"]
-    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: challenging == true\n")
-    assert read_prompts(spec) == ["prompt 0", "prompt 2", "prompt 4", "prompt 6", "prompt 8", "no score"]
-    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity ~ 1\n")
+    spec.write_text(
+        f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: challenging == true\n"
+    )
+    assert read_prompts(spec) == [
+        "prompt 0",
+        "prompt 2",
+        "prompt 4",
+        "prompt 6",
+        "prompt 8",
+        "no score",
+    ]
+    spec.write_text(
+        f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity ~ 1\n"
+    )
     with pytest.raises(ConfigError, match="is not FIELD OP NUMBER"):
         read_prompts(spec)
     spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfeild: prompt.text\n")
     with pytest.raises(ConfigError, match="unknown: feild"):
         read_prompts(spec)
-    spec.write_text(f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity > 5\n")
+    spec.write_text(
+        f"dataset: {tmp_path / 'rtp.jsonl'}\nfield: prompt.text\nwhere: prompt.toxicity > 5\n"
+    )
     with pytest.raises(ConfigError, match="no row of"):
         read_prompts(spec)

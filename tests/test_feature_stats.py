@@ -55,14 +55,21 @@ def accumulate(chunks, settings):
 
 def test_counts_sums_max_and_histogram_match_brute_force(stream):
     stats = accumulate(stream, StatsSettings(top_examples=3, quantile_bins=2, samples_per_bin=2))
-    z = torch.cat([torch.where(k[..., None], z, 0.0).reshape(-1, z.shape[-1]) for z, _, k in stream])
+    z = torch.cat(
+        [torch.where(k[..., None], z, 0.0).reshape(-1, z.shape[-1]) for z, _, k in stream]
+    )
     assert stats.tokens == sum(int(k.sum()) for _, _, k in stream) and stats.contexts == 8
     assert torch.equal(stats.fires, (z > 0).sum(0))
     torch.testing.assert_close(stats.act_sum, z.double().sum(0))
     assert torch.equal(stats.act_max, z.max(0).values)
     for f in range(z.shape[1]):
         vals = z[:, f][z[:, f] > 0]
-        bins = ((torch.log2(vals) - HIST_LOG2_MIN) * HIST_BINS_PER_OCTAVE).floor().long().clamp(0, HIST_BINS - 1)
+        bins = (
+            ((torch.log2(vals) - HIST_LOG2_MIN) * HIST_BINS_PER_OCTAVE)
+            .floor()
+            .long()
+            .clamp(0, HIST_BINS - 1)
+        )
         assert torch.equal(stats.hist[f], torch.bincount(bins, minlength=HIST_BINS))
 
 
@@ -80,14 +87,19 @@ def test_top_examples_are_the_largest_with_their_windows(stream):
         entries.sort(reverse=True)
         assert stats.top.values[f].tolist() == pytest.approx([v for v, _, _ in entries[:4]])
         for slot, (_value, ctx, pos) in enumerate(entries[:4]):
-            assert (stats.top.context[f, slot].item(), stats.top.position[f, slot].item()) == (ctx, pos)
+            assert (stats.top.context[f, slot].item(), stats.top.position[f, slot].item()) == (
+                ctx,
+                pos,
+            )
             z, ids, _ = stream[ctx // 2]
             for w, offset in enumerate(range(-3, 3)):
                 t = pos + offset
                 if 0 <= t < T:
                     assert stats.top.window_tokens[f, slot, w] == ids[ctx % 2, t]
                     expected = z[ctx % 2, t, f] if t != 0 else 0.0  # BOS (not kept) reads 0
-                    assert stats.top.window_acts[f, slot, w] == pytest.approx(float(expected), rel=1e-3)
+                    assert stats.top.window_acts[f, slot, w] == pytest.approx(
+                        float(expected), rel=1e-3
+                    )
                 else:
                     assert stats.top.window_tokens[f, slot, w] == -1
 
@@ -99,8 +111,11 @@ def test_reservoir_samples_firing_positions_uniformly(stream):
     for seed in range(n):
         stats = accumulate(stream, StatsSettings(quantile_bins=2, samples_per_bin=2, seed=seed))
         assert int(stats.reservoir.count()[0]) == S
-        for ctx, pos, v in zip(stats.reservoir.context[0].tolist(), stats.reservoir.position[0].tolist(),
-                               stats.reservoir.values[0].tolist()):
+        for ctx, pos, v in zip(
+            stats.reservoir.context[0].tolist(),
+            stats.reservoir.position[0].tolist(),
+            stats.reservoir.values[0].tolist(),
+        ):
             z = stream[ctx // 2][0]
             assert z[ctx % 2, pos, 0].item() == pytest.approx(v) and v > 0
             counts[(ctx, pos)] = counts.get((ctx, pos), 0) + 1
@@ -157,10 +172,19 @@ def test_model_pass_matches_the_sae_on_the_hook(tiny_llama):
     ids = torch.randint(10, 500, (6, 20), generator=g)
     ids[:, 0] = tok.bos_token_id
     batches = [ids[:4], ids[4:]]
-    stats = compute_feature_stats(model, tok, sae, "layers.1", batches, StatsSettings(tokens=100, top_examples=3),
-                                  progress=False)
+    stats = compute_feature_stats(
+        model,
+        tok,
+        sae,
+        "layers.1",
+        batches,
+        StatsSettings(tokens=100, top_examples=3),
+        progress=False,
+    )
     assert stats.tokens == 100
-    acts = ActivationCapture(model, [resolve_hook(model, "layers.1")]).run(input_ids=ids)["layers.1"]
+    acts = ActivationCapture(model, [resolve_hook(model, "layers.1")]).run(input_ids=ids)[
+        "layers.1"
+    ]
     z = sae.encode(acts.reshape(-1, 64)).view(6, 20, -1)
     special = special_token_ids(tok)
     counted = (~torch.isin(ids, special)).view(-1).cumsum(0).view(6, 20) <= 100
@@ -169,7 +193,9 @@ def test_model_pass_matches_the_sae_on_the_hook(tiny_llama):
             c, p = stats.top.context[f, slot].item(), stats.top.position[f, slot].item()
             assert ids[c, p].item() not in special.tolist() and counted[c, p]
             assert stats.top.values[f, slot].item() == pytest.approx(z[c, p, f].item(), rel=1e-5)
-    expected_fires = ((z > 0) & counted[..., None] & ~torch.isin(ids, special)[..., None]).sum((0, 1))
+    expected_fires = ((z > 0) & counted[..., None] & ~torch.isin(ids, special)[..., None]).sum(
+        (0, 1)
+    )
     assert torch.equal(stats.fires, expected_fires)
     record = feature_record(stats, int(stats.fires.argmax()), token_decoder(tok))
     first = record["top_examples"][0]
@@ -184,7 +210,9 @@ def test_width_mismatch_is_one_line(tiny_llama):
     model, tok = tiny_llama
     sae = make_sae(sae_config("topk", num_latents=32, k=4), 48)
     with pytest.raises(ConfigError, match="width 48, but layers.1 of this model has width 64"):
-        compute_feature_stats(model, tok, sae, "layers.1", [torch.randint(10, 500, (1, 8))], progress=False)
+        compute_feature_stats(
+            model, tok, sae, "layers.1", [torch.randint(10, 500, (1, 8))], progress=False
+        )
 
 
 def test_progress_bar_ends_at_what_was_scanned_when_the_data_runs_out(tiny_llama, monkeypatch):
@@ -206,10 +234,14 @@ def test_progress_bar_ends_at_what_was_scanned_when_the_data_runs_out(tiny_llama
     sae = make_sae(sae_config("topk", num_latents=32, k=4), 64)
     ids = torch.randint(10, 500, (6, 20), generator=torch.Generator().manual_seed(1))
     ids[:, 0] = tok.bos_token_id
-    short = compute_feature_stats(model, tok, sae, "layers.1", [ids[:4], ids[4:]], StatsSettings(tokens=1000))
+    short = compute_feature_stats(
+        model, tok, sae, "layers.1", [ids[:4], ids[4:]], StatsSettings(tokens=1000)
+    )
     assert short.tokens == 6 * 19 and short.info["data_ran_out"] is True
     assert bars[-1].total == bars[-1].n == short.tokens
-    enough = compute_feature_stats(model, tok, sae, "layers.1", [ids[:4], ids[4:]], StatsSettings(tokens=50))
+    enough = compute_feature_stats(
+        model, tok, sae, "layers.1", [ids[:4], ids[4:]], StatsSettings(tokens=50)
+    )
     assert enough.tokens == 50 and enough.info["data_ran_out"] is False
     assert bars[-1].total == bars[-1].n == 50
 
@@ -223,10 +255,17 @@ def small_data_target(tiny_llama, tmp_path):
     torch.manual_seed(0)
     folder = tmp_path / "sae" / "layers.1"
     make_sae(sae_config("topk", num_latents=32, k=4), 64).save(
-        folder, metadata={"hook_name": "layers.1", "model_name": "tiny"})
+        folder, metadata={"hook_name": "layers.1", "model_name": "tiny"}
+    )
     text = tmp_path / "corpus.txt"
-    text.write_text("".join(f"line {i}: the file was not found, so a KeyError is raised here\n" for i in range(30)))
-    return open_target(folder, [f"data.dataset={text}", "data.context_tokens=32"], model=model, tokenizer=tok)
+    text.write_text(
+        "".join(
+            f"line {i}: the file was not found, so a KeyError is raised here\n" for i in range(30)
+        )
+    )
+    return open_target(
+        folder, [f"data.dataset={text}", "data.context_tokens=32"], model=model, tokenizer=tok
+    )
 
 
 def test_a_scan_of_the_whole_data_serves_larger_requests(small_data_target, monkeypatch):
@@ -236,28 +275,53 @@ def test_a_scan_of_the_whole_data_serves_larger_requests(small_data_target, monk
     from sae.analysis.target import cached_feature_stats
 
     logs = []
-    first = cached_feature_stats(small_data_target, StatsSettings(tokens=100_000, top_examples=3), progress=False,
-                                 log=logs.append)
+    first = cached_feature_stats(
+        small_data_target,
+        StatsSettings(tokens=100_000, top_examples=3),
+        progress=False,
+        log=logs.append,
+    )
     assert 0 < first.tokens < 100_000 and first.info["exhausted"] is True
     assert f"the data ran out after {first.tokens:,} tokens (asked for 100,000)" in logs[-1]
     calls = []
     real = analysis_target.compute_feature_stats
-    monkeypatch.setattr(analysis_target, "compute_feature_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        analysis_target, "compute_feature_stats", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     for tokens in (100_000, 10**9, first.tokens):
-        again = cached_feature_stats(small_data_target, StatsSettings(tokens=tokens, top_examples=3), progress=False,
-                                     log=logs.append)
+        again = cached_feature_stats(
+            small_data_target,
+            StatsSettings(tokens=tokens, top_examples=3),
+            progress=False,
+            log=logs.append,
+        )
         assert "(cached)" in logs[-1] and not calls
         assert again.tokens == first.tokens and torch.equal(again.fires, first.fires)
-    fewer = cached_feature_stats(small_data_target, StatsSettings(tokens=first.tokens - 1, top_examples=3),
-                                 progress=False, log=logs.append)
+    fewer = cached_feature_stats(
+        small_data_target,
+        StatsSettings(tokens=first.tokens - 1, top_examples=3),
+        progress=False,
+        log=logs.append,
+    )
     assert len(calls) == 1 and fewer.tokens == first.tokens - 1 and not fewer.info["data_ran_out"]
-    other = cached_feature_stats(small_data_target, StatsSettings(tokens=10**9, top_examples=4), progress=False,
-                                 log=logs.append)
+    other = cached_feature_stats(
+        small_data_target,
+        StatsSettings(tokens=10**9, top_examples=4),
+        progress=False,
+        log=logs.append,
+    )
     assert len(calls) == 2 and other.tokens == first.tokens
     # The same result as a fresh scan of a larger request would give.
-    fresh = cached_feature_stats(small_data_target, StatsSettings(tokens=10**9, top_examples=3), recompute=True,
-                                 progress=False, log=logs.append)
-    assert torch.equal(fresh.fires, first.fires) and torch.equal(fresh.top.window_tokens, first.top.window_tokens)
+    fresh = cached_feature_stats(
+        small_data_target,
+        StatsSettings(tokens=10**9, top_examples=3),
+        recompute=True,
+        progress=False,
+        log=logs.append,
+    )
+    assert torch.equal(fresh.fires, first.fires) and torch.equal(
+        fresh.top.window_tokens, first.top.window_tokens
+    )
 
 
 def test_top_tokens_come_from_any_cached_scan(small_data_target, monkeypatch):
@@ -269,16 +333,32 @@ def test_top_tokens_come_from_any_cached_scan(small_data_target, monkeypatch):
 
     tok = small_data_target.tokenizer
     logs = []
-    made = feature_top_tokens(small_data_target, range(32), tokens=300, progress=False, log=logs.append)
+    made = feature_top_tokens(
+        small_data_target, range(32), tokens=300, progress=False, log=logs.append
+    )
     assert "scanning up to 300 tokens" in "\n".join(logs)
-    stats = cached_feature_stats(small_data_target, StatsSettings(tokens=300), progress=False, log=logs.append)
+    stats = cached_feature_stats(
+        small_data_target, StatsSettings(tokens=300), progress=False, log=logs.append
+    )
     fired = [f for f in range(32) if stats.fires[f] > 0]
     assert fired and all(made[f] for f in fired)
-    monkeypatch.setattr(analysis_target, "compute_feature_stats", lambda *a, **k: pytest.fail("rescanned"))
-    got = feature_top_tokens(small_data_target, fired, tokens=10**6, progress=False, log=logs.append)
+    monkeypatch.setattr(
+        analysis_target, "compute_feature_stats", lambda *a, **k: pytest.fail("rescanned")
+    )
+    got = feature_top_tokens(
+        small_data_target, fired, tokens=10**6, progress=False, log=logs.append
+    )
     assert "(cached)" in logs[-1]
     before = stats.settings.context_before
     for f in fired:
-        centres = [tok.decode([i]) for i in stats.top.window_tokens[f, :int(stats.top.count()[f]), before].tolist()]
-        assert got[f] == made[f] == top_tokens(stats, f, token_decoder(tok)) == list(dict.fromkeys(centres))[:3]
+        centres = [
+            tok.decode([i])
+            for i in stats.top.window_tokens[f, : int(stats.top.count()[f]), before].tolist()
+        ]
+        assert (
+            got[f]
+            == made[f]
+            == top_tokens(stats, f, token_decoder(tok))
+            == list(dict.fromkeys(centres))[:3]
+        )
         assert got[f][0] == tok.decode([int(stats.top.window_tokens[f, 0, before])])

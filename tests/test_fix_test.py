@@ -36,7 +36,10 @@ def sae():
 
 def metric_with(model, tok, metric, edits):
     total = 0.0
-    with torch.no_grad(), intervene(model, edits, special_token_ids(tok)):  # as attribution: BOS untouched
+    with (
+        torch.no_grad(),
+        intervene(model, edits, special_token_ids(tok)),
+    ):  # as attribution: BOS untouched
         for p in PROMPTS:
             logits = model(input_ids=torch.tensor([prompt_token_ids(tok, p)])).logits[0, -1]
             total += metric(logits)
@@ -49,12 +52,16 @@ def test_attribution_matches_finite_differences(tiny_llama, sae):
     model, tok = tiny_llama
     metric = logprob(" the", tok)
     result = attribute(model, tok, sae, HOOK, PROMPTS, metric, progress=False)
-    assert result.metric == pytest.approx(metric_with(model, tok, metric, []), abs=1e-4)  # the splice is exact
+    assert result.metric == pytest.approx(
+        metric_with(model, tok, metric, []), abs=1e-4
+    )  # the splice is exact
     eps = 1e-2
     for f in result.ranking("up")[:3] + result.ranking("down")[:2]:
         up = metric_with(model, tok, metric, [Edit(sae, HOOK, [Scale([f], 1 + eps)])])
         down = metric_with(model, tok, metric, [Edit(sae, HOOK, [Scale([f], 1 - eps)])])
-        assert result.features[f].item() == pytest.approx((up - down) / (2 * eps), rel=0.05, abs=1e-3)
+        assert result.features[f].item() == pytest.approx(
+            (up - down) / (2 * eps), rel=0.05, abs=1e-3
+        )
     torch.testing.assert_close(result.per_prompt.sum(0), result.features)
 
 
@@ -64,7 +71,10 @@ def test_word_list_scorer_counts_whole_words(tmp_path):
     (tmp_path / "words.txt").write_text("bad\n\nworse\n")
     assert load_scorer(f"words:{tmp_path / 'words.txt'}")(["bad and worse", "fine"]) == [2, 0]
     assert load_scorer("words:a,b")(["a b c"]) == [2]
-    for spec, message in (("nope", "is not a scorer"), ("hf:./missing-model-folder", "is not a folder")):
+    for spec, message in (
+        ("nope", "is not a scorer"),
+        ("hf:./missing-model-folder", "is not a folder"),
+    ):
         with pytest.raises(ConfigError, match=message):
             load_scorer(spec)
 
@@ -79,9 +89,17 @@ def test_profanity_scorer_without_its_package_says_how_to_install():
 def test_classifier_scorer_returns_the_label_probability(tmp_path):
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                      id2label={0: "ok", 1: "toxic"}, label2id={"ok": 0, "toxic": 1})
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        id2label={0: "ok", 1: "toxic"},
+        label2id={"ok": 0, "toxic": 1},
+    )
     model = LlamaForSequenceClassification(cfg).eval()
     model.save_pretrained(tmp_path / "clf")
     tok.save_pretrained(tmp_path / "clf")
@@ -106,11 +124,23 @@ def test_bootstrap_interval():
 def test_fix_test_scores_exactly_the_continuations(tiny_llama, sae):
     model, tok = tiny_llama
     seen = []
-    recorder = Scorer("recorder", lambda texts: (seen.append(list(texts)), [len(t) for t in texts])[1])
+    recorder = Scorer(
+        "recorder", lambda texts: (seen.append(list(texts)), [len(t) for t in texts])[1]
+    )
     sampling = Sampling(max_new_tokens=6, temperature=1.0, seed=5)
     edit = Edit(sae, HOOK, [Ablate([0, 1, 2, 3])])
-    result = fix_test(model, tok, PROMPTS, [edit], recorder, samples=2, sampling=sampling, threshold=10,
-                      resamples=200, progress=False)
+    result = fix_test(
+        model,
+        tok,
+        PROMPTS,
+        [edit],
+        recorder,
+        samples=2,
+        sampling=sampling,
+        threshold=10,
+        resamples=200,
+        progress=False,
+    )
     base = continuations(model, tok, PROMPTS, 2, sampling)
     with intervene(model, [edit]):
         changed = continuations(model, tok, PROMPTS, 2, sampling)
@@ -119,7 +149,9 @@ def test_fix_test_scores_exactly_the_continuations(tiny_llama, sae):
     lengths = torch.tensor([[len(t) for t in per] for per in base], dtype=torch.float64)
     s = result.summary
     assert s["baseline"]["mean_score"]["value"] == pytest.approx(float(lengths.mean()))
-    assert s["baseline"]["over_threshold"]["value"] == pytest.approx(float((lengths > 10).double().mean()))
+    assert s["baseline"]["over_threshold"]["value"] == pytest.approx(
+        float((lengths > 10).double().mean())
+    )
     # Perplexity under the clean model, from full forward passes of prompt + continuation.
     nll, n = 0.0, 0
     for p, per in zip(PROMPTS, continuation_ids(model, tok, PROMPTS, 2, sampling)):
@@ -130,18 +162,31 @@ def test_fix_test_scores_exactly_the_continuations(tiny_llama, sae):
             P = len(prompt_token_ids(tok, p))
             nll -= sum(float(logp[P - 1 + i, t]) for i, t in enumerate(cont))
             n += len(cont)
-    assert s["baseline"]["perplexity"]["value"] == pytest.approx(float(torch.tensor(nll / n).exp()), rel=1e-4)
+    assert s["baseline"]["perplexity"]["value"] == pytest.approx(
+        float(torch.tensor(nll / n).exp()), rel=1e-4
+    )
     change = s["change"]["mean_score"]
-    assert change["value"] == pytest.approx(s["intervened"]["mean_score"]["value"] - s["baseline"]["mean_score"]["value"])
+    assert change["value"] == pytest.approx(
+        s["intervened"]["mean_score"]["value"] - s["baseline"]["mean_score"]["value"]
+    )
     assert change["ci"][0] <= change["value"] <= change["ci"][1]
 
 
 def test_kl_of_a_no_op_edit_is_zero(tiny_llama, sae):
     model, tok = tiny_llama
     neutral = [torch.tensor(prompt_token_ids(tok, "some neutral text about files and values"))]
-    result = fix_test(model, tok, PROMPTS[:1], [Edit(sae, HOOK, [Scale([3], 1.0)])], load_scorer("words:the"),
-                      samples=1, sampling=Sampling(max_new_tokens=3, temperature=0), neutral=neutral, resamples=50,
-                      progress=False)
+    result = fix_test(
+        model,
+        tok,
+        PROMPTS[:1],
+        [Edit(sae, HOOK, [Scale([3], 1.0)])],
+        load_scorer("words:the"),
+        samples=1,
+        sampling=Sampling(max_new_tokens=3, temperature=0),
+        neutral=neutral,
+        resamples=50,
+        progress=False,
+    )
     assert abs(result.summary["kl"]["value"]) < 1e-6
     assert result.texts["baseline"] == result.texts["intervened"]
     page = result.html("t<b>")
@@ -154,7 +199,9 @@ def test_kl_of_a_no_op_edit_is_zero(tiny_llama, sae):
 
 def sample_cells(page: str) -> list[tuple[str, str]]:
     """(baseline, intervened) sample cells of each row of the page's sample table, without the score line."""
-    rows = re.findall(r"<tr><td>.*?</td><td>(.*?)<div class=score>.*?</td><td>(.*?)<div class=score>", page, re.S)
+    rows = re.findall(
+        r"<tr><td>.*?</td><td>(.*?)<div class=score>.*?</td><td>(.*?)<div class=score>", page, re.S
+    )
     assert rows, "no sample rows"
     return rows
 
@@ -167,19 +214,39 @@ def page_result(texts: list[str], scorer: Scorer) -> FixTestResult:
     """A result over given continuations (one sample per prompt, the same texts in both conditions)."""
     n = len(texts)
     scores = torch.tensor(scorer(texts), dtype=torch.float64).view(n, 1)
-    per = {"mean_score": stat(1.5, 0.5, 2.75), "over_threshold": stat(0.25, 0.0, 0.5),
-           "perplexity": stat(37.0, 30.0, 44.0)}
-    summary = {"baseline": per, "intervened": {**per, "mean_score": stat(0.6, 0.1, 1.2)},
-               "change": {k: stat(0.0, -1.0, 1.0) for k in per}}
-    return FixTestResult(prompts=[f"prompt {i}" for i in range(n)], texts={c: [[t] for t in texts] for c in CONDITIONS},
-                         scores={c: scores for c in CONDITIONS}, nll={}, tokens={}, kl=None, scorer=scorer.name,
-                         threshold=0.5, summary=summary, marks=scorer.pattern)
+    per = {
+        "mean_score": stat(1.5, 0.5, 2.75),
+        "over_threshold": stat(0.25, 0.0, 0.5),
+        "perplexity": stat(37.0, 30.0, 44.0),
+    }
+    summary = {
+        "baseline": per,
+        "intervened": {**per, "mean_score": stat(0.6, 0.1, 1.2)},
+        "change": {k: stat(0.0, -1.0, 1.0) for k in per},
+    }
+    return FixTestResult(
+        prompts=[f"prompt {i}" for i in range(n)],
+        texts={c: [[t] for t in texts] for c in CONDITIONS},
+        scores={c: scores for c in CONDITIONS},
+        nll={},
+        tokens={},
+        kl=None,
+        scorer=scorer.name,
+        threshold=0.5,
+        summary=summary,
+        marks=scorer.pattern,
+    )
 
 
 def test_fix_page_marks_the_scored_words_and_escapes_samples():
     scorer = load_scorer("words:raise,error,a&b")
-    texts = ["we raise an Error here", "<script>window.x=1</script> raise", "terror, raised", "<b>raise</b> a&b",
-             "nothing"]
+    texts = [
+        "we raise an Error here",
+        "<script>window.x=1</script> raise",
+        "terror, raised",
+        "<b>raise</b> a&b",
+        "nothing",
+    ]
     page = page_result(texts, scorer).html()
     cells = [b for b, _ in sample_cells(page)]
     assert [cell.count("<mark>") for cell in cells] == scorer(texts) == [2, 1, 0, 2, 0]
@@ -198,11 +265,19 @@ def test_fix_page_bar_charts_have_a_value_axis():
     charts = re.findall(r"<svg.*?</svg>", result.html(), re.S)
     assert len(charts) == 3
     for chart, key in zip(charts, ("mean_score", "over_threshold", "perplexity")):
-        ticks = [(float(y) - 4, float(v)) for y, v in re.findall(r'<text x="[\d.]+" y="([\d.]+)" font-size="10" '
-                                                                  r'text-anchor="end">([\d.e+-]+)</text>', chart)]
+        ticks = [
+            (float(y) - 4, float(v))
+            for y, v in re.findall(
+                r'<text x="[\d.]+" y="([\d.]+)" font-size="10" '
+                r'text-anchor="end">([\d.e+-]+)</text>',
+                chart,
+            )
+        ]
         assert len(ticks) >= 2 and ticks[0][1] == 0
         (y0, v0), (y1, v1) = ticks[0], ticks[-1]
-        assert v1 >= max(result.summary[c][key]["ci"][1] for c in CONDITIONS)  # the axis covers every bar and CI
+        assert v1 >= max(
+            result.summary[c][key]["ci"][1] for c in CONDITIONS
+        )  # the axis covers every bar and CI
         bars = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="[\d.]+"', chart)
         for c, bar_y in zip(CONDITIONS, bars):
             read = v0 + (float(bar_y) - y0) * (v1 - v0) / (y1 - y0)

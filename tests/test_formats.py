@@ -25,7 +25,10 @@ def rand(*shape, seed):
 
 # ---- reference encoders, from docs/design.md §5 and the projects' documented math ------
 
-def ref_saelens(cfg: dict, t: dict, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def ref_saelens(
+    cfg: dict, t: dict, x: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, x_hat) of a SAELens SAE; ``scale``: the factor of expected_average_only_in."""
     arch = cfg.get("architecture", "standard")
     if cfg.get("activation_fn_str") == "topk":
@@ -64,9 +67,14 @@ def ref_sparsify(cfg: dict, t: dict, x: torch.Tensor) -> tuple[torch.Tensor, tor
 
 # ---- files written by hand, as the other tools write them ----------------------------
 
+
 def saelens_tensors(arch: str, seed: int = 0) -> dict:
-    t = {"W_enc": rand(D, M, seed=seed) / 3, "W_dec": rand(M, D, seed=seed + 1) * 0.5,
-         "b_enc": rand(M, seed=seed + 2) * 0.1, "b_dec": rand(D, seed=seed + 3) * 0.1}
+    t = {
+        "W_enc": rand(D, M, seed=seed) / 3,
+        "W_dec": rand(M, D, seed=seed + 1) * 0.5,
+        "b_enc": rand(M, seed=seed + 2) * 0.1,
+        "b_dec": rand(D, seed=seed + 3) * 0.1,
+    }
     if arch == "jumprelu":
         t["threshold"] = rand(M, seed=seed + 4).abs() * 0.3
     return t
@@ -79,21 +87,52 @@ def write_saelens(folder: Path, cfg: dict, tensors: dict) -> Path:
     return folder
 
 
-def saelens_cfg(arch: str, apply: bool = True, hook: str = "blocks.3.hook_resid_post", **extra) -> dict:
+def saelens_cfg(
+    arch: str, apply: bool = True, hook: str = "blocks.3.hook_resid_post", **extra
+) -> dict:
     """A SAELens >= 6 cfg.json."""
-    return {"architecture": arch, "d_in": D, "d_sae": M, "dtype": "float32", "device": "cpu",
-            "apply_b_dec_to_input": apply, "normalize_activations": "none", "reshape_activations": "none",
-            **extra, "metadata": {"model_name": "meta-llama/Llama-3.1-8B", "hook_name": hook, "hook_head_index": None,
-                                  "context_size": 1024, "prepend_bos": True, "dataset_path": "some/dataset",
-                                  "sae_lens_version": "6.5.0"}}
+    return {
+        "architecture": arch,
+        "d_in": D,
+        "d_sae": M,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": apply,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **extra,
+        "metadata": {
+            "model_name": "meta-llama/Llama-3.1-8B",
+            "hook_name": hook,
+            "hook_head_index": None,
+            "context_size": 1024,
+            "prepend_bos": True,
+            "dataset_path": "some/dataset",
+            "sae_lens_version": "6.5.0",
+        },
+    }
 
 
 def write_sparsify(folder: Path, k: int = 5, seed: int = 0, **cfg_extra) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"activation": "topk", "expansion_factor": 4, "normalize_decoder": True, "num_latents": M, "k": k,
-           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D, **cfg_extra}
-    t = {"encoder.weight": rand(M, D, seed=seed) / 3, "encoder.bias": rand(M, seed=seed + 1) * 0.1,
-         "W_dec": rand(M, D, seed=seed + 2) * 0.5, "b_dec": rand(D, seed=seed + 3) * 0.1}
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": 4,
+        "normalize_decoder": True,
+        "num_latents": M,
+        "k": k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": D,
+        **cfg_extra,
+    }
+    t = {
+        "encoder.weight": rand(M, D, seed=seed) / 3,
+        "encoder.bias": rand(M, seed=seed + 1) * 0.1,
+        "W_dec": rand(M, D, seed=seed + 2) * 0.5,
+        "b_dec": rand(D, seed=seed + 3) * 0.1,
+    }
     (folder / "cfg.json").write_text(json.dumps(cfg))
     save_file(t, str(folder / "sae.safetensors"))
     return {"cfg": cfg, "tensors": t}
@@ -103,32 +142,62 @@ def check_against(sae, ref, x):
     z, x_hat = ref
     torch.testing.assert_close(sae.encode(x), z, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae(x), x_hat, rtol=1e-5, atol=1e-5)
-    assert (z > 0).sum() > 0   # the check is not vacuous
+    assert (z > 0).sum() > 0  # the check is not vacuous
 
 
 X = rand(64, D, seed=99) * 2
 
 
-@pytest.mark.parametrize("arch,apply", [("standard", True), ("standard", False), ("topk", True), ("topk", False),
-                                        ("jumprelu", False), ("jumprelu", True)])
+@pytest.mark.parametrize(
+    "arch,apply",
+    [
+        ("standard", True),
+        ("standard", False),
+        ("topk", True),
+        ("topk", False),
+        ("jumprelu", False),
+        ("jumprelu", True),
+    ],
+)
 def test_saelens_folders_encode_and_decode_like_the_reference(tmp_path, arch, apply):
-    cfg = saelens_cfg(arch, apply, **({"k": 6, "rescale_acts_by_decoder_norm": False} if arch == "topk" else {}))
+    cfg = saelens_cfg(
+        arch, apply, **({"k": 6, "rescale_acts_by_decoder_norm": False} if arch == "topk" else {})
+    )
     t = saelens_tensors(arch)
     sae = load_sae(write_saelens(tmp_path / "s", cfg, t))
     assert sae.architecture == {"standard": "relu"}.get(arch, arch)
     check_against(sae, ref_saelens(cfg, t, X), X)
     stored = read_sae(tmp_path / "s")
     assert stored.format == "saelens" and stored.hook == "layers.3"
-    assert stored.metadata["model_name"] == "meta-llama/Llama-3.1-8B" and stored.metadata["context_size"] == 1024
-    assert stored.metadata["source"] == {"format": "saelens", "hook_name": "blocks.3.hook_resid_post"}
+    assert (
+        stored.metadata["model_name"] == "meta-llama/Llama-3.1-8B"
+        and stored.metadata["context_size"] == 1024
+    )
+    assert stored.metadata["source"] == {
+        "format": "saelens",
+        "hook_name": "blocks.3.hook_resid_post",
+    }
 
 
 def test_pre_6_saelens_configs_with_flat_keys_and_topk_activation_fn(tmp_path):
-    cfg = {"architecture": "standard", "d_in": D, "d_sae": M, "dtype": "float32", "device": "cpu",
-           "model_name": "gpt2", "hook_name": "blocks.5.hook_mlp_out", "hook_layer": 5, "hook_head_index": None,
-           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 7}, "apply_b_dec_to_input": True,
-           "finetuning_scaling_factor": False, "context_size": 128, "dataset_path": "openwebtext",
-           "normalize_activations": False}
+    cfg = {
+        "architecture": "standard",
+        "d_in": D,
+        "d_sae": M,
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": "gpt2",
+        "hook_name": "blocks.5.hook_mlp_out",
+        "hook_layer": 5,
+        "hook_head_index": None,
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 7},
+        "apply_b_dec_to_input": True,
+        "finetuning_scaling_factor": False,
+        "context_size": 128,
+        "dataset_path": "openwebtext",
+        "normalize_activations": False,
+    }
     t = saelens_tensors("topk", seed=5)
     sae = load_sae(write_saelens(tmp_path / "s", cfg, t))
     assert sae.architecture == "topk" and sae.cfg.k == 7
@@ -146,7 +215,9 @@ def test_saelens_scalings_are_folded_in_exactly(tmp_path):
     cfg = saelens_cfg("jumprelu", False, normalize_activations="expected_average_only_in")
     t = saelens_tensors("jumprelu", seed=2)
     folder = write_saelens(tmp_path / "n", cfg, t)
-    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.37, "has_whitening": False}))
+    (folder / "activation_scaler.json").write_text(
+        json.dumps({"scaling_factor": 0.37, "has_whitening": False})
+    )
     check_against(load_sae(folder), ref_saelens(cfg, t, X, scale=0.37), X)
     # an old finetuning scaling_factor tensor
     cfg = saelens_cfg("standard")
@@ -158,8 +229,17 @@ def test_sparsify_run_of_several_hook_points(tmp_path):
     run = tmp_path / "run"
     a = write_sparsify(run / "layers.1", k=4, seed=0)
     b = write_sparsify(run / "layers.3", k=6, seed=10)
-    (run / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m", "dataset": "some/corpus",
-                                                 "split": "train", "ctx_len": 512, "text_column": "body"}))
+    (run / "config.json").write_text(
+        json.dumps(
+            {
+                "model": "EleutherAI/pythia-70m",
+                "dataset": "some/corpus",
+                "split": "train",
+                "ctx_len": 512,
+                "text_column": "body",
+            }
+        )
+    )
     with pytest.raises(ConfigError, match=r"holds 2 SAEs \(layers.1, layers.3\)"):
         find_sae_folder(run)
     for name, files in (("layers.1", a), ("layers.3", b)):
@@ -168,11 +248,18 @@ def test_sparsify_run_of_several_hook_points(tmp_path):
         check_against(sae, ref_sparsify(files["cfg"], files["tensors"], X), X)
         stored = read_sae(run / name)
         assert stored.hook == name and stored.format == "sparsify"
-        assert stored.metadata["model_name"] == "EleutherAI/pythia-70m" and stored.metadata["context_size"] == 512
-        assert stored.metadata["text_column"] == "body" and stored.metadata["dataset_split"] == "train"
-    out = convert(run, tmp_path / "ours", "sae", log=lambda line: None)   # the whole run at once
+        assert (
+            stored.metadata["model_name"] == "EleutherAI/pythia-70m"
+            and stored.metadata["context_size"] == 512
+        )
+        assert (
+            stored.metadata["text_column"] == "body" and stored.metadata["dataset_split"] == "train"
+        )
+    out = convert(run, tmp_path / "ours", "sae", log=lambda line: None)  # the whole run at once
     assert sorted(p.name for p in out.values()) == ["layers.1", "layers.3"]
-    check_against(load_sae(tmp_path / "ours" / "layers.3"), ref_sparsify(b["cfg"], b["tensors"], X), X)
+    check_against(
+        load_sae(tmp_path / "ours" / "layers.3"), ref_sparsify(b["cfg"], b["tensors"], X), X
+    )
 
 
 def test_sparsify_num_latents_zero_means_expansion_factor(tmp_path):
@@ -180,12 +267,20 @@ def test_sparsify_num_latents_zero_means_expansion_factor(tmp_path):
     if M % D:  # M = 40 is not a multiple of D = 12: build a consistent file instead
         t = files["tensors"]
         n = D * 3
-        save_file({"encoder.weight": t["encoder.weight"][:n], "encoder.bias": t["encoder.bias"][:n],
-                   "W_dec": t["W_dec"][:n], "b_dec": t["b_dec"]}, str(tmp_path / "layers.0" / "sae.safetensors"))
+        save_file(
+            {
+                "encoder.weight": t["encoder.weight"][:n],
+                "encoder.bias": t["encoder.bias"][:n],
+                "W_dec": t["W_dec"][:n],
+                "b_dec": t["b_dec"],
+            },
+            str(tmp_path / "layers.0" / "sae.safetensors"),
+        )
     assert load_sae(tmp_path / "layers.0").cfg.num_latents == D * 3
 
 
 # ---- round trips -------------------------------------------------------------------
+
 
 def trained_like(arch: str, seed: int = 0):
     """One of our SAEs (d = D, M latents), with random (not freshly initialised) weights."""
@@ -203,15 +298,22 @@ def same_files(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
 def test_ours_to_saelens_and_back_is_exact_and_saelens_computes_the_same(tmp_path, arch):
     sae = trained_like(arch)
-    sae.save(tmp_path / "ours", metadata={"hook_name": "layers.4.mlp", "model_name": "m", "context_size": 64})
+    sae.save(
+        tmp_path / "ours",
+        metadata={"hook_name": "layers.4.mlp", "model_name": "m", "context_size": 64},
+    )
     convert(tmp_path / "ours", tmp_path / "theirs", "saelens", log=lambda line: None)
     convert(tmp_path / "theirs", tmp_path / "back", "sae", log=lambda line: None)
     same_files(tmp_path / "ours", tmp_path / "back")
     cfg = json.loads((tmp_path / "theirs" / "cfg.json").read_text())
     assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
     assert cfg["metadata"]["hook_name"] == "blocks.4.hook_mlp_out"
-    assert set(load_file(tmp_path / "theirs" / "sae_weights.safetensors")) == \
-        {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if cfg["architecture"] == "jumprelu" else set())
+    assert set(load_file(tmp_path / "theirs" / "sae_weights.safetensors")) == {
+        "W_enc",
+        "W_dec",
+        "b_enc",
+        "b_dec",
+    } | ({"threshold"} if cfg["architecture"] == "jumprelu" else set())
     # what a SAELens reader computes from the written file is what our SAE computes
     z, x_hat = ref_saelens(cfg, load_file(tmp_path / "theirs" / "sae_weights.safetensors"), X)
     with torch.no_grad():
@@ -223,17 +325,21 @@ def test_ours_to_sparsify_and_back_is_exact_and_sparsify_computes_the_same(tmp_p
     sae = trained_like("topk")
     sae.save(tmp_path / "ours", metadata={"hook_name": "layers.0.resid_pre", "model_name": "m"})
     out = convert(tmp_path / "ours", tmp_path / "theirs", "sparsify", log=lambda line: None)
-    assert out == {".": tmp_path / "theirs" / "embed_tokens"}   # what enters layer 0
+    assert out == {".": tmp_path / "theirs" / "embed_tokens"}  # what enters layer 0
     convert(tmp_path / "theirs", tmp_path / "back", "sae", log=lambda line: None)
     same_files(tmp_path / "ours", tmp_path / "back" / "embed_tokens")
     folder = tmp_path / "theirs" / "embed_tokens"
     cfg, t = json.loads((folder / "cfg.json").read_text()), load_file(folder / "sae.safetensors")
-    assert set(t) == {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} and t["encoder.weight"].shape == (M, D)
+    assert set(t) == {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} and t[
+        "encoder.weight"
+    ].shape == (M, D)
     z, x_hat = ref_sparsify(cfg, t, X)
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(X), z, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae(X), x_hat, rtol=1e-5, atol=1e-5)
-    assert json.loads((tmp_path / "theirs" / "config.json").read_text())["hookpoints"] == ["embed_tokens"]
+    assert json.loads((tmp_path / "theirs" / "config.json").read_text())["hookpoints"] == [
+        "embed_tokens"
+    ]
 
 
 def test_bfloat16_files_convert_without_a_float32_detour(tmp_path):
@@ -249,20 +355,38 @@ def test_bfloat16_files_convert_without_a_float32_detour(tmp_path):
 
 # ---- hook names --------------------------------------------------------------------
 
+
 def test_hook_names_map_both_ways():
-    pairs = {"blocks.7.hook_resid_post": "layers.7", "blocks.7.hook_resid_pre": "layers.7.resid_pre",
-             "blocks.7.hook_mlp_out": "layers.7.mlp", "blocks.7.hook_attn_out": "layers.7.attn"}
+    pairs = {
+        "blocks.7.hook_resid_post": "layers.7",
+        "blocks.7.hook_resid_pre": "layers.7.resid_pre",
+        "blocks.7.hook_mlp_out": "layers.7.mlp",
+        "blocks.7.hook_attn_out": "layers.7.attn",
+    }
     for theirs, ours in pairs.items():
         assert to_ours(theirs) == ours and to_transformer_lens(ours) == theirs
-    for module_path, ours in {"layers.10": "layers.10", "h.3": "layers.3", "model.layers.5.mlp": "layers.5.mlp",
-                              "embed_tokens": "layers.0.resid_pre"}.items():
+    for module_path, ours in {
+        "layers.10": "layers.10",
+        "h.3": "layers.3",
+        "model.layers.5.mlp": "layers.5.mlp",
+        "embed_tokens": "layers.0.resid_pre",
+    }.items():
         assert to_ours(module_path) == ours
-    assert to_module_path("layers.4.resid_pre") == "layers.3" and to_module_path("layers.4.attn") == "layers.4.self_attn"
-    for unmappable in ("blocks.3.attn.hook_z", "blocks.3.hook_resid_mid", "hook_embed", "blocks.3.mlp.hook_post"):
+    assert (
+        to_module_path("layers.4.resid_pre") == "layers.3"
+        and to_module_path("layers.4.attn") == "layers.4.self_attn"
+    )
+    for unmappable in (
+        "blocks.3.attn.hook_z",
+        "blocks.3.hook_resid_mid",
+        "hook_embed",
+        "blocks.3.mlp.hook_post",
+    ):
         assert to_ours(unmappable) is None
 
 
 # ---- one-line errors ---------------------------------------------------------------
+
 
 def test_bad_folders_and_files_are_refused_in_one_line(tmp_path):
     def refused(path, pattern):
@@ -271,28 +395,52 @@ def test_bad_folders_and_files_are_refused_in_one_line(tmp_path):
         assert "\n" not in str(e.value)
 
     (tmp_path / "empty").mkdir()
-    refused(tmp_path / "empty", r"no SAE in .*expected cfg.json with sae_weights.safetensors .* or with sae.safetensors")
+    refused(
+        tmp_path / "empty",
+        r"no SAE in .*expected cfg.json with sae_weights.safetensors .* or with sae.safetensors",
+    )
     (tmp_path / "cfg_only").mkdir()
     (tmp_path / "cfg_only" / "cfg.json").write_text("{}")
     with pytest.raises(ConfigError, match="in no known SAE format: expected cfg.json with"):
         read_sae(tmp_path / "cfg_only")
     write_saelens(tmp_path / "gated", saelens_cfg("gated"), saelens_tensors("standard"))
-    refused(tmp_path / "gated", "architecture 'gated' is not supported; SAELens SAEs of architecture jumprelu, standard, topk")
-    write_saelens(tmp_path / "shape", saelens_cfg("standard"), {**saelens_tensors("standard"), "b_enc": torch.zeros(M + 1)})
+    refused(
+        tmp_path / "gated",
+        "architecture 'gated' is not supported; SAELens SAEs of architecture jumprelu, standard, topk",
+    )
+    write_saelens(
+        tmp_path / "shape",
+        saelens_cfg("standard"),
+        {**saelens_tensors("standard"), "b_enc": torch.zeros(M + 1)},
+    )
     refused(tmp_path / "shape", r"b_enc has shape \(41,\), cfg.json says \(40,\)")
-    write_saelens(tmp_path / "ints", saelens_cfg("standard"), {**saelens_tensors("standard"),
-                                                               "b_dec": torch.zeros(D, dtype=torch.int32)})
+    write_saelens(
+        tmp_path / "ints",
+        saelens_cfg("standard"),
+        {**saelens_tensors("standard"), "b_dec": torch.zeros(D, dtype=torch.int32)},
+    )
     refused(tmp_path / "ints", "b_dec holds int32; SAE weights must be float32")
     nan = saelens_tensors("jumprelu")
     nan["threshold"][3] = float("nan")
     write_saelens(tmp_path / "nan", saelens_cfg("jumprelu"), nan)
     refused(tmp_path / "nan", "threshold holds NaN or inf; the file is damaged")
-    write_saelens(tmp_path / "ln", saelens_cfg("standard", normalize_activations="layer_norm"), saelens_tensors("standard"))
+    write_saelens(
+        tmp_path / "ln",
+        saelens_cfg("standard", normalize_activations="layer_norm"),
+        saelens_tensors("standard"),
+    )
     refused(tmp_path / "ln", "normalize_activations 'layer_norm' .* is not supported")
-    write_saelens(tmp_path / "avg", saelens_cfg("standard", normalize_activations="expected_average_only_in"),
-                  saelens_tensors("standard"))
+    write_saelens(
+        tmp_path / "avg",
+        saelens_cfg("standard", normalize_activations="expected_average_only_in"),
+        saelens_tensors("standard"),
+    )
     refused(tmp_path / "avg", "activation_scaler.json with scaling_factor is missing")
-    write_saelens(tmp_path / "z", saelens_cfg("standard", reshape_activations="hook_z"), saelens_tensors("standard"))
+    write_saelens(
+        tmp_path / "z",
+        saelens_cfg("standard", reshape_activations="hook_z"),
+        saelens_tensors("standard"),
+    )
     refused(tmp_path / "z", r"per-head \(hook_z\) SAEs are not supported")
     write_sparsify(tmp_path / "gm" / "layers.1", activation="groupmax")
     refused(tmp_path / "gm" / "layers.1", "activation 'groupmax' is not supported")
@@ -307,12 +455,17 @@ def test_bad_folders_and_files_are_refused_in_one_line(tmp_path):
 
 def test_convert_refuses_what_the_target_format_cannot_hold(tmp_path):
     trained_like("relu").save(tmp_path / "relu", metadata={"hook_name": "layers.1"})
-    with pytest.raises(ConfigError, match="sparsify holds TopK SAEs .* this one is 'relu' .*--format saelens"):
+    with pytest.raises(
+        ConfigError, match="sparsify holds TopK SAEs .* this one is 'relu' .*--format saelens"
+    ):
         convert(tmp_path / "relu", tmp_path / "out", "sparsify", log=lambda line: None)
     run = tmp_path / "sweep"
     trained_like("topk", 1).save(run / "layers.1" / "k4a", metadata={"hook_name": "layers.1"})
     trained_like("topk", 2).save(run / "layers.1" / "k4b", metadata={"hook_name": "layers.1"})
-    with pytest.raises(ConfigError, match="one SAE per hook point, and layers.1/k4a, layers.1/k4b all read layers.1"):
+    with pytest.raises(
+        ConfigError,
+        match="one SAE per hook point, and layers.1/k4a, layers.1/k4b all read layers.1",
+    ):
         convert(run, tmp_path / "out2", "sparsify", log=lambda line: None)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
@@ -321,6 +474,7 @@ def test_convert_refuses_what_the_target_format_cannot_hold(tmp_path):
 
 
 # ---- hub ---------------------------------------------------------------------------
+
 
 def test_hub_sae_is_fetched_once_into_checkpoints_hub(tmp_path, monkeypatch):
     import huggingface_hub
@@ -348,9 +502,11 @@ def test_hub_sae_is_fetched_once_into_checkpoints_hub(tmp_path, monkeypatch):
     stored = read_sae(find_sae_folder("EleutherAI/sae-test/layers.3"))
     assert stored.folder == tmp_path / "hub" / "EleutherAI" / "sae-test" / "layers.3"
     assert stored.hook == "layers.3" and stored.metadata["model_name"] == "org/model"
-    assert not (tmp_path / "hub" / "EleutherAI" / "sae-test" / "layers.4").exists()   # only the subfolder
+    assert not (
+        tmp_path / "hub" / "EleutherAI" / "sae-test" / "layers.4"
+    ).exists()  # only the subfolder
     assert calls[0][0] == "EleutherAI/sae-test" and "layers.3/cfg.json" in calls[0][1]
-    find_sae_folder("hf://EleutherAI/sae-test/layers.3")                                # second use: no download
+    find_sae_folder("hf://EleutherAI/sae-test/layers.3")  # second use: no download
     assert len(calls) == 1
 
 
@@ -358,15 +514,18 @@ def test_hub_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("SAE_HUB_DIR", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"cannot download nobody/nothing/layers.1 from the Hugging Face hub") as e:
+    with pytest.raises(
+        ConfigError, match=r"cannot download nobody/nothing/layers.1 from the Hugging Face hub"
+    ) as e:
         find_sae_folder("nobody/nothing/layers.1")
     assert "\n" not in str(e.value)
-    (tmp_path / "checkpoints").mkdir()    # an existing first folder: a local path, reported missing
+    (tmp_path / "checkpoints").mkdir()  # an existing first folder: a local path, reported missing
     with pytest.raises(ConfigError, match="does not exist"):
         find_sae_folder("checkpoints/typo")
 
 
 # ---- against the real tools, where installed (not in CI: they pull in TransformerLens) ----
+
 
 def test_the_real_saelens_reads_ours_and_we_read_what_it_writes(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
@@ -379,7 +538,7 @@ def test_the_real_saelens_reads_ours_and_we_read_what_it_writes(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(theirs.encode(X), ours.encode(X), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(theirs(X), ours(X), rtol=1e-5, atol=1e-5)
-        theirs.save_model(str(tmp_path / f"{arch}-sl-saved"))         # SAELens's own writer
+        theirs.save_model(str(tmp_path / f"{arch}-sl-saved"))  # SAELens's own writer
         back = load_sae(tmp_path / f"{arch}-sl-saved")
         with torch.no_grad():
             torch.testing.assert_close(back.encode(X), theirs.encode(X), rtol=1e-5, atol=1e-5)
@@ -395,10 +554,12 @@ def test_the_real_sparsify_reads_ours_and_we_read_what_it_writes(tmp_path):
         out = theirs.encode(X)
         z = torch.zeros(len(X), M).scatter_(1, out.top_indices, out.top_acts)
         torch.testing.assert_close(z, ours.encode(X), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(theirs.decode(out.top_acts, out.top_indices), ours(X), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            theirs.decode(out.top_acts, out.top_indices), ours(X), rtol=1e-5, atol=1e-5
+        )
         fresh = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=M, k=3))
         fresh.encoder.bias.data.normal_()
-        fresh.save_to_disk(tmp_path / "run" / "layers.5")                 # sparsify's own writer
+        fresh.save_to_disk(tmp_path / "run" / "layers.5")  # sparsify's own writer
         back = load_sae(tmp_path / "run" / "layers.5")
         out = fresh.encode(X)
         z = torch.zeros(len(X), M).scatter_(1, out.top_indices, out.top_acts)
@@ -406,6 +567,7 @@ def test_the_real_sparsify_reads_ours_and_we_read_what_it_writes(tmp_path):
 
 
 # ---- the analyzer and interventions on SAELens and sparsify copies of a trained SAE ------
+
 
 def test_every_command_reads_saelens_and_sparsify_copies_of_a_trained_sae(demo_sae_run, tmp_path):
     from click.testing import CliRunner
@@ -420,27 +582,49 @@ def test_every_command_reads_saelens_and_sparsify_copies_of_a_trained_sae(demo_s
     assert "-> " in analyze("convert", demo_sae_run, tmp_path / "sl", "--format", "saelens")
     analyze("convert", demo_sae_run, tmp_path / "sp", "--format", "sparsify")
     analyze("convert", demo_sae_run, tmp_path / "ours", "--format", "sae")
-    copies = {"saelens": tmp_path / "sl" / "layers.2", "sparsify": tmp_path / "sp" / "layers.2",
-              "ours, no run folder": tmp_path / "ours" / "layers.2"}
+    copies = {
+        "saelens": tmp_path / "sl" / "layers.2",
+        "sparsify": tmp_path / "sp" / "layers.2",
+        "ours, no run folder": tmp_path / "ours" / "layers.2",
+    }
 
     def features(path):
-        data = json.loads(analyze("features", path, "--tokens", "3000", "--examples", "3", "--limit", "4", "--json"))
+        data = json.loads(
+            analyze(
+                "features", path, "--tokens", "3000", "--examples", "3", "--limit", "4", "--json"
+            )
+        )
         return data["features_shown"], data["density_histogram"]
 
     native = features(demo_sae_run)
     for name, path in copies.items():
         assert features(path) == native, name
-    generate = ["--prompt", "The function raised", "--ablate", "1,2,3", "--steer", "5:+40", "--max-new-tokens", "6",
-                "--json"]
+    generate = [
+        "--prompt",
+        "The function raised",
+        "--ablate",
+        "1,2,3",
+        "--steer",
+        "5:+40",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]
     native = json.loads(analyze("generate", demo_sae_run, *generate))
     assert native[0]["intervened"] != native[0]["baseline"]
     for name, path in copies.items():
         assert json.loads(analyze("generate", path, *generate)) == native, name
     # evaluate reads model, data and hook points from the copies' own files
-    evaluated = [json.loads((path / "metrics.json").read_text()) if analyze(
-        "evaluate", path.parent, "--set", "data.eval_tokens=2048") else None for path in copies.values()]
-    assert all(e["hook"] == "layers.2" and e["fvu"] == pytest.approx(evaluated[0]["fvu"], rel=1e-6)
-               for e in evaluated)
+    evaluated = [
+        json.loads((path / "metrics.json").read_text())
+        if analyze("evaluate", path.parent, "--set", "data.eval_tokens=2048")
+        else None
+        for path in copies.values()
+    ]
+    assert all(
+        e["hook"] == "layers.2" and e["fvu"] == pytest.approx(evaluated[0]["fvu"], rel=1e-6)
+        for e in evaluated
+    )
 
 
 def test_a_run_that_cannot_be_converted_whole_leaves_nothing_behind(tmp_path):

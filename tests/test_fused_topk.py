@@ -15,10 +15,15 @@ from sae.architectures.fused_topk import (
 
 def make(N, d, M, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    W_dec = torch.nn.functional.normalize(torch.randn(M, d, generator=g, dtype=torch.float64), dim=1)
-    params = dict(W_enc=W_dec.clone() + 0.1 * torch.randn(M, d, generator=g, dtype=torch.float64),
-                  b_enc=0.1 * torch.randn(M, generator=g, dtype=torch.float64), W_dec=W_dec,
-                  b_dec=0.1 * torch.randn(d, generator=g, dtype=torch.float64))
+    W_dec = torch.nn.functional.normalize(
+        torch.randn(M, d, generator=g, dtype=torch.float64), dim=1
+    )
+    params = dict(
+        W_enc=W_dec.clone() + 0.1 * torch.randn(M, d, generator=g, dtype=torch.float64),
+        b_enc=0.1 * torch.randn(M, generator=g, dtype=torch.float64),
+        W_dec=W_dec,
+        b_dec=0.1 * torch.randn(d, generator=g, dtype=torch.float64),
+    )
     params = {n: p.to(dtype).requires_grad_() for n, p in params.items()}
     x = torch.randn(N, d, generator=g, dtype=torch.float64).to(dtype)
     return x, params
@@ -36,17 +41,25 @@ def grads(loss_fn, x, params, **kw):
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("N, d, M, k", [(64, 16, 128, 4), (200, 32, 256, 16), (33, 8, 40, 8)])
 @pytest.mark.parametrize("n_dead", [0, 5, 100])
-@pytest.mark.parametrize("multi_topk, batch_topk", [(False, False), (True, False), (False, True), (True, True)])
-def test_loss_and_every_gradient_match_the_dense_reference(dtype, tol, N, d, M, k, n_dead, multi_topk, batch_topk):
+@pytest.mark.parametrize(
+    "multi_topk, batch_topk", [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_loss_and_every_gradient_match_the_dense_reference(
+    dtype, tol, N, d, M, k, n_dead, multi_topk, batch_topk
+):
     x, params = make(N, d, M, dtype)
     dead = torch.zeros(M, dtype=torch.bool)
     dead[torch.randperm(M, generator=torch.Generator().manual_seed(1))[: min(n_dead, M)]] = True
-    kw = dict(k=k, dead=dead, k_aux=12, aux_alpha=1 / 32, multi_topk=multi_topk, batch_topk=batch_topk)
+    kw = dict(
+        k=k, dead=dead, k_aux=12, aux_alpha=1 / 32, multi_topk=multi_topk, batch_topk=batch_topk
+    )
     loss_ref, g_ref = grads(topk_loss_reference, x, params, **kw)
     loss, g = grads(fused_topk_loss, x, params, **kw)
     torch.testing.assert_close(loss, loss_ref, rtol=tol, atol=tol)
     for name in params:
-        torch.testing.assert_close(g[name], g_ref[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            g[name], g_ref[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_aux_gradient_reaches_the_encoder_rows_of_dead_latents():
@@ -55,14 +68,19 @@ def test_aux_gradient_reaches_the_encoder_rows_of_dead_latents():
     dead[:10] = True
     with_aux = grads(fused_topk_loss, x, params, k=4, dead=dead, k_aux=8)[1]["W_enc"]
     without = grads(fused_topk_loss, x, params, k=4, dead=None)[1]["W_enc"]
-    assert (with_aux[:10] - without[:10]).abs().sum() > 0      # dead rows learn from AuxK
-    torch.testing.assert_close(with_aux[10:], without[10:])   # AuxK picks dead latents only
+    assert (with_aux[:10] - without[:10]).abs().sum() > 0  # dead rows learn from AuxK
+    torch.testing.assert_close(with_aux[10:], without[10:])  # AuxK picks dead latents only
 
 
 def test_row_dots_equal_dense_products_gathered():
     g = torch.Generator().manual_seed(0)
-    grad, W = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
-    idx = torch.randn(30, 50, generator=g).topk(5, dim=1, sorted=False).indices  # unsorted, like topk's output
+    grad, W = (
+        torch.randn(30, 8, generator=g, dtype=torch.float64),
+        torch.randn(50, 8, generator=g, dtype=torch.float64),
+    )
+    idx = (
+        torch.randn(30, 50, generator=g).topk(5, dim=1, sorted=False).indices
+    )  # unsorted, like topk's output
     codes = per_token_codes(torch.ones(30, 5, dtype=torch.float64), idx)
     torch.testing.assert_close(_row_dots(grad, W, codes), (grad @ W.t())[codes.rows, codes.cols])
 
@@ -73,7 +91,9 @@ def test_workspace_gives_identical_results():
     ws = torch.full((40 * 32 + 7,), float("nan"), dtype=torch.float64)  # larger than needed, dirty
 
     def with_ws(x, **p):
-        return FusedTopKLoss.apply(x, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], TopKSpec(4), None, ws)[0]
+        return FusedTopKLoss.apply(
+            x, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], TopKSpec(4), None, ws
+        )[0]
 
     loss_b, g_b = grads(with_ws, x, params)
     assert torch.equal(loss_a, loss_b) and all(torch.equal(g_a[n], g_b[n]) for n in g_a)
@@ -87,7 +107,7 @@ def test_batch_topk_keeps_n_times_k_latents_over_the_batch_not_k_per_token():
     pre = (x - params["b_dec"]) @ params["W_enc"].t() + params["b_enc"]
     top = pre.detach().view(-1).topk(50 * 4).values
     assert int(fires.sum()) == int((top > 0).sum())
-    assert (fires[:3] == 50).all()                 # per-token counts vary: the hot latents take every token
+    assert (fires[:3] == 50).all()  # per-token counts vary: the hot latents take every token
     assert float(min_active) == float(top[top > 0].min())
 
 

@@ -60,13 +60,21 @@ def models(tmp_path_factory, tokenizer):
     t5 = T5Config(vocab_size=vocab, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16)
     distil = DistilBertConfig(vocab_size=vocab, dim=64, hidden_dim=128, n_layers=2, n_heads=4)
     return {
-        "bert-encoder": save(BertModel(bert), tokenizer, root / "bert-encoder"),  # no LM head at all
-        "bert-mlm": save(BertForMaskedLM(bert), tokenizer, root / "bert-mlm"),  # every weight there: only causality
+        "bert-encoder": save(
+            BertModel(bert), tokenizer, root / "bert-encoder"
+        ),  # no LM head at all
+        "bert-mlm": save(
+            BertForMaskedLM(bert), tokenizer, root / "bert-mlm"
+        ),  # every weight there: only causality
         "t5": save(T5ForConditionalGeneration(t5), tokenizer, root / "t5"),
         "distilbert": save(DistilBertModel(distil), tokenizer, root / "distilbert"),
         # A base model saved without its (untied) LM head: AutoModelForCausalLM makes up a random one.
-        "llama-headless": save(LlamaModel(tiny_config("llama", vocab)), tokenizer, root / "llama-headless"),
-        "small-vocab": save(LlamaForCausalLM(tiny_config("llama", 256)), tokenizer, root / "small-vocab"),
+        "llama-headless": save(
+            LlamaModel(tiny_config("llama", vocab)), tokenizer, root / "llama-headless"
+        ),
+        "small-vocab": save(
+            LlamaForCausalLM(tiny_config("llama", 256)), tokenizer, root / "small-vocab"
+        ),
     }
 
 
@@ -74,8 +82,13 @@ def train_fails(tmp_path, *overrides):
     """Run ``train`` (as ``python train.py`` does) and return its one error line, after
     checking exit status 2, no traceback and no run folder."""
     out = tmp_path / "runs"
-    args = [f"output.root={out}", "output.tensorboard=false", "harvest.cache_dir=null", "data.eval_split=null",
-            *overrides]
+    args = [
+        f"output.root={out}",
+        "output.tensorboard=false",
+        "harvest.cache_dir=null",
+        "data.eval_split=null",
+        *overrides,
+    ]
     result = CliRunner().invoke(cli.train, [a for o in args for a in ("--set", o)])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
@@ -88,14 +101,35 @@ def train_fails(tmp_path, *overrides):
 NOT_CAUSAL = "use a decoder-only LM such as Llama, Mistral, Qwen or GPT-2"
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("bert-encoder", ["loads as BertLMHeadModel, which is not a causal language model", NOT_CAUSAL]),
-    ("bert-mlm", ["loads as BertLMHeadModel, which is not a causal language model", NOT_CAUSAL]),
-    ("t5", ["encoder-decoder 't5' model (T5Config)", NOT_CAUSAL]),
-    ("distilbert", ["'distilbert' model (DistilBertConfig), which AutoModelForCausalLM cannot load", NOT_CAUSAL]),
-    ("llama-headless", ["loads as LlamaForCausalLM, but 1 of its weights are not in the checkpoint", "lm_head.weight"]),
-    ("small-vocab", ["tokenizer has 4,096 tokens", "embedding matrix only 256 rows"]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "bert-encoder",
+            ["loads as BertLMHeadModel, which is not a causal language model", NOT_CAUSAL],
+        ),
+        (
+            "bert-mlm",
+            ["loads as BertLMHeadModel, which is not a causal language model", NOT_CAUSAL],
+        ),
+        ("t5", ["encoder-decoder 't5' model (T5Config)", NOT_CAUSAL]),
+        (
+            "distilbert",
+            [
+                "'distilbert' model (DistilBertConfig), which AutoModelForCausalLM cannot load",
+                NOT_CAUSAL,
+            ],
+        ),
+        (
+            "llama-headless",
+            [
+                "loads as LlamaForCausalLM, but 1 of its weights are not in the checkpoint",
+                "lm_head.weight",
+            ],
+        ),
+        ("small-vocab", ["tokenizer has 4,096 tokens", "embedding matrix only 256 rows"]),
+    ],
+)
 def test_a_model_that_is_no_usable_causal_lm_is_refused(tmp_path, models, name, expected):
     line = train_fails(tmp_path, f"model.name_or_path={models[name]}")
     assert line.startswith(f"error: model.name_or_path: '{models[name]}'")
@@ -105,10 +139,15 @@ def test_a_model_that_is_no_usable_causal_lm_is_refused(tmp_path, models, name, 
 
 def test_analyze_refuses_the_same_models(models):
     """load_model serves every command: analyze stops in the same one line."""
-    result = CliRunner().invoke(cli.analyze, ["layers", "--set", f"model.name_or_path={models['bert-mlm']}"])
+    result = CliRunner().invoke(
+        cli.analyze, ["layers", "--set", f"model.name_or_path={models['bert-mlm']}"]
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "loads as BertLMHeadModel, which is not a causal language model" in errors[0]
+    assert (
+        len(errors) == 1
+        and "loads as BertLMHeadModel, which is not a causal language model" in errors[0]
+    )
     assert "hook points" not in result.output
 
 
@@ -116,27 +155,54 @@ def test_folders_that_are_no_model_folder_say_what_is_missing(tmp_path, tiny_lla
     folders = {name: tmp_path / name for name in ("empty", "config-only", "no-tokenizer")}
     for folder in folders.values():
         folder.mkdir()
-    (folders["config-only"] / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (folders["config-only"] / "config.json").write_text(
+        (tiny_llama_dir / "config.json").read_text()
+    )
     for name in ("config.json", "model.safetensors"):
         (folders["no-tokenizer"] / name).write_bytes((tiny_llama_dir / name).read_bytes())
-    expected = {"empty": "the folder is empty", "config-only": "the folder has a config.json but no model weights",
-                "no-tokenizer": "the folder has no tokenizer files"}
+    expected = {
+        "empty": "the folder is empty",
+        "config-only": "the folder has a config.json but no model weights",
+        "no-tokenizer": "the folder has no tokenizer files",
+    }
     for name, folder in folders.items():
         line = train_fails(tmp_path, f"model.name_or_path={folder}")
-        assert line.startswith(f"error: model.name_or_path: cannot load '{folder}': {expected[name]}"), line
-        assert "config.json" in line and "tokenizer.json" in line, line  # says what a model folder holds
+        assert line.startswith(
+            f"error: model.name_or_path: cannot load '{folder}': {expected[name]}"
+        ), line
+        assert "config.json" in line and "tokenizer.json" in line, (
+            line
+        )  # says what a model folder holds
     line = train_fails(tmp_path, f"model.name_or_path={tmp_path / 'missing'}")
-    assert line == f"error: model.name_or_path: '{tmp_path / 'missing'}' is not a folder (nor a hub id like org/name)"
+    assert (
+        line
+        == f"error: model.name_or_path: '{tmp_path / 'missing'}' is not a folder (nor a hub id like org/name)"
+    )
 
 
 def test_the_real_command_prints_only_the_error_not_the_load_report(tmp_path, models):
     """transformers' load report (a table of MISSING and UNEXPECTED weights) and its warnings
     would bury the line; they are held back for a refused model."""
-    result = subprocess.run([sys.executable, "train.py", "--set", f"model.name_or_path={models['bert-encoder']}",
-                             "--set", f"output.root={tmp_path / 'runs'}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--set",
+            f"model.name_or_path={models['bert-encoder']}",
+            "--set",
+            f"output.root={tmp_path / 'runs'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and "Loading weights" not in line
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: model.name_or_path:"), result.stderr
     assert "MISSING" not in result.stderr and "Traceback" not in result.stderr
 
@@ -161,17 +227,25 @@ def tiny_gpt2_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_causality_probe_tells_decoders_from_encoders(tiny_llama_dir, tiny_gpt2_dir, models, dtype):
+def test_the_causality_probe_tells_decoders_from_encoders(
+    tiny_llama_dir, tiny_gpt2_dir, models, dtype
+):
     """Decoders of two families and the shipped demo pass in full and half precision; a BERT
     whose every weight loaded (so only causality is wrong) fails."""
-    for path, causal in [(tiny_llama_dir, True), (tiny_gpt2_dir, True), (DEMO_MODEL_DIR, True),
-                         (models["bert-mlm"], False)]:
+    for path, causal in [
+        (tiny_llama_dir, True),
+        (tiny_gpt2_dir, True),
+        (DEMO_MODEL_DIR, True),
+        (models["bert-mlm"], False),
+    ]:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         assert is_causal(model, model.config.vocab_size) is causal, (path, dtype)
 
 
 def test_the_demo_model_loads_in_bfloat16():
-    model, tokenizer = load_model(ModelConfig(name_or_path="builtin:demo-llama", device="cpu", dtype="bfloat16"))
+    model, tokenizer = load_model(
+        ModelConfig(name_or_path="builtin:demo-llama", device="cpu", dtype="bfloat16")
+    )
     assert type(model).__name__ == "LlamaForCausalLM" and len(tokenizer) <= model.config.vocab_size
 
 
@@ -189,9 +263,15 @@ PROSE = [f"Document {i} says something about sparse autoencoders and language." 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path, streaming):
     data = jsonl(tmp_path / "corpus.jsonl", PROSE, bad_line=23)
-    line = train_fails(tmp_path, f"data.dataset={data}", f"data.streaming={str(streaming).lower()}",
-                       "data.token_budget=4096")
-    assert line.startswith(f"error: data.dataset: cannot read '{data}': line 23 is not valid JSON"), line
+    line = train_fails(
+        tmp_path,
+        f"data.dataset={data}",
+        f"data.streaming={str(streaming).lower()}",
+        "data.token_budget=4096",
+    )
+    assert line.startswith(
+        f"error: data.dataset: cannot read '{data}': line 23 is not valid JSON"
+    ), line
 
 
 def test_malformed_json_in_a_folder_or_a_whole_json_file_is_located(tmp_path):
@@ -203,8 +283,12 @@ def test_malformed_json_in_a_folder_or_a_whole_json_file_is_located(tmp_path):
     with pytest.raises(ConfigError, match=bad_line):
         load_text_dataset(str(folder))
     whole = tmp_path / "whole.json"
-    whole.write_text('[\n  {"text": "one"},\n  {"text": "two"}\n  {"text": "three"}\n]\n')  # a comma missing
-    with pytest.raises(ConfigError, match=r"^data.dataset: cannot read '.*whole.json': line 4 is not valid JSON"):
+    whole.write_text(
+        '[\n  {"text": "one"},\n  {"text": "two"}\n  {"text": "three"}\n]\n'
+    )  # a comma missing
+    with pytest.raises(
+        ConfigError, match=r"^data.dataset: cannot read '.*whole.json': line 4 is not valid JSON"
+    ):
         load_text_dataset(str(whole))
 
 
@@ -217,5 +301,7 @@ def test_data_of_only_whitespace_says_it_holds_no_text(tmp_path, suffix):
     else:
         jsonl(data, blanks)
     line = train_fails(tmp_path, f"data.dataset={data}", "data.token_budget=4096")
-    assert line.startswith(f"error: data.dataset: {data} (split 'train', column 'text') holds no text"), line
+    assert line.startswith(
+        f"error: data.dataset: {data} (split 'train', column 'text') holds no text"
+    ), line
     assert "token_budget" not in line

@@ -34,7 +34,14 @@ def sae():
 
 
 def prompt_ids(tok):
-    return torch.tensor([[tok.bos_token_id, *tok("the file is not found and", add_special_tokens=False)["input_ids"]]])
+    return torch.tensor(
+        [
+            [
+                tok.bos_token_id,
+                *tok("the file is not found and", add_special_tokens=False)["input_ids"],
+            ]
+        ]
+    )
 
 
 def recorded_generation(model, tok, edits, new_tokens=5):
@@ -47,8 +54,13 @@ def recorded_generation(model, tok, edits, new_tokens=5):
         with intervene(model, edits):
             h2 = attach(point, lambda h: after.append(h.detach().clone()))
             try:
-                model.generate(input_ids=prompt_ids(tok), max_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=tok.pad_token_id, min_new_tokens=new_tokens)
+                model.generate(
+                    input_ids=prompt_ids(tok),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    min_new_tokens=new_tokens,
+                )
             finally:
                 h2.remove()
     finally:
@@ -57,13 +69,17 @@ def recorded_generation(model, tok, edits, new_tokens=5):
     return list(zip(before, after))
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (Ablate([3, 7]), lambda h, z, W: h - z[..., [3, 7]] @ W[[3, 7]]),
-    (Clamp([5], 10.0), lambda h, z, W: h + (10.0 - z[..., [5]]) @ W[[5]]),
-    (Scale([5], 3.0), lambda h, z, W: h + 2.0 * z[..., [5]] @ W[[5]]),
-    (Steer(9, -4.0), lambda h, z, W: h - 4.0 * W[9]),
-    (Reconstruct(), lambda h, z, W: z @ W),
-], ids=["ablate", "clamp", "scale", "steer", "reconstruct"])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (Ablate([3, 7]), lambda h, z, W: h - z[..., [3, 7]] @ W[[3, 7]]),
+        (Clamp([5], 10.0), lambda h, z, W: h + (10.0 - z[..., [5]]) @ W[[5]]),
+        (Scale([5], 3.0), lambda h, z, W: h + 2.0 * z[..., [5]] @ W[[5]]),
+        (Steer(9, -4.0), lambda h, z, W: h - 4.0 * W[9]),
+        (Reconstruct(), lambda h, z, W: z @ W),
+    ],
+    ids=["ablate", "clamp", "scale", "steer", "reconstruct"],
+)
 def test_edit_formula_at_every_position_generated_included(tiny_llama, sae, edit, expected):
     model, tok = tiny_llama
     pairs = recorded_generation(model, tok, [Edit(sae, HOOK, [edit])])
@@ -80,16 +96,26 @@ def test_several_saes_and_hooks_at_once(tiny_llama, sae):
     other = make_sae(sae_config("topk", num_latents=16, k=4), 64)
     seen = {}
     points = {h: resolve_hook(model, h) for h in ("layers.0", "layers.2")}
-    handles = [attach(p, lambda h, n=n: seen.setdefault(n + ":in", h.clone())) for n, p in points.items()]
-    with intervene(model, [Edit(sae, "layers.0", [Steer(1, 2.0)]), Edit(other, "layers.2", [Ablate([0, 1, 2])])]):
-        handles += [attach(p, lambda h, n=n: seen.setdefault(n + ":out", h.clone())) for n, p in points.items()]
+    handles = [
+        attach(p, lambda h, n=n: seen.setdefault(n + ":in", h.clone())) for n, p in points.items()
+    ]
+    with intervene(
+        model,
+        [Edit(sae, "layers.0", [Steer(1, 2.0)]), Edit(other, "layers.2", [Ablate([0, 1, 2])])],
+    ):
+        handles += [
+            attach(p, lambda h, n=n: seen.setdefault(n + ":out", h.clone()))
+            for n, p in points.items()
+        ]
         with torch.no_grad():
             model(input_ids=prompt_ids(tok))
     for h in handles:
         h.remove()
     torch.testing.assert_close(seen["layers.0:out"], seen["layers.0:in"] + 2.0 * sae.W_dec[1])
     z = other.encode(seen["layers.2:in"].reshape(-1, 64)).view(1, -1, 16)
-    torch.testing.assert_close(seen["layers.2:out"], seen["layers.2:in"] - z[..., :3] @ other.W_dec[:3])
+    torch.testing.assert_close(
+        seen["layers.2:out"], seen["layers.2:in"] - z[..., :3] @ other.W_dec[:3]
+    )
 
 
 def test_no_edit_is_bit_identical(tiny_llama, sae):
@@ -101,9 +127,13 @@ def test_no_edit_is_bit_identical(tiny_llama, sae):
             edited = model(input_ids=ids).logits
     assert torch.equal(plain, edited)
     s = Sampling(max_new_tokens=6, temperature=1.0, seed=3)
-    base = continuation_ids(model, tok, ["the file", "a much longer prompt here"], samples=2, sampling=s)
+    base = continuation_ids(
+        model, tok, ["the file", "a much longer prompt here"], samples=2, sampling=s
+    )
     with intervene(model, [Edit(sae, HOOK, [])]):
-        again = continuation_ids(model, tok, ["the file", "a much longer prompt here"], samples=2, sampling=s)
+        again = continuation_ids(
+            model, tok, ["the file", "a much longer prompt here"], samples=2, sampling=s
+        )
     assert base == again
 
 
@@ -120,11 +150,18 @@ def test_hooks_are_removed_after_an_exception(tiny_llama, sae):
 
 def test_out_of_range_and_bad_text_are_one_line(tiny_llama, sae):
     model, _ = tiny_llama
-    with pytest.raises(ConfigError, match="feature 32 is out of range; the SAE at layers.1 has features 0..31"):
+    with pytest.raises(
+        ConfigError, match="feature 32 is out of range; the SAE at layers.1 has features 0..31"
+    ):
         with intervene(model, [Edit(sae, HOOK, [Ablate([1, 32])])]):
             pass
     assert parse_feature_edits("12, 3", ["7:10"], ["2:0.5"], ["9:+8", "4:-1.5e1"]) == [
-        Ablate([12, 3]), Clamp(7, 10.0), Scale(2, 0.5), Steer(9, 8.0), Steer(4, -15.0)]
+        Ablate([12, 3]),
+        Clamp(7, 10.0),
+        Scale(2, 0.5),
+        Steer(9, 8.0),
+        Steer(4, -15.0),
+    ]
     with pytest.raises(ConfigError, match="--steer: '9=8' is not FEATURE:NUMBER"):
         parse_feature_edits(steer=["9=8"])
     with pytest.raises(ConfigError, match="--ablate: 'a,b'"):

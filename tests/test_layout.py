@@ -11,7 +11,16 @@ import ast
 from pathlib import Path
 
 SAE = Path(__file__).parent.parent / "sae"
-STAGES = ["data", "models", "activations", "architectures", "evaluation", "training", "analysis", "interventions"]
+STAGES = [
+    "data",
+    "models",
+    "activations",
+    "architectures",
+    "evaluation",
+    "training",
+    "analysis",
+    "interventions",
+]
 SIDES = {"config", "errors", "atomic_io", "folder_lock", "distributed", "hub"}
 
 
@@ -20,7 +29,9 @@ def imports_of(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sae":
-            found |= {f"sae.{a.name}" for a in node.names} if node.module == "sae" else {node.module}
+            found |= (
+                {f"sae.{a.name}" for a in node.names} if node.module == "sae" else {node.module}
+            )
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "sae"}
     return found
@@ -51,7 +62,9 @@ def may_import(importer: str, imported: str) -> bool:
 def test_no_stage_imports_a_later_one():
     broken = []
     for path in sorted(SAE.rglob("*.py")):
-        module = ".".join(path.relative_to(SAE.parent).with_suffix("").parts).removesuffix(".__init__")
+        module = ".".join(path.relative_to(SAE.parent).with_suffix("").parts).removesuffix(
+            ".__init__"
+        )
         if module == "sae":
             continue  # the package's lazy re-exports
         for imported in imports_of(path):

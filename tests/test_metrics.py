@@ -11,8 +11,12 @@ def test_metrics_match_direct_computation_and_do_not_depend_on_batching():
     z = sae.encode(x)
     fvu = ((x - sae(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     rate = (z > 0).float().mean(0)
-    expected = {"fvu": fvu.item(), "l0": (z > 0).sum(1).float().mean().item(),
-                "dead_fraction": (rate == 0).float().mean().item(), "dense_fraction": (rate > 0.1).float().mean().item()}
+    expected = {
+        "fvu": fvu.item(),
+        "l0": (z > 0).sum(1).float().mean().item(),
+        "dead_fraction": (rate == 0).float().mean().item(),
+        "dense_fraction": (rate > 0.1).float().mean().item(),
+    }
     for batches in ([x], list(x.split(7))):
         got = evaluate(sae, batches)
         assert got["tokens"] == 300

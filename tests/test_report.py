@@ -41,15 +41,28 @@ def effect() -> torch.Tensor:
 def report(stats_tok, tmp_path_factory):
     """(info, html text) of a report with every card, an extra column and a run summary."""
     stats, tok = stats_tok
-    path = tmp_path_factory.mktemp("report") / "new" / "folder" / "report.html"  # parents do not exist yet
+    path = (
+        tmp_path_factory.mktemp("report") / "new" / "folder" / "report.html"
+    )  # parents do not exist yet
     auroc = torch.linspace(0, 1, M)
     auroc[5] = math.nan
-    summary = {"config_yaml": "model:\n  name: <b>demo</b>\n",
-               "metrics": {"fvu": 0.25, "my_new<metric>": 3, "splice": {"kl": 0.125, "ce_clean": 2.5}},
-               "curves": {"layers.2/fvu": [[10, 0.5], [20, 0.375]]}}
-    info = build_report(stats, tok, path, title="demo <i>report</i>", sae_info={"SAE": "runs/x<y>", "k": 8},
-                        summary=summary, columns={"effect": effect(), "auroc": auroc},
-                        column_help={"auroc": "area under the ROC"}, examples=EXAMPLES, progress=False)
+    summary = {
+        "config_yaml": "model:\n  name: <b>demo</b>\n",
+        "metrics": {"fvu": 0.25, "my_new<metric>": 3, "splice": {"kl": 0.125, "ce_clean": 2.5}},
+        "curves": {"layers.2/fvu": [[10, 0.5], [20, 0.375]]},
+    }
+    info = build_report(
+        stats,
+        tok,
+        path,
+        title="demo <i>report</i>",
+        sae_info={"SAE": "runs/x<y>", "k": 8},
+        summary=summary,
+        columns={"effect": effect(), "auroc": auroc},
+        column_help={"auroc": "area under the ROC"},
+        examples=EXAMPLES,
+        progress=False,
+    )
     return info, path.read_text(encoding="utf-8")
 
 
@@ -73,7 +86,7 @@ def test_no_external_resources(report):
 def test_untrusted_text_never_becomes_markup(report):
     _, text = report
     assert "<script>window.__pwned" not in text
-    assert "<img" not in text and "onerror=\"window" not in text
+    assert "<img" not in text and 'onerror="window' not in text
     # Exactly the script elements the builder wrote: no data closed one or opened another.
     blocks = len(re.findall(r'<script type="application/json" id="b-\d+">', text))
     assert text.count("<script") == text.count("</script>") == 3 + blocks + 1
@@ -84,12 +97,16 @@ def test_untrusted_text_never_becomes_markup(report):
 
 def test_run_summary_metrics_have_human_labels(report):
     _, text = report
-    summary = text[text.index('<section id="summary">'):text.index('<section id="density">')]
-    rows = {label: key for key, label in re.findall(r'<th(?: title="([^"]*)")?>([^<]*)</th>', summary)}
+    summary = text[text.index('<section id="summary">') : text.index('<section id="density">')]
+    rows = {
+        label: key for key, label in re.findall(r'<th(?: title="([^"]*)")?>([^<]*)</th>', summary)
+    }
     assert rows["CE loss, clean model"] == "splice.ce_clean"  # the raw key is only the tooltip
     assert rows["FVU (fraction of variance unexplained)"] == "fvu"
     assert rows["KL (clean || SAE spliced in), per token"] == "splice.kl"
-    assert rows["my new&lt;metric&gt;"] == "my_new&lt;metric&gt;"  # unknown: readable, still escaped
+    assert (
+        rows["my new&lt;metric&gt;"] == "my_new&lt;metric&gt;"
+    )  # unknown: readable, still escaped
     assert not any("splice." in label or "_" in label for label in rows)
     assert ">layers.2 / FVU (fraction of variance unexplained)</figcaption>" in summary
 
@@ -126,12 +143,23 @@ def test_contrast_columns_sort_the_index_by_effect(report, stats_tok, tmp_path):
     key = next(c["key"] for c in index["columns"] if c["label"] == "effect")
     assert index["sort"] == {"key": key, "desc": True}
     stats, tok = stats_tok
-    plain = build_report(stats, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[], progress=False)
+    plain = build_report(
+        stats, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[], progress=False
+    )
     plain_index = json.loads(script_text(plain.path.read_text(encoding="utf-8"), "index"))
     assert plain_index["sort"] == {"key": "id", "desc": False}
     with pytest.raises(ConfigError, match="sort_by"):
-        build_report(stats, tok, tmp_path / "r2.html", title="t", sae_info={}, columns={"effect": effect()},
-                     sort_by="nope", cards=[], progress=False)
+        build_report(
+            stats,
+            tok,
+            tmp_path / "r2.html",
+            title="t",
+            sae_info={},
+            columns={"effect": effect()},
+            sort_by="nope",
+            cards=[],
+            progress=False,
+        )
 
 
 def test_blocks_hold_the_card_data(report, stats_tok):
@@ -147,20 +175,30 @@ def test_blocks_hold_the_card_data(report, stats_tok):
         for f in range(n * BLOCK, (n + 1) * BLOCK):
             card = block[str(f)]
             count = min(EXAMPLES, int((stats.top.context[f] >= 0).sum()))
-            assert [ex[0] for ex in card["ex"]] == round_sig(stats.top.values[f, :count], 3).tolist()
+            assert [ex[0] for ex in card["ex"]] == round_sig(
+                stats.top.values[f, :count], 3
+            ).tolist()
             for i, (value, centre, toks, acts) in enumerate(card["ex"]):
                 ids = stats.top.window_tokens[f, i]
                 assert len(toks) == len(acts) == int((ids >= 0).sum()) <= W
                 # The centre token is the example itself (window activations are kept in fp16).
                 assert acts[centre] == pytest.approx(value, rel=1.1e-2)
                 # The page's token texts join to exactly the decoded window: no gaps, none lost.
-                assert "".join(joined_tokens(strings, byte_map, toks)) == tok.decode(ids[ids >= 0].tolist())
+                assert "".join(joined_tokens(strings, byte_map, toks)) == tok.decode(
+                    ids[ids >= 0].tolist()
+                )
             assert [len(q) for q in card["q"]] == [len(g) for g in stats.quantile_samples(f)]
             first, counts = card["h"]
-            assert sum(counts) == stats.hist[f].sum() and (not counts or counts[0] == stats.hist[f, first])
+            assert sum(counts) == stats.hist[f].sum() and (
+                not counts or counts[0] == stats.hist[f, first]
+            )
             assert [g for g, _ in card["nn"]] == stats.nearest["ids"][f].tolist()
-            assert [strings[t] for t, _ in card["lt"]] == [tok.decode([t]) for t in stats.logits["top_ids"][f].tolist()]
-            assert [v for _, v in card["lb"]] == round_sig(stats.logits["bottom_values"][f], 3).tolist()
+            assert [strings[t] for t, _ in card["lt"]] == [
+                tok.decode([t]) for t in stats.logits["top_ids"][f].tolist()
+            ]
+            assert [v for _, v in card["lb"]] == round_sig(
+                stats.logits["bottom_values"][f], 3
+            ).tolist()
 
 
 def test_payload_text_survives_as_data(report, stats_tok):
@@ -170,14 +208,24 @@ def test_payload_text_survives_as_data(report, stats_tok):
     strings = json.loads(script_text(text, "strings"))
     f = feature_showing(stats, tok, "<script>", EXAMPLES)
     assert f >= 0, "no feature's top examples show the payload; change the test texts"
-    shown = ["".join(strings[t] for t in ex[2]) for ex in decode_block(text, f // BLOCK)[str(f)]["ex"]]
+    shown = [
+        "".join(strings[t] for t in ex[2]) for ex in decode_block(text, f // BLOCK)[str(f)]["ex"]
+    ]
     assert any("<script>" in s for s in shown)
 
 
 def test_cards_subset(stats_tok, tmp_path):
     stats, tok = stats_tok
-    info = build_report(stats, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[300, 3, 300],
-                        examples=2, progress=False)
+    info = build_report(
+        stats,
+        tok,
+        tmp_path / "r.html",
+        title="t",
+        sae_info={},
+        cards=[300, 3, 300],
+        examples=2,
+        progress=False,
+    )
     text = info.path.read_text(encoding="utf-8")
     assert (info.features, info.cards) == (M, 2)
     index = json.loads(script_text(text, "index"))
@@ -185,25 +233,39 @@ def test_cards_subset(stats_tok, tmp_path):
     assert sorted(decode_block(text, 0)) == ["3"] and sorted(decode_block(text, 1)) == ["300"]
     assert all(len(ex) <= 2 for ex in (decode_block(text, 0)["3"]["ex"],))
     with pytest.raises(ConfigError, match="out of range"):
-        build_report(stats, tok, tmp_path / "r2.html", title="t", sae_info={}, cards=[M], progress=False)
+        build_report(
+            stats, tok, tmp_path / "r2.html", title="t", sae_info={}, cards=[M], progress=False
+        )
 
 
 def test_fewer_quantile_samples_are_spread_over_each_bin(stats_tok, tmp_path):
     stats, tok = stats_tok
-    info = build_report(stats, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[3], samples_per_bin=2,
-                        progress=False)
+    info = build_report(
+        stats,
+        tok,
+        tmp_path / "r.html",
+        title="t",
+        sae_info={},
+        cards=[3],
+        samples_per_bin=2,
+        progress=False,
+    )
     card = decode_block(info.path.read_text(encoding="utf-8"), 0)["3"]
     for shown, group in zip(card["q"], stats.quantile_samples(3)):
         values = [stats.reservoir.values[3, s].item() for s in group]
         assert len(shown) == min(2, len(group))
         if len(group) >= 2:  # the bin's lowest and highest sample: its whole range stays visible
-            assert [ex[0] for ex in shown] == round_sig(torch.tensor([values[0], values[-1]]), 3).tolist()
+            assert [ex[0] for ex in shown] == round_sig(
+                torch.tensor([values[0], values[-1]]), 3
+            ).tolist()
 
 
 def test_without_logits_nearest_or_summary(stats_tok, tmp_path):
     stats, tok = stats_tok
     bare = type(stats)(**{**stats.__dict__, "logits": {}, "nearest": {}})
-    info = build_report(bare, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[0], progress=False)
+    info = build_report(
+        bare, tok, tmp_path / "r.html", title="t", sae_info={}, cards=[0], progress=False
+    )
     text = info.path.read_text(encoding="utf-8")
     assert 'id="summary"' not in text
     assert set(decode_block(text, 0)["0"]) == {"ex", "q", "h"}
@@ -213,7 +275,10 @@ def test_unwritable_output_is_a_one_line_config_error(stats_tok, tmp_path):
     stats, tok = stats_tok
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for path, reason in ((blocker / "report.html", "Not a directory"), (tmp_path, "Is a directory")):
+    for path, reason in (
+        (blocker / "report.html", "Not a directory"),
+        (tmp_path, "Is a directory"),
+    ):
         with pytest.raises(ConfigError) as e:
             build_report(stats, tok, path, title="t", sae_info={}, cards=[], progress=False)
         assert str(e.value) == f"--output: cannot write {str(path)!r}: {reason}"
@@ -227,7 +292,10 @@ def test_script_json_cannot_close_its_element():
 
 def test_round_sig_prints_short():
     x = torch.tensor([0.73449, 123456.0, 0.000123456, -2.5e-7, 0.0, math.nan, 1.0 / 3])
-    assert json.dumps(round_sig(x, 3).tolist()) == "[0.734, 123000.0, 0.000123, -2.5e-07, 0.0, NaN, 0.333]"
+    assert (
+        json.dumps(round_sig(x, 3).tolist())
+        == "[0.734, 123000.0, 0.000123, -2.5e-07, 0.0, NaN, 0.333]"
+    )
 
 
 def test_run_summary(tmp_path):
@@ -261,12 +329,28 @@ def test_token_strings_keep_sentencepiece_spaces_and_split_characters():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "\u2581the": 1, "\u2581cat": 2, "s": 3, "\u2581sat": 4, "\u2581a": 5,
-             "<0xE6>": 6, "<0x97>": 7, "<0xA5>": 8, "\u2581": 9}
+    vocab = {
+        "<unk>": 0,
+        "\u2581the": 1,
+        "\u2581cat": 2,
+        "s": 3,
+        "\u2581sat": 4,
+        "\u2581a": 5,
+        "<0xE6>": 6,
+        "<0x97>": 7,
+        "<0xA5>": 8,
+        "\u2581": 9,
+    }
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=backend)
     ids = [1, 2, 3, 4, 9, 6, 7, 8]  # "the cats sat 日", the last character in byte tokens
     table = StringTable(tok)

@@ -43,9 +43,18 @@ def driver():
         browser_unavailable("selenium is not installed (pip install -e '.[dev]')")
     options = webdriver.ChromeOptions()
     profile = tempfile.TemporaryDirectory()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", f"--user-data-dir={profile.name}", "--window-size=1400,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile.name}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -59,8 +68,15 @@ def page(tmp_path_factory):
     """(file:// URL, stats, tokenizer, index JSON) of a report with every card."""
     stats, tok = report_stats()
     path = tmp_path_factory.mktemp("browser") / "report.html"
-    build_report(stats, tok, path, title="browser test", sae_info={"SAE": "random"}, examples=EXAMPLES,
-                 progress=False)
+    build_report(
+        stats,
+        tok,
+        path,
+        title="browser test",
+        sae_info={"SAE": "random"},
+        examples=EXAMPLES,
+        progress=False,
+    )
     index = json.loads(script_text(path.read_text(encoding="utf-8"), "index"))
     return path.as_uri(), stats, tok, index
 
@@ -76,9 +92,17 @@ def contrast_page(tmp_path_factory):
     effect[3] = math.nan
     auroc = torch.rand(M, generator=g)
     path = tmp_path_factory.mktemp("contrast") / "report.html"
-    build_report(stats, tok, path, title="contrast", sae_info={"SAE": "random"}, examples=EXAMPLES,
-                 columns={"effect": effect, "AUROC": auroc, "diff of means": effect * 3.3},
-                 column_help={"effect": "Cohen's d", "AUROC": "AUROC of target vs baseline"}, progress=False)
+    build_report(
+        stats,
+        tok,
+        path,
+        title="contrast",
+        sae_info={"SAE": "random"},
+        examples=EXAMPLES,
+        columns={"effect": effect, "AUROC": auroc, "diff of means": effect * 3.3},
+        column_help={"effect": "Cohen's d", "AUROC": "AUROC of target vs baseline"},
+        progress=False,
+    )
     return path.as_uri(), effect
 
 
@@ -97,18 +121,25 @@ def load(driver, url: str) -> None:
 
 def rows(driver) -> list[int]:
     """Feature ids of the index rows on the current page."""
-    return driver.execute_script("return [...document.querySelectorAll('#feature-index tbody tr')]"
-                                 ".map(tr => Number(tr.dataset.f))")
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#feature-index tbody tr')]"
+        ".map(tr => Number(tr.dataset.f))"
+    )
 
 
 def open_card_tokens(driver, f: int) -> list[dict]:
     """Wait for card f to render; its token elements as {text, title, bg}."""
-    wait(driver, lambda: driver.execute_script(
-        "const card = document.querySelector('#card'), h = card.querySelector('h2');"
-        f"return h && h.textContent === 'Feature {f}' && !card.textContent.includes('loading');"))
+    wait(
+        driver,
+        lambda: driver.execute_script(
+            "const card = document.querySelector('#card'), h = card.querySelector('h2');"
+            f"return h && h.textContent === 'Feature {f}' && !card.textContent.includes('loading');"
+        ),
+    )
     return driver.execute_script(
         "return [...document.querySelectorAll('#card .tok')].map(t => "
-        "({text: t.textContent, title: t.title, bg: t.style.backgroundColor}))")
+        "({text: t.textContent, title: t.title, bg: t.style.backgroundColor}))"
+    )
 
 
 def test_page_loads_without_console_errors(driver, page):
@@ -153,7 +184,9 @@ def test_sorting_changes_the_first_row(driver, page):
     driver.find_element("css selector", '#feature-index th[data-key="density"]').click()
     densest = density.index(max(density))  # ties keep id order
     assert rows(driver)[0] == densest
-    driver.find_element("css selector", '#feature-index th[data-key="density"]').click()  # ascending
+    driver.find_element(
+        "css selector", '#feature-index th[data-key="density"]'
+    ).click()  # ascending
     assert density[rows(driver)[0]] == min(density)
 
 
@@ -183,7 +216,8 @@ def test_untrusted_text_shows_as_text(driver, page):
         open_card_showing(driver, url, stats, tok, payload)
         examples = driver.execute_script(
             "return [...document.querySelectorAll('#card .ex')].map(e => "
-            "[...e.querySelectorAll('.tok')].map(t => t.textContent).join(''))")
+            "[...e.querySelectorAll('.tok')].map(t => t.textContent).join(''))"
+        )
         assert any(payload in e for e in examples)
         assert driver.execute_script("return window.__pwned") is None
         assert not driver.find_elements("css selector", "#card img, #card script")
@@ -201,8 +235,10 @@ def test_screenshot_is_not_blank(driver, page):
 
 
 # Token texts as shown, with the page's visible-whitespace marks turned back into whitespace.
-SHOWN_TEXTS = ("return [...document.querySelectorAll('#card .ex')].map(e => [...e.querySelectorAll('.tok')]"
-               ".map(t => t.textContent.replace(/↵/g, '\\n').replace(/⇥/g, '\\t').replace(/␍/g, '\\r')))")
+SHOWN_TEXTS = (
+    "return [...document.querySelectorAll('#card .ex')].map(e => [...e.querySelectorAll('.tok')]"
+    ".map(t => t.textContent.replace(/↵/g, '\\n').replace(/⇥/g, '\\t').replace(/␍/g, '\\r')))"
+)
 
 
 def test_example_tokens_read_as_the_decoded_text(driver, page):
@@ -212,7 +248,9 @@ def test_example_tokens_read_as_the_decoded_text(driver, page):
     for text in ("TypedDict", "日本語"):
         f = open_card_showing(driver, url, stats, tok, text)
         shown = driver.execute_script(SHOWN_TEXTS)[:EXAMPLES]
-        windows = [[i for i in row if i >= 0] for row in stats.top.window_tokens[f, :len(shown)].tolist()]
+        windows = [
+            [i for i in row if i >= 0] for row in stats.top.window_tokens[f, : len(shown)].tolist()
+        ]
         assert ["".join(t) for t in shown] == [tok.decode(w) for w in windows]
         # No spacing between neighbours on a line: each token's glyphs start where the last's end.
         gaps = driver.execute_script(
@@ -223,7 +261,8 @@ def test_example_tokens_read_as_the_decoded_text(driver, page):
             "    .map(x => x[0]).filter(x => x.width > 0);"
             "  for (let i = 1; i < r.length; i++)"
             "    if (Math.abs(r[i].top - r[i - 1].top) < 1) out.push(r[i].left - r[i - 1].right);"
-            "} return out;")
+            "} return out;"
+        )
         assert gaps and max(abs(g) for g in gaps) < 0.5, gaps
 
 
@@ -232,7 +271,7 @@ def test_contrast_index_starts_sorted_by_effect(driver, contrast_page):
     load(driver, url)
     expected = sorted(range(M), key=lambda f: (math.isnan(effect[f]), -float(effect[f]), f))
     assert rows(driver)[:10] == expected[:10]
-    header = driver.find_element("css selector", '#feature-index th.sorted')
+    header = driver.find_element("css selector", "#feature-index th.sorted")
     assert header.text.startswith("effect")
 
 
@@ -266,6 +305,7 @@ def test_index_does_not_draw_over_the_card(driver, contrast_page, width):
         assert driver.execute_script(
             "const h = document.querySelector('#feature-index th[data-key=\"c2\"]');"
             "h.scrollIntoView({block: 'nearest', inline: 'nearest'});"
-            "const r = h.getBoundingClientRect(); return r.width > 0 && r.right <= window.innerWidth;")
+            "const r = h.getBoundingClientRect(); return r.width > 0 && r.right <= window.innerWidth;"
+        )
     finally:
         driver.set_window_size(1400, 1000)

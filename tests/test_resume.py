@@ -18,11 +18,24 @@ from sae.training.trainer import Trainer
 
 
 def small_run(root, *extra):
-    return load_config(None, [
-        f"output.root={root}", "output.run_name=r", "output.tensorboard=false", "output.log_every_steps=5",
-        "output.checkpoint_every_steps=7", "data.token_budget=12288", "data.eval_split=null",
-        "train.batch_tokens=512", "harvest.buffer_tokens=2048", "train.warmup_steps=2", "train.dead_tokens=2000",
-        "sae.expansion_factor=4", *extra])
+    return load_config(
+        None,
+        [
+            f"output.root={root}",
+            "output.run_name=r",
+            "output.tensorboard=false",
+            "output.log_every_steps=5",
+            "output.checkpoint_every_steps=7",
+            "data.token_budget=12288",
+            "data.eval_split=null",
+            "train.batch_tokens=512",
+            "harvest.buffer_tokens=2048",
+            "train.warmup_steps=2",
+            "train.dead_tokens=2000",
+            "sae.expansion_factor=4",
+            *extra,
+        ],
+    )
 
 
 def signalling_step(step):
@@ -54,7 +67,11 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch, c
         extra += ["harvest.cache_shard_tokens=1024", "harvest.cache_epochs=2"]
 
     def cfg(name):
-        return small_run(tmp_path / name, *extra, *([f"harvest.cache_dir={tmp_path / name / 'cache'}"] if cache else []))
+        return small_run(
+            tmp_path / name,
+            *extra,
+            *([f"harvest.cache_dir={tmp_path / name / 'cache'}"] if cache else []),
+        )
 
     whole = train_run(cfg("whole"), log=lambda s: None)
     interrupt_at(monkeypatch, 10)
@@ -85,7 +102,9 @@ def test_resume_refusals_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="holds an unfinished run; continue it with --resume"):
         run_dir_for(small_run(tmp_path))
     other = small_run(tmp_path, "train.seed=5")
-    with pytest.raises(ConfigError, match="belongs to another run.*train.seed: checkpoint has 0, this run 5"):
+    with pytest.raises(
+        ConfigError, match="belongs to another run.*train.seed: checkpoint has 0, this run 5"
+    ):
         train_run(other, log=lambda s: None, resume=True)
     (run_dir / "state" / "trainer.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(ConfigError, match="is damaged"):
@@ -101,10 +120,18 @@ def test_nan_stops_with_the_step_and_hook_and_keeps_the_last_checkpoint():
     saved = []
     batches = [{"layers.1": torch.randn(32, 16)} for _ in range(12)]
     batches[8]["layers.1"][3, 5] = float("nan")
-    with pytest.raises(ConfigError, match=r"activations at layers.1 held NaN or inf in steps 5..9.*"
-                                          r"last good checkpoint \(step 5\) is kept"):
-        trainer.fit(batches, progress=False, log_every=100, checkpoint_every=5,
-                    on_checkpoint=lambda t: saved.append(t.step_count))
+    with pytest.raises(
+        ConfigError,
+        match=r"activations at layers.1 held NaN or inf in steps 5..9.*"
+        r"last good checkpoint \(step 5\) is kept",
+    ):
+        trainer.fit(
+            batches,
+            progress=False,
+            log_every=100,
+            checkpoint_every=5,
+            on_checkpoint=lambda t: saved.append(t.step_count),
+        )
     assert saved == [5]  # nothing written once a bad batch went in
 
 
@@ -115,15 +142,25 @@ def test_checkpoint_width_mismatch_is_refused():
         Trainer(cfg, {"layers.1": 32}, total_steps=10).load_state_dict(*state)
 
 
-@pytest.mark.parametrize("key, shape", [("layers.1/sae/W_enc", (64, 32)), ("layers.1/adam/2/exp_avg", (64,)),
-                                        ("layers.1/since_fired", (65,)), ("torch_rng", (7,))])
+@pytest.mark.parametrize(
+    "key, shape",
+    [
+        ("layers.1/sae/W_enc", (64, 32)),
+        ("layers.1/adam/2/exp_avg", (64,)),
+        ("layers.1/since_fired", (65,)),
+        ("torch_rng", (7,)),
+    ],
+)
 def test_checkpoint_tensors_of_another_shape_are_refused_though_its_json_agrees(key, shape):
     cfg = load_config(None, ["sae.num_latents=64", "sae.k=4", "train.batch_tokens=32"])
     trainer = Trainer(cfg, {"layers.1": 16}, total_steps=10)
     trainer.step({"layers.1": torch.randn(32, 16)})  # Adam state exists after a step
     tensors, meta = trainer.state_dict()
     tensors[key] = torch.zeros(shape, dtype=tensors[key].dtype)
-    with pytest.raises(CheckpointError, match=rf"checkpoint's {key} has shape {re.escape(str(shape))}, this run needs"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"checkpoint's {key} has shape {re.escape(str(shape))}, this run needs",
+    ):
         Trainer(cfg, {"layers.1": 16}, total_steps=10).load_state_dict(tensors, meta)
     del tensors[key]
     with pytest.raises(ConfigError, match=rf"checkpoint's {key} has shape None"):

@@ -36,10 +36,12 @@ def test_edits_leave_special_positions_alone(tiny_llama):
     sae = _sae(model.config.hidden_size)
     ids = torch.tensor([prompt_token_ids(tok, "the file is not found")])
     special = torch.isin(ids[0], special_token_ids(tok))
-    assert special[0] and not special[1:].any()   # the start token, then text
+    assert special[0] and not special[1:].any()  # the start token, then text
     clean = _acts(model, ids)
     with torch.no_grad():
-        fs = sae.encode(clean[0:1])[0].nonzero().flatten()[:2].tolist()   # features firing at the start token
+        fs = (
+            sae.encode(clean[0:1])[0].nonzero().flatten()[:2].tolist()
+        )  # features firing at the start token
     assert len(fs) == 2
     edited = _acts(model, ids, [Edit(sae, HOOK, [Ablate(fs)])], special_token_ids(tok))
     torch.testing.assert_close(edited[0], clean[0], rtol=0, atol=0)
@@ -50,7 +52,9 @@ def test_edits_leave_special_positions_alone(tiny_llama):
         expected = clean[1] - z[0, fs[0]] * sae.W_dec[fs[0]] - z[0, fs[1]] * sae.W_dec[fs[1]]
     torch.testing.assert_close(edited[1], expected, rtol=1e-5, atol=1e-5)
     everywhere = _acts(model, ids, [Edit(sae, HOOK, [Ablate(fs)])])
-    assert not torch.allclose(everywhere[0], clean[0])   # without skip_tokens the start token is edited
+    assert not torch.allclose(
+        everywhere[0], clean[0]
+    )  # without skip_tokens the start token is edited
 
 
 def test_steering_during_generation_skips_special_tokens_in_every_step(tiny_llama):
@@ -61,15 +65,18 @@ def test_steering_during_generation_skips_special_tokens_in_every_step(tiny_llam
     seen = []
     with intervene(model, [Edit(sae, HOOK, [Steer(2, 5.0)])], special_token_ids(tok)):
         handle = resolve_hook(model, "layers.2").module.register_forward_pre_hook(
-            lambda _m, args: seen.append(args[0].detach().clone()) if args else None)
+            lambda _m, args: seen.append(args[0].detach().clone()) if args else None
+        )
         try:
             ids = torch.tensor([prompt_token_ids(tok, "a value was")])
-            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+            model.generate(
+                input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id
+            )
         finally:
             handle.remove()
     clean = _acts(model, ids)
-    torch.testing.assert_close(seen[0][0, 0], clean[0])   # the prompt's start token: untouched
-    assert [s.shape[1] for s in seen] == [ids.shape[1], 1, 1]   # prompt, then one token per step
+    torch.testing.assert_close(seen[0][0, 0], clean[0])  # the prompt's start token: untouched
+    assert [s.shape[1] for s in seen] == [ids.shape[1], 1, 1]  # prompt, then one token per step
 
 
 def test_attribution_ignores_the_start_token(tiny_llama):
@@ -80,12 +87,12 @@ def test_attribution_ignores_the_start_token(tiny_llama):
     prompts = ["the file is not", "a value was"]
     ids = torch.tensor([prompt_token_ids(tok, prompts[0])])
     start = _acts(model, ids)[0]
-    with torch.no_grad():   # feature 0: 10 x the start token's direction, a threshold only it passes
+    with torch.no_grad():  # feature 0: 10 x the start token's direction, a threshold only it passes
         sae.W_enc[0] = 10 * start / start.norm()
         sae.b_enc[0] = -10 * (start.norm() - 0.1)
     metric = logprob(" the", tok)
     result = attribute(model, tok, sae, HOOK, prompts, metric, progress=False)
     with torch.no_grad():
         z = sae.encode(_acts(model, ids))
-    assert z[0, 0] > 0 and (z[1:, 0] == 0).all()   # the feature fires at the start token only
+    assert z[0, 0] > 0 and (z[1:, 0] == 0).all()  # the feature fires at the start token only
     assert result.features[0].item() == 0.0

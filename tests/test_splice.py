@@ -10,8 +10,10 @@ from sae.evaluation.splice import splice_metrics
 
 @pytest.fixture(scope="module")
 def model_tok(tiny_model_dir):
-    return (AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval(),
-            AutoTokenizer.from_pretrained(tiny_model_dir))
+    return (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval(),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
 
 
 def contexts(tok, n=3):
@@ -25,7 +27,9 @@ def test_identity_splice_changes_nothing_and_zero_splice_recovers_nothing(model_
     model, tok = model_tok
     perfect = splice_metrics(model, tok, hook, lambda x: x, contexts(tok))
     assert perfect["ce_sae"] == pytest.approx(perfect["ce_clean"], abs=1e-9)
-    assert perfect["kl"] == pytest.approx(0, abs=1e-9) and perfect["delta_lm_loss"] == pytest.approx(0, abs=1e-9)
+    assert perfect["kl"] == pytest.approx(0, abs=1e-9) and perfect[
+        "delta_lm_loss"
+    ] == pytest.approx(0, abs=1e-9)
     assert perfect["ce_loss_recovered"] == pytest.approx(1.0)
     useless = splice_metrics(model, tok, hook, torch.zeros_like, contexts(tok))
     assert useless["ce_sae"] == pytest.approx(useless["ce_zero"], abs=1e-9)

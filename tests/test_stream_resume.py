@@ -21,9 +21,17 @@ from sae.errors import ConfigError
 # ~1000 rows per epoch: 16 contexts of 64 tokens in harvest batches of 2 contexts (~125 rows),
 # shards of 2 harvest batches; a 128-row buffer serves shares of 2 batches of 32, so every
 # second batch ends a share and the next one starts with a refill.
-ARGS = ["train.batch_tokens=32", "harvest.buffer_tokens=128", "data.token_budget=1024", "data.context_tokens=64",
-        "harvest.batch_contexts=2", "harvest.cache_shard_tokens=200", "hooks=[layers.0,layers.2]",
-        "harvest.max_norm_ratio=1.5", "train.seed=5"]
+ARGS = [
+    "train.batch_tokens=32",
+    "harvest.buffer_tokens=128",
+    "data.token_budget=1024",
+    "data.context_tokens=64",
+    "harvest.batch_contexts=2",
+    "harvest.cache_shard_tokens=200",
+    "hooks=[layers.0,layers.2]",
+    "harvest.max_norm_ratio=1.5",
+    "train.seed=5",
+]
 
 
 def config(*extra):
@@ -41,7 +49,10 @@ def round_trip(state, folder):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state["tensors"], str(folder / "buffer.safetensors"))
     (folder / "buffer.json").write_text(json.dumps(state["meta"]))
-    return {"tensors": load_file(str(folder / "buffer.safetensors")), "meta": json.loads((folder / "buffer.json").read_text())}
+    return {
+        "tensors": load_file(str(folder / "buffer.safetensors")),
+        "meta": json.loads((folder / "buffer.json").read_text()),
+    }
 
 
 def run_until(cfg, model, tok, j, folder):
@@ -74,13 +85,19 @@ def test_cold_warm_partial_and_no_cache_give_one_row_stream(tiny_llama, tmp_path
     model, tok = tiny_llama
     plain = stream_rows(config(), model, tok)
     cold = stream_rows(config(f"harvest.cache_dir={tmp_path / 'c'}"), model, tok)
-    warm = stream_rows(config(f"harvest.cache_dir={tmp_path / 'c'}"), model, tok)  # complete now: no model run
+    warm = stream_rows(
+        config(f"harvest.cache_dir={tmp_path / 'c'}"), model, tok
+    )  # complete now: no model run
     partial_cfg = config(f"harvest.cache_dir={tmp_path / 'p'}")
     partial_cache(partial_cfg, model, tok)
     partial = stream_rows(partial_cfg, model, tok)
     for h in plain:
         assert plain[h].shape[0] > 500
-        assert torch.equal(cold[h], plain[h]) and torch.equal(warm[h], plain[h]) and torch.equal(partial[h], plain[h])
+        assert (
+            torch.equal(cold[h], plain[h])
+            and torch.equal(warm[h], plain[h])
+            and torch.equal(partial[h], plain[h])
+        )
     # Later epochs: the same stream whether epoch 1 was harvested now or read back.
     two = [f"harvest.cache_dir={tmp_path / 'e'}", "harvest.cache_epochs=2"]
     cold2, warm2 = stream_rows(config(*two), model, tok), stream_rows(config(*two), model, tok)
@@ -90,8 +107,10 @@ def test_cold_warm_partial_and_no_cache_give_one_row_stream(tiny_llama, tmp_path
         assert not torch.equal(cold2[h][n:], plain[h])  # epoch 2: another shard order
         assert torch.equal(cold2[h][n:].sort(0).values, plain[h].sort(0).values)
     # And so the buffers serve the same batches.
-    assert_same_batches(list(activation_batches(config(f"harvest.cache_dir={tmp_path / 'c'}"), model, tok)),
-                        list(activation_batches(config(), model, tok)))
+    assert_same_batches(
+        list(activation_batches(config(f"harvest.cache_dir={tmp_path / 'c'}"), model, tok)),
+        list(activation_batches(config(), model, tok)),
+    )
 
 
 def test_a_source_starts_at_any_row(tiny_llama, tmp_path):
@@ -108,7 +127,12 @@ def test_a_source_starts_at_any_row(tiny_llama, tmp_path):
     assert list(activation_source(cfg, model, tok, 3 * n)) == []
     # Without a cache, from a row alone (harvest from context 0) or from a restart point.
     plain = config()
-    for start in (7, StreamPosition(rows=first + 50, contexts=shards[0]["contexts_done"], rows_before_contexts=first)):
+    for start in (
+        7,
+        StreamPosition(
+            rows=first + 50, contexts=shards[0]["contexts_done"], rows_before_contexts=first
+        ),
+    ):
         rows = start if isinstance(start, int) else start.rows
         rest = stream_rows(plain, model, tok, start)
         assert all(torch.equal(rest[h], full[h][rows:n]) for h in full)
@@ -152,10 +176,14 @@ def test_resumed_buffer_serves_the_uninterrupted_batches(tiny_llama, tmp_path, m
     for j in js:
         cfg = cfg_for(f"run{j}")
         served, state = run_until(cfg, model, tok, j, tmp_path / f"state{j}")
-        assert state["meta"]["tokens_served"] == 32 * j and state["meta"]["position"]["rows"] >= 32 * j
+        assert (
+            state["meta"]["tokens_served"] == 32 * j and state["meta"]["position"]["rows"] >= 32 * j
+        )
         if cache is not None:
-            beyond_cache.append(state["meta"]["position"]["rows"]
-                                > json.loads((tmp_path / f"run{j}" / MANIFEST).read_text())["tokens"])
+            beyond_cache.append(
+                state["meta"]["position"]["rows"]
+                > json.loads((tmp_path / f"run{j}" / MANIFEST).read_text())["tokens"]
+            )
         rest = list(activation_batches(cfg, model, tok, resume=state))
         assert_same_batches(served + rest, full)
     if cache == "empty":  # resumed both inside the shards written and past them
@@ -175,14 +203,23 @@ def test_a_state_of_another_stream_or_size_is_refused(tiny_llama, tmp_path):
     model, tok = tiny_llama
     _, state = run_until(config(), model, tok, 3, tmp_path / "state")
     new_cache = tmp_path / "untouched"
-    with pytest.raises(ConfigError, match=r"^resume: .*another data stream \(seed: saved state has 5, this run 6\)"):
-        activation_batches(config("train.seed=6", f"harvest.cache_dir={new_cache}"), model, tok, resume=state)
+    with pytest.raises(
+        ConfigError, match=r"^resume: .*another data stream \(seed: saved state has 5, this run 6\)"
+    ):
+        activation_batches(
+            config("train.seed=6", f"harvest.cache_dir={new_cache}"), model, tok, resume=state
+        )
     assert not new_cache.exists()  # refused before a cache folder was made
     text = tmp_path / "other.txt"
     text.write_text("Some other text, long enough to fill a context or two. " * 200)
-    with pytest.raises(ConfigError, match=r"^resume: .*another data stream \(dataset\.dataset: saved state has"):
+    with pytest.raises(
+        ConfigError, match=r"^resume: .*another data stream \(dataset\.dataset: saved state has"
+    ):
         activation_batches(config(f"data.dataset={text}"), model, tok, resume=state)
-    with pytest.raises(ConfigError, match=r"^resume: the saved buffer has other sizes \(capacity_tokens: saved state has 128"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^resume: the saved buffer has other sizes \(capacity_tokens: saved state has 128",
+    ):
         activation_batches(config("harvest.buffer_tokens=256"), model, tok, resume=state)
     with pytest.raises(ConfigError, match=r"^resume: the saved buffer state is not a format-1"):
         activation_batches(config(), model, tok, resume={"tensors": {}, "meta": {"format": 99}})

@@ -28,13 +28,17 @@ def test_geometric_median_is_robust_where_the_mean_is_not():
     assert med.norm() < 0.5 < pts.mean(0).norm()
     sym = torch.randn(50, 3) + 7.0
     sym = torch.cat([sym, 14.0 - sym])  # symmetric around (7, 7, 7)
-    torch.testing.assert_close(geometric_median(sym).float(), torch.full((3,), 7.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        geometric_median(sym).float(), torch.full((3,), 7.0), atol=1e-4, rtol=0
+    )
 
 
 def sparse_data(n, d=32, atoms=64, k_true=3, seed=0):
     """x = sparse non-negative codes @ a fixed random dictionary: an SAE can fit this exactly."""
     g = torch.Generator().manual_seed(seed)
-    D = torch.nn.functional.normalize(torch.randn(atoms, d, generator=torch.Generator().manual_seed(99)), dim=1)
+    D = torch.nn.functional.normalize(
+        torch.randn(atoms, d, generator=torch.Generator().manual_seed(99)), dim=1
+    )
     idx = torch.stack([torch.randperm(atoms, generator=g)[:k_true] for _ in range(n)])
     codes = torch.zeros(n, atoms).scatter_(1, idx, torch.rand(n, k_true, generator=g) + 0.5)
     return codes @ D
@@ -102,14 +106,29 @@ def test_tensorboard_logger_writes_scalars_and_density_histograms(tmp_path):
 
     trainer = Trainer(config(), {"h": 32}, total_steps=6)
     logger = TensorBoardLogger(tmp_path)
-    trainer.fit([{"h": sparse_data(256, seed=s)} for s in range(6)], progress=False, log_every=3, on_log=logger)
+    trainer.fit(
+        [{"h": sparse_data(256, seed=s)} for s in range(6)],
+        progress=False,
+        log_every=3,
+        on_log=logger,
+    )
     logger.close()
     events = EventAccumulator(str(tmp_path)).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"h/fvu", "h/l0", "h/loss", "h/silent_fraction", "h/dense_fraction", "h/lr", "tokens_per_s"} <= scalars
+    assert {
+        "h/fvu",
+        "h/l0",
+        "h/loss",
+        "h/silent_fraction",
+        "h/dense_fraction",
+        "h/lr",
+        "tokens_per_s",
+    } <= scalars
     assert [e.step for e in events.Scalars("h/fvu")] == [3, 6]
     assert events.Tags()["histograms"] == ["h/log10_density"]
-    assert events.Histograms("h/log10_density")[0].histogram_value.num == 128  # one value per latent
+    assert (
+        events.Histograms("h/log10_density")[0].histogram_value.num == 128
+    )  # one value per latent
     # the density window covers exactly the tokens since the last log: 3 steps x 256
     assert trainer.states["h"].window_tokens == 0 and trainer.states["h"].window_fires.sum() == 0
 
@@ -123,8 +142,18 @@ RECIPES = {  # short-run settings for the toy data; the defaults are for real ru
 
 
 def arch_config(arch, *extra):
-    return load_config(None, [f"sae.architecture={arch}", "sae.num_latents=128", "train.batch_tokens=256",
-                              "train.warmup_steps=20", "train.dead_tokens=5000", *RECIPES[arch], *extra])
+    return load_config(
+        None,
+        [
+            f"sae.architecture={arch}",
+            "sae.num_latents=128",
+            "train.batch_tokens=256",
+            "train.warmup_steps=20",
+            "train.dead_tokens=5000",
+            *RECIPES[arch],
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("arch", list(RECIPES))
@@ -133,7 +162,7 @@ def test_every_architecture_learns_a_sparse_dictionary(arch):
     for step in range(300):
         trainer.step({"h": sparse_data(256, seed=100 + step)})
     result = evaluate(trainer.trained_sae("h"), [sparse_data(2048, seed=1)])
-    assert result["fvu"] < 0.25 and result["l0"] < 32, result   # 3 true atoms among 128 latents
+    assert result["fvu"] < 0.25 and result["l0"] < 32, result  # 3 true atoms among 128 latents
     if arch == "batchtopk":  # the inference threshold keeps about k active per token
         assert 3 <= result["l0"] <= 9, result
     norms = trainer.saes["h"].W_dec.norm(dim=1)

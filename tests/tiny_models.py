@@ -27,11 +27,19 @@ from sae.models.demo_model import DEMO_MODEL_DIR
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gpt2", "gpt_neox", "falcon")
 
 
-def tiny_config(family: str, vocab_size: int, n_layers: int = 3, width: int = 64) -> PretrainedConfig:
+def tiny_config(
+    family: str, vocab_size: int, n_layers: int = 3, width: int = 64
+) -> PretrainedConfig:
     """A config of ``family`` with ``n_layers`` decoder layers of ``width`` (4 heads of width/4)."""
     heads, ffn = 4, 2 * width
-    common = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=ffn, num_hidden_layers=n_layers,
-                  num_attention_heads=heads, max_position_embeddings=512)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=ffn,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        max_position_embeddings=512,
+    )
     if family == "llama":
         return LlamaConfig(**common, num_key_value_heads=2)
     if family == "mistral":
@@ -39,20 +47,37 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 3, width: int = 64
     if family == "qwen2":
         return Qwen2Config(**common, num_key_value_heads=2)
     if family == "gemma2":
-        return Gemma2Config(**common, num_key_value_heads=2, head_dim=width // heads, sliding_window=64,
-                            query_pre_attn_scalar=width // heads)
+        return Gemma2Config(
+            **common,
+            num_key_value_heads=2,
+            head_dim=width // heads,
+            sliding_window=64,
+            query_pre_attn_scalar=width // heads,
+        )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=width, n_layer=n_layers, n_head=heads, n_positions=512)
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=width, n_layer=n_layers, n_head=heads, n_positions=512
+        )
     if family == "gpt_neox":
         return GPTNeoXConfig(**common)
-    if family == "falcon":  # parallel attention: adds the attention output into the MLP output in place
-        return FalconConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=n_layers,
-                            num_attention_heads=heads, parallel_attn=True, new_decoder_architecture=False,
-                            max_position_embeddings=512)
+    if (
+        family == "falcon"
+    ):  # parallel attention: adds the attention output into the MLP output in place
+        return FalconConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            parallel_attn=True,
+            new_decoder_architecture=False,
+            max_position_embeddings=512,
+        )
     raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
 
-def make_tiny_model(family: str, path: Path, n_layers: int = 3, width: int = 64, seed: int = 0) -> Path:
+def make_tiny_model(
+    family: str, path: Path, n_layers: int = 3, width: int = 64, seed: int = 0
+) -> Path:
     """Write a randomly initialised model of ``family`` and the demo tokenizer to ``path``.
 
     The embedding rows match the tokenizer as it loads from ``path``: a family's own

@@ -54,18 +54,36 @@ class ShuffleBuffer:
     A buffer is iterated once: a second ``iter`` raises.
     """
 
-    def __init__(self, source: Iterable[dict[str, torch.Tensor]], capacity_tokens: int, batch_tokens: int, *,
-                 refill_fraction: float = 0.5, device: torch.device | str = "cpu", seed: int = 0,
-                 fingerprint: dict | None = None, resume: dict | None = None, progress: bool = False):
+    def __init__(
+        self,
+        source: Iterable[dict[str, torch.Tensor]],
+        capacity_tokens: int,
+        batch_tokens: int,
+        *,
+        refill_fraction: float = 0.5,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        fingerprint: dict | None = None,
+        resume: dict | None = None,
+        progress: bool = False,
+    ):
         if batch_tokens < 1 or capacity_tokens < batch_tokens:
-            raise ValueError(f"need 1 <= batch_tokens ({batch_tokens}) <= capacity_tokens ({capacity_tokens})")
+            raise ValueError(
+                f"need 1 <= batch_tokens ({batch_tokens}) <= capacity_tokens ({capacity_tokens})"
+            )
         if not 0 < refill_fraction <= 1:
             raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction}")
         self.source, self.capacity, self.batch = source, capacity_tokens, batch_tokens
-        self.refill_fraction, self.device, self.fingerprint = refill_fraction, torch.device(device), fingerprint
+        self.refill_fraction, self.device, self.fingerprint = (
+            refill_fraction,
+            torch.device(device),
+            fingerprint,
+        )
         self.generator = torch.Generator().manual_seed(seed)
         self.storage: dict[str, torch.Tensor] = {}  # hook -> [capacity, d] on self.device
-        self.occupied = self._allocating(lambda: torch.zeros(capacity_tokens, dtype=torch.bool), capacity_tokens)
+        self.occupied = self._allocating(
+            lambda: torch.zeros(capacity_tokens, dtype=torch.bool), capacity_tokens
+        )
         self.tokens_served = 0
         self.rows_placed = 0  # source rows written into the storage so far: the source position
         self.exhausted = False  # the source ran out while filling
@@ -95,15 +113,23 @@ class ShuffleBuffer:
         try:
             return make()
         except (RuntimeError, MemoryError):  # torch reports a failed allocation as RuntimeError
-            raise ConfigError(f"harvest.buffer_tokens: cannot allocate {self.capacity:,} rows per hook "
-                              f"({nbytes / 2**30:,.1f} GiB) on {self.device}; use a smaller buffer") from None
+            raise ConfigError(
+                f"harvest.buffer_tokens: cannot allocate {self.capacity:,} rows per hook "
+                f"({nbytes / 2**30:,.1f} GiB) on {self.device}; use a smaller buffer"
+            ) from None
 
     def _allocate(self, first: dict[str, torch.Tensor]) -> None:
         """Storage [capacity, d] per hook, with the widths and dtypes of ``first``'s rows."""
         nbytes = sum(self.capacity * rows.shape[1] * rows.element_size() for rows in first.values())
-        self.storage = self._allocating(lambda: {
-            name: torch.empty(self.capacity, rows.shape[1], dtype=rows.dtype, device=self.device)
-            for name, rows in first.items()}, nbytes)
+        self.storage = self._allocating(
+            lambda: {
+                name: torch.empty(
+                    self.capacity, rows.shape[1], dtype=rows.dtype, device=self.device
+                )
+                for name, rows in first.items()
+            },
+            nbytes,
+        )
 
     def _fill(self, on_placed=lambda n: None) -> None:
         """Write rows into free slots until none is free or the source ends (then ``exhausted``);
@@ -124,11 +150,13 @@ class ShuffleBuffer:
                 if not self.storage:
                     self._allocate(self._pending)
             n = min(len(free) - placed, next(iter(self._pending.values())).shape[0])
-            slots = free[placed:placed + n]
+            slots = free[placed : placed + n]
             slots_dev = slots.to(self.device)
             for name, rows in self._pending.items():
                 # non_blocking only host->GPU: a GPU->host copy must finish before the CPU reads it
-                self.storage[name][slots_dev] = rows[:n].to(self.device, non_blocking=self.device.type == "cuda")
+                self.storage[name][slots_dev] = rows[:n].to(
+                    self.device, non_blocking=self.device.type == "cuda"
+                )
             self.occupied[slots] = True
             placed += n
             self.rows_placed += n
@@ -145,12 +173,18 @@ class ShuffleBuffer:
                 else:
                     self._first_fill()
             held = self.occupied.nonzero().squeeze(1)
-            share = len(held) if self.exhausted else max(self.batch, int(len(held) * self.refill_fraction))
+            share = (
+                len(held)
+                if self.exhausted
+                else max(self.batch, int(len(held) * self.refill_fraction))
+            )
             n_batches = share // self.batch
             if n_batches == 0:  # only when exhausted with fewer than one batch of rows left
                 return None
-            self._order = held[torch.randperm(len(held), generator=self.generator)][:n_batches * self.batch]
-        slots, self._order = self._order[:self.batch], self._order[self.batch:]
+            self._order = held[torch.randperm(len(held), generator=self.generator)][
+                : n_batches * self.batch
+            ]
+        slots, self._order = self._order[: self.batch], self._order[self.batch :]
         slots_dev = slots.to(self.device)
         batch = {name: store[slots_dev] for name, store in self.storage.items()}
         self.occupied[slots] = False
@@ -162,8 +196,15 @@ class ShuffleBuffer:
         """``_fill`` with a progress bar (if ``progress``) up to the capacity. It is left off
         the screen when closed, full, exhausted or interrupted alike: the lines after it (the
         run's log, training's own bar) start on a clean line."""
-        with tqdm(total=self.capacity, initial=self.filled, desc="filling shuffle buffer", unit="tok",
-                  unit_scale=True, leave=False, disable=not self.progress) as bar:
+        with tqdm(
+            total=self.capacity,
+            initial=self.filled,
+            desc="filling shuffle buffer",
+            unit="tok",
+            unit_scale=True,
+            leave=False,
+            disable=not self.progress,
+        ) as bar:
             self._fill(bar.update)
             bar.refresh()  # the final count, whatever the refresh interval skipped
 
@@ -206,33 +247,64 @@ class ShuffleBuffer:
         copy of the occupied rows costs up to the storage's size in host memory.
         """
         held = self.occupied.nonzero().squeeze(1)
-        tensors = {"occupied": self.occupied.clone(), "order": self._order.clone(),
-                   "generator": self.generator.get_state()}
+        tensors = {
+            "occupied": self.occupied.clone(),
+            "order": self._order.clone(),
+            "generator": self.generator.get_state(),
+        }
         held_dev = held.to(self.device)
         for name, store in self.storage.items():
             tensors[f"rows.{name}"] = store[held_dev].cpu()
-        meta = {"format": STATE_FORMAT, "capacity_tokens": self.capacity, "batch_tokens": self.batch,
-                "refill_fraction": self.refill_fraction, "hooks": list(self.storage),
-                "tokens_served": self.tokens_served, "exhausted": self.exhausted, "position": self.position,
-                "fingerprint": self.fingerprint}
+        meta = {
+            "format": STATE_FORMAT,
+            "capacity_tokens": self.capacity,
+            "batch_tokens": self.batch,
+            "refill_fraction": self.refill_fraction,
+            "hooks": list(self.storage),
+            "tokens_served": self.tokens_served,
+            "exhausted": self.exhausted,
+            "position": self.position,
+            "fingerprint": self.fingerprint,
+        }
         return {"tensors": tensors, "meta": meta}
 
     @staticmethod
-    def check_resume(state: dict, capacity_tokens: int, batch_tokens: int, refill_fraction: float = 0.5,
-                     fingerprint: dict | None = None) -> None:
+    def check_resume(
+        state: dict,
+        capacity_tokens: int,
+        batch_tokens: int,
+        refill_fraction: float = 0.5,
+        fingerprint: dict | None = None,
+    ) -> None:
         """ConfigError (one line) unless ``state`` is a buffer state for these sizes and stream."""
         meta = state.get("meta") if isinstance(state, dict) else None
-        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or not isinstance(state.get("tensors"), dict):
-            raise ConfigError(f"resume: the saved buffer state is not a format-{STATE_FORMAT} ShuffleBuffer state")
-        diff = first_difference(meta.get("fingerprint") or {}, fingerprint or {}, a_has="saved state has")
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != STATE_FORMAT
+            or not isinstance(state.get("tensors"), dict)
+        ):
+            raise ConfigError(
+                f"resume: the saved buffer state is not a format-{STATE_FORMAT} ShuffleBuffer state"
+            )
+        diff = first_difference(
+            meta.get("fingerprint") or {}, fingerprint or {}, a_has="saved state has"
+        )
         if diff:
-            raise ConfigError(f"resume: the saved buffer state comes from another data stream ({diff}); "
-                              "resume with the config it was saved under")
-        sizes = {"capacity_tokens": capacity_tokens, "batch_tokens": batch_tokens, "refill_fraction": refill_fraction}
+            raise ConfigError(
+                f"resume: the saved buffer state comes from another data stream ({diff}); "
+                "resume with the config it was saved under"
+            )
+        sizes = {
+            "capacity_tokens": capacity_tokens,
+            "batch_tokens": batch_tokens,
+            "refill_fraction": refill_fraction,
+        }
         diff = first_difference({k: meta.get(k) for k in sizes}, sizes, a_has="saved state has")
         if diff:
-            raise ConfigError(f"resume: the saved buffer has other sizes ({diff}); "
-                              "keep harvest.buffer_tokens and train.batch_tokens when resuming")
+            raise ConfigError(
+                f"resume: the saved buffer has other sizes ({diff}); "
+                "keep harvest.buffer_tokens and train.batch_tokens when resuming"
+            )
 
     def _restore(self, state: dict) -> None:
         """Load ``state_dict()`` output (possibly read back from safetensors + JSON)."""
@@ -245,21 +317,36 @@ class ShuffleBuffer:
         try:
             occupied, order, generator = tensors["occupied"], tensors["order"], tensors["generator"]
             rows = {name: tensors[f"rows.{name}"] for name in meta["hooks"]}
-            position, tokens_served, exhausted = meta["position"], meta["tokens_served"], meta["exhausted"]
+            position, tokens_served, exhausted = (
+                meta["position"],
+                meta["tokens_served"],
+                meta["exhausted"],
+            )
             rows_placed = position["rows"]
         except (KeyError, TypeError) as e:
             raise damaged(f"missing {e}") from None
         if occupied.dtype != torch.bool or occupied.shape != (self.capacity,):
-            raise damaged(f"occupied is {occupied.dtype} {tuple(occupied.shape)}, not bool ({self.capacity},)")
+            raise damaged(
+                f"occupied is {occupied.dtype} {tuple(occupied.shape)}, not bool ({self.capacity},)"
+            )
         held = occupied.nonzero().squeeze(1)
         if any(r.dim() != 2 or r.shape[0] != len(held) for r in rows.values()):
             raise damaged(f"rows per hook must be [{len(held)}, d], the occupied slots")
-        if (order.dtype != torch.long or order.dim() != 1 or len(order) % self.batch
-                or (len(order) and not (0 <= order.min() and order.max() < self.capacity and occupied[order].all()))):
+        if (
+            order.dtype != torch.long
+            or order.dim() != 1
+            or len(order) % self.batch
+            or (
+                len(order)
+                and not (0 <= order.min() and order.max() < self.capacity and occupied[order].all())
+            )
+        ):
             raise damaged("order must list occupied slots, whole batches of them")
         source_start = getattr(self.source, "start_row", rows_placed)
         if source_start != rows_placed:
-            raise ValueError(f"the source starts at row {source_start}, the state at row {rows_placed}")
+            raise ValueError(
+                f"the source starts at row {source_start}, the state at row {rows_placed}"
+            )
         if rows:
             self._allocate(rows)
             held_dev = held.to(self.device)

@@ -113,20 +113,29 @@ class CacheWriter:
     damaged cache is announced.
     """
 
-    def __init__(self, folder: str | Path, identity: dict, shard_tokens: int = 65536,
-                 log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)):
+    def __init__(
+        self,
+        folder: str | Path,
+        identity: dict,
+        shard_tokens: int = 65536,
+        log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    ):
         self.folder, self.identity, self.shard_tokens = Path(folder), identity, shard_tokens
         self.lock: FolderLock | None = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorageError(f"harvest.cache_dir: cannot create {str(self.folder)!r}: {e.strerror}") from None
+            raise StorageError(
+                f"harvest.cache_dir: cannot create {str(self.folder)!r}: {e.strerror}"
+            ) from None
         if (self.folder / MANIFEST).exists():
             self.manifest = read_manifest(self.folder)
             diff = identity_difference(self.manifest.get("identity", {}), identity)
             if diff:
-                raise DataError(f"harvest.cache_dir: {str(self.folder)!r} holds activations of another run "
-                                  f"({diff}); use another cache_dir")
+                raise DataError(
+                    f"harvest.cache_dir: {str(self.folder)!r} holds activations of another run "
+                    f"({diff}); use another cache_dir"
+                )
             damaged = first_damaged(self.folder, self.manifest["shards"])
             if not self.manifest["complete"] or damaged is not None:
                 self._claim()
@@ -138,12 +147,20 @@ class CacheWriter:
                     raise
         else:
             self._claim()
-            self.manifest = {"format": FORMAT, "identity": identity, "complete": False, "tokens": 0,
-                             "contexts_done": 0, "shards": []}
+            self.manifest = {
+                "format": FORMAT,
+                "identity": identity,
+                "complete": False,
+                "tokens": 0,
+                "contexts_done": 0,
+                "shards": [],
+            }
             try:
                 self._write_manifest()  # claims the folder for this run's identity at once
             except OSError as e:
-                raise StorageError(f"harvest.cache_dir: cannot write to {str(self.folder)!r}: {e.strerror}") from None
+                raise StorageError(
+                    f"harvest.cache_dir: cannot write to {str(self.folder)!r}: {e.strerror}"
+                ) from None
         self._rows: dict[str, list[torch.Tensor]] = {}
         self._n_rows = 0
 
@@ -159,15 +176,24 @@ class CacheWriter:
         name = shards[index]["file"]
         restart = 0 if index == 0 else shards[index - 1].get("contexts_done")
         if restart is None:
-            raise DataError(f"harvest.cache_dir: {name} in {str(self.folder)!r} is damaged ({why}), and this "
-                              "cache predates the restart points a repair needs; delete the folder to harvest again")
+            raise DataError(
+                f"harvest.cache_dir: {name} in {str(self.folder)!r} is damaged ({why}), and this "
+                "cache predates the restart points a repair needs; delete the folder to harvest again"
+            )
         kept = shards[:index]
-        self.manifest.update(shards=kept, complete=False, tokens=sum(s["tokens"] for s in kept), contexts_done=restart)
+        self.manifest.update(
+            shards=kept,
+            complete=False,
+            tokens=sum(s["tokens"] for s in kept),
+            contexts_done=restart,
+        )
         self._write_manifest()
         for shard in shards[index:]:
             (self.folder / shard["file"]).unlink(missing_ok=True)
-        log(f"harvest.cache_dir: {name} in {self.folder} is damaged ({why}); harvesting it and the "
-            f"{len(shards) - index - 1} shard(s) after it again (the cache keeps {index} shard(s))")
+        log(
+            f"harvest.cache_dir: {name} in {self.folder} is damaged ({why}); harvesting it and the "
+            f"{len(shards) - index - 1} shard(s) after it again (the cache keeps {index} shard(s))"
+        )
 
     @property
     def complete(self) -> bool:
@@ -207,17 +233,28 @@ class CacheWriter:
                 os.fsync(f.fileno())
             size, crcs = tmp.stat().st_size, chunk_crcs(tmp)
             os.replace(tmp, self.folder / name)
-            fsync_dir(self.folder)  # the shard's rename must be on disk before the manifest lists it
-            self.manifest["shards"].append({"file": name, "tokens": self._n_rows,
-                                            "contexts_done": self._contexts_after, "bytes": size, "crc32": crcs,
-                                            "crc32_chunk": CRC_CHUNK})
+            fsync_dir(
+                self.folder
+            )  # the shard's rename must be on disk before the manifest lists it
+            self.manifest["shards"].append(
+                {
+                    "file": name,
+                    "tokens": self._n_rows,
+                    "contexts_done": self._contexts_after,
+                    "bytes": size,
+                    "crc32": crcs,
+                    "crc32_chunk": CRC_CHUNK,
+                }
+            )
             self.manifest["tokens"] += self._n_rows
             self.manifest["contexts_done"] = self._contexts_after
             self._write_manifest()
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise StorageError(f"harvest.cache_dir: cannot write {name} in {str(self.folder)!r} ({e.strerror}); "
-                              f"the cache keeps its {listed} tokens and resumes from there") from None
+            raise StorageError(
+                f"harvest.cache_dir: cannot write {name} in {str(self.folder)!r} ({e.strerror}); "
+                f"the cache keeps its {listed} tokens and resumes from there"
+            ) from None
         self._rows, self._n_rows = {}, 0
 
     def finish(self) -> None:
@@ -246,8 +283,12 @@ def chunk_crcs(path: Path, chunk: int = CRC_CHUNK) -> list[int]:
         return []
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            return list(pool.map(lambda start: zlib.crc32(memoryview(mapped)[start:start + chunk]),
-                                 range(0, size, chunk)))
+            return list(
+                pool.map(
+                    lambda start: zlib.crc32(memoryview(mapped)[start : start + chunk]),
+                    range(0, size, chunk),
+                )
+            )
 
 
 def first_damaged(folder: Path, shards: list[dict]) -> tuple[int, str] | None:
@@ -264,8 +305,10 @@ def first_damaged(folder: Path, shards: list[dict]) -> tuple[int, str] | None:
 
 
 def damaged_shard(folder: Path, file: str, why: str) -> DataError:
-    return DataError(f"harvest.cache_dir: {file} in {str(folder)!r} is damaged ({why}); delete that file and "
-                       "run again: a training run harvests it again")
+    return DataError(
+        f"harvest.cache_dir: {file} in {str(folder)!r} is damaged ({why}); delete that file and "
+        "run again: a training run harvests it again"
+    )
 
 
 def read_shard(folder: Path, shard: dict) -> dict[str, torch.Tensor]:
@@ -299,14 +342,19 @@ def read_manifest(folder: str | Path) -> dict:
         raise DataError(f"harvest.cache_dir: {str(folder)!r} holds no {MANIFEST}")
     try:
         manifest = json.loads(path.read_text())
-        ok = (manifest.get("format") == FORMAT and isinstance(manifest.get("identity"), dict)
-              and isinstance(manifest.get("shards"), list)
-              and all(k in manifest for k in ("complete", "tokens", "contexts_done")))
+        ok = (
+            manifest.get("format") == FORMAT
+            and isinstance(manifest.get("identity"), dict)
+            and isinstance(manifest.get("shards"), list)
+            and all(k in manifest for k in ("complete", "tokens", "contexts_done"))
+        )
     except (ValueError, UnicodeDecodeError, AttributeError):
         ok = False
     if not ok:
-        raise DataError(f"harvest.cache_dir: {str(path)!r} is not a format-{FORMAT} activation cache manifest; "
-                          "use another cache_dir")
+        raise DataError(
+            f"harvest.cache_dir: {str(path)!r} is not a format-{FORMAT} activation cache manifest; "
+            "use another cache_dir"
+        )
     return manifest
 
 
@@ -324,32 +372,53 @@ class CacheReader:
     the manifest records the previous shard's context count, else both None.
     """
 
-    def __init__(self, folder: str | Path, hooks: list[str] | None = None, epochs: int = 1, seed: int = 0,
-                 identity: dict | None = None, require_complete: bool = True, start_row: int = 0):
+    def __init__(
+        self,
+        folder: str | Path,
+        hooks: list[str] | None = None,
+        epochs: int = 1,
+        seed: int = 0,
+        identity: dict | None = None,
+        require_complete: bool = True,
+        start_row: int = 0,
+    ):
         self.folder, self.epochs, self.seed, self.start_row = Path(folder), epochs, seed, start_row
         self.manifest = read_manifest(folder)
         if identity is not None:
             diff = identity_difference(self.manifest["identity"], identity)
             if diff:
-                raise DataError(f"harvest.cache_dir: {str(folder)!r} holds activations of another run ({diff})")
+                raise DataError(
+                    f"harvest.cache_dir: {str(folder)!r} holds activations of another run ({diff})"
+                )
         if require_complete and not self.manifest["complete"]:
-            raise DataError(f"harvest.cache_dir: the cache in {str(folder)!r} is incomplete "
-                              f"({self.manifest['tokens']} tokens); rerun the harvest to finish it")
+            raise DataError(
+                f"harvest.cache_dir: the cache in {str(folder)!r} is incomplete "
+                f"({self.manifest['tokens']} tokens); rerun the harvest to finish it"
+            )
         cached = self.manifest["identity"]["hooks"]
         self.hooks = hooks or cached
         missing = [h for h in self.hooks if h not in cached]
         if missing:
-            raise ConfigError(f"hooks: {missing[0]!r} is not in the cache at {str(folder)!r}; it has {', '.join(cached)}")
+            raise ConfigError(
+                f"hooks: {missing[0]!r} is not in the cache at {str(folder)!r}; it has {', '.join(cached)}"
+            )
         damaged = first_damaged(self.folder, self.manifest["shards"])
         if damaged is not None:
-            raise damaged_shard(self.folder, self.manifest["shards"][damaged[0]]["file"], damaged[1])
+            raise damaged_shard(
+                self.folder, self.manifest["shards"][damaged[0]]["file"], damaged[1]
+            )
         self.item_start: dict = {"contexts": None, "rows_before_contexts": None}
 
     def _restart_points(self) -> list[dict]:
         """Per shard, the harvest restart point that reproduces it (epoch 1 only)."""
         points, rows, contexts = [], 0, 0
         for shard in self.manifest["shards"]:
-            points.append({"contexts": contexts, "rows_before_contexts": rows if contexts is not None else None})
+            points.append(
+                {
+                    "contexts": contexts,
+                    "rows_before_contexts": rows if contexts is not None else None,
+                }
+            )
             rows += shard["tokens"]
             contexts = shard.get("contexts_done")  # None in caches written before it was recorded
         return points
@@ -370,5 +439,7 @@ class CacheReader:
                 if drop >= n:
                     continue
                 tensors = read_shard(self.folder, shards[i])
-                self.item_start = restart[i] if epoch == 1 else {"contexts": None, "rows_before_contexts": None}
+                self.item_start = (
+                    restart[i] if epoch == 1 else {"contexts": None, "rows_before_contexts": None}
+                )
                 yield {h: tensors[h][drop:] for h in self.hooks}

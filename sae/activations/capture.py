@@ -38,8 +38,10 @@ def max_context_tokens(model: PreTrainedModel) -> int | None:
 def check_context_length(model: PreTrainedModel, context_tokens: int) -> None:
     limit = max_context_tokens(model)
     if limit is not None and context_tokens > limit:
-        raise ConfigError(f"data.context_tokens: {context_tokens} is longer than this model allows; "
-                          f"use at most {limit}")
+        raise ConfigError(
+            f"data.context_tokens: {context_tokens} is longer than this model allows; "
+            f"use at most {limit}"
+        )
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -75,15 +77,31 @@ class MaskedCapture:
     then None); False runs the whole model, for a caller that needs its logits.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hooks: list[str], *,
-                 exclude_special_tokens: bool = True, max_norm_ratio: float | None = None, stop_early: bool = True):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        hooks: list[str],
+        *,
+        exclude_special_tokens: bool = True,
+        max_norm_ratio: float | None = None,
+        stop_early: bool = True,
+    ):
         self.model, self.max_norm_ratio = model, max_norm_ratio
         self.capture = ActivationCapture(model, resolve_hooks(model, hooks), stop_early=stop_early)
-        self.excluded = special_token_ids(tokenizer) if exclude_special_tokens else torch.empty(0, dtype=torch.long)
+        self.excluded = (
+            special_token_ids(tokenizer)
+            if exclude_special_tokens
+            else torch.empty(0, dtype=torch.long)
+        )
         self.device = next(model.parameters()).device
 
-    def keep_mask(self, ids: torch.Tensor, acts: dict[str, torch.Tensor],
-                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def keep_mask(
+        self,
+        ids: torch.Tensor,
+        acts: dict[str, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Bool [B, T]: tokens to keep: not special, attended (where ``attention_mask`` [B, T]
         is given), and, with ``max_norm_ratio``, finite and not a norm outlier at any hook
         (acts: {hook: [B, T, d]}). Each hook's median is taken over the tokens kept so far,
@@ -108,10 +126,14 @@ class MaskedCapture:
             ids = ids.to(self.device, non_blocking=True)
             mask = None if mask is None else mask.to(self.device)
             check_context_length(self.model, ids.shape[1])
-            inputs = {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
+            inputs = (
+                {"input_ids": ids} if mask is None else {"input_ids": ids, "attention_mask": mask}
+            )
             acts, output = self.capture.run_with_output(**inputs)
             for name, a in acts.items():
                 if a.shape[:2] != ids.shape:
-                    raise ConfigError(f"hooks: {name!r} gives activations of shape {tuple(a.shape)}, not "
-                                      f"[batch, tokens, width] = {tuple(ids.shape)} + [width]; hook another module")
+                    raise ConfigError(
+                        f"hooks: {name!r} gives activations of shape {tuple(a.shape)}, not "
+                        f"[batch, tokens, width] = {tuple(ids.shape)} + [width]; hook another module"
+                    )
             yield CapturedBatch(ids, acts, self.keep_mask(ids, acts, mask), output)

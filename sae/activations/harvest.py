@@ -38,12 +38,26 @@ class Harvester:
     stream (a resumed harvest that had already consumed everything).
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: Iterable[torch.Tensor],
-                 hooks: list[str], *, exclude_special_tokens: bool = True, max_norm_ratio: float | None = None,
-                 prefetch: bool = False, expect_data: bool = True):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        contexts: Iterable[torch.Tensor],
+        hooks: list[str],
+        *,
+        exclude_special_tokens: bool = True,
+        max_norm_ratio: float | None = None,
+        prefetch: bool = False,
+        expect_data: bool = True,
+    ):
         self.contexts, self.prefetch, self.expect_data = contexts, prefetch, expect_data
-        self.capture = MaskedCapture(model, tokenizer, hooks, exclude_special_tokens=exclude_special_tokens,
-                                     max_norm_ratio=max_norm_ratio)
+        self.capture = MaskedCapture(
+            model,
+            tokenizer,
+            hooks,
+            exclude_special_tokens=exclude_special_tokens,
+            max_norm_ratio=max_norm_ratio,
+        )
         self.contexts_done = self.tokens_seen = self.tokens_kept = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -56,11 +70,15 @@ class Harvester:
             if n_kept:
                 yield batch.kept()
         if self.tokens_seen == 0 and self.expect_data:
-            raise ConfigError("data.dataset: no complete context could be packed from the data; "
-                              "is the dataset empty or data.context_tokens too long?")
+            raise ConfigError(
+                "data.dataset: no complete context could be packed from the data; "
+                "is the dataset empty or data.context_tokens too long?"
+            )
         if self.tokens_seen and self.tokens_kept == 0:
-            raise ConfigError(f"every one of {self.tokens_seen} tokens was masked (special tokens or norm outliers); "
-                              "check harvest.exclude_special_tokens and harvest.max_norm_ratio")
+            raise ConfigError(
+                f"every one of {self.tokens_seen} tokens was masked (special tokens or norm outliers); "
+                "check harvest.exclude_special_tokens and harvest.max_norm_ratio"
+            )
 
 
 # Prefetch threads still running, {stop event: thread}: stopped and joined at exit, because

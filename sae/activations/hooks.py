@@ -27,15 +27,18 @@ from sae.errors import ConfigError
 from sae.models.loading import decoder_layers
 
 # Generic sub-module names -> what the families call them.
-ALIASES = {"attn": ("self_attn", "attn", "attention", "self_attention"), "mlp": ("mlp", "feed_forward", "ffn")}
+ALIASES = {
+    "attn": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp": ("mlp", "feed_forward", "ffn"),
+}
 
 
 @dataclass(frozen=True)
 class HookPoint:
-    name: str            # as written in the config, e.g. "layers.16.mlp"
-    layer: int           # decoder layer index
-    module: nn.Module    # module whose output (or input, when pre) is captured
-    pre: bool = False    # capture the module's input instead of its output
+    name: str  # as written in the config, e.g. "layers.16.mlp"
+    layer: int  # decoder layer index
+    module: nn.Module  # module whose output (or input, when pre) is captured
+    pre: bool = False  # capture the module's input instead of its output
 
 
 def attach(point: HookPoint, fn) -> torch.utils.hooks.RemovableHandle:
@@ -46,11 +49,13 @@ def attach(point: HookPoint, fn) -> torch.utils.hooks.RemovableHandle:
     without the hook. If fn returns None, the value is left alone.
     """
     if point.pre:
+
         def pre_hook(_m, args, kwargs):
             new = fn(args[0] if args else kwargs["hidden_states"])
             if new is None:
                 return None
             return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
         return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def hook(_m, _args, output):
@@ -58,13 +63,16 @@ def attach(point: HookPoint, fn) -> torch.utils.hooks.RemovableHandle:
         if new is None:
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
+
     return point.module.register_forward_hook(hook)
 
 
 def _syntax_help(n_layers: int, layer: nn.Module) -> str:
     subs = ", ".join(name for name, _ in layer.named_children())
-    return (f"valid: layers.N, layers.N.resid_pre or layers.N.<sub-module> with N in 0..{n_layers - 1} "
-            f"and sub-modules {subs}")
+    return (
+        f"valid: layers.N, layers.N.resid_pre or layers.N.<sub-module> with N in 0..{n_layers - 1} "
+        f"and sub-modules {subs}"
+    )
 
 
 def resolve_hook(model: nn.Module, name: str) -> HookPoint:
@@ -72,10 +80,14 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
     _, layers = decoder_layers(model)
     parts = name.split(".")
     if len(parts) < 2 or parts[0] != "layers" or not re.fullmatch(r"0|[1-9][0-9]*", parts[1]):
-        raise ConfigError(f"hooks: {name!r} is not a hook point; {_syntax_help(len(layers), layers[0])}")
+        raise ConfigError(
+            f"hooks: {name!r} is not a hook point; {_syntax_help(len(layers), layers[0])}"
+        )
     index = int(parts[1])
     if index >= len(layers):
-        raise ConfigError(f"hooks: layer {index} in {name!r} is out of range; this model has layers 0..{len(layers) - 1}")
+        raise ConfigError(
+            f"hooks: layer {index} in {name!r} is out of range; this model has layers 0..{len(layers) - 1}"
+        )
     layer, rest = layers[index], parts[2:]
     if not rest:
         return HookPoint(name, index, layer)
@@ -88,8 +100,10 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
             raise AttributeError(rest[0])
         module = layer.get_submodule(".".join([first, *rest[1:]]))
     except AttributeError:
-        raise ConfigError(f"hooks: {name!r} names no sub-module of layer {index}; "
-                          f"{_syntax_help(len(layers), layer)}") from None
+        raise ConfigError(
+            f"hooks: {name!r} names no sub-module of layer {index}; "
+            f"{_syntax_help(len(layers), layer)}"
+        ) from None
     return HookPoint(name, index, module)
 
 
@@ -152,8 +166,10 @@ class ActivationCapture:
                 h.remove()
         missing = [p.name for p in self.points if p.name not in acts]
         if missing:
-            raise ConfigError(f"hooks: {', '.join(missing)} did not run in the forward pass; "
-                              "choose modules that every forward runs")
+            raise ConfigError(
+                f"hooks: {', '.join(missing)} did not run in the forward pass; "
+                "choose modules that every forward runs"
+            )
         return acts, output
 
 

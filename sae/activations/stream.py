@@ -53,8 +53,12 @@ from sae.distributed import Shard
 from sae.errors import ConfigError, TrainingStopped
 
 
-def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   shard: Shard | None = None) -> dict:
+def cache_identity(
+    cfg: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    shard: Shard | None = None,
+) -> dict:
     """Everything that decides which activations a harvest produces."""
     d, h = cfg.data, cfg.harvest
     return {
@@ -64,50 +68,100 @@ def cache_identity(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrained
         "hooks": list(cfg.hooks),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "width": model.config.hidden_size,
-        "dataset": {"dataset": d.dataset, "subset": d.subset, "split": d.split, "text_column": d.text_column,
-                    "context_tokens": d.context_tokens, "token_budget": d.token_budget, "streaming": d.streaming,
-                    # a built-in corpus differs between Python (or gensim) versions
-                    "builtin_sha256": (BUILTIN_CORPORA[d.dataset].fingerprint(d.split)
-                                       if d.dataset in BUILTIN_CORPORA else None),
-                    # local data and hub data without a test split: which documents the split holds
-                    **({"held_out": describe_split(d.dataset, d.split, d.subset)}
-                       if split_source(d.dataset, d.split, d.subset).part else {})},
+        "dataset": {
+            "dataset": d.dataset,
+            "subset": d.subset,
+            "split": d.split,
+            "text_column": d.text_column,
+            "context_tokens": d.context_tokens,
+            "token_budget": d.token_budget,
+            "streaming": d.streaming,
+            # a built-in corpus differs between Python (or gensim) versions
+            "builtin_sha256": (
+                BUILTIN_CORPORA[d.dataset].fingerprint(d.split)
+                if d.dataset in BUILTIN_CORPORA
+                else None
+            ),
+            # local data and hub data without a test split: which documents the split holds
+            **(
+                {"held_out": describe_split(d.dataset, d.split, d.subset)}
+                if split_source(d.dataset, d.split, d.subset).part
+                else {}
+            ),
+        },
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         # Only where the start and separator rules changed the tokens, so older caches stay valid elsewhere.
-        **({"context_start_id": start} if (start := context_bos_id(tokenizer)) != legacy_context_bos_id(tokenizer)
-           else {}),
-        **({"document_separator_id": sep} if (sep := document_separator_id(tokenizer)) != tokenizer.eos_token_id
-           else {}),
-        "masking": {"exclude_special_tokens": h.exclude_special_tokens, "max_norm_ratio": h.max_norm_ratio,
-                    # the norm filter's median is per batch of contexts
-                    "batch_contexts": h.batch_contexts if h.max_norm_ratio is not None else None},
+        **(
+            {"context_start_id": start}
+            if (start := context_bos_id(tokenizer)) != legacy_context_bos_id(tokenizer)
+            else {}
+        ),
+        **(
+            {"document_separator_id": sep}
+            if (sep := document_separator_id(tokenizer)) != tokenizer.eos_token_id
+            else {}
+        ),
+        "masking": {
+            "exclude_special_tokens": h.exclude_special_tokens,
+            "max_norm_ratio": h.max_norm_ratio,
+            # the norm filter's median is per batch of contexts
+            "batch_contexts": h.batch_contexts if h.max_norm_ratio is not None else None,
+        },
     }
 
 
-def contexts_for(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, skip_contexts: int = 0,
-                 shard: Shard | None = None) -> Iterator[torch.Tensor]:
+def contexts_for(
+    cfg: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    skip_contexts: int = 0,
+    shard: Shard | None = None,
+) -> Iterator[torch.Tensor]:
     """The run's packed token contexts, [harvest.batch_contexts, data.context_tokens] per
     batch (this process's share of them, for several processes)."""
     d = cfg.data
     dataset = load_text_dataset(d.dataset, d.split, d.text_column, d.subset, d.streaming)
-    return context_batches(dataset, tokenizer, text_column=d.text_column, context_tokens=d.context_tokens,
-                           token_budget=d.token_budget, batch_contexts=cfg.harvest.batch_contexts,
-                           skip_contexts=skip_contexts, shard=shard)
+    return context_batches(
+        dataset,
+        tokenizer,
+        text_column=d.text_column,
+        context_tokens=d.context_tokens,
+        token_budget=d.token_budget,
+        batch_contexts=cfg.harvest.batch_contexts,
+        skip_contexts=skip_contexts,
+        shard=shard,
+    )
 
 
-def make_harvester(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   skip_contexts: int = 0, shard: Shard | None = None) -> Harvester:
+def make_harvester(
+    cfg: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    skip_contexts: int = 0,
+    shard: Shard | None = None,
+) -> Harvester:
     """The run's harvester, from context ``skip_contexts`` on (skipped contexts are tokenized
     and packed to find where the stream is, but never run through the model)."""
     h = cfg.harvest
     contexts = contexts_for(cfg, tokenizer, skip_contexts, shard)
-    harvester = Harvester(model, tokenizer, contexts, cfg.hooks, exclude_special_tokens=h.exclude_special_tokens,
-                          max_norm_ratio=h.max_norm_ratio, prefetch=h.prefetch, expect_data=skip_contexts == 0)
+    harvester = Harvester(
+        model,
+        tokenizer,
+        contexts,
+        cfg.hooks,
+        exclude_special_tokens=h.exclude_special_tokens,
+        max_norm_ratio=h.max_norm_ratio,
+        prefetch=h.prefetch,
+        expect_data=skip_contexts == 0,
+    )
     return harvester
 
 
-def stream_fingerprint(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       shard: Shard | None = None) -> dict:
+def stream_fingerprint(
+    cfg: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    shard: Shard | None = None,
+) -> dict:
     """Everything that decides the row stream (a JSON-able dict): a saved buffer state is
     only valid for a run with the same fingerprint.
 
@@ -118,8 +172,13 @@ def stream_fingerprint(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTra
     """
     h = cfg.harvest
     epochs = h.cache_epochs if h.cache_dir is not None else 1
-    return {**cache_identity(cfg, model, tokenizer, shard), "batch_contexts": h.batch_contexts, "seed": cfg.train.seed,
-            "epochs": epochs, "cache_shard_tokens": h.cache_shard_tokens if epochs > 1 else None}
+    return {
+        **cache_identity(cfg, model, tokenizer, shard),
+        "batch_contexts": h.batch_contexts,
+        "seed": cfg.train.seed,
+        "epochs": epochs,
+        "cache_shard_tokens": h.cache_shard_tokens if epochs > 1 else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -141,14 +200,31 @@ class StreamPosition:
     def from_dict(cls, position: dict) -> StreamPosition:
         """From the JSON dict a ShuffleBuffer saves ({"rows": R, "contexts": c, "rows_before_contexts": R_c})."""
         try:
-            rows, contexts, before = position["rows"], position.get("contexts"), position.get("rows_before_contexts")
-            ok = (isinstance(rows, int) and rows >= 0 and (contexts is None) == (before is None)
-                  and (contexts is None or (isinstance(contexts, int) and isinstance(before, int)
-                                            and 0 <= contexts and 0 <= before <= rows)))
+            rows, contexts, before = (
+                position["rows"],
+                position.get("contexts"),
+                position.get("rows_before_contexts"),
+            )
+            ok = (
+                isinstance(rows, int)
+                and rows >= 0
+                and (contexts is None) == (before is None)
+                and (
+                    contexts is None
+                    or (
+                        isinstance(contexts, int)
+                        and isinstance(before, int)
+                        and 0 <= contexts
+                        and 0 <= before <= rows
+                    )
+                )
+            )
         except (KeyError, TypeError, AttributeError):
             ok = False
         if not ok:
-            raise ConfigError(f"resume: {position!r} is not a stream position (rows, contexts, rows_before_contexts)")
+            raise ConfigError(
+                f"resume: {position!r} is not a stream position (rows, contexts, rows_before_contexts)"
+            )
         return cls(rows, contexts, before)
 
 
@@ -166,18 +242,43 @@ class ActivationStream:
     its resume position. Iterate once.
     """
 
-    def __init__(self, cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 start: StreamPosition, writer: CacheWriter | None, identity: dict | None,
-                 shard: Shard | None = None):
-        self.cfg, self.model, self.tokenizer, self.start, self.shard = cfg, model, tokenizer, start, shard
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        start: StreamPosition,
+        writer: CacheWriter | None,
+        identity: dict | None,
+        shard: Shard | None = None,
+    ):
+        self.cfg, self.model, self.tokenizer, self.start, self.shard = (
+            cfg,
+            model,
+            tokenizer,
+            start,
+            shard,
+        )
         self.writer, self.identity = writer, identity
         self.start_row = start.rows
-        self.item_start: dict = {"contexts": start.contexts, "rows_before_contexts": start.rows_before_contexts}
+        self.item_start: dict = {
+            "contexts": start.contexts,
+            "rows_before_contexts": start.rows_before_contexts,
+        }
 
-    def _read(self, epochs: int, start_row: int, require_complete: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    def _read(
+        self, epochs: int, start_row: int, require_complete: bool = True
+    ) -> Iterator[dict[str, torch.Tensor]]:
         h = self.cfg.harvest
-        reader = CacheReader(h.cache_dir, self.cfg.hooks, epochs=epochs, seed=self.cfg.train.seed,
-                             identity=self.identity, require_complete=require_complete, start_row=start_row)
+        reader = CacheReader(
+            h.cache_dir,
+            self.cfg.hooks,
+            epochs=epochs,
+            seed=self.cfg.train.seed,
+            identity=self.identity,
+            require_complete=require_complete,
+            start_row=start_row,
+        )
         for acts in reader:
             self.item_start = reader.item_start
             yield acts
@@ -186,7 +287,9 @@ class ActivationStream:
         """Harvested items from context ``skip_contexts`` (whose first row is stream row
         ``first_row``) on, each added to the cache writer if any; rows before the start are
         dropped (whole items without being yielded)."""
-        harvester = make_harvester(self.cfg, self.model, self.tokenizer, skip_contexts=skip_contexts, shard=self.shard)
+        harvester = make_harvester(
+            self.cfg, self.model, self.tokenizer, skip_contexts=skip_contexts, shard=self.shard
+        )
         row, contexts = first_row, skip_contexts
         for acts in harvester:
             # The contexts after the previous item are a batch boundary from which the next
@@ -226,8 +329,13 @@ class ActivationStream:
         yield from self._read(h.cache_epochs, max(rows, writer.tokens))
 
 
-def activation_source(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                      start: StreamPosition | int = 0, shard: Shard | None = None) -> ActivationStream:
+def activation_source(
+    cfg: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    start: StreamPosition | int = 0,
+    shard: Shard | None = None,
+) -> ActivationStream:
     """Unshuffled {hook: [n, d]} items of the run's row stream, from ``start`` on (a row
     number, or a StreamPosition that also says where a harvest may restart). ``shard``:
     this process's share of the contexts; its cache is ``harvest.cache_dir/rank<r>-of-<w>``.
@@ -235,7 +343,12 @@ def activation_source(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrai
     Checks hooks, context length and the cache's identity now; reads or harvests lazily.
     """
     if shard is not None and cfg.harvest.cache_dir is not None:
-        cfg = replace(cfg, harvest=replace(cfg.harvest, cache_dir=str(Path(cfg.harvest.cache_dir) / shard.label())))
+        cfg = replace(
+            cfg,
+            harvest=replace(
+                cfg.harvest, cache_dir=str(Path(cfg.harvest.cache_dir) / shard.label())
+            ),
+        )
     h = cfg.harvest
     if isinstance(start, int):
         start = StreamPosition(rows=start)  # a harvest without cache then restarts from context 0
@@ -255,8 +368,14 @@ def buffer_capacity(cfg: RunConfig, batch_rows: int) -> int:
     return max(batch_rows, min(cfg.harvest.buffer_tokens, run_tokens))
 
 
-def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                       resume: dict | None = None, shard: Shard | None = None, progress: bool = False) -> ShuffleBuffer:
+def activation_batches(
+    cfg: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    resume: dict | None = None,
+    shard: Shard | None = None,
+    progress: bool = False,
+) -> ShuffleBuffer:
     """Shuffled {hook: [rows, d]} batches for training: rows = train.batch_tokens, or with
     ``shard`` (one process of several) this process's share of it (``Shard.rows``).
 
@@ -266,7 +385,11 @@ def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTra
     stream or buffer size is refused with a ConfigError before any cache is touched.
     ``progress``: a bar while the buffer fills before the first batch (rank 0 of a run only).
     """
-    device = next(model.parameters()).device if cfg.harvest.buffer_device == "model" else torch.device("cpu")
+    device = (
+        next(model.parameters()).device
+        if cfg.harvest.buffer_device == "model"
+        else torch.device("cpu")
+    )
     fingerprint = stream_fingerprint(cfg, model, tokenizer, shard)
     rows = shard.rows(cfg.train.batch_tokens) if shard is not None else cfg.train.batch_tokens
     capacity = buffer_capacity(cfg, rows)
@@ -275,9 +398,16 @@ def activation_batches(cfg: RunConfig, model: PreTrainedModel, tokenizer: PreTra
         # Refuse another run's state before a cache folder is touched or a model runs.
         ShuffleBuffer.check_resume(resume, capacity, rows, fingerprint=fingerprint)
         start = StreamPosition.from_dict(resume["meta"]["position"])
-    return ShuffleBuffer(activation_source(cfg, model, tokenizer, start, shard), capacity, rows,
-                         device=device, seed=cfg.train.seed, fingerprint=fingerprint, resume=resume,
-                         progress=progress)
+    return ShuffleBuffer(
+        activation_source(cfg, model, tokenizer, start, shard),
+        capacity,
+        rows,
+        device=device,
+        seed=cfg.train.seed,
+        fingerprint=fingerprint,
+        resume=resume,
+        progress=progress,
+    )
 
 
 class StoppedWhileFilling(TrainingStopped):
@@ -291,8 +421,13 @@ class StoppedWhileFilling(TrainingStopped):
         self.args = (message,)
 
 
-def first_batch(buffer: ShuffleBuffer, batches: Iterator[dict[str, torch.Tensor]], run_dir: Path,
-                resumed_step: int | None = None, log: Callable[[str], None] = print) -> dict[str, torch.Tensor] | None:
+def first_batch(
+    buffer: ShuffleBuffer,
+    batches: Iterator[dict[str, torch.Tensor]],
+    run_dir: Path,
+    resumed_step: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, torch.Tensor] | None:
     """``next(batches, None)`` of ``iter(buffer)``: the whole fill of the buffer.
 
     Ctrl-C, or SIGTERM (turned into the same for the fill: its default would end the
@@ -327,7 +462,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def fill_stopped_message(buffer: ShuffleBuffer, run_dir: Path, resumed_step: int | None = None) -> str:
+def fill_stopped_message(
+    buffer: ShuffleBuffer, run_dir: Path, resumed_step: int | None = None
+) -> str:
     """One line: how far the fill got, what of the harvest is kept, and the run folder's state."""
     head = f"stopped while filling the shuffle buffer ({buffer.filled:,} of {buffer.capacity:,} activation vectors)"
     writer = getattr(buffer.source, "writer", None)
@@ -338,12 +475,18 @@ def fill_stopped_message(buffer: ShuffleBuffer, run_dir: Path, resumed_step: int
         if manifest["complete"]:
             kept = f"the activation cache in {writer.folder} is complete and unchanged"
         else:
-            kept = (f"the activation cache in {writer.folder} keeps the {manifest['tokens']:,} tokens of its "
-                    f"{len(manifest['shards'])} shard(s), and the next start harvests on from there")
+            kept = (
+                f"the activation cache in {writer.folder} keeps the {manifest['tokens']:,} tokens of its "
+                f"{len(manifest['shards'])} shard(s), and the next start harvests on from there"
+            )
     if resumed_step is not None:
-        run = (f"the checkpoint of step {resumed_step:,} is unchanged; continue with: "
-               f"python train.py --resume {run_dir}")
-    elif (run_dir / "config.yaml").exists():  # a finished run of the same config, which a new start would replace
+        run = (
+            f"the checkpoint of step {resumed_step:,} is unchanged; continue with: "
+            f"python train.py --resume {run_dir}"
+        )
+    elif (
+        run_dir / "config.yaml"
+    ).exists():  # a finished run of the same config, which a new start would replace
         run = f"{run_dir} is not changed (a run writes its folder after the first batch)"
     else:
         run = "no run folder was created"

@@ -32,8 +32,13 @@ SORTS: dict[str, Callable[[FeatureStats], torch.Tensor]] = {
 }
 
 
-def feature_overview(target: Target, stats: FeatureStats, features: Sequence[int] = (), sort: str = "density",
-                     limit: int = 20) -> dict:
+def feature_overview(
+    target: Target,
+    stats: FeatureStats,
+    features: Sequence[int] = (),
+    sort: str = "density",
+    limit: int = 20,
+) -> dict:
     """What ``stats`` (of ``target``'s SAE) says about its features:
 
     {"sae", "hook", "model": where the SAE is and what it reads; "features": how many;
@@ -47,7 +52,14 @@ def feature_overview(target: Target, stats: FeatureStats, features: Sequence[int
         raise ConfigError(f"sort: {sort!r} is not valid; use one of {', '.join(SORTS)}")
     decode = token_decoder(target.tokenizer)
     shown = list(features) or SORTS[sort](stats).argsort(descending=True)[:limit].tolist()
-    return {"sae": str(target.folder), "hook": target.hook, "model": target.cfg.model.name_or_path,
-            "features": stats.num_features, "tokens": stats.tokens, "contexts": stats.contexts,
-            "density_histogram": density_histogram(stats), "sorted_by": None if features else sort,
-            "features_shown": [feature_record(stats, f, decode) for f in shown]}
+    return {
+        "sae": str(target.folder),
+        "hook": target.hook,
+        "model": target.cfg.model.name_or_path,
+        "features": stats.num_features,
+        "tokens": stats.tokens,
+        "contexts": stats.contexts,
+        "density_histogram": density_histogram(stats),
+        "sorted_by": None if features else sort,
+        "features_shown": [feature_record(stats, f, decode) for f in shown],
+    }

@@ -47,7 +47,9 @@ def read_prompts(path: str | Path, what: str = "prompts") -> list[str]:
     file (one prompt per line). Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what}: {str(path)!r} is not a file; give a text file with one prompt per line")
+        raise ConfigError(
+            f"{what}: {str(path)!r} is not a file; give a text file with one prompt per line"
+        )
     if path.suffix in (".yaml", ".yml"):
         return prompts_from_dataset(path, what)
     try:
@@ -61,9 +63,11 @@ def read_prompts(path: str | Path, what: str = "prompts") -> list[str]:
             try:
                 text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"{what}: line {i} of {str(path)!r} is not a JSON object with a \"text\" field") from None
+                raise ConfigError(
+                    f'{what}: line {i} of {str(path)!r} is not a JSON object with a "text" field'
+                ) from None
             if not isinstance(text, str):
-                raise ConfigError(f"{what}: line {i} of {str(path)!r}: \"text\" is not a string")
+                raise ConfigError(f'{what}: line {i} of {str(path)!r}: "text" is not a string')
             prompts.append(text)
         lines = [p for p in prompts if p.strip()]
     if not lines:
@@ -72,7 +76,14 @@ def read_prompts(path: str | Path, what: str = "prompts") -> list[str]:
 
 
 # A prompt set file: which rows of which dataset, and which (possibly nested) field.
-PROMPT_SET_KEYS = {"dataset": None, "subset": None, "split": "train", "field": "text", "where": None, "limit": 1000}
+PROMPT_SET_KEYS = {
+    "dataset": None,
+    "subset": None,
+    "split": "train",
+    "field": "text",
+    "where": None,
+    "limit": 1000,
+}
 _WHERE = re.compile(r"\s*([\w.]+)\s*(<=|>=|==|!=|<|>)\s*(-?[\d.]+(?:[eE][+-]?\d+)?|true|false)\s*")
 
 
@@ -90,25 +101,42 @@ def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
     spec = read_yaml(path)
     unknown = sorted(set(spec) - set(PROMPT_SET_KEYS))
     if unknown or not spec.get("dataset"):
-        raise ConfigError(f"{what}: {str(path)!r} needs a dataset key and may have "
-                          f"{', '.join(PROMPT_SET_KEYS)}" + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        raise ConfigError(
+            f"{what}: {str(path)!r} needs a dataset key and may have "
+            f"{', '.join(PROMPT_SET_KEYS)}"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        )
     s = {**PROMPT_SET_KEYS, **spec}
     field = str(s["field"]).split(".")
     condition = None
     if s["where"] is not None:
         m = _WHERE.fullmatch(str(s["where"]))
         if m is None:
-            raise ConfigError(f"{what}: where {s['where']!r} in {str(path)!r} is not FIELD OP NUMBER, "
-                              "e.g. prompt.toxicity > 0.5")
+            raise ConfigError(
+                f"{what}: where {s['where']!r} in {str(path)!r} is not FIELD OP NUMBER, "
+                "e.g. prompt.toxicity > 0.5"
+            )
         key, op, raw = m.group(1).split("."), m.group(2), m.group(3)
         value = {"true": True, "false": False}.get(raw, None)
         value = float(raw) if value is None else value
-        compare = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
-                   "!=": operator.ne}[op]
+        compare = {
+            "<": operator.lt,
+            "<=": operator.le,
+            ">": operator.gt,
+            ">=": operator.ge,
+            "==": operator.eq,
+            "!=": operator.ne,
+        }[op]
         condition = (key, compare, value)
     limit = int(s["limit"])
-    data = load_text_dataset(str(s["dataset"]), str(s["split"]), field[0], s["subset"], streaming=True,
-                             require_text=False)
+    data = load_text_dataset(
+        str(s["dataset"]),
+        str(s["split"]),
+        field[0],
+        s["subset"],
+        streaming=True,
+        require_text=False,
+    )
     prompts = []
     for row in data.dataset:
         if condition is not None:
@@ -117,13 +145,17 @@ def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
                 continue
         text = _lookup(row, field)
         if not isinstance(text, str):
-            raise ConfigError(f"{what}: field {s['field']!r} of {s['dataset']} is {type(text).__name__}, not text")
+            raise ConfigError(
+                f"{what}: field {s['field']!r} of {s['dataset']} is {type(text).__name__}, not text"
+            )
         if text.strip():
             prompts.append(text.strip())
         if len(prompts) >= limit:
             break
     if not prompts:
-        raise ConfigError(f"{what}: no row of {s['dataset']} [{s['split']}] passes where {s['where']!r}")
+        raise ConfigError(
+            f"{what}: no row of {s['dataset']} [{s['split']}] passes where {s['where']!r}"
+        )
     return prompts
 
 
@@ -133,7 +165,9 @@ def _lookup(row: dict, keys: list[str]):
     return row
 
 
-def encode_replies(target: Target, prompts: Sequence[str], fmt: PromptFormat = PLAIN) -> list[tuple[list[int], int]]:
+def encode_replies(
+    target: Target, prompts: Sequence[str], fmt: PromptFormat = PLAIN
+) -> list[tuple[list[int], int]]:
     """(token ids, first position that counts) per prompt, as ``fmt.reply_ids``. A prompt
     longer than the model reads is refused; one longer than MAX_PROMPT_TOKENS (which bounds
     the [T, M] latents' memory) is cut at the end."""
@@ -145,8 +179,13 @@ def encode_replies(target: Target, prompts: Sequence[str], fmt: PromptFormat = P
     return encoded
 
 
-def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
-                  progress: bool = False, fmt: PromptFormat = PLAIN) -> list[torch.Tensor]:
+def token_latents(
+    target: Target,
+    prompts: Sequence[str],
+    batch_size: int = 16,
+    progress: bool = False,
+    fmt: PromptFormat = PLAIN,
+) -> list[torch.Tensor]:
     """Latents of every prompt token: one [T_i, M] float32 tensor (on the model's device)
     per prompt, rows of special tokens (and, in chat format, of everything before the
     reply) zeroed (``encode_replies`` says which prompts are refused or cut)."""
@@ -154,32 +193,49 @@ def token_latents(target: Target, prompts: Sequence[str], batch_size: int = 16,
 
 
 @torch.no_grad()
-def _latents(target: Target, encoded: list[tuple[list[int], int]], batch_size: int,
-             progress: bool) -> list[torch.Tensor]:
+def _latents(
+    target: Target, encoded: list[tuple[list[int], int]], batch_size: int, progress: bool
+) -> list[torch.Tensor]:
     """``token_latents`` of prompts already encoded."""
     tok = target.tokenizer
     capture = MaskedCapture(target.model, tok, [target.hook])
-    chunks = [encoded[first:first + batch_size] for first in range(0, len(encoded), batch_size)]
-    batches = (padded([ids for ids, _ in chunk], pad_id(tok), target.device, left=False) for chunk in chunks)
+    chunks = [encoded[first : first + batch_size] for first in range(0, len(encoded), batch_size)]
+    batches = (
+        padded([ids for ids, _ in chunk], pad_id(tok), target.device, left=False)
+        for chunk in chunks
+    )
     out = []
-    for chunk, batch in zip(tqdm(chunks, desc="prompts", disable=not progress), capture.batches(batches)):
+    for chunk, batch in zip(
+        tqdm(chunks, desc="prompts", disable=not progress), capture.batches(batches)
+    ):
         z = target.encode(batch.acts[target.hook]).float()
         z = torch.where(batch.keep[..., None], z, 0.0)
         for row, (ids, start) in enumerate(chunk):
             z[row, :start] = 0.0
-            out.append(z[row, :len(ids)])
+            out.append(z[row, : len(ids)])
     return out
 
 
-def prompt_scores(target: Target, prompts: Sequence[str], reduce: str = "max", batch_size: int = 16,
-                  progress: bool = False, fmt: PromptFormat = PLAIN) -> torch.Tensor:
+def prompt_scores(
+    target: Target,
+    prompts: Sequence[str],
+    reduce: str = "max",
+    batch_size: int = 16,
+    progress: bool = False,
+    fmt: PromptFormat = PLAIN,
+) -> torch.Tensor:
     """Per-prompt feature scores [P, M] (float32, CPU): max or mean latent over each prompt's
     tokens that count (``token_latents``)."""
     return _scores(target, encode_replies(target, prompts, fmt), reduce, batch_size, progress)
 
 
-def _scores(target: Target, encoded: list[tuple[list[int], int]], reduce: str, batch_size: int,
-            progress: bool) -> torch.Tensor:
+def _scores(
+    target: Target,
+    encoded: list[tuple[list[int], int]],
+    reduce: str,
+    batch_size: int,
+    progress: bool,
+) -> torch.Tensor:
     """``prompt_scores`` of prompts already encoded."""
     if reduce not in REDUCTIONS:
         raise ConfigError(f"reduce: {reduce!r} is not valid; use one of {', '.join(REDUCTIONS)}")
@@ -194,10 +250,10 @@ def auroc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     a: [n_a, M], b: [n_b, M]. Returns [M] float64. Counts, for each a-score, the b-scores
     below it and equal to it by binary search in the sorted b-scores (O(M n log n))."""
-    bs = b.t().contiguous().double().sort(dim=1).values      # [M, n_b]
-    at = a.t().contiguous().double()                          # [M, n_a]
-    below = torch.searchsorted(bs, at, right=False)           # b < a
-    not_above = torch.searchsorted(bs, at, right=True)        # b <= a
+    bs = b.t().contiguous().double().sort(dim=1).values  # [M, n_b]
+    at = a.t().contiguous().double()  # [M, n_a]
+    below = torch.searchsorted(bs, at, right=False)  # b < a
+    not_above = torch.searchsorted(bs, at, right=True)  # b <= a
     wins = below.double() + 0.5 * (not_above - below).double()
     return wins.sum(1) / (a.shape[0] * b.shape[0])
 
@@ -228,15 +284,26 @@ class ContrastResult:
             score = score - 0.5
         score = score if higher_in == "a" else -score
         # Ties (e.g. AUROC 1.0) are broken by the difference of means.
-        return sorted(range(len(score)), key=lambda f: (-score[f].item(), -abs(self.diff[f].item())))
+        return sorted(
+            range(len(score)), key=lambda f: (-score[f].item(), -abs(self.diff[f].item()))
+        )
 
     def row(self, f: int) -> dict:
-        return {"feature": f, "mean_target": self.mean_a[f].item(), "mean_baseline": self.mean_b[f].item(),
-                "fire_target": self.fire_a[f].item(), "fire_baseline": self.fire_b[f].item(),
-                "diff": self.diff[f].item(), "effect": self.effect[f].item(), "auroc": self.auroc[f].item()}
+        return {
+            "feature": f,
+            "mean_target": self.mean_a[f].item(),
+            "mean_baseline": self.mean_b[f].item(),
+            "fire_target": self.fire_a[f].item(),
+            "fire_baseline": self.fire_b[f].item(),
+            "diff": self.diff[f].item(),
+            "effect": self.effect[f].item(),
+            "auroc": self.auroc[f].item(),
+        }
 
 
-def contrast(a: torch.Tensor, b: torch.Tensor, reduce: str = "max", tokens: tuple[int, int] = (0, 0)) -> ContrastResult:
+def contrast(
+    a: torch.Tensor, b: torch.Tensor, reduce: str = "max", tokens: tuple[int, int] = (0, 0)
+) -> ContrastResult:
     """Contrast statistics from per-prompt scores a [n_a, M] and b [n_b, M]."""
     a, b = a.double(), b.double()
     mean_a, mean_b = a.mean(0), b.mean(0)
@@ -246,22 +313,43 @@ def contrast(a: torch.Tensor, b: torch.Tensor, reduce: str = "max", tokens: tupl
     pooled = (((a.shape[0] - 1) * var_a + (b.shape[0] - 1) * var_b) / dof).sqrt()
     diff = mean_a - mean_b
     # A feature with no spread in either set: its difference decides, on a tiny scale.
-    scale = torch.maximum(pooled, torch.full_like(pooled, 1e-6) + 1e-3 * (mean_a.abs() + mean_b.abs()))
-    return ContrastResult(mean_a=mean_a.float(), mean_b=mean_b.float(), fire_a=(a > 0).double().mean(0).float(),
-                          fire_b=(b > 0).double().mean(0).float(), diff=diff.float(), effect=(diff / scale).float(),
-                          auroc=auroc(a, b).float(), n_a=a.shape[0], n_b=b.shape[0], tokens_a=tokens[0],
-                          tokens_b=tokens[1], reduce=reduce)
+    scale = torch.maximum(
+        pooled, torch.full_like(pooled, 1e-6) + 1e-3 * (mean_a.abs() + mean_b.abs())
+    )
+    return ContrastResult(
+        mean_a=mean_a.float(),
+        mean_b=mean_b.float(),
+        fire_a=(a > 0).double().mean(0).float(),
+        fire_b=(b > 0).double().mean(0).float(),
+        diff=diff.float(),
+        effect=(diff / scale).float(),
+        auroc=auroc(a, b).float(),
+        n_a=a.shape[0],
+        n_b=b.shape[0],
+        tokens_a=tokens[0],
+        tokens_b=tokens[1],
+        reduce=reduce,
+    )
 
 
-def contrast_search(target: Target, prompts_a: Sequence[str], prompts_b: Sequence[str], reduce: str = "max",
-                    batch_size: int = 16, progress: bool = True, fmt: PromptFormat = PLAIN) -> ContrastResult:
+def contrast_search(
+    target: Target,
+    prompts_a: Sequence[str],
+    prompts_b: Sequence[str],
+    reduce: str = "max",
+    batch_size: int = 16,
+    progress: bool = True,
+    fmt: PromptFormat = PLAIN,
+) -> ContrastResult:
     """Contrast statistics of every feature between target prompts (A) and baseline prompts (B)."""
     for what, prompts in (("target prompts", prompts_a), ("baseline prompts", prompts_b)):
         if not prompts:
             raise ConfigError(f"{what}: none given")
     encoded = [encode_replies(target, ps, fmt) for ps in (prompts_a, prompts_b)]
     a, b = (_scores(target, e, reduce, batch_size, progress) for e in encoded)
-    tokens = tuple(sum(len(ids) - start for ids, start in e) for e in encoded)  # BOS or the chat header not
+    tokens = tuple(
+        sum(len(ids) - start for ids, start in e) for e in encoded
+    )  # BOS or the chat header not
     return contrast(a, b, reduce, tokens)
 
 
@@ -271,9 +359,9 @@ class TextFeatures:
     features ranked by their largest activation over the focus tokens."""
 
     tokens: list[str]
-    focus: list[int]                       # indices into tokens the ranking covers
+    focus: list[int]  # indices into tokens the ranking covers
     per_token: list[list[tuple[int, float]]]
-    ranking: list[tuple[int, float]]       # (feature, max activation over the focus tokens)
+    ranking: list[tuple[int, float]]  # (feature, max activation over the focus tokens)
 
 
 def focus_positions(target: Target, text: str, focus: str | None, first: int = 1) -> list[int]:
@@ -281,10 +369,14 @@ def focus_positions(target: Target, text: str, focus: str | None, first: int = 1
     ``text``; all text tokens when focus is None. The text's first token sits at ``first``
     (after BOS, or after the chat header)."""
     try:
-        enc = target.tokenizer(text, add_special_tokens=False, return_offsets_mapping=focus is not None)
+        enc = target.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=focus is not None
+        )
     except NotImplementedError:  # slow (Python) tokenizers have no character offsets
-        raise ConfigError("--focus: needs a fast tokenizer (with character offsets); this model's "
-                          "tokenizer is a slow one; leave out --focus to rank over the whole text") from None
+        raise ConfigError(
+            "--focus: needs a fast tokenizer (with character offsets); this model's "
+            "tokenizer is a slow one; leave out --focus to rank over the whole text"
+        ) from None
     n = len(enc["input_ids"])
     if focus is None:
         return list(range(first, first + n))
@@ -298,15 +390,18 @@ def focus_positions(target: Target, text: str, focus: str | None, first: int = 1
     return hits
 
 
-def features_in_text(target: Target, text: str, focus: str | None = None, top: int = 10,
-                     fmt: PromptFormat = PLAIN) -> TextFeatures:
+def features_in_text(
+    target: Target, text: str, focus: str | None = None, top: int = 10, fmt: PromptFormat = PLAIN
+) -> TextFeatures:
     """The features that fire on ``text`` (or the tokens covering ``focus`` in it), strongest first."""
     if not text.strip():
         raise ConfigError("--text: empty; give the text to search")
     ids, first = fmt.reply_ids(target.tokenizer, text)
-    z = token_latents(target, [text], fmt=fmt)[0].cpu()  # [T, M]; shorter than ids if the text was cut
+    z = token_latents(target, [text], fmt=fmt)[
+        0
+    ].cpu()  # [T, M]; shorter than ids if the text was cut
     positions = [p for p in focus_positions(target, text, focus, first) if p < z.shape[0]]
-    ids = ids[:z.shape[0]]
+    ids = ids[: z.shape[0]]
     tok = target.tokenizer
     tokens = [tok.decode([i]) for i in ids]
     per_token = []
@@ -315,13 +410,19 @@ def features_in_text(target: Target, text: str, focus: str | None = None, top: i
         per_token.append([(int(f), float(v)) for f, v in zip(feats, vals) if v > 0])
     best = z[positions].max(0).values
     vals, feats = best.topk(min(top, best.shape[0]))
-    return TextFeatures(tokens=tokens, focus=positions, per_token=per_token,
-                        ranking=[(int(f), float(v)) for f, v in zip(feats, vals) if v > 0])
+    return TextFeatures(
+        tokens=tokens,
+        focus=positions,
+        per_token=per_token,
+        ranking=[(int(f), float(v)) for f, v in zip(feats, vals) if v > 0],
+    )
 
 
 def given_prompts(texts: Sequence[str], path: str | Path | None) -> list[str]:
     """Prompts given one by one (``--prompt``, repeatable) or in a file (``--prompts``,
     ``read_prompts``): exactly one of the two."""
     if bool(texts) == (path is not None):
-        raise ConfigError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both")
+        raise ConfigError(
+            "give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both"
+        )
     return list(texts) if texts else read_prompts(path, "--prompts")

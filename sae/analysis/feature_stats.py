@@ -99,12 +99,14 @@ class Examples:
 
     @classmethod
     def empty(cls, M: int, S: int, W: int, device) -> Examples:
-        return cls(keys=torch.full((M, S), -math.inf, device=device),
-                   values=torch.full((M, S), math.nan, device=device),
-                   context=torch.full((M, S), -1, dtype=torch.long, device=device),
-                   position=torch.full((M, S), -1, dtype=torch.long, device=device),
-                   window_tokens=torch.full((M, S, W), -1, dtype=torch.long, device=device),
-                   window_acts=torch.zeros(M, S, W, device=device))
+        return cls(
+            keys=torch.full((M, S), -math.inf, device=device),
+            values=torch.full((M, S), math.nan, device=device),
+            context=torch.full((M, S), -1, dtype=torch.long, device=device),
+            position=torch.full((M, S), -1, dtype=torch.long, device=device),
+            window_tokens=torch.full((M, S, W), -1, dtype=torch.long, device=device),
+            window_acts=torch.zeros(M, S, W, device=device),
+        )
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{f.name}": getattr(self, f.name) for f in fields(self)}
@@ -117,8 +119,17 @@ class Examples:
         """Filled slots per feature, [M]."""
         return (self.context >= 0).sum(1)
 
-    def offer(self, row: torch.Tensor, feat: torch.Tensor, key: torch.Tensor, z: torch.Tensor, ids: torch.Tensor,
-              context0: int, before: int, after: int) -> None:
+    def offer(
+        self,
+        row: torch.Tensor,
+        feat: torch.Tensor,
+        key: torch.Tensor,
+        z: torch.Tensor,
+        ids: torch.Tensor,
+        context0: int,
+        before: int,
+        after: int,
+    ) -> None:
         """Keep, per feature, the S largest keys among the current ones and this chunk's.
 
         Candidates are sparse: row, feat, key [E] (token row in the chunk, feature, key).
@@ -134,8 +145,8 @@ class Examples:
         row, feat, key = row[beats], feat[beats], key[beats]
         if feat.numel() == 0:
             return
-        feats, col = feat.unique(return_inverse=True)                     # [F], [E]
-        new_keys, rows = _top_per_group(key, row, col, feats.numel(), S)   # [F, S] each
+        feats, col = feat.unique(return_inverse=True)  # [F], [E]
+        new_keys, rows = _top_per_group(key, row, col, feats.numel(), S)  # [F, S] each
         slot = torch.cat([self.keys[feats], new_keys], 1).topk(S, dim=1).indices  # [F, S]
         fresh = slot >= S
         kept_old = torch.zeros(feats.numel(), S + 1, dtype=torch.bool, device=slot.device)
@@ -145,12 +156,12 @@ class Examples:
         fresh_at = fresh.to(torch.uint8).argsort(dim=1, descending=True, stable=True)
         n_new = fresh.sum(1)
         i, j = (torch.arange(S, device=slot.device) < n_new[:, None]).nonzero(as_tuple=True)
-        k = slot[i, fresh_at[i, j]] - S                                    # index into new_keys
+        k = slot[i, fresh_at[i, j]] - S  # index into new_keys
         f, s = feats[i], evicted[i, j]
         keep_key = new_keys[i, k]
         real = keep_key > -math.inf
         f, s, i, k, keep_key = f[real], s[real], i[real], k[real], keep_key[real]
-        r = rows[i, k]                                                     # token row in the chunk
+        r = rows[i, k]  # token row in the chunk
         ctx, pos = r // T, r % T
         win = pos[:, None] + torch.arange(-before, after + 1, device=pos.device)  # [E, W]
         inside = (win >= 0) & (win < T)
@@ -166,14 +177,19 @@ class Examples:
         """The same examples with each feature's slots ordered by key, largest first."""
         order = self.keys.argsort(dim=1, descending=True, stable=True)
         W = self.window_tokens.shape[2]
-        return Examples(keys=self.keys.gather(1, order), values=self.values.gather(1, order),
-                        context=self.context.gather(1, order), position=self.position.gather(1, order),
-                        window_tokens=self.window_tokens.gather(1, order[..., None].expand(-1, -1, W)),
-                        window_acts=self.window_acts.gather(1, order[..., None].expand(-1, -1, W)))
+        return Examples(
+            keys=self.keys.gather(1, order),
+            values=self.values.gather(1, order),
+            context=self.context.gather(1, order),
+            position=self.position.gather(1, order),
+            window_tokens=self.window_tokens.gather(1, order[..., None].expand(-1, -1, W)),
+            window_acts=self.window_acts.gather(1, order[..., None].expand(-1, -1, W)),
+        )
 
 
-def _top_per_group(key: torch.Tensor, value: torch.Tensor, group: torch.Tensor, groups: int,
-                   S: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_per_group(
+    key: torch.Tensor, value: torch.Tensor, group: torch.Tensor, groups: int, S: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The S largest keys of each group and their values: ([G, S] keys, -inf padded;
     [G, S] values, 0 padded), largest first. key, value, group: [E].
 
@@ -181,7 +197,7 @@ def _top_per_group(key: torch.Tensor, value: torch.Tensor, group: torch.Tensor, 
     the work grows with the E firing entries, not with tokens x features.
     """
     order = key.argsort(descending=True, stable=True)
-    order = order[group[order].argsort(stable=True)]           # grouped, largest key first in each
+    order = order[group[order].argsort(stable=True)]  # grouped, largest key first in each
     g = group[order]
     counts = torch.bincount(g, minlength=groups)
     rank = torch.arange(g.numel(), device=g.device) - (counts.cumsum(0) - counts)[g]
@@ -242,7 +258,9 @@ class FeatureStats:
 
     def hist_edges(self) -> torch.Tensor:
         """Lower edges of the histogram bins (the first bin also holds everything below), [HIST_BINS]."""
-        return 2.0 ** (HIST_LOG2_MIN + torch.arange(HIST_BINS, dtype=torch.float64) / HIST_BINS_PER_OCTAVE)
+        return 2.0 ** (
+            HIST_LOG2_MIN + torch.arange(HIST_BINS, dtype=torch.float64) / HIST_BINS_PER_OCTAVE
+        )
 
 
 def hist_bin(values: torch.Tensor) -> torch.Tensor:
@@ -290,20 +308,45 @@ class StatsAccumulator:
         self.contexts += B
 
     def result(self, info: dict) -> FeatureStats:
-        cpu = {k: v.cpu() for k, v in (("fires", self.fires), ("act_sum", self.act_sum), ("act_max", self.act_max))}
-        top, res = (Examples(**{f.name: getattr(e.sorted(), f.name).cpu() for f in fields(Examples)})
-                    for e in (self.top, self.reservoir))
+        cpu = {
+            k: v.cpu()
+            for k, v in (
+                ("fires", self.fires),
+                ("act_sum", self.act_sum),
+                ("act_max", self.act_max),
+            )
+        }
+        top, res = (
+            Examples(**{f.name: getattr(e.sorted(), f.name).cpu() for f in fields(Examples)})
+            for e in (self.top, self.reservoir)
+        )
         for e in (top, res):  # stored in half precision: the same numbers whether fresh or cached
             e.window_acts = e.window_acts.half().float()
-        return FeatureStats(tokens=self.tokens, contexts=self.contexts, **cpu,
-                            hist=self.hist.view(-1, HIST_BINS).cpu(), top=top, reservoir=res,
-                            settings=self.settings, info=info, logits={}, nearest={})
+        return FeatureStats(
+            tokens=self.tokens,
+            contexts=self.contexts,
+            **cpu,
+            hist=self.hist.view(-1, HIST_BINS).cpu(),
+            top=top,
+            reservoir=res,
+            settings=self.settings,
+            info=info,
+            logits={},
+            nearest={},
+        )
 
 
 @torch.no_grad()
-def compute_feature_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: SparseAutoencoder,
-                          hook: str, contexts: Iterable[torch.Tensor], settings: StatsSettings = StatsSettings(),
-                          info: dict | None = None, progress: bool = True) -> FeatureStats:
+def compute_feature_stats(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sae: SparseAutoencoder,
+    hook: str,
+    contexts: Iterable[torch.Tensor],
+    settings: StatsSettings = StatsSettings(),
+    info: dict | None = None,
+    progress: bool = True,
+) -> FeatureStats:
     """Statistics of every feature of ``sae`` (applied at ``hook``) over ``contexts``
     (LongTensor batches [B, T], e.g. ``sae.activations.stream.contexts_for``), until
     ``settings.tokens`` non-special tokens have been scanned or the data ends; ``info``
@@ -312,12 +355,20 @@ def compute_feature_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     device = next(model.parameters()).device
     acc = StatsAccumulator(sae.cfg.num_latents, settings, device)
     sae_dtype = sae.W_dec.dtype
-    bar = tqdm(total=settings.tokens, unit="tok", unit_scale=True, desc="feature stats", disable=not progress)
+    bar = tqdm(
+        total=settings.tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="feature stats",
+        disable=not progress,
+    )
     for batch in capture.batches(contexts):
         acts, ids = batch.acts[hook], batch.ids
         if acts.shape[-1] != sae.d_in:
-            raise ConfigError(f"the SAE takes inputs of width {sae.d_in}, but {hook} of this model has "
-                              f"width {acts.shape[-1]}; is it the SAE of another model or hook?")
+            raise ConfigError(
+                f"the SAE takes inputs of width {sae.d_in}, but {hook} of this model has "
+                f"width {acts.shape[-1]}; is it the SAE of another model or hook?"
+            )
         # Stop exactly at the token budget: later tokens of the last batch are masked out.
         room = settings.tokens - acc.tokens
         keep = batch.keep & (batch.keep.view(-1).cumsum(0).view(ids.shape) <= room)
@@ -346,17 +397,31 @@ def compute_feature_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
 
 # ---- on disk ----------------------------------------------------------------------------
 
+
 def save_feature_stats(stats: FeatureStats, path: Path) -> None:
     """One safetensors file (written atomically); settings, counts and ``info`` in its header."""
-    tensors = {"fires": stats.fires, "act_sum": stats.act_sum, "act_max": stats.act_max, "hist": stats.hist,
-               **stats.top.tensors("top"), **stats.reservoir.tensors("reservoir"),
-               **{f"logits.{k}": v for k, v in stats.logits.items()},
-               **{f"nearest.{k}": v for k, v in stats.nearest.items()}}
+    tensors = {
+        "fires": stats.fires,
+        "act_sum": stats.act_sum,
+        "act_max": stats.act_max,
+        "hist": stats.hist,
+        **stats.top.tensors("top"),
+        **stats.reservoir.tensors("reservoir"),
+        **{f"logits.{k}": v for k, v in stats.logits.items()},
+        **{f"nearest.{k}": v for k, v in stats.nearest.items()},
+    }
     # Half the size on disk; window activations are only ever shown, never computed on
     # (StatsAccumulator.result already rounded them, so nothing changes here).
-    tensors = {k: (v.half() if k.endswith("window_acts") else v).contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "tokens": str(stats.tokens), "contexts": str(stats.contexts),
-            "settings": json.dumps(asdict(stats.settings)), "info": json.dumps(stats.info)}
+    tensors = {
+        k: (v.half() if k.endswith("window_acts") else v).contiguous() for k, v in tensors.items()
+    }
+    meta = {
+        "format": FORMAT,
+        "tokens": str(stats.tokens),
+        "contexts": str(stats.contexts),
+        "settings": json.dumps(asdict(stats.settings)),
+        "info": json.dumps(stats.info),
+    }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -367,8 +432,10 @@ def save_feature_stats(stats: FeatureStats, path: Path) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):  # e.g. the parent is a file: there is no tmp either
             tmp.unlink()
-        raise StorageError(f"cannot write feature statistics to {str(path)!r}: {e.strerror}; "
-                          "choose another --cache-dir") from None
+        raise StorageError(
+            f"cannot write feature statistics to {str(path)!r}: {e.strerror}; "
+            "choose another --cache-dir"
+        ) from None
 
 
 def read_stats_header(path: Path) -> dict:
@@ -380,7 +447,9 @@ def read_stats_header(path: Path) -> dict:
     except (OSError, SafetensorError) as e:
         raise DataError(f"{str(path)!r}: not a feature statistics file ({e})") from None
     if meta.get("format") != FORMAT:
-        raise DataError(f"{str(path)!r}: not a feature statistics file (format {meta.get('format')!r})")
+        raise DataError(
+            f"{str(path)!r}: not a feature statistics file (format {meta.get('format')!r})"
+        )
     return meta
 
 
@@ -396,17 +465,28 @@ def load_feature_stats(path: Path) -> FeatureStats:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors = {k: (v.float() if k.endswith("window_acts") else v) for k, v in tensors.items()}
-    return FeatureStats(tokens=int(meta["tokens"]), contexts=int(meta["contexts"]), fires=tensors["fires"],
-                        act_sum=tensors["act_sum"], act_max=tensors["act_max"], hist=tensors["hist"],
-                        top=Examples.from_tensors(tensors, "top"),
-                        reservoir=Examples.from_tensors(tensors, "reservoir"),
-                        settings=StatsSettings(**json.loads(meta["settings"])), info=json.loads(meta["info"]),
-                        logits={k.removeprefix("logits."): v for k, v in tensors.items() if k.startswith("logits.")},
-                        nearest={k.removeprefix("nearest."): v for k, v in tensors.items()
-                                 if k.startswith("nearest.")})
+    return FeatureStats(
+        tokens=int(meta["tokens"]),
+        contexts=int(meta["contexts"]),
+        fires=tensors["fires"],
+        act_sum=tensors["act_sum"],
+        act_max=tensors["act_max"],
+        hist=tensors["hist"],
+        top=Examples.from_tensors(tensors, "top"),
+        reservoir=Examples.from_tensors(tensors, "reservoir"),
+        settings=StatsSettings(**json.loads(meta["settings"])),
+        info=json.loads(meta["info"]),
+        logits={
+            k.removeprefix("logits."): v for k, v in tensors.items() if k.startswith("logits.")
+        },
+        nearest={
+            k.removeprefix("nearest."): v for k, v in tensors.items() if k.startswith("nearest.")
+        },
+    )
 
 
 # ---- one feature, JSON-able ----------------------------------------------------------------
+
 
 def token_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], str]:
     """id -> its text as the tokenizer decodes it alone (cached; many ids repeat)."""
@@ -415,7 +495,9 @@ def token_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], str]:
 
 def check_feature(f: int, num_features: int) -> int:
     if not 0 <= f < num_features:
-        raise ConfigError(f"feature {f} is out of range; this SAE has features 0..{num_features - 1}")
+        raise ConfigError(
+            f"feature {f} is out of range; this SAE has features 0..{num_features - 1}"
+        )
     return f
 
 
@@ -430,7 +512,9 @@ def top_tokens(stats: FeatureStats, f: int, decode: Callable[[int], str], n: int
     activating first; [] if it never fired."""
     check_feature(f, stats.num_features)
     before = stats.settings.context_before
-    return distinct_tokens(stats.top.window_tokens[f, :int(stats.top.count()[f]), before].tolist(), decode, n)
+    return distinct_tokens(
+        stats.top.window_tokens[f, : int(stats.top.count()[f]), before].tolist(), decode, n
+    )
 
 
 def read_top_token_ids(path: Path, features: Iterable[int]) -> dict[int, list[int]]:
@@ -443,8 +527,8 @@ def read_top_token_ids(path: Path, features: Iterable[int]) -> dict[int, list[in
         windows, contexts = file.get_slice("top.window_tokens"), file.get_slice("top.context")
         for f in features:
             check_feature(f, windows.get_shape()[0])
-            filled = contexts[f:f + 1][0] >= 0        # sorted, so the filled slots come first
-            out[f] = windows[f:f + 1][0, :, before][filled].tolist()
+            filled = contexts[f : f + 1][0] >= 0  # sorted, so the filled slots come first
+            out[f] = windows[f : f + 1][0, :, before][filled].tolist()
     return out
 
 
@@ -453,31 +537,53 @@ def _example(ex: Examples, f: int, slot: int, decode: Callable[[int], str], befo
     inside = ids >= 0
     # The example token's index within the kept (in-context) part of the window.
     centre = int(inside[:before].sum())
-    return {"activation": round(float(ex.values[f, slot]), 4), "context": int(ex.context[f, slot]),
-            "position": int(ex.position[f, slot]), "centre": centre,
-            "tokens": [decode(int(i)) for i in ids[inside]], "acts": [round(float(a), 4) for a in acts[inside]]}
+    return {
+        "activation": round(float(ex.values[f, slot]), 4),
+        "context": int(ex.context[f, slot]),
+        "position": int(ex.position[f, slot]),
+        "centre": centre,
+        "tokens": [decode(int(i)) for i in ids[inside]],
+        "acts": [round(float(a), 4) for a in acts[inside]],
+    }
 
 
-def feature_record(stats: FeatureStats, f: int, decode: Callable[[int], str], examples: int | None = None) -> dict:
+def feature_record(
+    stats: FeatureStats, f: int, decode: Callable[[int], str], examples: int | None = None
+) -> dict:
     """Everything known about feature f as plain data: counts, top examples (``examples``
     of them), quantile-bin samples, promoted / suppressed tokens, nearest features."""
     check_feature(f, stats.num_features)
     before = stats.settings.context_before
-    n_top = int(stats.top.count()[f]) if examples is None else min(examples, int(stats.top.count()[f]))
-    record = {"feature": f, "fires": int(stats.fires[f]), "density": float(stats.density[f]),
-              "max": float(stats.act_max[f]), "mean": float(stats.mean_act[f]),
-              "top_examples": [_example(stats.top, f, s, decode, before) for s in range(n_top)],
-              "quantile_bins": [[_example(stats.reservoir, f, s, decode, before) for s in group]
-                                for group in stats.quantile_samples(f)]}
+    n_top = (
+        int(stats.top.count()[f]) if examples is None else min(examples, int(stats.top.count()[f]))
+    )
+    record = {
+        "feature": f,
+        "fires": int(stats.fires[f]),
+        "density": float(stats.density[f]),
+        "max": float(stats.act_max[f]),
+        "mean": float(stats.mean_act[f]),
+        "top_examples": [_example(stats.top, f, s, decode, before) for s in range(n_top)],
+        "quantile_bins": [
+            [_example(stats.reservoir, f, s, decode, before) for s in group]
+            for group in stats.quantile_samples(f)
+        ],
+    }
     if stats.logits:
         L = stats.logits
-        record["promoted"] = [{"token": decode(int(i)), "logit": round(float(v), 4)}
-                              for i, v in zip(L["top_ids"][f], L["top_values"][f])]
-        record["suppressed"] = [{"token": decode(int(i)), "logit": round(float(v), 4)}
-                                for i, v in zip(L["bottom_ids"][f], L["bottom_values"][f])]
+        record["promoted"] = [
+            {"token": decode(int(i)), "logit": round(float(v), 4)}
+            for i, v in zip(L["top_ids"][f], L["top_values"][f])
+        ]
+        record["suppressed"] = [
+            {"token": decode(int(i)), "logit": round(float(v), 4)}
+            for i, v in zip(L["bottom_ids"][f], L["bottom_values"][f])
+        ]
     if stats.nearest:
-        record["nearest"] = [{"feature": int(i), "cosine": round(float(c), 4)}
-                             for i, c in zip(stats.nearest["ids"][f], stats.nearest["cosine"][f])]
+        record["nearest"] = [
+            {"feature": int(i), "cosine": round(float(c), 4)}
+            for i, c in zip(stats.nearest["ids"][f], stats.nearest["cosine"][f])
+        ]
     return record
 
 
@@ -488,6 +594,13 @@ def density_histogram(stats: FeatureStats, bins_per_decade: int = 2) -> dict:
     log_d = stats.density[fired].log10()
     low = math.floor(log_d.min().item()) if fired.any() else -1
     edges = torch.arange(low * bins_per_decade, 1, dtype=torch.float64) / bins_per_decade
-    counts = torch.histogram(log_d, bins=torch.cat([edges, edges[-1:] + 1 / bins_per_decade]))[0] \
-        if fired.any() else torch.zeros(len(edges))
-    return {"never_fired": int((~fired).sum()), "edges": edges.tolist(), "counts": counts.long().tolist()}
+    counts = (
+        torch.histogram(log_d, bins=torch.cat([edges, edges[-1:] + 1 / bins_per_decade]))[0]
+        if fired.any()
+        else torch.zeros(len(edges))
+    )
+    return {
+        "never_fired": int((~fired).sum()),
+        "edges": edges.tolist(),
+        "counts": counts.long().tolist(),
+    }

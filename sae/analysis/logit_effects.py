@@ -31,11 +31,20 @@ VOCAB_PER_CHUNK = 8192
 
 def final_norm(model: PreTrainedModel) -> nn.Module | None:
     base = model.base_model
-    return next((getattr(base, n) for n in FINAL_NORM_NAMES if isinstance(getattr(base, n, None), nn.Module)), None)
+    return next(
+        (
+            getattr(base, n)
+            for n in FINAL_NORM_NAMES
+            if isinstance(getattr(base, n, None), nn.Module)
+        ),
+        None,
+    )
 
 
 @torch.no_grad()
-def norm_linearisation(model: PreTrainedModel) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+def norm_linearisation(
+    model: PreTrainedModel,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """(fold, description): fold maps directions [n, d] to what the final norm passes on,
     up to a positive scale per token; description says which rule was used."""
     norm = final_norm(model)
@@ -52,11 +61,15 @@ def norm_linearisation(model: PreTrainedModel) -> tuple[Callable[[torch.Tensor],
         g, out = probe(ones).float()[0], probe(x).float()
     rms = x.pow(2).mean(-1, keepdim=True).sqrt()
     if torch.allclose(out, x / rms * g, rtol=1e-3, atol=1e-3 * g.abs().max().item()):
-        return (lambda v: v * g.to(v)), f"final norm {type(norm).__name__}: RMS-type, its gain folded in"
+        return (
+            lambda v: v * g.to(v)
+        ), f"final norm {type(norm).__name__}: RMS-type, its gain folded in"
     w = getattr(norm, "weight", None)
     w = torch.ones(d, **kw) if w is None else w.detach().float()
-    return ((lambda v: (v - v.mean(-1, keepdim=True)) * w.to(v)),
-            f"final norm {type(norm).__name__}: LayerNorm-type, direction centred and its weight folded in")
+    return (
+        (lambda v: (v - v.mean(-1, keepdim=True)) * w.to(v)),
+        f"final norm {type(norm).__name__}: LayerNorm-type, direction centred and its weight folded in",
+    )
 
 
 @torch.no_grad()
@@ -73,13 +86,16 @@ def direction_logits(v: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
         return v @ W_U.t()
     out = torch.empty(v.shape[0], W_U.shape[0], device=v.device, dtype=torch.float32)
     for start in range(0, W_U.shape[0], VOCAB_PER_CHUNK):
-        out[:, start:start + VOCAB_PER_CHUNK] = v @ W_U[start:start + VOCAB_PER_CHUNK].float().t()
+        out[:, start : start + VOCAB_PER_CHUNK] = (
+            v @ W_U[start : start + VOCAB_PER_CHUNK].float().t()
+        )
     return out
 
 
 @torch.no_grad()
-def logit_effects(model: PreTrainedModel, W_dec: torch.Tensor, n: int = 10,
-                  progress: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+def logit_effects(
+    model: PreTrainedModel, W_dec: torch.Tensor, n: int = 10, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], str]:
     """Top promoted and suppressed output tokens of each feature.
 
     W_dec: [M, d] decoder rows. Returns ({"top_ids", "top_values", "bottom_ids",
@@ -90,8 +106,10 @@ def logit_effects(model: PreTrainedModel, W_dec: torch.Tensor, n: int = 10,
     fold, rule = norm_linearisation(model)
     n = min(n, W_U.shape[0])
     out = {k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")}
-    for start in tqdm(range(0, W_dec.shape[0], ROWS_PER_CHUNK), desc="logit effects", disable=not progress):
-        v = fold(W_dec[start:start + ROWS_PER_CHUNK].to(W_U.device, torch.float32))
+    for start in tqdm(
+        range(0, W_dec.shape[0], ROWS_PER_CHUNK), desc="logit effects", disable=not progress
+    ):
+        v = fold(W_dec[start : start + ROWS_PER_CHUNK].to(W_U.device, torch.float32))
         logits = direction_logits(v, W_U)
         top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
         out["top_ids"].append(top.indices.cpu())
@@ -102,7 +120,9 @@ def logit_effects(model: PreTrainedModel, W_dec: torch.Tensor, n: int = 10,
 
 
 @torch.no_grad()
-def nearest_features(W_dec: torch.Tensor, n: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+def nearest_features(
+    W_dec: torch.Tensor, n: int = 8, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """Each feature's n nearest other features by cosine similarity of decoder rows.
 
     W_dec: [M, d]. Returns {"ids", "cosine"}: [M, n] on the CPU, most similar first.
@@ -112,7 +132,7 @@ def nearest_features(W_dec: torch.Tensor, n: int = 8, progress: bool = True) -> 
     unit = nn.functional.normalize(W_dec.float(), dim=1)
     ids, cos = [], []
     for start in tqdm(range(0, M, ROWS_PER_CHUNK), desc="nearest features", disable=not progress):
-        sims = unit[start:start + ROWS_PER_CHUNK] @ unit.t()  # [rows, M]
+        sims = unit[start : start + ROWS_PER_CHUNK] @ unit.t()  # [rows, M]
         rows = torch.arange(sims.shape[0], device=sims.device)
         sims[rows, rows + start] = -torch.inf  # not its own neighbour
         best = sims.topk(n, dim=1)

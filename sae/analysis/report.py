@@ -80,6 +80,7 @@ class ReportInfo:
 
 # ---- run summary ------------------------------------------------------------------------
 
+
 def run_summary(sae_folder: Path, run_config: Path | None) -> dict:
     """What the run left behind, JSON-able: {"config_yaml": text of config.yaml or None,
     "metrics": sae_folder/metrics.json or None, "curves": {tag: [[step, value], ...]}} with
@@ -90,8 +91,14 @@ def run_summary(sae_folder: Path, run_config: Path | None) -> dict:
         metrics = json.loads(metrics_text) if metrics_text is not None else None
     except json.JSONDecodeError:
         metrics = None
-    curves = _scalar_curves(Path(run_config).parent / "tensorboard") if run_config is not None else {}
-    return {"config_yaml": config_yaml, "metrics": metrics if isinstance(metrics, dict) else None, "curves": curves}
+    curves = (
+        _scalar_curves(Path(run_config).parent / "tensorboard") if run_config is not None else {}
+    )
+    return {
+        "config_yaml": config_yaml,
+        "metrics": metrics if isinstance(metrics, dict) else None,
+        "curves": curves,
+    }
 
 
 def _read_text(path: Path) -> str | None:
@@ -112,10 +119,14 @@ def _scalar_curves(folder: Path) -> dict[str, list[list[float]]]:
         acc.Reload()
     except Exception:  # a truncated or foreign event file: the report goes on without curves
         return {}
-    return {tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in sorted(acc.Tags().get("scalars", []))}
+    return {
+        tag: [[e.step, e.value] for e in acc.Scalars(tag)]
+        for tag in sorted(acc.Tags().get("scalars", []))
+    }
 
 
 # ---- numbers and JSON -------------------------------------------------------------------
+
 
 def round_sig(x: torch.Tensor, digits: int = 3) -> torch.Tensor:
     """x rounded to ``digits`` significant digits, float64, any shape; 0, NaN and inf kept.
@@ -146,10 +157,13 @@ def script_json(obj) -> str:
 def _packed_block(obj) -> str:
     """gzip + base64 of the JSON of ``obj``, as a JSON string (mtime 0: same input, same bytes)."""
     raw = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    return json.dumps(base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode("ascii"))
+    return json.dumps(
+        base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode("ascii")
+    )
 
 
 # ---- token strings ----------------------------------------------------------------------
+
 
 class StringTable:
     """Token strings, each distinct token id decoded once, in order of first use.
@@ -174,7 +188,7 @@ class StringTable:
         top = int(ids.max())
         if top + 2 > len(self.table):
             grown = torch.full((top + 2,), -1, dtype=torch.long)
-            grown[:len(self.table) - 1] = self.table[:-1]
+            grown[: len(self.table) - 1] = self.table[:-1]
             self.table = grown
         # Presence flags, not torch.unique: ids are small integers, and this is O(n).
         seen = torch.zeros(len(self.table), dtype=torch.bool)
@@ -209,8 +223,10 @@ def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str
     if not head:
         return tokenizer.batch_decode([[i] for i in ids], **keep)
     after = tokenizer.batch_decode([[anchor_ids[-1], i] for i in ids], **keep)
-    return [text[len(head):] if text.startswith(head) else tokenizer.decode([i], **keep)
-            for i, text in zip(ids, after)]
+    return [
+        text[len(head) :] if text.startswith(head) else tokenizer.decode([i], **keep)
+        for i, text in zip(ids, after)
+    ]
 
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -220,8 +236,11 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet, character -> byte (printable bytes stand for
     themselves, the others for chr(256 + n))."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\xa1"), ord("\xac") + 1),
+        *range(ord("\xae"), ord("\xff") + 1),
+    ]
     others = [b for b in range(256) if b not in printable]
     return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
 
@@ -242,6 +261,7 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes | No
 
 # ---- per-feature data -------------------------------------------------------------------
 
+
 def top_tokens(stats: FeatureStats, features: slice) -> torch.Tensor:
     """The most common centre token among each feature's top examples, [F] token ids (-1
     without examples); ties go to the token of the higher-activation example."""
@@ -253,21 +273,27 @@ def top_tokens(stats: FeatureStats, features: slice) -> torch.Tensor:
     return torch.where(valid.any(1), centre.gather(1, best[:, None])[:, 0], -1)
 
 
-def index_data(stats: FeatureStats, strings: StringTable, columns: dict[str, torch.Tensor]) -> dict[str, list]:
+def index_data(
+    stats: FeatureStats, strings: StringTable, columns: dict[str, torch.Tensor]
+) -> dict[str, list]:
     """The index columns, each a list of M values (id is the position)."""
     M = stats.num_features
     top = torch.cat([top_tokens(stats, slice(s, s + BLOCK)) for s in range(0, M, BLOCK)])  # [M]
     strings.add(top)
-    data = {"density": _finite_list(stats.density, 3), "max": _finite_list(stats.act_max, 3),
-            "mean": _finite_list(stats.mean_act, 3),
-            "top": [i if i >= 0 else None for i in strings.lookup(top).tolist()]}
+    data = {
+        "density": _finite_list(stats.density, 3),
+        "max": _finite_list(stats.act_max, 3),
+        "mean": _finite_list(stats.mean_act, 3),
+        "top": [i if i >= 0 else None for i in strings.lookup(top).tolist()],
+    }
     for n, values in enumerate(columns.values()):
         data[f"c{n}"] = _finite_list(values.detach().cpu().reshape(-1), 4)
     return data
 
 
-def encode_examples(stats: FeatureStats, which: str, features: torch.Tensor, slots: int,
-                    strings: StringTable) -> list[list[list]]:
+def encode_examples(
+    stats: FeatureStats, which: str, features: torch.Tensor, slots: int, strings: StringTable
+) -> list[list[list]]:
     """Slots 0..slots-1 of ``features`` [F] in ``stats.top`` or ``stats.reservoir``
     (``which``): per feature, per slot, [activation, centre index, [string indices],
     [activations]] with padding dropped (empty slots give empty token lists).
@@ -281,9 +307,15 @@ def encode_examples(stats: FeatureStats, which: str, features: torch.Tensor, slo
     # centre moves left by the padding in front of it.
     inside = tokens >= 0
     start = (~inside[..., :before]).sum(-1)
-    end = tokens.shape[-1] - (~inside[..., before + 1:]).sum(-1)
-    rows = zip(round_sig(ex.values[features, :slots], 3).tolist(), (before - start).tolist(), start.tolist(),
-               end.tolist(), strings.lookup(tokens).tolist(), round_sig(ex.window_acts[features, :slots], 3).tolist())
+    end = tokens.shape[-1] - (~inside[..., before + 1 :]).sum(-1)
+    rows = zip(
+        round_sig(ex.values[features, :slots], 3).tolist(),
+        (before - start).tolist(),
+        start.tolist(),
+        end.tolist(),
+        strings.lookup(tokens).tolist(),
+        round_sig(ex.window_acts[features, :slots], 3).tolist(),
+    )
     return [[[v, c, t[s:e], a[s:e]] for v, c, s, e, t, a in zip(*feature)] for feature in rows]
 
 
@@ -295,13 +327,17 @@ def histogram_runs(hist: torch.Tensor) -> list[list]:
     first = nonzero.int().argmax(1).tolist()
     last = (bins - 1 - nonzero.flip(1).int().argmax(1)).tolist()
     fired = nonzero.any(1).tolist()
-    return [[lo, row[lo:hi + 1]] if any_ else [0, []]
-            for lo, hi, any_, row in zip(first, last, fired, hist.tolist())]
+    return [
+        [lo, row[lo : hi + 1]] if any_ else [0, []]
+        for lo, hi, any_, row in zip(first, last, fired, hist.tolist())
+    ]
 
 
 def pairs(first: torch.Tensor, second: torch.Tensor) -> list[list[list]]:
     """[F, n] and [F, n] -> per feature [[first, second], ...] (second rounded)."""
-    return [[list(p) for p in zip(a, b)] for a, b in zip(first.tolist(), round_sig(second, 3).tolist())]
+    return [
+        [list(p) for p in zip(a, b)] for a, b in zip(first.tolist(), round_sig(second, 3).tolist())
+    ]
 
 
 def spread(group: list[int], k: int | None) -> list[int]:
@@ -313,8 +349,13 @@ def spread(group: list[int], k: int | None) -> list[int]:
     return [group[round(i * (len(group) - 1) / (k - 1))] for i in range(k)]
 
 
-def block_cards(stats: FeatureStats, features: list[int], examples: int, strings: StringTable,
-                samples_per_bin: int | None = None) -> dict:
+def block_cards(
+    stats: FeatureStats,
+    features: list[int],
+    examples: int,
+    strings: StringTable,
+    samples_per_bin: int | None = None,
+) -> dict:
     """{str(f): card} for ``features`` (layout in the module docstring)."""
     fs = torch.tensor(features)
     # Decode this block's tokens first, so lookups in it are plain table reads.
@@ -325,14 +366,23 @@ def block_cards(stats: FeatureStats, features: list[int], examples: int, strings
     top_count = (stats.top.context[fs, :examples] >= 0).sum(1).tolist()
     cards = {}
     for i, (f, hist) in enumerate(zip(features, histogram_runs(stats.hist[fs]))):
-        cards[str(f)] = {"ex": top[i][:top_count[i]],
-                         "q": [[res[i][slot] for slot in spread(group, samples_per_bin)]
-                               for group in stats.quantile_samples(f)],
-                         "h": hist}
+        cards[str(f)] = {
+            "ex": top[i][: top_count[i]],
+            "q": [
+                [res[i][slot] for slot in spread(group, samples_per_bin)]
+                for group in stats.quantile_samples(f)
+            ],
+            "h": hist,
+        }
     if stats.logits:
-        for key, ids, values in (("lt", "top_ids", "top_values"), ("lb", "bottom_ids", "bottom_values")):
+        for key, ids, values in (
+            ("lt", "top_ids", "top_values"),
+            ("lb", "bottom_ids", "bottom_values"),
+        ):
             strings.add(stats.logits[ids][fs])
-            for f, p in zip(features, pairs(strings.lookup(stats.logits[ids][fs]), stats.logits[values][fs])):
+            for f, p in zip(
+                features, pairs(strings.lookup(stats.logits[ids][fs]), stats.logits[values][fs])
+            ):
                 cards[str(f)][key] = p
     if stats.nearest:
         for f, p in zip(features, pairs(stats.nearest["ids"][fs], stats.nearest["cosine"][fs])):
@@ -340,17 +390,28 @@ def block_cards(stats: FeatureStats, features: list[int], examples: int, strings
     return cards
 
 
-def card_blocks(stats: FeatureStats, cards: list[int], examples: int, strings: StringTable,
-                progress: bool, samples_per_bin: int | None = None) -> list[tuple[int, str]]:
+def card_blocks(
+    stats: FeatureStats,
+    cards: list[int],
+    examples: int,
+    strings: StringTable,
+    progress: bool,
+    samples_per_bin: int | None = None,
+) -> list[tuple[int, str]]:
     """[(block number, packed block)] for the blocks holding a card, in order."""
     by_block: dict[int, list[int]] = {}
     for f in cards:
         by_block.setdefault(f // BLOCK, []).append(f)
-    return [(n, _packed_block(block_cards(stats, feats, examples, strings, samples_per_bin)))
-            for n, feats in tqdm(by_block.items(), desc="report cards", unit="block", disable=not progress)]
+    return [
+        (n, _packed_block(block_cards(stats, feats, examples, strings, samples_per_bin)))
+        for n, feats in tqdm(
+            by_block.items(), desc="report cards", unit="block", disable=not progress
+        )
+    ]
 
 
 # ---- static parts rendered here ---------------------------------------------------------
+
 
 def esc(value) -> str:
     return html.escape(str(value), quote=True)
@@ -375,9 +436,15 @@ def short(value: float) -> str:
 
 def kv_table(rows: dict, cls: str = "kv", labels=None) -> str:
     """A two-column table; ``labels`` maps a key to the text shown (the key stays its tooltip)."""
+
     def th(k) -> str:
         label = labels(k) if labels else str(k)
-        return f"<th>{esc(label)}</th>" if label == str(k) else f'<th title="{esc(k)}">{esc(label)}</th>'
+        return (
+            f"<th>{esc(label)}</th>"
+            if label == str(k)
+            else f'<th title="{esc(k)}">{esc(label)}</th>'
+        )
+
     body = "".join(f"<tr>{th(k)}<td>{esc(fmt(v))}</td></tr>" for k, v in rows.items())
     return f'<table class="{cls}">{body}</table>'
 
@@ -385,15 +452,22 @@ def kv_table(rows: dict, cls: str = "kv", labels=None) -> str:
 # What the keys of metrics.json (sae.evaluation.metrics, sae.evaluation.splice) and the TensorBoard tags
 # (sae.training.trainer) mean, for the run summary.
 METRIC_LABELS = {
-    "fvu": "FVU (fraction of variance unexplained)", "l0": "L0 (active features per token)",
+    "fvu": "FVU (fraction of variance unexplained)",
+    "l0": "L0 (active features per token)",
     "dead_fraction": "dead fraction (features that never fired)",
     "dense_fraction": "dense fraction (features firing on > 10% of tokens)",
-    "tokens": "evaluation tokens", "hook": "hook point", "loss": "training loss", "lr": "learning rate",
+    "tokens": "evaluation tokens",
+    "hook": "hook point",
+    "loss": "training loss",
+    "lr": "learning rate",
     "tokens_per_s": "tokens per second",
-    "splice.ce_clean": "CE loss, clean model", "splice.ce_sae": "CE loss, SAE spliced in",
-    "splice.ce_zero": "CE loss, activations zeroed", "splice.ce_loss_recovered": "CE loss recovered",
+    "splice.ce_clean": "CE loss, clean model",
+    "splice.ce_sae": "CE loss, SAE spliced in",
+    "splice.ce_zero": "CE loss, activations zeroed",
+    "splice.ce_loss_recovered": "CE loss recovered",
     "splice.delta_lm_loss": "delta LM loss (SAE spliced in - clean)",
-    "splice.kl": "KL (clean || SAE spliced in), per token", "splice.tokens": "tokens for the spliced metrics",
+    "splice.kl": "KL (clean || SAE spliced in), per token",
+    "splice.tokens": "tokens for the spliced metrics",
 }
 
 
@@ -437,25 +511,35 @@ def line_chart(tag: str, points: list[list[float]], width: int = 260, height: in
         x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
         sx = w / (x1 - x0) if x1 > x0 else 0
         sy = h / (y1 - y0) if y1 > y0 else 0
-        coords = " ".join(f"{left + (x - x0) * sx:.1f},{top + h - (y - y0) * sy if sy else top + h / 2:.1f}"
-                          for x, y in zip(xs, ys))
+        coords = " ".join(
+            f"{left + (x - x0) * sx:.1f},{top + h - (y - y0) * sy if sy else top + h / 2:.1f}"
+            for x, y in zip(xs, ys)
+        )
         line = f'<polyline points="{coords}"/>'
-        labels = (f'<text x="{left - 3}" y="{top + 8}" class="r">{esc(short(y1))}</text>'
-                  f'<text x="{left - 3}" y="{top + h}" class="r">{esc(short(y0))}</text>'
-                  f'<text x="{left}" y="{height - 4}">{esc(fmt(x0))}</text>'
-                  f'<text x="{width - right}" y="{height - 4}" class="r">step {esc(fmt(x1))}</text>')
+        labels = (
+            f'<text x="{left - 3}" y="{top + 8}" class="r">{esc(short(y1))}</text>'
+            f'<text x="{left - 3}" y="{top + h}" class="r">{esc(short(y0))}</text>'
+            f'<text x="{left}" y="{height - 4}">{esc(fmt(x0))}</text>'
+            f'<text x="{width - right}" y="{height - 4}" class="r">step {esc(fmt(x1))}</text>'
+        )
     else:
         line, labels = "", f'<text x="{left}" y="{top + h / 2}">no points</text>'
-    return (f'<figure class="chart"><figcaption title="{esc(tag)}">{esc(curve_label(tag))}</figcaption>'
-            f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
-            f'<title>{esc(tag)}</title>'
-            f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="frame"/>{line}{labels}</svg></figure>')
+    return (
+        f'<figure class="chart"><figcaption title="{esc(tag)}">{esc(curve_label(tag))}</figcaption>'
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+        f"<title>{esc(tag)}</title>"
+        f'<rect x="{left}" y="{top}" width="{w}" height="{h}" class="frame"/>{line}{labels}</svg></figure>'
+    )
 
 
 def summary_section(summary: dict) -> str:
     """Metrics table, training curves and collapsible config of a run_summary."""
     parts = ['<section id="summary"><h2>Run summary</h2>']
-    metrics, curves, config = summary.get("metrics"), summary.get("curves") or {}, summary.get("config_yaml")
+    metrics, curves, config = (
+        summary.get("metrics"),
+        summary.get("curves") or {},
+        summary.get("config_yaml"),
+    )
     # A tag with one point (the held-out metrics, logged once at the end) is no curve; the table has it.
     curves = {tag: pts for tag, pts in curves.items() if len(pts) > 1}
     if metrics:
@@ -476,8 +560,10 @@ def density_section(stats: FeatureStats, width: int = 560, height: int = 150) ->
     """Histogram (SVG) of log10 density over the features that fired, and the dead count."""
     hist = density_histogram(stats, bins_per_decade=round(1 / DENSITY_BIN))
     dead = hist["never_fired"]
-    text = (f"<p>{dead:,} of {stats.num_features:,} features ({dead / max(stats.num_features, 1):.1%}) "
-            f"never fired in the scan.</p>")
+    text = (
+        f"<p>{dead:,} of {stats.num_features:,} features ({dead / max(stats.num_features, 1):.1%}) "
+        f"never fired in the scan.</p>"
+    )
     if dead == stats.num_features:
         return f'<section id="density"><h2>Feature density</h2>{text}</section>'
     counts, lo, nbins = hist["counts"], hist["edges"][0], len(hist["counts"])
@@ -488,26 +574,38 @@ def density_section(stats: FeatureStats, width: int = 560, height: int = 150) ->
     for i, c in enumerate(counts):
         bh = h * c / peak
         a, b = lo + i * DENSITY_BIN, lo + (i + 1) * DENSITY_BIN
-        bars.append(f'<rect x="{left + i * bw:.1f}" y="{top + h - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
-                    f'height="{bh:.1f}"><title>10^{a:.2f} .. 10^{b:.2f}: {c:,} features</title></rect>')
-    ticks = "".join(f'<text x="{left + (d - lo) / DENSITY_BIN * bw:.1f}" y="{height - 5}" class="m">1e{d}</text>'
-                    for d in range(math.ceil(lo), 1))
-    svg = (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" class="bars">'
-           f'<title>log10 feature density</title>'
-           f'<text x="{left - 3}" y="{top + 8}" class="r">{peak:,}</text>'
-           f'<text x="{left - 3}" y="{top + h}" class="r">0</text>{"".join(bars)}{ticks}</svg>')
-    return (f'<section id="density"><h2>Feature density</h2>{svg}'
-            f'<p class="note">Features by log10 of the fraction of scanned tokens they fire on.</p>{text}</section>')
+        bars.append(
+            f'<rect x="{left + i * bw:.1f}" y="{top + h - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+            f'height="{bh:.1f}"><title>10^{a:.2f} .. 10^{b:.2f}: {c:,} features</title></rect>'
+        )
+    ticks = "".join(
+        f'<text x="{left + (d - lo) / DENSITY_BIN * bw:.1f}" y="{height - 5}" class="m">1e{d}</text>'
+        for d in range(math.ceil(lo), 1)
+    )
+    svg = (
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" class="bars">'
+        f"<title>log10 feature density</title>"
+        f'<text x="{left - 3}" y="{top + 8}" class="r">{peak:,}</text>'
+        f'<text x="{left - 3}" y="{top + h}" class="r">0</text>{"".join(bars)}{ticks}</svg>'
+    )
+    return (
+        f'<section id="density"><h2>Feature density</h2>{svg}'
+        f'<p class="note">Features by log10 of the fraction of scanned tokens they fire on.</p>{text}</section>'
+    )
 
 
 def header(stats: FeatureStats, title: str, sae_info: dict) -> str:
-    scan = (f"Scanned {stats.tokens:,} tokens in {stats.contexts:,} contexts; "
-            f"{stats.settings.top_examples} top examples and {stats.settings.quantile_bins} quantile bins "
-            f"of {stats.settings.samples_per_bin} samples per feature.")
+    scan = (
+        f"Scanned {stats.tokens:,} tokens in {stats.contexts:,} contexts; "
+        f"{stats.settings.top_examples} top examples and {stats.settings.quantile_bins} quantile bins "
+        f"of {stats.settings.samples_per_bin} samples per feature."
+    )
     rule = stats.info.get("logit_rule")
     if rule:
         scan += f" Logit effects: {rule}."
-    return f'<header><h1>{esc(title)}</h1>{kv_table(sae_info)}<p class="note">{esc(scan)}</p></header>'
+    return (
+        f'<header><h1>{esc(title)}</h1>{kv_table(sae_info)}<p class="note">{esc(scan)}</p></header>'
+    )
 
 
 INDEX_PANEL = """<main>
@@ -526,20 +624,34 @@ def page(title: str, body: str, data_scripts: str) -> str:
     assets = resources.files("sae.analysis") / "report_assets"
     css = (assets / "report.css").read_text(encoding="utf-8")
     js = (assets / "report.js").read_text(encoding="utf-8")
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{esc(title)}</title><link rel="icon" href="data:,"><style>{css}</style></head>\n<body>\n'
-            f'{body}\n<noscript><p>The feature index and cards need JavaScript.</p></noscript>\n'
-            f'{data_scripts}\n<script>{js}</script>\n</body></html>\n')
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<title>{esc(title)}</title><link rel="icon" href="data:,"><style>{css}</style></head>\n<body>\n'
+        f"{body}\n<noscript><p>The feature index and cards need JavaScript.</p></noscript>\n"
+        f"{data_scripts}\n<script>{js}</script>\n</body></html>\n"
+    )
 
 
 # ---- build ------------------------------------------------------------------------------
 
-def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: Path, *, title: str,
-                 sae_info: dict, summary: dict | None = None, columns: dict[str, torch.Tensor] | None = None,
-                 column_help: dict[str, str] | None = None, sort_by: str | None = None,
-                 cards: Sequence[int] | None = None, examples: int = 10, samples_per_bin: int | None = None,
-                 progress: bool = True) -> ReportInfo:
+
+def build_report(
+    stats: FeatureStats,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    *,
+    title: str,
+    sae_info: dict,
+    summary: dict | None = None,
+    columns: dict[str, torch.Tensor] | None = None,
+    column_help: dict[str, str] | None = None,
+    sort_by: str | None = None,
+    cards: Sequence[int] | None = None,
+    examples: int = 10,
+    samples_per_bin: int | None = None,
+    progress: bool = True,
+) -> ReportInfo:
     """Write the dashboard of ``stats`` to ``path`` (atomically) and say what it holds.
 
     columns: extra index columns, name -> [M] values (e.g. contrast scores), with tooltips
@@ -558,32 +670,58 @@ def build_report(stats: FeatureStats, tokenizer: PreTrainedTokenizerBase, path: 
     sort_by = sort_by or next(iter(columns), "id")
     if sort_by != "id" and sort_by not in columns:
         raise ConfigError(f"report: sort_by {sort_by!r} is not one of the columns {list(columns)}")
-    card_ids = sorted({check_feature(int(f), M) for f in cards}) if cards is not None else list(range(M))
+    card_ids = (
+        sorted({check_feature(int(f), M) for f in cards}) if cards is not None else list(range(M))
+    )
     examples = max(0, min(examples, stats.settings.top_examples))
 
     strings = StringTable(tokenizer)
     data = index_data(stats, strings, columns)
     blocks = card_blocks(stats, card_ids, examples, strings, progress, samples_per_bin)
     help_ = column_help or {}
-    index = {"M": M, "block": BLOCK, "edges": round_sig(stats.hist_edges(), 4).tolist(),
-             "cards": None if len(card_ids) == M else card_ids,
-             "columns": [{"key": "id", "label": "id", "help": "feature index"},
-                         {"key": "density", "label": "density", "help": "fraction of scanned tokens it fires on"},
-                         {"key": "max", "label": "max act", "help": "largest activation in the scan"},
-                         {"key": "mean", "label": "mean act", "help": "mean activation where it fires"},
-                         {"key": "top", "label": "top token",
-                          "help": "most common token among its top examples"},
-                         *({"key": f"c{n}", "label": name, "help": help_.get(name, "")}
-                           for n, name in enumerate(columns))],
-             # Extra columns are scores to rank by (contrast effect, AUROC): largest first.
-             "sort": ({"key": "id", "desc": False} if sort_by == "id"
-                      else {"key": f"c{list(columns).index(sort_by)}", "desc": True}),
-             "data": data}
-    scripts = [f'<script type="application/json" id="index">{script_json(index)}</script>',
-               f'<script type="application/json" id="strings">{script_json(strings.strings)}</script>',
-               f'<script type="application/json" id="bytes">{script_json(strings.bytes)}</script>',
-               *(f'<script type="application/json" id="b-{n}">{packed}</script>' for n, packed in blocks)]
-    body = (header(stats, title, sae_info) + (summary_section(summary) if summary is not None else "")
-            + density_section(stats) + INDEX_PANEL)
+    index = {
+        "M": M,
+        "block": BLOCK,
+        "edges": round_sig(stats.hist_edges(), 4).tolist(),
+        "cards": None if len(card_ids) == M else card_ids,
+        "columns": [
+            {"key": "id", "label": "id", "help": "feature index"},
+            {
+                "key": "density",
+                "label": "density",
+                "help": "fraction of scanned tokens it fires on",
+            },
+            {"key": "max", "label": "max act", "help": "largest activation in the scan"},
+            {"key": "mean", "label": "mean act", "help": "mean activation where it fires"},
+            {
+                "key": "top",
+                "label": "top token",
+                "help": "most common token among its top examples",
+            },
+            *(
+                {"key": f"c{n}", "label": name, "help": help_.get(name, "")}
+                for n, name in enumerate(columns)
+            ),
+        ],
+        # Extra columns are scores to rank by (contrast effect, AUROC): largest first.
+        "sort": (
+            {"key": "id", "desc": False}
+            if sort_by == "id"
+            else {"key": f"c{list(columns).index(sort_by)}", "desc": True}
+        ),
+        "data": data,
+    }
+    scripts = [
+        f'<script type="application/json" id="index">{script_json(index)}</script>',
+        f'<script type="application/json" id="strings">{script_json(strings.strings)}</script>',
+        f'<script type="application/json" id="bytes">{script_json(strings.bytes)}</script>',
+        *(f'<script type="application/json" id="b-{n}">{packed}</script>' for n, packed in blocks),
+    ]
+    body = (
+        header(stats, title, sae_info)
+        + (summary_section(summary) if summary is not None else "")
+        + density_section(stats)
+        + INDEX_PANEL
+    )
     size = write_output(path, page(title, body, "\n".join(scripts)), "--output")
     return ReportInfo(path=path, bytes=size, features=M, cards=len(card_ids))

@@ -65,8 +65,8 @@ class Target:
     cfg: RunConfig
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    weights: Path          # the SAE's weights file (identifies cached statistics)
-    format: str            # the format its files are in (sae.formats.FORMATS)
+    weights: Path  # the SAE's weights file (identifies cached statistics)
+    format: str  # the format its files are in (sae.formats.FORMATS)
 
     @property
     def device(self) -> torch.device:
@@ -78,11 +78,16 @@ class Target:
         return self.sae.encode(flat).view(*acts.shape[:-1], -1)
 
 
-
-def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | None = None,
-                model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                sae_dtype: str = "float32", override_hook: bool = False,
-                log: Callable[[str], None] | None = None) -> Target:
+def open_target(
+    path: str | Path,
+    overrides: Iterable[str] = (),
+    hook: str | None = None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    sae_dtype: str = "float32",
+    override_hook: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Target:
     """Load the SAE at ``path`` (an SAE folder in any format, a run folder holding one, or a
     hub id with a subfolder) with its model, checked against its hook.
 
@@ -95,41 +100,76 @@ def open_target(path: str | Path, overrides: Iterable[str] = (), hook: str | Non
     dtype = parse_dtype(sae_dtype)
     stored = read_sae(find_sae_folder(path))
     cfg = analysis_config(stored, overrides)
-    hook = (to_ours(hook) or hook) if hook else stored.hook   # --hook may be SAELens's or sparsify's name
+    hook = (
+        (to_ours(hook) or hook) if hook else stored.hook
+    )  # --hook may be SAELens's or sparsify's name
     if hook != stored.hook and stored.hook and not override_hook:
-        raise ConfigError(f"--hook: {hook!r} contradicts the SAE's own hook point {stored.hook!r} "
-                          f"({stored.folder / CONFIG_FILE}); drop --hook, or add --override-hook to read {hook} anyway")
+        raise ConfigError(
+            f"--hook: {hook!r} contradicts the SAE's own hook point {stored.hook!r} "
+            f"({stored.folder / CONFIG_FILE}); drop --hook, or add --override-hook to read {hook} anyway"
+        )
     if not hook:
         theirs = (stored.metadata.get("source") or {}).get("hook_name")
-        said = (f"names the hook point {theirs!r}, which has no equivalent here" if theirs
-                else "names no hook point (metadata.hook_name)")
-        raise ConfigError(f"{stored.folder / CONFIG_FILE}: {said}; pass --hook, e.g. --hook layers.12")
+        said = (
+            f"names the hook point {theirs!r}, which has no equivalent here"
+            if theirs
+            else "names no hook point (metadata.hook_name)"
+        )
+        raise ConfigError(
+            f"{stored.folder / CONFIG_FILE}: {said}; pass --hook, e.g. --hook layers.12"
+        )
     if model is None:
         model, tokenizer = load_model(cfg.model)
     device = next(model.parameters()).device
     sae = build_sae(stored, device=device, dtype=dtype)
     point = resolve_hook(model, hook)
     bos = context_bos_id(tokenizer)
-    width = ActivationCapture(model, [point]).run(input_ids=torch.tensor([[bos, bos]], device=device))[hook].shape[-1]
+    width = (
+        ActivationCapture(model, [point])
+        .run(input_ids=torch.tensor([[bos, bos]], device=device))[hook]
+        .shape[-1]
+    )
     if width != sae.d_in:
-        raise ConfigError(f"SAE {str(stored.folder)!r} takes inputs of width {sae.d_in}, but {hook} of "
-                          f"{cfg.model.name_or_path} has width {width}; is it the SAE of another model or hook?")
-    target = Target(sae=sae, folder=stored.folder, hook=hook, cfg=cfg, model=model, tokenizer=tokenizer,
-                    weights=stored.weights, format=stored.format)
+        raise ConfigError(
+            f"SAE {str(stored.folder)!r} takes inputs of width {sae.d_in}, but {hook} of "
+            f"{cfg.model.name_or_path} has width {width}; is it the SAE of another model or hook?"
+        )
+    target = Target(
+        sae=sae,
+        folder=stored.folder,
+        hook=hook,
+        cfg=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        weights=stored.weights,
+        format=stored.format,
+    )
     if log is not None:
-        log(f"SAE {target.folder} ({target.format}) at {target.hook} of {target.cfg.model.name_or_path}")
+        log(
+            f"SAE {target.folder} ({target.format}) at {target.hook} of {target.cfg.model.name_or_path}"
+        )
     return target
 
 
-def open_target_with_stats(path: str | Path, settings: StatsSettings, overrides: Iterable[str] = (),
-                           hook: str | None = None, *, sae_dtype: str = "float32", override_hook: bool = False,
-                           cache_dir: Path | None = None, recompute: bool = False,
-                           log: Callable[[str], None] = print) -> tuple[Target, FeatureStats]:
+def open_target_with_stats(
+    path: str | Path,
+    settings: StatsSettings,
+    overrides: Iterable[str] = (),
+    hook: str | None = None,
+    *,
+    sae_dtype: str = "float32",
+    override_hook: bool = False,
+    cache_dir: Path | None = None,
+    recompute: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[Target, FeatureStats]:
     """``open_target`` (saying which hook it reads), then its ``cached_feature_stats``.
     A ``cache_dir`` that is a file is refused before the model loads."""
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
         raise ConfigError(f"--cache-dir: {str(cache_dir)!r} is a file, not a folder")
-    target = open_target(path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
+    target = open_target(
+        path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log
+    )
     return target, cached_feature_stats(target, settings, cache_dir, recompute, log=log)
 
 
@@ -137,16 +177,30 @@ def stats_identity(target: Target, settings: StatsSettings) -> dict:
     """Everything that decides a statistics file's content."""
     st = target.weights.stat()
     d = target.cfg.data
-    return {"sae": {"folder": str(target.folder.resolve()), "weights_bytes": st.st_size,
-                    "weights_mtime_ns": st.st_mtime_ns, "cfg": (target.folder / CONFIG_FILE).read_text()},
-            "model": target.cfg.model.name_or_path, "hook": target.hook,
-            "data": {"dataset": d.dataset, "subset": d.subset, "split": d.split, "text_column": d.text_column,
-                     "context_tokens": d.context_tokens},
-            "exclude_special_tokens": True, "settings": asdict(settings)}
+    return {
+        "sae": {
+            "folder": str(target.folder.resolve()),
+            "weights_bytes": st.st_size,
+            "weights_mtime_ns": st.st_mtime_ns,
+            "cfg": (target.folder / CONFIG_FILE).read_text(),
+        },
+        "model": target.cfg.model.name_or_path,
+        "hook": target.hook,
+        "data": {
+            "dataset": d.dataset,
+            "subset": d.subset,
+            "split": d.split,
+            "text_column": d.text_column,
+            "context_tokens": d.context_tokens,
+        },
+        "exclude_special_tokens": True,
+        "settings": asdict(settings),
+    }
 
 
-def stats_path(target: Target, settings: StatsSettings, cache_dir: Path | None = None,
-               whole_data: bool = False) -> Path:
+def stats_path(
+    target: Target, settings: StatsSettings, cache_dir: Path | None = None, whole_data: bool = False
+) -> Path:
     """Where the statistics for these settings are cached: one file per identity, in
     ``<sae folder>/features/`` unless ``cache_dir`` says otherwise.
 
@@ -158,7 +212,10 @@ def stats_path(target: Target, settings: StatsSettings, cache_dir: Path | None =
     if whole_data:
         identity = _but_tokens(identity)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return Path(cache_dir or target.folder / STATS_FOLDER) / f"stats-{'all-' * whole_data}{digest[:16]}.safetensors"
+    return (
+        Path(cache_dir or target.folder / STATS_FOLDER)
+        / f"stats-{'all-' * whole_data}{digest[:16]}.safetensors"
+    )
 
 
 def _but_tokens(identity) -> dict | None:
@@ -174,7 +231,9 @@ def _but_settings(identity) -> dict | None:
     return {**identity, "settings": None} if isinstance(identity, dict) else None
 
 
-def find_cached_stats(target: Target, settings: StatsSettings, cache_dir: Path | None = None) -> Path | None:
+def find_cached_stats(
+    target: Target, settings: StatsSettings, cache_dir: Path | None = None
+) -> Path | None:
     """A valid cached statistics file for these settings: the one scanned with exactly
     them, else a scan of the whole data with the same settings but ``tokens``, if they
     ask for at least the tokens it found (it holds what a new scan would find)."""
@@ -188,11 +247,19 @@ def find_cached_stats(target: Target, settings: StatsSettings, cache_dir: Path |
     meta = read_stats_header(whole)
     info = json.loads(meta["info"])
     same = _but_tokens(info.get("identity")) == _but_tokens(identity)
-    return whole if same and info.get("exhausted") and settings.tokens >= int(meta["tokens"]) else None
+    return (
+        whole if same and info.get("exhausted") and settings.tokens >= int(meta["tokens"]) else None
+    )
 
 
-def cached_feature_stats(target: Target, settings: StatsSettings = StatsSettings(), cache_dir: Path | None = None,
-                         recompute: bool = False, progress: bool = True, log=print) -> FeatureStats:
+def cached_feature_stats(
+    target: Target,
+    settings: StatsSettings = StatsSettings(),
+    cache_dir: Path | None = None,
+    recompute: bool = False,
+    progress: bool = True,
+    log=print,
+) -> FeatureStats:
     """Feature statistics, logit effects and nearest features of the target's SAE: read
     from the cache when present and valid (``find_cached_stats``: a scan that read all
     of the data serves any larger request), else computed over the config's data
@@ -201,15 +268,31 @@ def cached_feature_stats(target: Target, settings: StatsSettings = StatsSettings
     path = None if recompute else find_cached_stats(target, settings, cache_dir)
     if path is not None:
         stats = load_feature_stats(path)
-        whole = f"; all of {d.dataset} [{d.split}] is {stats.tokens:,} tokens" if stats.info.get("exhausted") else ""
+        whole = (
+            f"; all of {d.dataset} [{d.split}] is {stats.tokens:,} tokens"
+            if stats.info.get("exhausted")
+            else ""
+        )
         log(f"feature statistics: {path} (cached){whole}")
         return stats
     # More contexts than the budget needs: the pass stops at settings.tokens non-special tokens.
-    data_cfg = replace(target.cfg, data=replace(d, token_budget=2 * settings.tokens + d.context_tokens))
+    data_cfg = replace(
+        target.cfg, data=replace(d, token_budget=2 * settings.tokens + d.context_tokens)
+    )
     contexts = contexts_for(data_cfg, target.tokenizer)
-    log(f"feature statistics: scanning up to {settings.tokens:,} tokens of {d.dataset} [{d.split}] at {target.hook}")
-    stats = compute_feature_stats(target.model, target.tokenizer, target.sae, target.hook, contexts, settings,
-                                  info={"identity": stats_identity(target, settings)}, progress=progress)
+    log(
+        f"feature statistics: scanning up to {settings.tokens:,} tokens of {d.dataset} [{d.split}] at {target.hook}"
+    )
+    stats = compute_feature_stats(
+        target.model,
+        target.tokenizer,
+        target.sae,
+        target.hook,
+        contexts,
+        settings,
+        info={"identity": stats_identity(target, settings)},
+        progress=progress,
+    )
     # The scan covers the whole data if it ran out before the context budget did (the
     # budget, not the data, can also end it); then larger requests can reuse it.
     budget_contexts = -(-data_cfg.data.token_budget // d.context_tokens)
@@ -220,8 +303,10 @@ def cached_feature_stats(target: Target, settings: StatsSettings = StatsSettings
     path = stats_path(target, settings, cache_dir, whole_data=stats.info["exhausted"])
     save_feature_stats(stats, path)
     if stats.info["data_ran_out"]:
-        log(f"feature statistics: the data ran out after {stats.tokens:,} tokens (asked for {settings.tokens:,}); "
-            f"cached in {path}")
+        log(
+            f"feature statistics: the data ran out after {stats.tokens:,} tokens (asked for {settings.tokens:,}); "
+            f"cached in {path}"
+        )
     else:
         log(f"feature statistics: {stats.tokens:,} tokens scanned, cached in {path}")
     return stats
@@ -236,7 +321,7 @@ def any_cached_stats(target: Target, cache_dir: Path | None = None) -> Path | No
     for path in sorted(Path(cache_dir or target.folder / STATS_FOLDER).glob("stats-*.safetensors")):
         try:
             meta = read_stats_header(path)
-        except ConfigError:   # a broken or foreign file is not a cache hit, nor an error here
+        except ConfigError:  # a broken or foreign file is not a cache hit, nor an error here
             continue
         if _but_settings(json.loads(meta["info"]).get("identity")) == want:
             if best is None or int(meta["tokens"]) > best[0]:
@@ -244,22 +329,36 @@ def any_cached_stats(target: Target, cache_dir: Path | None = None) -> Path | No
     return None if best is None else best[1]
 
 
-def feature_top_tokens(target: Target, features: Iterable[int], n: int = 3, tokens: int = TOP_TOKENS_SCAN,
-                       progress: bool = True, log=print) -> dict[int, list[str]]:
+def feature_top_tokens(
+    target: Target,
+    features: Iterable[int],
+    n: int = 3,
+    tokens: int = TOP_TOKENS_SCAN,
+    progress: bool = True,
+    log=print,
+) -> dict[int, list[str]]:
     """Each feature's first ``n`` distinct top-activating tokens (``top_tokens``), from any
     cached scan of the SAE (``any_cached_stats``), else from a scan of ``tokens`` tokens,
     which is cached for the next time."""
     decode = token_decoder(target.tokenizer)
     path = any_cached_stats(target)
     if path is None:
-        stats = cached_feature_stats(target, StatsSettings(tokens=tokens), progress=progress, log=log)
+        stats = cached_feature_stats(
+            target, StatsSettings(tokens=tokens), progress=progress, log=log
+        )
         return {f: top_tokens(stats, f, decode, n) for f in features}
     log(f"feature statistics for top tokens: {path} (cached)")
-    return {f: distinct_tokens(ids, decode, n) for f, ids in read_top_token_ids(path, features).items()}
+    return {
+        f: distinct_tokens(ids, decode, n) for f, ids in read_top_token_ids(path, features).items()
+    }
 
 
-def listed_top_tokens(target: Target, features: Iterable[int], scan: int | None = TOP_TOKENS_SCAN,
-                      log: Callable[[str], None] = print) -> dict[int, list[str]] | None:
+def listed_top_tokens(
+    target: Target,
+    features: Iterable[int],
+    scan: int | None = TOP_TOKENS_SCAN,
+    log: Callable[[str], None] = print,
+) -> dict[int, list[str]] | None:
     """The top tokens of the features a listing shows (``feature_top_tokens``, each feature
     looked up once), or None when ``scan`` is None: a listing of bare feature ids.
     scan: tokens to scan when the SAE has no cached statistics (the scan is cached)."""

@@ -40,21 +40,34 @@ def sae_info(target: Target) -> dict:
     reads, its architecture and shape (and the config fields of ``OPTIONAL_CONFIG_FIELDS``
     that its architecture has), and the data it was scanned on."""
     params = asdict(target.sae.cfg)
-    return {"SAE": str(target.folder), "format": target.format, "model": target.cfg.model.name_or_path,
-            "hook": target.hook, "architecture": target.sae.architecture, "features": params["num_latents"],
-            "d_in": target.sae.d_in, **{key: params[key] for key in OPTIONAL_CONFIG_FIELDS if key in params},
-            "data": f"{target.cfg.data.dataset} [{target.cfg.data.split}]"}
+    return {
+        "SAE": str(target.folder),
+        "format": target.format,
+        "model": target.cfg.model.name_or_path,
+        "hook": target.hook,
+        "architecture": target.sae.architecture,
+        "features": params["num_latents"],
+        "d_in": target.sae.d_in,
+        **{key: params[key] for key in OPTIONAL_CONFIG_FIELDS if key in params},
+        "data": f"{target.cfg.data.dataset} [{target.cfg.data.split}]",
+    }
 
 
 def report_title(target: Target) -> str:
     """The SAE named by its path below its run's parent folder (the run's name and the SAE's
     folder in it), or by its folder's name outside a run."""
     run_config = run_config_of(target.folder)
-    name = target.folder.name if run_config is None else str(target.folder.relative_to(run_config.parent.parent))
+    name = (
+        target.folder.name
+        if run_config is None
+        else str(target.folder.relative_to(run_config.parent.parent))
+    )
     return f"SAE features: {name} at {target.hook}"
 
 
-def card_features(stats: FeatureStats, cards: int | None, ranked: Sequence[int] = ()) -> list[int] | None:
+def card_features(
+    stats: FeatureStats, cards: int | None, ranked: Sequence[int] = ()
+) -> list[int] | None:
     """The features given a card: the ``cards`` densest and the first ``cards`` of ``ranked``
     (a contrast's ranking), sorted; None (every feature) when ``cards`` is None."""
     if cards is None:
@@ -63,11 +76,18 @@ def card_features(stats: FeatureStats, cards: int | None, ranked: Sequence[int] 
     return sorted(set(ranked[:cards]) | set(dense[:cards]))
 
 
-def write_target_report(target: Target, stats: FeatureStats, output: Path, *,
-                        prompts: tuple[Sequence[str], Sequence[str]] | None = None,
-                        prompt_names: tuple[str, str] | None = None, cards: int | None = None,
-                        examples: int = 10, samples_per_bin: int | None = None,
-                        fmt: PromptFormat = PLAIN) -> tuple[ReportInfo, float]:
+def write_target_report(
+    target: Target,
+    stats: FeatureStats,
+    output: Path,
+    *,
+    prompts: tuple[Sequence[str], Sequence[str]] | None = None,
+    prompt_names: tuple[str, str] | None = None,
+    cards: int | None = None,
+    examples: int = 10,
+    samples_per_bin: int | None = None,
+    fmt: PromptFormat = PLAIN,
+) -> tuple[ReportInfo, float]:
     """Write the report of ``target``'s features (``stats``) to ``output``: (what it holds,
     seconds spent building the page after the contrast search).
 
@@ -81,14 +101,25 @@ def write_target_report(target: Target, stats: FeatureStats, output: Path, *,
         result = contrast_search(target, *prompts, fmt=fmt)
         columns = {"effect": result.effect, "AUROC": result.auroc}
         a, b = prompt_names or ("target", "baseline")
-        column_help = {"effect": f"contrast effect size (Cohen's d) of {a} vs {b}",
-                       "AUROC": f"AUROC of the feature as a classifier of {a} vs {b}"}
+        column_help = {
+            "effect": f"contrast effect size (Cohen's d) of {a} vs {b}",
+            "AUROC": f"AUROC of the feature as a classifier of {a} vs {b}",
+        }
         ranked = result.ranking("effect")
     card_ids = card_features(stats, cards, ranked)
     info = sae_info(target)
     start = time.perf_counter()
-    built = build_report(stats, target.tokenizer, output, title=report_title(target), sae_info=info,
-                         summary=run_summary(target.folder, run_config_of(target.folder)),
-                         columns=columns or None, column_help=column_help or None, cards=card_ids,
-                         examples=examples, samples_per_bin=samples_per_bin)
+    built = build_report(
+        stats,
+        target.tokenizer,
+        output,
+        title=report_title(target),
+        sae_info=info,
+        summary=run_summary(target.folder, run_config_of(target.folder)),
+        columns=columns or None,
+        column_help=column_help or None,
+        cards=card_ids,
+        examples=examples,
+        samples_per_bin=samples_per_bin,
+    )
     return built, time.perf_counter() - start

@@ -22,8 +22,19 @@ from sae.architectures.relu import ReLUConfig, ReLUSAE
 from sae.architectures.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    cls.Config.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE)}
+    cls.Config.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE)
+}
 
 
-__all__ = ["ARCHITECTURES", "BatchTopKConfig", "BatchTopKSAE", "JumpReLUConfig", "JumpReLUSAE", "ReLUConfig",
-           "ReLUSAE", "SparseAutoencoder", "TopKConfig", "TopKSAE"]
+__all__ = [
+    "ARCHITECTURES",
+    "BatchTopKConfig",
+    "BatchTopKSAE",
+    "JumpReLUConfig",
+    "JumpReLUSAE",
+    "ReLUConfig",
+    "ReLUSAE",
+    "SparseAutoencoder",
+    "TopKConfig",
+    "TopKSAE",
+]

@@ -31,9 +31,12 @@ class BatchTotals:
     """The whole batch's size and total variance sum_n |x_n - mean(x)|^2, when each process
     holds a share of it: losses then divide by these, so shares' losses and gradients sum
     to the whole batch's. reduce_min: the minimum of a 0-d tensor over the processes."""
+
     n: int
     var: torch.Tensor
     reduce_min: Callable[[torch.Tensor], torch.Tensor]
+
+
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
@@ -61,20 +64,31 @@ class SparseAutoencoder(nn.Module):
     """
 
     Config: ClassVar[type[SAEConfig]]
-    apply_b_dec_to_input: ClassVar[bool] = True   # encode (x - b_dec); b_dec starts at the geometric median
-    unit_norm_decoder: ClassVar[bool] = True      # decoder rows kept on the unit sphere during training
-    scale_inputs: ClassVar[bool] = False          # train on x * s with E|x * s| = sqrt(d); s folded in on save
-    grad_clip: ClassVar[float | None] = None      # max global gradient norm
+    apply_b_dec_to_input: ClassVar[bool] = (
+        True  # encode (x - b_dec); b_dec starts at the geometric median
+    )
+    unit_norm_decoder: ClassVar[bool] = True  # decoder rows kept on the unit sphere during training
+    scale_inputs: ClassVar[bool] = (
+        False  # train on x * s with E|x * s| = sqrt(d); s folded in on save
+    )
+    grad_clip: ClassVar[float | None] = None  # max global gradient norm
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     init_decoder_norm: ClassVar[float] = 1.0
-    init_encoder_scale: ClassVar[float] = 1.0     # W_enc = this x W_dec at init
-    uses_workspace: ClassVar[bool] = False        # training_loss can reuse an N x M buffer
-    shards_latents: ClassVar[bool] = False        # trains with distributed.mode: latents (sharded_topk)
-    saelens_writes: ClassVar[str | None] = None   # the SAELens architecture it is written as (None: not)
+    init_encoder_scale: ClassVar[float] = 1.0  # W_enc = this x W_dec at init
+    uses_workspace: ClassVar[bool] = False  # training_loss can reuse an N x M buffer
+    shards_latents: ClassVar[bool] = False  # trains with distributed.mode: latents (sharded_topk)
+    saelens_writes: ClassVar[str | None] = (
+        None  # the SAELens architecture it is written as (None: not)
+    )
     saelens_reads: ClassVar[tuple[str, ...]] = ()  # SAELens architectures read as this one
 
-    def __init__(self, cfg: SAEConfig, d_in: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        d_in: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         """An SAE for inputs of width d_in, initialised (``reset_parameters``); a null
         cfg.num_latents becomes cfg.expansion_factor * d_in."""
         super().__init__()
@@ -128,9 +142,14 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def training_loss(self, x: torch.Tensor, dead: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
-                      progress: float = 1.0, totals: BatchTotals | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def training_loss(
+        self,
+        x: torch.Tensor,
+        dead: torch.Tensor | None = None,
+        workspace: torch.Tensor | None = None,
+        progress: float = 1.0,
+        totals: BatchTotals | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, batch FVU, fires) for x [N, d]. fires: int64 [M], tokens each latent was
         active on. dead: bool [M] or None; workspace: reusable memory for the N x M
         pre-activations (architectures that can use it); progress: share of training done
@@ -149,8 +168,12 @@ class SparseAutoencoder(nn.Module):
 
     def disk_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors as stored: SAELens names and layouts (W_enc transposed to [d, M])."""
-        return {"W_enc": self.W_enc.detach().t(), "W_dec": self.W_dec.detach(),
-                "b_enc": self.b_enc.detach(), "b_dec": self.b_dec.detach()}
+        return {
+            "W_enc": self.W_enc.detach().t(),
+            "W_dec": self.W_dec.detach(),
+            "b_enc": self.b_enc.detach(),
+            "b_dec": self.b_dec.detach(),
+        }
 
     @torch.no_grad()
     def load_disk_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -163,9 +186,13 @@ class SparseAutoencoder(nn.Module):
         """The cfg.json of this SAE in our format: architecture, d_in, its config fields
         (num_latents fixed, so no expansion_factor), and the keys SAELens also reads
         (d_sae, apply_b_dec_to_input, dtype, metadata)."""
-        return {**stored_settings(self.cfg, self.d_in), "d_sae": self.cfg.num_latents,
-                "apply_b_dec_to_input": self.apply_b_dec_to_input,
-                "dtype": str(self.W_dec.dtype).removeprefix("torch."), "metadata": metadata or {}}
+        return {
+            **stored_settings(self.cfg, self.d_in),
+            "d_sae": self.cfg.num_latents,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "dtype": str(self.W_dec.dtype).removeprefix("torch."),
+            "metadata": metadata or {},
+        }
 
     @classmethod
     def saelens_fields(cls, native: dict) -> dict:
@@ -181,31 +208,50 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, folder: str | Path, metadata: dict | None = None) -> None:
         """Write cfg.json + sae_weights.safetensors into ``folder`` (other files there are kept)."""
-        write_sae_folder(Path(folder), {CONFIG_FILE: self.native_cfg(metadata)}, {WEIGHTS_FILE: self.disk_tensors()})
+        write_sae_folder(
+            Path(folder),
+            {CONFIG_FILE: self.native_cfg(metadata)},
+            {WEIGHTS_FILE: self.disk_tensors()},
+        )
 
     @classmethod
-    def from_stored(cls, cfg: dict, tensors: dict[str, torch.Tensor], where: str,
-                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
+    def from_stored(
+        cls,
+        cfg: dict,
+        tensors: dict[str, torch.Tensor],
+        where: str,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> SparseAutoencoder:
         """The SAE that a cfg.json in our format and its tensors (``disk_tensors`` names and
         layouts) describe, as ``dtype`` on ``device``. ``where`` names the files in errors.
 
         ``apply_b_dec_to_input`` is read from cfg: SAEs trained elsewhere may differ from
         this architecture's recipe (a SAELens ReLU SAE usually subtracts b_dec).
         """
-        fields = {f: cfg[f] for f in cls.Config.__dataclass_fields__
-                  if f in cfg and f not in ("architecture", "expansion_factor")}
+        fields = {
+            f: cfg[f]
+            for f in cls.Config.__dataclass_fields__
+            if f in cfg and f not in ("architecture", "expansion_factor")
+        }
         try:  # built on the meta device: no random init of weights that are overwritten next
             settings = sae_config(cls.Config.architecture, **fields)
             sae = cls(settings, cfg.get("d_in"), device="meta", dtype=dtype)
         except (ConfigError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{where}: not a valid {cls.Config.architecture} SAE config ({e})") from None
+            raise CheckpointError(
+                f"{where}: not a valid {cls.Config.architecture} SAE config ({e})"
+            ) from None
         for name, t in sae.disk_tensors().items():
             got = tuple(tensors[name].shape) if name in tensors else None
             if got != tuple(t.shape):
-                raise CheckpointError(f"{where}: {name} has shape {got}, cfg.json says {tuple(t.shape)}")
+                raise CheckpointError(
+                    f"{where}: {name} has shape {got}, cfg.json says {tuple(t.shape)}"
+                )
             if not tensors[name].is_floating_point():
-                raise CheckpointError(f"{where}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')}; "
-                                  "SAE weights must be float32, bfloat16, float16 or float64")
+                raise CheckpointError(
+                    f"{where}: {name} holds {str(tensors[name].dtype).removeprefix('torch.')}; "
+                    "SAE weights must be float32, bfloat16, float16 or float64"
+                )
         sae = sae.to_empty(device=device)
         sae.load_disk_tensors(tensors)
         for name, t in sae.disk_tensors().items():  # checked where it is fast: in dtype, on device
@@ -220,10 +266,18 @@ class SparseAutoencoder(nn.Module):
 # Every file name an SAE folder of a format we read may hold (ours, SAELens, sparsify):
 # writing an SAE replaces these and nothing else, so a report or statistics cache beside
 # it survives, and no file of another format is left to confuse format detection.
-SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sae.safetensors", "sae_cfg.json", "activation_scaler.json")
+SAE_FILES = (
+    "cfg.json",
+    "sae_weights.safetensors",
+    "sae.safetensors",
+    "sae_cfg.json",
+    "activation_scaler.json",
+)
 
 
-def write_sae_folder(folder: Path, json_files: dict[str, dict], tensor_files: dict[str, dict[str, torch.Tensor]]) -> None:
+def write_sae_folder(
+    folder: Path, json_files: dict[str, dict], tensor_files: dict[str, dict[str, torch.Tensor]]
+) -> None:
     """Write these JSON and safetensors files into ``folder``, each replaced atomically
     (tensors first, JSON last), and drop SAE files of other formats; the rest of the
     folder is left alone."""

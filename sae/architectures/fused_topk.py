@@ -41,20 +41,22 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 @dataclass(frozen=True)
 class TopKSpec:
     """How latents are selected and which loss terms are added."""
+
     k: int
     k_aux: int = 512
     aux_alpha: float = 1 / 32
-    multi_topk: bool = False    # add the FVU of the top 4k latents, weighted 1/8
-    batch_topk: bool = False    # select the N*k largest pre-activations of the batch
+    multi_topk: bool = False  # add the FVU of the top 4k latents, weighted 1/8
+    batch_topk: bool = False  # select the N*k largest pre-activations of the batch
 
 
 class Codes(NamedTuple):
     """A sparse [N, M] code in CSR order: row n holds cols[crow[n]:crow[n + 1]] (ascending)
     with the same slice of vals. rows [nnz] repeats each row index (for transposing)."""
-    crow: torch.Tensor   # [N + 1] int64
-    rows: torch.Tensor   # [nnz] int64
-    cols: torch.Tensor   # [nnz] int64
-    vals: torch.Tensor   # [nnz], ReLU applied
+
+    crow: torch.Tensor  # [N + 1] int64
+    rows: torch.Tensor  # [nnz] int64
+    cols: torch.Tensor  # [nnz] int64
+    vals: torch.Tensor  # [nnz], ReLU applied
 
 
 def _counts(ids: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,7 +65,9 @@ def _counts(ids: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> t
     Unlike bincount (whose output size depends on the data) this never waits for the GPU.
     """
     ones = torch.ones_like(ids) if weights is None else weights.long()
-    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids.reshape(-1), ones.reshape(-1))
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(
+        0, ids.reshape(-1), ones.reshape(-1)
+    )
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
@@ -76,9 +80,12 @@ def per_token_codes(vals: torch.Tensor, idx: torch.Tensor) -> Codes:
     """Codes from k selected (vals, idx) per token, each [N, k]; ReLU applied here."""
     n, k = idx.shape
     cols, order = idx.sort(dim=1)  # CSR wants ascending columns within a row
-    return Codes(torch.arange(0, n * k + 1, k, device=idx.device),
-                 torch.arange(n, device=idx.device).repeat_interleave(k), cols.reshape(-1),
-                 vals.gather(1, order).reshape(-1).relu())
+    return Codes(
+        torch.arange(0, n * k + 1, k, device=idx.device),
+        torch.arange(n, device=idx.device).repeat_interleave(k),
+        cols.reshape(-1),
+        vals.gather(1, order).reshape(-1).relu(),
+    )
 
 
 def batch_codes(vals: torch.Tensor, flat_idx: torch.Tensor, n: int, m: int) -> Codes:
@@ -109,8 +116,14 @@ def select_codes(pre: torch.Tensor, spec: TopKSpec) -> tuple[Codes, Codes | None
 
 def decode(codes: Codes, W_dec: torch.Tensor) -> torch.Tensor:
     """codes @ W_dec without a bias: [N, d]."""
-    return F.embedding_bag(codes.cols, W_dec, codes.crow, per_sample_weights=codes.vals, mode="sum",
-                           include_last_offset=True)
+    return F.embedding_bag(
+        codes.cols,
+        W_dec,
+        codes.crow,
+        per_sample_weights=codes.vals,
+        mode="sum",
+        include_last_offset=True,
+    )
 
 
 def _transposer(codes: Codes, n_latents: int):
@@ -121,16 +134,22 @@ def _transposer(codes: Codes, n_latents: int):
     order = torch.argsort(codes.cols.int(), stable=True)
     crow, rows = _offsets(_counts(codes.cols, n_latents)), codes.rows[order]
     n = len(codes.crow) - 1
-    return lambda values: torch.sparse_csr_tensor(crow, rows, values[order], size=(n_latents, n),
-                                                  check_invariants=False)  # valid by construction
+    return lambda values: torch.sparse_csr_tensor(
+        crow, rows, values[order], size=(n_latents, n), check_invariants=False
+    )  # valid by construction
 
 
 def _row_dots(grad: torch.Tensor, W: torch.Tensor, codes: Codes) -> torch.Tensor:
     """out[j] = grad[rows[j]] . W[cols[j]] for every code entry j, as a sampled dense-dense
     product (SDDMM): only the nnz needed entries of grad @ W.T are computed, and no
     [nnz, d] tensor is made. grad [N, d], W [M, d] -> [nnz]."""
-    pattern = torch.sparse_csr_tensor(codes.crow, codes.cols, torch.zeros_like(codes.vals, dtype=grad.dtype),
-                                      size=(grad.shape[0], W.shape[0]), check_invariants=False)
+    pattern = torch.sparse_csr_tensor(
+        codes.crow,
+        codes.cols,
+        torch.zeros_like(codes.vals, dtype=grad.dtype),
+        size=(grad.shape[0], W.shape[0]),
+        check_invariants=False,
+    )
     return torch.sparse.sampled_addmm(pattern, grad, W.t(), beta=0.0).values()
 
 
@@ -150,13 +169,21 @@ class FusedTopKLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec: TopKSpec, dead=None, workspace=None, var=None):
+    def forward(
+        ctx, x, W_enc, b_enc, W_dec, b_dec, spec: TopKSpec, dead=None, workspace=None, var=None
+    ):
         device_type = x.device.type
         # Under autocast only the encoder GEMM runs in the low-precision dtype; selection
         # values, decoding, the loss and every gradient stay in x's dtype.
-        gemm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        gemm_dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else x.dtype
+        )
         with torch.autocast(device_type, enabled=False):
-            return FusedTopKLoss._forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype, var)
+            return FusedTopKLoss._forward(
+                ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype, var
+            )
 
     @staticmethod
     def _forward(ctx, x, W_enc, b_enc, W_dec, b_dec, spec, dead, workspace, gemm_dtype, var=None):
@@ -164,7 +191,7 @@ class FusedTopKLoss(torch.autograd.Function):
         x_c = x - b_dec
         a, b = x_c.to(gemm_dtype), W_enc.t().to(gemm_dtype)
         if workspace is None:
-            pre = a @ b                                          # [N, M]
+            pre = a @ b  # [N, M]
         else:
             pre = torch.mm(a, b, out=workspace.view(-1)[: n * m].view(n, m))
         pre.add_(b_enc)
@@ -183,17 +210,17 @@ class FusedTopKLoss(torch.autograd.Function):
         del pre
 
         e = x - decode(codes, W_dec) - b_dec
-        if var is None:   # given when the batch is split over processes: the whole batch's
+        if var is None:  # given when the batch is split over processes: the whole batch's
             var = total_variance(x)
         loss = e.pow(2).sum() / var
         fvu = loss.detach().clone()
-        terms = [(codes, e, 1.0, True)]      # (code, residual, weight, b_dec in the decoder)
+        terms = [(codes, e, 1.0, True)]  # (code, residual, weight, b_dec in the decoder)
         if codes4 is not None:
             e4 = x - decode(codes4, W_dec) - b_dec
             loss = loss + e4.pow(2).sum() / (8 * var)
             terms.append((codes4, e4, 1 / 8, True))
         if aux is not None:
-            r = e - decode(aux, W_dec)                           # e - e_hat
+            r = e - decode(aux, W_dec)  # e - e_hat
             loss = loss + ctx.aux_coef * r.pow(2).sum() / var
             terms.append((aux, r, ctx.aux_coef, False))
         fires = _counts(codes.cols, m, weights=codes.vals > 0)
@@ -213,13 +240,13 @@ class FusedTopKLoss(torch.autograd.Function):
         g_b_dec = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
         saved = ctx.saved_tensors[4:]
         for i, (weight, with_bias) in enumerate(ctx.terms):
-            codes, r = Codes(*saved[5 * i: 5 * i + 4]), saved[5 * i + 4]
-            g_rec = r * (-2 * weight * grad_out / var)           # dL/d(reconstruction)   [N, d]
+            codes, r = Codes(*saved[5 * i : 5 * i + 4]), saved[5 * i + 4]
+            g_rec = r * (-2 * weight * grad_out / var)  # dL/d(reconstruction)   [N, d]
             transpose = _transposer(codes, m)
             g_W_dec += transpose(codes.vals) @ g_rec
             if with_bias:
                 g_b_dec += g_rec.sum(0)
-            g_vals = _row_dots(g_rec, W_dec, codes) * (codes.vals > 0)   # through ReLU  [nnz]
+            g_vals = _row_dots(g_rec, W_dec, codes) * (codes.vals > 0)  # through ReLU  [nnz]
             # Encoder: pre[rows[j], cols[j]] receives g_vals[j].
             g_W_enc += transpose(g_vals) @ x_c
             g_b_enc.index_add_(0, codes.cols, g_vals)
@@ -228,24 +255,46 @@ class FusedTopKLoss(torch.autograd.Function):
         return None, g_W_enc, g_b_enc, g_W_dec, g_b_dec, None, None, None, None
 
 
-def fused_topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                    b_dec: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 512,
-                    aux_alpha: float = 1 / 32, multi_topk: bool = False, batch_topk: bool = False) -> torch.Tensor:
+def fused_topk_loss(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    dead: torch.Tensor | None = None,
+    k_aux: int = 512,
+    aux_alpha: float = 1 / 32,
+    multi_topk: bool = False,
+    batch_topk: bool = False,
+) -> torch.Tensor:
     """Scalar TopK-family loss (see module docstring) with the fused backward."""
     spec = TopKSpec(k, k_aux, aux_alpha, multi_topk, batch_topk)
     return FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, spec, dead)[0]
 
 
-def topk_loss_reference(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                        b_dec: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 512,
-                        aux_alpha: float = 1 / 32, multi_topk: bool = False, batch_topk: bool = False) -> torch.Tensor:
+def topk_loss_reference(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    dead: torch.Tensor | None = None,
+    k_aux: int = 512,
+    aux_alpha: float = 1 / 32,
+    multi_topk: bool = False,
+    batch_topk: bool = False,
+) -> torch.Tensor:
     """The same loss written densely and differentiated by autograd: the reference the fused
     version is tested against. Materializes [N, M]; for tests and small shapes only."""
     pre = (x - b_dec) @ W_enc.t() + b_enc
 
     def dense_code(kk: int) -> torch.Tensor:
         if batch_topk:
-            keep = torch.zeros(pre.numel(), dtype=torch.bool).index_fill_(0, pre.view(-1).topk(x.shape[0] * kk).indices, True)
+            keep = torch.zeros(pre.numel(), dtype=torch.bool).index_fill_(
+                0, pre.view(-1).topk(x.shape[0] * kk).indices, True
+            )
             return pre.relu() * keep.view_as(pre)
         vals, idx = pre.topk(kk, dim=1)
         return torch.zeros_like(pre).scatter(1, idx, vals.relu())
@@ -254,7 +303,9 @@ def topk_loss_reference(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     e = x - (dense_code(k) @ W_dec + b_dec)
     loss = e.pow(2).sum() / var
     if multi_topk:
-        loss = loss + (x - (dense_code(min(4 * k, pre.shape[1])) @ W_dec + b_dec)).pow(2).sum() / (8 * var)
+        loss = loss + (x - (dense_code(min(4 * k, pre.shape[1])) @ W_dec + b_dec)).pow(2).sum() / (
+            8 * var
+        )
     n_dead = int(dead.sum()) if dead is not None else 0
     if n_dead and aux_alpha > 0:
         aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=1)

@@ -28,12 +28,21 @@ from sae.config import SAEConfig, architecture_field, opt
 @dataclass
 class JumpReLUConfig(SAEConfig):
     architecture: str = architecture_field("jumprelu")
-    l0_coefficient: float = opt(1.0, "Weight of the L0 penalty (inputs scaled to E|x| = sqrt(d)).", ge=0)
-    sparsity_warmup_fraction: float = opt(0.05, "Fraction of training over which the sparsity penalty ramps "
-                                          "up linearly from 0.", ge=0, le=1)
-    bandwidth: float = opt(0.05, "Width of the straight-through estimator's kernel around the threshold.", gt=0)
-    init_threshold: float = opt(0.1, "Every latent's threshold at the start of training (on the scaled "
-                                "inputs).", gt=0)
+    l0_coefficient: float = opt(
+        1.0, "Weight of the L0 penalty (inputs scaled to E|x| = sqrt(d)).", ge=0
+    )
+    sparsity_warmup_fraction: float = opt(
+        0.05,
+        "Fraction of training over which the sparsity penalty ramps up linearly from 0.",
+        ge=0,
+        le=1,
+    )
+    bandwidth: float = opt(
+        0.05, "Width of the straight-through estimator's kernel around the threshold.", gt=0
+    )
+    init_threshold: float = opt(
+        0.1, "Every latent's threshold at the start of training (on the scaled inputs).", gt=0
+    )
 
 
 class _ThresholdFn(torch.autograd.Function):
@@ -86,11 +95,19 @@ class JumpReLUSAE(SparseAutoencoder):
     scale_inputs = True
     adam_betas = (0.0, 0.999)
 
-    def __init__(self, cfg: JumpReLUConfig, d_in: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: JumpReLUConfig,
+        d_in: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__(cfg, d_in, device, dtype)
-        self.log_threshold = nn.Parameter(torch.full((self.cfg.num_latents,), math.log(cfg.init_threshold),
-                                                     device=device, dtype=dtype))
+        self.log_threshold = nn.Parameter(
+            torch.full(
+                (self.cfg.num_latents,), math.log(cfg.init_threshold), device=device, dtype=dtype
+            )
+        )
 
     @classmethod
     def default_lr(cls, num_latents: int) -> float:

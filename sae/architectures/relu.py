@@ -23,18 +23,27 @@ from sae.config import SAEConfig, architecture_field, opt
 @dataclass
 class ReLUConfig(SAEConfig):
     architecture: str = architecture_field("relu")
-    l1_coefficient: float = opt(5.0, "Weight of the L1 penalty sum_i z_i |W_dec,i| (inputs scaled to "
-                                "E|x| = sqrt(d)).", ge=0)
-    sparsity_warmup_fraction: float = opt(0.05, "Fraction of training over which the sparsity penalty ramps "
-                                          "up linearly from 0.", ge=0, le=1)
+    l1_coefficient: float = opt(
+        5.0, "Weight of the L1 penalty sum_i z_i |W_dec,i| (inputs scaled to E|x| = sqrt(d)).", ge=0
+    )
+    sparsity_warmup_fraction: float = opt(
+        0.05,
+        "Fraction of training over which the sparsity penalty ramps up linearly from 0.",
+        ge=0,
+        le=1,
+    )
 
 
 def warmed_up(coefficient: float, progress: float, warmup_fraction: float) -> float:
     """A penalty coefficient ramped linearly from 0 over the first warmup_fraction of training."""
-    return coefficient * min(1.0, progress / warmup_fraction) if warmup_fraction > 0 else coefficient
+    return (
+        coefficient * min(1.0, progress / warmup_fraction) if warmup_fraction > 0 else coefficient
+    )
 
 
-def batch_fvu(x: torch.Tensor, sq_err: torch.Tensor, totals: BatchTotals | None = None) -> torch.Tensor:
+def batch_fvu(
+    x: torch.Tensor, sq_err: torch.Tensor, totals: BatchTotals | None = None
+) -> torch.Tensor:
     """Sum of squared errors over the batch's total variance (no gradient)."""
     var = totals.var if totals is not None else total_variance(x)
     return (sq_err / var).detach()

@@ -60,15 +60,24 @@ class _SharedInput(torch.autograd.Function):
 
 def _global_topk_code(pre: torch.Tensor, k: int, dist: Dist) -> torch.Tensor:
     """This rank's part [N, M/w] of ReLU(TopK_k over all ranks' latents) of pre [N, M/w]."""
-    vals = pre.detach().topk(min(k, pre.shape[1]), dim=1).values                 # [N, <=k]
-    everyone = dist.gather_rows(vals.t().contiguous()).t()                        # [N, w * <=k]
-    cut = everyone.topk(k, dim=1).values[:, -1:]                                  # [N, 1]
+    vals = pre.detach().topk(min(k, pre.shape[1]), dim=1).values  # [N, <=k]
+    everyone = dist.gather_rows(vals.t().contiguous()).t()  # [N, w * <=k]
+    cut = everyone.topk(k, dim=1).values[:, -1:]  # [N, 1]
     return torch.where(pre >= cut, pre, torch.zeros_like(pre)).relu()
 
 
-def sharded_topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                      b_dec: torch.Tensor, k: int, dist: Dist, dead: torch.Tensor | None = None,
-                      k_aux: int = 512, aux_alpha: float = 1 / 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sharded_topk_loss(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    dist: Dist,
+    dead: torch.Tensor | None = None,
+    k_aux: int = 512,
+    aux_alpha: float = 1 / 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fvu, fires) of the latent-sharded TopK SAE; see the module docstring.
 
     x [N, d] (the same on every rank); W_enc, W_dec [M/w, d], b_enc [M/w]: this rank's
@@ -76,7 +85,7 @@ def sharded_topk_loss(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     whole SAE's (the same on every rank); fires [M/w] counts this rank's latents.
     """
     xc = _SharedInput.apply(x - b_dec)
-    pre = xc @ W_enc.t() + b_enc                                                 # [N, M/w]
+    pre = xc @ W_enc.t() + b_enc  # [N, M/w]
     z = _global_topk_code(pre, k, dist)
     e = x - (_SumOverRanks.apply(z @ W_dec) + b_dec)
     var = total_variance(x)

@@ -24,17 +24,26 @@ from sae.errors import CheckpointError, ConfigError
 class TopKConfig(SAEConfig):
     architecture: str = architecture_field("topk")
     k: int = opt(32, "Active latents per token (batchtopk: on average over the batch).", ge=1)
-    k_aux: int | None = opt(None, "Dead latents AuxK reconstructs the residual with; null = d_in / 2 (Gao et "
-                            "al., appendix B.1).", ge=1)
+    k_aux: int | None = opt(
+        None,
+        "Dead latents AuxK reconstructs the residual with; null = d_in / 2 (Gao et "
+        "al., appendix B.1).",
+        ge=1,
+    )
     aux_alpha: float = opt(1 / 32, "Weight of the AuxK loss.", ge=0)
-    multi_topk: bool = opt(False, "Also train the top 4k latents to reconstruct (loss L(k) + L(4k)/8), so "
-                           "the SAE can be used with a larger k later.")
+    multi_topk: bool = opt(
+        False,
+        "Also train the top 4k latents to reconstruct (loss L(k) + L(4k)/8), so "
+        "the SAE can be used with a larger k later.",
+    )
 
     def for_width(self, d_in: int) -> TopKConfig:
         cfg = super().for_width(d_in)
         if cfg.k > cfg.num_latents:
-            raise ConfigError(f"sae.k: {cfg.k} is larger than the {cfg.num_latents} latents for width {d_in}; "
-                              f"use at most {cfg.num_latents}")
+            raise ConfigError(
+                f"sae.k: {cfg.k} is larger than the {cfg.num_latents} latents for width {d_in}; "
+                f"use at most {cfg.num_latents}"
+            )
         return cfg
 
 
@@ -47,7 +56,7 @@ class TopKSAE(SparseAutoencoder):
     # Encoder rows start at norm 1/sqrt(3) (what sparsify's nn.Linear init gives), not 1:
     # on the demo (427 steps) held-out FVU 0.116 against 0.146 with unit rows
     # (bench/quality.py, BENCHMARKS.md). Adam's steps are then larger relative to the weights.
-    init_encoder_scale = 3 ** -0.5
+    init_encoder_scale = 3**-0.5
 
     @classmethod
     def saelens_fields(cls, native: dict) -> dict:
@@ -62,37 +71,66 @@ class TopKSAE(SparseAutoencoder):
         return {"k": k}
 
     def spec(self) -> TopKSpec:
-        return TopKSpec(self.cfg.k, self.cfg.k_aux or self.d_in // 2, self.cfg.aux_alpha, self.cfg.multi_topk,
-                        self.batch_topk)
+        return TopKSpec(
+            self.cfg.k,
+            self.cfg.k_aux or self.d_in // 2,
+            self.cfg.aux_alpha,
+            self.cfg.multi_topk,
+            self.batch_topk,
+        )
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         vals, idx = pre.topk(self.cfg.k, dim=1)
         return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
 
     def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
-        loss, fvu, fires, _ = FusedTopKLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.spec(),
-                                                  dead, workspace, totals and totals.var)
+        loss, fvu, fires, _ = FusedTopKLoss.apply(
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            self.b_dec,
+            self.spec(),
+            dead,
+            workspace,
+            totals and totals.var,
+        )
         return loss, fvu, fires
 
 
 @dataclass
 class BatchTopKConfig(TopKConfig):
     architecture: str = architecture_field("batchtopk")
-    threshold_momentum: float = opt(0.99, "Momentum of the running average of the smallest value each batch "
-                                    "selects: the inference threshold.", ge=0, lt=1)
+    threshold_momentum: float = opt(
+        0.99,
+        "Momentum of the running average of the smallest value each batch "
+        "selects: the inference threshold.",
+        ge=0,
+        lt=1,
+    )
 
 
 class BatchTopKSAE(TopKSAE):
     Config = BatchTopKConfig
     batch_topk = True
     shards_latents = False
-    saelens_writes, saelens_reads = "jumprelu", ()   # at inference it is a JumpReLU with one threshold
+    saelens_writes, saelens_reads = (
+        "jumprelu",
+        (),
+    )  # at inference it is a JumpReLU with one threshold
 
-    def __init__(self, cfg: BatchTopKConfig, d_in: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: BatchTopKConfig,
+        d_in: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__(cfg, d_in, device, dtype)
         # Stored per latent (all equal) so the file reads as a JumpReLU SAE elsewhere.
-        self.register_buffer("threshold", torch.zeros(self.cfg.num_latents, device=device, dtype=dtype))
+        self.register_buffer(
+            "threshold", torch.zeros(self.cfg.num_latents, device=device, dtype=dtype)
+        )
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
 
     @classmethod
@@ -103,14 +141,26 @@ class BatchTopKSAE(TopKSAE):
         return pre.relu() * (pre > self.threshold)
 
     def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
-        loss, fvu, fires, min_active = FusedTopKLoss.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
-                                                           self.spec(), dead, workspace, totals and totals.var)
+        loss, fvu, fires, min_active = FusedTopKLoss.apply(
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            self.b_dec,
+            self.spec(),
+            dead,
+            workspace,
+            totals and totals.var,
+        )
         if totals is not None:  # every process must keep the same threshold: the smallest of all
             min_active = totals.reduce_min(min_active)
         with torch.no_grad():  # on the device: no host sync
             beta = self.cfg.threshold_momentum
-            ema = torch.where(self.threshold_updates > 0, beta * self.threshold + (1 - beta) * min_active,
-                              min_active.expand_as(self.threshold))
+            ema = torch.where(
+                self.threshold_updates > 0,
+                beta * self.threshold + (1 - beta) * min_active,
+                min_active.expand_as(self.threshold),
+            )
             self.threshold.copy_(torch.where(torch.isfinite(min_active), ema, self.threshold))
             self.threshold_updates += torch.isfinite(min_active).long()
         return loss, fvu, fires

@@ -46,14 +46,21 @@ def layers(config: Path | None, overrides: tuple[str, ...], as_json: bool) -> No
         return
     last = len(overview["hook_points"]) - 1
     click.echo(overview["summary"])
-    click.echo(f"decoder layers: {overview['layers_module']}[0..{last}] -> hook points layers.0 .. layers.{last}")
+    click.echo(
+        f"decoder layers: {overview['layers_module']}[0..{last}] -> hook points layers.0 .. layers.{last}"
+    )
     click.echo(f"sub-modules of each layer: {', '.join(overview['sub_modules'])}")
 
 
 @analyze.command()
 @click.argument("run_dir", metavar="RUN_DIR")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Change the run's config for this evaluation, e.g. --set data.eval_tokens=200000.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Change the run's config for this evaluation, e.g. --set data.eval_tokens=200000.",
+)
 @json_option
 @one_line_errors
 def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
@@ -71,14 +78,27 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...], as_json: bool) -> None:
 @analyze.command()
 @click.argument("src", metavar="SRC")
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["sae", "saelens", "sparsify"]), required=True,
-              help="Format to write: sae (ours), saelens, or sparsify (TopK SAEs only; one folder per hook point).")
-@click.option("--hook", default=None, metavar="HOOK",
-              help="Hook point to record, for SAEs whose files name none (e.g. layers.12).")
-@click.option("--overwrite", is_flag=True, help="Write into DST even if it exists and is not empty.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["sae", "saelens", "sparsify"]),
+    required=True,
+    help="Format to write: sae (ours), saelens, or sparsify (TopK SAEs only; one folder per hook point).",
+)
+@click.option(
+    "--hook",
+    default=None,
+    metavar="HOOK",
+    help="Hook point to record, for SAEs whose files name none (e.g. layers.12).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Write into DST even if it exists and is not empty."
+)
 @json_option
 @one_line_errors
-def convert(src: str, dst: Path, fmt: str, hook: str | None, overwrite: bool, as_json: bool) -> None:
+def convert(
+    src: str, dst: Path, fmt: str, hook: str | None, overwrite: bool, as_json: bool
+) -> None:
     """Rewrite the SAE (or every SAE of the run) at SRC in another format under DST.
 
     SRC is an SAE folder or run in any format, or a hub repo id with a subfolder. One SAE
@@ -93,7 +113,17 @@ def convert(src: str, dst: Path, fmt: str, hook: str | None, overwrite: bool, as
     from sae.formats import convert as convert_saes
     from sae.formats.hook_names import to_ours
 
-    written = convert_saes(src, dst, fmt, hook=(to_ours(hook) or hook) if hook else None, overwrite=overwrite,
-                           log=log if as_json else click.echo)
+    written = convert_saes(
+        src,
+        dst,
+        fmt,
+        hook=(to_ours(hook) or hook) if hook else None,
+        overwrite=overwrite,
+        log=log if as_json else click.echo,
+    )
     if as_json:
-        click.echo(json.dumps({"format": fmt, "written": {name: str(folder) for name, folder in written.items()}}))
+        click.echo(
+            json.dumps(
+                {"format": fmt, "written": {name: str(folder) for name, folder in written.items()}}
+            )
+        )

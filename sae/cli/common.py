@@ -47,10 +47,15 @@ def _debug_traceback(e: BaseException) -> None:
     if not os.environ.get("SAE_DEBUG"):
         return
     for exc in (e.__context__, e) if e.__context__ is not None else (e,):
-        click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__, chain=False)), err=True)
+        click.echo(
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, chain=False)),
+            err=True,
+        )
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (for scripts).")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON instead of text (for scripts)."
+)
 
 
 class _OneLineUsageErrors:
@@ -84,10 +89,19 @@ class OneLineGroup(_OneLineUsageErrors, click.Group):
 
 def config_options(example: str) -> Callable[[Callable], Callable]:
     """The CONFIG argument and repeatable --set option, with an example that fits the command."""
+
     def add(fn: Callable) -> Callable:
-        fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help=f"Override one config key, e.g. --set {example} (repeatable).")(fn)
-        return click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))(fn)
+        fn = click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help=f"Override one config key, e.g. --set {example} (repeatable).",
+        )(fn)
+        return click.argument(
+            "config", required=False, type=click.Path(dir_okay=False, path_type=Path)
+        )(fn)
+
     return add
 
 
@@ -99,27 +113,59 @@ def resolve_config(config: Path | None, overrides: tuple[str, ...]) -> RunConfig
 
 def target_options(fn: Callable) -> Callable:
     """SAE argument, --hook and --set, shared by the feature commands."""
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Change the model or data config, e.g. --set data.split=test --set model.device=cuda:1.")(fn)
-    fn = click.option("--sae-dtype", type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
-                      default="float32", show_default=True,
-                      help="Dtype the SAE computes in (bfloat16 halves a wide SAE's memory on a GPU).")(fn)
-    fn = click.option("--override-hook", is_flag=True,
-                      help="Read --hook even though the SAE's files name another hook point.")(fn)
-    fn = click.option("--hook", default=None, metavar="HOOK",
-                      help="Hook point the SAE reads, when its files name none we can map (e.g. layers.12).")(fn)
+    fn = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Change the model or data config, e.g. --set data.split=test --set model.device=cuda:1.",
+    )(fn)
+    fn = click.option(
+        "--sae-dtype",
+        type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
+        default="float32",
+        show_default=True,
+        help="Dtype the SAE computes in (bfloat16 halves a wide SAE's memory on a GPU).",
+    )(fn)
+    fn = click.option(
+        "--override-hook",
+        is_flag=True,
+        help="Read --hook even though the SAE's files name another hook point.",
+    )(fn)
+    fn = click.option(
+        "--hook",
+        default=None,
+        metavar="HOOK",
+        help="Hook point the SAE reads, when its files name none we can map (e.g. layers.12).",
+    )(fn)
     return click.argument("sae_path", metavar="SAE", type=click.Path(path_type=Path))(fn)
 
 
 def stats_options(fn: Callable) -> Callable:
     """Options of the feature-statistics pass, shared by `features` and `report`."""
-    fn = click.option("--recompute", is_flag=True, help="Scan the data again even if cached statistics exist.")(fn)
-    fn = click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                      help="Where statistics are cached (default: SAE/features/).")(fn)
-    fn = click.option("--examples", type=click.IntRange(1), default=20, show_default=True,
-                      help="Top-activating examples kept per feature.")(fn)
-    return click.option("--tokens", type=click.IntRange(1), default=2**20, show_default=True,
-                        help="Tokens of data.dataset [data.split] to scan for statistics.")(fn)
+    fn = click.option(
+        "--recompute", is_flag=True, help="Scan the data again even if cached statistics exist."
+    )(fn)
+    fn = click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Where statistics are cached (default: SAE/features/).",
+    )(fn)
+    fn = click.option(
+        "--examples",
+        type=click.IntRange(1),
+        default=20,
+        show_default=True,
+        help="Top-activating examples kept per feature.",
+    )(fn)
+    return click.option(
+        "--tokens",
+        type=click.IntRange(1),
+        default=2**20,
+        show_default=True,
+        help="Tokens of data.dataset [data.split] to scan for statistics.",
+    )(fn)
 
 
 def log(line: str) -> None:
@@ -136,24 +182,43 @@ TOP_TOKENS_SCAN = 2**17
 
 def chat_options(reply: bool = False) -> Callable:
     """--chat and --system (and for commands that read replies, --user): the prompt format."""
+
     def add(fn: Callable) -> Callable:
         if reply:
-            fn = click.option("--user", "chat_user", default=None, metavar="TEXT",
-                              help="With --chat: the user's turn before each reply (default: none).")(fn)
-        fn = click.option("--system", default=None, metavar="TEXT",
-                          help="With --chat: the system prompt (default: the template's own).")(fn)
-        what = ("each prompt is the assistant's reply, and features are read on its tokens only" if reply else
-                "each prompt is the user's turn, and the model continues as the assistant")
-        return click.option("--chat", is_flag=True, help=f"Use the tokenizer's chat template: {what}.")(fn)
+            fn = click.option(
+                "--user",
+                "chat_user",
+                default=None,
+                metavar="TEXT",
+                help="With --chat: the user's turn before each reply (default: none).",
+            )(fn)
+        fn = click.option(
+            "--system",
+            default=None,
+            metavar="TEXT",
+            help="With --chat: the system prompt (default: the template's own).",
+        )(fn)
+        what = (
+            "each prompt is the assistant's reply, and features are read on its tokens only"
+            if reply
+            else "each prompt is the user's turn, and the model continues as the assistant"
+        )
+        return click.option(
+            "--chat", is_flag=True, help=f"Use the tokenizer's chat template: {what}."
+        )(fn)
+
     return add
 
 
 def top_tokens_option(fn: Callable) -> Callable:
     """--no-top-tokens, for the commands that list feature ids (search, attribute, fix-test)."""
-    return click.option("--no-top-tokens", is_flag=True,
-                        help="List feature ids without their top-activating tokens (these come from the SAE's "
-                             f"cached feature statistics, else from a scan of {TOP_TOKENS_SCAN:,} tokens, "
-                             "cached for next time).")(fn)
+    return click.option(
+        "--no-top-tokens",
+        is_flag=True,
+        help="List feature ids without their top-activating tokens (these come from the SAE's "
+        f"cached feature statistics, else from a scan of {TOP_TOKENS_SCAN:,} tokens, "
+        "cached for next time).",
+    )(fn)
 
 
 def show_token(text: str) -> str:
@@ -174,20 +239,50 @@ def tokens_cell(row: dict) -> str:
 
 def edit_options(fn: Callable) -> Callable:
     """--ablate/--clamp/--scale/--steer: the feature edits of an intervention."""
-    fn = click.option("--steer", multiple=True, metavar="F:A",
-                      help="Add A times feature F's decoder direction, e.g. --steer 99:+8 (repeatable).")(fn)
-    fn = click.option("--scale", multiple=True, metavar="F:S",
-                      help="Multiply feature F by S, e.g. --scale 7:0.5 (repeatable).")(fn)
-    fn = click.option("--clamp", multiple=True, metavar="F:C",
-                      help="Pin feature F to C, keeping the SAE error, e.g. --clamp 7:10 (repeatable).")(fn)
-    return click.option("--ablate", default=None, metavar="F,F,...",
-                        help="Zero these features (keeping the SAE error term), e.g. --ablate 12,345.")(fn)
+    fn = click.option(
+        "--steer",
+        multiple=True,
+        metavar="F:A",
+        help="Add A times feature F's decoder direction, e.g. --steer 99:+8 (repeatable).",
+    )(fn)
+    fn = click.option(
+        "--scale",
+        multiple=True,
+        metavar="F:S",
+        help="Multiply feature F by S, e.g. --scale 7:0.5 (repeatable).",
+    )(fn)
+    fn = click.option(
+        "--clamp",
+        multiple=True,
+        metavar="F:C",
+        help="Pin feature F to C, keeping the SAE error, e.g. --clamp 7:10 (repeatable).",
+    )(fn)
+    return click.option(
+        "--ablate",
+        default=None,
+        metavar="F,F,...",
+        help="Zero these features (keeping the SAE error term), e.g. --ablate 12,345.",
+    )(fn)
 
 
 def sampling_options(fn: Callable) -> Callable:
-    fn = click.option("--seed", type=int, default=0, show_default=True,
-                      help="Sampling seed; baseline and intervened runs draw the same random numbers.")(fn)
-    fn = click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold.")(fn)
-    fn = click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")(fn)
-    return click.option("--max-new-tokens", type=int, default=40, show_default=True,
-                        help="Tokens generated per continuation.")(fn)
+    fn = click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Sampling seed; baseline and intervened runs draw the same random numbers.",
+    )(fn)
+    fn = click.option(
+        "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold."
+    )(fn)
+    fn = click.option(
+        "--temperature", type=float, default=1.0, show_default=True, help="0 = greedy."
+    )(fn)
+    return click.option(
+        "--max-new-tokens",
+        type=int,
+        default=40,
+        show_default=True,
+        help="Tokens generated per continuation.",
+    )(fn)

@@ -31,17 +31,54 @@ SORTS = ("density", "max", "mean")
 @analyze.command()
 @target_options
 @stats_options
-@click.option("--feature", "-f", "features", multiple=True, type=int, metavar="N",
-              help="Show feature N in full (repeatable).")
-@click.option("--sort", type=click.Choice(SORTS), default="density", show_default=True,
-              help="Order of the feature table (without --feature).")
-@click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="Rows of the feature table.")
-@click.option("--show-examples", type=click.IntRange(0), default=5, show_default=True,
-              help="Top examples printed per feature with --feature (--json has them all).")
+@click.option(
+    "--feature",
+    "-f",
+    "features",
+    multiple=True,
+    type=int,
+    metavar="N",
+    help="Show feature N in full (repeatable).",
+)
+@click.option(
+    "--sort",
+    type=click.Choice(SORTS),
+    default="density",
+    show_default=True,
+    help="Order of the feature table (without --feature).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    help="Rows of the feature table.",
+)
+@click.option(
+    "--show-examples",
+    type=click.IntRange(0),
+    default=5,
+    show_default=True,
+    help="Top examples printed per feature with --feature (--json has them all).",
+)
 @json_option
 @one_line_errors
-def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute, features, sort, limit, show_examples,
-             as_json) -> None:
+def features(
+    sae_path,
+    hook,
+    override_hook,
+    overrides,
+    sae_dtype,
+    tokens,
+    examples,
+    cache_dir,
+    recompute,
+    features,
+    sort,
+    limit,
+    show_examples,
+    as_json,
+) -> None:
     """What the SAE's features respond to: density, activations, top-activating examples
     in context, quantile-bin samples, promoted and suppressed output tokens and nearest
     features. Statistics are computed once over --tokens tokens and cached.
@@ -54,10 +91,20 @@ def features(sae_path, hook, override_hook, overrides, sae_dtype, tokens, exampl
     from sae.analysis.feature_stats import StatsSettings
     from sae.analysis.target import open_target_with_stats
 
-    settings = StatsSettings(tokens=tokens, top_examples=examples)  # bad values fail before the model loads
-    target, stats = open_target_with_stats(sae_path, settings, overrides, hook, sae_dtype=sae_dtype,
-                                           override_hook=override_hook, cache_dir=cache_dir, recompute=recompute,
-                                           log=log)
+    settings = StatsSettings(
+        tokens=tokens, top_examples=examples
+    )  # bad values fail before the model loads
+    target, stats = open_target_with_stats(
+        sae_path,
+        settings,
+        overrides,
+        hook,
+        sae_dtype=sae_dtype,
+        override_hook=override_hook,
+        cache_dir=cache_dir,
+        recompute=recompute,
+        log=log,
+    )
     overview = feature_overview(target, stats, features, sort, limit)
     if as_json:
         click.echo(json.dumps(overview, indent=1))
@@ -69,8 +116,10 @@ def _print_overview(overview: dict, show_examples: int) -> None:
     """`features` as text: the scan, the density histogram, then each chosen feature in
     full (its first ``show_examples`` top examples), or the table of the first ones."""
     o, hist = overview, overview["density_histogram"]
-    click.echo(f"{o['sae']}: {o['features']:,} features at {o['hook']}; statistics over "
-               f"{o['tokens']:,} tokens in {o['contexts']:,} contexts")
+    click.echo(
+        f"{o['sae']}: {o['features']:,} features at {o['hook']}; statistics over "
+        f"{o['tokens']:,} tokens in {o['contexts']:,} contexts"
+    )
     click.echo(f"never fired: {hist['never_fired']:,} features; log10 density histogram:")
     peak = max(hist["counts"], default=0) or 1
     for edge, count in zip(hist["edges"], hist["counts"]):
@@ -85,12 +134,17 @@ def _print_overview(overview: dict, show_examples: int) -> None:
     click.echo(f"  {'feature':>8} {'density':>9} {'max':>8} {'mean':>8}  top example")
     for r in records:
         top = _example_text(r["top_examples"][0]) if r["top_examples"] else "(never fired)"
-        click.echo(f"  {r['feature']:>8} {r['density']:>9.3%} {r['max']:>8.3f} {r['mean']:>8.3f}  {top}")
+        click.echo(
+            f"  {r['feature']:>8} {r['density']:>9.3%} {r['max']:>8.3f} {r['mean']:>8.3f}  {top}"
+        )
 
 
 def _example_text(ex: dict) -> str:
     """The example's context on one line, its token in [[ ]]."""
-    return "".join(f"[[{show_token(t)}]]" if i == ex["centre"] else show_token(t) for i, t in enumerate(ex["tokens"]))
+    return "".join(
+        f"[[{show_token(t)}]]" if i == ex["centre"] else show_token(t)
+        for i, t in enumerate(ex["tokens"])
+    )
 
 
 def _example_line(ex: dict) -> str:
@@ -99,44 +153,97 @@ def _example_line(ex: dict) -> str:
 
 def _print_feature(r: dict, show_examples: int) -> None:
     """One feature's record in full, with its first ``show_examples`` top examples."""
-    click.echo(f"feature {r['feature']}: fires on {r['density']:.3%} of tokens ({r['fires']:,}), "
-               f"max {r['max']:.3f}, mean when firing {r['mean']:.3f}")
+    click.echo(
+        f"feature {r['feature']}: fires on {r['density']:.3%} of tokens ({r['fires']:,}), "
+        f"max {r['max']:.3f}, mean when firing {r['mean']:.3f}"
+    )
     for key in ("promoted", "suppressed"):
         if key in r:
-            click.echo(f"  {key + ':':<12}" + "  ".join(f"{show_token(t['token'])!r} {t['logit']:+.3f}" for t in r[key]))
+            click.echo(
+                f"  {key + ':':<12}"
+                + "  ".join(f"{show_token(t['token'])!r} {t['logit']:+.3f}" for t in r[key])
+            )
     if "nearest" in r:
-        click.echo(f"  {'nearest:':<12}" + "  ".join(f"{n['feature']} ({n['cosine']:.2f})" for n in r["nearest"]))
+        click.echo(
+            f"  {'nearest:':<12}"
+            + "  ".join(f"{n['feature']} ({n['cosine']:.2f})" for n in r["nearest"])
+        )
     click.echo("  top examples (activation, [[token]] in context):")
     for ex in r["top_examples"][:show_examples]:
         click.echo("  " + _example_line(ex))
     bins = r["quantile_bins"]
     for b, group in enumerate(bins):
         if group:
-            click.echo(f"  quantile bin {b + 1} of {len(bins)} ({b * 100 // len(bins)}-{(b + 1) * 100 // len(bins)}% "
-                       "of firings by activation):")
+            click.echo(
+                f"  quantile bin {b + 1} of {len(bins)} ({b * 100 // len(bins)}-{(b + 1) * 100 // len(bins)}% "
+                "of firings by activation):"
+            )
             for ex in group:
                 click.echo("  " + _example_line(ex))
 
 
 @analyze.command()
 @target_options
-@click.option("--target", "target_file", type=click.Path(path_type=Path), metavar="FILE",
-              help="Prompts showing the behaviour (one per line, or .jsonl with a text field).")
-@click.option("--baseline", "baseline_file", type=click.Path(path_type=Path), metavar="FILE",
-              help="Prompts without it, as alike as possible otherwise.")
-@click.option("--text", default=None, help="Instead of a contrast: the features that fire on this text.")
-@click.option("--focus", default=None, help="With --text: rank by the tokens covering this substring only.")
-@click.option("--rank", type=click.Choice(["effect", "auroc", "diff"]), default="effect", show_default=True,
-              help="Contrast ranking: effect size (Cohen's d), AUROC, or difference of means.")
-@click.option("--reduce", type=click.Choice(["max", "mean"]), default="max", show_default=True,
-              help="A prompt's score per feature: max or mean over its tokens.")
-@click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed.")
+@click.option(
+    "--target",
+    "target_file",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Prompts showing the behaviour (one per line, or .jsonl with a text field).",
+)
+@click.option(
+    "--baseline",
+    "baseline_file",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Prompts without it, as alike as possible otherwise.",
+)
+@click.option(
+    "--text", default=None, help="Instead of a contrast: the features that fire on this text."
+)
+@click.option(
+    "--focus", default=None, help="With --text: rank by the tokens covering this substring only."
+)
+@click.option(
+    "--rank",
+    type=click.Choice(["effect", "auroc", "diff"]),
+    default="effect",
+    show_default=True,
+    help="Contrast ranking: effect size (Cohen's d), AUROC, or difference of means.",
+)
+@click.option(
+    "--reduce",
+    type=click.Choice(["max", "mean"]),
+    default="max",
+    show_default=True,
+    help="A prompt's score per feature: max or mean over its tokens.",
+)
+@click.option(
+    "--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed."
+)
 @chat_options(reply=True)
 @top_tokens_option
 @json_option
 @one_line_errors
-def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, baseline_file, text, focus, rank, reduce, top,
-           chat, system, chat_user, no_top_tokens, as_json) -> None:
+def search(
+    sae_path,
+    hook,
+    override_hook,
+    overrides,
+    sae_dtype,
+    target_file,
+    baseline_file,
+    text,
+    focus,
+    rank,
+    reduce,
+    top,
+    chat,
+    system,
+    chat_user,
+    no_top_tokens,
+    as_json,
+) -> None:
     """Find features: those that separate --target prompts from --baseline prompts
     (contrast search), or those that fire on --text.
 
@@ -153,7 +260,9 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
 
     contrast_mode = target_file is not None or baseline_file is not None
     if contrast_mode == (text is not None):
-        raise ConfigError("search: give either --target FILE and --baseline FILE (contrast), or --text")
+        raise ConfigError(
+            "search: give either --target FILE and --baseline FILE (contrast), or --text"
+        )
     if contrast_mode and (target_file is None or baseline_file is None):
         raise ConfigError("search: a contrast needs both --target FILE and --baseline FILE")
     if focus is not None and text is None:
@@ -161,10 +270,14 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
     if contrast_mode:
         a, b = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
     fmt = PromptFormat(chat=chat, system=system, user=chat_user)
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
+    target = open_target(
+        sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log
+    )
     scan = None if no_top_tokens else TOP_TOKENS_SCAN
     if contrast_mode:
-        listing = contrast_listing(target, a, b, reduce=reduce, rank=rank, top=top, fmt=fmt, top_tokens=scan, log=log)
+        listing = contrast_listing(
+            target, a, b, reduce=reduce, rank=rank, top=top, fmt=fmt, top_tokens=scan, log=log
+        )
     else:
         listing = text_listing(target, text, focus, top, fmt, top_tokens=scan, log=log)
     if as_json:
@@ -178,24 +291,32 @@ def search(sae_path, hook, override_hook, overrides, sae_dtype, target_file, bas
 def _print_contrast(listing: dict, top_tokens: bool) -> None:
     """`search` of a contrast as text: the sets, then each side's features (with top tokens)."""
     c = listing
-    click.echo(f"contrast: {c['target_prompts']} target prompts ({c['target_tokens']:,} tokens) vs "
-               f"{c['baseline_prompts']} baseline prompts ({c['baseline_tokens']:,} tokens); a prompt's score is "
-               f"the {c['reduce']} activation over its tokens")
+    click.echo(
+        f"contrast: {c['target_prompts']} target prompts ({c['target_tokens']:,} tokens) vs "
+        f"{c['baseline_prompts']} baseline prompts ({c['baseline_tokens']:,} tokens); a prompt's score is "
+        f"the {c['reduce']} activation over its tokens"
+    )
     for side in ("target", "baseline"):
         click.echo(f"\nhigher in {side}, by {c['rank']}:")
-        click.echo(f"  {'feature':>8} {'effect':>7} {'AUROC':>6} {'mean tgt':>9} {'mean base':>9} "
-                   f"{'fires tgt':>9} {'fires base':>10}" + ("  top tokens" if top_tokens else ""))
+        click.echo(
+            f"  {'feature':>8} {'effect':>7} {'AUROC':>6} {'mean tgt':>9} {'mean base':>9} "
+            f"{'fires tgt':>9} {'fires base':>10}" + ("  top tokens" if top_tokens else "")
+        )
         for r in c[f"higher_in_{side}"]:
-            click.echo(f"  {r['feature']:>8} {r['effect']:>7.2f} {r['auroc']:>6.3f} {r['mean_target']:>9.3f} "
-                       f"{r['mean_baseline']:>9.3f} {r['fire_target']:>9.0%} {r['fire_baseline']:>10.0%}"
-                       f"{tokens_cell(r)}")
+            click.echo(
+                f"  {r['feature']:>8} {r['effect']:>7.2f} {r['auroc']:>6.3f} {r['mean_target']:>9.3f} "
+                f"{r['mean_baseline']:>9.3f} {r['fire_target']:>9.0%} {r['fire_baseline']:>10.0%}"
+                f"{tokens_cell(r)}"
+            )
 
 
 def _print_text_hits(listing: dict, top_tokens: bool) -> None:
     """`search --text` as text: the ranking (with top tokens), then each token's strongest features."""
     tokens, focus = listing["tokens"], listing["focus"]
     focus_text = "".join(tokens[i] for i in focus)
-    click.echo(f"features firing on {show_token(focus_text)!r} (max activation over {len(focus)} tokens):")
+    click.echo(
+        f"features firing on {show_token(focus_text)!r} (max activation over {len(focus)} tokens):"
+    )
     if top_tokens:
         click.echo(f"  {'feature':>8} {'max act':>9}  top tokens")
     for r in listing["ranking"]:
@@ -210,24 +331,72 @@ def _print_text_hits(listing: dict, top_tokens: bool) -> None:
 @analyze.command()
 @target_options
 @stats_options
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="HTML file to write (default: SAE/report.html).")
-@click.option("--target", "target_file", type=click.Path(path_type=Path), metavar="FILE",
-              help="Add contrast columns (effect size, AUROC) against --baseline to the feature index.")
-@click.option("--baseline", "baseline_file", type=click.Path(path_type=Path), metavar="FILE",
-              help="Baseline prompts for the contrast columns.")
-@click.option("--cards", type=click.IntRange(0), default=None,
-              help="Give cards only to this many features (the densest ones, plus the top of the contrast); "
-                   "default: every feature. The index always lists all.")
-@click.option("--show-examples", type=click.IntRange(1), default=10, show_default=True,
-              help="Top examples on each card.")
-@click.option("--show-samples", type=click.IntRange(1), default=3, show_default=True,
-              help="Random samples per activation-quantile bin on each card.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="HTML file to write (default: SAE/report.html).",
+)
+@click.option(
+    "--target",
+    "target_file",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Add contrast columns (effect size, AUROC) against --baseline to the feature index.",
+)
+@click.option(
+    "--baseline",
+    "baseline_file",
+    type=click.Path(path_type=Path),
+    metavar="FILE",
+    help="Baseline prompts for the contrast columns.",
+)
+@click.option(
+    "--cards",
+    type=click.IntRange(0),
+    default=None,
+    help="Give cards only to this many features (the densest ones, plus the top of the contrast); "
+    "default: every feature. The index always lists all.",
+)
+@click.option(
+    "--show-examples",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="Top examples on each card.",
+)
+@click.option(
+    "--show-samples",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Random samples per activation-quantile bin on each card.",
+)
 @chat_options(reply=True)
 @json_option
 @one_line_errors
-def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples, cache_dir, recompute, output, target_file, baseline_file,
-           cards, show_examples, show_samples, chat, system, chat_user, as_json) -> None:
+def report(
+    sae_path,
+    hook,
+    override_hook,
+    overrides,
+    sae_dtype,
+    tokens,
+    examples,
+    cache_dir,
+    recompute,
+    output,
+    target_file,
+    baseline_file,
+    cards,
+    show_examples,
+    show_samples,
+    chat,
+    system,
+    chat_user,
+    as_json,
+) -> None:
     """Write one self-contained HTML file (works offline) about the SAE: run summary and
     training curves, density histogram, a sortable feature index and a card per feature
     with highlighted examples, activation histogram and promoted / suppressed tokens.
@@ -251,14 +420,42 @@ def report(sae_path, hook, override_hook, overrides, sae_dtype, tokens, examples
         names = target_file.name, baseline_file.name
     output = report_output(sae_path, output)  # before minutes of scanning
     settings = StatsSettings(tokens=tokens, top_examples=examples)
-    target, stats = open_target_with_stats(sae_path, settings, overrides, hook, sae_dtype=sae_dtype,
-                                           override_hook=override_hook, cache_dir=cache_dir, recompute=recompute,
-                                           log=log)
-    info, seconds = write_target_report(target, stats, output, prompts=prompts, prompt_names=names, cards=cards,
-                                        examples=show_examples, samples_per_bin=show_samples, fmt=fmt)
+    target, stats = open_target_with_stats(
+        sae_path,
+        settings,
+        overrides,
+        hook,
+        sae_dtype=sae_dtype,
+        override_hook=override_hook,
+        cache_dir=cache_dir,
+        recompute=recompute,
+        log=log,
+    )
+    info, seconds = write_target_report(
+        target,
+        stats,
+        output,
+        prompts=prompts,
+        prompt_names=names,
+        cards=cards,
+        examples=show_examples,
+        samples_per_bin=show_samples,
+        fmt=fmt,
+    )
     if as_json:
-        click.echo(json.dumps({"path": str(info.path), "bytes": info.bytes, "features": info.features,
-                               "cards": info.cards, "build_seconds": round(seconds, 2)}))
+        click.echo(
+            json.dumps(
+                {
+                    "path": str(info.path),
+                    "bytes": info.bytes,
+                    "features": info.features,
+                    "cards": info.cards,
+                    "build_seconds": round(seconds, 2),
+                }
+            )
+        )
         return
-    click.echo(f"report: {info.path} ({info.bytes / 2**20:.1f} MiB, {info.features:,} features in the index, "
-               f"{info.cards:,} cards, built in {seconds:.1f} s); open it in a browser")
+    click.echo(
+        f"report: {info.path} ({info.bytes / 2**20:.1f} MiB, {info.features:,} features in the index, "
+        f"{info.cards:,} cards, built in {seconds:.1f} s); open it in a browser"
+    )

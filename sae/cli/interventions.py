@@ -31,7 +31,9 @@ from sae.cli.common import (
 )
 from sae.errors import ConfigError
 
-if TYPE_CHECKING:  # the commands import the library when they run: `analyze.py --help` needs no torch
+if (
+    TYPE_CHECKING
+):  # the commands import the library when they run: `analyze.py --help` needs no torch
     from sae.interventions.edit_picks import PickedEdits
     from sae.interventions.fix_test import FixTestResult
 
@@ -39,15 +41,45 @@ if TYPE_CHECKING:  # the commands import the library when they run: `analyze.py 
 @analyze.command()
 @target_options
 @click.option("--prompt", multiple=True, help="A prompt (repeatable).")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    help="File of prompts, one per line.",
+)
 @chat_options()
 @edit_options
 @sampling_options
-@click.option("--samples", type=click.IntRange(1), default=1, show_default=True, help="Continuations per prompt.")
+@click.option(
+    "--samples",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Continuations per prompt.",
+)
 @json_option
 @one_line_errors
-def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, chat, system, ablate, clamp, scale,
-             steer, max_new_tokens, temperature, top_p, seed, samples, as_json) -> None:
+def generate(
+    sae_path,
+    hook,
+    override_hook,
+    overrides,
+    sae_dtype,
+    prompt,
+    prompts_file,
+    chat,
+    system,
+    ablate,
+    clamp,
+    scale,
+    steer,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    samples,
+    as_json,
+) -> None:
     """Continue prompts with and without an intervention on SAE features, side by side,
     with the same seed (the edit applies to prompt and generated tokens alike).
 
@@ -68,7 +100,9 @@ def generate(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompt
     texts = given_prompts(prompt, prompts_file)
     fmt = PromptFormat(chat=chat, system=system)
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
+    target = open_target(
+        sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log
+    )
     rows = compare_continuations(target, texts, edits, samples, sampling, fmt)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -93,31 +127,76 @@ def _print_side_by_side(rows: list[dict], edit_text: str) -> None:
 def _columns(left: str, right: str, width: int) -> list[str]:
     """Two texts side by side, wrapped to ``width`` characters each."""
     wrap = lambda t: textwrap.wrap(t.replace("\n", " ↵ "), width) or [""]  # noqa: E731
-    return [f"{a:<{width}} | {b}" for a, b in itertools.zip_longest(wrap(left), wrap(right), fillvalue="")]
+    return [
+        f"{a:<{width}} | {b}"
+        for a, b in itertools.zip_longest(wrap(left), wrap(right), fillvalue="")
+    ]
 
 
 @analyze.command()
 @config_options("model.device=cuda:1")
 @click.option("--clean", required=True, help="The prompt that shows the behaviour.")
 @click.option("--corrupted", required=True, help="A prompt of the same token length that does not.")
-@click.option("--answer", required=True, metavar="TOKEN",
-              help="The token the clean prompt predicts next, as text (one token; mind the leading space).")
-@click.option("--wrong", default=None, metavar="TOKEN", help="The token to compare against (logit-diff).")
-@click.option("--metric", type=click.Choice(["logit-diff", "logprob"]), default=None,
-              help="logit[answer] - logit[wrong], or log P(answer); default: logit-diff with --wrong, else logprob.")
-@click.option("--mode", type=click.Choice(["layer", "position", "head"]), default="position", show_default=True,
-              help="Patch each layer's residual stream at all positions, at each position, or each attention "
-                   "head's output (all positions).")
-@click.option("--layers", "layer_spec", default=None, metavar="SPEC",
-              help="Layers to sweep, e.g. 0-3 or 1,2 (default: all).")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
-              help="Patched runs per forward pass.")
-@click.option("--svg", "svg_path", type=click.Path(path_type=Path), default=None,
-              help="Write the heatmap here as a self-contained SVG image (opens in any browser).")
+@click.option(
+    "--answer",
+    required=True,
+    metavar="TOKEN",
+    help="The token the clean prompt predicts next, as text (one token; mind the leading space).",
+)
+@click.option(
+    "--wrong", default=None, metavar="TOKEN", help="The token to compare against (logit-diff)."
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["logit-diff", "logprob"]),
+    default=None,
+    help="logit[answer] - logit[wrong], or log P(answer); default: logit-diff with --wrong, else logprob.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["layer", "position", "head"]),
+    default="position",
+    show_default=True,
+    help="Patch each layer's residual stream at all positions, at each position, or each attention "
+    "head's output (all positions).",
+)
+@click.option(
+    "--layers",
+    "layer_spec",
+    default=None,
+    metavar="SPEC",
+    help="Layers to sweep, e.g. 0-3 or 1,2 (default: all).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Patched runs per forward pass.",
+)
+@click.option(
+    "--svg",
+    "svg_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the heatmap here as a self-contained SVG image (opens in any browser).",
+)
 @json_option
 @one_line_errors
-def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, layer_spec, batch_size, svg_path,
-          as_json) -> None:
+def patch(
+    config,
+    overrides,
+    clean,
+    corrupted,
+    answer,
+    wrong,
+    metric,
+    mode,
+    layer_spec,
+    batch_size,
+    svg_path,
+    as_json,
+) -> None:
     """Activation patching: run the corrupted prompt with one activation (a layer's residual
     stream, at one position or all, or one attention head's output) taken from the clean
     run, and measure the metric at the last position. A table (and with --svg a heatmap)
@@ -139,50 +218,101 @@ def patch(config, overrides, clean, corrupted, answer, wrong, metric, mode, laye
 
     metric = metric or ("logit-diff" if wrong is not None else "logprob")
     if metric == "logit-diff" and wrong is None:
-        raise ConfigError("--metric logit-diff: give --wrong TOKEN, the token to compare the answer against")
+        raise ConfigError(
+            "--metric logit-diff: give --wrong TOKEN, the token to compare the answer against"
+        )
     if metric == "logprob" and wrong is not None:
         raise ConfigError("--wrong: applies to --metric logit-diff only")
     if svg_path is not None:
         check_svg_path(svg_path)
     cfg = resolve_config(config, overrides)
-    result = answer_patching(cfg.model, clean, corrupted, answer, wrong, mode, layer_spec, batch_size)
+    result = answer_patching(
+        cfg.model, clean, corrupted, answer, wrong, mode, layer_spec, batch_size
+    )
     if svg_path is not None:
         write_svg(svg_path, result.heatmap_svg())
     if as_json:
-        click.echo(json.dumps({"model": cfg.model.name_or_path, "clean": clean, "corrupted": corrupted,
-                               **result.to_dict(), "svg": None if svg_path is None else str(svg_path)}, indent=1))
+        click.echo(
+            json.dumps(
+                {
+                    "model": cfg.model.name_or_path,
+                    "clean": clean,
+                    "corrupted": corrupted,
+                    **result.to_dict(),
+                    "svg": None if svg_path is None else str(svg_path),
+                },
+                indent=1,
+            )
+        )
         return
     click.echo(f"model: {cfg.model.name_or_path}; metric: {result.metric} at the last position")
-    click.echo(f"  clean     {result.clean_metric:>9.4f}  {clean!r} ({len(result.clean_tokens)} tokens)")
+    click.echo(
+        f"  clean     {result.clean_metric:>9.4f}  {clean!r} ({len(result.clean_tokens)} tokens)"
+    )
     click.echo(f"  corrupted {result.corrupted_metric:>9.4f}  {corrupted!r}")
     click.echo(f"\npatched metric (rows: layer patched; columns: {result.column_title}):")
     click.echo(result.table_text())
-    click.echo("\nnormalised score, (patched - corrupted) / (clean - corrupted); 1 = clean restored:")
+    click.echo(
+        "\nnormalised score, (patched - corrupted) / (clean - corrupted); 1 = clean restored:"
+    )
     click.echo(result.table_text(normalized=True))
     if svg_path is not None:
         click.echo(f"\nheatmap: {svg_path}")
 
 
 def metric_options(fn: Callable) -> Callable:
-    fn = click.option("--wrong", default=None, metavar="TOKEN",
-                      help="With --answer: use logit(answer) - logit(wrong) instead of log p(answer).")(fn)
-    return click.option("--answer", default=None, metavar="TOKEN",
-                        help="The next token whose log-probability (at each prompt's end) is the metric, "
-                             "e.g. ' raised' (mind the leading space).")(fn)
+    fn = click.option(
+        "--wrong",
+        default=None,
+        metavar="TOKEN",
+        help="With --answer: use logit(answer) - logit(wrong) instead of log p(answer).",
+    )(fn)
+    return click.option(
+        "--answer",
+        default=None,
+        metavar="TOKEN",
+        help="The next token whose log-probability (at each prompt's end) is the metric, "
+        "e.g. ' raised' (mind the leading space).",
+    )(fn)
 
 
 @analyze.command()
 @target_options
 @click.option("--prompt", multiple=True, help="A prompt (repeatable).")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    help="File of prompts, one per line.",
+)
 @metric_options
-@click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Features listed per direction.")
+@click.option(
+    "--top",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    help="Features listed per direction.",
+)
 @chat_options()
 @top_tokens_option
 @json_option
 @one_line_errors
-def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, answer, wrong, top, chat, system,
-              no_top_tokens, as_json) -> None:
+def attribute(
+    sae_path,
+    hook,
+    override_hook,
+    overrides,
+    sae_dtype,
+    prompt,
+    prompts_file,
+    answer,
+    wrong,
+    top,
+    chat,
+    system,
+    no_top_tokens,
+    as_json,
+) -> None:
     """Rank features by their effect on the next-token metric at the end of each prompt
     (activation x gradient, summed over positions and prompts; the SAE error term is
     reported too). Ablating the top "up" features should lower the metric.
@@ -199,16 +329,28 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
 
     texts = given_prompts(prompt, prompts_file)
     fmt = PromptFormat(chat=chat, system=system)
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
-    listing = attribution_listing(target, texts, answer, wrong, top, fmt,
-                                  top_tokens=None if no_top_tokens else TOP_TOKENS_SCAN, log=log)
+    target = open_target(
+        sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log
+    )
+    listing = attribution_listing(
+        target,
+        texts,
+        answer,
+        wrong,
+        top,
+        fmt,
+        top_tokens=None if no_top_tokens else TOP_TOKENS_SCAN,
+        log=log,
+    )
     if as_json:
         click.echo(json.dumps(listing, indent=1))
         return
     what = f"logit({answer!r}) - logit({wrong!r})" if wrong else f"log p({answer!r})"
-    click.echo(f"metric {what}: mean {listing['metric_mean']:.4f} over {listing['prompts']} prompts; "
-               f"attribution summed over prompts: features {listing['features_total']:+.4f}, "
-               f"SAE error term {listing['error_term']:+.4f}")
+    click.echo(
+        f"metric {what}: mean {listing['metric_mean']:.4f} over {listing['prompts']} prompts; "
+        f"attribution summed over prompts: features {listing['features_total']:+.4f}, "
+        f"SAE error term {listing['error_term']:+.4f}"
+    )
     for d in ("up", "down"):
         click.echo(f"\nfeatures pushing the metric {d}:")
         if not no_top_tokens:
@@ -220,34 +362,114 @@ def attribute(sae_path, hook, override_hook, overrides, sae_dtype, prompt, promp
 @analyze.command("fix-test")
 @target_options
 @click.option("--prompt", multiple=True, help="A prompt (repeatable).")
-@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), help="File of prompts, one per line.")
-@click.option("--scorer", "scorer_spec", required=True, metavar="SPEC",
-              help="words:W1,W2 | words:FILE | hf:PATH_OR_HUB_ID[@LABEL] | profanity (higher = more of the behaviour).")
-@click.option("--threshold", type=float, default=0.5, show_default=True,
-              help="A continuation scoring above this counts as showing the behaviour.")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    help="File of prompts, one per line.",
+)
+@click.option(
+    "--scorer",
+    "scorer_spec",
+    required=True,
+    metavar="SPEC",
+    help="words:W1,W2 | words:FILE | hf:PATH_OR_HUB_ID[@LABEL] | profanity (higher = more of the behaviour).",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="A continuation scoring above this counts as showing the behaviour.",
+)
 @edit_options
-@click.option("--ablate-top", type=click.IntRange(1), default=None, metavar="K",
-              help="Ablate the K features found by --contrast TARGET BASELINE or by --answer (attribution).")
-@click.option("--steer-top", default=None, metavar="K:A",
-              help="Steer the K features found by --contrast or --answer, each by A, e.g. --steer-top 2:+4.")
-@click.option("--contrast", nargs=2, type=click.Path(path_type=Path), default=None, metavar="TARGET BASELINE",
-              help="Prompt files for a contrast search that picks the features for --ablate-top.")
+@click.option(
+    "--ablate-top",
+    type=click.IntRange(1),
+    default=None,
+    metavar="K",
+    help="Ablate the K features found by --contrast TARGET BASELINE or by --answer (attribution).",
+)
+@click.option(
+    "--steer-top",
+    default=None,
+    metavar="K:A",
+    help="Steer the K features found by --contrast or --answer, each by A, e.g. --steer-top 2:+4.",
+)
+@click.option(
+    "--contrast",
+    nargs=2,
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="TARGET BASELINE",
+    help="Prompt files for a contrast search that picks the features for --ablate-top.",
+)
 @metric_options
 @chat_options()
 @sampling_options
-@click.option("--samples", type=click.IntRange(1), default=8, show_default=True, help="Continuations per prompt.")
-@click.option("--neutral", "neutral_file", type=click.Path(path_type=Path), default=None,
-              help="Neutral text for the KL cost, one text per line (default: data.eval_split of the data).")
-@click.option("--neutral-tokens", type=click.IntRange(0), default=16384, show_default=True,
-              help="Tokens of neutral text for the KL cost (0 = skip it).")
-@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
-              help="Also write a small HTML page with the table, a chart and samples.")
+@click.option(
+    "--samples",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Continuations per prompt.",
+)
+@click.option(
+    "--neutral",
+    "neutral_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Neutral text for the KL cost, one text per line (default: data.eval_split of the data).",
+)
+@click.option(
+    "--neutral-tokens",
+    type=click.IntRange(0),
+    default=16384,
+    show_default=True,
+    help="Tokens of neutral text for the KL cost (0 = skip it).",
+)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write a small HTML page with the table, a chart and samples.",
+)
 @top_tokens_option
 @json_option
 @one_line_errors
-def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt, prompts_file, scorer_spec, threshold, ablate, clamp, scale,
-                     steer, ablate_top, steer_top, contrast, answer, wrong, chat, system, max_new_tokens, temperature,
-                     top_p, seed, samples, neutral_file, neutral_tokens, html_path, no_top_tokens, as_json) -> None:
+def fix_test_command(
+    sae_path,
+    hook,
+    override_hook,
+    overrides,
+    sae_dtype,
+    prompt,
+    prompts_file,
+    scorer_spec,
+    threshold,
+    ablate,
+    clamp,
+    scale,
+    steer,
+    ablate_top,
+    steer_top,
+    contrast,
+    answer,
+    wrong,
+    chat,
+    system,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    samples,
+    neutral_file,
+    neutral_tokens,
+    html_path,
+    no_top_tokens,
+    as_json,
+) -> None:
     """Does an intervention remove a behaviour, and at what cost? Samples continuations of
     the prompts with and without it (same seed), scores them, and reports the mean score,
     the fraction above --threshold and the perplexity under the clean model, each with a
@@ -276,15 +498,38 @@ def fix_test_command(sae_path, hook, override_hook, overrides, sae_dtype, prompt
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     fmt = PromptFormat(chat=chat, system=system)
     scorer = load_scorer(scorer_spec)
-    target = open_target(sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log)
-    picks = pick_edits(target, edits, top, texts, contrast=contrast, answer=answer, wrong=wrong, fmt=fmt,
-                       top_tokens=None if no_top_tokens else TOP_TOKENS_SCAN, log=log)
+    target = open_target(
+        sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log
+    )
+    picks = pick_edits(
+        target,
+        edits,
+        top,
+        texts,
+        contrast=contrast,
+        answer=answer,
+        wrong=wrong,
+        fmt=fmt,
+        top_tokens=None if no_top_tokens else TOP_TOKENS_SCAN,
+        log=log,
+    )
     if picks.picked is not None:
         label = str if picks.tokens is None else (lambda f: f"{f} ({tokens_text(picks.tokens[f])})")
         log(f"top features by {picks.how}: {', '.join(map(label, picks.picked))}")
-    result = run_fix_test(target, picks.edit, texts, scorer, samples=samples, sampling=sampling, threshold=threshold,
-                          neutral_file=neutral_file, neutral_tokens=neutral_tokens, html_path=html_path, fmt=fmt,
-                          log=log)
+    result = run_fix_test(
+        target,
+        picks.edit,
+        texts,
+        scorer,
+        samples=samples,
+        sampling=sampling,
+        threshold=threshold,
+        neutral_file=neutral_file,
+        neutral_tokens=neutral_tokens,
+        html_path=html_path,
+        fmt=fmt,
+        log=log,
+    )
     _print_fix_test(picks, result, target.hook, as_json)
 
 
@@ -301,5 +546,7 @@ def _print_fix_test(picks: PickedEdits, result: FixTestResult, hook: str, as_jso
             click.echo(f"  {r['feature']:>8}{tokens_cell(r)}")
     click.echo(result.table())
     if result.kl is not None:
-        click.echo(f"(KL over {result.neutral_tokens:,} tokens of neutral text; "
-                   "values in brackets: 95% bootstrap intervals over prompts)")
+        click.echo(
+            f"(KL over {result.neutral_tokens:,} tokens of neutral text; "
+            "values in brackets: 95% bootstrap intervals over prompts)"
+        )

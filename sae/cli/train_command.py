@@ -36,11 +36,18 @@ class TrainCommand(OneLineCommand):
 @click.command(cls=TrainCommand, context_settings={"max_content_width": 120})
 @config_options("train.lr=3e-4")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
-@click.option("--resume", "resume_dir", metavar="RUN_DIR", type=click.Path(file_okay=False, path_type=Path),
-              help="Continue the interrupted run in RUN_DIR (e.g. checkpoints/demo) from its last checkpoint, "
-                   "with its own config.yaml.")
+@click.option(
+    "--resume",
+    "resume_dir",
+    metavar="RUN_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Continue the interrupted run in RUN_DIR (e.g. checkpoints/demo) from its last checkpoint, "
+    "with its own config.yaml.",
+)
 @one_line_errors
-def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, resume_dir: Path | None) -> None:
+def train(
+    config: Path | None, overrides: tuple[str, ...], print_config: bool, resume_dir: Path | None
+) -> None:
     """Train sparse autoencoders on a language model's activations.
 
     CONFIG is a YAML run config; without one, the defaults listed below (the embedded demo
@@ -58,7 +65,9 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
     data parallel: each harvests its share of the contexts (README, "Several GPUs").
     """
     if resume_dir is not None and (config is not None or overrides):
-        raise ConfigError("--resume: the run continues with its own config.yaml; drop CONFIG and --set")
+        raise ConfigError(
+            "--resume: the run continues with its own config.yaml; drop CONFIG and --set"
+        )
     if resume_dir is not None:
         from sae.training.run_folder import resume_config
 
@@ -73,7 +82,9 @@ def train(config: Path | None, overrides: tuple[str, ...], print_config: bool, r
     from sae.errors import TrainingStopped
     from sae.training.run import train_run
 
-    dist = Dist.from_env(cfg.distributed.timeout_s, cfg.model.device)   # several processes under torchrun
+    dist = Dist.from_env(
+        cfg.distributed.timeout_s, cfg.model.device
+    )  # several processes under torchrun
     try:
         train_run(cfg, log=click.echo, resume=resume_dir is not None, dist=dist)
     except TrainingStopped:

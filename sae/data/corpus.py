@@ -40,8 +40,17 @@ _CACHE_FORMAT = 1  # bump when the extraction rules change
 
 # Stdlib folders that hold tests, demos, vendored code or GUI code rather than prose.
 _SKIP_DIRS = {
-    "site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter",
-    "turtledemo", "ensurepip", "__pycache__", "unittest",
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+    "unittest",
 }
 
 
@@ -61,7 +70,9 @@ def split_of(key: str) -> str:
 def _topic_documents() -> list[Document]:
     from pydoc_data.topics import topics
 
-    return [Document(f"topic:{name}", text.strip()) for name, text in topics.items() if text.strip()]
+    return [
+        Document(f"topic:{name}", text.strip()) for name, text in topics.items() if text.strip()
+    ]
 
 
 def _module_docstrings(source: str) -> list[str]:
@@ -79,7 +90,9 @@ def _stdlib_files(stdlib: Path) -> list[tuple[str, Path]]:
     """(dotted module name, path) of the stdlib's prose-bearing source files, sorted."""
     out = []
     for dirpath, dirnames, filenames in os.walk(stdlib):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("config-")
+        )
         for filename in sorted(filenames):
             if not filename.endswith(".py"):
                 continue
@@ -128,8 +141,10 @@ def documents() -> tuple[Document, ...]:
     keyed by the Python version and the size and mtime of every source file.
     """
     files = _stdlib_files(Path(sysconfig.get_paths()["stdlib"]))
-    return cached_documents(cache_dir() / f"python-docs-{_sources_key(files)}.json",
-                            lambda: _topic_documents() + _stdlib_documents(files))
+    return cached_documents(
+        cache_dir() / f"python-docs-{_sources_key(files)}.json",
+        lambda: _topic_documents() + _stdlib_documents(files),
+    )
 
 
 def cached_documents(cached: Path, build: Callable[[], list[Document]]) -> tuple[Document, ...]:

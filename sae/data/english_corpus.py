@@ -50,13 +50,23 @@ LEE_FILE = "lee_background.cor"
 MIN_CHARS = 500  # articles shorter than this once cleaned (stubs, short lists) are skipped
 _CACHE_FORMAT = 1  # bump when the cleaning rules change
 
-MISSING = ("data.dataset: builtin:english-prose reads English text shipped in the gensim package; "
-           "install it with: pip install --no-deps gensim")
+MISSING = (
+    "data.dataset: builtin:english-prose reads English text shipped in the gensim package; "
+    "install it with: pip install --no-deps gensim"
+)
 
 # Sections that hold lists of links and citations rather than prose: dropped whole.
 DROPPED_SECTIONS = {
-    "see also", "references", "external links", "further reading", "notes", "bibliography",
-    "notes and references", "footnotes", "sources", "citations",
+    "see also",
+    "references",
+    "external links",
+    "further reading",
+    "notes",
+    "bibliography",
+    "notes and references",
+    "footnotes",
+    "sources",
+    "citations",
 }
 # Elements whose content is not prose: dropped with their content (the tags of any other
 # element are dropped and their content kept).
@@ -66,6 +76,7 @@ _DROPPED_ELEMENTS = "ref|math|gallery|timeline|imagemap|source|syntaxhighlight|s
 # ---------------------------------------------------------------------------------------
 # Wikitext -> prose
 # ---------------------------------------------------------------------------------------
+
 
 def _drop_nested(text: str, opening: str, closing: str, starts: re.Pattern | None = None) -> str:
     """Remove every balanced ``opening ... closing`` span, nested ones included.
@@ -93,7 +104,7 @@ def _drop_nested(text: str, opening: str, closing: str, starts: re.Pattern | Non
             else:
                 j += 1
         if depth != 0:  # never closed: keep this opening as text, go on after it
-            out.append(text[i:start + len(opening)])
+            out.append(text[i : start + len(opening)])
             i = start + len(opening)
             continue
         out.append(text[i:start])
@@ -196,7 +207,7 @@ def wikitext_to_prose(wikitext: str) -> str:
     # A heading goes when no text follows it before the next heading of its level or above.
     kept: list[str] = []
     for i, (line, level) in enumerate(lines):
-        if level and not _has_text(lines[i + 1:], level):
+        if level and not _has_text(lines[i + 1 :], level):
             continue
         kept.append(line)
     prose = "\n".join(kept)
@@ -207,6 +218,7 @@ def wikitext_to_prose(wikitext: str) -> str:
 # Sources
 # ---------------------------------------------------------------------------------------
 
+
 def data_dir() -> Path:
     """The folder of gensim's test data files, found without importing gensim."""
     spec = importlib.util.find_spec("gensim")  # for a top-level package, nothing is executed
@@ -215,8 +227,10 @@ def data_dir() -> Path:
     folder = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
     for name in (WIKI_FILE, LEE_FILE):
         if not (folder / name).is_file():
-            raise ConfigError(f"data.dataset: {NAME} needs {name}, which this gensim install lacks "
-                              f"(not in {str(folder)!r}); reinstall it with: pip install --no-deps gensim")
+            raise ConfigError(
+                f"data.dataset: {NAME} needs {name}, which this gensim install lacks "
+                f"(not in {str(folder)!r}); reinstall it with: pip install --no-deps gensim"
+            )
     return folder
 
 
@@ -230,7 +244,9 @@ def wiki_documents(path: Path) -> list[Document]:
                 continue
             title = elem.findtext("{*}title") or ""
             wikitext = elem.findtext("{*}revision/{*}text") or ""
-            redirect = elem.find("{*}redirect") is not None or wikitext.lstrip().upper().startswith("#REDIRECT")
+            redirect = elem.find("{*}redirect") is not None or wikitext.lstrip().upper().startswith(
+                "#REDIRECT"
+            )
             if elem.findtext("{*}ns") == "0" and not redirect:
                 prose = wikitext_to_prose(wikitext)
                 if len(prose) >= MIN_CHARS:
@@ -243,7 +259,11 @@ def lee_documents(path: Path) -> list[Document]:
     """One document per line (a news article) of the Lee corpus; ids count lines from 1.
     The few HTML tags in it (``<i>Diplomacy</i>``) are dropped."""
     lines = path.read_text(encoding="utf-8").split("\n")
-    return [Document(f"lee:{n}", _TAG.sub("", line).strip()) for n, line in enumerate(lines, 1) if line.strip()]
+    return [
+        Document(f"lee:{n}", _TAG.sub("", line).strip())
+        for n, line in enumerate(lines, 1)
+        if line.strip()
+    ]
 
 
 def _sources_key(folder: Path) -> str:
@@ -263,8 +283,10 @@ def documents() -> tuple[Document, ...]:
     of both source files and the cleaning rules' version.
     """
     folder = data_dir()
-    return cached_documents(cache_dir() / f"english-prose-{_sources_key(folder)}.json",
-                            lambda: wiki_documents(folder / WIKI_FILE) + lee_documents(folder / LEE_FILE))
+    return cached_documents(
+        cache_dir() / f"english-prose-{_sources_key(folder)}.json",
+        lambda: wiki_documents(folder / WIKI_FILE) + lee_documents(folder / LEE_FILE),
+    )
 
 
 def load(split: str = "train") -> datasets.Dataset:

@@ -63,7 +63,9 @@ class PromptFormat:
     def _template_ids(self, tokenizer: PreTrainedTokenizerBase, turns: list[dict]) -> list[int]:
         """The chat template over (system +) ``turns``, ending with the assistant's header."""
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("--chat: this model's tokenizer has no chat template; leave out --chat for a base model")
+            raise ConfigError(
+                "--chat: this model's tokenizer has no chat template; leave out --chat for a base model"
+            )
         if self.system is not None:
             check_no_special_tokens(tokenizer, self.system)
             turns = [{"role": "system", "content": self.system}, *turns]
@@ -74,11 +76,17 @@ class PromptFormat:
             # an empty conversation, so render the reply as the assistant's only message and
             # keep what comes before it (the template's default system prompt, if it has one,
             # and the assistant's header).
-            text = _render(tokenizer, [{"role": "assistant", "content": _REPLY_MARK}], add_generation_prompt=False)
+            text = _render(
+                tokenizer,
+                [{"role": "assistant", "content": _REPLY_MARK}],
+                add_generation_prompt=False,
+            )
             if _REPLY_MARK not in text:
-                raise ConfigError("--chat: this model's chat template does not show the assistant's reply as "
-                                  "given; add --user TEXT, a user turn before each reply")
-            text = text[:text.index(_REPLY_MARK)]
+                raise ConfigError(
+                    "--chat: this model's chat template does not show the assistant's reply as "
+                    "given; add --user TEXT, a user turn before each reply"
+                )
+            text = text[: text.index(_REPLY_MARK)]
         # The template writes BOS and the turn markers itself; adding them again would double them.
         return _text_ids(tokenizer, text)
 
@@ -93,15 +101,21 @@ PLAIN = PromptFormat()
 _REPLY_MARK = "SAE-REPLY-STARTS-HERE"
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, turns: list[dict], add_generation_prompt: bool) -> str:
+def _render(
+    tokenizer: PreTrainedTokenizerBase, turns: list[dict], add_generation_prompt: bool
+) -> str:
     """The chat template's text for ``turns``; a template that refuses them stops in one line."""
     try:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as e:  # noqa: BLE001 - jinja's TemplateError (raise_exception), ValueError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         roles = "/".join(t["role"] for t in turns)
-        raise ConfigError(f"--chat: this model's chat template refuses a conversation of {roles} turns: {first}"
-                          + ("" if any(t["role"] == "user" for t in turns) else "; add --user TEXT")) from None
+        raise ConfigError(
+            f"--chat: this model's chat template refuses a conversation of {roles} turns: {first}"
+            + ("" if any(t["role"] == "user" for t in turns) else "; add --user TEXT")
+        ) from None
 
 
 def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -113,8 +127,10 @@ def check_no_special_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> No
     for token in _special_strings(tokenizer):
         if token in text:
             short = text if len(text) <= 60 else text[:57] + "..."
-            raise ConfigError(f"prompt {short!r} contains the model's special token {token!r}; prompts are plain "
-                              "text (for chat turns use --chat, which adds the template's tokens itself)")
+            raise ConfigError(
+                f"prompt {short!r} contains the model's special token {token!r}; prompts are plain "
+                "text (for chat turns use --chat, which adds the template's tokens itself)"
+            )
 
 
 def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -126,11 +142,15 @@ def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return sorted((t for t in found if t), key=len, reverse=True)
 
 
-def check_fits(ids: list[int], model: PreTrainedModel, text: str, extra: int = 0, extra_what: str = "") -> None:
+def check_fits(
+    ids: list[int], model: PreTrainedModel, text: str, extra: int = 0, extra_what: str = ""
+) -> None:
     """Refuse a prompt longer than the model's context (with ``extra`` tokens still to come)."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and len(ids) + extra > limit:
         short = text if len(text) <= 40 else text[:37] + "..."
         more = f" + {extra} {extra_what}" if extra else ""
-        raise ConfigError(f"prompt {short!r} is {len(ids)} tokens{more}; this model reads at most {limit} "
-                          "(max_position_embeddings); shorten it")
+        raise ConfigError(
+            f"prompt {short!r} is {len(ids)} tokens{more}; this model reads at most {limit} "
+            "(max_position_embeddings); shorten it"
+        )

@@ -27,7 +27,13 @@ from sae.errors import ConfigError, DataError
 from sae.hub import looks_like_local_path
 
 # File suffix -> the `datasets` builder that reads it.
-LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_FORMATS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 
 # Built-in corpora: name -> module with load(split) and fingerprint(split).
 BUILTIN_CORPORA = {corpus.NAME: corpus, english_corpus.NAME: english_corpus}
@@ -57,15 +63,19 @@ def load_text_dataset(
     """
     local_or_builtin = dataset.startswith("builtin:") or Path(dataset).exists()
     if subset is not None and local_or_builtin:
-        raise ConfigError(f"data.subset: {subset!r} applies to hub datasets only; {dataset} has no subsets (use null)")
+        raise ConfigError(
+            f"data.subset: {subset!r} applies to hub datasets only; {dataset} has no subsets (use null)"
+        )
     source = split_source(dataset, split, subset) if hold_out else SplitSource(split, None, None)
     local: tuple[Path, list[Path]] | None = None  # (what was named, the files read)
     if source.path is not None:
         ds, local = _load_local(Path(source.path), "train", streaming)
     elif dataset.startswith("builtin:"):
         if dataset not in BUILTIN_CORPORA:
-            raise ConfigError(f"data.dataset: unknown built-in dataset {dataset!r}; "
-                              f"valid: {', '.join(BUILTIN_CORPORA)}")
+            raise ConfigError(
+                f"data.dataset: unknown built-in dataset {dataset!r}; "
+                f"valid: {', '.join(BUILTIN_CORPORA)}"
+            )
         try:
             ds = BUILTIN_CORPORA[dataset].load(split)
         except ConfigError:
@@ -77,54 +87,79 @@ def load_text_dataset(
     elif Path(dataset).exists():
         ds, local = _load_local(Path(dataset), source.split, streaming)
     elif looks_like_local_path(dataset):
-        raise ConfigError(f"data.dataset: {dataset!r} does not exist (nor is it a hub id like org/name)")
+        raise ConfigError(
+            f"data.dataset: {dataset!r} does not exist (nor is it a hub id like org/name)"
+        )
     else:
-        ds = _guarded(lambda: datasets.load_dataset(dataset, subset, split=source.split, streaming=streaming),
-                      f"data.dataset: cannot load {dataset!r} (subset {subset!r}, split {source.split!r})")
+        ds = _guarded(
+            lambda: datasets.load_dataset(dataset, subset, split=source.split, streaming=streaming),
+            f"data.dataset: cannot load {dataset!r} (subset {subset!r}, split {source.split!r})",
+        )
     _check_text_column(ds, dataset, text_column, require_text)
     if source.part is not None:
         keep = functools.partial(_in_part, column=text_column, part=source.part)
-        ds = (ds.filter(keep, batched=True) if isinstance(ds, datasets.IterableDataset)
-              else ds.filter(keep, batched=True, desc=f"{source.part} documents of {dataset}"))
+        ds = (
+            ds.filter(keep, batched=True)
+            if isinstance(ds, datasets.IterableDataset)
+            else ds.filter(keep, batched=True, desc=f"{source.part} documents of {dataset}")
+        )
     key = "data.split" if source.path is not None else "data.dataset"
     root, files = local or (None, [])
-    return TextData(ds, DataOrigin(key, f"{dataset} (split {split!r}, column {text_column!r})", root, files))
+    return TextData(
+        ds, DataOrigin(key, f"{dataset} (split {split!r}, column {text_column!r})", root, files)
+    )
 
 
-def _check_text_column(ds: datasets.Dataset | datasets.IterableDataset, dataset: str, text_column: str,
-                       require_text: bool) -> None:
+def _check_text_column(
+    ds: datasets.Dataset | datasets.IterableDataset,
+    dataset: str,
+    text_column: str,
+    require_text: bool,
+) -> None:
     columns = ds.column_names
     if columns is not None and text_column not in columns:
         raise ConfigError(
             f"data.text_column: {text_column!r} is not a column of {dataset}; columns: {', '.join(columns)}"
         )
     feature = (ds.features or {}).get(text_column)
-    if require_text and feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise ConfigError(f"data.text_column: column {text_column!r} of {dataset} holds {feature.dtype}, not text")
+    if (
+        require_text
+        and feature is not None
+        and getattr(feature, "dtype", None) not in ("string", "large_string")
+    ):
+        raise ConfigError(
+            f"data.text_column: column {text_column!r} of {dataset} holds {feature.dtype}, not text"
+        )
 
 
 @dataclass(frozen=True)
 class DataOrigin:
     """Where a dataset came from, for the errors found only while reading it: a malformed
     line of a streamed file, no text."""
-    key: str                # the config key that named it
-    description: str        # "corpus.jsonl (split 'train', column 'text')"
-    root: Path | None       # local data: the file or folder named
-    files: list[Path]       # local data: the files read
+
+    key: str  # the config key that named it
+    description: str  # "corpus.jsonl (split 'train', column 'text')"
+    root: Path | None  # local data: the file or folder named
+    files: list[Path]  # local data: the files read
 
 
 @dataclass(frozen=True)
 class TextData:
     """A dataset from ``load_text_dataset`` (its rows: ``dataset``) and its origin."""
+
     dataset: datasets.Dataset | datasets.IterableDataset
     origin: DataOrigin
 
     @classmethod
-    def of(cls, data: TextData | datasets.Dataset | datasets.IterableDataset, text_column: str) -> TextData:
+    def of(
+        cls, data: TextData | datasets.Dataset | datasets.IterableDataset, text_column: str
+    ) -> TextData:
         """``data`` itself, or a dataset built elsewhere (tests, callers) with an origin made up for it."""
         if isinstance(data, TextData):
             return data
-        return cls(data, DataOrigin("data.dataset", f"the dataset (column {text_column!r})", None, []))
+        return cls(
+            data, DataOrigin("data.dataset", f"the dataset (column {text_column!r})", None, [])
+        )
 
 
 @dataclass(frozen=True)
@@ -132,6 +167,7 @@ class SplitSource:
     """Where a requested split's text comes from: the dataset's own ``split``; or
     (``part``) the documents of that split whose text hash puts them in ``part``, "train"
     or "test"; or a local file or folder (``path``) read whole."""
+
     split: str
     part: str | None
     path: str | None
@@ -142,16 +178,25 @@ def split_source(dataset: str, split: str, subset: str | None = None) -> SplitSo
     """How ``split`` of ``dataset`` is read. Local files have no splits of their own, only
     "train" (everything) and "test" (held out by hash); a hub dataset's splits are its own,
     plus the same two when it has no "test" (asking the hub which splits it has)."""
-    if split not in ("train", "test") and Path(split).exists() and (
-            looks_like_local_path(split) or Path(split).suffix in LOCAL_FORMATS or Path(split).is_dir()):
+    if (
+        split not in ("train", "test")
+        and Path(split).exists()
+        and (
+            looks_like_local_path(split)
+            or Path(split).suffix in LOCAL_FORMATS
+            or Path(split).is_dir()
+        )
+    ):
         return SplitSource("train", None, split)
     if dataset.startswith("builtin:"):
-        return SplitSource(split, None, None)   # the built-in corpora hold out their own 10%
+        return SplitSource(split, None, None)  # the built-in corpora hold out their own 10%
     if Path(dataset).exists():
         if split not in ("train", "test"):
-            raise ConfigError(f"data.split: {split!r}: local data has the splits 'train' ({100 - HELDOUT_PERCENT}% "
-                              f"of the documents) and 'test' (the other {HELDOUT_PERCENT}%, by a hash of their "
-                              "text), or name a file or folder of held-out text")
+            raise ConfigError(
+                f"data.split: {split!r}: local data has the splits 'train' ({100 - HELDOUT_PERCENT}% "
+                f"of the documents) and 'test' (the other {HELDOUT_PERCENT}%, by a hash of their "
+                "text), or name a file or folder of held-out text"
+            )
         return SplitSource("train", split, None)
     try:
         names = datasets.get_dataset_split_names(dataset, subset)
@@ -172,13 +217,17 @@ def describe_split(dataset: str, split: str, subset: str | None = None) -> str:
     if source.part == "train":
         return f"{dataset} [train: {100 - HELDOUT_PERCENT}% of the documents; the other {HELDOUT_PERCENT}% are held out as test]"
     if dataset in BUILTIN_CORPORA and split == "test":
-        return f"{dataset} [test: its held-out {HELDOUT_PERCENT}% of the documents; never trained on]"
+        return (
+            f"{dataset} [test: its held-out {HELDOUT_PERCENT}% of the documents; never trained on]"
+        )
     return f"{dataset} [{split}]"
 
 
 def _in_part(batch: dict, column: str, part: str) -> list[bool]:
     if column not in batch:  # streaming datasets may not know their columns up front
-        raise ConfigError(f"data.text_column: {column!r} is not a column; columns: {', '.join(batch)}")
+        raise ConfigError(
+            f"data.text_column: {column!r} is not a column; columns: {', '.join(batch)}"
+        )
     return [corpus.split_of(t if isinstance(t, str) else repr(t)) == part for t in batch[column]]
 
 
@@ -194,14 +243,19 @@ def _guarded(load, what: str, explain=lambda: None):
 
 def _first_line(e: BaseException) -> str:
     if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ is not None:
-        e = e.__cause__  # "An error occurred while generating the dataset" says nothing; its cause does
+        e = (
+            e.__cause__
+        )  # "An error occurred while generating the dataset" says nothing; its cause does
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _load_local(path: Path, split: str, streaming: bool
-                ) -> tuple[datasets.Dataset | datasets.IterableDataset, tuple[Path, list[Path]]]:
+def _load_local(
+    path: Path, split: str, streaming: bool
+) -> tuple[datasets.Dataset | datasets.IterableDataset, tuple[Path, list[Path]]]:
     """The files at ``path`` as one split, and (path, the files read)."""
-    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
+    )
     suffixes = {p.suffix for p in files}
     if not files or len(suffixes) != 1 or next(iter(suffixes)) not in LOCAL_FORMATS:
         raise ConfigError(
@@ -212,9 +266,13 @@ def _load_local(path: Path, split: str, streaming: bool
         raise DataError(f"data.dataset: {str(path)!r} is empty")
     builder = LOCAL_FORMATS[files[0].suffix]
     # Local files carry no split of their own: everything is read as one (split_source holds out a part).
-    ds = _guarded(lambda: datasets.load_dataset(builder, data_files={split: [str(p) for p in files]}, split=split,
-                                                streaming=streaming),
-                  f"data.dataset: cannot read {str(path)!r}", lambda: bad_json_line(path, files))
+    ds = _guarded(
+        lambda: datasets.load_dataset(
+            builder, data_files={split: [str(p) for p in files]}, split=split, streaming=streaming
+        ),
+        f"data.dataset: cannot read {str(path)!r}",
+        lambda: bad_json_line(path, files),
+    )
     return ds, (path, files)
 
 
@@ -267,7 +325,9 @@ def _bad_line(file: Path) -> tuple[int, str] | None:
     return None
 
 
-def iter_packed(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int) -> Iterator[list[int]]:
+def iter_packed(
+    documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int
+) -> Iterator[list[int]]:
     """Pack token documents into contexts, lazily.
 
     Documents (token ids without special tokens) are joined with ``eos_id`` between them
@@ -289,12 +349,14 @@ def iter_packed(documents: Iterable[Sequence[int]], context_len: int, bos_id: in
         pending.extend(doc)
         start = 0
         while len(pending) - start >= body:
-            yield [bos_id, *pending[start:start + body]]
+            yield [bos_id, *pending[start : start + body]]
             start += body
         del pending[:start]
 
 
-def pack(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int) -> torch.Tensor:
+def pack(
+    documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_id: int
+) -> torch.Tensor:
     """``iter_packed`` collected: LongTensor [n_contexts, context_len]."""
     contexts = list(iter_packed(documents, context_len, bos_id, eos_id))
     if not contexts:
@@ -302,9 +364,12 @@ def pack(documents: Iterable[Sequence[int]], context_len: int, bos_id: int, eos_
     return torch.tensor(contexts, dtype=torch.long)
 
 
-def iter_token_documents(dataset: TextData | datasets.Dataset | datasets.IterableDataset,
-                         tokenizer: PreTrainedTokenizerBase, text_column: str = "text",
-                         chunk_docs: int = 256) -> Iterator[list[int]]:
+def iter_token_documents(
+    dataset: TextData | datasets.Dataset | datasets.IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str = "text",
+    chunk_docs: int = 256,
+) -> Iterator[list[int]]:
     """Token ids of each document (no special tokens), tokenized ``chunk_docs`` at a time.
 
     Batched calls let the fast (Rust) tokenizer use every core; streaming datasets work
@@ -315,20 +380,30 @@ def iter_token_documents(dataset: TextData | datasets.Dataset | datasets.Iterabl
     documents, has_text = 0, False
     for chunk in _read_chunks(data, chunk_docs):
         if text_column not in chunk:  # streaming datasets may not know their columns up front
-            raise ConfigError(f"data.text_column: {text_column!r} is not a column; columns: {', '.join(chunk)}")
+            raise ConfigError(
+                f"data.text_column: {text_column!r} is not a column; columns: {', '.join(chunk)}"
+            )
         texts = [t for t in chunk[text_column] if t]
         if any(not isinstance(t, str) for t in texts):
             raise ConfigError(f"data.text_column: column {text_column!r} holds non-text values")
         documents += len(chunk[text_column])
-        has_text = has_text or any(t.strip() for t in texts)  # stops looking at the first document with text
+        has_text = has_text or any(
+            t.strip() for t in texts
+        )  # stops looking at the first document with text
         if texts:
             yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     if not has_text:
         # Else whitespace packs into contexts of blank tokens, and the run ends much later
         # asking for a larger data.token_budget.
-        what = f"its {documents:,} documents are all empty or whitespace" if documents else "it has no documents"
-        raise DataError(f"{data.origin.key}: {data.origin.description} holds no text ({what}), so no complete context of "
-                          "text can be packed from it; check data.dataset, data.split and data.text_column")
+        what = (
+            f"its {documents:,} documents are all empty or whitespace"
+            if documents
+            else "it has no documents"
+        )
+        raise DataError(
+            f"{data.origin.key}: {data.origin.description} holds no text ({what}), so no complete context of "
+            "text can be packed from it; check data.dataset, data.split and data.text_column"
+        )
 
 
 def _read_chunks(data: TextData, chunk_docs: int) -> Iterator[dict]:
@@ -363,9 +438,14 @@ def context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     3. else BOS, else EOS.
     """
     if tokenizer.eos_token_id is None and tokenizer.bos_token_id is None:
-        raise ConfigError("model.name_or_path: the tokenizer has neither a BOS nor an EOS token to mark contexts")
+        raise ConfigError(
+            "model.name_or_path: the tokenizer has neither a BOS nor an EOS token to mark contexts"
+        )
     added = tokenizer("a", add_special_tokens=True)["input_ids"]
-    if len(added) > len(tokenizer("a", add_special_tokens=False)["input_ids"]) and added[0] in tokenizer.all_special_ids:
+    if (
+        len(added) > len(tokenizer("a", add_special_tokens=False)["input_ids"])
+        and added[0] in tokenizer.all_special_ids
+    ):
         return added[0]
     separator = _known_separator(tokenizer)
     if separator is not None:
@@ -391,11 +471,17 @@ def legacy_context_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def context_batches(dataset: TextData | datasets.Dataset | datasets.IterableDataset,
-                    tokenizer: PreTrainedTokenizerBase, *,
-                    text_column: str = "text", context_tokens: int = 256, token_budget: int | None = None,
-                    batch_contexts: int = 8, skip_contexts: int = 0, shard: Shard | None = None
-                    ) -> Iterator[torch.Tensor]:
+def context_batches(
+    dataset: TextData | datasets.Dataset | datasets.IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    text_column: str = "text",
+    context_tokens: int = 256,
+    token_budget: int | None = None,
+    batch_contexts: int = 8,
+    skip_contexts: int = 0,
+    shard: Shard | None = None,
+) -> Iterator[torch.Tensor]:
     """Packed contexts in batches: LongTensor [batch_contexts, context_tokens] (the last may be smaller).
 
     dataset: what ``load_text_dataset`` returned (errors met while reading it name its
@@ -408,8 +494,12 @@ def context_batches(dataset: TextData | datasets.Dataset | datasets.IterableData
     """
     bos = context_bos_id(tokenizer)
     limit = None if token_budget is None else -(-token_budget // context_tokens)
-    contexts = iter_packed(iter_token_documents(dataset, tokenizer, text_column), context_tokens, bos,
-                           document_separator_id(tokenizer))
+    contexts = iter_packed(
+        iter_token_documents(dataset, tokenizer, text_column),
+        context_tokens,
+        bos,
+        document_separator_id(tokenizer),
+    )
     contexts = itertools.islice(contexts, limit)
     if shard is not None:
         contexts = itertools.islice(contexts, shard.rank, None, shard.world)

@@ -22,13 +22,19 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 def next_token_ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Summed cross-entropy in nats of predicting ids[:, 1:] from logits[:, :-1] ([B, T, V], [B, T])."""
-    return F.cross_entropy(at_least_fp32(logits[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(),
-                           reduction="sum").double().item()
+    return (
+        F.cross_entropy(
+            at_least_fp32(logits[:, :-1]).flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+        )
+        .double()
+        .item()
+    )
 
 
 @torch.no_grad()
-def next_token_loss(model: torch.nn.Module, contexts: torch.Tensor, batch_size: int = 16,
-                    progress: bool = False) -> tuple[float, int]:
+def next_token_loss(
+    model: torch.nn.Module, contexts: torch.Tensor, batch_size: int = 16, progress: bool = False
+) -> tuple[float, int]:
     """Mean next-token cross-entropy in nats over every predicted position.
 
     contexts: LongTensor [n, T]; position t predicts token t+1, so each context yields
@@ -38,7 +44,7 @@ def next_token_loss(model: torch.nn.Module, contexts: torch.Tensor, batch_size: 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in tqdm(range(0, len(contexts), batch_size), desc="eval", disable=not progress):
-        batch = contexts[start:start + batch_size].to(device)
+        batch = contexts[start : start + batch_size].to(device)
         total += next_token_ce_sum(model(input_ids=batch).logits, batch)
         count += batch[:, 1:].numel()
     return total / count, count
@@ -56,6 +62,7 @@ def unigram_entropy(tokens: torch.Tensor) -> float:
 
 
 # ---- metrics of the logits at one position (patching, attribution) -------------------------
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -85,15 +92,19 @@ def answer_token(tokenizer, token: str | int, what: str = "answer") -> int:
         raise ConfigError(f"{what}: {token!r} is neither a token string nor a token id")
     if isinstance(token, int):
         if not 0 <= token < len(tokenizer):
-            raise ConfigError(f"{what}: token id {token} is out of range; the vocabulary has ids "
-                              f"0..{len(tokenizer) - 1}")
+            raise ConfigError(
+                f"{what}: token id {token} is out of range; the vocabulary has ids "
+                f"0..{len(tokenizer) - 1}"
+            )
         return token
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = ", ".join(repr(p) for p in tokenizer.convert_ids_to_tokens(ids))
         hint = "it is empty" if not ids else f"it is {len(ids)} tokens ({pieces})"
-        raise ConfigError(f"{what}: {token!r} must be exactly one token, but {hint}; "
-                          "give a single token (mind the leading space, e.g. ' raised')")
+        raise ConfigError(
+            f"{what}: {token!r} must be exactly one token, but {hint}; "
+            "give a single token (mind the leading space, e.g. ' raised')"
+        )
     return ids[0]
 
 
@@ -106,7 +117,11 @@ def _token(tokenizer, token: str | int, what: str) -> int:
 
 
 def _label(tokenizer, token: str | int, token_id: int) -> str:
-    return repr(token) if isinstance(token, str) or tokenizer is None else repr(tokenizer.decode([token_id]))
+    return (
+        repr(token)
+        if isinstance(token, str) or tokenizer is None
+        else repr(tokenizer.decode([token_id]))
+    )
 
 
 def logit_diff(answer: str | int, wrong: str | int, tokenizer=None) -> Metric:
@@ -114,14 +129,21 @@ def logit_diff(answer: str | int, wrong: str | int, tokenizer=None) -> Metric:
     a, w = _token(tokenizer, answer, "answer"), _token(tokenizer, wrong, "wrong")
     if a == w:
         raise ConfigError(f"wrong: {wrong!r} is the answer token itself; give another token")
-    return Metric(f"logit diff {_label(tokenizer, answer, a)} - {_label(tokenizer, wrong, w)}",
-                  lambda logits: logits[:, a] - logits[:, w], (a, w))
+    return Metric(
+        f"logit diff {_label(tokenizer, answer, a)} - {_label(tokenizer, wrong, w)}",
+        lambda logits: logits[:, a] - logits[:, w],
+        (a, w),
+    )
 
 
 def logprob(answer: str | int, tokenizer=None) -> Metric:
     """log_softmax(logits)[answer]."""
     a = _token(tokenizer, answer, "answer")
-    return Metric(f"log prob {_label(tokenizer, answer, a)}", lambda logits: logits.log_softmax(-1)[:, a], (a,))
+    return Metric(
+        f"log prob {_label(tokenizer, answer, a)}",
+        lambda logits: logits.log_softmax(-1)[:, a],
+        (a,),
+    )
 
 
 def answer_metric(tokenizer, answer: str, wrong: str | None = None) -> Metric:

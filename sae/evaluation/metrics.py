@@ -43,9 +43,13 @@ class Metrics:
             raise ValueError("no evaluation tokens")
         total_var = self.sum_x_sq - self.sum_x @ self.sum_x / self.n  # sum ||x - mean||^2
         rate = self.fires.double() / self.n
-        return {"fvu": (self.sq_err / total_var).item(), "l0": self.fires.sum().item() / self.n,
-                "dead_fraction": (self.fires == 0).double().mean().item(),
-                "dense_fraction": (rate > self.dense_threshold).double().mean().item(), "tokens": self.n}
+        return {
+            "fvu": (self.sq_err / total_var).item(),
+            "l0": self.fires.sum().item() / self.n,
+            "dead_fraction": (self.fires == 0).double().mean().item(),
+            "dense_fraction": (rate > self.dense_threshold).double().mean().item(),
+            "tokens": self.n,
+        }
 
 
 def evaluate(sae: SparseAutoencoder, batches: Iterable[torch.Tensor]) -> dict:

@@ -23,9 +23,16 @@ from sae.evaluation.lm_metrics import at_least_fp32, next_token_ce_sum
 
 
 @torch.no_grad()
-def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hook: str,
-                   reconstruct, contexts: Iterable[torch.Tensor], progress: bool = False, desc: str = "splice",
-                   total: int | None = None) -> dict:
+def splice_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    hook: str,
+    reconstruct,
+    contexts: Iterable[torch.Tensor],
+    progress: bool = False,
+    desc: str = "splice",
+    total: int | None = None,
+) -> dict:
     """Metrics for ``reconstruct`` ([n, d] -> [n, d], e.g. an SAE) spliced in at ``hook``.
 
     contexts: LongTensor batches [B, T]. Returns CE clean / spliced / zero-ablated (nats
@@ -38,12 +45,22 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, h
     capture = MaskedCapture(model, tokenizer, [hook], stop_early=False)
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl, n = 0.0, 0
-    with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False, disable=not progress) as bar:
+    with tqdm(
+        total=total, desc=desc, unit="tok", unit_scale=True, leave=False, disable=not progress
+    ) as bar:
         for batch in capture.batches(contexts):
-            ids, clean, keep = batch.ids, batch.output.logits, batch.keep[..., None]  # keep: [B, T, 1]
+            ids, clean, keep = (
+                batch.ids,
+                batch.output.logits,
+                batch.keep[..., None],
+            )  # keep: [B, T, 1]
 
             def spliced(h, keep=keep):
-                out = reconstruct(at_least_fp32(h).reshape(-1, h.shape[-1])).reshape(h.shape).to(h.dtype)
+                out = (
+                    reconstruct(at_least_fp32(h).reshape(-1, h.shape[-1]))
+                    .reshape(h.shape)
+                    .to(h.dtype)
+                )
                 return torch.where(keep, out, h)
 
             def zeroed(h, keep=keep):
@@ -65,6 +82,12 @@ def splice_metrics(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, h
         raise ValueError("no evaluation contexts")
     clean_ce, sae_ce, zero_ce = (ce[k] / n for k in ("clean", "sae", "zero"))
     gap = zero_ce - clean_ce
-    return {"ce_clean": clean_ce, "ce_sae": sae_ce, "ce_zero": zero_ce,
-            "ce_loss_recovered": (zero_ce - sae_ce) / gap if gap else float("nan"),
-            "delta_lm_loss": sae_ce - clean_ce, "kl": kl / n, "tokens": n}
+    return {
+        "ce_clean": clean_ce,
+        "ce_sae": sae_ce,
+        "ce_zero": zero_ce,
+        "ce_loss_recovered": (zero_ce - sae_ce) / gap if gap else float("nan"),
+        "delta_lm_loss": sae_ce - clean_ce,
+        "kl": kl / n,
+        "tokens": n,
+    }

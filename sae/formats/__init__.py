@@ -41,14 +41,22 @@ from sae.hub import resolve_sae_path
 
 NATIVE = "sae"
 FORMATS = (NATIVE, saelens.NAME, sparsify.NAME)
-EXPECTED = (f"{CONFIG_FILE} with {WEIGHTS_FILE} (this framework, SAELens) or with {sparsify.WEIGHTS_FILE} "
-            "(sparsify)")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+EXPECTED = (
+    f"{CONFIG_FILE} with {WEIGHTS_FILE} (this framework, SAELens) or with {sparsify.WEIGHTS_FILE} "
+    "(sparsify)"
+)
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def is_sae_folder(folder: Path) -> bool:
     return (folder / CONFIG_FILE).is_file() and any(
-        (folder / w).is_file() for w in (WEIGHTS_FILE, sparsify.WEIGHTS_FILE))
+        (folder / w).is_file() for w in (WEIGHTS_FILE, sparsify.WEIGHTS_FILE)
+    )
 
 
 def format_of(folder: Path, cfg: dict) -> str:
@@ -71,20 +79,29 @@ def read_sae(folder: str | Path) -> StoredSAE:
     if fmt == sparsify.NAME:
         return sparsify.read(folder, cfg)
     if cfg.get("architecture") not in ARCHITECTURES:
-        raise ConfigError(f"{folder / CONFIG_FILE}: architecture {cfg.get('architecture')!r} is not one of "
-                          f"{', '.join(ARCHITECTURES)}")
-    return StoredSAE(cfg, read_tensors(folder / WEIGHTS_FILE), folder, NATIVE, folder / WEIGHTS_FILE)
+        raise ConfigError(
+            f"{folder / CONFIG_FILE}: architecture {cfg.get('architecture')!r} is not one of "
+            f"{', '.join(ARCHITECTURES)}"
+        )
+    return StoredSAE(
+        cfg, read_tensors(folder / WEIGHTS_FILE), folder, NATIVE, folder / WEIGHTS_FILE
+    )
 
 
-def build_sae(stored: StoredSAE, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
+def build_sae(
+    stored: StoredSAE, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> SparseAutoencoder:
     """The module ``stored`` describes, as ``dtype`` on ``device``."""
     check_dtype(dtype, torch.device(device))
     cls = ARCHITECTURES[stored.cfg["architecture"]]
-    return cls.from_stored(stored.cfg, stored.tensors, str(stored.weights), device=device, dtype=dtype)
+    return cls.from_stored(
+        stored.cfg, stored.tensors, str(stored.weights), device=device, dtype=dtype
+    )
 
 
-def load_sae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> SparseAutoencoder:
+def load_sae(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> SparseAutoencoder:
     """The SAE at ``path``: an SAE folder in any format, a run folder holding one SAE, or a
     hub repo id with a subfolder (``EleutherAI/sae-llama-3-8b-32x/layers.10``)."""
     return build_sae(read_sae(find_sae_folder(path)), device, dtype)
@@ -93,12 +110,18 @@ def load_sae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
     """One line if ``dtype`` cannot run on ``device``."""
     if dtype not in _DTYPES.values():
-        raise ConfigError(f"SAE dtype {dtype_label(dtype)} is not supported; use one of {', '.join(_DTYPES)}")
+        raise ConfigError(
+            f"SAE dtype {dtype_label(dtype)} is not supported; use one of {', '.join(_DTYPES)}"
+        )
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"SAE dtype bfloat16 is not supported on {torch.cuda.get_device_name(device)}; "
-                          "use float32 or float16")
+        raise ConfigError(
+            f"SAE dtype bfloat16 is not supported on {torch.cuda.get_device_name(device)}; "
+            "use float32 or float16"
+        )
     if device.type == "mps" and dtype == torch.float64:
-        raise ConfigError("SAE dtype float64 is not supported on Apple MPS; use float32, float16 or bfloat16")
+        raise ConfigError(
+            "SAE dtype float64 is not supported on Apple MPS; use float32, float16 or bfloat16"
+        )
 
 
 def dtype_label(dtype: torch.dtype) -> str:
@@ -120,7 +143,9 @@ def sae_folders(root: Path) -> dict[str, Path]:
     found = {}
     for cfg in sorted(root.rglob(CONFIG_FILE)):
         rel = cfg.parent.relative_to(root)
-        if any(part == "state" or part.startswith(".") for part in rel.parts) or not is_sae_folder(cfg.parent):
+        if any(part == "state" or part.startswith(".") for part in rel.parts) or not is_sae_folder(
+            cfg.parent
+        ):
             continue
         found[rel.as_posix()] = cfg.parent
     return found
@@ -131,15 +156,21 @@ def find_sae_folder(path: str | Path) -> Path:
     repo id with a subfolder is downloaded first)."""
     path = resolve_sae_path(path)
     if not path.is_dir():
-        raise ConfigError(f"SAE: {str(path)!r} does not exist; give an SAE folder, a run folder or a hub repo id "
-                          "with a subfolder (org/repo/subfolder)")
+        raise ConfigError(
+            f"SAE: {str(path)!r} does not exist; give an SAE folder, a run folder or a hub repo id "
+            "with a subfolder (org/repo/subfolder)"
+        )
     found = sae_folders(path)
     if not found:
-        raise ConfigError(f"SAE: no SAE in {str(path)!r}; expected {EXPECTED}, in it or in a sub-folder")
+        raise ConfigError(
+            f"SAE: no SAE in {str(path)!r}; expected {EXPECTED}, in it or in a sub-folder"
+        )
     if len(found) > 1:
         names = ", ".join(found)
-        raise ConfigError(f"SAE: {str(path)!r} holds {len(found)} SAEs ({names}); name one, e.g. "
-                          f"{path / next(iter(found))}")
+        raise ConfigError(
+            f"SAE: {str(path)!r} holds {len(found)} SAEs ({names}); name one, e.g. "
+            f"{path / next(iter(found))}"
+        )
     return next(iter(found.values()))
 
 
@@ -155,8 +186,14 @@ def write_sae(stored: StoredSAE, folder: Path, fmt: str) -> None:
         raise ConfigError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
-def convert(src: str | Path, dst: Path, fmt: str, hook: str | None = None, overwrite: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, Path]:
+def convert(
+    src: str | Path,
+    dst: Path,
+    fmt: str,
+    hook: str | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
     """Rewrite the SAE (or every SAE of the run) at ``src`` in format ``fmt`` under ``dst``.
 
     One SAE goes to ``dst`` itself; a run's SAEs keep their sub-folder names. sparsify names
@@ -168,10 +205,14 @@ def convert(src: str | Path, dst: Path, fmt: str, hook: str | None = None, overw
     src_path = resolve_sae_path(src)
     found = sae_folders(src_path) if src_path.is_dir() else {}
     if not found:
-        raise ConfigError(f"SRC: no SAE in {str(src)!r}; expected {EXPECTED}, in it or in a sub-folder")
+        raise ConfigError(
+            f"SRC: no SAE in {str(src)!r}; expected {EXPECTED}, in it or in a sub-folder"
+        )
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise ConfigError(f"DST: {str(dst)!r} exists and is not empty; choose a new folder or pass --overwrite")
+        raise ConfigError(
+            f"DST: {str(dst)!r} exists and is not empty; choose a new folder or pass --overwrite"
+        )
     stored = {name: read_sae(folder) for name, folder in found.items()}
     if hook:
         for s in stored.values():
@@ -181,19 +222,25 @@ def convert(src: str | Path, dst: Path, fmt: str, hook: str | None = None, overw
         clash = sorted({t for t in targets.values() if list(targets.values()).count(t) > 1})
         if clash:
             names = ", ".join(n for n, t in targets.items() if t == clash[0])
-            raise ConfigError(f"sparsify holds one SAE per hook point, and {names} all read {clash[0]}; "
-                              "convert them one at a time")
+            raise ConfigError(
+                f"sparsify holds one SAE per hook point, and {names} all read {clash[0]}; "
+                "convert them one at a time"
+            )
         out = {name: dst / t for name, t in targets.items()}
     else:
         out = {name: dst if name == "." else dst / name for name in stored}
-    for s in stored.values():   # whatever the format cannot hold is refused before anything is written
+    for (
+        s
+    ) in stored.values():  # whatever the format cannot hold is refused before anything is written
         if fmt == saelens.NAME:
             saelens.saelens_cfg(s.cfg)
         elif fmt == sparsify.NAME:
             sparsify.sparsify_cfg(s.cfg)
     for name, s in stored.items():
         write_sae(s, out[name], fmt)
-        log(f"{s.folder} ({s.format}, {s.cfg['architecture']}, hook {s.hook or '?'}) -> {out[name]} ({fmt})")
+        log(
+            f"{s.folder} ({s.format}, {s.cfg['architecture']}, hook {s.hook or '?'}) -> {out[name]} ({fmt})"
+        )
     if fmt == sparsify.NAME:
         first = next(iter(stored.values()))
         doc = sparsify.run_config(first, sorted(p.name for p in out.values()))
@@ -201,5 +248,14 @@ def convert(src: str | Path, dst: Path, fmt: str, hook: str | None = None, overw
     return out
 
 
-__all__ = ["FORMATS", "StoredSAE", "build_sae", "convert", "find_sae_folder", "load_sae", "read_sae", "sae_folders",
-           "write_sae"]
+__all__ = [
+    "FORMATS",
+    "StoredSAE",
+    "build_sae",
+    "convert",
+    "find_sae_folder",
+    "load_sae",
+    "read_sae",
+    "sae_folders",
+    "write_sae",
+]

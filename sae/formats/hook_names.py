@@ -22,20 +22,32 @@ from __future__ import annotations
 import re
 
 # TransformerLens hook -> the suffix of ours ("" for the layer's own output)
-_TL_TO_OURS = {"hook_resid_post": "", "hook_resid_pre": ".resid_pre", "hook_mlp_out": ".mlp",
-               "hook_attn_out": ".attn"}
-_OURS_TO_TL = {"": "hook_resid_post", "resid_pre": "hook_resid_pre", "mlp": "hook_mlp_out",
-               "attn": "hook_attn_out", "self_attn": "hook_attn_out", "attention": "hook_attn_out",
-               "self_attention": "hook_attn_out"}
+_TL_TO_OURS = {
+    "hook_resid_post": "",
+    "hook_resid_pre": ".resid_pre",
+    "hook_mlp_out": ".mlp",
+    "hook_attn_out": ".attn",
+}
+_OURS_TO_TL = {
+    "": "hook_resid_post",
+    "resid_pre": "hook_resid_pre",
+    "mlp": "hook_mlp_out",
+    "attn": "hook_attn_out",
+    "self_attn": "hook_attn_out",
+    "attention": "hook_attn_out",
+    "self_attention": "hook_attn_out",
+}
 # What decoder-layer lists are called in Hugging Face models, as a module path from the
 # model or its base model: layers (Llama, Mistral, Qwen, Gemma, NeoX), h (GPT-2), blocks.
 _LAYER_LIST = r"(?:(?:model|transformer|gpt_neox|base_model)\.)*(?:layers|h|blocks|decoder\.layers)"
 _MODULE_PATH = re.compile(rf"{_LAYER_LIST}\.(0|[1-9][0-9]*)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
 _TL = re.compile(r"blocks\.(0|[1-9][0-9]*)\.(hook_[a-z_]+)")
 
-SUPPORTED = ("layers.N[.resid_pre|.mlp|.attn|.<sub-module>] (ours), "
-             "blocks.N.hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out (SAELens), "
-             "layers.N / h.N / model.layers.N[.<sub-module>] (sparsify, Hugging Face modules)")
+SUPPORTED = (
+    "layers.N[.resid_pre|.mlp|.attn|.<sub-module>] (ours), "
+    "blocks.N.hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out (SAELens), "
+    "layers.N / h.N / model.layers.N[.<sub-module>] (sparsify, Hugging Face modules)"
+)
 
 
 def to_ours(name: str | None) -> str | None:
@@ -46,7 +58,7 @@ def to_ours(name: str | None) -> str | None:
     if m:
         suffix = _TL_TO_OURS.get(m.group(2))
         return None if suffix is None else f"layers.{m.group(1)}{suffix}"
-    if re.fullmatch(r"(?:model\.)?embed_tokens", name):   # the embedding's output enters layer 0
+    if re.fullmatch(r"(?:model\.)?embed_tokens", name):  # the embedding's output enters layer 0
         return "layers.0.resid_pre"
     m = _MODULE_PATH.fullmatch(name)
     if m and ".hook_" not in name:  # other TransformerLens hooks (hook_z, ...) have no module

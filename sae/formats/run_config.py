@@ -25,7 +25,12 @@ def analysis_config(stored: StoredSAE, overrides: Iterable[str] = ()) -> RunConf
     if run_config is not None:
         return saved_config(run_config, overrides)
     meta = stored.metadata
-    keys = {"model_name": "model.name_or_path", "dataset_path": "data.dataset", "dataset_split": "data.split",
-            "text_column": "data.text_column", "context_size": "data.context_tokens"}
+    keys = {
+        "model_name": "model.name_or_path",
+        "dataset_path": "data.dataset",
+        "dataset_split": "data.split",
+        "text_column": "data.text_column",
+        "context_size": "data.context_tokens",
+    }
     base = [f"{key}={meta[field]}" for field, key in keys.items() if meta.get(field)]
     return load_config(None, [*base, *overrides])

@@ -55,44 +55,79 @@ SCALER_FILE = "activation_scaler.json"
 TO_OURS = {theirs: ours for ours, cls in ARCHITECTURES.items() for theirs in cls.saelens_reads}
 FROM_OURS = {ours: cls.saelens_writes for ours, cls in ARCHITECTURES.items() if cls.saelens_writes}
 # the keys that decide what a file computes: a carried-along sae_cfg is trusted only if it agrees
-_CORE = ("architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input", "normalize_activations",
-         "rescale_acts_by_decoder_norm", "reshape_activations")
-_NORMALIZE = {None: "none", False: "none", True: "expected_average_only_in", "none": "none",
-              "expected_average_only_in": "expected_average_only_in"}
+_CORE = (
+    "architecture",
+    "d_in",
+    "d_sae",
+    "k",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "rescale_acts_by_decoder_norm",
+    "reshape_activations",
+)
+_NORMALIZE = {
+    None: "none",
+    False: "none",
+    True: "expected_average_only_in",
+    "none": "none",
+    "expected_average_only_in": "expected_average_only_in",
+}
 
 
 def saelens_cfg(native: dict) -> dict:
     """The SAELens cfg.json for an SAE whose cfg.json in our format is ``native``."""
     arch = FROM_OURS.get(native["architecture"])
     if arch is None:
-        raise ConfigError(f"architecture {native['architecture']!r} has no SAELens equivalent; "
-                          f"these do: {', '.join(FROM_OURS)}")
+        raise ConfigError(
+            f"architecture {native['architecture']!r} has no SAELens equivalent; "
+            f"these do: {', '.join(FROM_OURS)}"
+        )
     meta = native.get("metadata") or {}
     hook = meta.get("hook_name")
     # a hook with no name of ours (read from a SAELens file) goes back under its own name
     their_hook = to_transformer_lens(hook) if hook else (meta.get("source") or {}).get("hook_name")
-    cfg = {"architecture": arch, "d_in": native["d_in"], "d_sae": native["num_latents"], "dtype": native["dtype"],
-           "device": "cpu", "apply_b_dec_to_input": bool(native["apply_b_dec_to_input"]),
-           "normalize_activations": "none", "reshape_activations": "none"}
+    cfg = {
+        "architecture": arch,
+        "d_in": native["d_in"],
+        "d_sae": native["num_latents"],
+        "dtype": native["dtype"],
+        "device": "cpu",
+        "apply_b_dec_to_input": bool(native["apply_b_dec_to_input"]),
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
     cfg.update(ARCHITECTURES[native["architecture"]].saelens_fields(native))
     cfg["metadata"] = {
-        "model_name": meta.get("model_name"), "hook_name": their_hook,
-        "hook_head_index": None, "context_size": meta.get("context_size"), "prepend_bos": True,
+        "model_name": meta.get("model_name"),
+        "hook_name": their_hook,
+        "hook_head_index": None,
+        "context_size": meta.get("context_size"),
+        "prepend_bos": True,
         "dataset_path": meta.get("dataset_path"),
         # SAELens reads configs without a version >= 6 as old flat ones and would drop this block
-        "sae_lens_version": "6.0.0", "sae_cfg": native}
+        "sae_lens_version": "6.0.0",
+        "sae_cfg": native,
+    }
     return cfg
 
 
 def write(stored: StoredSAE, folder: Path) -> None:
     cfg = saelens_cfg(stored.cfg)
-    names = ("W_enc", "W_dec", "b_enc", "b_dec", *(("threshold",) if cfg["architecture"] == "jumprelu" else ()))
-    write_sae_folder(folder, {CONFIG_FILE: cfg}, {WEIGHTS_FILE: {n: stored.tensors[n] for n in names}})
+    names = (
+        "W_enc",
+        "W_dec",
+        "b_enc",
+        "b_dec",
+        *(("threshold",) if cfg["architecture"] == "jumprelu" else ()),
+    )
+    write_sae_folder(
+        folder, {CONFIG_FILE: cfg}, {WEIGHTS_FILE: {n: stored.tensors[n] for n in names}}
+    )
 
 
 def read(folder: Path, cfg: dict) -> StoredSAE:
     where = folder / CONFIG_FILE
-    meta = cfg.get("metadata") or cfg.get("meta") or {}   # "meta" in 6.0 release candidates
+    meta = cfg.get("metadata") or cfg.get("meta") or {}  # "meta" in 6.0 release candidates
 
     def field(key):  # metadata block (>= 6.0) or top level (older files)
         return meta[key] if key in meta else cfg.get(key)
@@ -102,20 +137,30 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
     if arch == "standard" and act == "topk":
         arch = "topk"
     elif act not in (None, "relu", "topk"):
-        raise ConfigError(f"{where}: activation function {act!r} is not supported; SAEs with relu or topk are")
+        raise ConfigError(
+            f"{where}: activation function {act!r} is not supported; SAEs with relu or topk are"
+        )
     if arch not in TO_OURS:
-        raise ConfigError(f"{where}: architecture {arch!r} is not supported; SAELens SAEs of architecture "
-                          f"{', '.join(sorted(TO_OURS))} are")
+        raise ConfigError(
+            f"{where}: architecture {arch!r} is not supported; SAELens SAEs of architecture "
+            f"{', '.join(sorted(TO_OURS))} are"
+        )
     if cfg.get("reshape_activations") not in (None, "none") or field("hook_head_index") is not None:
-        raise ConfigError(f"{where}: per-head (hook_z) SAEs are not supported; residual, MLP and attention "
-                          "output SAEs are")
+        raise ConfigError(
+            f"{where}: per-head (hook_z) SAEs are not supported; residual, MLP and attention "
+            "output SAEs are"
+        )
     norm = cfg.get("normalize_activations", "none")
     if norm not in _NORMALIZE:
-        raise ConfigError(f"{where}: normalize_activations {norm!r} (a per-token normalisation) is not supported; "
-                          "none and expected_average_only_in are")
+        raise ConfigError(
+            f"{where}: normalize_activations {norm!r} (a per-token normalisation) is not supported; "
+            "none and expected_average_only_in are"
+        )
     missing = [k for k in ("d_in", "d_sae") if not isinstance(cfg.get(k), int)]
     if missing:
-        raise ConfigError(f"{where}: no integer {', '.join(missing)}; not a complete SAELens config")
+        raise ConfigError(
+            f"{where}: no integer {', '.join(missing)}; not a complete SAELens config"
+        )
     d, M = cfg["d_in"], cfg["d_sae"]
 
     weights = folder / WEIGHTS_FILE
@@ -126,21 +171,38 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
     for name, shape in shapes.items():
         got = tuple(file_tensors[name].shape) if name in file_tensors else None
         if got != shape:
-            raise ConfigError(f"{weights}: {name} has shape {got}, cfg.json says {shape} (d_in {d}, d_sae {M})")
+            raise ConfigError(
+                f"{weights}: {name} has shape {got}, cfg.json says {shape} (d_in {d}, d_sae {M})"
+            )
     tensors = {name: file_tensors[name] for name in shapes}
 
-    folded = _fold(tensors, file_tensors.get("scaling_factor"), arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"),
-                   _input_scale(folder, _NORMALIZE[norm]))
+    folded = _fold(
+        tensors,
+        file_tensors.get("scaling_factor"),
+        arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"),
+        _input_scale(folder, _NORMALIZE[norm]),
+    )
     cls = ARCHITECTURES[TO_OURS[arch]]
-    settings = sae_config(cls.Config.architecture, num_latents=M, **cls.fields_from_saelens(cfg, str(where)))
-    native = {**stored_settings(settings, d), "d_sae": M,
-              "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
-              "dtype": dtype_name(tensors["W_dec"].dtype),
-              "metadata": imported_metadata(NAME, field("hook_name"), to_ours(field("hook_name")), field("model_name"),
-                                            field("dataset_path"), field("context_size"))}
+    settings = sae_config(
+        cls.Config.architecture, num_latents=M, **cls.fields_from_saelens(cfg, str(where))
+    )
+    native = {
+        **stored_settings(settings, d),
+        "d_sae": M,
+        "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
+        "dtype": dtype_name(tensors["W_dec"].dtype),
+        "metadata": imported_metadata(
+            NAME,
+            field("hook_name"),
+            to_ours(field("hook_name")),
+            field("model_name"),
+            field("dataset_path"),
+            field("context_size"),
+        ),
+    }
     carried = meta.get("sae_cfg")
     if isinstance(carried, dict) and not folded and _agrees(carried, cfg):
-        native = carried   # a file we wrote: restore our cfg exactly
+        native = carried  # a file we wrote: restore our cfg exactly
     return StoredSAE(native, tensors, folder, NAME, weights)
 
 
@@ -158,10 +220,12 @@ def _input_scale(folder: Path, norm: str) -> float | None:
         return None
     path = folder / SCALER_FILE
     if not path.is_file():
-        raise ConfigError(f"{folder / CONFIG_FILE}: normalize_activations is expected_average_only_in, but the "
-                          f"scale it needs is not stored ({SCALER_FILE} with scaling_factor is missing)")
+        raise ConfigError(
+            f"{folder / CONFIG_FILE}: normalize_activations is expected_average_only_in, but the "
+            f"scale it needs is not stored ({SCALER_FILE} with scaling_factor is missing)"
+        )
     s = read_json(path).get("scaling_factor")
-    if s is None:   # SAELens writes null when it never scaled the inputs
+    if s is None:  # SAELens writes null when it never scaled the inputs
         return None
     if not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
         raise ConfigError(f"{path}: scaling_factor {s!r} is not a positive number")
@@ -169,21 +233,28 @@ def _input_scale(folder: Path, norm: str) -> float | None:
 
 
 @torch.no_grad()
-def _fold(t: dict[str, torch.Tensor], scaling_factor: torch.Tensor | None, rescale_by_decoder_norm: bool,
-          input_scale: float | None) -> bool:
+def _fold(
+    t: dict[str, torch.Tensor],
+    scaling_factor: torch.Tensor | None,
+    rescale_by_decoder_norm: bool,
+    input_scale: float | None,
+) -> bool:
     """Fold SAELens's extra scalings into W_enc, b_enc, W_dec, b_dec (in float32); True if any."""
-    todo = (scaling_factor is not None and not torch.all(scaling_factor == 1)) or rescale_by_decoder_norm \
+    todo = (
+        (scaling_factor is not None and not torch.all(scaling_factor == 1))
+        or rescale_by_decoder_norm
         or input_scale is not None
+    )
     if not todo:
         return False
     for name in list(t):
         t[name] = t[name].float()
-    if scaling_factor is not None:      # z * sf decoded by W_dec == z decoded by sf[:, None] * W_dec
+    if scaling_factor is not None:  # z * sf decoded by W_dec == z decoded by sf[:, None] * W_dec
         t["W_dec"] = t["W_dec"] * scaling_factor.float()[:, None]
-    if rescale_by_decoder_norm:         # latents measured along unit decoder rows
+    if rescale_by_decoder_norm:  # latents measured along unit decoder rows
         n = t["W_dec"].norm(dim=1)
         t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n, t["b_enc"] * n, t["W_dec"] / n[:, None]
-    if input_scale is not None:         # the SAE read x * s and reconstructed x * s
+    if input_scale is not None:  # the SAE read x * s and reconstructed x * s
         s = input_scale
         t["W_enc"], t["W_dec"], t["b_dec"] = t["W_enc"] * s, t["W_dec"] / s, t["b_dec"] / s
     return True

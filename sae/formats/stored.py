@@ -42,9 +42,22 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def imported_metadata(fmt: str, their_hook: str | None, our_hook: str | None, model: str | None,
-                      dataset: str | None, context_size: int | None, **more) -> dict:
+def imported_metadata(
+    fmt: str,
+    their_hook: str | None,
+    our_hook: str | None,
+    model: str | None,
+    dataset: str | None,
+    context_size: int | None,
+    **more,
+) -> dict:
     """Our metadata block for an SAE read from another format; ``source`` keeps their hook name."""
-    meta = {"model_name": model, "hook_name": our_hook, "context_size": context_size, "dataset_path": dataset,
-            **more, "source": {"format": fmt, "hook_name": their_hook}}
+    meta = {
+        "model_name": model,
+        "hook_name": our_hook,
+        "context_size": context_size,
+        "dataset_path": dataset,
+        **more,
+        "source": {"format": fmt, "hook_name": their_hook},
+    }
     return {k: v for k, v in meta.items() if v is not None}

@@ -53,9 +53,16 @@ class Attribution:
         return self.features.argsort(descending=direction == "up").tolist()
 
 
-def attribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: SparseAutoencoder, hook: str,
-              prompts: Sequence[str], metric: Metric, progress: bool = True, fmt: PromptFormat = PLAIN
-              ) -> Attribution:
+def attribute(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sae: SparseAutoencoder,
+    hook: str,
+    prompts: Sequence[str],
+    metric: Metric,
+    progress: bool = True,
+    fmt: PromptFormat = PLAIN,
+) -> Attribution:
     """Activation x gradient attribution of ``metric`` to every feature (module docstring).
     ``fmt``: plain prompts, or chat prompts (the metric is then on the reply's first token)."""
     if not prompts:
@@ -76,44 +83,78 @@ def attribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: S
         z.requires_grad_(True)
         err.requires_grad_(True)
         leaves["z"], leaves["err"] = z, err
-        spliced = torch.where(leaves["special"], x, sae.decode(z) + err)  # special rows: no path to z, err
+        spliced = torch.where(
+            leaves["special"], x, sae.decode(z) + err
+        )  # special rows: no path to z, err
         return spliced.to(h.dtype).view(h.shape)
 
     for i, p in enumerate(tqdm(prompts, desc="attribution", disable=not progress)):
         row = fmt.prompt_ids(tokenizer, p)
         check_fits(row, model, p)
         ids = torch.tensor([row], device=device)
-        leaves["special"] = torch.isin(ids, special).reshape(-1, 1)   # [T, 1]
+        leaves["special"] = torch.isin(ids, special).reshape(-1, 1)  # [T, 1]
         handle = attach(point, splice)
         try:
             with torch.enable_grad():
                 logits = model(input_ids=ids, use_cache=False).logits[:, -1]
-                m = metric.fn(at_least_fp32(logits))[0]  # the tensor, not metric()'s float: it is differentiated
+                m = metric.fn(at_least_fp32(logits))[
+                    0
+                ]  # the tensor, not metric()'s float: it is differentiated
                 gz, ge = torch.autograd.grad(m, [leaves["z"], leaves["err"]])
         finally:
             handle.remove()
         per_prompt[i] = (leaves["z"].detach() * gz).sum(0).double().cpu()
         error_total += float((leaves["err"].detach() * ge).sum())
         metric_total += float(m.detach())
-    return Attribution(features=per_prompt.sum(0), error=error_total, metric=metric_total, per_prompt=per_prompt,
-                       prompts=len(prompts))
+    return Attribution(
+        features=per_prompt.sum(0),
+        error=error_total,
+        metric=metric_total,
+        per_prompt=per_prompt,
+        prompts=len(prompts),
+    )
 
 
-def attribution_listing(target: Target, prompts: Sequence[str], answer: str | None, wrong: str | None = None,
-                        top: int = 20, fmt: PromptFormat = PLAIN, top_tokens: int | None = TOP_TOKENS_SCAN,
-                        log: Callable[[str], None] = print) -> dict:
+def attribution_listing(
+    target: Target,
+    prompts: Sequence[str],
+    answer: str | None,
+    wrong: str | None = None,
+    top: int = 20,
+    fmt: PromptFormat = PLAIN,
+    top_tokens: int | None = TOP_TOKENS_SCAN,
+    log: Callable[[str], None] = print,
+) -> dict:
     """``attribute`` the metric of ``answer`` (and ``wrong``; ``answer_metric``) at the end
     of each prompt to ``target``'s features, as {"prompts", "metric_mean", "error_term",
     "features_total", "pushes_up", "pushes_down"}: the last two list the ``top`` features
     pushing the metric each way, as {"feature", "attribution", "top_tokens"} (no
     "top_tokens" when ``top_tokens`` is None; ``listed_top_tokens``)."""
     if answer is None:
-        raise ConfigError("--answer: required; the token whose probability the features are ranked by")
-    result = attribute(target.model, target.tokenizer, target.sae, target.hook, prompts,
-                       answer_metric(target.tokenizer, answer, wrong), fmt=fmt)
+        raise ConfigError(
+            "--answer: required; the token whose probability the features are ranked by"
+        )
+    result = attribute(
+        target.model,
+        target.tokenizer,
+        target.sae,
+        target.hook,
+        prompts,
+        answer_metric(target.tokenizer, answer, wrong),
+        fmt=fmt,
+    )
     ranked = {d: result.ranking(d)[:top] for d in ("up", "down")}
     tokens = listed_top_tokens(target, ranked["up"] + ranked["down"], top_tokens, log)
-    return {"prompts": result.prompts, "metric_mean": result.metric / result.prompts, "error_term": result.error,
-            "features_total": float(result.features.sum()),
-            **{f"pushes_{d}": [with_top_tokens({"feature": f, "attribution": float(result.features[f])}, tokens)
-                               for f in ranked[d]] for d in ranked}}
+    return {
+        "prompts": result.prompts,
+        "metric_mean": result.metric / result.prompts,
+        "error_term": result.error,
+        "features_total": float(result.features.sum()),
+        **{
+            f"pushes_{d}": [
+                with_top_tokens({"feature": f, "attribution": float(result.features[f])}, tokens)
+                for f in ranked[d]
+            ]
+            for d in ranked
+        },
+    }

@@ -18,16 +18,27 @@ from sae.interventions.edits import Edit, FeatureEdit, intervene
 from sae.models.generation import Sampling, continuations
 
 
-def compare_continuations(target: Target, prompts: Sequence[str], edits: Sequence[FeatureEdit], samples: int = 1,
-                          sampling: Sampling = Sampling(), fmt: PromptFormat = PLAIN,
-                          progress: bool = True) -> list[dict]:
+def compare_continuations(
+    target: Target,
+    prompts: Sequence[str],
+    edits: Sequence[FeatureEdit],
+    samples: int = 1,
+    sampling: Sampling = Sampling(),
+    fmt: PromptFormat = PLAIN,
+    progress: bool = True,
+) -> list[dict]:
     """Per prompt, {"prompt", "baseline": [samples texts], "intervened": [samples texts]}:
     continuations by ``target``'s model as it is and with ``edits`` at the SAE's hook
     (checked against the SAE before anything runs)."""
     edit = Edit(target.sae, target.hook, list(edits))
     edit.check()
-    base = continuations(target.model, target.tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt)
+    base = continuations(
+        target.model, target.tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt
+    )
     with intervene(target.model, [edit], special_token_ids(target.tokenizer)):
-        changed = continuations(target.model, target.tokenizer, prompts, samples, sampling, progress=progress,
-                                fmt=fmt)
-    return [{"prompt": p, "baseline": b, "intervened": c} for p, b, c in zip(prompts, base, changed)]
+        changed = continuations(
+            target.model, target.tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt
+        )
+    return [
+        {"prompt": p, "baseline": b, "intervened": c} for p, b, c in zip(prompts, base, changed)
+    ]

@@ -106,14 +106,25 @@ class Edit:
     def check(self) -> None:
         M = self.sae.cfg.num_latents
         for e in self.edits:
-            feats = e.features if isinstance(e, (Ablate, Clamp, Scale)) else \
-                ((e.feature,) if isinstance(e, Steer) and e.feature is not None else ())
+            feats = (
+                e.features
+                if isinstance(e, (Ablate, Clamp, Scale))
+                else ((e.feature,) if isinstance(e, Steer) and e.feature is not None else ())
+            )
             for f in feats:
                 if not 0 <= f < M:
-                    raise ConfigError(f"feature {f} is out of range; the SAE at {self.hook} has features 0..{M - 1}")
-            if isinstance(e, Steer) and e.direction is not None and e.direction.shape != (self.sae.d_in,):
-                raise ConfigError(f"steering direction has shape {tuple(e.direction.shape)}; the SAE at {self.hook} "
-                                  f"needs ({self.sae.d_in},)")
+                    raise ConfigError(
+                        f"feature {f} is out of range; the SAE at {self.hook} has features 0..{M - 1}"
+                    )
+            if (
+                isinstance(e, Steer)
+                and e.direction is not None
+                and e.direction.shape != (self.sae.d_in,)
+            ):
+                raise ConfigError(
+                    f"steering direction has shape {tuple(e.direction.shape)}; the SAE at {self.hook} "
+                    f"needs ({self.sae.d_in},)"
+                )
             if isinstance(e, Steer) and (e.feature is None) == (e.direction is None):
                 raise ConfigError("Steer: give a feature or a direction, not both or neither")
 
@@ -123,7 +134,7 @@ class Edit:
         x = h.reshape(-1, h.shape[-1]).to(sae.W_dec.dtype)
         W = sae.W_dec
         needs_z = any(not isinstance(e, Steer) for e in self.edits)
-        z = sae.encode(x) if needs_z else None                    # [n, M]
+        z = sae.encode(x) if needs_z else None  # [n, M]
         out = x.float()
         for e in self.edits:  # a reconstruction replaces the base that the other edits change
             if isinstance(e, Reconstruct):
@@ -135,7 +146,7 @@ class Edit:
                 out = out + e.alpha * d.float()
             elif not isinstance(e, Reconstruct):
                 fs = list(e.features)
-                zf = z[:, fs].float()                              # [n, F]
+                zf = z[:, fs].float()  # [n, F]
                 if isinstance(e, Ablate):
                     change = -zf
                 elif isinstance(e, Clamp):
@@ -146,17 +157,26 @@ class Edit:
         return out.to(h.dtype).view(h.shape)
 
 
-def parse_feature_edits(ablate: str | None = None, clamp: Sequence[str] = (), scale: Sequence[str] = (),
-                        steer: Sequence[str] = ()) -> list[FeatureEdit]:
+def parse_feature_edits(
+    ablate: str | None = None,
+    clamp: Sequence[str] = (),
+    scale: Sequence[str] = (),
+    steer: Sequence[str] = (),
+) -> list[FeatureEdit]:
     """Edits from command-line text: ``--ablate 12,345``, ``--clamp 7:10``, ``--scale 7:0.5``,
     ``--steer 99:+8`` (each but --ablate repeatable; FEATURE:NUMBER)."""
     edits: list[FeatureEdit] = []
     if ablate:
         if not re.fullmatch(r"\d+(,\d+)*", ablate.replace(" ", "")):
-            raise ConfigError(f"--ablate: {ablate!r} is not a list of feature numbers; e.g. --ablate 12,345")
+            raise ConfigError(
+                f"--ablate: {ablate!r} is not a list of feature numbers; e.g. --ablate 12,345"
+            )
         edits.append(Ablate([int(f) for f in ablate.replace(" ", "").split(",")]))
-    for option, items, make in (("--clamp", clamp, Clamp), ("--scale", scale, Scale),
-                                ("--steer", steer, lambda f, v: Steer(f, v))):
+    for option, items, make in (
+        ("--clamp", clamp, Clamp),
+        ("--scale", scale, Scale),
+        ("--steer", steer, lambda f, v: Steer(f, v)),
+    ):
         for item in items:
             m = re.fullmatch(r"\s*(\d+)\s*:\s*([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)\s*", item)
             if m is None:
@@ -166,15 +186,20 @@ def parse_feature_edits(ablate: str | None = None, clamp: Sequence[str] = (), sc
 
 
 @contextlib.contextmanager
-def intervene(model: nn.Module, edits: Sequence[Edit], skip_tokens: torch.Tensor | None = None) -> Iterator[None]:
+def intervene(
+    model: nn.Module, edits: Sequence[Edit], skip_tokens: torch.Tensor | None = None
+) -> Iterator[None]:
     """Apply ``edits`` in every forward of ``model`` while the context is open, except at
     positions holding one of ``skip_tokens`` (LongTensor of ids; module docstring)."""
     handles = []
     keep: dict[str, torch.Tensor | None] = {"rows": None}  # this context's current forward only
     try:
         if skip_tokens is not None and any(e.edits for e in edits):
-            handles.append(model.register_forward_pre_hook(functools.partial(_track_ids, keep, skip_tokens),
-                                                           with_kwargs=True))
+            handles.append(
+                model.register_forward_pre_hook(
+                    functools.partial(_track_ids, keep, skip_tokens), with_kwargs=True
+                )
+            )
         for e in edits:
             e.check()
             if not e.edits:
@@ -190,7 +215,7 @@ def intervene(model: nn.Module, edits: Sequence[Edit], skip_tokens: torch.Tensor
 def _track_ids(keep: dict, skip_tokens: torch.Tensor, _module, args, kwargs) -> None:
     """Model pre-hook: which positions of this forward's input_ids [B, T] may be edited."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    keep["rows"] = None if ids is None else ~torch.isin(ids, skip_tokens.to(ids.device))   # [B, T]
+    keep["rows"] = None if ids is None else ~torch.isin(ids, skip_tokens.to(ids.device))  # [B, T]
 
 
 def _edit_kept_rows(edit: Edit, keep: dict, h: torch.Tensor) -> torch.Tensor:

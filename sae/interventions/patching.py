@@ -67,6 +67,7 @@ def normalized_score(value, clean: float, corrupted: float):
 
 # ---- prompts, layers, projections -----------------------------------------------------------
 
+
 def prompt_ids(tokenizer, text: str | Sequence[int]) -> list[int]:
     """BOS + the text's tokens without special tokens (as the training contexts); a list of
     ids is taken as is."""
@@ -75,7 +76,9 @@ def prompt_ids(tokenizer, text: str | Sequence[int]) -> list[int]:
     return prompt_token_ids(tokenizer, text)
 
 
-def parse_layers(spec: str | Sequence[int] | None, n_layers: int, what: str = "--layers") -> list[int]:
+def parse_layers(
+    spec: str | Sequence[int] | None, n_layers: int, what: str = "--layers"
+) -> list[int]:
     """``None`` -> every layer; "0-3", "1,2", "0-1,3" or a list of ints -> those layers, sorted."""
     if spec is None:
         return list(range(n_layers))
@@ -97,7 +100,9 @@ def parse_layers(spec: str | Sequence[int] | None, n_layers: int, what: str = "-
         raise ConfigError(f"{what}: no layers given; {valid}")
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
-        raise ConfigError(f"{what}: layer {bad[0]} is out of range; this model has layers 0..{n_layers - 1}")
+        raise ConfigError(
+            f"{what}: layer {bad[0]} is out of range; this model has layers 0..{n_layers - 1}"
+        )
     return layers
 
 
@@ -118,11 +123,14 @@ def attention_output_projection(layer: nn.Module) -> tuple[str, nn.Module] | Non
 def num_heads(model: nn.Module) -> int:
     n = getattr(model.config, "num_attention_heads", None) or getattr(model.config, "n_head", None)
     if not n:
-        raise ConfigError(f"--mode head: {type(model).__name__}'s config names no num_attention_heads")
+        raise ConfigError(
+            f"--mode head: {type(model).__name__}'s config names no num_attention_heads"
+        )
     return int(n)
 
 
 # ---- patching ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Patch:
@@ -142,9 +150,9 @@ class PatchResult:
 
     mode: str
     metric: str
-    values: torch.Tensor            # [rows, columns] float64
-    rows: list[str]                 # "layers.N"
-    columns: list[str]              # "all positions", "p 'tok'" or "head h"
+    values: torch.Tensor  # [rows, columns] float64
+    rows: list[str]  # "layers.N"
+    columns: list[str]  # "all positions", "p 'tok'" or "head h"
     clean_metric: float
     corrupted_metric: float
     clean_tokens: list[str]
@@ -159,11 +167,18 @@ class PatchResult:
         def num(x: float):
             return None if not math.isfinite(x) else round(float(x), 6)
 
-        return {"mode": self.mode, "metric": self.metric, "clean_metric": num(self.clean_metric),
-                "corrupted_metric": num(self.corrupted_metric), "clean_tokens": self.clean_tokens,
-                "corrupted_tokens": self.corrupted_tokens, "rows": self.rows, "columns": self.columns,
-                "values": [[num(v) for v in row] for row in self.values.tolist()],
-                "normalized": [[num(v) for v in row] for row in self.normalized.tolist()]}
+        return {
+            "mode": self.mode,
+            "metric": self.metric,
+            "clean_metric": num(self.clean_metric),
+            "corrupted_metric": num(self.corrupted_metric),
+            "clean_tokens": self.clean_tokens,
+            "corrupted_tokens": self.corrupted_tokens,
+            "rows": self.rows,
+            "columns": self.columns,
+            "values": [[num(v) for v in row] for row in self.values.tolist()],
+            "normalized": [[num(v) for v in row] for row in self.normalized.tolist()],
+        }
 
     def table_text(self, normalized: bool = False) -> str:
         """The grid as a text table: rows are layers, columns numbered (a key line below
@@ -176,10 +191,13 @@ class PatchResult:
             key = ""
         else:
             head = f"{'':<{row_w}} " + " ".join(f"{i:>{width}}" for i in range(len(self.columns)))
-            key = "\ncolumns: " + "  ".join(f"{i}={c}" if not c.startswith(f"{i} ") else c
-                                            for i, c in enumerate(self.columns))
-        lines = [head] + [f"{r:<{row_w}} " + " ".join(f"{_fmt(v):>{width}}" for v in row)
-                          for r, row in zip(self.rows, grid.tolist())]
+            key = "\ncolumns: " + "  ".join(
+                f"{i}={c}" if not c.startswith(f"{i} ") else c for i, c in enumerate(self.columns)
+            )
+        lines = [head] + [
+            f"{r:<{row_w}} " + " ".join(f"{_fmt(v):>{width}}" for v in row)
+            for r, row in zip(self.rows, grid.tolist())
+        ]
         return "\n".join(lines) + key
 
     def heatmap_svg(self, cell: int = 34) -> str:
@@ -192,7 +210,10 @@ class PatchResult:
         else:
             shown, what = self.values - self.corrupted_metric, "patched - corrupted metric"
         finite = shown[torch.isfinite(shown)]
-        vmax = max(1.0 if shown is norm else 0.0, float(finite.abs().max()) if finite.numel() else 0.0) or 1.0
+        vmax = (
+            max(1.0 if shown is norm else 0.0, float(finite.abs().max()) if finite.numel() else 0.0)
+            or 1.0
+        )
         n_rows, n_cols = shown.shape
         label_w = 8 + 7 * max(len(r) for r in self.rows)
         top_h = 30 + 7 * min(28, max(len(c) for c in self.columns))
@@ -200,31 +221,47 @@ class PatchResult:
         grid_w, grid_h = n_cols * cell, n_rows * cell
         legend_y = top + grid_h + 30
         title = f"activation patching ({self.mode}): {self.metric}"
-        subtitle = (f"clean {self.clean_metric:.4g}, corrupted {self.corrupted_metric:.4g}"
-                    + (f"; columns: {self.column_title}" if self.column_title else ""))
-        width = round(max(left + grid_w + 20 + 4 * min(28, max(len(c) for c in self.columns)),
-                          20 + 8 * len(title), 20 + 7 * len(subtitle), left + 20 + 7 * len(what), 420))
+        subtitle = f"clean {self.clean_metric:.4g}, corrupted {self.corrupted_metric:.4g}" + (
+            f"; columns: {self.column_title}" if self.column_title else ""
+        )
+        width = round(
+            max(
+                left + grid_w + 20 + 4 * min(28, max(len(c) for c in self.columns)),
+                20 + 8 * len(title),
+                20 + 7 * len(subtitle),
+                left + 20 + 7 * len(what),
+                420,
+            )
+        )
         height = legend_y + 60
         esc = html.escape
-        out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-               f'viewBox="0 0 {width} {height}">',
-               f'<rect width="{width}" height="{height}" fill="white"/>',
-               f'<text x="10" y="18" {_font(13)} font-weight="bold">{esc(title)}</text>',
-               f'<text x="10" y="34" {_font()}>{esc(subtitle)}</text>']
+        out = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<text x="10" y="18" {_font(13)} font-weight="bold">{esc(title)}</text>',
+            f'<text x="10" y="34" {_font()}>{esc(subtitle)}</text>',
+        ]
         for c, name in enumerate(self.columns):
             x, y = left + c * cell + cell / 2, top - 6
             short = name if len(name) <= 28 else name[:27] + "…"
-            out.append(f'<text x="{x:.1f}" y="{y}" {_font()} transform="rotate(-60 {x:.1f} {y})">'
-                       f'<title>{esc(name)}</title>{esc(short)}</text>')
+            out.append(
+                f'<text x="{x:.1f}" y="{y}" {_font()} transform="rotate(-60 {x:.1f} {y})">'
+                f"<title>{esc(name)}</title>{esc(short)}</text>"
+            )
         for r, name in enumerate(self.rows):
             y = top + r * cell + cell / 2 + 4
-            out.append(f'<text x="{left - 6}" y="{y:.1f}" {_font()} text-anchor="end">{esc(name)}</text>')
+            out.append(
+                f'<text x="{left - 6}" y="{y:.1f}" {_font()} text-anchor="end">{esc(name)}</text>'
+            )
         out += self._svg_cells(shown, vmax, left, top, cell)
         out += _svg_legend(vmax, left, legend_y, what)
         out.append("</svg>")
         return "\n".join(out) + "\n"
 
-    def _svg_cells(self, shown: torch.Tensor, vmax: float, left: int, top: int, cell: int) -> list[str]:
+    def _svg_cells(
+        self, shown: torch.Tensor, vmax: float, left: int, top: int, cell: int
+    ) -> list[str]:
         """One coloured square per (row, column) of ``shown`` [rows, columns], its value
         written in it and the raw and normalised metric in its tooltip."""
         out, esc, norm = [], html.escape, self.normalized
@@ -232,28 +269,44 @@ class PatchResult:
             for c in range(shown.shape[1]):
                 v, raw, nv = float(shown[r, c]), float(self.values[r, c]), float(norm[r, c])
                 x, y = left + c * cell, top + r * cell
-                tip = (f"{self.rows[r]}, {self.columns[c]}: metric {raw:.4f}, normalised "
-                       f"{'n/a' if not math.isfinite(nv) else f'{nv:.3f}'}")
-                text = ("" if not math.isfinite(v) else f"{v:.2f}".replace("-0.00", "0.00") if abs(v) < 10
-                        else f"{v:.0f}")
+                tip = (
+                    f"{self.rows[r]}, {self.columns[c]}: metric {raw:.4f}, normalised "
+                    f"{'n/a' if not math.isfinite(nv) else f'{nv:.3f}'}"
+                )
+                text = (
+                    ""
+                    if not math.isfinite(v)
+                    else f"{v:.2f}".replace("-0.00", "0.00")
+                    if abs(v) < 10
+                    else f"{v:.0f}"
+                )
                 ink = "white" if math.isfinite(v) and abs(v) / vmax > 0.6 else "black"
-                out.append(f'<g><title>{esc(tip)}</title><rect x="{x}" y="{y}" width="{cell}" height="{cell}" '
-                           f'fill="{_colour(v, vmax)}" stroke="white"/>'
-                           f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 3.5:.1f}" {_font(9)} '
-                           f'text-anchor="middle" fill="{ink}">{text}</text></g>')
+                out.append(
+                    f'<g><title>{esc(tip)}</title><rect x="{x}" y="{y}" width="{cell}" height="{cell}" '
+                    f'fill="{_colour(v, vmax)}" stroke="white"/>'
+                    f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + 3.5:.1f}" {_font(9)} '
+                    f'text-anchor="middle" fill="{ink}">{text}</text></g>'
+                )
         return out
 
 
 def _svg_legend(vmax: float, left: int, legend_y: int, what: str) -> list[str]:
     """A gradient bar from -vmax to +vmax under the grid, its ticks, and what it measures."""
     bar_w = 240
-    out = ['<defs><linearGradient id="diverging" x1="0" x2="1" y1="0" y2="0">'
-           + "".join(f'<stop offset="{i / 8:.3f}" stop-color="{_colour((i / 4 - 1) * vmax, vmax)}"/>'
-                     for i in range(9)) + "</linearGradient></defs>",
-           f'<rect x="{left}" y="{legend_y}" width="{bar_w}" height="12" fill="url(#diverging)" stroke="#999"/>']
+    out = [
+        '<defs><linearGradient id="diverging" x1="0" x2="1" y1="0" y2="0">'
+        + "".join(
+            f'<stop offset="{i / 8:.3f}" stop-color="{_colour((i / 4 - 1) * vmax, vmax)}"/>'
+            for i in range(9)
+        )
+        + "</linearGradient></defs>",
+        f'<rect x="{left}" y="{legend_y}" width="{bar_w}" height="12" fill="url(#diverging)" stroke="#999"/>',
+    ]
     for frac, val in ((0, -vmax), (0.5, 0.0), (1, vmax)):
-        out.append(f'<text x="{left + frac * bar_w:.1f}" y="{legend_y + 26}" {_font()} text-anchor="middle">'
-                   f'{val:.3g}</text>')
+        out.append(
+            f'<text x="{left + frac * bar_w:.1f}" y="{legend_y + 26}" {_font()} text-anchor="middle">'
+            f"{val:.3g}</text>"
+        )
     out.append(f'<text x="{left}" y="{legend_y - 6}" {_font()}>{html.escape(what)}</text>')
     return out
 
@@ -285,17 +338,31 @@ class ActivationPatcher:
     ``metric_position`` is the position whose logits the metric reads (default: the last).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, clean: str | Sequence[int], corrupted: str | Sequence[int],
-                 metric: Metric, metric_position: int = -1):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        clean: str | Sequence[int],
+        corrupted: str | Sequence[int],
+        metric: Metric,
+        metric_position: int = -1,
+    ):
         self.model, self.tokenizer, self.metric = model, tokenizer, metric
-        self.clean_ids, self.corrupted_ids = prompt_ids(tokenizer, clean), prompt_ids(tokenizer, corrupted)
+        self.clean_ids, self.corrupted_ids = (
+            prompt_ids(tokenizer, clean),
+            prompt_ids(tokenizer, corrupted),
+        )
         tc, tk = len(self.clean_ids), len(self.corrupted_ids)
         if tc != tk:
-            raise ConfigError(f"--clean and --corrupted tokenize to {tc} and {tk} tokens (BOS included); patching "
-                              "needs equal lengths (reword one)")
+            raise ConfigError(
+                f"--clean and --corrupted tokenize to {tc} and {tk} tokens (BOS included); patching "
+                "needs equal lengths (reword one)"
+            )
         self.n_tokens = tc
         if not -tc <= metric_position < tc:
-            raise ConfigError(f"metric position {metric_position} is outside the prompt's {tc} tokens")
+            raise ConfigError(
+                f"metric position {metric_position} is outside the prompt's {tc} tokens"
+            )
         self.metric_position = metric_position
         self.layer_list_name, layers = decoder_layers(model)
         self.n_layers = len(layers)
@@ -303,8 +370,10 @@ class ActivationPatcher:
         projections = [attention_output_projection(layer) for layer in layers]
         self.projections: list[HookPoint] | None = None
         if all(p is not None for p in projections):
-            self.projections = [HookPoint(f"layers.{i}.{name}", i, module, pre=True)
-                                for i, (name, module) in enumerate(projections)]
+            self.projections = [
+                HookPoint(f"layers.{i}.{name}", i, module, pre=True)
+                for i, (name, module) in enumerate(projections)
+            ]
         self.device = next(model.parameters()).device
         self.decode = lambda i: tokenizer.decode([i])
         self.clean_tokens = [self.decode(i) for i in self.clean_ids]
@@ -319,10 +388,13 @@ class ActivationPatcher:
         def store(cache, i):
             def fn(value):
                 cache[i] = value[0].detach().clone()  # clone: models may later edit it in place
+
             return fn
 
         handles = [attach(p, store(self.clean_resid, i)) for i, p in enumerate(self.residual)]
-        handles += [attach(p, store(self.clean_heads, i)) for i, p in enumerate(self.projections or [])]
+        handles += [
+            attach(p, store(self.clean_heads, i)) for i, p in enumerate(self.projections or [])
+        ]
         try:
             clean_logits = self._logits(torch.tensor([self.clean_ids], device=self.device))
         finally:
@@ -341,21 +413,31 @@ class ActivationPatcher:
 
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] at the metric position."""
-        return at_least_fp32(self.model(input_ids=ids, use_cache=False).logits[:, self.metric_position])
+        return at_least_fp32(
+            self.model(input_ids=ids, use_cache=False).logits[:, self.metric_position]
+        )
 
     def _check(self, p: Patch) -> None:
         if not 0 <= p.layer < self.n_layers:
-            raise ConfigError(f"patch: layer {p.layer} is out of range; this model has layers 0..{self.n_layers - 1}")
+            raise ConfigError(
+                f"patch: layer {p.layer} is out of range; this model has layers 0..{self.n_layers - 1}"
+            )
         if p.position is not None and not -self.n_tokens <= p.position < self.n_tokens:
-            raise ConfigError(f"patch: position {p.position} is outside the prompt's {self.n_tokens} tokens")
+            raise ConfigError(
+                f"patch: position {p.position} is outside the prompt's {self.n_tokens} tokens"
+            )
         if p.head is not None:
             if self.projections is None:
-                raise ConfigError("--mode head: found no attention output projection "
-                                  f"({', '.join(OUTPUT_PROJECTIONS)}) "
-                                  f"in the attention of every layer of {type(self.model).__name__}; "
-                                  "use --mode layer or position")
+                raise ConfigError(
+                    "--mode head: found no attention output projection "
+                    f"({', '.join(OUTPUT_PROJECTIONS)}) "
+                    f"in the attention of every layer of {type(self.model).__name__}; "
+                    "use --mode layer or position"
+                )
             if not 0 <= p.head < self.heads:
-                raise ConfigError(f"patch: head {p.head} is out of range; this model has heads 0..{self.heads - 1}")
+                raise ConfigError(
+                    f"patch: head {p.head} is out of range; this model has heads 0..{self.heads - 1}"
+                )
 
     @property
     def heads(self) -> int:
@@ -363,12 +445,16 @@ class ActivationPatcher:
         n = num_heads(self.model)
         width = self.clean_heads[0].shape[-1] if self.clean_heads[0] is not None else None
         if width is None or width % n:
-            raise ConfigError(f"--mode head: the attention output projection's input ({width} wide) does not "
-                              f"split into {n} heads")
+            raise ConfigError(
+                f"--mode head: the attention output projection's input ({width} wide) does not "
+                f"split into {n} heads"
+            )
         return n
 
     @torch.no_grad()
-    def metrics(self, runs: Sequence[Sequence[Patch]], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+    def metrics(
+        self, runs: Sequence[Sequence[Patch]], batch_size: int = 16, progress: bool = False
+    ) -> torch.Tensor:
         """The metric [len(runs)] (float64) of the corrupted prompt with each run's patches
         applied together; an empty run is the corrupted prompt itself. Runs go through the
         model ``batch_size`` at a time (all share the corrupted input)."""
@@ -382,8 +468,10 @@ class ActivationPatcher:
         bar = tqdm(total=len(runs), desc="patching", unit="run", disable=not progress, leave=False)
         try:
             for start in range(0, len(runs), batch_size):
-                chunk = runs[start:start + batch_size]
-                out[start:start + len(chunk)] = self._run_batch(ids.expand(len(chunk), -1), chunk).double().cpu()
+                chunk = runs[start : start + batch_size]
+                out[start : start + len(chunk)] = (
+                    self._run_batch(ids.expand(len(chunk), -1), chunk).double().cpu()
+                )
                 bar.update(len(chunk))
         finally:
             bar.close()
@@ -406,9 +494,14 @@ class ActivationPatcher:
                 new = value.clone()
                 for row, p in todo:
                     pos = slice(None) if p.position is None else p.position
-                    cols = slice(None) if p.head is None else slice(p.head * head_width, (p.head + 1) * head_width)
+                    cols = (
+                        slice(None)
+                        if p.head is None
+                        else slice(p.head * head_width, (p.head + 1) * head_width)
+                    )
                     new[row, pos, cols] = clean[pos, cols].to(new.dtype)
                 return new
+
             return fn
 
         try:
@@ -420,8 +513,13 @@ class ActivationPatcher:
             for h in handles:
                 h.remove()
 
-    def sweep(self, mode: str = "position", layers: str | Sequence[int] | None = None, batch_size: int = 16,
-              progress: bool = False) -> PatchResult:
+    def sweep(
+        self,
+        mode: str = "position",
+        layers: str | Sequence[int] | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> PatchResult:
         """Patch one thing at a time: each layer's residual stream at all positions
         (``layer``), at each position (``position``), or each attention head (``head``)."""
         if mode not in MODES:
@@ -431,9 +529,15 @@ class ActivationPatcher:
             columns, title = ["all positions"], "residual stream at every position"
             cells = [[Patch(i)] for i in chosen]
         elif mode == "position":
-            columns = [f"{t} {self.clean_tokens[t]!r}" + ("" if self.clean_tokens[t] == self.corrupted_tokens[t]
-                                                          else f"/{self.corrupted_tokens[t]!r}")
-                       for t in range(self.n_tokens)]
+            columns = [
+                f"{t} {self.clean_tokens[t]!r}"
+                + (
+                    ""
+                    if self.clean_tokens[t] == self.corrupted_tokens[t]
+                    else f"/{self.corrupted_tokens[t]!r}"
+                )
+                for t in range(self.n_tokens)
+            ]
             title = "position and clean/corrupted token"
             cells = [[Patch(i, position=t)] for i in chosen for t in range(self.n_tokens)]
         else:
@@ -442,14 +546,32 @@ class ActivationPatcher:
             title = f"attention head (input of {self.projections[0].name.split('.', 2)[2]}), every position"
             cells = [[Patch(i, head=h)] for i in chosen for h in range(self.heads)]
         values = self.metrics(cells, batch_size, progress).view(len(chosen), len(columns))
-        return PatchResult(mode=mode, metric=self.metric.name, values=values, rows=[f"layers.{i}" for i in chosen],
-                           columns=columns, clean_metric=self.clean_metric, corrupted_metric=self.corrupted_metric,
-                           clean_tokens=self.clean_tokens, corrupted_tokens=self.corrupted_tokens, column_title=title)
+        return PatchResult(
+            mode=mode,
+            metric=self.metric.name,
+            values=values,
+            rows=[f"layers.{i}" for i in chosen],
+            columns=columns,
+            clean_metric=self.clean_metric,
+            corrupted_metric=self.corrupted_metric,
+            clean_tokens=self.clean_tokens,
+            corrupted_tokens=self.corrupted_tokens,
+            column_title=title,
+        )
 
 
-def activation_patching(model: nn.Module, tokenizer, clean: str | Sequence[int], corrupted: str | Sequence[int],
-                        metric: Metric, mode: str = "position", layers: str | Sequence[int] | None = None,
-                        batch_size: int = 16, progress: bool = False, metric_position: int = -1) -> PatchResult:
+def activation_patching(
+    model: nn.Module,
+    tokenizer,
+    clean: str | Sequence[int],
+    corrupted: str | Sequence[int],
+    metric: Metric,
+    mode: str = "position",
+    layers: str | Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+    metric_position: int = -1,
+) -> PatchResult:
     """One sweep in one call: ``ActivationPatcher(...).sweep(mode, layers)``."""
     if mode not in MODES:
         raise ConfigError(f"--mode: {mode!r} is not a patching mode; valid: {', '.join(MODES)}")
@@ -457,14 +579,31 @@ def activation_patching(model: nn.Module, tokenizer, clean: str | Sequence[int],
     return patcher.sweep(mode, layers, batch_size, progress)
 
 
-def answer_patching(model_cfg: ModelConfig, clean: str, corrupted: str, answer: str, wrong: str | None = None,
-                    mode: str = "position", layers: str | Sequence[int] | None = None, batch_size: int = 16,
-                    progress: bool = True) -> PatchResult:
+def answer_patching(
+    model_cfg: ModelConfig,
+    clean: str,
+    corrupted: str,
+    answer: str,
+    wrong: str | None = None,
+    mode: str = "position",
+    layers: str | Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> PatchResult:
     """``activation_patching`` of the model ``model_cfg`` loads, measuring the metric of
     ``answer`` (and ``wrong``; ``answer_metric``) at the last position."""
     model, tokenizer = load_model(model_cfg)
-    return activation_patching(model, tokenizer, clean, corrupted, answer_metric(tokenizer, answer, wrong), mode,
-                               layers, batch_size, progress)
+    return activation_patching(
+        model,
+        tokenizer,
+        clean,
+        corrupted,
+        answer_metric(tokenizer, answer, wrong),
+        mode,
+        layers,
+        batch_size,
+        progress,
+    )
 
 
 def check_svg_path(path, what: str = "--svg") -> None:

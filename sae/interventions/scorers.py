@@ -43,28 +43,41 @@ def word_list_scorer(words: Sequence[str], name: str | None = None) -> Scorer:
     words = [w.strip() for w in words if w.strip()]
     if not words:
         raise ConfigError("scorer: the word list is empty")
-    pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE)
-    return Scorer(name or f"words({', '.join(words[:4])}{', ...' if len(words) > 4 else ''})",
-                  lambda texts: [len(pattern.findall(t)) for t in texts], pattern)
+    pattern = re.compile(
+        r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE
+    )
+    return Scorer(
+        name or f"words({', '.join(words[:4])}{', ...' if len(words) > 4 else ''})",
+        lambda texts: [len(pattern.findall(t)) for t in texts],
+        pattern,
+    )
 
 
-def classifier_scorer(model: str, label: str | None = None, device: str | None = None, batch_size: int = 32) -> Scorer:
+def classifier_scorer(
+    model: str, label: str | None = None, device: str | None = None, batch_size: int = 32
+) -> Scorer:
     """P(label) from a Hugging Face text-classification model (local folder or hub id)."""
     from transformers import pipeline
 
     if looks_like_local_path(model) and not Path(model).expanduser().is_dir():
-        raise ConfigError(f"scorer: {model!r} is not a folder; give a local model folder or a hub id like "
-                          "s-nlp/roberta_toxicity_classifier")
+        raise ConfigError(
+            f"scorer: {model!r} is not a folder; give a local model folder or a hub id like "
+            "s-nlp/roberta_toxicity_classifier"
+        )
     try:
         clf = pipeline("text-classification", model=model, device=device, top_k=None)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"scorer: cannot load text-classification model {model!r}: {first}; download it "
-                          "while online (huggingface-cli download ...) or give a local folder") from None
+        raise ConfigError(
+            f"scorer: cannot load text-classification model {model!r}: {first}; download it "
+            "while online (huggingface-cli download ...) or give a local folder"
+        ) from None
     labels = list(clf.model.config.id2label.values())
     label = label or labels[-1]
     if label not in labels:
-        raise ConfigError(f"scorer: {model!r} has no label {label!r}; its labels: {', '.join(labels)}")
+        raise ConfigError(
+            f"scorer: {model!r} has no label {label!r}; its labels: {', '.join(labels)}"
+        )
 
     def score(texts: list[str]) -> list[float]:
         out = clf(texts, batch_size=batch_size, truncation=True)
@@ -78,8 +91,10 @@ def profanity_scorer() -> Scorer:
     try:
         from profanity_check import predict_prob
     except ImportError:
-        raise ConfigError("scorer: 'profanity' needs the alt-profanity-check package; pip install "
-                          "alt-profanity-check (or pip install 'sae[profanity]')") from None
+        raise ConfigError(
+            "scorer: 'profanity' needs the alt-profanity-check package; pip install "
+            "alt-profanity-check (or pip install 'sae[profanity]')"
+        ) from None
     return Scorer("P(profane) by alt-profanity-check", lambda texts: list(predict_prob(texts)))
 
 
@@ -89,7 +104,9 @@ def load_scorer(spec: str, device: str | None = None) -> Scorer:
     if kind == "words" and arg:
         path = Path(arg).expanduser()
         if path.is_file():
-            return word_list_scorer(path.read_text(encoding="utf-8").splitlines(), f"words in {path.name}")
+            return word_list_scorer(
+                path.read_text(encoding="utf-8").splitlines(), f"words in {path.name}"
+            )
         return word_list_scorer(arg.split(","))
     if kind == "hf" and arg:
         model, _, label = arg.partition("@")

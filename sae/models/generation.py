@@ -51,7 +51,9 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def padded(rows: Sequence[Sequence[int]], pad: int, device, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(
+    rows: Sequence[Sequence[int]], pad: int, device, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, T], attention mask [B, T]) with every row padded to the longest, on the left
     (for generation: every prompt ends where decoding starts) or on the right (a causal
     model never looks at trailing pads, so positions stay as if unpadded)."""
@@ -66,9 +68,16 @@ def padded(rows: Sequence[Sequence[int]], pad: int, device, left: bool) -> tuple
 
 
 @torch.no_grad()
-def continuation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                     samples: int = 1, sampling: Sampling = Sampling(), batch_size: int = 8,
-                     progress: bool = False, fmt: PromptFormat = PLAIN) -> list[list[list[int]]]:
+def continuation_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    samples: int = 1,
+    sampling: Sampling = Sampling(),
+    batch_size: int = 8,
+    progress: bool = False,
+    fmt: PromptFormat = PLAIN,
+) -> list[list[list[int]]]:
     """Token ids of ``samples`` continuations per prompt: [prompt][sample] -> ids (ending at
     EOS or ``max_new_tokens``; EOS not included). ``fmt``: plain or chat prompts."""
     device = next(model.parameters()).device
@@ -78,7 +87,9 @@ def continuation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if sampling.temperature == 0:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        kwargs.update(
+            do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0
+        )
     # One generator stream for the whole call: the same seed, prompts and batch size give
     # the same draws, whatever the model does to the logits.
     torch.manual_seed(sampling.seed)
@@ -90,16 +101,28 @@ def continuation_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     rows = [ids for ids in encoded for _ in range(samples)]
     out: list[list[int]] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="generating", disable=not progress):
-        ids, mask = padded(rows[start:start + batch_size], pad, device, left=True)
-        gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].tolist()
+        ids, mask = padded(rows[start : start + batch_size], pad, device, left=True)
+        gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[
+            :, ids.shape[1] :
+        ].tolist()
         for seq in gen:
-            out.append(seq[:seq.index(eos)] if eos in seq else seq)
-    return [out[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+            out.append(seq[: seq.index(eos)] if eos in seq else seq)
+    return [out[i * samples : (i + 1) * samples] for i in range(len(prompts))]
 
 
-def continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                  samples: int = 1, sampling: Sampling = Sampling(), batch_size: int = 8,
-                  progress: bool = False, fmt: PromptFormat = PLAIN) -> list[list[str]]:
+def continuations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    samples: int = 1,
+    sampling: Sampling = Sampling(),
+    batch_size: int = 8,
+    progress: bool = False,
+    fmt: PromptFormat = PLAIN,
+) -> list[list[str]]:
     """Decoded continuations: [prompt][sample] -> text."""
     ids = continuation_ids(model, tokenizer, prompts, samples, sampling, batch_size, progress, fmt)
-    return [[tokenizer.decode(seq, skip_special_tokens=True) for seq in per_prompt] for per_prompt in ids]
+    return [
+        [tokenizer.decode(seq, skip_special_tokens=True) for seq in per_prompt]
+        for per_prompt in ids
+    ]

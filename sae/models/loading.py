@@ -34,13 +34,22 @@ from sae.models import demo_model, gguf_source
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DECODER_LMS = "use a decoder-only LM such as Llama, Mistral, Qwen or GPT-2"
-MODEL_FOLDER = ("a model folder (as save_pretrained writes it) holds config.json, the weights (model.safetensors, "
-                "pytorch_model.bin or their shards) and the tokenizer (tokenizer.json or tokenizer.model, "
-                "with tokenizer_config.json)")
+MODEL_FOLDER = (
+    "a model folder (as save_pretrained writes it) holds config.json, the weights (model.safetensors, "
+    "pytorch_model.bin or their shards) and the tokenizer (tokenizer.json or tokenizer.model, "
+    "with tokenizer_config.json)"
+)
 # Loose on purpose: a folder with any of these is left to from_pretrained, which knows the exact names.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
-                   "merges.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+)
 PROBE_TOKENS = 8
 
 T = TypeVar("T")
@@ -59,12 +68,18 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError(f"model.device: {device!r} is not supported; {valid}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"model.device: {device!r} asked for, but this machine has no CUDA GPU; use cpu or auto")
+            raise ConfigError(
+                f"model.device: {device!r} asked for, but this machine has no CUDA GPU; use cpu or auto"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"model.device: {device!r} does not exist; this machine has cuda:0 .. "
-                              f"cuda:{torch.cuda.device_count() - 1}")
+            raise ConfigError(
+                f"model.device: {device!r} does not exist; this machine has cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"model.device: {device!r} asked for, but MPS is not available here; use cpu or auto")
+        raise ConfigError(
+            f"model.device: {device!r} asked for, but MPS is not available here; use cpu or auto"
+        )
     return dev
 
 
@@ -82,11 +97,15 @@ def resolve_path(name_or_path: str, gguf_file: str | None = None) -> str:
     if gguf_source.is_gguf(name_or_path, gguf_file):
         return str(gguf_source.converted_folder(name_or_path, gguf_file))
     if name_or_path.startswith("builtin:"):
-        raise ConfigError(f"model.name_or_path: unknown built-in model {name_or_path!r}; valid: "
-                          f"{demo_model.NAME}, {gguf_source.SMOLLM2}")
+        raise ConfigError(
+            f"model.name_or_path: unknown built-in model {name_or_path!r}; valid: "
+            f"{demo_model.NAME}, {gguf_source.SMOLLM2}"
+        )
     looks_like_path = looks_like_local_path(name_or_path)
     if looks_like_path and not Path(name_or_path).expanduser().is_dir():
-        raise ConfigError(f"model.name_or_path: {name_or_path!r} is not a folder (nor a hub id like org/name)")
+        raise ConfigError(
+            f"model.name_or_path: {name_or_path!r} is not a folder (nor a hub id like org/name)"
+        )
     return str(Path(name_or_path).expanduser()) if looks_like_path else name_or_path
 
 
@@ -106,12 +125,21 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     if Path(path).is_dir():
         check_model_folder(Path(path), cfg.name_or_path)
     with _log_unless_refused():
-        config = _loading(lambda: AutoConfig.from_pretrained(path, trust_remote_code=remote), cfg.name_or_path)
+        config = _loading(
+            lambda: AutoConfig.from_pretrained(path, trust_remote_code=remote), cfg.name_or_path
+        )
         check_causal_lm_config(config, where)
-        tokenizer = _loading(lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=remote), cfg.name_or_path,
-                             lambda: _missing_tokenizer(Path(path)))
-        model, info = _loading(lambda: AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=remote, output_loading_info=True), cfg.name_or_path)
+        tokenizer = _loading(
+            lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=remote),
+            cfg.name_or_path,
+            lambda: _missing_tokenizer(Path(path)),
+        )
+        model, info = _loading(
+            lambda: AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=remote, output_loading_info=True
+            ),
+            cfg.name_or_path,
+        )
         model = model.to(device).eval()
         check_loaded_model(model, tokenizer, info["missing_keys"], where)
     if tokenizer.pad_token is None:
@@ -120,19 +148,25 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return model, tokenizer
 
 
-def _loading(load: Callable[[], T], name: str, explain: Callable[[], str | None] = lambda: None) -> T:
+def _loading(
+    load: Callable[[], T], name: str, explain: Callable[[], str | None] = lambda: None
+) -> T:
     """Run one from_pretrained; its file, hub and format errors become one ConfigError line
     (``explain`` may give a clearer reason than transformers' own)."""
     try:
         return load()
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path: cannot load {name!r}: {explain() or _first_sentence(e)}") from None
+        raise ConfigError(
+            f"model.name_or_path: cannot load {name!r}: {explain() or _first_sentence(e)}"
+        ) from None
     except RuntimeError as e:
         if "mismatched_sizes" not in str(e) and "size mismatch" not in str(e):
             raise  # not a loading problem (out of memory, a bug): keep its traceback
-        raise ConfigError(f"model.name_or_path: cannot load {name!r}: its weights do not fit its config.json "
-                          "(tensors of other shapes than the config gives them); the folder mixes files of "
-                          "different models") from None
+        raise ConfigError(
+            f"model.name_or_path: cannot load {name!r}: its weights do not fit its config.json "
+            "(tensors of other shapes than the config gives them); the folder mixes files of "
+            "different models"
+        ) from None
 
 
 def _first_sentence(e: Exception) -> str:
@@ -157,8 +191,10 @@ def check_model_folder(folder: Path, name: str) -> None:
     elif "config.json" not in names:
         gguf = sorted(n for n in names if n.lower().endswith(".gguf"))
         if gguf:
-            raise ConfigError(f"model.name_or_path: cannot load {name!r}: it holds a GGUF file but no config.json; "
-                              f"name the file with --set model.gguf_file={gguf[0]}")
+            raise ConfigError(
+                f"model.name_or_path: cannot load {name!r}: it holds a GGUF file but no config.json; "
+                f"name the file with --set model.gguf_file={gguf[0]}"
+            )
         problem = "the folder has no config.json"
     elif not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
         problem = "the folder has a config.json but no model weights"
@@ -169,8 +205,10 @@ def check_model_folder(folder: Path, name: str) -> None:
 
 def _missing_tokenizer(path: Path) -> str | None:
     if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
-        return ("the folder has no tokenizer files (tokenizer.json, or tokenizer.model or vocab.json + merges.txt, "
-                "with tokenizer_config.json); save the model's tokenizer there too (tokenizer.save_pretrained)")
+        return (
+            "the folder has no tokenizer files (tokenizer.json, or tokenizer.model or vocab.json + merges.txt, "
+            "with tokenizer_config.json); save the model's tokenizer there too (tokenizer.save_pretrained)"
+        )
     return None
 
 
@@ -180,32 +218,48 @@ def check_causal_lm_config(config: transformers.PretrainedConfig, where: str) ->
     if getattr(config, "is_encoder_decoder", False):
         # AutoModelForCausalLM loads some (BART) as their decoder alone, which was trained
         # to read an encoder's output: not a language model of its own.
-        raise ConfigError(f"{where} is an encoder-decoder {kind}, not a causal language model; {DECODER_LMS}")
+        raise ConfigError(
+            f"{where} is an encoder-decoder {kind}, not a causal language model; {DECODER_LMS}"
+        )
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise ConfigError(f"{where} is a {kind}, which AutoModelForCausalLM cannot load: not a causal "
-                          f"language model; {DECODER_LMS}")
+        raise ConfigError(
+            f"{where} is a {kind}, which AutoModelForCausalLM cannot load: not a causal "
+            f"language model; {DECODER_LMS}"
+        )
 
 
-def check_loaded_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, missing_keys: Iterable[str],
-                       where: str) -> None:
+def check_loaded_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    missing_keys: Iterable[str],
+    where: str,
+) -> None:
     """Refuse a loaded model that is not causal, has weights the checkpoint did not hold
     (``missing_keys`` after tying: a tied lm_head is not missing), or is too small for its tokenizer."""
     name = type(model).__name__
     embeddings = _embedding_rows(model)
     if not is_causal(model, min(len(tokenizer), embeddings or len(tokenizer))):
-        raise ConfigError(f"{where} loads as {name}, which is not a causal language model (its output at a "
-                          f"position changes with later tokens, as in an encoder like BERT); {DECODER_LMS}")
+        raise ConfigError(
+            f"{where} loads as {name}, which is not a causal language model (its output at a "
+            f"position changes with later tokens, as in an encoder like BERT); {DECODER_LMS}"
+        )
     missing = sorted(missing_keys)
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ConfigError(f"{where} loads as {name}, but {len(missing)} of its weights are not in the checkpoint "
-                          f"and would be random ({shown}); the checkpoint is incomplete or of another architecture")
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise ConfigError(
+            f"{where} loads as {name}, but {len(missing)} of its weights are not in the checkpoint "
+            f"and would be random ({shown}); the checkpoint is incomplete or of another architecture"
+        )
     if embeddings is not None and len(tokenizer) > embeddings:
         # More embedding rows than tokens is normal (padded to a multiple of 64 or 128).
-        raise ConfigError(f"{where}: its tokenizer has {len(tokenizer):,} tokens but the model's embedding matrix "
-                          f"only {embeddings:,} rows, so token ids from {embeddings:,} up have no embedding; "
-                          "the tokenizer belongs to another model")
+        raise ConfigError(
+            f"{where}: its tokenizer has {len(tokenizer):,} tokens but the model's embedding matrix "
+            f"only {embeddings:,} rows, so token ids from {embeddings:,} up have no embedding; "
+            "the tokenizer belongs to another model"
+        )
 
 
 def _embedding_rows(model: PreTrainedModel) -> int | None:
@@ -223,7 +277,9 @@ def is_causal(model: PreTrainedModel, vocab: int) -> bool:
     model (BERT) changes the logits before it too. A third row repeats the first, to measure
     how much two rows of one batch differ anyway in this dtype and device (nothing, so far)."""
     param = next(model.parameters())
-    ids = (torch.arange(PROBE_TOKENS, device=param.device) * 7919 + 3) % vocab  # arbitrary, mostly distinct tokens
+    ids = (
+        torch.arange(PROBE_TOKENS, device=param.device) * 7919 + 3
+    ) % vocab  # arbitrary, mostly distinct tokens
     other = ids.clone()
     other[-1] = (ids[-1] + 1) % vocab
     with torch.no_grad():
@@ -272,17 +328,20 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if n is not None and isinstance(module, nn.ModuleList) and len(module) == n:
             return name, module
-    raise ConfigError(f"model.name_or_path: found no list of config.num_hidden_layers = {n} decoder layers in "
-                      f"{type(model).__name__}; this architecture is not supported")
+    raise ConfigError(
+        f"model.name_or_path: found no list of config.num_hidden_layers = {n} decoder layers in "
+        f"{type(model).__name__}; this architecture is not supported"
+    )
 
 
 def model_summary(model: PreTrainedModel) -> str:
     _, layers = decoder_layers(model)
     n_params = sum(p.numel() for p in model.parameters())
     p = next(model.parameters())
-    return (f"{type(model).__name__}: {n_params / 1e6:.1f}M parameters, {len(layers)} layers, "
-            f"width {model.config.hidden_size}, {p.dtype} on {p.device}")
-
+    return (
+        f"{type(model).__name__}: {n_params / 1e6:.1f}M parameters, {len(layers)} layers, "
+        f"width {model.config.hidden_size}, {p.dtype} on {p.device}"
+    )
 
 
 def layer_overview(model: PreTrainedModel) -> dict:
@@ -290,6 +349,9 @@ def layer_overview(model: PreTrainedModel) -> dict:
     the decoder layers' qualified name, "hook_points": ["layers.0", ...], "sub_modules": the
     names of a layer's children}."""
     name, layers = decoder_layers(model)
-    return {"summary": model_summary(model), "layers_module": name,
-            "hook_points": [f"layers.{i}" for i in range(len(layers))],
-            "sub_modules": [n for n, _ in layers[0].named_children()]}
+    return {
+        "summary": model_summary(model),
+        "layers_module": name,
+        "hook_points": [f"layers.{i}" for i in range(len(layers))],
+        "sub_modules": [n for n, _ in layers[0].named_children()],
+    }

@@ -56,8 +56,14 @@ class Checkpoint:
         return self.trainer_meta["step"]
 
 
-def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, dict], buffer_state: dict,
-                    dist: Dist | None = None, per_rank: bool = False) -> None:
+def save_checkpoint(
+    run_dir: Path,
+    cfg: RunConfig,
+    trainer_state: tuple[dict, dict],
+    buffer_state: dict,
+    dist: Dist | None = None,
+    per_rank: bool = False,
+) -> None:
     """Replace ``run_dir/state`` with this state, atomically. With several processes every
     rank calls this: each writes its buffer (and with ``per_rank`` its own trainer state:
     latents sharded), rank 0 the rest, and rank 0 swaps the folder in."""
@@ -74,15 +80,20 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, di
             for name, t in mine.items():
                 save_tensors(t, parts / f".{name}.tmp")
                 os.replace(parts / f".{name}.tmp", parts / name)
-        buffer_metas = dist.gather_objects(buffer_state["meta"])   # also: every part is on disk now
+        buffer_metas = dist.gather_objects(buffer_state["meta"])  # also: every part is on disk now
         trainer_metas = dist.gather_objects(meta) if per_rank else [meta]
         if dist.is_main:
-            doc = {"format": FORMAT, "config": resumable_config(cfg), "trainer": meta, "world_size": dist.world,
-                   "trainer_per_rank": per_rank}
+            doc = {
+                "format": FORMAT,
+                "config": resumable_config(cfg),
+                "trainer": meta,
+                "world_size": dist.world,
+                "trainer_per_rank": per_rank,
+            }
             if per_rank:
-                doc["trainers"] = trainer_metas   # each rank's SAEs (and step counters, the same)
+                doc["trainers"] = trainer_metas  # each rank's SAEs (and step counters, the same)
             if dist.active:
-                doc["buffers"] = buffer_metas       # one data position per rank
+                doc["buffers"] = buffer_metas  # one data position per rank
             else:
                 doc["buffer"] = buffer_metas[0]
 
@@ -92,7 +103,10 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, di
                 if dist.active:
                     for r in range(dist.world):
                         for kind in ("buffer", "trainer") if per_rank else ("buffer",):
-                            os.replace(parts / rank_file(kind, r, dist.world), tmp / rank_file(kind, r, dist.world))
+                            os.replace(
+                                parts / rank_file(kind, r, dist.world),
+                                tmp / rank_file(kind, r, dist.world),
+                            )
                 else:
                     save_tensors(buffer_tensors, tmp / rank_file("buffer", 0, 1))
                 (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -100,7 +114,9 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, trainer_state: tuple[dict, di
             replace_folder_atomic(run_dir / STATE_DIR, fill)
             shutil.rmtree(parts, ignore_errors=True)
     except OSError as e:
-        raise StorageError(f"output.root: cannot write the checkpoint in {str(run_dir)!r}: {e.strerror}") from None
+        raise StorageError(
+            f"output.root: cannot write the checkpoint in {str(run_dir)!r}: {e.strerror}"
+        ) from None
     dist.barrier()
 
 
@@ -119,29 +135,45 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig, dist: Dist | None = None) -> 
     try:
         doc = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
+        raise CheckpointError(
+            f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})"
+        ) from None
     world = doc.get("world_size", 1)
     if world != dist.world:
-        raise CheckpointError(f"--resume: the checkpoint in {str(folder)!r} was written by {world} process(es), and "
-                          f"each kept its own data position; resume it with {world} (torchrun --nproc_per_node "
-                          f"{world} ..., or plain python for 1), not {dist.world}")
+        raise CheckpointError(
+            f"--resume: the checkpoint in {str(folder)!r} was written by {world} process(es), and "
+            f"each kept its own data position; resume it with {world} (torchrun --nproc_per_node "
+            f"{world} ..., or plain python for 1), not {dist.world}"
+        )
     try:
         per_rank = doc.get("trainer_per_rank", False)
-        trainer_tensors = load_file(str(folder / (rank_file("trainer", dist.rank, world) if per_rank
-                                                   else "trainer.safetensors")))
+        trainer_tensors = load_file(
+            str(
+                folder
+                / (rank_file("trainer", dist.rank, world) if per_rank else "trainer.safetensors")
+            )
+        )
         buffer_tensors = load_file(str(folder / rank_file("buffer", dist.rank, world)))
     except (OSError, ValueError, SafetensorError) as e:
-        raise CheckpointError(f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})") from None
+        raise CheckpointError(
+            f"--resume: the checkpoint in {str(folder)!r} is damaged ({e})"
+        ) from None
     if doc.get("format") != FORMAT:
-        raise CheckpointError(f"--resume: checkpoint format {doc.get('format')!r} in {str(folder)!r}; "
-                          f"this version reads format {FORMAT}")
+        raise CheckpointError(
+            f"--resume: checkpoint format {doc.get('format')!r} in {str(folder)!r}; "
+            f"this version reads format {FORMAT}"
+        )
     if doc["config"] != resumable_config(cfg):
         diff = first_difference(doc["config"], resumable_config(cfg), a_has="checkpoint has")
-        raise CheckpointError(f"--resume: the checkpoint in {str(folder)!r} belongs to another run ({diff} "
-                          "in config.yaml)")
+        raise CheckpointError(
+            f"--resume: the checkpoint in {str(folder)!r} belongs to another run ({diff} "
+            "in config.yaml)"
+        )
     buffer_meta = doc["buffers"][dist.rank] if world > 1 else doc["buffer"]
     trainer_meta = doc["trainers"][dist.rank] if per_rank else doc["trainer"]
-    return Checkpoint(trainer_tensors, trainer_meta, {"tensors": buffer_tensors, "meta": buffer_meta})
+    return Checkpoint(
+        trainer_tensors, trainer_meta, {"tensors": buffer_tensors, "meta": buffer_meta}
+    )
 
 
 def remove_checkpoint(run_dir: Path) -> None:
@@ -149,4 +181,3 @@ def remove_checkpoint(run_dir: Path) -> None:
     for folder in (run_dir / STATE_DIR, run_dir / f".{STATE_DIR}.old"):
         shutil.rmtree(folder, ignore_errors=True)
     clear_temporaries(run_dir)
-

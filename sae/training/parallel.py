@@ -31,19 +31,23 @@ from sae.config import TrainConfig
 from sae.distributed import Dist, sharded
 from sae.errors import ConfigError, DistributedError
 
-Loss = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # (loss, fvu, fires [M])
+Loss = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (loss, fvu, fires [M])
 
 
 class OneProcess:
     """The base of every mode: what a single process does. A subclass overrides where its
     mode differs."""
 
-    every_rank_saves: ClassVar[bool] = False   # every process takes part in saving SAEs and checkpoints
-    writes_own_saes: ClassVar[bool] = False    # each process writes the SAEs it trains (else rank 0 writes)
+    every_rank_saves: ClassVar[bool] = (
+        False  # every process takes part in saving SAEs and checkpoints
+    )
+    writes_own_saes: ClassVar[bool] = (
+        False  # each process writes the SAEs it trains (else rank 0 writes)
+    )
 
     def __init__(self, dist: Dist, hooks: list[str]):
         self.dist, self.hooks = dist, hooks
-        self.latent_shares = 1   # the parts each SAE's latents are split into
+        self.latent_shares = 1  # the parts each SAE's latents are split into
 
     def build_device(self, device: torch.device) -> torch.device:
         """Where a new SAE is built and initialised, before ``prepare``."""
@@ -53,14 +57,20 @@ class OneProcess:
         """Whether this process trains the SAEs of ``hook``."""
         return True
 
-    def prepare(self, sae: SparseAutoencoder, name: str, train: TrainConfig, device: torch.device) -> SparseAutoencoder:
+    def prepare(
+        self, sae: SparseAutoencoder, name: str, train: TrainConfig, device: torch.device
+    ) -> SparseAutoencoder:
         """The part of a freshly initialised SAE this process trains, on ``device``."""
         return sae
 
-    def inputs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    def inputs(
+        self, batch: dict[str, torch.Tensor], device: torch.device
+    ) -> dict[str, torch.Tensor]:
         """{hook: rows [n, d]} (float32, on device) for the hooks this process trains, from
         this process's batch {hook: [n_local, d]}: one entry per hook, shared by a sweep's SAEs."""
-        return {hook: batch[hook].to(device, torch.float32, non_blocking=True) for hook in self.hooks}
+        return {
+            hook: batch[hook].to(device, torch.float32, non_blocking=True) for hook in self.hooks
+        }
 
     def totals(self, x: torch.Tensor) -> BatchTotals | None:
         """The whole batch's size and variance when x [n, d] is a share of it, else None."""
@@ -74,13 +84,20 @@ class OneProcess:
         """The whole batch's rows, when x is a share of it."""
         return x
 
-    def loss(self, sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor, own_loss: Callable[[], Loss]) -> Loss:
+    def loss(
+        self,
+        sae: SparseAutoencoder,
+        x: torch.Tensor,
+        dead: torch.Tensor,
+        own_loss: Callable[[], Loss],
+    ) -> Loss:
         """(loss, fvu, fires) of one SAE on x: its architecture's (``own_loss()``) unless
         the mode computes it otherwise."""
         return own_loss()
 
-    def after_backward(self, sae: SparseAutoencoder, loss: torch.Tensor, fvu: torch.Tensor,
-                       fires: torch.Tensor) -> Loss:
+    def after_backward(
+        self, sae: SparseAutoencoder, loss: torch.Tensor, fvu: torch.Tensor, fires: torch.Tensor
+    ) -> Loss:
         """Gradients and figures of the whole batch, from this process's."""
         return loss, fvu, fires
 
@@ -149,7 +166,7 @@ class HookParallel(OneProcess):
 
     def inputs(self, batch, device):
         inputs = {}
-        for hook in self.hooks:   # every process takes part in every hook's gather
+        for hook in self.hooks:  # every process takes part in every hook's gather
             whole = self.dist.gather_to(batch[hook].to(device, torch.float32), self.owner[hook])
             if whole is not None:
                 inputs[hook] = whole
@@ -159,8 +176,11 @@ class HookParallel(OneProcess):
         return {h: s for part in self.dist.gather_objects(stats) for h, s in part.items()}
 
     def gather_rates(self, rates):
-        return {name: r for part in self.dist.gather_objects({n: r.cpu() for n, r in rates.items()})
-                for name, r in part.items()}
+        return {
+            name: r
+            for part in self.dist.gather_objects({n: r.cpu() for n, r in rates.items()})
+            for name, r in part.items()
+        }
 
 
 class LatentParallel(OneProcess):
@@ -174,14 +194,16 @@ class LatentParallel(OneProcess):
         self.latent_shares = dist.world
 
     def build_device(self, device):
-        return torch.device("cpu")   # the whole SAE is made once, then sliced
+        return torch.device("cpu")  # the whole SAE is made once, then sliced
 
     def prepare(self, sae, name, train, device):
         clip = sae.grad_clip if train.grad_clip is None else train.grad_clip
         part = shard_latents(sae, self.dist, name, train.autocast).to(device)
         if clip:
-            raise ConfigError(f"train.grad_clip: {clip} cannot be applied with distributed.mode: latents (each "
-                              "process holds part of the gradient); set train.grad_clip=0")
+            raise ConfigError(
+                f"train.grad_clip: {clip} cannot be applied with distributed.mode: latents (each "
+                "process holds part of the gradient); set train.grad_clip=0"
+            )
         return part
 
     def inputs(self, batch, device):
@@ -189,8 +211,18 @@ class LatentParallel(OneProcess):
 
     def loss(self, sae, x, dead, own_loss):
         spec = sae.spec()
-        return sharded_topk_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, spec.k, self.dist, dead,
-                                 spec.k_aux, spec.aux_alpha)
+        return sharded_topk_loss(
+            x,
+            sae.W_enc,
+            sae.b_enc,
+            sae.W_dec,
+            sae.b_dec,
+            spec.k,
+            self.dist,
+            dead,
+            spec.k_aux,
+            spec.aux_alpha,
+        )
 
     def whole_counts(self, counts):
         return self.dist.sum_(counts)
@@ -202,7 +234,11 @@ class LatentParallel(OneProcess):
         return gather_latents(sae, self.dist)
 
 
-MODES: dict[str, type[OneProcess]] = {"data": DataParallel, "hooks": HookParallel, "latents": LatentParallel}
+MODES: dict[str, type[OneProcess]] = {
+    "data": DataParallel,
+    "hooks": HookParallel,
+    "latents": LatentParallel,
+}
 
 
 def parallelism(mode: str, dist: Dist, hooks: list[str]) -> OneProcess:
@@ -210,17 +246,24 @@ def parallelism(mode: str, dist: Dist, hooks: list[str]) -> OneProcess:
     return MODES[mode](dist, hooks) if dist.active else OneProcess(dist, hooks)
 
 
-def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool) -> SparseAutoencoder:
+def shard_latents(
+    sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool
+) -> SparseAutoencoder:
     """This rank's slice (latents [r M/w, (r+1) M/w)) of a TopK SAE, as a TopK SAE."""
     multi = getattr(sae.cfg, "multi_topk", False)
     if not sae.shards_latents or multi or autocast:
-        raise DistributedError(f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
-                               f"{name} is {sae.architecture}" + (" with multi_topk" if multi else "")
-                               + (" with train.autocast" if autocast else ""))
+        raise DistributedError(
+            f"distributed.mode: latents trains TopK SAEs without multi_topk and train.autocast; "
+            f"{name} is {sae.architecture}"
+            + (" with multi_topk" if multi else "")
+            + (" with train.autocast" if autocast else "")
+        )
     M = sae.cfg.num_latents
     if M % dist.world:
-        raise DistributedError(f"distributed.mode: latents: the {M} latents of {name} do not divide over "
-                               f"{dist.world} processes; use a latent count divisible by {dist.world}")
+        raise DistributedError(
+            f"distributed.mode: latents: the {M} latents of {name} do not divide over "
+            f"{dist.world} processes; use a latent count divisible by {dist.world}"
+        )
     m = M // dist.world
     part = type(sae)(replace(sae.cfg, num_latents=m), sae.d_in)
     mine = slice(dist.rank * m, (dist.rank + 1) * m)
@@ -233,8 +276,11 @@ def shard_latents(sae: SparseAutoencoder, dist: Dist, name: str, autocast: bool)
 
 def gather_latents(part: SparseAutoencoder, dist: Dist) -> SparseAutoencoder:
     """The whole SAE from every rank's slice (a collective: every rank calls it)."""
-    whole = type(part)(replace(part.cfg, num_latents=part.cfg.num_latents * dist.world), part.d_in,
-                       device=part.W_dec.device)
+    whole = type(part)(
+        replace(part.cfg, num_latents=part.cfg.num_latents * dist.world),
+        part.d_in,
+        device=part.W_dec.device,
+    )
     with torch.no_grad():
         for p_name in ("W_enc", "b_enc", "W_dec"):
             getattr(whole, p_name).copy_(dist.gather_rows(getattr(part, p_name).detach()))

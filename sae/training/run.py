@@ -50,10 +50,17 @@ def save_saes(trainer: Trainer, cfg: RunConfig, run_dir: Path) -> dict[str, Spar
     saes = {name: trainer.trained_sae(name) for name in trainer.saes}
     if trainer.dist.is_main or trainer.parallel.writes_own_saes:
         for name, sae in saes.items():
-            sae.save(run_dir / name, metadata={
-                "model_name": cfg.model.name_or_path, "hook_name": trainer.hook_of[name],
-                "context_size": cfg.data.context_tokens, "dataset_path": cfg.data.dataset,
-                "trained_steps": trainer.step_count, "trained_tokens": trainer.tokens_seen})
+            sae.save(
+                run_dir / name,
+                metadata={
+                    "model_name": cfg.model.name_or_path,
+                    "hook_name": trainer.hook_of[name],
+                    "context_size": cfg.data.context_tokens,
+                    "dataset_path": cfg.data.dataset,
+                    "trained_steps": trainer.step_count,
+                    "trained_tokens": trainer.tokens_seen,
+                },
+            )
     return saes
 
 
@@ -68,11 +75,15 @@ def stop_signals(log: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
         if requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         requested = True
-        log(f"\n{signal.Signals(signum).name}: stopping after this step, writing a checkpoint "
-            "(Ctrl-C again to quit without one)")
+        log(
+            f"\n{signal.Signals(signum).name}: stopping after this step, writing a checkpoint "
+            "(Ctrl-C again to quit without one)"
+        )
 
     previous = {}
-    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+    if (
+        threading.current_thread() is threading.main_thread()
+    ):  # signal handlers live in the main thread only
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, handle)
     try:
@@ -82,8 +93,12 @@ def stop_signals(log: Callable[[str], None]) -> Iterator[Callable[[], bool]]:
             signal.signal(signum, old)
 
 
-def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool = False,
-              dist: Dist | None = None) -> Path:
+def train_run(
+    cfg: RunConfig,
+    log: Callable[[str], None] = print,
+    resume: bool = False,
+    dist: Dist | None = None,
+) -> Path:
     """Harvest, train, save and evaluate as ``cfg`` says; returns the run folder.
 
     resume: continue the interrupted run in cfg's run folder from its checkpoint (use
@@ -97,8 +112,10 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
         log = _silent
     if dist.active:
         if cfg.train.batch_tokens % dist.world:
-            raise ConfigError(f"train.batch_tokens: {cfg.train.batch_tokens} does not divide over {dist.world} "
-                              f"processes; use a multiple of {dist.world}")
+            raise ConfigError(
+                f"train.batch_tokens: {cfg.train.batch_tokens} does not divide over {dist.world} "
+                f"processes; use a multiple of {dist.world}"
+            )
         # A run name made of the time must be the same on every rank: rank 0's.
         cfg.output.run_name = dist.gather_objects(cfg.output.run_name)[0]
     run_dir = Path(cfg.output.root) / cfg.output.run_name if resume else run_dir_for(cfg)
@@ -107,8 +124,15 @@ def train_run(cfg: RunConfig, log: Callable[[str], None] = print, resume: bool =
         with contextlib.ExitStack() as resources:  # closed before the folder is released
             return _train_claimed(cfg, run_dir, lock, resources, log, resume, dist)
     except Exception as e:
-        if lock is not None and not resume and not isinstance(e, TrainingStopped) and discard_failed_start(run_dir):
-            log(f"nothing of this run was kept: no checkpoint or SAE had been written, so {run_dir} is removed")
+        if (
+            lock is not None
+            and not resume
+            and not isinstance(e, TrainingStopped)
+            and discard_failed_start(run_dir)
+        ):
+            log(
+                f"nothing of this run was kept: no checkpoint or SAE had been written, so {run_dir} is removed"
+            )
         raise
     finally:
         if lock is not None:
@@ -131,8 +155,15 @@ def _claim(cfg: RunConfig, resume: bool, dist: Dist) -> FolderLock | None:
     return lock
 
 
-def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resources: contextlib.ExitStack,
-                   log: Callable[[str], None], resume: bool, dist: Dist) -> Path:
+def _train_claimed(
+    cfg: RunConfig,
+    run_dir: Path,
+    lock: FolderLock | None,
+    resources: contextlib.ExitStack,
+    log: Callable[[str], None],
+    resume: bool,
+    dist: Dist,
+) -> Path:
     """``train_run`` once the run folder is this run's (``lock``: rank 0's claim); what
     holds files open (the activation cache's writer) is closed through ``resources``."""
     checkpoint = load_checkpoint(run_dir, cfg, dist) if resume else None
@@ -141,67 +172,109 @@ def _train_claimed(cfg: RunConfig, run_dir: Path, lock: FolderLock | None, resou
     log(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
     check_eval_split(cfg)
     # checks hooks, data and cache before any work
-    buffer = activation_batches(cfg, model, tokenizer, resume=checkpoint.buffer_state if checkpoint else None,
-                                shard=dist.shard, progress=dist.is_main)
+    buffer = activation_batches(
+        cfg,
+        model,
+        tokenizer,
+        resume=checkpoint.buffer_state if checkpoint else None,
+        shard=dist.shard,
+        progress=dist.is_main,
+    )
     resources.callback(buffer.close)
     batches = iter(buffer)
-    log(f"data: {describe_split(d.dataset, d.split, d.subset)}, column {d.text_column!r}, {d.token_budget:,} tokens "
+    log(
+        f"data: {describe_split(d.dataset, d.split, d.subset)}, column {d.text_column!r}, {d.token_budget:,} tokens "
         f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}"
-        + (f"; {dist.world} processes, each harvesting 1 context in {dist.world}" if dist.active else ""))
+        + (
+            f"; {dist.world} processes, each harvesting 1 context in {dist.world}"
+            if dist.active
+            else ""
+        )
+    )
     start = time.perf_counter()
     first = first_batch(buffer, batches, run_dir, checkpoint.step if checkpoint else None, log)
     if dist.agree(first is None):
-        raise ConfigError(f"data: fewer activation vectors than one batch (train.batch_tokens = "
-                          f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data")
+        raise ConfigError(
+            f"data: fewer activation vectors than one batch (train.batch_tokens = "
+            f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data"
+        )
     # Special tokens are dropped, so slightly fewer batches than this arrive; the schedule
     # then ends a few percent before its final decay.
     total_steps = d.token_budget * h.cache_epochs // cfg.train.batch_tokens
-    trainer = Trainer(cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps,
-                      next(model.parameters()).device, dist)
-    if checkpoint is None and dist.is_main:  # data and SAE settings both work: only now is this a run worth a folder
+    trainer = Trainer(
+        cfg,
+        {hook: x.shape[1] for hook, x in first.items()},
+        total_steps,
+        next(model.parameters()).device,
+        dist,
+    )
+    if (
+        checkpoint is None and dist.is_main
+    ):  # data and SAE settings both work: only now is this a run worth a folder
         start_run_folder(cfg, run_dir, log)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
     step0 = trainer.step_count
-    logger = (TensorBoardLogger(run_dir / "tensorboard", resumed=trainer if checkpoint else None)
-              if cfg.output.tensorboard and dist.is_main else None)
+    logger = (
+        TensorBoardLogger(run_dir / "tensorboard", resumed=trainer if checkpoint else None)
+        if cfg.output.tensorboard and dist.is_main
+        else None
+    )
 
     try:
         with stop_signals(log) as stop_requested:
-            trainer.fit(in_step(itertools.chain([first], batches), dist), progress=dist.is_main,
-                        log_every=cfg.output.log_every_steps, on_log=logger,
-                        checkpoint_every=cfg.output.checkpoint_every_steps,
-                        on_checkpoint=checkpointer(cfg, run_dir, buffer, lock),
-                        stop_requested=lambda: dist.agree(stop_requested()))
+            trainer.fit(
+                in_step(itertools.chain([first], batches), dist),
+                progress=dist.is_main,
+                log_every=cfg.output.log_every_steps,
+                on_log=logger,
+                checkpoint_every=cfg.output.checkpoint_every_steps,
+                on_checkpoint=checkpointer(cfg, run_dir, buffer, lock),
+                stop_requested=lambda: dist.agree(stop_requested()),
+            )
     except TrainingStopped as e:
-        log(f"checkpoint after step {e.step:,} written to {run_dir}/{STATE_DIR}; continue with: "
-            f"python train.py --resume {run_dir}")
+        log(
+            f"checkpoint after step {e.step:,} written to {run_dir}/{STATE_DIR}; continue with: "
+            f"python train.py --resume {run_dir}"
+        )
         raise
     finally:
         if logger is not None:
             logger.close()
     steps, seconds = trainer.step_count - step0, time.perf_counter() - start
-    log(f"harvested and trained {steps} steps on {steps * cfg.train.batch_tokens:,} tokens per hook "
-        f"point in {seconds:.0f} s ({steps * cfg.train.batch_tokens / seconds:,.0f} tokens/s)")
+    log(
+        f"harvested and trained {steps} steps on {steps * cfg.train.batch_tokens:,} tokens per hook "
+        f"point in {seconds:.0f} s ({steps * cfg.train.batch_tokens / seconds:,.0f} tokens/s)"
+    )
     if not (dist.is_main or trainer.parallel.every_rank_saves):  # rank 0 saves and evaluates
         return run_dir
     finish_run(cfg, run_dir, trainer, model, tokenizer, log)
     return run_dir
 
 
-def finish_run(cfg: RunConfig, run_dir: Path, trainer: Trainer, model: PreTrainedModel,
-               tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None]) -> None:
+def finish_run(
+    cfg: RunConfig,
+    run_dir: Path,
+    trainer: Trainer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    log: Callable[[str], None],
+) -> None:
     """After the last step: save the SAEs, measure them on held-out text (rank 0), write
     metrics.json beside each, and drop the checkpoint."""
     dist = trainer.dist
     saes = save_saes(trainer, cfg, run_dir)
-    if trainer.parallel.writes_own_saes:  # rank 0 evaluates every SAE: the others' from their folders
+    if (
+        trainer.parallel.writes_own_saes
+    ):  # rank 0 evaluates every SAE: the others' from their folders
         dist.barrier()
         if dist.is_main:
             device = next(model.parameters()).device
-            saes = {name: saes[name] if name in saes else load_sae(run_dir / name, device=device)
-                    for name in trainer.all_saes}
+            saes = {
+                name: saes[name] if name in saes else load_sae(run_dir / name, device=device)
+                for name in trainer.all_saes
+            }
     if not dist.is_main:  # evaluation runs no collective: the others are done
         return
     if cfg.data.eval_split is None:
@@ -219,14 +292,22 @@ def finish_run(cfg: RunConfig, run_dir: Path, trainer: Trainer, model: PreTraine
     log(f"saved to {run_dir}/{where}/ (cfg.json, sae_weights.safetensors, metrics.json)")
 
 
-def checkpointer(cfg: RunConfig, run_dir: Path, buffer: ShuffleBuffer, lock: FolderLock | None) -> Callable[[Trainer], None]:
+def checkpointer(
+    cfg: RunConfig, run_dir: Path, buffer: ShuffleBuffer, lock: FolderLock | None
+) -> Callable[[Trainer], None]:
     """What the trainer calls to checkpoint: the state (``sae.training.checkpoint``) and the SAEs beside it."""
 
     def on_checkpoint(trainer: Trainer) -> None:
         if lock is not None:
             lock.check()  # the folder is still this run's: not deleted, not taken over
-        save_checkpoint(run_dir, cfg, trainer.state_dict(), buffer.state_dict(), trainer.dist,
-                        per_rank=trainer.parallel.every_rank_saves)
+        save_checkpoint(
+            run_dir,
+            cfg,
+            trainer.state_dict(),
+            buffer.state_dict(),
+            trainer.dist,
+            per_rank=trainer.parallel.every_rank_saves,
+        )
         if trainer.dist.is_main or trainer.parallel.every_rank_saves:
             save_saes(trainer, cfg, run_dir)
 
@@ -238,8 +319,10 @@ def start_run_folder(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) 
     save_run_config(cfg, run_dir)
     log(f"run folder: {run_dir} (resolved config in config.yaml)")
     if cfg.output.tensorboard and (moved := set_aside_old_events(run_dir / "tensorboard")):
-        log(f"this folder held a finished run of the same config: its SAEs are replaced (files beside them "
-            f"are kept), its TensorBoard curves moved to {moved}")
+        log(
+            f"this folder held a finished run of the same config: its SAEs are replaced (files beside them "
+            f"are kept), its TensorBoard curves moved to {moved}"
+        )
 
 
 def check_eval_split(cfg: RunConfig) -> None:
@@ -266,5 +349,3 @@ def in_step(batches: Iterable, dist: Dist) -> Iterator:
 
 def _silent(line: str) -> None:
     """The log of ranks other than 0."""
-
-

@@ -24,7 +24,7 @@ from sae.errors import CheckpointError, ConfigError, StorageError
 from sae.folder_lock import LOCK_FILE, FolderLock, describe_holder, holder_of
 
 STATE_DIR = "state"
-PARTS_DIR = ".state-parts"   # where ranks leave their buffers for rank 0 to move into state/
+PARTS_DIR = ".state-parts"  # where ranks leave their buffers for rank 0 to move into state/
 CONFIG_FILE = "config.yaml"
 
 
@@ -51,11 +51,15 @@ def run_dir_for(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.output.root) / cfg.output.run_name
     saved = run_dir / CONFIG_FILE
     if saved.exists() and resumable_config(saved_config(saved)) != resumable_config(cfg):
-        raise ConfigError(f"output.run_name: {str(run_dir)!r} already holds another run's config; "
-                          "choose another output.run_name")
+        raise ConfigError(
+            f"output.run_name: {str(run_dir)!r} already holds another run's config; "
+            "choose another output.run_name"
+        )
     if existing_folder(run_dir / STATE_DIR) is not None:
-        raise ConfigError(f"output.run_name: {str(run_dir)!r} holds an unfinished run; continue it with "
-                          f"--resume {run_dir}, or choose another output.run_name")
+        raise ConfigError(
+            f"output.run_name: {str(run_dir)!r} holds an unfinished run; continue it with "
+            f"--resume {run_dir}, or choose another output.run_name"
+        )
     return run_dir
 
 
@@ -67,23 +71,31 @@ def resume_config(run_dir: Path) -> RunConfig:
         raise ConfigError(f"--resume: {str(run_dir)!r} does not exist")
     saved = run_dir / CONFIG_FILE
     if not saved.is_file():
-        raise ConfigError(f"--resume: {str(run_dir)!r} is not a run folder (it has no {CONFIG_FILE})")
+        raise ConfigError(
+            f"--resume: {str(run_dir)!r} is not a run folder (it has no {CONFIG_FILE})"
+        )
     holder = holder_of(run_dir)
     if holder is not None:
-        raise ConfigError(f"--resume: the run in {str(run_dir)!r} is still running ({describe_holder(holder)})")
+        raise ConfigError(
+            f"--resume: the run in {str(run_dir)!r} is still running ({describe_holder(holder)})"
+        )
     cfg = saved_config(saved)
     cfg.output.root, cfg.output.run_name = str(run_dir.parent), run_dir.name
     if existing_folder(run_dir / STATE_DIR) is None:
         if any(run_dir.rglob("metrics.json")):
-            raise ConfigError(f"--resume: the run in {str(run_dir)!r} has already finished; its SAEs are in "
-                              f"{run_dir}/<hook>/")
+            raise ConfigError(
+                f"--resume: the run in {str(run_dir)!r} has already finished; its SAEs are in "
+                f"{run_dir}/<hook>/"
+            )
         raise no_checkpoint(run_dir)
     return cfg
 
 
 def no_checkpoint(run_dir: Path) -> CheckpointError:
-    return CheckpointError(f"--resume: {str(run_dir)!r} holds no checkpoint (a run writes one every "
-                       "output.checkpoint_every_steps steps and when stopped with Ctrl-C or SIGTERM)")
+    return CheckpointError(
+        f"--resume: {str(run_dir)!r} holds no checkpoint (a run writes one every "
+        "output.checkpoint_every_steps steps and when stopped with Ctrl-C or SIGTERM)"
+    )
 
 
 def claim_run_folder(cfg: RunConfig, resume: bool) -> FolderLock:
@@ -126,11 +138,16 @@ def discard_failed_start(run_dir: Path) -> bool:
     use (no checkpoint, no SAE): only its config.yaml and curves, which would block a
     corrected rerun under the same name. True if it removed them (a start that failed
     before writing config.yaml left nothing). Call while holding the folder."""
-    if (not (run_dir / CONFIG_FILE).exists() or existing_folder(run_dir / STATE_DIR) is not None
-            or any(run_dir.rglob("cfg.json"))):
+    if (
+        not (run_dir / CONFIG_FILE).exists()
+        or existing_folder(run_dir / STATE_DIR) is not None
+        or any(run_dir.rglob("cfg.json"))
+    ):
         return False
     for entry in run_dir.iterdir():
         if entry.name != LOCK_FILE:
             with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                shutil.rmtree(
+                    entry
+                ) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     return True

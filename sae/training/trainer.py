@@ -34,7 +34,9 @@ from sae.errors import (
 from sae.training.parallel import parallelism
 
 
-def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, decay_fraction: float) -> float:
+def learning_rate(
+    step: int, total_steps: int, peak: float, warmup_steps: int, decay_fraction: float
+) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
     warmup = min(warmup_steps, total_steps)
     decay_start = total_steps - int(decay_fraction * total_steps)
@@ -59,7 +61,9 @@ def geometric_median(x: torch.Tensor, iterations: int = 100, eps: float = 1e-8) 
     return m
 
 
-def make_sae(settings: SAEConfig, d_in: int, device: torch.device | str = "cpu") -> SparseAutoencoder:
+def make_sae(
+    settings: SAEConfig, d_in: int, device: torch.device | str = "cpu"
+) -> SparseAutoencoder:
     """The SAE ``settings`` (a config's sae section) describe for inputs of width d_in,
     initialized, not trained."""
     return ARCHITECTURES[settings.architecture](settings, d_in, device=device)
@@ -73,16 +77,19 @@ def sae_id(hook: str, variant: str) -> str:
 @dataclass
 class SAEState:
     """One SAE in training and everything its steps carry besides the batch."""
+
     sae: SparseAutoencoder
-    hook: str                     # the hook point it trains on
+    hook: str  # the hook point it trains on
     optimizer: torch.optim.Adam
     peak_lr: float
-    since_fired: torch.Tensor     # [M] long: tokens since each latent last fired (dead: >= train.dead_tokens)
-    window_fires: torch.Tensor    # [M] long: firings since the last density log
-    input_scale: torch.Tensor     # 0-d: s with E|x s| = sqrt(d), set on the first batch
-    nonfinite: torch.Tensor       # 0-d bool: inputs held NaN or inf since the last check
-    diverged: torch.Tensor        # 0-d bool: the loss was NaN or inf since the last check
-    window_tokens: int = 0        # tokens since the last density log
+    since_fired: (
+        torch.Tensor
+    )  # [M] long: tokens since each latent last fired (dead: >= train.dead_tokens)
+    window_fires: torch.Tensor  # [M] long: firings since the last density log
+    input_scale: torch.Tensor  # 0-d: s with E|x s| = sqrt(d), set on the first batch
+    nonfinite: torch.Tensor  # 0-d bool: inputs held NaN or inf since the last check
+    diverged: torch.Tensor  # 0-d bool: the loss was NaN or inf since the last check
+    window_tokens: int = 0  # tokens since the last density log
     workspace: torch.Tensor | None = None  # reused N x M pre-activation buffer
 
 
@@ -95,8 +102,14 @@ class Trainer:
     rows renormalized), inputs are scaled by one constant, and the gradient is clipped.
     """
 
-    def __init__(self, cfg: RunConfig, widths: dict[str, int], total_steps: int,
-                 device: torch.device | str = "cpu", dist: Dist | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        widths: dict[str, int],
+        total_steps: int,
+        device: torch.device | str = "cpu",
+        dist: Dist | None = None,
+    ):
         """dist: the processes this trainer is one of; None or a world of 1 for one process.
         With ``distributed.mode: data`` each steps on its share of every batch; with
         ``latents`` each holds a slice of every SAE's latents and trains on the whole batch
@@ -105,18 +118,26 @@ class Trainer:
         self.dist = dist or Dist()
         self.hooks = list(widths)
         self.parallel = parallelism(cfg.distributed.mode, self.dist, self.hooks)
-        self.densities: dict[str, torch.Tensor] = {}   # per SAE, set at each log step (for TensorBoard)
+        self.densities: dict[
+            str, torch.Tensor
+        ] = {}  # per SAE, set at each log step (for TensorBoard)
         self.step_count, self.tokens_seen = 0, 0
-        self.states: dict[str, SAEState] = {}   # this process's SAEs, by name
+        self.states: dict[str, SAEState] = {}  # this process's SAEs, by name
         self.checked_step = 0
         self.last_checkpoint_step: int | None = None
         # every SAE of the run, this process's or not: {name: hook point}
-        self.all_saes = {sae_id(hook, variant): hook for hook in widths for variant in sae_variants(cfg)}
+        self.all_saes = {
+            sae_id(hook, variant): hook for hook in widths for variant in sae_variants(cfg)
+        }
         for hook, d in widths.items():
             if not self.parallel.owns(hook):
                 continue
             for variant, settings in sae_variants(cfg).items():
-                self._add(sae_id(hook, variant), hook, make_sae(settings, d, self.parallel.build_device(self.device)))
+                self._add(
+                    sae_id(hook, variant),
+                    hook,
+                    make_sae(settings, d, self.parallel.build_device(self.device)),
+                )
 
     def _add(self, name: str, hook: str, sae: SparseAutoencoder) -> None:
         """Register ``sae`` as ``name``, trained on the activations at ``hook``."""
@@ -127,14 +148,21 @@ class Trainer:
         sae = self.parallel.prepare(sae, name, self.cfg.train, self.device)
         M, dev = sae.cfg.num_latents, self.device
         self.states[name] = SAEState(
-            sae=sae, hook=hook, peak_lr=peak_lr,
-            optimizer=torch.optim.Adam(sae.parameters(), lr=peak_lr, betas=sae.adam_betas,
-                                       fused=dev.type in ("cuda", "cpu")),
+            sae=sae,
+            hook=hook,
+            peak_lr=peak_lr,
+            optimizer=torch.optim.Adam(
+                sae.parameters(),
+                lr=peak_lr,
+                betas=sae.adam_betas,
+                fused=dev.type in ("cuda", "cpu"),
+            ),
             since_fired=torch.zeros(M, dtype=torch.long, device=dev),
             window_fires=torch.zeros(M, dtype=torch.long, device=dev),
             input_scale=torch.ones((), device=dev),
             nonfinite=torch.zeros((), dtype=torch.bool, device=dev),
-            diverged=torch.zeros((), dtype=torch.bool, device=dev))
+            diverged=torch.zeros((), dtype=torch.bool, device=dev),
+        )
 
     @property
     def saes(self) -> dict[str, SparseAutoencoder]:
@@ -178,17 +206,23 @@ class Trainer:
                 x = x * self.states[name].input_scale
             totals = self.parallel.totals(x)
             dead = self.states[name].since_fired >= self.cfg.train.dead_tokens
-            loss, fvu, fires = self.parallel.loss(sae, x, dead, partial(self._loss, name, sae, x, dead, totals))
+            loss, fvu, fires = self.parallel.loss(
+                sae, x, dead, partial(self._loss, name, sae, x, dead, totals)
+            )
             self.states[name].diverged |= ~torch.isfinite(loss.detach())
             loss.backward()
             n = totals.n if totals is not None else x.shape[0]
             loss, fvu, fires = self._update(name, sae, loss, fvu, fires, n)
             fired, n_dead = self.parallel.whole_counts(torch.stack([fires.sum(), dead.sum()]))
-            stats[name] = {"loss": loss.detach(), "fvu": fvu, "l0": fired / n,
-                           # Not fired for train.dead_tokens (what AuxK trains); the held-out
-                           # "dead_fraction" is another count: never fired on the evaluation text.
-                           "silent_fraction": n_dead / (dead.numel() * self.parallel.latent_shares),
-                           "lr": self.states[name].optimizer.param_groups[0]["lr"]}
+            stats[name] = {
+                "loss": loss.detach(),
+                "fvu": fvu,
+                "l0": fired / n,
+                # Not fired for train.dead_tokens (what AuxK trains); the held-out
+                # "dead_fraction" is another count: never fired on the evaluation text.
+                "silent_fraction": n_dead / (dead.numel() * self.parallel.latent_shares),
+                "lr": self.states[name].optimizer.param_groups[0]["lr"],
+            }
         self.step_count += 1
         self.tokens_seen += self.cfg.train.batch_tokens
         return stats
@@ -198,23 +232,48 @@ class Trainer:
         """First step only: the input scale (recipes that scale inputs) and b_dec at the
         geometric median of the first batch (recipes that subtract b_dec first)."""
         if self.scales_inputs(name):
-            norms = self.parallel.batch_sum(torch.stack([x.norm(dim=1).sum(),
-                                                         torch.tensor(x.shape[0], device=x.device)]))
+            norms = self.parallel.batch_sum(
+                torch.stack([x.norm(dim=1).sum(), torch.tensor(x.shape[0], device=x.device)])
+            )
             self.states[name].input_scale.copy_(x.shape[1] ** 0.5 / (norms[0] / norms[1]))
         if sae.apply_b_dec_to_input:
-            sae.b_dec.copy_(geometric_median(self.parallel.batch_rows(x) * self.states[name].input_scale))
+            sae.b_dec.copy_(
+                geometric_median(self.parallel.batch_rows(x) * self.states[name].input_scale)
+            )
 
-    def _loss(self, name: str, sae: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor,
-              totals: BatchTotals | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss(
+        self,
+        name: str,
+        sae: SparseAutoencoder,
+        x: torch.Tensor,
+        dead: torch.Tensor,
+        totals: BatchTotals | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, fvu, fires [M]) of one SAE on x [n, d]: its architecture's loss."""
-        ws = (self._workspace(name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype)
-              if sae.uses_workspace else None)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast):
-            return sae.training_loss(x, dead, ws, progress=self.step_count / self.total_steps, totals=totals)
+        ws = (
+            self._workspace(
+                name, x.shape[0], torch.bfloat16 if self.cfg.train.autocast else x.dtype
+            )
+            if sae.uses_workspace
+            else None
+        )
+        with torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.autocast
+        ):
+            return sae.training_loss(
+                x, dead, ws, progress=self.step_count / self.total_steps, totals=totals
+            )
 
     @torch.no_grad()
-    def _update(self, name: str, sae: SparseAutoencoder, loss: torch.Tensor, fvu: torch.Tensor,
-                fires: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _update(
+        self,
+        name: str,
+        sae: SparseAutoencoder,
+        loss: torch.Tensor,
+        fvu: torch.Tensor,
+        fires: torch.Tensor,
+        n: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The optimizer step after backward: shares' gradients summed (data parallel), the
         decoder kept at unit norm where the recipe says so, clipping, the scheduled learning
         rate; then the firing counters. Returns (loss, fvu, fires) of the whole batch."""
@@ -228,8 +287,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
         opt = self.states[name].optimizer
         for group in opt.param_groups:
-            group["lr"] = learning_rate(self.step_count, self.total_steps, self.states[name].peak_lr,
-                                        self.cfg.train.warmup_steps, self.cfg.train.decay_fraction)
+            group["lr"] = learning_rate(
+                self.step_count,
+                self.total_steps,
+                self.states[name].peak_lr,
+                self.cfg.train.warmup_steps,
+                self.cfg.train.decay_fraction,
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sae.unit_norm_decoder:
@@ -254,22 +318,35 @@ class Trainer:
 
         Called before every checkpoint, so a checkpoint never holds a diverged state.
         """
-        kept = (f"; the last good checkpoint (step {self.last_checkpoint_step}) is kept"
-                if self.last_checkpoint_step is not None else "")
+        kept = (
+            f"; the last good checkpoint (step {self.last_checkpoint_step}) is kept"
+            if self.last_checkpoint_step is not None
+            else ""
+        )
         if self.dist.active:  # all processes stop together, or none does
-            flags = torch.stack([torch.stack([st.nonfinite for st in self.states.values()]).any(),
-                                 torch.stack([st.diverged for st in self.states.values()]).any()]).long()
+            flags = torch.stack(
+                [
+                    torch.stack([st.nonfinite for st in self.states.values()]).any(),
+                    torch.stack([st.diverged for st in self.states.values()]).any(),
+                ]
+            ).long()
             if self.dist.max_(flags.clone()).any() and not flags.any():
-                raise DivergedError(f"another process saw NaN or inf in steps {self.checked_step}..{self.step_count - 1}"
-                                  f"; see its message{kept}")
+                raise DivergedError(
+                    f"another process saw NaN or inf in steps {self.checked_step}..{self.step_count - 1}"
+                    f"; see its message{kept}"
+                )
         for hook in self.saes:
             steps = f"steps {self.checked_step}..{self.step_count - 1}"
             if self.states[hook].nonfinite:
-                raise DivergedError(f"activations at {self.states[hook].hook} held NaN or inf in {steps}; check model.dtype or drop "
-                                  f"outliers with harvest.max_norm_ratio{kept}")
+                raise DivergedError(
+                    f"activations at {self.states[hook].hook} held NaN or inf in {steps}; check model.dtype or drop "
+                    f"outliers with harvest.max_norm_ratio{kept}"
+                )
             if self.states[hook].diverged:
-                raise DivergedError(f"training of the SAE at {hook} diverged (loss NaN or inf) in {steps}; "
-                                  f"lower train.lr{kept}")
+                raise DivergedError(
+                    f"training of the SAE at {hook} diverged (loss NaN or inf) in {steps}; "
+                    f"lower train.lr{kept}"
+                )
         self.checked_step = self.step_count
 
     # ---- resumable state -----------------------------------------------------------
@@ -287,20 +364,28 @@ class Trainer:
             tensors[f"{hook}/window_fires"] = self.states[hook].window_fires
             tensors[f"{hook}/input_scale"] = self.states[hook].input_scale
         tensors["torch_rng"] = torch.get_rng_state()
-        meta = {"step": self.step_count, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
-                "checked_step": self.checked_step,
-                "window_tokens": {name: st.window_tokens for name, st in self.states.items()},
-                "widths": {hook: sae.d_in for hook, sae in self.saes.items()},
-                "num_latents": {hook: sae.cfg.num_latents for hook, sae in self.saes.items()}}
+        meta = {
+            "step": self.step_count,
+            "tokens_seen": self.tokens_seen,
+            "total_steps": self.total_steps,
+            "checked_step": self.checked_step,
+            "window_tokens": {name: st.window_tokens for name, st in self.states.items()},
+            "widths": {hook: sae.d_in for hook, sae in self.saes.items()},
+            "num_latents": {hook: sae.cfg.num_latents for hook, sae in self.saes.items()},
+        }
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Restore ``state_dict()``'s output; a state for other hooks or shapes is refused in one line."""
         mine = {hook: (sae.d_in, sae.cfg.num_latents) for hook, sae in self.saes.items()}
-        theirs = {hook: (meta["widths"][hook], meta["num_latents"][hook]) for hook in meta["widths"]}
+        theirs = {
+            hook: (meta["widths"][hook], meta["num_latents"][hook]) for hook in meta["widths"]
+        }
         if mine != theirs or meta["total_steps"] != self.total_steps:
-            raise CheckpointError(f"resume: the checkpoint holds SAEs {theirs} over {meta['total_steps']} steps "
-                              f"(hook: (d_in, latents)), this config makes {mine} over {self.total_steps}")
+            raise CheckpointError(
+                f"resume: the checkpoint holds SAEs {theirs} over {meta['total_steps']} steps "
+                f"(hook: (d_in, latents)), this config makes {mine} over {self.total_steps}"
+            )
         self._check_state_shapes(tensors, stepped=meta["step"] > 0)
         for hook, sae in self.saes.items():
             sae.load_state_dict({name: tensors[f"{hook}/sae/{name}"] for name in sae.state_dict()})
@@ -328,23 +413,40 @@ class Trainer:
         for hook, sae in self.saes.items():
             params = list(sae.parameters())  # Adam numbers its state by this order
             expected |= {f"{hook}/sae/{name}": t.shape for name, t in sae.state_dict().items()}
-            expected |= {f"{hook}/{name}": getattr(self.states[hook], name).shape
-                         for name in ("since_fired", "window_fires", "input_scale")}
+            expected |= {
+                f"{hook}/{name}": getattr(self.states[hook], name).shape
+                for name in ("since_fired", "window_fires", "input_scale")
+            }
             saved = [key for key in tensors if key.startswith(f"{hook}/adam/")]
-            slots = {key.rsplit("/", 1)[1] for key in saved} or ({"step", "exp_avg", "exp_avg_sq"} if stepped else set())
+            slots = {key.rsplit("/", 1)[1] for key in saved} or (
+                {"step", "exp_avg", "exp_avg_sq"} if stepped else set()
+            )
             for i, p in enumerate(params):
-                expected |= {f"{hook}/adam/{i}/{slot}": torch.Size([]) if slot == "step" else p.shape for slot in slots}
-            expected |= {key: None for key in saved if key not in expected}  # a parameter this SAE lacks
+                expected |= {
+                    f"{hook}/adam/{i}/{slot}": torch.Size([]) if slot == "step" else p.shape
+                    for slot in slots
+                }
+            expected |= {
+                key: None for key in saved if key not in expected
+            }  # a parameter this SAE lacks
         for key, shape in expected.items():
             got = tuple(tensors[key].shape) if key in tensors else None
             if shape is None or got != tuple(shape):
-                raise CheckpointError(f"resume: the checkpoint's {key} has shape {got}, this run needs "
-                                  f"{None if shape is None else tuple(shape)}; the checkpoint is damaged or belongs to another run")
+                raise CheckpointError(
+                    f"resume: the checkpoint's {key} has shape {got}, this run needs "
+                    f"{None if shape is None else tuple(shape)}; the checkpoint is damaged or belongs to another run"
+                )
 
-    def fit(self, batches, progress: bool = True, log_every: int = 50,
-            on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None = None,
-            checkpoint_every: int | None = None, on_checkpoint: Callable[[Trainer], None] | None = None,
-            stop_requested: Callable[[], bool] = lambda: False) -> dict[str, dict[str, float]]:
+    def fit(
+        self,
+        batches,
+        progress: bool = True,
+        log_every: int = 50,
+        on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None = None,
+        checkpoint_every: int | None = None,
+        on_checkpoint: Callable[[Trainer], None] | None = None,
+        stop_requested: Callable[[], bool] = lambda: False,
+    ) -> dict[str, dict[str, float]]:
         """Steps over ``batches`` until total_steps; returns the last stats as floats.
 
         Every ``log_every`` steps (the loop's only host syncs) the progress bar is refreshed
@@ -357,8 +459,14 @@ class Trainer:
         batch_tokens = self.cfg.train.batch_tokens
         stats, logged = None, self.step_count
         # Counted in tokens so the bar shows tokens/s and an ETA.
-        with tqdm(total=self.total_steps * batch_tokens, initial=self.step_count * batch_tokens, desc="train",
-                  unit="tok", unit_scale=True, disable=not progress) as bar:
+        with tqdm(
+            total=self.total_steps * batch_tokens,
+            initial=self.step_count * batch_tokens,
+            desc="train",
+            unit="tok",
+            unit_scale=True,
+            disable=not progress,
+        ) as bar:
             for batch in batches:
                 if self.step_count >= self.total_steps:
                     break
@@ -368,7 +476,11 @@ class Trainer:
                     last, logged = self._log(stats, bar, on_log), self.step_count
                 stop = stop_requested()
                 due = checkpoint_every is not None and self.step_count % checkpoint_every == 0
-                if on_checkpoint is not None and (stop or due) and self.step_count < self.total_steps:
+                if (
+                    on_checkpoint is not None
+                    and (stop or due)
+                    and self.step_count < self.total_steps
+                ):
                     self.check_finite()
                     on_checkpoint(self)
                     self.last_checkpoint_step = self.step_count
@@ -383,16 +495,27 @@ class Trainer:
         self.check_finite()
         return last
 
-    def _log(self, stats: dict[str, dict[str, torch.Tensor]], bar: tqdm,
-             on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None) -> dict[str, dict[str, float]]:
+    def _log(
+        self,
+        stats: dict[str, dict[str, torch.Tensor]],
+        bar: tqdm,
+        on_log: Callable[[Trainer, dict[str, dict[str, float]]], None] | None,
+    ) -> dict[str, dict[str, float]]:
         """Check the state, show ``stats`` (this step's) on the bar and hand them to ``on_log``."""
         self.check_finite()
         last = {h: {k: float(v) for k, v in s.items()} for h, s in stats.items()}
         self.densities = self.take_window_densities()
-        last = self.parallel.gather_stats(last)   # every process's SAEs, for the progress bar and the log
+        last = self.parallel.gather_stats(
+            last
+        )  # every process's SAEs, for the progress bar and the log
         first = next(iter(last.values()))
-        bar.set_postfix(step=self.step_count, loss=f"{first['loss']:.3g}", fvu=f"{first['fvu']:.3f}",
-                        l0=f"{first['l0']:.1f}", silent=f"{first['silent_fraction']:.1%}")
+        bar.set_postfix(
+            step=self.step_count,
+            loss=f"{first['loss']:.3g}",
+            fvu=f"{first['fvu']:.3f}",
+            l0=f"{first['l0']:.1f}",
+            silent=f"{first['silent_fraction']:.1%}",
+        )
         if on_log is not None:
             on_log(self, last)
         return last
@@ -420,7 +543,10 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(folder), purge_step=resumed.step_count if resumed else None)
-        self.last_time, self.last_tokens = time.perf_counter(), resumed.tokens_seen if resumed else 0
+        self.last_time, self.last_tokens = (
+            time.perf_counter(),
+            resumed.tokens_seen if resumed else 0,
+        )
 
     def __call__(self, trainer: Trainer, stats: dict[str, dict[str, float]]) -> None:
         step, now = trainer.step_count, time.perf_counter()
@@ -430,8 +556,12 @@ class TensorBoardLogger:
             for name, value in values.items():
                 self.writer.add_scalar(f"{hook}/{name}", value, step)
             density = trainer.densities[hook]
-            self.writer.add_scalar(f"{hook}/dense_fraction", (density > 0.1).double().mean().item(), step)
-            self.writer.add_histogram(f"{hook}/log10_density", torch.log10(density.clamp_min(1e-10)).cpu(), step)
+            self.writer.add_scalar(
+                f"{hook}/dense_fraction", (density > 0.1).double().mean().item(), step
+            )
+            self.writer.add_histogram(
+                f"{hook}/log10_density", torch.log10(density.clamp_min(1e-10)).cpu(), step
+            )
         self.writer.add_scalar("tokens_per_s", rate, step)
         self.writer.flush()
 
