@@ -126,56 +126,17 @@ def write(stored: StoredSAE, folder: Path) -> None:
 
 
 def read(folder: Path, cfg: dict) -> StoredSAE:
+    """The SAELens SAE in ``folder`` (``cfg``: its cfg.json), with our cfg.json; refused in
+    one line when it computes something our SAEs cannot."""
     where = folder / CONFIG_FILE
     meta = cfg.get("metadata") or cfg.get("meta") or {}  # "meta" in 6.0 release candidates
 
     def field(key):  # metadata block (>= 6.0) or top level (older files)
         return meta[key] if key in meta else cfg.get(key)
 
-    arch = cfg.get("architecture", "standard")
-    act = cfg.get("activation_fn_str", cfg.get("activation_fn"))
-    if arch == "standard" and act == "topk":
-        arch = "topk"
-    elif act not in (None, "relu", "topk"):
-        raise ConfigError(
-            f"{where}: activation function {act!r} is not supported; SAEs with relu or topk are"
-        )
-    if arch not in TO_OURS:
-        raise ConfigError(
-            f"{where}: architecture {arch!r} is not supported; SAELens SAEs of architecture "
-            f"{', '.join(sorted(TO_OURS))} are"
-        )
-    if cfg.get("reshape_activations") not in (None, "none") or field("hook_head_index") is not None:
-        raise ConfigError(
-            f"{where}: per-head (hook_z) SAEs are not supported; residual, MLP and attention "
-            "output SAEs are"
-        )
-    norm = cfg.get("normalize_activations", "none")
-    if norm not in _NORMALIZE:
-        raise ConfigError(
-            f"{where}: normalize_activations {norm!r} (a per-token normalisation) is not supported; "
-            "none and expected_average_only_in are"
-        )
-    missing = [k for k in ("d_in", "d_sae") if not isinstance(cfg.get(k), int)]
-    if missing:
-        raise ConfigError(
-            f"{where}: no integer {', '.join(missing)}; not a complete SAELens config"
-        )
+    arch, norm = _supported(cfg, where, field("hook_head_index"))
     d, M = cfg["d_in"], cfg["d_sae"]
-
-    weights = folder / WEIGHTS_FILE
-    file_tensors = read_tensors(weights)
-    shapes = {"W_enc": (d, M), "W_dec": (M, d), "b_enc": (M,), "b_dec": (d,)}
-    if arch == "jumprelu":
-        shapes["threshold"] = (M,)
-    for name, shape in shapes.items():
-        got = tuple(file_tensors[name].shape) if name in file_tensors else None
-        if got != shape:
-            raise ConfigError(
-                f"{weights}: {name} has shape {got}, cfg.json says {shape} (d_in {d}, d_sae {M})"
-            )
-    tensors = {name: file_tensors[name] for name in shapes}
-
+    tensors, weights, file_tensors = _read_weights(folder, d, M, arch == "jumprelu")
     folded = _fold(
         tensors,
         file_tensors.get("scaling_factor"),
@@ -204,6 +165,60 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
     if isinstance(carried, dict) and not folded and _agrees(carried, cfg):
         native = carried  # a file we wrote: restore our cfg exactly
     return StoredSAE(native, tensors, folder, NAME, weights)
+
+
+def _supported(cfg: dict, where: Path, head_index: int | None) -> tuple[str, str]:
+    """(SAELens architecture, normalize_activations) of a cfg.json whose SAE we can read
+    (pre-6.0 topk files say standard with activation_fn topk); else one line saying why not."""
+    arch = cfg.get("architecture", "standard")
+    act = cfg.get("activation_fn_str", cfg.get("activation_fn"))
+    if arch == "standard" and act == "topk":
+        arch = "topk"
+    elif act not in (None, "relu", "topk"):
+        raise ConfigError(
+            f"{where}: activation function {act!r} is not supported; SAEs with relu or topk are"
+        )
+    if arch not in TO_OURS:
+        raise ConfigError(
+            f"{where}: architecture {arch!r} is not supported; SAELens SAEs of architecture "
+            f"{', '.join(sorted(TO_OURS))} are"
+        )
+    if cfg.get("reshape_activations") not in (None, "none") or head_index is not None:
+        raise ConfigError(
+            f"{where}: per-head (hook_z) SAEs are not supported; residual, MLP and attention "
+            "output SAEs are"
+        )
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in _NORMALIZE:
+        raise ConfigError(
+            f"{where}: normalize_activations {norm!r} (a per-token normalisation) is not supported; "
+            "none and expected_average_only_in are"
+        )
+    missing = [k for k in ("d_in", "d_sae") if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise ConfigError(
+            f"{where}: no integer {', '.join(missing)}; not a complete SAELens config"
+        )
+    return arch, norm
+
+
+def _read_weights(
+    folder: Path, d: int, M: int, threshold: bool
+) -> tuple[dict[str, torch.Tensor], Path, dict[str, torch.Tensor]]:
+    """(the SAE's tensors, the weights file, every tensor in it): W_enc [d, M], W_dec [M, d],
+    b_enc [M], b_dec [d] and with ``threshold`` threshold [M], each checked for its shape."""
+    weights = folder / WEIGHTS_FILE
+    file_tensors = read_tensors(weights)
+    shapes = {"W_enc": (d, M), "W_dec": (M, d), "b_enc": (M,), "b_dec": (d,)}
+    if threshold:
+        shapes["threshold"] = (M,)
+    for name, shape in shapes.items():
+        got = tuple(file_tensors[name].shape) if name in file_tensors else None
+        if got != shape:
+            raise ConfigError(
+                f"{weights}: {name} has shape {got}, cfg.json says {shape} (d_in {d}, d_sae {M})"
+            )
+    return {name: file_tensors[name] for name in shapes}, weights, file_tensors
 
 
 def _agrees(carried: dict, cfg: dict) -> bool:

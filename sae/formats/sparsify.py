@@ -49,7 +49,54 @@ _UNSUPPORTED = {
 
 
 def read(folder: Path, cfg: dict) -> StoredSAE:
-    where = folder / CONFIG_FILE
+    """The sparsify SAE in ``folder`` (``cfg``: its cfg.json), with our cfg.json; refused
+    in one line when it is not a plain TopK SAE."""
+    d, k, M = _shape(cfg, folder / CONFIG_FILE)
+    weights = folder / WEIGHTS_FILE
+    t = read_tensors(weights)
+    for name, shape in {
+        "encoder.weight": (M, d),
+        "encoder.bias": (M,),
+        "W_dec": (M, d),
+        "b_dec": (d,),
+    }.items():
+        got = tuple(t[name].shape) if name in t else None
+        if got != shape:
+            raise ConfigError(
+                f"{weights}: {name} has shape {got}, cfg.json says {shape} (d_in {d}, {M} latents)"
+            )
+    tensors = {
+        "W_enc": t["encoder.weight"].t(),
+        "b_enc": t["encoder.bias"],
+        "W_dec": t["W_dec"],
+        "b_dec": t["b_dec"],
+    }
+    carried = read_json(folder / CARRIED_FILE) if (folder / CARRIED_FILE).is_file() else None
+    if carried is not None and _agrees(carried, cfg):
+        return StoredSAE(carried, tensors, folder, NAME, weights)  # a folder we wrote
+    run = _run_config(folder)
+    settings = TopKConfig(num_latents=M, k=k, multi_topk=bool(cfg.get("multi_topk")))
+    native = {
+        **stored_settings(settings, d),
+        "d_sae": M,
+        "apply_b_dec_to_input": True,
+        "dtype": dtype_name(t["W_dec"].dtype),
+        "metadata": imported_metadata(
+            NAME,
+            folder.name,
+            to_ours(folder.name),
+            run.get("model"),
+            run.get("dataset"),
+            run.get("ctx_len"),
+            dataset_split=run.get("split"),
+            text_column=run.get("text_column"),
+        ),
+    }
+    return StoredSAE(native, tensors, folder, NAME, weights)
+
+
+def _shape(cfg: dict, where: Path) -> tuple[int, int, int]:
+    """(d_in, k, latents) of a plain TopK SAE's cfg.json; else one line saying why not."""
     activation = cfg.get("activation", "topk")
     if activation != "topk":
         raise ConfigError(
@@ -76,49 +123,7 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
         raise ConfigError(
             f"{where}: no integer {', '.join(missing)}; not a complete sparsify config"
         )
-
-    weights = folder / WEIGHTS_FILE
-    t = read_tensors(weights)
-    for name, shape in {
-        "encoder.weight": (M, d),
-        "encoder.bias": (M,),
-        "W_dec": (M, d),
-        "b_dec": (d,),
-    }.items():
-        got = tuple(t[name].shape) if name in t else None
-        if got != shape:
-            raise ConfigError(
-                f"{weights}: {name} has shape {got}, cfg.json says {shape} (d_in {d}, {M} latents)"
-            )
-    tensors = {
-        "W_enc": t["encoder.weight"].t(),
-        "b_enc": t["encoder.bias"],
-        "W_dec": t["W_dec"],
-        "b_dec": t["b_dec"],
-    }
-
-    carried = read_json(folder / CARRIED_FILE) if (folder / CARRIED_FILE).is_file() else None
-    if carried is not None and _agrees(carried, cfg):
-        return StoredSAE(carried, tensors, folder, NAME, weights)  # a folder we wrote
-    run = _run_config(folder)
-    settings = TopKConfig(num_latents=M, k=k, multi_topk=bool(cfg.get("multi_topk")))
-    native = {
-        **stored_settings(settings, d),
-        "d_sae": M,
-        "apply_b_dec_to_input": True,
-        "dtype": dtype_name(t["W_dec"].dtype),
-        "metadata": imported_metadata(
-            NAME,
-            folder.name,
-            to_ours(folder.name),
-            run.get("model"),
-            run.get("dataset"),
-            run.get("ctx_len"),
-            dataset_split=run.get("split"),
-            text_column=run.get("text_column"),
-        ),
-    }
-    return StoredSAE(native, tensors, folder, NAME, weights)
+    return d, k, M
 
 
 def sparsify_cfg(native: dict) -> dict:

@@ -83,30 +83,13 @@ def save_checkpoint(
         buffer_metas = dist.gather_objects(buffer_state["meta"])  # also: every part is on disk now
         trainer_metas = dist.gather_objects(meta) if per_rank else [meta]
         if dist.is_main:
-            doc = {
-                "format": FORMAT,
-                "config": resumable_config(cfg),
-                "trainer": meta,
-                "world_size": dist.world,
-                "trainer_per_rank": per_rank,
-            }
-            if per_rank:
-                doc["trainers"] = trainer_metas  # each rank's SAEs (and step counters, the same)
-            if dist.active:
-                doc["buffers"] = buffer_metas  # one data position per rank
-            else:
-                doc["buffer"] = buffer_metas[0]
+            doc = _state_doc(cfg, meta, buffer_metas, trainer_metas, dist.world, per_rank)
 
             def fill(tmp: Path) -> None:
                 if not per_rank:
                     save_tensors(tensors, tmp / "trainer.safetensors")
                 if dist.active:
-                    for r in range(dist.world):
-                        for kind in ("buffer", "trainer") if per_rank else ("buffer",):
-                            os.replace(
-                                parts / rank_file(kind, r, dist.world),
-                                tmp / rank_file(kind, r, dist.world),
-                            )
+                    _move_parts_in(parts, tmp, dist.world, per_rank)
                 else:
                     save_tensors(buffer_tensors, tmp / rank_file("buffer", 0, 1))
                 (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -118,6 +101,39 @@ def save_checkpoint(
             f"output.root: cannot write the checkpoint in {str(run_dir)!r}: {e.strerror}"
         ) from None
     dist.barrier()
+
+
+def _state_doc(
+    cfg: RunConfig,
+    meta: dict,
+    buffer_metas: list[dict],
+    trainer_metas: list[dict],
+    world: int,
+    per_rank: bool,
+) -> dict:
+    """state.json: the format, the run's resumable config, and the trainer's and each
+    rank's buffer's positions."""
+    doc = {
+        "format": FORMAT,
+        "config": resumable_config(cfg),
+        "trainer": meta,
+        "world_size": world,
+        "trainer_per_rank": per_rank,
+    }
+    if per_rank:
+        doc["trainers"] = trainer_metas  # each rank's SAEs (and step counters, the same)
+    if world > 1:
+        doc["buffers"] = buffer_metas  # one data position per rank
+    else:
+        doc["buffer"] = buffer_metas[0]
+    return doc
+
+
+def _move_parts_in(parts: Path, folder: Path, world: int, per_rank: bool) -> None:
+    """Move every rank's files from ``parts`` into the new state folder."""
+    for r in range(world):
+        for kind in ("buffer", "trainer") if per_rank else ("buffer",):
+            os.replace(parts / rank_file(kind, r, world), folder / rank_file(kind, r, world))
 
 
 def rank_file(kind: str, rank: int, world: int) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sae.activations.buffer import ShuffleBuffer
@@ -27,7 +28,7 @@ from sae.evaluation.heldout import evaluate_run, print_metrics
 from sae.folder_lock import FolderLock
 from sae.formats import load_sae
 from sae.models.loading import load_model, model_summary
-from sae.training.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from sae.training.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from sae.training.run_folder import (
     STATE_DIR,
     claim_run_folder,
@@ -167,7 +168,6 @@ def _train_claimed(
     """``train_run`` once the run folder is this run's (``lock``: rank 0's claim); what
     holds files open (the activation cache's writer) is closed through ``resources``."""
     checkpoint = load_checkpoint(run_dir, cfg, dist) if resume else None
-    d, h = cfg.data, cfg.harvest
     model, tokenizer = load_model(replace(cfg.model, device=dist.device_setting(cfg.model.device)))
     log(f"model: {cfg.model.name_or_path} -> {model_summary(model)}")
     check_eval_split(cfg)
@@ -181,8 +181,36 @@ def _train_claimed(
         progress=dist.is_main,
     )
     resources.callback(buffer.close)
+    log(_data_line(cfg, dist))
+    start = time.perf_counter()
     batches = iter(buffer)
+    first = first_batch(buffer, batches, run_dir, checkpoint.step if checkpoint else None, log)
+    if dist.agree(first is None):
+        raise ConfigError(
+            f"data: fewer activation vectors than one batch (train.batch_tokens = "
+            f"{cfg.train.batch_tokens}) came out of {cfg.data.dataset}; raise data.token_budget or use more data"
+        )
+    trainer = _start_trainer(
+        cfg, run_dir, first, next(model.parameters()).device, checkpoint, dist, log
+    )
+    step0 = trainer.step_count
+    on_checkpoint = checkpointer(cfg, run_dir, buffer, lock)
+    _fit(trainer, cfg, run_dir, itertools.chain([first], batches), on_checkpoint, log)
+    steps, seconds = trainer.step_count - step0, time.perf_counter() - start
     log(
+        f"harvested and trained {steps} steps on {steps * cfg.train.batch_tokens:,} tokens per hook "
+        f"point in {seconds:.0f} s ({steps * cfg.train.batch_tokens / seconds:,.0f} tokens/s)"
+    )
+    if not (dist.is_main or trainer.parallel.every_rank_saves):  # rank 0 saves and evaluates
+        return run_dir
+    finish_run(cfg, run_dir, trainer, model, tokenizer, log)
+    return run_dir
+
+
+def _data_line(cfg: RunConfig, dist: Dist) -> str:
+    """The log line that says what the run reads."""
+    d = cfg.data
+    return (
         f"data: {describe_split(d.dataset, d.split, d.subset)}, column {d.text_column!r}, {d.token_budget:,} tokens "
         f"in contexts of {d.context_tokens}; hooks: {', '.join(cfg.hooks)}"
         + (
@@ -191,46 +219,62 @@ def _train_claimed(
             else ""
         )
     )
-    start = time.perf_counter()
-    first = first_batch(buffer, batches, run_dir, checkpoint.step if checkpoint else None, log)
-    if dist.agree(first is None):
-        raise ConfigError(
-            f"data: fewer activation vectors than one batch (train.batch_tokens = "
-            f"{cfg.train.batch_tokens}) came out of {d.dataset}; raise data.token_budget or use more data"
-        )
+
+
+def _start_trainer(
+    cfg: RunConfig,
+    run_dir: Path,
+    first: dict[str, torch.Tensor],
+    device: torch.device,
+    checkpoint: Checkpoint | None,
+    dist: Dist,
+    log: Callable[[str], None],
+) -> Trainer:
+    """The trainer for SAEs as wide as the first batch {hook: [n, d]}: restored from the
+    checkpoint, or new, in which case the run folder is started (config.yaml)."""
     # Special tokens are dropped, so slightly fewer batches than this arrive; the schedule
     # then ends a few percent before its final decay.
-    total_steps = d.token_budget * h.cache_epochs // cfg.train.batch_tokens
+    total_steps = cfg.data.token_budget * cfg.harvest.cache_epochs // cfg.train.batch_tokens
     trainer = Trainer(
-        cfg,
-        {hook: x.shape[1] for hook, x in first.items()},
-        total_steps,
-        next(model.parameters()).device,
-        dist,
+        cfg, {hook: x.shape[1] for hook, x in first.items()}, total_steps, device, dist
     )
-    if (
-        checkpoint is None and dist.is_main
-    ):  # data and SAE settings both work: only now is this a run worth a folder
+    if checkpoint is None and dist.is_main:
+        # data and SAE settings both work: only now is this a run worth a folder
         start_run_folder(cfg, run_dir, log)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
-    step0 = trainer.step_count
+    return trainer
+
+
+def _fit(
+    trainer: Trainer,
+    cfg: RunConfig,
+    run_dir: Path,
+    batches: Iterable[dict[str, torch.Tensor]],
+    on_checkpoint: Callable[[Trainer], None],
+    log: Callable[[str], None],
+) -> None:
+    """Train on ``batches`` to the end, logging to TensorBoard (rank 0); Ctrl-C or SIGTERM
+    checkpoints and raises TrainingStopped."""
+    dist = trainer.dist
     logger = (
-        TensorBoardLogger(run_dir / "tensorboard", resumed=trainer if checkpoint else None)
+        TensorBoardLogger(
+            run_dir / "tensorboard",
+            resumed=trainer if trainer.last_checkpoint_step is not None else None,
+        )
         if cfg.output.tensorboard and dist.is_main
         else None
     )
-
     try:
         with stop_signals(log) as stop_requested:
             trainer.fit(
-                in_step(itertools.chain([first], batches), dist),
+                in_step(batches, dist),
                 progress=dist.is_main,
                 log_every=cfg.output.log_every_steps,
                 on_log=logger,
                 checkpoint_every=cfg.output.checkpoint_every_steps,
-                on_checkpoint=checkpointer(cfg, run_dir, buffer, lock),
+                on_checkpoint=on_checkpoint,
                 stop_requested=lambda: dist.agree(stop_requested()),
             )
     except TrainingStopped as e:
@@ -242,15 +286,6 @@ def _train_claimed(
     finally:
         if logger is not None:
             logger.close()
-    steps, seconds = trainer.step_count - step0, time.perf_counter() - start
-    log(
-        f"harvested and trained {steps} steps on {steps * cfg.train.batch_tokens:,} tokens per hook "
-        f"point in {seconds:.0f} s ({steps * cfg.train.batch_tokens / seconds:,.0f} tokens/s)"
-    )
-    if not (dist.is_main or trainer.parallel.every_rank_saves):  # rank 0 saves and evaluates
-        return run_dir
-    finish_run(cfg, run_dir, trainer, model, tokenizer, log)
-    return run_dir
 
 
 def finish_run(
