@@ -89,3 +89,17 @@ def test_the_hooks_load_without_the_datasets_library():
     code = "import sys, sae.activations.hooks, sae.models.loading; print('datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_no_function_is_longer_than_60_lines():
+    """The style rule, counted from ``def`` to the last line (decorators not included)."""
+    long = []
+    for path in sorted(SAE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(
+                        f"{path.relative_to(SAE.parent)}:{node.lineno} {node.name} ({lines} lines)"
+                    )
+    assert long == []

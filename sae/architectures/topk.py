@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.architectures.base import SparseAutoencoder
+from sae.architectures.base import BatchTotals, SparseAutoencoder
 from sae.architectures.fused_topk import FusedTopKLoss, TopKSpec
 from sae.config import SAEConfig, architecture_field, opt
 from sae.errors import CheckpointError, ConfigError
@@ -84,18 +84,19 @@ class TopKSAE(SparseAutoencoder):
         return torch.zeros_like(pre).scatter_(1, idx, vals.relu())
 
     def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
-        loss, fvu, fires, _ = FusedTopKLoss.apply(
-            x,
-            self.W_enc,
-            self.b_enc,
-            self.W_dec,
-            self.b_dec,
-            self.spec(),
-            dead,
-            workspace,
-            totals and totals.var,
-        )
+        loss, fvu, fires, _ = self.fused_loss(x, dead, workspace, totals)
         return loss, fvu, fires
+
+    def fused_loss(
+        self,
+        x: torch.Tensor,
+        dead: torch.Tensor | None,
+        workspace: torch.Tensor | None,
+        totals: BatchTotals | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, fvu, fires [M], the smallest selected pre-activation) of x [N, d]."""
+        args = (self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.spec())
+        return FusedTopKLoss.apply(x, *args, dead, workspace, totals and totals.var)
 
 
 @dataclass
@@ -141,17 +142,7 @@ class BatchTopKSAE(TopKSAE):
         return pre.relu() * (pre > self.threshold)
 
     def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
-        loss, fvu, fires, min_active = FusedTopKLoss.apply(
-            x,
-            self.W_enc,
-            self.b_enc,
-            self.W_dec,
-            self.b_dec,
-            self.spec(),
-            dead,
-            workspace,
-            totals and totals.var,
-        )
+        loss, fvu, fires, min_active = self.fused_loss(x, dead, workspace, totals)
         if totals is not None:  # every process must keep the same threshold: the smallest of all
             min_active = totals.reduce_min(min_active)
         with torch.no_grad():  # on the device: no host sync
