@@ -195,6 +195,14 @@ class SparseAutoencoder(nn.Module):
         }
 
     @classmethod
+    def disk_shapes(cls, cfg: SAEConfig, d_in: int) -> dict[str, tuple[int, ...]]:
+        """{tensor name: shape} of ``disk_tensors`` for an SAE of these settings and width
+        (built on the meta device: nothing is allocated)."""
+        return {
+            name: tuple(t.shape) for name, t in cls(cfg, d_in, device="meta").disk_tensors().items()
+        }
+
+    @classmethod
     def saelens_fields(cls, native: dict) -> dict:
         """The architecture's own keys of the SAELens cfg.json written for ``native`` (our
         cfg.json), besides d_in, d_sae and the encoding flags."""

@@ -113,16 +113,18 @@ def saelens_cfg(native: dict) -> dict:
 
 def write(stored: StoredSAE, folder: Path) -> None:
     cfg = saelens_cfg(stored.cfg)
-    names = (
-        "W_enc",
-        "W_dec",
-        "b_enc",
-        "b_dec",
-        *(("threshold",) if cfg["architecture"] == "jumprelu" else ()),
+    cls = ARCHITECTURES[stored.cfg["architecture"]]
+    settings = sae_config(
+        cls.Config.architecture, **{k: v for k, v in stored.cfg.items() if k in _settings_keys(cls)}
     )
+    names = cls.disk_shapes(settings, stored.cfg["d_in"])  # SAELens's names: ours are the same
     write_sae_folder(
         folder, {CONFIG_FILE: cfg}, {WEIGHTS_FILE: {n: stored.tensors[n] for n in names}}
     )
+
+
+def _settings_keys(cls: type) -> set[str]:
+    return set(cls.Config.__dataclass_fields__) - {"architecture", "expansion_factor"}
 
 
 def read(folder: Path, cfg: dict) -> StoredSAE:
@@ -136,16 +138,16 @@ def read(folder: Path, cfg: dict) -> StoredSAE:
 
     arch, norm = _supported(cfg, where, field("hook_head_index"))
     d, M = cfg["d_in"], cfg["d_sae"]
-    tensors, weights, file_tensors = _read_weights(folder, d, M, arch == "jumprelu")
+    cls = ARCHITECTURES[TO_OURS[arch]]
+    settings = sae_config(
+        cls.Config.architecture, num_latents=M, **cls.fields_from_saelens(cfg, str(where))
+    )
+    tensors, weights, file_tensors = _read_weights(folder, cls.disk_shapes(settings, d), d, M)
     folded = _fold(
         tensors,
         file_tensors.get("scaling_factor"),
         arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"),
         _input_scale(folder, _NORMALIZE[norm]),
-    )
-    cls = ARCHITECTURES[TO_OURS[arch]]
-    settings = sae_config(
-        cls.Config.architecture, num_latents=M, **cls.fields_from_saelens(cfg, str(where))
     )
     native = {
         **stored_settings(settings, d),
@@ -203,15 +205,12 @@ def _supported(cfg: dict, where: Path, head_index: int | None) -> tuple[str, str
 
 
 def _read_weights(
-    folder: Path, d: int, M: int, threshold: bool
+    folder: Path, shapes: dict[str, tuple[int, ...]], d: int, M: int
 ) -> tuple[dict[str, torch.Tensor], Path, dict[str, torch.Tensor]]:
-    """(the SAE's tensors, the weights file, every tensor in it): W_enc [d, M], W_dec [M, d],
-    b_enc [M], b_dec [d] and with ``threshold`` threshold [M], each checked for its shape."""
+    """(the SAE's tensors, the weights file, every tensor in it): those of ``shapes`` (our
+    architecture's, e.g. W_enc [d, M], W_dec [M, d], b_enc [M], b_dec [d]), each checked."""
     weights = folder / WEIGHTS_FILE
     file_tensors = read_tensors(weights)
-    shapes = {"W_enc": (d, M), "W_dec": (M, d), "b_enc": (M,), "b_dec": (d,)}
-    if threshold:
-        shapes["threshold"] = (M,)
     for name, shape in shapes.items():
         got = tuple(file_tensors[name].shape) if name in file_tensors else None
         if got != shape:
