@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +86,17 @@ PROMPT_SET_KEYS = {
 }
 _WHERE = re.compile(r"\s*([\w.]+)\s*(<=|>=|==|!=|<|>)\s*(-?[\d.]+(?:[eE][+-]?\d+)?|true|false)\s*")
 
+# A prompt set's where condition: (dotted path of the field, comparison, number or bool).
+_Condition = tuple[list[str], Callable[[object, object], bool], float | bool]
+_COMPARE = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
 
 def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
     """Prompts drawn from a dataset, as a YAML prompt set describes them::
@@ -98,36 +109,9 @@ def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
 
     The dataset is streamed, so only the rows read are downloaded.
     """
-    spec = read_yaml(path)
-    unknown = sorted(set(spec) - set(PROMPT_SET_KEYS))
-    if unknown or not spec.get("dataset"):
-        raise ConfigError(
-            f"{what}: {str(path)!r} needs a dataset key and may have "
-            f"{', '.join(PROMPT_SET_KEYS)}"
-            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-        )
-    s = {**PROMPT_SET_KEYS, **spec}
+    s = _read_prompt_set(path, what)
     field = str(s["field"]).split(".")
-    condition = None
-    if s["where"] is not None:
-        m = _WHERE.fullmatch(str(s["where"]))
-        if m is None:
-            raise ConfigError(
-                f"{what}: where {s['where']!r} in {str(path)!r} is not FIELD OP NUMBER, "
-                "e.g. prompt.toxicity > 0.5"
-            )
-        key, op, raw = m.group(1).split("."), m.group(2), m.group(3)
-        value = {"true": True, "false": False}.get(raw, None)
-        value = float(raw) if value is None else value
-        compare = {
-            "<": operator.lt,
-            "<=": operator.le,
-            ">": operator.gt,
-            ">=": operator.ge,
-            "==": operator.eq,
-            "!=": operator.ne,
-        }[op]
-        condition = (key, compare, value)
+    condition = None if s["where"] is None else _parse_where(s["where"], path, what)
     limit = int(s["limit"])
     data = load_text_dataset(
         str(s["dataset"]),
@@ -137,8 +121,55 @@ def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
         streaming=True,
         require_text=False,
     )
+    prompts = _first_prompts(data.dataset, s, field, condition, limit, what)
+    if not prompts:
+        raise ConfigError(
+            f"{what}: no row of {s['dataset']} [{s['split']}] passes where {s['where']!r}"
+        )
+    return prompts
+
+
+def _read_prompt_set(path: Path, what: str) -> dict:
+    """A prompt set file's keys, the defaults (``PROMPT_SET_KEYS``) filled in; one without
+    a dataset, or with keys it may not have, is refused."""
+    spec = read_yaml(path)
+    unknown = sorted(set(spec) - set(PROMPT_SET_KEYS))
+    if unknown or not spec.get("dataset"):
+        raise ConfigError(
+            f"{what}: {str(path)!r} needs a dataset key and may have "
+            f"{', '.join(PROMPT_SET_KEYS)}"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        )
+    return {**PROMPT_SET_KEYS, **spec}
+
+
+def _parse_where(where, path: Path, what: str) -> _Condition:
+    """A prompt set's ``where: FIELD OP NUMBER`` (or true / false): (the field's dotted path,
+    the comparison, the number or bool)."""
+    m = _WHERE.fullmatch(str(where))
+    if m is None:
+        raise ConfigError(
+            f"{what}: where {where!r} in {str(path)!r} is not FIELD OP NUMBER, "
+            "e.g. prompt.toxicity > 0.5"
+        )
+    key, op, raw = m.group(1).split("."), m.group(2), m.group(3)
+    value = {"true": True, "false": False}.get(raw, None)
+    value = float(raw) if value is None else value
+    return key, _COMPARE[op], value
+
+
+def _first_prompts(
+    rows: Iterable[dict],
+    s: dict,
+    field: list[str],
+    condition: _Condition | None,
+    limit: int,
+    what: str,
+) -> list[str]:
+    """The stripped, non-blank texts at ``field`` of the first rows that pass ``condition``,
+    at most ``limit``; a row whose field is not text is refused (``s``: the prompt set)."""
     prompts = []
-    for row in data.dataset:
+    for row in rows:
         if condition is not None:
             got = _lookup(row, condition[0])
             if got is None or not condition[1](got, condition[2]):
@@ -152,10 +183,6 @@ def prompts_from_dataset(path: Path, what: str = "prompts") -> list[str]:
             prompts.append(text.strip())
         if len(prompts) >= limit:
             break
-    if not prompts:
-        raise ConfigError(
-            f"{what}: no row of {s['dataset']} [{s['split']}] passes where {s['where']!r}"
-        )
     return prompts
 
 

@@ -664,12 +664,8 @@ def build_report(
     check_output_path(path, "--output")
     M = stats.num_features
     columns = dict(columns or {})
-    for name, values in columns.items():
-        if values.numel() != M:
-            raise ConfigError(f"report column {name!r}: {values.numel()} values for {M} features")
-    sort_by = sort_by or next(iter(columns), "id")
-    if sort_by != "id" and sort_by not in columns:
-        raise ConfigError(f"report: sort_by {sort_by!r} is not one of the columns {list(columns)}")
+    check_columns(columns, M)
+    sort_by = sort_column(sort_by, columns)
     card_ids = (
         sorted({check_feature(int(f), M) for f in cards}) if cards is not None else list(range(M))
     )
@@ -678,50 +674,80 @@ def build_report(
     strings = StringTable(tokenizer)
     data = index_data(stats, strings, columns)
     blocks = card_blocks(stats, card_ids, examples, strings, progress, samples_per_bin)
-    help_ = column_help or {}
     index = {
         "M": M,
         "block": BLOCK,
         "edges": round_sig(stats.hist_edges(), 4).tolist(),
         "cards": None if len(card_ids) == M else card_ids,
-        "columns": [
-            {"key": "id", "label": "id", "help": "feature index"},
-            {
-                "key": "density",
-                "label": "density",
-                "help": "fraction of scanned tokens it fires on",
-            },
-            {"key": "max", "label": "max act", "help": "largest activation in the scan"},
-            {"key": "mean", "label": "mean act", "help": "mean activation where it fires"},
-            {
-                "key": "top",
-                "label": "top token",
-                "help": "most common token among its top examples",
-            },
-            *(
-                {"key": f"c{n}", "label": name, "help": help_.get(name, "")}
-                for n, name in enumerate(columns)
-            ),
-        ],
-        # Extra columns are scores to rank by (contrast effect, AUROC): largest first.
-        "sort": (
-            {"key": "id", "desc": False}
-            if sort_by == "id"
-            else {"key": f"c{list(columns).index(sort_by)}", "desc": True}
-        ),
+        "columns": index_columns(columns, column_help or {}),
+        "sort": index_sort(sort_by, columns),
         "data": data,
     }
-    scripts = [
-        f'<script type="application/json" id="index">{script_json(index)}</script>',
-        f'<script type="application/json" id="strings">{script_json(strings.strings)}</script>',
-        f'<script type="application/json" id="bytes">{script_json(strings.bytes)}</script>',
-        *(f'<script type="application/json" id="b-{n}">{packed}</script>' for n, packed in blocks),
-    ]
     body = (
         header(stats, title, sae_info)
         + (summary_section(summary) if summary is not None else "")
         + density_section(stats)
         + INDEX_PANEL
     )
-    size = write_output(path, page(title, body, "\n".join(scripts)), "--output")
+    size = write_output(path, page(title, body, data_scripts(index, strings, blocks)), "--output")
     return ReportInfo(path=path, bytes=size, features=M, cards=len(card_ids))
+
+
+def check_columns(columns: dict[str, torch.Tensor], M: int) -> None:
+    """Refuse an extra index column that does not hold one value per feature ([M] values)."""
+    for name, values in columns.items():
+        if values.numel() != M:
+            raise ConfigError(f"report column {name!r}: {values.numel()} values for {M} features")
+
+
+def sort_column(sort_by: str | None, columns: dict[str, torch.Tensor]) -> str:
+    """The column the index is first sorted by: ``sort_by``, else the first of ``columns``,
+    else "id"; one that is neither "id" nor a column is refused."""
+    sort_by = sort_by or next(iter(columns), "id")
+    if sort_by != "id" and sort_by not in columns:
+        raise ConfigError(f"report: sort_by {sort_by!r} is not one of the columns {list(columns)}")
+    return sort_by
+
+
+def index_columns(columns: dict[str, torch.Tensor], column_help: dict[str, str]) -> list[dict]:
+    """The index's columns, [{key, label, help}]: the built-in ones, then ``columns`` as
+    c0, c1, ... with their tooltips from ``column_help``."""
+    return [
+        {"key": "id", "label": "id", "help": "feature index"},
+        {
+            "key": "density",
+            "label": "density",
+            "help": "fraction of scanned tokens it fires on",
+        },
+        {"key": "max", "label": "max act", "help": "largest activation in the scan"},
+        {"key": "mean", "label": "mean act", "help": "mean activation where it fires"},
+        {
+            "key": "top",
+            "label": "top token",
+            "help": "most common token among its top examples",
+        },
+        *(
+            {"key": f"c{n}", "label": name, "help": column_help.get(name, "")}
+            for n, name in enumerate(columns)
+        ),
+    ]
+
+
+def index_sort(sort_by: str, columns: dict[str, torch.Tensor]) -> dict:
+    """The index's initial order, {key, desc}: feature id ascending, or an extra column
+    largest first (extra columns are scores to rank by: contrast effect, AUROC)."""
+    if sort_by == "id":
+        return {"key": "id", "desc": False}
+    return {"key": f"c{list(columns).index(sort_by)}", "desc": True}
+
+
+def data_scripts(index: dict, strings: StringTable, blocks: list[tuple[int, str]]) -> str:
+    """The page's JSON data elements (layout in the module docstring): #index, #strings,
+    #bytes and one #b-<n> per packed card block, one per line."""
+    scripts = [
+        f'<script type="application/json" id="index">{script_json(index)}</script>',
+        f'<script type="application/json" id="strings">{script_json(strings.strings)}</script>',
+        f'<script type="application/json" id="bytes">{script_json(strings.bytes)}</script>',
+        *(f'<script type="application/json" id="b-{n}">{packed}</script>' for n, packed in blocks),
+    ]
+    return "\n".join(scripts)

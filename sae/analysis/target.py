@@ -43,7 +43,7 @@ from sae.architectures.base import CONFIG_FILE
 from sae.config import RunConfig
 from sae.data.text import context_bos_id
 from sae.errors import ConfigError
-from sae.formats import build_sae, find_sae_folder, parse_dtype, read_sae
+from sae.formats import StoredSAE, build_sae, find_sae_folder, parse_dtype, read_sae
 from sae.formats.hook_names import to_ours
 from sae.formats.run_config import analysis_config
 from sae.models.loading import load_model
@@ -100,35 +100,11 @@ def open_target(
     dtype = parse_dtype(sae_dtype)
     stored = read_sae(find_sae_folder(path))
     cfg = analysis_config(stored, overrides)
-    hook = (
-        (to_ours(hook) or hook) if hook else stored.hook
-    )  # --hook may be SAELens's or sparsify's name
-    if hook != stored.hook and stored.hook and not override_hook:
-        raise ConfigError(
-            f"--hook: {hook!r} contradicts the SAE's own hook point {stored.hook!r} "
-            f"({stored.folder / CONFIG_FILE}); drop --hook, or add --override-hook to read {hook} anyway"
-        )
-    if not hook:
-        theirs = (stored.metadata.get("source") or {}).get("hook_name")
-        said = (
-            f"names the hook point {theirs!r}, which has no equivalent here"
-            if theirs
-            else "names no hook point (metadata.hook_name)"
-        )
-        raise ConfigError(
-            f"{stored.folder / CONFIG_FILE}: {said}; pass --hook, e.g. --hook layers.12"
-        )
+    hook = _hook_point(stored, hook, override_hook)
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    device = next(model.parameters()).device
-    sae = build_sae(stored, device=device, dtype=dtype)
-    point = resolve_hook(model, hook)
-    bos = context_bos_id(tokenizer)
-    width = (
-        ActivationCapture(model, [point])
-        .run(input_ids=torch.tensor([[bos, bos]], device=device))[hook]
-        .shape[-1]
-    )
+    sae = build_sae(stored, device=next(model.parameters()).device, dtype=dtype)
+    width = _hook_width(model, tokenizer, hook)
     if width != sae.d_in:
         raise ConfigError(
             f"SAE {str(stored.folder)!r} takes inputs of width {sae.d_in}, but {hook} of "
@@ -149,6 +125,44 @@ def open_target(
             f"SAE {target.folder} ({target.format}) at {target.hook} of {target.cfg.model.name_or_path}"
         )
     return target
+
+
+def _hook_point(stored: StoredSAE, hook: str | None, override_hook: bool = False) -> str:
+    """The hook point the SAE ``stored`` is read at: ``hook`` (``--hook``, in our naming or
+    SAELens's or sparsify's), else the one its files name. A ``hook`` that contradicts the
+    files is refused unless ``override_hook``, and so is having none at all."""
+    hook = (
+        (to_ours(hook) or hook) if hook else stored.hook
+    )  # --hook may be SAELens's or sparsify's name
+    if hook != stored.hook and stored.hook and not override_hook:
+        raise ConfigError(
+            f"--hook: {hook!r} contradicts the SAE's own hook point {stored.hook!r} "
+            f"({stored.folder / CONFIG_FILE}); drop --hook, or add --override-hook to read {hook} anyway"
+        )
+    if not hook:
+        theirs = (stored.metadata.get("source") or {}).get("hook_name")
+        said = (
+            f"names the hook point {theirs!r}, which has no equivalent here"
+            if theirs
+            else "names no hook point (metadata.hook_name)"
+        )
+        raise ConfigError(
+            f"{stored.folder / CONFIG_FILE}: {said}; pass --hook, e.g. --hook layers.12"
+        )
+    return hook
+
+
+def _hook_width(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, hook: str) -> int:
+    """The width d of the model's activations at ``hook``: the last dimension of the
+    [1, 2, d] activations of a two-token probe (the context start token twice)."""
+    device = next(model.parameters()).device
+    point = resolve_hook(model, hook)
+    bos = context_bos_id(tokenizer)
+    return (
+        ActivationCapture(model, [point])
+        .run(input_ids=torch.tensor([[bos, bos]], device=device))[hook]
+        .shape[-1]
+    )
 
 
 def open_target_with_stats(

@@ -67,46 +67,66 @@ def load_text_dataset(
             f"data.subset: {subset!r} applies to hub datasets only; {dataset} has no subsets (use null)"
         )
     source = split_source(dataset, split, subset) if hold_out else SplitSource(split, None, None)
-    local: tuple[Path, list[Path]] | None = None  # (what was named, the files read)
-    if source.path is not None:
-        ds, local = _load_local(Path(source.path), "train", streaming)
-    elif dataset.startswith("builtin:"):
-        if dataset not in BUILTIN_CORPORA:
-            raise ConfigError(
-                f"data.dataset: unknown built-in dataset {dataset!r}; "
-                f"valid: {', '.join(BUILTIN_CORPORA)}"
-            )
-        try:
-            ds = BUILTIN_CORPORA[dataset].load(split)
-        except ConfigError:
-            raise  # already one line about the dataset (english-prose without gensim)
-        except ValueError as e:
-            raise ConfigError(f"data.split: {e}") from None
-        if streaming:
-            ds = ds.to_iterable_dataset()
-    elif Path(dataset).exists():
-        ds, local = _load_local(Path(dataset), source.split, streaming)
-    elif looks_like_local_path(dataset):
-        raise ConfigError(
-            f"data.dataset: {dataset!r} does not exist (nor is it a hub id like org/name)"
-        )
-    else:
-        ds = _guarded(
-            lambda: datasets.load_dataset(dataset, subset, split=source.split, streaming=streaming),
-            f"data.dataset: cannot load {dataset!r} (subset {subset!r}, split {source.split!r})",
-        )
+    ds, local = _load_rows(dataset, split, subset, source, streaming)
     _check_text_column(ds, dataset, text_column, require_text)
     if source.part is not None:
-        keep = functools.partial(_in_part, column=text_column, part=source.part)
-        ds = (
-            ds.filter(keep, batched=True)
-            if isinstance(ds, datasets.IterableDataset)
-            else ds.filter(keep, batched=True, desc=f"{source.part} documents of {dataset}")
-        )
+        ds = _keep_part(ds, dataset, text_column, source.part)
     key = "data.split" if source.path is not None else "data.dataset"
     root, files = local or (None, [])
     return TextData(
         ds, DataOrigin(key, f"{dataset} (split {split!r}, column {text_column!r})", root, files)
+    )
+
+
+def _load_rows(
+    dataset: str, split: str, subset: str | None, source: SplitSource, streaming: bool
+) -> tuple[datasets.Dataset | datasets.IterableDataset, tuple[Path, list[Path]] | None]:
+    """The rows ``source`` says to read (``split_source``; its ``part`` not applied yet),
+    and for local data (what was named, the files read), else None."""
+    if source.path is not None:
+        return _load_local(Path(source.path), "train", streaming)
+    if dataset.startswith("builtin:"):
+        return _load_builtin(dataset, split, streaming), None
+    if Path(dataset).exists():
+        return _load_local(Path(dataset), source.split, streaming)
+    if looks_like_local_path(dataset):
+        raise ConfigError(
+            f"data.dataset: {dataset!r} does not exist (nor is it a hub id like org/name)"
+        )
+    ds = _guarded(
+        lambda: datasets.load_dataset(dataset, subset, split=source.split, streaming=streaming),
+        f"data.dataset: cannot load {dataset!r} (subset {subset!r}, split {source.split!r})",
+    )
+    return ds, None
+
+
+def _load_builtin(
+    dataset: str, split: str, streaming: bool
+) -> datasets.Dataset | datasets.IterableDataset:
+    """One split of a built-in corpus (``BUILTIN_CORPORA``); unknown names and splits refused."""
+    if dataset not in BUILTIN_CORPORA:
+        raise ConfigError(
+            f"data.dataset: unknown built-in dataset {dataset!r}; "
+            f"valid: {', '.join(BUILTIN_CORPORA)}"
+        )
+    try:
+        ds = BUILTIN_CORPORA[dataset].load(split)
+    except ConfigError:
+        raise  # already one line about the dataset (english-prose without gensim)
+    except ValueError as e:
+        raise ConfigError(f"data.split: {e}") from None
+    return ds.to_iterable_dataset() if streaming else ds
+
+
+def _keep_part(
+    ds: datasets.Dataset | datasets.IterableDataset, dataset: str, text_column: str, part: str
+) -> datasets.Dataset | datasets.IterableDataset:
+    """The rows of ``ds`` whose text hashes into ``part`` ("train" or "test", ``_in_part``)."""
+    keep = functools.partial(_in_part, column=text_column, part=part)
+    return (
+        ds.filter(keep, batched=True)
+        if isinstance(ds, datasets.IterableDataset)
+        else ds.filter(keep, batched=True, desc=f"{part} documents of {dataset}")
     )
 
 

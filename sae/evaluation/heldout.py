@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sae.activations.harvest import Harvester
 from sae.activations.stream import contexts_for, make_harvester
 from sae.architectures import SparseAutoencoder
 from sae.architectures.base import CONFIG_FILE
@@ -57,6 +58,41 @@ def evaluate_run(
     d = ecfg.data
     total = -(-d.token_budget // d.context_tokens) * d.context_tokens
     harvester = make_harvester(ecfg, model, tokenizer)
+    _measure_activations(harvester, metrics, saes, hook_of, cfg, total, progress)
+    results = {}
+    for name, m in metrics.items():
+        sae = saes[name]
+        splice = splice_metrics(
+            model,
+            tokenizer,
+            hook_of[name],
+            lambda x, sae=sae: sae(x.float()),
+            contexts_for(ecfg, tokenizer),
+            progress=progress,
+            desc=f"splice {name}",
+            total=total,
+        )
+        results[name] = {
+            **m.result(),
+            "hook": hook_of[name],
+            "eval_data": eval_source(cfg),
+            "splice": splice,
+        }
+    return results
+
+
+def _measure_activations(
+    harvester: Harvester,
+    metrics: dict[str, Metrics],
+    saes: dict[str, SparseAutoencoder],
+    hook_of: dict[str, str],
+    cfg: RunConfig,
+    total: int,
+    progress: bool,
+) -> None:
+    """One pass over the held-out activations ({hook: [N, d]} per batch of ``harvester``),
+    each SAE's ``metrics`` updated with those of its hook; an SAE whose width does not
+    match its hook's is refused. progress: a bar of the ``total`` tokens read."""
     # Counted in tokens read (harvester.tokens_seen), special ones included: they are not
     # measured but cost the same forward pass. Left off the screen when done: the table follows.
     with tqdm(
@@ -79,26 +115,6 @@ def evaluate_run(
                 m.update(x)
         bar.update(harvester.tokens_seen - bar.n)  # batches with every token masked yield nothing
         bar.refresh()  # the final count, whatever the refresh interval skipped
-    results = {}
-    for name, m in metrics.items():
-        sae = saes[name]
-        splice = splice_metrics(
-            model,
-            tokenizer,
-            hook_of[name],
-            lambda x, sae=sae: sae(x.float()),
-            contexts_for(ecfg, tokenizer),
-            progress=progress,
-            desc=f"splice {name}",
-            total=total,
-        )
-        results[name] = {
-            **m.result(),
-            "hook": hook_of[name],
-            "eval_data": eval_source(cfg),
-            "splice": splice,
-        }
-    return results
 
 
 def evaluate_saved_run(
