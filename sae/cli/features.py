@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,6 +23,12 @@ from sae.cli.common import (
     top_tokens_option,
 )
 from sae.errors import ConfigError
+
+# The commands import the library when they run: `analyze.py --help` needs no torch.
+if TYPE_CHECKING:
+    from sae.analysis.feature_stats import FeatureStats
+    from sae.analysis.report import ReportInfo
+    from sae.analysis.target import Target
 
 # The orders of the feature table: the keys of sae.analysis.feature_overview.SORTS, spelled
 # out so that the command line loads without torch.
@@ -88,13 +95,35 @@ def features(
         python analyze.py features checkpoints/demo -f 93 -f 1539    # two features in full
     """
     from sae.analysis.feature_overview import feature_overview
+
+    target, stats = _open_with_stats(
+        sae_path, overrides, hook, sae_dtype, override_hook, tokens, examples, cache_dir, recompute
+    )
+    overview = feature_overview(target, stats, features, sort, limit)
+    if as_json:
+        click.echo(json.dumps(overview, indent=1))
+        return
+    _print_overview(overview, show_examples)
+
+
+def _open_with_stats(
+    sae_path: Path,
+    overrides: tuple[str, ...],
+    hook: str | None,
+    sae_dtype: str,
+    override_hook: bool,
+    tokens: int,
+    examples: int,
+    cache_dir: Path | None,
+    recompute: bool,
+) -> tuple[Target, FeatureStats]:
+    """The SAE's target and its feature statistics (--tokens, --examples: bad values fail
+    before the model loads), for `features` and `report`."""
     from sae.analysis.feature_stats import StatsSettings
     from sae.analysis.target import open_target_with_stats
 
-    settings = StatsSettings(
-        tokens=tokens, top_examples=examples
-    )  # bad values fail before the model loads
-    target, stats = open_target_with_stats(
+    settings = StatsSettings(tokens=tokens, top_examples=examples)
+    return open_target_with_stats(
         sae_path,
         settings,
         overrides,
@@ -105,11 +134,6 @@ def features(
         recompute=recompute,
         log=log,
     )
-    overview = feature_overview(target, stats, features, sort, limit)
-    if as_json:
-        click.echo(json.dumps(overview, indent=1))
-        return
-    _print_overview(overview, show_examples)
 
 
 def _print_overview(overview: dict, show_examples: int) -> None:
@@ -258,15 +282,7 @@ def search(
     from sae.analysis.target import open_target
     from sae.data.prompt_format import PromptFormat
 
-    contrast_mode = target_file is not None or baseline_file is not None
-    if contrast_mode == (text is not None):
-        raise ConfigError(
-            "search: give either --target FILE and --baseline FILE (contrast), or --text"
-        )
-    if contrast_mode and (target_file is None or baseline_file is None):
-        raise ConfigError("search: a contrast needs both --target FILE and --baseline FILE")
-    if focus is not None and text is None:
-        raise ConfigError("--focus: applies to --text only")
+    contrast_mode = _is_contrast_search(target_file, baseline_file, text, focus)
     if contrast_mode:
         a, b = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
     fmt = PromptFormat(chat=chat, system=system, user=chat_user)
@@ -286,6 +302,23 @@ def search(
         _print_contrast(listing, top_tokens=not no_top_tokens)
     else:
         _print_text_hits(listing, top_tokens=not no_top_tokens)
+
+
+def _is_contrast_search(
+    target_file: Path | None, baseline_file: Path | None, text: str | None, focus: str | None
+) -> bool:
+    """Whether `search` is a contrast (--target and --baseline) rather than --text, after
+    checking the options ask for exactly one of the two, and --focus only with --text."""
+    contrast_mode = target_file is not None or baseline_file is not None
+    if contrast_mode == (text is not None):
+        raise ConfigError(
+            "search: give either --target FILE and --baseline FILE (contrast), or --text"
+        )
+    if contrast_mode and (target_file is None or baseline_file is None):
+        raise ConfigError("search: a contrast needs both --target FILE and --baseline FILE")
+    if focus is not None and text is None:
+        raise ConfigError("--focus: applies to --text only")
+    return contrast_mode
 
 
 def _print_contrast(listing: dict, top_tokens: bool) -> None:
@@ -405,31 +438,16 @@ def report(
         python analyze.py report checkpoints/demo -o demo-report.html \\
             --target configs/prompts/demo_raised.txt --baseline configs/prompts/demo_not_raised.txt
     """
-    from sae.analysis.feature_search import read_prompts
-    from sae.analysis.feature_stats import StatsSettings
-    from sae.analysis.target import open_target_with_stats
     from sae.analysis.target_report import report_output, write_target_report
     from sae.data.prompt_format import PromptFormat
 
     if (target_file is None) != (baseline_file is None):
         raise ConfigError("report: contrast columns need both --target FILE and --baseline FILE")
-    prompts = names = None
     fmt = PromptFormat(chat=chat, system=system, user=chat_user)
-    if target_file is not None:
-        prompts = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
-        names = target_file.name, baseline_file.name
+    prompts, names = _contrast_prompts(target_file, baseline_file)
     output = report_output(sae_path, output)  # before minutes of scanning
-    settings = StatsSettings(tokens=tokens, top_examples=examples)
-    target, stats = open_target_with_stats(
-        sae_path,
-        settings,
-        overrides,
-        hook,
-        sae_dtype=sae_dtype,
-        override_hook=override_hook,
-        cache_dir=cache_dir,
-        recompute=recompute,
-        log=log,
+    target, stats = _open_with_stats(
+        sae_path, overrides, hook, sae_dtype, override_hook, tokens, examples, cache_dir, recompute
     )
     info, seconds = write_target_report(
         target,
@@ -442,6 +460,24 @@ def report(
         samples_per_bin=show_samples,
         fmt=fmt,
     )
+    _print_report_written(info, seconds, as_json)
+
+
+def _contrast_prompts(
+    target_file: Path | None, baseline_file: Path | None
+) -> tuple[tuple[list[str], list[str]] | None, tuple[str, str] | None]:
+    """`report`'s contrast prompt sets (target, baseline) and their names (the file names);
+    (None, None) without --target and --baseline."""
+    from sae.analysis.feature_search import read_prompts
+
+    if target_file is None:
+        return None, None
+    prompts = read_prompts(target_file, "--target"), read_prompts(baseline_file, "--baseline")
+    return prompts, (target_file.name, baseline_file.name)
+
+
+def _print_report_written(info: ReportInfo, seconds: float, as_json: bool) -> None:
+    """`report`'s answer: the file written, its size, features, cards and build time."""
     if as_json:
         click.echo(
             json.dumps(

@@ -8,8 +8,9 @@ import json
 import shutil
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -31,11 +32,16 @@ from sae.cli.common import (
 )
 from sae.errors import ConfigError
 
-if (
-    TYPE_CHECKING
-):  # the commands import the library when they run: `analyze.py --help` needs no torch
-    from sae.interventions.edit_picks import PickedEdits
+# The commands import the library when they run: `analyze.py --help` needs no torch.
+if TYPE_CHECKING:
+    from sae.analysis.target import Target
+    from sae.data.prompt_format import PromptFormat
+    from sae.interventions.edit_picks import PickedEdits, TopEdits
+    from sae.interventions.edits import FeatureEdit
     from sae.interventions.fix_test import FixTestResult
+    from sae.interventions.patching import PatchResult
+    from sae.interventions.scorers import Scorer
+    from sae.models.generation import Sampling
 
 
 @analyze.command()
@@ -216,13 +222,7 @@ def patch(
 
     from sae.interventions.patching import answer_patching, check_svg_path, write_svg
 
-    metric = metric or ("logit-diff" if wrong is not None else "logprob")
-    if metric == "logit-diff" and wrong is None:
-        raise ConfigError(
-            "--metric logit-diff: give --wrong TOKEN, the token to compare the answer against"
-        )
-    if metric == "logprob" and wrong is not None:
-        raise ConfigError("--wrong: applies to --metric logit-diff only")
+    _check_patch_metric(metric, wrong)
     if svg_path is not None:
         check_svg_path(svg_path)
     cfg = resolve_config(config, overrides)
@@ -231,11 +231,36 @@ def patch(
     )
     if svg_path is not None:
         write_svg(svg_path, result.heatmap_svg())
+    _print_patching(cfg.model.name_or_path, clean, corrupted, result, svg_path, as_json)
+
+
+def _check_patch_metric(metric: str | None, wrong: str | None) -> None:
+    """--metric against --wrong: logit-diff (the default with --wrong) needs --wrong,
+    logprob (the default without) takes none."""
+    metric = metric or ("logit-diff" if wrong is not None else "logprob")
+    if metric == "logit-diff" and wrong is None:
+        raise ConfigError(
+            "--metric logit-diff: give --wrong TOKEN, the token to compare the answer against"
+        )
+    if metric == "logprob" and wrong is not None:
+        raise ConfigError("--wrong: applies to --metric logit-diff only")
+
+
+def _print_patching(
+    model: str,
+    clean: str,
+    corrupted: str,
+    result: PatchResult,
+    svg_path: Path | None,
+    as_json: bool,
+) -> None:
+    """patch's answer: JSON, or the clean and corrupted metrics, the patched metric's table,
+    the normalised scores' table and where the heatmap went."""
     if as_json:
         click.echo(
             json.dumps(
                 {
-                    "model": cfg.model.name_or_path,
+                    "model": model,
                     "clean": clean,
                     "corrupted": corrupted,
                     **result.to_dict(),
@@ -245,7 +270,7 @@ def patch(
             )
         )
         return
-    click.echo(f"model: {cfg.model.name_or_path}; metric: {result.metric} at the last position")
+    click.echo(f"model: {model}; metric: {result.metric} at the last position")
     click.echo(
         f"  clean     {result.clean_metric:>9.4f}  {clean!r} ({len(result.clean_tokens)} tokens)"
     )
@@ -359,6 +384,43 @@ def attribute(
             click.echo(f"  {r['feature']:>8} {r['attribution']:>+11.4f}{tokens_cell(r)}")
 
 
+@dataclass(frozen=True)
+class _FixTestOptions:
+    """fix-test's command line as click parses it, one field per option (by parameter name):
+    the steps of the command take it as one value."""
+
+    sae_path: Path
+    hook: str | None
+    override_hook: bool
+    overrides: tuple[str, ...]
+    sae_dtype: str
+    prompt: tuple[str, ...]
+    prompts_file: Path | None
+    scorer_spec: str
+    threshold: float
+    ablate: str | None
+    clamp: tuple[str, ...]
+    scale: tuple[str, ...]
+    steer: tuple[str, ...]
+    ablate_top: int | None
+    steer_top: str | None
+    contrast: tuple[Path, Path] | None
+    answer: str | None
+    wrong: str | None
+    chat: bool
+    system: str | None
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    samples: int
+    neutral_file: Path | None
+    neutral_tokens: int
+    html_path: Path | None
+    no_top_tokens: bool
+    as_json: bool
+
+
 @analyze.command("fix-test")
 @target_options
 @click.option("--prompt", multiple=True, help="A prompt (repeatable).")
@@ -438,38 +500,7 @@ def attribute(
 @top_tokens_option
 @json_option
 @one_line_errors
-def fix_test_command(
-    sae_path,
-    hook,
-    override_hook,
-    overrides,
-    sae_dtype,
-    prompt,
-    prompts_file,
-    scorer_spec,
-    threshold,
-    ablate,
-    clamp,
-    scale,
-    steer,
-    ablate_top,
-    steer_top,
-    contrast,
-    answer,
-    wrong,
-    chat,
-    system,
-    max_new_tokens,
-    temperature,
-    top_p,
-    seed,
-    samples,
-    neutral_file,
-    neutral_tokens,
-    html_path,
-    no_top_tokens,
-    as_json,
-) -> None:
+def fix_test_command(**options: Any) -> None:
     """Does an intervention remove a behaviour, and at what cost? Samples continuations of
     the prompts with and without it (same seed), scores them, and reports the mean score,
     the fraction above --threshold and the perplexity under the clean model, each with a
@@ -480,57 +511,95 @@ def fix_test_command(
             --scorer words:raised,raise,raises --answer " raised" --ablate-top 5
     """
 
-    from sae.analysis.feature_search import given_prompts
     from sae.analysis.target import open_target
-    from sae.atomic_io import check_output_path
-    from sae.data.prompt_format import PromptFormat
-    from sae.interventions.edit_picks import TopEdits, pick_edits
-    from sae.interventions.edits import parse_feature_edits
     from sae.interventions.fix_test import run_fix_test
-    from sae.interventions.scorers import load_scorer
-    from sae.models.generation import Sampling
 
-    texts = given_prompts(prompt, prompts_file)
-    edits = parse_feature_edits(ablate, clamp, scale, steer)
-    top = TopEdits.from_options(ablate_top, steer_top, contrast, answer, has_edits=bool(edits))
-    if html_path is not None:
-        check_output_path(html_path, "--html")
-    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    fmt = PromptFormat(chat=chat, system=system)
-    scorer = load_scorer(scorer_spec)
+    opts = _FixTestOptions(**options)
+    texts, edits, top, sampling, fmt, scorer = _fix_test_inputs(opts)  # before the model loads
     target = open_target(
-        sae_path, overrides, hook, sae_dtype=sae_dtype, override_hook=override_hook, log=log
-    )
-    picks = pick_edits(
-        target,
-        edits,
-        top,
-        texts,
-        contrast=contrast,
-        answer=answer,
-        wrong=wrong,
-        fmt=fmt,
-        top_tokens=None if no_top_tokens else TOP_TOKENS_SCAN,
+        opts.sae_path,
+        opts.overrides,
+        opts.hook,
+        sae_dtype=opts.sae_dtype,
+        override_hook=opts.override_hook,
         log=log,
     )
-    if picks.picked is not None:
-        label = str if picks.tokens is None else (lambda f: f"{f} ({tokens_text(picks.tokens[f])})")
-        log(f"top features by {picks.how}: {', '.join(map(label, picks.picked))}")
+    picks = _picked_edits(target, opts, edits, top, texts, fmt)
     result = run_fix_test(
         target,
         picks.edit,
         texts,
         scorer,
-        samples=samples,
+        samples=opts.samples,
         sampling=sampling,
-        threshold=threshold,
-        neutral_file=neutral_file,
-        neutral_tokens=neutral_tokens,
-        html_path=html_path,
+        threshold=opts.threshold,
+        neutral_file=opts.neutral_file,
+        neutral_tokens=opts.neutral_tokens,
+        html_path=opts.html_path,
         fmt=fmt,
         log=log,
     )
-    _print_fix_test(picks, result, target.hook, as_json)
+    _print_fix_test(picks, result, target.hook, opts.as_json)
+
+
+def _fix_test_inputs(
+    opts: _FixTestOptions,
+) -> tuple[list[str], list[FeatureEdit], TopEdits, Sampling, PromptFormat, Scorer]:
+    """The prompts, the edits given, the top edits asked for, the sampling, the prompt format
+    and the scorer: every option checked (and the --html path tried) before the model loads."""
+    from sae.analysis.feature_search import given_prompts
+    from sae.atomic_io import check_output_path
+    from sae.data.prompt_format import PromptFormat
+    from sae.interventions.edit_picks import TopEdits
+    from sae.interventions.edits import parse_feature_edits
+    from sae.interventions.scorers import load_scorer
+    from sae.models.generation import Sampling
+
+    texts = given_prompts(opts.prompt, opts.prompts_file)
+    edits = parse_feature_edits(opts.ablate, opts.clamp, opts.scale, opts.steer)
+    top = TopEdits.from_options(
+        opts.ablate_top, opts.steer_top, opts.contrast, opts.answer, has_edits=bool(edits)
+    )
+    if opts.html_path is not None:
+        check_output_path(opts.html_path, "--html")
+    sampling = Sampling(opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed)
+    fmt = PromptFormat(chat=opts.chat, system=opts.system)
+    return texts, edits, top, sampling, fmt, load_scorer(opts.scorer_spec)
+
+
+def _picked_edits(
+    target: Target,
+    opts: _FixTestOptions,
+    edits: list[FeatureEdit],
+    top: TopEdits,
+    texts: list[str],
+    fmt: PromptFormat,
+) -> PickedEdits:
+    """The edits to test: ``edits`` plus the ``top`` edits of the features ranked by
+    --contrast or --answer (over ``texts``), those features logged."""
+    from sae.interventions.edit_picks import pick_edits
+
+    picks = pick_edits(
+        target,
+        edits,
+        top,
+        texts,
+        contrast=opts.contrast,
+        answer=opts.answer,
+        wrong=opts.wrong,
+        fmt=fmt,
+        top_tokens=None if opts.no_top_tokens else TOP_TOKENS_SCAN,
+        log=log,
+    )
+    if picks.picked is not None:
+        _log_picked(picks)
+    return picks
+
+
+def _log_picked(picks: PickedEdits) -> None:
+    """The features the top edits took, in ranking order, with their top tokens when on."""
+    label = str if picks.tokens is None else (lambda f: f"{f} ({tokens_text(picks.tokens[f])})")
+    log(f"top features by {picks.how}: {', '.join(map(label, picks.picked))}")
 
 
 def _print_fix_test(picks: PickedEdits, result: FixTestResult, hook: str, as_json: bool) -> None:

@@ -276,59 +276,24 @@ def fix_test(
 ) -> FixTestResult:
     """Continuations with and without ``edits``, scored, with fluency costs (module docstring).
     ``fmt``: plain prompts, or chat prompts whose continuation is the assistant's reply."""
-    ids = {
-        "baseline": continuation_ids(
-            model, tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt
-        )
-    }
     skip = special_token_ids(tokenizer)  # the edits leave special tokens alone, as training did
-    with intervene(model, edits, skip):
-        ids["intervened"] = continuation_ids(
-            model, tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt
-        )
+    ids = _continuation_ids(
+        model, tokenizer, prompts, edits, skip, samples, sampling, progress, fmt
+    )
     texts = {
         c: [[tokenizer.decode(s, skip_special_tokens=True) for s in per] for per in ids[c]]
         for c in CONDITIONS
     }
     scores, nll, tokens = {}, {}, {}
     for c in CONDITIONS:
-        flat = [t for per in texts[c] for t in per]
-        scores[c] = torch.tensor(scorer(flat), dtype=torch.float64).view(len(prompts), samples)
-        pairs = [
-            continuation_nll(model, fmt.prompt_ids(tokenizer, p), s)
-            for p, per in zip(prompts, ids[c])
-            for s in per
-        ]
-        nll[c] = torch.tensor([p[0] for p in pairs], dtype=torch.float64).view(
-            len(prompts), samples
+        scores[c], nll[c], tokens[c] = _measure(
+            model, tokenizer, prompts, ids[c], texts[c], scorer, samples, fmt
         )
-        tokens[c] = torch.tensor([p[1] for p in pairs], dtype=torch.float64).view(
-            len(prompts), samples
-        )
-    both = {
-        c: torch.stack([scores[c], nll[c], tokens[c]], -1) for c in CONDITIONS
-    }  # [prompts, samples, 3]
-    paired = torch.stack([both["baseline"], both["intervened"]], 1)  # [prompts, 2, samples, 3]
-    summary: dict = {c: {} for c in (*CONDITIONS, "change")}
-    for key, fn in _statistics(threshold).items():
-        for c in CONDITIONS:
-            summary[c][key] = {
-                "value": float(fn(both[c])),
-                "ci": bootstrap_ci(both[c], fn, resamples, seed=1),
-            }
-        # Paired: each resample draws the same prompts for both conditions.
-        diff = lambda p, fn=fn: fn(p[:, 1]) - fn(p[:, 0])  # noqa: E731
-        summary["change"][key] = {
-            "value": float(diff(paired)),
-            "ci": bootstrap_ci(paired, diff, resamples, seed=1),
-        }
+    summary = _summary(scores, nll, tokens, threshold, resamples)
     kl = None
     if neutral:
         kl = neutral_kl(model, edits, neutral, skip)
-        summary["kl"] = {
-            "value": float(kl.mean()),
-            "ci": bootstrap_ci(kl, lambda v: v.mean(), resamples, seed=1),
-        }
+        summary["kl"] = _with_ci(kl, lambda v: v.mean(), resamples)
     return FixTestResult(
         prompts=list(prompts),
         texts=texts,
@@ -342,6 +307,86 @@ def fix_test(
         marks=scorer.pattern,
         neutral_tokens=sum(c.numel() for c in neutral),
     )
+
+
+def _continuation_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    edits: Sequence[Edit],
+    skip: torch.Tensor,
+    samples: int,
+    sampling: Sampling,
+    progress: bool,
+    fmt: PromptFormat,
+) -> dict[str, list[list[list[int]]]]:
+    """Condition -> continuation ids [prompt][sample]: drawn without, then with, ``edits``
+    (which leave the ``skip`` ids alone), with the same seed."""
+    ids = {
+        "baseline": continuation_ids(
+            model, tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt
+        )
+    }
+    with intervene(model, edits, skip):
+        ids["intervened"] = continuation_ids(
+            model, tokenizer, prompts, samples, sampling, progress=progress, fmt=fmt
+        )
+    return ids
+
+
+def _measure(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    ids: list[list[list[int]]],
+    texts: list[list[str]],
+    scorer: Scorer,
+    samples: int,
+    fmt: PromptFormat,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One condition's continuations (``ids`` and their ``texts``, [prompt][sample]) measured,
+    each [prompts, samples]: the score, the summed NLL in nats under ``model`` as it is now
+    (the clean model) and the token count."""
+    flat = [t for per in texts for t in per]
+    scores = torch.tensor(scorer(flat), dtype=torch.float64).view(len(prompts), samples)
+    pairs = [
+        continuation_nll(model, fmt.prompt_ids(tokenizer, p), s)
+        for p, per in zip(prompts, ids)
+        for s in per
+    ]
+    nll = torch.tensor([p[0] for p in pairs], dtype=torch.float64).view(len(prompts), samples)
+    tokens = torch.tensor([p[1] for p in pairs], dtype=torch.float64).view(len(prompts), samples)
+    return scores, nll, tokens
+
+
+def _summary(
+    scores: dict[str, torch.Tensor],
+    nll: dict[str, torch.Tensor],
+    tokens: dict[str, torch.Tensor],
+    threshold: float,
+    resamples: int,
+) -> dict:
+    """Each statistic (``_statistics``) per condition and its change (intervened - baseline),
+    with bootstrap intervals; the change's are paired: each resample draws the same prompts
+    for both conditions."""
+    # both[c]: [prompts, samples, 3] (score, summed nll, tokens); paired: [prompts, 2, samples, 3]
+    both = {c: torch.stack([scores[c], nll[c], tokens[c]], -1) for c in CONDITIONS}
+    paired = torch.stack([both["baseline"], both["intervened"]], 1)
+    summary: dict = {c: {} for c in (*CONDITIONS, "change")}
+    for key, fn in _statistics(threshold).items():
+        for c in CONDITIONS:
+            summary[c][key] = _with_ci(both[c], fn, resamples)
+        diff = lambda p, fn=fn: fn(p[:, 1]) - fn(p[:, 0])  # noqa: E731
+        summary["change"][key] = _with_ci(paired, diff, resamples)
+    return summary
+
+
+def _with_ci(values: torch.Tensor, statistic: Callable, resamples: int) -> dict:
+    """{"value": ``statistic`` of ``values``, "ci": its bootstrap interval over their rows}."""
+    return {
+        "value": float(statistic(values)),
+        "ci": bootstrap_ci(values, statistic, resamples, seed=1),
+    }
 
 
 def neutral_contexts(
