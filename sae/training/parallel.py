@@ -101,9 +101,11 @@ class OneProcess:
         """Gradients and figures of the whole batch, from this process's."""
         return loss, fvu, fires
 
-    def whole_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """Per-latent counts (fired, dead) [2] of the whole SAE, from this process's latents."""
-        return counts
+    def whole_counts(
+        self, fired: torch.Tensor, dead: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(firings, dead latents) of the whole SAE (0-d each), from this process's latents'."""
+        return fired, dead
 
     def gather_stats(self, stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         """Every process's SAEs' logged figures, from this process's."""
@@ -224,8 +226,9 @@ class LatentParallel(OneProcess):
             spec.aux_alpha,
         )
 
-    def whole_counts(self, counts):
-        return self.dist.sum_(counts)
+    def whole_counts(self, fired, dead):
+        fired, dead = self.dist.sum_(torch.stack([fired, dead]))
+        return fired, dead
 
     def gather_rates(self, rates):
         return {name: self.dist.gather_rows(r) for name, r in rates.items()}

@@ -213,7 +213,7 @@ class Trainer:
             loss.backward()
             n = totals.n if totals is not None else x.shape[0]
             loss, fvu, fires = self._update(name, sae, loss, fvu, fires, n)
-            fired, n_dead = self.parallel.whole_counts(torch.stack([fires.sum(), dead.sum()]))
+            fired, n_dead = self.parallel.whole_counts(fires.sum(), dead.sum())
             stats[name] = {
                 "loss": loss.detach(),
                 "fvu": fvu,
