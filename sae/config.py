@@ -193,8 +193,8 @@ class TrainConfig:
     batch_tokens: int = opt(4096, "Activation vectors (tokens) per optimizer step.", ge=1)
     lr: float | None = opt(
         None,
-        "Adam learning rate; null = the architecture's (topk and batchtopk: 2e-4 / "
-        "sqrt(num_latents / 2^14); relu: 5e-5; jumprelu: 7e-5; README, Architectures).",
+        "Adam learning rate; null = the architecture's (e.g. topk: 2e-4 / sqrt(num_latents / "
+        "2^14); docs/design.md §2).",
         gt=0,
     )
     warmup_steps: int = opt(1000, "Steps of linear learning-rate warmup.", ge=0)
@@ -210,13 +210,12 @@ class TrainConfig:
     scale_inputs: bool | None = opt(
         None,
         "Train on activations times one constant s with E|x s| = sqrt(d), "
-        "folded into the saved weights; null = the architecture's recipe (yes for "
-        "relu and jumprelu).",
+        "folded into the saved weights; null = the architecture's recipe (docs/design.md §2).",
     )
     grad_clip: float | None = opt(
         None,
         "Clip the gradient norm of each SAE to this; null = the architecture's "
-        "recipe (1.0 for relu, none otherwise); 0 = off.",
+        "recipe (docs/design.md §2); 0 = off.",
         ge=0,
     )
     autocast: bool = opt(
@@ -433,6 +432,11 @@ def _architecture_class(values: dict, prefix: str) -> type[SAEConfig]:
     return configs[name]
 
 
+def _and(names: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
     names = _field_names(cls)
     if issubclass(cls, SAEConfig):  # a setting of another architecture would do nothing
@@ -441,7 +445,7 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
         ]
         if owners:
             return ConfigError(
-                f"{prefix}{key}: applies to {' and '.join(owners)} only, not {prefix}architecture = "
+                f"{prefix}{key}: applies to {_and(owners)} only, not {prefix}architecture = "
                 f"{cls.architecture}; remove it or change the architecture"
             )
     close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)

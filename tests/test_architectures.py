@@ -119,7 +119,7 @@ def test_bad_folders_are_one_line(tmp_path):
         load_sae(tmp_path / "s")
 
 
-ALL = ["topk", "batchtopk", "relu", "jumprelu"]
+ALL = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
 
 
 def random_sae(arch, d=16, M=64, seed=0):
@@ -149,7 +149,7 @@ def test_every_architecture_round_trips_through_its_folder(tmp_path, arch):
     x = torch.randn(32, 16)
     assert torch.equal(loaded.encode(x), sae.encode(x)) and torch.equal(loaded(x), sae(x))
     cfg = json.loads((tmp_path / "s" / CONFIG_FILE).read_text())
-    assert cfg["apply_b_dec_to_input"] == (arch in ("topk", "batchtopk"))
+    assert cfg["apply_b_dec_to_input"] == (arch in ("topk", "batchtopk", "gated"))
 
 
 @pytest.mark.parametrize("arch", ALL)
@@ -204,8 +204,11 @@ def test_sae_settings_for_another_architecture_are_refused():
     from sae.config import load_config
 
     with pytest.raises(
-        ConfigError, match="sae.l1_coefficient: applies to relu only, not sae.architecture = topk"
+        ConfigError,
+        match="sae.l0_coefficient: applies to jumprelu only, not sae.architecture = topk",
     ):
+        load_config(None, ["sae.l0_coefficient=2"])
+    with pytest.raises(ConfigError, match="sae.l1_coefficient: applies to relu and gated only"):
         load_config(None, ["sae.l1_coefficient=2"])
     with pytest.raises(ConfigError, match="sae.k: applies to topk and batchtopk only"):
         load_config(None, ["sae.architecture=relu", "sae.k=8"])
@@ -300,3 +303,39 @@ def test_a_run_config_written_with_every_architectures_settings_still_reads(tmp_
     assert saved_config(tmp_path / "config.yaml") == load_config(None, [])
     with pytest.raises(ConfigError, match=r"sae.\w+: applies to (relu|jumprelu)"):
         load_config(tmp_path / "config.yaml")  # a config the user writes is still checked
+
+
+def test_gated_loss_is_the_papers_with_the_decoder_frozen_in_the_gate_term():
+    """The loss against Rajamanoharan et al.'s form written with a separate magnitude
+    matrix W_mag = exp(r_mag) W_enc (ours uses one product), and the gate's auxiliary
+    reconstruction sends no gradient into the decoder."""
+    sae = random_sae("gated").double()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    loss, fvu, fires = sae.training_loss(x)
+    loss.backward()
+
+    W_enc, b_gate, W_dec, b_dec = (
+        t.detach().clone().requires_grad_() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    )
+    r_mag, b_mag = sae.r_mag.detach(), sae.b_mag.detach()
+    pi_gate = (x - b_dec) @ W_enc.t() + b_gate
+    pi_mag = (x - b_dec) @ (W_enc * r_mag.exp()[:, None]).t() + b_mag
+    z = (pi_gate > 0) * pi_mag.relu()
+    rec = (x - z @ W_dec - b_dec).pow(2).sum()
+    l1 = (pi_gate.relu() * W_dec.norm(dim=1)).sum()
+    aux = (x - pi_gate.relu() @ W_dec.detach() - b_dec.detach()).pow(2).sum()
+    reference = (rec + sae.cfg.l1_coefficient * l1 + aux) / x.shape[0]
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(fvu, rec.detach() / (x - x.mean(0)).pow(2).sum())
+    assert torch.equal(fires, (z > 0).sum(0))
+    for mine, theirs in (
+        (sae.W_enc, W_enc),
+        (sae.b_enc, b_gate),
+        (sae.W_dec, W_dec),
+        (sae.b_dec, b_dec),
+    ):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+    # without the aux term's freeze the decoder's gradient would differ
+    frozen_free = torch.autograd.grad((x - pi_gate.relu() @ W_dec - b_dec).pow(2).sum(), W_dec)[0]
+    assert frozen_free.abs().sum() > 0

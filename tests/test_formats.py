@@ -35,8 +35,11 @@ def ref_saelens(
         arch = "topk"
     xs = x * scale
     sae_in = xs - t["b_dec"] if cfg.get("apply_b_dec_to_input", True) else xs
-    pre = sae_in @ t["W_enc"] + t["b_enc"]
-    if arch == "standard":
+    pre = sae_in @ t["W_enc"] + t.get("b_enc", t.get("b_gate"))
+    if arch == "gated":  # SAELens's two-matrix form: W_mag = W_enc * exp(r_mag)
+        mag = sae_in @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]
+        z = (pre > 0) * torch.relu(mag)
+    elif arch == "standard":
         z = torch.relu(pre)
     elif arch == "jumprelu":
         z = torch.relu(pre) * (pre > t["threshold"])
@@ -77,6 +80,10 @@ def saelens_tensors(arch: str, seed: int = 0) -> dict:
     }
     if arch == "jumprelu":
         t["threshold"] = rand(M, seed=seed + 4).abs() * 0.3
+    if arch == "gated":  # no b_enc: the gate's bias, and the magnitude path's scale and bias
+        t["b_gate"] = t.pop("b_enc")
+        t["r_mag"] = rand(M, seed=seed + 5) * 0.2
+        t["b_mag"] = rand(M, seed=seed + 6) * 0.1
     return t
 
 
@@ -157,6 +164,7 @@ X = rand(64, D, seed=99) * 2
         ("topk", False),
         ("jumprelu", False),
         ("jumprelu", True),
+        ("gated", True),
     ],
 )
 def test_saelens_folders_encode_and_decode_like_the_reference(tmp_path, arch, apply):
@@ -295,7 +303,7 @@ def same_files(a: Path, b: Path) -> None:
         assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "gated"])
 def test_ours_to_saelens_and_back_is_exact_and_saelens_computes_the_same(tmp_path, arch):
     sae = trained_like(arch)
     sae.save(
@@ -308,12 +316,12 @@ def test_ours_to_saelens_and_back_is_exact_and_saelens_computes_the_same(tmp_pat
     cfg = json.loads((tmp_path / "theirs" / "cfg.json").read_text())
     assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
     assert cfg["metadata"]["hook_name"] == "blocks.4.hook_mlp_out"
+    extra = {"jumprelu": {"b_enc", "threshold"}, "gated": {"b_gate", "r_mag", "b_mag"}}
     assert set(load_file(tmp_path / "theirs" / "sae_weights.safetensors")) == {
         "W_enc",
         "W_dec",
-        "b_enc",
         "b_dec",
-    } | ({"threshold"} if cfg["architecture"] == "jumprelu" else set())
+    } | extra.get(cfg["architecture"], {"b_enc"})
     # what a SAELens reader computes from the written file is what our SAE computes
     z, x_hat = ref_saelens(cfg, load_file(tmp_path / "theirs" / "sae_weights.safetensors"), X)
     with torch.no_grad():
@@ -403,10 +411,11 @@ def test_bad_folders_and_files_are_refused_in_one_line(tmp_path):
     (tmp_path / "cfg_only" / "cfg.json").write_text("{}")
     with pytest.raises(ConfigError, match="in no known SAE format: expected cfg.json with"):
         read_sae(tmp_path / "cfg_only")
-    write_saelens(tmp_path / "gated", saelens_cfg("gated"), saelens_tensors("standard"))
+    write_saelens(tmp_path / "temporal", saelens_cfg("temporal"), saelens_tensors("standard"))
     refused(
-        tmp_path / "gated",
-        "architecture 'gated' is not supported; SAELens SAEs of architecture jumprelu, standard, topk",
+        tmp_path / "temporal",
+        "architecture 'temporal' is not supported; SAELens SAEs of architecture gated, jumprelu, "
+        "standard, topk",
     )
     write_saelens(
         tmp_path / "shape",
@@ -529,7 +538,7 @@ def test_hub_errors_are_one_line(tmp_path, monkeypatch):
 
 def test_the_real_saelens_reads_ours_and_we_read_what_it_writes(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
-    for arch in ("topk", "relu", "jumprelu", "batchtopk"):
+    for arch in ("topk", "relu", "jumprelu", "batchtopk", "gated"):
         ours = trained_like(arch)
         ours.save(tmp_path / arch, metadata={"hook_name": "layers.2"})
         convert(tmp_path / arch, tmp_path / f"{arch}-sl", "saelens", log=lambda line: None)

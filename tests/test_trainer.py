@@ -138,6 +138,7 @@ RECIPES = {  # short-run settings for the toy data; the defaults are for real ru
     "batchtopk": ["sae.k=6", "train.lr=3e-3"],
     "relu": ["sae.l1_coefficient=0.5", "train.lr=3e-3"],
     "jumprelu": ["train.lr=1e-2"],
+    "gated": ["sae.l1_coefficient=2", "train.lr=3e-3"],
 }
 
 
@@ -172,7 +173,7 @@ def test_every_architecture_learns_a_sparse_dictionary(arch):
         torch.testing.assert_close(norms, torch.ones(128))
 
 
-@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "gated"])
 def test_input_scaling_makes_training_blind_to_the_activation_scale(arch):
     """Training on 8x the activations (a power of two: exact in floating point) gives the
     same SAE up to that factor, once the scale is folded in."""

@@ -1,6 +1,6 @@
 """Stage 4, SAE architectures: one module each, registered here by name (docs/design.md §2).
 
-- ``topk`` (TopK and BatchTopK), ``relu`` (L1 penalty), ``jumprelu``; ``base``: the shared
+- ``topk`` (TopK and BatchTopK), ``relu`` (L1 penalty), ``jumprelu``, ``gated``; ``base``: the shared
   module, initialisation and on-disk layout.
 - ``fused_topk``: the TopK family's fused loss (one autograd Function) and its dense
   reference; ``sharded_topk``: the same with the latents split over processes.
@@ -17,12 +17,13 @@ the class to ``ARCHITECTURES`` below. Loading any SAE folder
 from __future__ import annotations
 
 from sae.architectures.base import SparseAutoencoder
+from sae.architectures.gated import GatedConfig, GatedSAE
 from sae.architectures.jumprelu import JumpReLUConfig, JumpReLUSAE
 from sae.architectures.relu import ReLUConfig, ReLUSAE
 from sae.architectures.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    cls.Config.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE)
+    cls.Config.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE, GatedSAE)
 }
 
 
@@ -30,6 +31,8 @@ __all__ = [
     "ARCHITECTURES",
     "BatchTopKConfig",
     "BatchTopKSAE",
+    "GatedConfig",
+    "GatedSAE",
     "JumpReLUConfig",
     "JumpReLUSAE",
     "ReLUConfig",
