@@ -197,14 +197,20 @@ class TrainConfig:
         "2^14); docs/design.md §2).",
         gt=0,
     )
-    warmup_steps: int = opt(1000, "Steps of linear learning-rate warmup.", ge=0)
+    warmup_steps: int | None = opt(
+        None,
+        "Steps of linear learning-rate warmup; null = 5% of the run's steps, at most 1000 "
+        "(the published value, for long runs).",
+        ge=0,
+    )
     decay_fraction: float = opt(
         0.2, "Final fraction of steps with linear decay to zero.", ge=0, le=1
     )
     seed: int = opt(0, "Seed for initialization and data order.", ge=0, le=2**63 - 1)
-    dead_tokens: int = opt(
-        10_000_000,
-        "A latent that has not fired for this many tokens counts as dead (and AuxK trains it).",
+    dead_tokens: int | None = opt(
+        None,
+        "A latent that has not fired for this many tokens counts as dead (and AuxK trains it); "
+        "null = 10% of the run's tokens, at most 10,000,000 (the published value).",
         ge=1,
     )
     scale_inputs: bool | None = opt(

@@ -186,3 +186,18 @@ def test_input_scaling_makes_training_blind_to_the_activation_scale(arch):
     x = sparse_data(64, seed=1)
     torch.testing.assert_close(results[1].encode(8 * x), results[0].encode(x))
     torch.testing.assert_close(results[1](8 * x), 8 * results[0](x))
+
+
+def test_null_warmup_and_dead_window_scale_with_the_run_up_to_the_published_values():
+    from sae.training.trainer import run_schedule
+
+    def schedule(steps, *sets):
+        return run_schedule(load_config(None, ["train.batch_tokens=4096", *sets]).train, steps)
+
+    # a 1M-token run (244 steps, 999,424 tokens): 5% of the steps, 10% of the tokens
+    assert schedule(244) == (12, 99_942)
+    # a 1B-token run: the published 1000 steps and 10M tokens
+    assert schedule(244_140) == (1000, 10_000_000)
+    # set values are kept, whatever the run
+    assert schedule(244, "train.warmup_steps=50", "train.dead_tokens=500000") == (50, 500_000)
+    assert schedule(3) == (1, 4096)  # at least one step and one batch

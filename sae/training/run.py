@@ -244,6 +244,12 @@ def _start_trainer(
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
+    lrs = sorted({f"{st.peak_lr:.3g}" for st in trainer.states.values()})
+    log(
+        f"schedule: {total_steps:,} steps, learning rate {', '.join(lrs)} warmed up over "
+        f"{trainer.warmup_steps:,} steps, a latent silent for {trainer.dead_tokens:,} tokens "
+        "counts as dead (train.warmup_steps, train.lr, train.dead_tokens)"
+    )
     return trainer
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from sae.architectures import ARCHITECTURES, SparseAutoencoder
 from sae.architectures.base import BatchTotals
-from sae.config import RunConfig, SAEConfig, sae_variants
+from sae.config import RunConfig, SAEConfig, TrainConfig, sae_variants
 from sae.distributed import Dist
 from sae.errors import (
     CheckpointError,
@@ -45,6 +45,20 @@ def learning_rate(
     if step >= decay_start:
         return peak * (total_steps - step) / max(1, total_steps - decay_start)
     return peak
+
+
+def run_schedule(train: TrainConfig, total_steps: int) -> tuple[int, int]:
+    """(warmup steps, tokens after which a silent latent is dead) for a run of total_steps:
+    the settings, or for null ones values that scale with the run, capped at the published
+    ones (docs/design.md §2). A short run then gets a warmup that ends and a dead window
+    that AuxK can act on; a long one the published 1000 steps and 10M tokens."""
+    warmup = train.warmup_steps
+    if warmup is None:
+        warmup = min(1000, max(1, total_steps // 20))
+    dead = train.dead_tokens
+    if dead is None:
+        dead = min(10_000_000, max(train.batch_tokens, total_steps * train.batch_tokens // 10))
+    return warmup, dead
 
 
 @torch.no_grad()
@@ -118,6 +132,7 @@ class Trainer:
         self.dist = dist or Dist()
         self.hooks = list(widths)
         self.parallel = parallelism(cfg.distributed.mode, self.dist, self.hooks)
+        self.warmup_steps, self.dead_tokens = run_schedule(cfg.train, total_steps)
         self.densities: dict[
             str, torch.Tensor
         ] = {}  # per SAE, set at each log step (for TensorBoard)
@@ -205,7 +220,7 @@ class Trainer:
             if self.scales_inputs(name):
                 x = x * self.states[name].input_scale
             totals = self.parallel.totals(x)
-            dead = self.states[name].since_fired >= self.cfg.train.dead_tokens
+            dead = self.states[name].since_fired >= self.dead_tokens
             loss, fvu, fires = self.parallel.loss(
                 sae, x, dead, partial(self._loss, name, sae, x, dead, totals)
             )
@@ -291,7 +306,7 @@ class Trainer:
                 self.step_count,
                 self.total_steps,
                 self.states[name].peak_lr,
-                self.cfg.train.warmup_steps,
+                self.warmup_steps,
                 self.cfg.train.decay_fraction,
             )
         opt.step()
