@@ -29,6 +29,11 @@ import yaml
 from sae.errors import ConfigError
 
 
+def _meta(help: str, **bounds: Any) -> dict:
+    """A field's metadata: its help and its checks (choices, ge, gt, le, lt; None = none)."""
+    return {"help": help, **{k: bounds.get(k) for k in ("choices", "ge", "gt", "le", "lt")}}
+
+
 def opt(
     default: Any,
     help: str,
@@ -40,7 +45,7 @@ def opt(
     lt: float | None = None,
 ) -> Any:
     """A config field: default, one-line help, optional choices or numeric bounds."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    meta = _meta(help, choices=choices, ge=ge, gt=gt, le=le, lt=lt)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -136,15 +141,10 @@ def architecture_field(name: str) -> Any:
     return field(
         default=name,
         init=False,
-        metadata={
-            "help": "SAE architecture (one file each in sae/architectures/); the keys that start with names "
-            "apply to those architectures only.",
-            "choices": None,
-            "ge": None,
-            "gt": None,
-            "le": None,
-            "lt": None,
-        },
+        metadata=_meta(
+            "SAE architecture (one file each in sae/architectures/); the keys that start with "
+            "names apply to those architectures only."
+        ),
     )
 
 
@@ -574,7 +574,11 @@ def config_from_dict(values: dict) -> RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> RunConfig:
     """Defaults, then the YAML file at ``path`` (if any), then each ``KEY=VALUE`` override."""
-    values = read_yaml(path) if path is not None else {}
+    return _with_overrides(read_yaml(path) if path is not None else {}, overrides)
+
+
+def _with_overrides(values: dict, overrides: typing.Iterable[str]) -> RunConfig:
+    """The config of ``values`` with each ``KEY=VALUE`` override applied in order."""
     for text in overrides:
         values = _merge(values, parse_override(text))
     return config_from_dict(values)
@@ -593,9 +597,7 @@ def saved_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> RunC
     ):
         keep = _field_names(_architecture_class(section, "sae."))
         values["sae"] = {k: v for k, v in section.items() if k in keep}
-    for text in overrides:
-        values = _merge(values, parse_override(text))
-    return config_from_dict(values)
+    return _with_overrides(values, overrides)
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -636,11 +638,15 @@ def _row(f: dataclasses.Field, prefix: str, owners: str = "") -> tuple[str, str,
 def _describe_sae(prefix: str) -> list[tuple[str, str, str]]:
     shared = _field_names(SAEConfig)
     rows = [_row(f, prefix) for f in dataclasses.fields(SAEConfig)]
-    rows[0] = (
-        rows[0][0],
-        rows[0][1],
-        rows[0][2] + f" Choose one of: {', '.join(architecture_configs())}.",
-    )
+    names = ", ".join(architecture_configs())
+    rows = [
+        (
+            key,
+            default,
+            f"{help} Choose one of: {names}." if key == f"{prefix}architecture" else help,
+        )
+        for key, default, help in rows
+    ]
     owners: dict[str, list[str]] = {}
     fields: dict[str, dataclasses.Field] = {}
     for name, cls in architecture_configs().items():

@@ -4,6 +4,7 @@ behaviour (search)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,28 @@ if TYPE_CHECKING:
 # The orders of the feature table: the keys of sae.analysis.feature_overview.SORTS, spelled
 # out so that the command line loads without torch.
 SORTS = ("density", "max", "mean")
+
+
+def contrast_options(target_help: str, baseline_help: str) -> Callable[[Callable], Callable]:
+    """--target FILE and --baseline FILE, the two prompt sets of a contrast."""
+
+    def add(fn: Callable) -> Callable:
+        fn = click.option(
+            "--baseline",
+            "baseline_file",
+            type=click.Path(path_type=Path),
+            metavar="FILE",
+            help=baseline_help,
+        )(fn)
+        return click.option(
+            "--target",
+            "target_file",
+            type=click.Path(path_type=Path),
+            metavar="FILE",
+            help=target_help,
+        )(fn)
+
+    return add
 
 
 @analyze.command()
@@ -208,19 +231,9 @@ def _print_feature(r: dict, show_examples: int) -> None:
 
 @analyze.command()
 @target_options
-@click.option(
-    "--target",
-    "target_file",
-    type=click.Path(path_type=Path),
-    metavar="FILE",
-    help="Prompts showing the behaviour (one per line, or .jsonl with a text field).",
-)
-@click.option(
-    "--baseline",
-    "baseline_file",
-    type=click.Path(path_type=Path),
-    metavar="FILE",
-    help="Prompts without it, as alike as possible otherwise.",
+@contrast_options(
+    "Prompts showing the behaviour (one per line, or .jsonl with a text field).",
+    "Prompts without it, as alike as possible otherwise.",
 )
 @click.option(
     "--text", default=None, help="Instead of a contrast: the features that fire on this text."
@@ -371,19 +384,9 @@ def _print_text_hits(listing: dict, top_tokens: bool) -> None:
     default=None,
     help="HTML file to write (default: SAE/report.html).",
 )
-@click.option(
-    "--target",
-    "target_file",
-    type=click.Path(path_type=Path),
-    metavar="FILE",
-    help="Add contrast columns (effect size, AUROC) against --baseline to the feature index.",
-)
-@click.option(
-    "--baseline",
-    "baseline_file",
-    type=click.Path(path_type=Path),
-    metavar="FILE",
-    help="Baseline prompts for the contrast columns.",
+@contrast_options(
+    "Add contrast columns (effect size, AUROC) against --baseline to the feature index.",
+    "Baseline prompts for the contrast columns.",
 )
 @click.option(
     "--cards",
