@@ -164,8 +164,8 @@ def test_every_architecture_learns_a_sparse_dictionary(arch):
         trainer.step({"h": sparse_data(256, seed=100 + step)})
     result = evaluate(trainer.trained_sae("h"), [sparse_data(2048, seed=1)])
     assert result["fvu"] < 0.25 and result["l0"] < 32, result  # 3 true atoms among 128 latents
-    if arch == "batchtopk":  # the inference threshold keeps about k active per token
-        assert 3 <= result["l0"] <= 9, result
+    if arch == "batchtopk":  # the inference threshold keeps k active per token (+-5%)
+        assert 0.95 * 6 <= result["l0"] <= 1.05 * 6, result
     norms = trainer.saes["h"].W_dec.norm(dim=1)
     if arch == "relu":  # its penalty weighs rows by their norm; no constraint
         assert norms.std() > 0.01
