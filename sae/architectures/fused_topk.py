@@ -28,7 +28,8 @@ pre-activations.
 
 A Matryoshka prefix term needs no code of its own: S's columns ascend within each row, and
 the prefix's code is S with the values at columns >= m set to zero. It keeps S's sparsity
-pattern (so it shares S's index tensors and its transpose; only its values [nnz] and its
+pattern (so it shares S's index tensors, its transpose, and one encoder-gradient product:
+the value gradients of all terms on S are summed first; only its values [nnz] and its
 residual [N, d] are new), and a zeroed value gets no gradient, as the ReLU's mask already
 does for values that are zero.
 """
@@ -257,17 +258,21 @@ class FusedTopKLoss(torch.autograd.Function):
         g_b_enc = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device)
         g_b_dec = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
         saved = ctx.saved_tensors[4:]
-        transposers = {}  # one per sparsity pattern: Matryoshka's prefix terms share the main's
+        # Per sparsity pattern: its code, transpose and summed value gradients [nnz], so
+        # terms that share one (Matryoshka's prefixes) share the encoder's product too.
+        patterns: dict[int, list] = {}
         for i, (weight, with_bias, pattern) in enumerate(ctx.terms):
             codes, r = Codes(*saved[5 * i : 5 * i + 4]), saved[5 * i + 4]
             g_rec = r * (-2 * weight * grad_out / var)  # dL/d(reconstruction)   [N, d]
-            if pattern not in transposers:
-                transposers[pattern] = _transposer(codes, m)
-            transpose = transposers[pattern]
+            if pattern not in patterns:
+                patterns[pattern] = [codes, _transposer(codes, m), 0]
+            transpose = patterns[pattern][1]
             g_W_dec += transpose(codes.vals) @ g_rec
             if with_bias:
                 g_b_dec += g_rec.sum(0)
             g_vals = _row_dots(g_rec, W_dec, codes) * (codes.vals > 0)  # through ReLU  [nnz]
+            patterns[pattern][2] = patterns[pattern][2] + g_vals
+        for codes, transpose, g_vals in patterns.values():
             # Encoder: pre[rows[j], cols[j]] receives g_vals[j].
             g_W_enc += transpose(g_vals) @ x_c
             g_b_enc.index_add_(0, codes.cols, g_vals)
