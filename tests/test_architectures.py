@@ -119,7 +119,7 @@ def test_bad_folders_are_one_line(tmp_path):
         load_sae(tmp_path / "s")
 
 
-ALL = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
+ALL = ["topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"]
 
 
 def random_sae(arch, d=16, M=64, seed=0):
@@ -127,7 +127,7 @@ def random_sae(arch, d=16, M=64, seed=0):
     from sae.config import load_config
     from sae.training.trainer import make_sae
 
-    extra = ["sae.k=4"] if "topk" in arch else []
+    extra = ["sae.k=4"] if arch in ("topk", "batchtopk", "matryoshka") else []
     sae = make_sae(
         load_config(None, [f"sae.architecture={arch}", f"sae.num_latents={M}", *extra]).sae, d
     )
@@ -135,7 +135,7 @@ def random_sae(arch, d=16, M=64, seed=0):
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.05)
     return sae
 
@@ -149,7 +149,7 @@ def test_every_architecture_round_trips_through_its_folder(tmp_path, arch):
     x = torch.randn(32, 16)
     assert torch.equal(loaded.encode(x), sae.encode(x)) and torch.equal(loaded(x), sae(x))
     cfg = json.loads((tmp_path / "s" / CONFIG_FILE).read_text())
-    assert cfg["apply_b_dec_to_input"] == (arch in ("topk", "batchtopk", "gated"))
+    assert cfg["apply_b_dec_to_input"] == (arch in ("topk", "batchtopk", "matryoshka", "gated"))
 
 
 @pytest.mark.parametrize("arch", ALL)
@@ -210,7 +210,7 @@ def test_sae_settings_for_another_architecture_are_refused():
         load_config(None, ["sae.l0_coefficient=2"])
     with pytest.raises(ConfigError, match="sae.l1_coefficient: applies to relu and gated only"):
         load_config(None, ["sae.l1_coefficient=2"])
-    with pytest.raises(ConfigError, match="sae.k: applies to topk and batchtopk only"):
+    with pytest.raises(ConfigError, match="sae.k: applies to topk, batchtopk and matryoshka only"):
         load_config(None, ["sae.architecture=relu", "sae.k=8"])
 
 
@@ -339,3 +339,104 @@ def test_gated_loss_is_the_papers_with_the_decoder_frozen_in_the_gate_term():
     # without the aux term's freeze the decoder's gradient would differ
     frozen_free = torch.autograd.grad((x - pi_gate.relu() @ W_dec - b_dec).pow(2).sum(), W_dec)[0]
     assert frozen_free.abs().sum() > 0
+
+
+def test_matryoshka_loss_is_each_prefixs_error_summed_plus_auxk_on_the_full_residual():
+    """Against the paper's loss written densely: the batch's N*k largest pre-activations over
+    all latents are selected once; prefix m decodes the selected latents below m with
+    W_dec[:m]; AuxK reconstructs the whole code's residual from dead latents."""
+    sae = random_sae("matryoshka").double()  # d 16, M 64, k 4
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:50] = True
+    loss, fvu, fires = sae.training_loss(x, dead)
+    loss.backward()
+
+    W_enc, b_enc, W_dec, b_dec = (
+        t.detach().clone().requires_grad_() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    )
+    pre = (x - b_dec) @ W_enc.t() + b_enc
+    smallest_kept = pre.detach().flatten().sort(descending=True).values[40 * 4 - 1]
+    z = pre.relu() * (pre >= smallest_kept)
+    V = (x - x.mean(0)).pow(2).sum()
+    sizes = (2, 6, 14, 30, 64)  # 64 x (1/32, 3/32, 7/32, 15/32, 1): the default prefixes
+    errors = [(x - z[:, :m] @ W_dec[:m] - b_dec).pow(2).sum() / V for m in sizes]
+    aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(8, dim=1)  # k_aux = d / 2
+    z_aux = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals.relu())
+    residual = (x - z @ W_dec - b_dec).detach()
+    aux = (1 / 32) * min(10 / 8, 1.0) * (residual - z_aux @ W_dec).pow(2).sum() / V
+    reference = sum(errors) + aux
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(fvu, errors[-1].detach())  # the FVU is the whole SAE's
+    assert torch.equal(fires, (z > 0).sum(0)) and errors[0] > errors[-1]
+    first_threshold = float(z.detach()[z > 0].min())  # the first update takes the batch's value
+    assert float(sae.threshold[0]) == first_threshold
+    for mine, theirs in ((sae.W_enc, W_enc), (sae.b_enc, b_enc), (sae.W_dec, W_dec)):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+    torch.testing.assert_close(sae.b_dec.grad, b_dec.grad)
+
+
+def test_matryoshka_with_one_prefix_of_all_latents_is_batchtopk():
+    from sae.config import load_config
+    from sae.training.trainer import make_sae
+
+    btk = random_sae("batchtopk")
+    settings = ["sae.architecture=matryoshka", "sae.num_latents=64", "sae.k=4"]
+    one = make_sae(load_config(None, [*settings, "sae.prefix_fractions=[1.0]"]).sae, 16)
+    nested = make_sae(load_config(None, settings).sae, 16)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(6))
+    dead = torch.arange(64) % 7 == 0
+    results = []
+    for sae in (btk, one, nested):
+        sae.load_state_dict(btk.state_dict())
+        loss, fvu, fires = sae.training_loss(x, dead)
+        loss.backward()
+        results.append((loss, fvu, fires, [p.grad for p in sae.parameters()], sae.threshold))
+    (loss_b, fvu_b, fires_b, g_b, th_b), (loss_1, fvu_1, fires_1, g_1, th_1) = results[:2]
+    assert torch.equal(loss_1, loss_b) and torch.equal(fvu_1, fvu_b)
+    assert torch.equal(fires_1, fires_b) and torch.equal(th_1, th_b)
+    assert all(torch.equal(a, b) for a, b in zip(g_1, g_b))
+    loss_n, fvu_n, fires_n = results[2][:3]  # nested prefixes: same selection, more error
+    assert torch.equal(fvu_n, fvu_b) and torch.equal(fires_n, fires_b) and loss_n > loss_b
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[0.5, 0.25, 1.0]", r"\[0.5, 0.25, 1.0\] is not valid; give fractions of num_latents"),
+        ("[0.25, 0.5]", r"\[0.25, 0.5\] is not valid; .* strictly increase and end at 1.0"),
+        ("[0.5, 0.5, 1.0]", r"\[0.5, 0.5, 1.0\] is not valid"),
+        ("[]", r"\[\] is not valid"),
+        ("[0, 1.0]", r"0.0 is out of range; must be > 0"),
+        ("[0.5, 2]", r"2.0 is out of range; must be <= 1"),
+        ("0.5", r"0.5 is not a list of numbers"),
+    ],
+)
+def test_matryoshka_refuses_prefixes_that_are_not_nested_in_one_line(value, message):
+    from sae.config import load_config
+
+    with pytest.raises(ConfigError, match="sae.prefix_fractions: " + message) as e:
+        load_config(None, ["sae.architecture=matryoshka", f"sae.prefix_fractions={value}"])
+    assert "\n" not in str(e.value)
+
+
+def test_matryoshka_refuses_prefixes_that_round_to_no_new_latents_and_lists_its_key():
+    from sae.config import describe, load_config
+    from sae.training.trainer import make_sae
+
+    small = ["sae.architecture=matryoshka", "sae.num_latents=16", "sae.k=4"]
+    cfg = load_config(None, small).sae
+    with pytest.raises(
+        ConfigError,
+        match=r"sae.prefix_fractions: 0.03125 of the 16 latents for width 8 is 0 latents, not "
+        r"more than the prefix before it \(0\); use fewer or larger fractions, or more latents",
+    ):
+        make_sae(cfg, 8)
+    cfg = load_config(None, [*small, "sae.prefix_fractions=[0.25, 1]"]).sae
+    assert make_sae(cfg, 8).spec().prefixes == (4,)
+    rows = {key: (default, help) for key, default, help in describe()}
+    default, help = rows["sae.prefix_fractions"]
+    assert default == "[0.03125, 0.09375, 0.21875, 0.46875, 1.0]"
+    assert help.startswith("matryoshka: ") and "fractions of num_latents" in help
+    assert rows["sae.k"][1].startswith("topk, batchtopk, matryoshka: ")

@@ -303,7 +303,7 @@ def same_files(a: Path, b: Path) -> None:
         assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu", "gated"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"])
 def test_ours_to_saelens_and_back_is_exact_and_saelens_computes_the_same(tmp_path, arch):
     sae = trained_like(arch)
     sae.save(
@@ -314,7 +314,8 @@ def test_ours_to_saelens_and_back_is_exact_and_saelens_computes_the_same(tmp_pat
     convert(tmp_path / "theirs", tmp_path / "back", "sae", log=lambda line: None)
     same_files(tmp_path / "ours", tmp_path / "back")
     cfg = json.loads((tmp_path / "theirs" / "cfg.json").read_text())
-    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+    written_as = {"relu": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
+    assert cfg["architecture"] == written_as.get(arch, arch)
     assert cfg["metadata"]["hook_name"] == "blocks.4.hook_mlp_out"
     extra = {"jumprelu": {"b_enc", "threshold"}, "gated": {"b_gate", "r_mag", "b_mag"}}
     assert set(load_file(tmp_path / "theirs" / "sae_weights.safetensors")) == {
@@ -538,7 +539,7 @@ def test_hub_errors_are_one_line(tmp_path, monkeypatch):
 
 def test_the_real_saelens_reads_ours_and_we_read_what_it_writes(tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
-    for arch in ("topk", "relu", "jumprelu", "batchtopk", "gated"):
+    for arch in ("topk", "relu", "jumprelu", "batchtopk", "matryoshka", "gated"):
         ours = trained_like(arch)
         ours.save(tmp_path / arch, metadata={"hook_name": "layers.2"})
         convert(tmp_path / arch, tmp_path / f"{arch}-sl", "saelens", log=lambda line: None)

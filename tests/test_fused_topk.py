@@ -62,6 +62,30 @@ def test_loss_and_every_gradient_match_the_dense_reference(
         )
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("prefixes", [(4,), (1, 10, 50, 127)])
+@pytest.mark.parametrize("n_dead", [0, 5])
+@pytest.mark.parametrize(
+    "multi_topk, batch_topk", [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_matryoshka_prefix_terms_match_the_dense_reference(
+    dtype, tol, prefixes, n_dead, multi_topk, batch_topk
+):
+    N, d, M, k = 64, 16, 128, 4
+    x, params = make(N, d, M, dtype, seed=3)
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[torch.randperm(M, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
+    kw = dict(k=k, dead=dead, k_aux=12, multi_topk=multi_topk, batch_topk=batch_topk)
+    loss_ref, g_ref = grads(topk_loss_reference, x, params, **kw, prefixes=prefixes)
+    loss, g = grads(fused_topk_loss, x, params, **kw, prefixes=prefixes)
+    torch.testing.assert_close(loss, loss_ref, rtol=tol, atol=tol)
+    for name in params:
+        torch.testing.assert_close(
+            g[name], g_ref[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    assert loss > grads(fused_topk_loss, x, params, **kw)[0]  # the prefix terms add error
+
+
 def test_aux_gradient_reaches_the_encoder_rows_of_dead_latents():
     x, params = make(128, 16, 64, torch.float64)
     dead = torch.zeros(64, dtype=torch.bool)

@@ -1,7 +1,8 @@
 """Stage 4, SAE architectures: one module each, registered here by name (docs/design.md §2).
 
-- ``topk`` (TopK and BatchTopK), ``relu`` (L1 penalty), ``jumprelu``, ``gated``; ``base``: the shared
-  module, initialisation and on-disk layout.
+- ``topk`` (TopK and BatchTopK), ``matryoshka`` (Matryoshka BatchTopK: nested prefixes of
+  the latents each reconstruct), ``relu`` (L1 penalty), ``jumprelu``, ``gated``; ``base``: the
+  shared module, initialisation and on-disk layout.
 - ``fused_topk``: the TopK family's fused loss (one autograd Function) and its dense
   reference; ``sharded_topk``: the same with the latents split over processes.
 
@@ -19,11 +20,13 @@ from __future__ import annotations
 from sae.architectures.base import SparseAutoencoder
 from sae.architectures.gated import GatedConfig, GatedSAE
 from sae.architectures.jumprelu import JumpReLUConfig, JumpReLUSAE
+from sae.architectures.matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from sae.architectures.relu import ReLUConfig, ReLUSAE
 from sae.architectures.topk import BatchTopKConfig, BatchTopKSAE, TopKConfig, TopKSAE
 
 ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    cls.Config.architecture: cls for cls in (TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE, GatedSAE)
+    cls.Config.architecture: cls
+    for cls in (TopKSAE, BatchTopKSAE, MatryoshkaSAE, ReLUSAE, JumpReLUSAE, GatedSAE)
 }
 
 
@@ -35,6 +38,8 @@ __all__ = [
     "GatedSAE",
     "JumpReLUConfig",
     "JumpReLUSAE",
+    "MatryoshkaConfig",
+    "MatryoshkaSAE",
     "ReLUConfig",
     "ReLUSAE",
     "SparseAutoencoder",

@@ -1,5 +1,5 @@
-"""The fused, Triton-free loss of the TopK family (TopK, multi-TopK, BatchTopK): encoder,
-sparse decoder, MSE and AuxK in one ``torch.autograd.Function``.
+"""The fused, Triton-free loss of the TopK family (TopK, multi-TopK, BatchTopK, Matryoshka
+BatchTopK): encoder, sparse decoder, MSE and AuxK in one ``torch.autograd.Function``.
 
 Notation (docs/design.md §2): x [N, d] inputs, M latents, k active, W_enc [M, d],
 b_enc [M], W_dec [M, d], b_dec [d].
@@ -10,6 +10,9 @@ b_enc [M], W_dec [M, d], b_dec [d].
     x_hat = S @ W_dec + b_dec                              [N, d]  (embedding_bag)
     e     = x - x_hat
     L     = |e|^2 / V                                      main term
+          + sum_m |x - x_hat_m|^2 / V                      Matryoshka only: for each prefix
+                                                           size m in spec.prefixes, x_hat_m
+                                                           decodes S's latents with index < m
           + |x - x_hat4|^2 / (8 V)                         multi-TopK only: x_hat4 from 4k
           + alpha * s * |e - e_hat|^2 / V                  AuxK, when latents are dead
       V     = sum_n |x_n - mean(x)|^2 (batch total variance)
@@ -22,6 +25,13 @@ selection, no N x k x d tensor is ever made (the gradients of the code values ar
 sampled dense-dense product), and each weight gradient is one sparse (CSR) x dense
 product per term. AuxK's gradient reaches the encoder through the dead latents'
 pre-activations.
+
+A Matryoshka prefix term needs no code of its own: S's columns ascend within each row, and
+the prefix's code is S with the values at columns >= m set to zero. It keeps S's sparsity
+pattern (so it shares S's index tensors, its transpose, and one encoder-gradient product:
+the value gradients of all terms on S are summed first; only its values [nnz] and its
+residual [N, d] are new), and a zeroed value gets no gradient, as the ReLU's mask already
+does for values that are zero.
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ class TopKSpec:
     aux_alpha: float = 1 / 32
     multi_topk: bool = False  # add the FVU of the top 4k latents, weighted 1/8
     batch_topk: bool = False  # select the N*k largest pre-activations of the batch
+    # Matryoshka: sizes m (ascending, each < M) of nested prefixes of the latents; each adds
+    # the squared error of decoding only the main code's latents with index < m, weight 1
+    prefixes: tuple[int, ...] = ()
 
 
 class Codes(NamedTuple):
@@ -214,20 +227,26 @@ class FusedTopKLoss(torch.autograd.Function):
             var = total_variance(x)
         loss = e.pow(2).sum() / var
         fvu = loss.detach().clone()
-        terms = [(codes, e, 1.0, True)]  # (code, residual, weight, b_dec in the decoder)
+        # (code, residual, weight, b_dec in the decoder, the term whose pattern it shares)
+        terms = [(codes, e, 1.0, True, 0)]
+        for size in spec.prefixes:  # Matryoshka: S's columns < size only (module docstring)
+            prefix = codes._replace(vals=codes.vals.masked_fill(codes.cols >= size, 0))
+            e_m = x - decode(prefix, W_dec) - b_dec
+            loss = loss + e_m.pow(2).sum() / var
+            terms.append((prefix, e_m, 1.0, True, 0))
         if codes4 is not None:
             e4 = x - decode(codes4, W_dec) - b_dec
             loss = loss + e4.pow(2).sum() / (8 * var)
-            terms.append((codes4, e4, 1 / 8, True))
+            terms.append((codes4, e4, 1 / 8, True, len(terms)))
         if aux is not None:
             r = e - decode(aux, W_dec)  # e - e_hat
             loss = loss + ctx.aux_coef * r.pow(2).sum() / var
-            terms.append((aux, r, ctx.aux_coef, False))
+            terms.append((aux, r, ctx.aux_coef, False, len(terms)))
         fires = _counts(codes.cols, m, weights=codes.vals > 0)
         min_active = codes.vals.masked_fill(codes.vals <= 0, float("inf")).min()
         ctx.mark_non_differentiable(fvu, fires, min_active)
-        ctx.terms = [(weight, with_bias) for _, _, weight, with_bias in terms]
-        ctx.save_for_backward(x_c, W_enc, W_dec, var, *[t for c, r, _, _ in terms for t in (*c, r)])
+        ctx.terms = [(weight, with_bias, pattern) for _, _, weight, with_bias, pattern in terms]
+        ctx.save_for_backward(x_c, W_enc, W_dec, var, *[t for c, r, *_ in terms for t in (*c, r)])
         return loss, fvu, fires, min_active
 
     @staticmethod
@@ -239,14 +258,21 @@ class FusedTopKLoss(torch.autograd.Function):
         g_b_enc = torch.zeros(m, dtype=W_enc.dtype, device=W_enc.device)
         g_b_dec = torch.zeros(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
         saved = ctx.saved_tensors[4:]
-        for i, (weight, with_bias) in enumerate(ctx.terms):
+        # Per sparsity pattern: its code, transpose and summed value gradients [nnz], so
+        # terms that share one (Matryoshka's prefixes) share the encoder's product too.
+        patterns: dict[int, list] = {}
+        for i, (weight, with_bias, pattern) in enumerate(ctx.terms):
             codes, r = Codes(*saved[5 * i : 5 * i + 4]), saved[5 * i + 4]
             g_rec = r * (-2 * weight * grad_out / var)  # dL/d(reconstruction)   [N, d]
-            transpose = _transposer(codes, m)
+            if pattern not in patterns:
+                patterns[pattern] = [codes, _transposer(codes, m), 0]
+            transpose = patterns[pattern][1]
             g_W_dec += transpose(codes.vals) @ g_rec
             if with_bias:
                 g_b_dec += g_rec.sum(0)
             g_vals = _row_dots(g_rec, W_dec, codes) * (codes.vals > 0)  # through ReLU  [nnz]
+            patterns[pattern][2] = patterns[pattern][2] + g_vals
+        for codes, transpose, g_vals in patterns.values():
             # Encoder: pre[rows[j], cols[j]] receives g_vals[j].
             g_W_enc += transpose(g_vals) @ x_c
             g_b_enc.index_add_(0, codes.cols, g_vals)
@@ -267,9 +293,10 @@ def fused_topk_loss(
     aux_alpha: float = 1 / 32,
     multi_topk: bool = False,
     batch_topk: bool = False,
+    prefixes: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """Scalar TopK-family loss (see module docstring) with the fused backward."""
-    spec = TopKSpec(k, k_aux, aux_alpha, multi_topk, batch_topk)
+    spec = TopKSpec(k, k_aux, aux_alpha, multi_topk, batch_topk, tuple(prefixes))
     return FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, spec, dead)[0]
 
 
@@ -285,6 +312,7 @@ def topk_loss_reference(
     aux_alpha: float = 1 / 32,
     multi_topk: bool = False,
     batch_topk: bool = False,
+    prefixes: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """The same loss written densely and differentiated by autograd: the reference the fused
     version is tested against. Materializes [N, M]; for tests and small shapes only."""
@@ -302,6 +330,9 @@ def topk_loss_reference(
     var = (x - x.mean(0)).pow(2).sum()
     e = x - (dense_code(k) @ W_dec + b_dec)
     loss = e.pow(2).sum() / var
+    for m in prefixes:  # Matryoshka: the first m latents of the same code, and their decoder rows
+        z = dense_code(k)
+        loss = loss + (x - (z[:, :m] @ W_dec[:m] + b_dec)).pow(2).sum() / var
     if multi_topk:
         loss = loss + (x - (dense_code(min(4 * k, pre.shape[1])) @ W_dec + b_dec)).pow(2).sum() / (
             8 * var
