@@ -69,7 +69,9 @@ def test_b_dec_starts_at_the_geometric_median_of_the_first_batch():
     b_before = geometric_median(x).float()
     trainer.step({"h": x})
     # Adam moves each coordinate by at most ~lr in the first step
-    assert (trainer.saes["h"].b_dec.detach() - b_before).abs().max() < 2 * default_lr(128)
+    assert (trainer.saes["h"].b_dec.detach() - b_before).abs().max() < 2 * trainer.states[
+        "h"
+    ].peak_lr
 
 
 def test_latents_silent_for_the_window_count_as_dead():
@@ -202,3 +204,18 @@ def test_null_warmup_and_dead_window_scale_with_the_run_up_to_the_published_valu
     # set values are kept, whatever the run
     assert schedule(244, "train.warmup_steps=50", "train.dead_tokens=500000") == (50, 500_000)
     assert schedule(3) == (1, 4096)  # at least one step and one batch
+
+
+def test_a_null_learning_rate_is_the_published_one_for_long_runs_and_larger_for_short_ones():
+    def peak(steps, *sets):
+        cfg = load_config(None, ["sae.num_latents=2048", *sets])
+        return Trainer(cfg, {"h": 32}, total_steps=steps).states["h"].peak_lr
+
+    published = default_lr(2048)
+    assert peak(100_000) == pytest.approx(published)  # a long run: Gao et al.'s rule
+    assert peak(16_384) == pytest.approx(published)
+    assert peak(4096) == pytest.approx(2 * published)  # x sqrt(16384 / steps)
+    assert peak(10) == pytest.approx(8 * published)  # capped
+    assert peak(10, "train.lr=1e-3") == 1e-3  # a set rate is used as given
+    relu = load_config(None, ["sae.architecture=relu", "sae.num_latents=2048"])
+    assert Trainer(relu, {"h": 32}, total_steps=4096).states["h"].peak_lr == pytest.approx(1e-4)

@@ -41,6 +41,7 @@ from sae.training.trainer import (
     Trainer,
     log_heldout_metrics,
     set_aside_old_events,
+    short_run_lr_scale,
 )
 
 
@@ -244,9 +245,12 @@ def _start_trainer(
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
-    lrs = sorted({f"{st.peak_lr:.3g}" for st in trainer.states.values()})
+    rate = ", ".join(sorted({f"{st.peak_lr:.3g}" for st in trainer.states.values()}))
+    scale = short_run_lr_scale(total_steps)
+    if cfg.train.lr is None and scale > 1:
+        rate += f" (the published rate x {scale:.3g}, for a run this short)"
     log(
-        f"schedule: {total_steps:,} steps, learning rate {', '.join(lrs)} warmed up over "
+        f"schedule: {total_steps:,} steps, learning rate {rate} warmed up over "
         f"{trainer.warmup_steps:,} steps, a latent silent for {trainer.dead_tokens:,} tokens "
         "counts as dead (train.warmup_steps, train.lr, train.dead_tokens)"
     )

@@ -12,6 +12,7 @@ flat, and decays linearly to zero over the last ``decay_fraction`` of the steps.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,20 @@ def run_schedule(train: TrainConfig, total_steps: int) -> tuple[int, int]:
     if dead is None:
         dead = min(10_000_000, max(train.batch_tokens, total_steps * train.batch_tokens // 10))
     return warmup, dead
+
+
+# A run of fewer steps than this gets a larger learning rate than the architecture's
+# published one, which was fitted on long runs: x sqrt(LONG_RUN_STEPS / steps), at most
+# x SHORT_RUN_LR_CAP. Demo, 2048 latents, best multiple of the published rate: >= 8 at
+# 107 steps, 8 at 214, >= 4 at 427 (BENCHMARKS.md, "Learning rate for short runs").
+LONG_RUN_STEPS = 16_384
+SHORT_RUN_LR_CAP = 8.0
+
+
+def short_run_lr_scale(total_steps: int) -> float:
+    """The multiple of an architecture's published learning rate a run of total_steps uses
+    when train.lr is null: 1 for long runs, up to SHORT_RUN_LR_CAP for short ones."""
+    return min(SHORT_RUN_LR_CAP, max(1.0, math.sqrt(LONG_RUN_STEPS / max(1, total_steps))))
 
 
 @torch.no_grad()
@@ -159,7 +174,9 @@ class Trainer:
         # Each SAE's init depends on the seed and its shape only: a sweep variant starts
         # (and, on the same batches, ends) exactly as the same SAE trained alone.
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
-        peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents)
+        peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents) * short_run_lr_scale(
+            self.total_steps
+        )
         sae = self.parallel.prepare(sae, name, self.cfg.train, self.device)
         M, dev = sae.cfg.num_latents, self.device
         self.states[name] = SAEState(
