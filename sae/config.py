@@ -193,8 +193,9 @@ class TrainConfig:
     batch_tokens: int = opt(4096, "Activation vectors (tokens) per optimizer step.", ge=1)
     lr: float | None = opt(
         None,
-        "Adam learning rate; null = the architecture's (e.g. topk: 2e-4 / sqrt(num_latents / "
-        "2^14); docs/design.md §2).",
+        "Adam learning rate; null = the architecture's published one (e.g. topk: 2e-4 / "
+        "sqrt(num_latents / 2^14)), times sqrt(8192 / steps) for runs shorter than 8,192 "
+        "steps, at most x8 (docs/design.md §2).",
         gt=0,
     )
     warmup_steps: int | None = opt(
