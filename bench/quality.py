@@ -121,7 +121,7 @@ def train_ours(cfg, hook, batches, held_out, encoder_norm=None):
         max_dead, steps_with_dead = torch.maximum(max_dead, dead), steps_with_dead + (dead > 0)
     seconds = time.perf_counter() - start
     trainer.check_finite()
-    train_dead = (trainer.states[hook].since_fired >= cfg.train.dead_tokens).double().mean().item()
+    train_dead = (trainer.states[hook].since_fired >= trainer.dead_tokens).double().mean().item()
     sae = trainer.trained_sae(hook).eval()
     result = held_out_metrics(sae.encode, sae.decode, held_out)
     result["train_batches"] = held_out_metrics(
