@@ -25,7 +25,8 @@ Contenders (``impl:arch``; ``impl:arch@KEY=VALUE@...`` changes settings, e.g.
 - ``ours:<arch>`` for every name in ``sae.architectures.ARCHITECTURES`` (topk, batchtopk, relu,
   jumprelu, gated, and matryoshka once registered): ``sae.training.trainer.Trainer.step`` per
   batch with the config's settings and ``sae.architecture=<arch>`` (sae keys of other
-  architectures dropped), no lr override: each architecture's recipe; scored as ``trained_sae``.
+  architectures dropped) but no lr override (the config's ``train.lr`` is ignored: each
+  architecture's own rate); scored as ``trained_sae``.
 - ``saelens:<arch>`` (standard, topk, batchtopk, jumprelu, gated, matryoshka_batchtopk):
   SAELens 6.54's TrainingSAE classes trained by its own ``SAETrainer.fit()`` (no model needed:
   ``data_provider`` is an iterator over our batches), with LanguageModelSAERunnerConfig's defaults
@@ -172,9 +173,10 @@ def parse_settings(items: list[str]) -> dict:
 
 
 def ours_config(setup: Setup, arch: str, extra: list[str]):
-    """The config file with the run's overrides, ``sae.architecture=arch`` and ``extra``;
-    sae keys of other architectures (the config's k for relu, say) are dropped."""
-    values = read_yaml(setup.config)
+    """The config file with ``train.lr`` null (each architecture's own rate, unless --set or
+    ``extra`` gives one), the run's overrides, ``sae.architecture=arch`` and ``extra``; sae
+    keys of other architectures (the config's k for relu, say) are dropped."""
+    values = _merge(read_yaml(setup.config), {"train": {"lr": None}})
     for text in [*setup.overrides, f"sae.architecture={arch}", *extra]:
         values = _merge(values, parse_override(text))
     keep = {f.name for f in dataclasses.fields(architecture_configs()[arch])}
