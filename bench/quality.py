@@ -71,6 +71,13 @@ TRAIN_CHECK = 4  # the metrics are also taken on the last 4 training batches (se
 
 def load_activations(config, overrides):
     """(cfg, training batches [list of [N, d]], held-out [n, d]) for the config's single hook."""
+    cfg, _, _, batches, held_out = load_model_and_activations(config, overrides)
+    return cfg, batches, held_out
+
+
+def load_model_and_activations(config, overrides):
+    """(cfg, model, tokenizer, training batches, held-out) for the config's single hook: the
+    model stays loaded for benchmarks that also splice the SAEs in (bench/peers.py)."""
     cfg = load_config(config, overrides)
     if len(cfg.hooks) != 1:
         raise click.UsageError(f"the benchmark takes one hook point, the config has {cfg.hooks}")
@@ -80,7 +87,7 @@ def load_activations(config, overrides):
     held_out = torch.cat(
         [a[hook].float().cpu() for a in make_harvester(eval_config(cfg), model, tokenizer)]
     )
-    return cfg, batches, held_out
+    return cfg, model, tokenizer, batches, held_out
 
 
 @torch.no_grad()
