@@ -52,7 +52,7 @@ from sae.config import load_config
 from sae.evaluation.heldout import eval_config
 from sae.evaluation.metrics import evaluate
 from sae.models.loading import load_model
-from sae.training.trainer import Trainer, learning_rate
+from sae.training.trainer import Trainer, learning_rate, run_schedule
 
 OURS = {
     "topk": [],
@@ -163,17 +163,18 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
         dtype=torch.float32,
     )
     enc_norm = sae.encoder.weight.norm(dim=1).mean().item()
-    peak = cfg.train.lr or 2e-4 / (M / 2**14) ** 0.5  # sparsify's default rule, = ours
+    peak = cfg.train.lr or 2e-4 / (M / 2**14) ** 0.5  # sparsify's Adam rule, unscaled
     opt = torch.optim.Adam(sae.parameters(), lr=peak)
     since_fired = torch.zeros(M, dtype=torch.long)
     max_dead, steps_with_dead = torch.zeros(()), torch.zeros((), dtype=torch.long)
     total = len(batches)
+    warmup, dead_tokens = run_schedule(cfg.train, total)  # null settings scale with the run
     start = time.perf_counter()
     for step, x in enumerate(batches):
         if step == 0:
             with torch.no_grad():
                 sae.b_dec.copy_(x.mean(0))  # sparsify/trainer.py: raw.b_dec.data = outputs.mean(0)
-        dead = since_fired >= cfg.train.dead_tokens
+        dead = since_fired >= dead_tokens
         max_dead, steps_with_dead = (
             torch.maximum(max_dead, dead.float().mean()),
             steps_with_dead + dead.any(),
@@ -185,9 +186,7 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         for group in opt.param_groups:
-            group["lr"] = learning_rate(
-                step, total, peak, cfg.train.warmup_steps, cfg.train.decay_fraction
-            )
+            group["lr"] = learning_rate(step, total, peak, warmup, cfg.train.decay_fraction)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
@@ -197,7 +196,7 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
     seconds = time.perf_counter() - start
     if not torch.isfinite(loss):
         raise click.ClickException("sparsify's training diverged")
-    train_dead = (since_fired >= cfg.train.dead_tokens).double().mean().item()
+    train_dead = (since_fired >= dead_tokens).double().mean().item()
 
     def encode(x):
         acts, idx, _ = sae.encode(x)
