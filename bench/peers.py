@@ -86,7 +86,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import held_out_metrics, load_model_and_activations  # noqa: E402
+from quality import activation_options, held_out_metrics, load_model_and_activations  # noqa: E402
 from svg_plot import frontier_svg  # noqa: E402
 
 from sae.activations.stream import contexts_for  # noqa: E402
@@ -889,22 +889,7 @@ def attach_step_ratios(out: dict, names: list[str], setup: Setup, reg: dict, rou
 
 
 @click.command()
-@click.option("--config", default="configs/demo.yaml", show_default=True)
-@click.option(
-    "--cache-dir",
-    default="/tmp/quality-cache",
-    show_default=True,
-    help="Activations cached in CACHE_DIR/budget-<data.token_budget> (shared with quality.py).",
-)
-@click.option(
-    "--token-budget", type=int, default=None, help="data.token_budget (default: the config's)."
-)
-@click.option(
-    "--epochs", type=int, default=None, help="harvest.cache_epochs (default: the config's)."
-)
-@click.option(
-    "--eval-tokens", type=int, default=None, help="data.eval_tokens (default: the config's)."
-)
+@activation_options
 @click.option(
     "--contenders",
     default=None,

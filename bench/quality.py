@@ -216,23 +216,40 @@ def train_sparsify(cfg, hook, batches, held_out, multi_topk, seed):
     }
 
 
+def activation_options(command):
+    """The options that choose the activation set (shared with bench/peers.py)."""
+    options = [
+        click.option("--config", default="configs/demo.yaml", show_default=True),
+        click.option(
+            "--cache-dir",
+            default="/tmp/quality-cache",
+            show_default=True,
+            help="Activations are cached in CACHE_DIR/budget-<data.token_budget>, so a second "
+            "run skips the model.",
+        ),
+        click.option(
+            "--token-budget",
+            type=int,
+            default=None,
+            help="data.token_budget (default: the config's).",
+        ),
+        click.option(
+            "--epochs", type=int, default=None, help="harvest.cache_epochs (default: the config's)."
+        ),
+        click.option(
+            "--eval-tokens",
+            type=int,
+            default=None,
+            help="data.eval_tokens (default: the config's).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command()
-@click.option("--config", default="configs/demo.yaml", show_default=True)
-@click.option(
-    "--cache-dir",
-    default="/tmp/quality-cache",
-    show_default=True,
-    help="Activations are cached in CACHE_DIR/budget-<data.token_budget>, so a second run skips the model.",
-)
-@click.option(
-    "--token-budget", type=int, default=None, help="data.token_budget (default: the config's)."
-)
-@click.option(
-    "--epochs", type=int, default=None, help="harvest.cache_epochs (default: the config's)."
-)
-@click.option(
-    "--eval-tokens", type=int, default=None, help="data.eval_tokens (default: the config's)."
-)
+@activation_options
 @click.option(
     "--seeds",
     default="0",
