@@ -1,8 +1,9 @@
 """Our SAE architectures against the peer libraries' implementations of the same ones, on the
 same activations, token budget, latents and batches in the same order.
 
-    cd /work/wt-peers
-    PY="env PYTHONPATH=$PWD /work/peers/bin/python"     # the venv with sae_lens, sparsify, dictionary_learning
+    # a venv beside the project's environment (SAELens pulls in TransformerLens and its own torch):
+    #   python -m venv --system-site-packages V && V/bin/pip install sae-lens==6.54.12 eai-sparsify dictionary-learning
+    PY="env PYTHONPATH=$PWD V/bin/python"               # from the repository root
     $PY bench/peers.py --token-budget 40000 --epochs 1                      # smoke run, every contender
     $PY bench/peers.py --contenders ours:topk,ours:batchtopk,saelens:topk,saelens:batchtopk,\\
         sparsify:default,dictionary_learning:topk,dictionary_learning:batchtopk   # the k-family, demo budget
@@ -23,7 +24,7 @@ Contenders (``impl:arch``; ``impl:arch@KEY=VALUE@...`` changes settings, e.g.
 ``ours:relu@sae.l1_coefficient=10``, ``saelens:standard@l1_coefficient=10``):
 
 - ``ours:<arch>`` for every name in ``sae.architectures.ARCHITECTURES`` (topk, batchtopk, relu,
-  jumprelu, gated, and matryoshka once registered): ``sae.training.trainer.Trainer.step`` per
+  jumprelu, gated, matryoshka): ``sae.training.trainer.Trainer.step`` per
   batch with the config's settings and ``sae.architecture=<arch>`` (sae keys of other
   architectures dropped) but no lr override (the config's ``train.lr`` is ignored: each
   architecture's own rate); scored as ``trained_sae``.
