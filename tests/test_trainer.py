@@ -219,3 +219,5 @@ def test_a_null_learning_rate_is_the_published_one_for_long_runs_and_larger_for_
     assert peak(10, "train.lr=1e-3") == 1e-3  # a set rate is used as given
     relu = load_config(None, ["sae.architecture=relu", "sae.num_latents=2048"])
     assert Trainer(relu, {"h": 32}, total_steps=2048).states["h"].peak_lr == pytest.approx(1e-4)
+    # matryoshka keeps its published rate (its late latents die under a raised one)
+    assert peak(10, "sae.architecture=matryoshka") == pytest.approx(published)

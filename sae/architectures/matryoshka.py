@@ -81,6 +81,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     only). With the sum, prefix_fractions [1.0] is exactly batchtopk's loss."""
 
     Config = MatryoshkaConfig
+    # No short-run raise of the learning rate: the late latents die under it. Demo, 427
+    # steps, held-out: the published rate FVU 0.136 / 0% dead, x2 0.112 / 2.0%, x4.4
+    # 0.094 / 19% (BENCHMARKS.md, TopK family against the peers).
+    short_run_lr_cap = 1.0
 
     def spec(self) -> TopKSpec:
         # the last size is M, the main term every TopK loss has; the others add terms

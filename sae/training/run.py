@@ -246,9 +246,12 @@ def _start_trainer(
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
     rate = ", ".join(sorted({f"{st.peak_lr:.3g}" for st in trainer.states.values()}))
-    scale = short_run_lr_scale(total_steps)
-    if cfg.train.lr is None and scale > 1:
-        rate += f" (the published rate x {scale:.3g}, for a run this short)"
+    scales = {
+        short_run_lr_scale(total_steps, st.sae.short_run_lr_cap) for st in trainer.states.values()
+    }
+    if cfg.train.lr is None and max(scales, default=1.0) > 1:
+        times = ", ".join(f"{x:.3g}" for x in sorted(scales))
+        rate += f" (the published rate x {times}, for a run this short)"
     log(
         f"schedule: {total_steps:,} steps, learning rate {rate} warmed up over "
         f"{trainer.warmup_steps:,} steps, a latent silent for {trainer.dead_tokens:,} tokens "

@@ -71,10 +71,11 @@ LONG_RUN_STEPS = 8_192
 SHORT_RUN_LR_CAP = 8.0
 
 
-def short_run_lr_scale(total_steps: int) -> float:
+def short_run_lr_scale(total_steps: int, cap: float = SHORT_RUN_LR_CAP) -> float:
     """The multiple of an architecture's published learning rate a run of total_steps uses
-    when train.lr is null: 1 for long runs, up to SHORT_RUN_LR_CAP for short ones."""
-    return min(SHORT_RUN_LR_CAP, max(1.0, math.sqrt(LONG_RUN_STEPS / max(1, total_steps))))
+    when train.lr is null: 1 for long runs, up to cap (the architecture's
+    ``short_run_lr_cap``) for short ones."""
+    return min(cap, max(1.0, math.sqrt(LONG_RUN_STEPS / max(1, total_steps))))
 
 
 @torch.no_grad()
@@ -176,7 +177,7 @@ class Trainer:
         # (and, on the same batches, ends) exactly as the same SAE trained alone.
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
         peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents) * short_run_lr_scale(
-            self.total_steps
+            self.total_steps, sae.short_run_lr_cap
         )
         sae = self.parallel.prepare(sae, name, self.cfg.train, self.device)
         M, dev = sae.cfg.num_latents, self.device
