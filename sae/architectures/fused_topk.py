@@ -330,8 +330,8 @@ def topk_loss_reference(
     var = (x - x.mean(0)).pow(2).sum()
     e = x - (dense_code(k) @ W_dec + b_dec)
     loss = e.pow(2).sum() / var
+    z = dense_code(k)
     for m in prefixes:  # Matryoshka: the first m latents of the same code, and their decoder rows
-        z = dense_code(k)
         loss = loss + (x - (z[:, :m] @ W_dec[:m] + b_dec)).pow(2).sum() / var
     if multi_topk:
         loss = loss + (x - (dense_code(min(4 * k, pre.shape[1])) @ W_dec + b_dec)).pow(2).sum() / (

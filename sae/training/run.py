@@ -41,7 +41,6 @@ from sae.training.trainer import (
     Trainer,
     log_heldout_metrics,
     set_aside_old_events,
-    short_run_lr_scale,
 )
 
 
@@ -246,10 +245,8 @@ def _start_trainer(
         trainer.load_state_dict(checkpoint.trainer_tensors, checkpoint.trainer_meta)
         log(f"resuming {run_dir} after step {trainer.step_count:,} of {total_steps:,}")
     rate = ", ".join(sorted({f"{st.peak_lr:.3g}" for st in trainer.states.values()}))
-    scales = {
-        short_run_lr_scale(total_steps, st.sae.short_run_lr_cap) for st in trainer.states.values()
-    }
-    if cfg.train.lr is None and max(scales, default=1.0) > 1:
+    scales = {st.lr_scale for st in trainer.states.values()}
+    if max(scales, default=1.0) > 1:
         times = ", ".join(f"{x:.3g}" for x in sorted(scales))
         rate += f" (the published rate x {times}, for a run this short)"
     log(

@@ -113,6 +113,7 @@ class SAEState:
     hook: str  # the hook point it trains on
     optimizer: torch.optim.Adam
     peak_lr: float
+    lr_scale: float  # peak_lr / the architecture's published rate (1 when train.lr is set)
     since_fired: (
         torch.Tensor
     )  # [M] long: tokens since each latent last fired (dead: >= train.dead_tokens)
@@ -176,15 +177,17 @@ class Trainer:
         # Each SAE's init depends on the seed and its shape only: a sweep variant starts
         # (and, on the same batches, ends) exactly as the same SAE trained alone.
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
-        peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents) * short_run_lr_scale(
-            self.total_steps, sae.short_run_lr_cap
+        scale = (
+            1.0 if self.cfg.train.lr else short_run_lr_scale(self.total_steps, sae.short_run_lr_cap)
         )
+        peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents) * scale
         sae = self.parallel.prepare(sae, name, self.cfg.train, self.device)
         M, dev = sae.cfg.num_latents, self.device
         self.states[name] = SAEState(
             sae=sae,
             hook=hook,
             peak_lr=peak_lr,
+            lr_scale=scale,
             optimizer=torch.optim.Adam(
                 sae.parameters(),
                 lr=peak_lr,
