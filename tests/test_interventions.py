@@ -2,10 +2,13 @@
 generated ones included (KV cache on); no edit changes nothing; hooks never outlive the
 context."""
 
+from dataclasses import fields
+
 import pytest
 import torch
 
 from sae.activations.hooks import attach, resolve_hook
+from sae.architectures import ARCHITECTURES
 from sae.config import sae_config
 from sae.errors import ConfigError
 from sae.interventions.edits import (
@@ -88,6 +91,31 @@ def test_edit_formula_at_every_position_generated_included(tiny_llama, sae, edit
             z = sae.encode(h.reshape(-1, 64)).view(*h.shape[:-1], -1)
             want = expected(h, z, sae.W_dec) + (sae.b_dec if isinstance(edit, Reconstruct) else 0)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_is_edited_through_its_own_code(tiny_llama, arch):
+    """Ablation and clamping subtract the code that the architecture's own encode gives
+    (gated's magnitude path, BatchTopK's and Matryoshka's inference threshold, JumpReLU's
+    thresholds), at every position generated ones included."""
+    model, tok = tiny_llama
+    torch.manual_seed(0)
+    extra = {"k": 8} if "k" in {f.name for f in fields(ARCHITECTURES[arch].Config)} else {}
+    s = make_sae(sae_config(arch, num_latents=32, **extra), 64)
+    with torch.no_grad():
+        s.b_enc.add_(0.5)  # fire often, so the edited features are active somewhere
+        if hasattr(s, "b_mag"):
+            s.b_mag.add_(0.5)
+    edits = [Ablate([3, 7]), Clamp([5], 10.0)]
+    pairs = recorded_generation(model, tok, [Edit(s, HOOK, edits)])
+    fired = 0
+    for h, out in pairs:
+        with torch.no_grad():
+            z = s.encode(h.reshape(-1, 64)).view(*h.shape[:-1], -1)
+        fired += int((z[..., [3, 5, 7]] > 0).sum())
+        want = h - z[..., [3, 5, 7]] @ s.W_dec[[3, 5, 7]] + 10.0 * s.W_dec[5]
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert fired > 0
 
 
 def test_several_saes_and_hooks_at_once(tiny_llama, sae):
