@@ -137,6 +137,8 @@ def random_sae(arch, d=16, M=64, seed=0):
             p.add_(0.1 * torch.randn(p.shape, generator=g))
         if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.05)
+        if arch == "jumprelu":
+            sae.threshold.abs_()  # training keeps thresholds >= 0 (after_step)
     return sae
 
 
@@ -170,9 +172,7 @@ def test_inference_rules_match_the_formulas():
         relu.encode(x), (x @ relu.W_enc.t() + relu.b_enc).relu()
     )  # no b_dec at the input
     pre = x @ jump.W_enc.t() + jump.b_enc
-    torch.testing.assert_close(
-        jump.encode(x), torch.where(pre > jump.log_threshold.exp(), pre, 0.0)
-    )
+    torch.testing.assert_close(jump.encode(x), torch.where(pre > jump.threshold, pre, 0.0))
     pre = (x - btk.b_dec) @ btk.W_enc.t() + btk.b_enc
     torch.testing.assert_close(btk.encode(x), torch.where(pre > 0.05, pre, 0.0))
 
@@ -198,6 +198,50 @@ def test_jumprelu_threshold_gradients_are_finite_differences_over_the_kernel_wid
     torch.testing.assert_close(
         theta.grad, (hi_z - lo_z) / eps, rtol=eps, atol=0
     )  # theta * count ~ sum of pre
+
+
+@pytest.mark.parametrize("penalty", ["tanh", "step"])
+def test_jumprelu_loss_is_the_formula_and_only_tanh_trains_the_encoder_to_be_sparse(penalty):
+    """Against the loss written out: the reconstruction, the penalty (Anthropic's tanh or
+    Gemma Scope's L0) and the pull on dead latents. The step penalty reaches W_enc only
+    through nothing (H passes no gradient to pre), the tanh penalty through z: why a short
+    run needs tanh."""
+    sae = random_sae("jumprelu").double()
+    sae.cfg.sparsity_loss, sae.cfg.dead_coefficient = penalty, 0.5
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(64, dtype=torch.float64) * 0.3)
+    x = torch.randn(40, 16, dtype=torch.float64) * 2
+    dead = torch.arange(64) % 3 == 0
+    loss, fvu, fires = sae.training_loss(x, dead=dead)
+    pre = (x @ sae.W_enc.t() + sae.b_enc).detach()
+    theta, norms = sae.threshold.detach(), sae.W_dec.norm(dim=1).detach()
+    z = pre * (pre > theta)
+    rec = (x - z @ sae.W_dec.detach() - sae.b_dec.detach()).pow(2).sum()
+    c = sae.cfg.tanh_scale
+    pen = torch.tanh(c * z * norms).sum() if penalty == "tanh" else (pre > theta).sum()
+    pull = ((theta - pre).relu() * dead * norms).sum()
+    reference = (rec + sae.cfg.l0_coefficient * pen + 0.5 * pull) / 40
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(fvu, rec / (x - x.mean(0)).pow(2).sum())
+    assert torch.equal(fires, (z != 0).sum(0))
+
+    sae.cfg.dead_coefficient = 0.0
+    with_penalty = torch.autograd.grad(sae.training_loss(x)[0], sae.W_enc)[0]
+    sae.cfg.l0_coefficient = 0.0
+    without = torch.autograd.grad(sae.training_loss(x)[0], sae.W_enc)[0]
+    assert torch.equal(with_penalty, without) == (penalty == "step")
+
+
+def test_jumprelu_thresholds_stay_non_negative_and_old_training_states_load():
+    sae = random_sae("jumprelu")
+    with torch.no_grad():
+        sae.threshold[:5] = -1.0
+    sae.after_step()
+    assert (sae.threshold >= 0).all() and torch.equal(sae.threshold[:5], torch.zeros(5))
+    state = {k: v for k, v in sae.state_dict().items() if k != "threshold"}
+    state["log_threshold"] = torch.full((64,), 0.25).log()  # how states were written before
+    sae.load_state_dict(state)
+    torch.testing.assert_close(sae.threshold, torch.full((64,), 0.25))
 
 
 def test_sae_settings_for_another_architecture_are_refused():

@@ -144,6 +144,9 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def after_step(self) -> None:
+        """Projections after each optimizer step (e.g. JumpReLU keeps thresholds >= 0)."""
+
     def training_loss(
         self,
         x: torch.Tensor,

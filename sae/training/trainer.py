@@ -335,6 +335,7 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         if sae.unit_norm_decoder:
             W.copy_(F.normalize(W, dim=1))
+        sae.after_step()
         since = self.states[name].since_fired
         since += n
         since.masked_fill_(fires > 0, 0)
