@@ -75,7 +75,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -87,7 +86,13 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import activation_options, held_out_metrics, load_model_and_activations  # noqa: E402
+from quality import (  # noqa: E402
+    activation_options,
+    activation_overrides,
+    held_out_metrics,
+    load_model_and_activations,
+    sae_commit,
+)
 from svg_plot import frontier_svg  # noqa: E402
 
 from sae.activations.stream import contexts_for  # noqa: E402
@@ -95,7 +100,6 @@ from sae.architectures import ARCHITECTURES  # noqa: E402
 from sae.config import (  # noqa: E402
     architecture_configs,
     config_from_dict,
-    load_config,
     parse_override,
     read_yaml,
 )
@@ -844,32 +848,16 @@ def versions() -> dict:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
             out[dist] = None
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out["sae_commit"] = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    code = sae_commit()
+    if code:
+        out["sae_commit"], out["sae_dirty"] = code["commit"], code["sae_dirty"]
     return out
 
 
 def base_overrides(config, cache_dir, token_budget, epochs, eval_tokens, overrides, seed):
-    """The run's overrides, as bench/quality.py builds them (one cache per token budget)."""
-    base = list(overrides)
-    if token_budget is not None:
-        base.append(f"data.token_budget={token_budget}")
-    budget = load_config(config, base).data.token_budget
-    base.insert(0, f"harvest.cache_dir={cache_dir}/budget-{budget}")
-    if epochs is not None:
-        base.append(f"harvest.cache_epochs={epochs}")
-    if eval_tokens is not None:
-        base.append(f"data.eval_tokens={eval_tokens}")
-    base.append(f"train.seed={seed}")
-    return base
+    """The run's overrides: bench/quality.py's activation set, and the seed."""
+    base = activation_overrides(config, cache_dir, token_budget, epochs, eval_tokens, overrides)
+    return [*base, f"train.seed={seed}"]
 
 
 def attach_step_ratios(out: dict, names: list[str], setup: Setup, reg: dict, rounds, steps):

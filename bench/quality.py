@@ -248,6 +248,37 @@ def activation_options(command):
     return command
 
 
+def activation_overrides(config, cache_dir, token_budget, epochs, eval_tokens, overrides):
+    """Config overrides for the activation set the options chose: one cache per token
+    budget (a cache holds one budget's activations), shared with bench/peers.py."""
+    base = list(overrides)
+    if token_budget is not None:
+        base.append(f"data.token_budget={token_budget}")
+    budget = load_config(config, base).data.token_budget
+    base.insert(0, f"harvest.cache_dir={cache_dir}/budget-{budget}")
+    if epochs is not None:
+        base.append(f"harvest.cache_epochs={epochs}")
+    if eval_tokens is not None:
+        base.append(f"data.eval_tokens={eval_tokens}")
+    return base
+
+
+def sae_commit() -> dict:
+    """Which code trained "ours": {"commit", "sae_dirty"} (uncommitted changes under sae/),
+    or {} outside a git checkout."""
+    git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
+    try:
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "sae"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": commit, "sae_dirty": bool(dirty)}
+
+
 @click.command()
 @activation_options
 @click.option(
@@ -293,15 +324,7 @@ def main(
                 "sparsify is not importable; put eai-sparsify on PYTHONPATH or drop the "
                 "sparsify contenders"
             ) from None
-    base = list(overrides)
-    if token_budget is not None:
-        base.append(f"data.token_budget={token_budget}")
-    budget = load_config(config, base).data.token_budget  # a cache holds one budget's activations
-    base.insert(0, f"harvest.cache_dir={cache_dir}/budget-{budget}")
-    if epochs is not None:
-        base.append(f"harvest.cache_epochs={epochs}")
-    if eval_tokens is not None:
-        base.append(f"data.eval_tokens={eval_tokens}")
+    base = activation_overrides(config, cache_dir, token_budget, epochs, eval_tokens, overrides)
     out = {
         "machine": f"cpu, {threads} threads",
         "torch": torch.__version__,
@@ -315,18 +338,7 @@ def main(
         out["sparsify"] = md.version("eai-sparsify")
     except Exception:
         pass
-    try:  # which code trained "ours": the commit, and whether sae/ had uncommitted changes
-        git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
-        out["commit"] = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        out["sae_dirty"] = bool(
-            subprocess.run(
-                [*git, "status", "--porcelain", "sae"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    out.update(sae_commit())
     for seed in [int(s) for s in seeds.split(",")]:
         t = time.perf_counter()
         cfg, batches, held_out = load_activations(config, [*base, f"train.seed={seed}"])

@@ -203,9 +203,9 @@ def test_jumprelu_threshold_gradients_are_finite_differences_over_the_kernel_wid
 @pytest.mark.parametrize("penalty", ["tanh", "step"])
 def test_jumprelu_loss_is_the_formula_and_only_tanh_trains_the_encoder_to_be_sparse(penalty):
     """Against the loss written out: the reconstruction, the penalty (Anthropic's tanh or
-    Gemma Scope's L0) and the pull on dead latents. The step penalty reaches W_enc only
-    through nothing (H passes no gradient to pre), the tanh penalty through z: why a short
-    run needs tanh."""
+    Gemma Scope's L0) and the pull on dead latents. The step penalty does not reach W_enc
+    at all (H passes no gradient to pre); the tanh penalty does, through z: why a short run
+    needs tanh."""
     sae = random_sae("jumprelu").double()
     sae.cfg.sparsity_loss, sae.cfg.dead_coefficient = penalty, 0.5
     with torch.no_grad():

@@ -16,9 +16,9 @@ Why tanh is the default: the step penalty reaches the encoder only through theta
 number per latent that Adam moves by about lr per step, so in a run of a few hundred steps
 L0 barely falls (demo, 427 steps: L0 265 with 53% of latents dense). The tanh penalty
 passes through z to W_enc and b_enc, which sparsify quickly (L0 56 at lambda = 1, with FVU
-0.10 against 0.21; docs/design.md §2). theta is
-trained as itself, not as log(theta): Adam's ~lr-sized steps move log(theta) by a factor
-of about exp(lr * steps), nothing in a short run (the reason SAELens 6 changed it too).
+0.10 against 0.21; docs/design.md §2). theta is trained as itself, not as log(theta):
+Adam's ~lr-sized steps move log(theta) by a factor of about exp(lr * steps), nothing in a
+short run (the reason SAELens 6 changed it too).
 The rest is Anthropic's recipe, as for ReLU: inputs scaled to E|x| = sqrt(d) (folded into
 the saved weights), decoder rows free and starting at norm 0.1 with W_enc = W_dec, gradient
 norm clipped at 1, lambda warmed up linearly over the whole run.
@@ -170,7 +170,7 @@ class JumpReLUSAE(SparseAutoencoder):
         else:
             penalty = StepFn.apply(pre, theta, eps).sum()
         loss = sq_err + lam * penalty
-        if dead is not None and self.cfg.dead_coefficient > 0 and bool(dead.any()):
+        if dead is not None and self.cfg.dead_coefficient > 0:  # no dead.any(): a GPU sync
             pull = ((theta - pre).relu() * (dead * norms)).sum()
             loss = loss + self.cfg.dead_coefficient * pull
         loss = loss / (totals.n if totals is not None else x.shape[0])
