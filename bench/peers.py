@@ -8,6 +8,7 @@ same activations, token budget, latents and batches in the same order.
     $PY bench/peers.py --contenders ours:topk,ours:batchtopk,saelens:topk,saelens:batchtopk,\\
         sparsify:default,dictionary_learning:topk,dictionary_learning:batchtopk   # the k-family, demo budget
     $PY bench/peers.py --sweep --svg-out frontier.svg --json-out peers.json  # + coefficient sweeps
+    $PY bench/peers.py --merge a.json --merge b.json --svg-out frontier.svg  # join runs made apart
     $PY bench/peers.py --config configs/smollm2-135m-topk.yaml --set harvest.cache_dir=... \\
         --cache-dir /tmp/peers-smollm                                        # SmolLM2-135M layer 15
 
@@ -896,9 +897,18 @@ def attach_step_ratios(out: dict, names: list[str], setup: Setup, reg: dict, rou
     "--seed", default=0, show_default=True, help="Init seed of every contender, and train.seed."
 )
 @click.option("--json-out", default=None)
-@click.option("--svg-out", default=None, help="FVU-against-L0 plot of the sweep (needs --sweep).")
+@click.option("--svg-out", default=None, help="FVU-against-L0 plot of the swept contenders.")
+@click.option(
+    "--merge",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Train nothing: join the runs of these --json-out files (same activations) into one "
+    "table, JSON and plot.",
+)
 def main(config, cache_dir, token_budget, epochs, eval_tokens, contenders, overrides, sweep, ce,
-         timing_rounds, timing_steps, threads, seed, json_out, svg_out):  # fmt: skip
+         timing_rounds, timing_steps, threads, seed, json_out, svg_out, merge):  # fmt: skip
+    if merge:
+        return write_outputs(merged(merge), json_out, svg_out)
     torch.set_num_threads(threads)
     reg = registry()
     names = parse_contenders(contenders or ",".join(reg), reg)
@@ -940,6 +950,26 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, contenders, overr
         attach_step_ratios(out, names, setup, reg, timing_rounds, timing_steps)
     out["wall_seconds"] = time.perf_counter() - start
     write_outputs(out, json_out, svg_out)
+
+
+def merged(paths: tuple[str, ...]) -> dict:
+    """The runs of several ``--json-out`` files as one output; they must share the activation
+    set (config, hook, latents, steps, batch size), and a contender run twice keeps its last."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("config", "hook", "d", "latents", "steps", "batch_tokens")
+    for path, doc in zip(paths[1:], docs[1:]):
+        differ = [key for key in same if doc[key] != docs[0][key]]
+        if differ:
+            raise click.UsageError(
+                f"{path}: {differ} differ from {paths[0]}'s; not one activation set"
+            )
+    runs = {r["contender"]: r for doc in docs for r in doc["runs"]}
+    return {
+        **docs[0],
+        "runs": list(runs.values()),
+        "merged_from": [str(p) for p in paths],
+        "wall_seconds": sum(doc["wall_seconds"] for doc in docs),
+    }
 
 
 def write_outputs(out: dict, json_out, svg_out) -> None:

@@ -6,7 +6,8 @@ as written, with three kinds of change, all listed below and nothing else:
 * scale: the copy's configs/demo.yaml and configs/smollm2-135m-topk.yaml train on fewer
   tokens (the SmolLM2 one on 8k tokens, without its activation cache, 1152 latents), runs
   without a config get a small token budget, and the SmolLM2 commands sample 4 tokens once
-  per prompt, measure KL on 512 tokens and skip the top-token scan (--no-top-tokens), so
+  per prompt, measure KL on 512 tokens and skip the top-token scan (--no-top-tokens), the
+  demo's fix tests sample 2 continuations of 8 tokens per prompt with KL on 1024 tokens, so
   the whole README takes minutes, not an hour;
 * stand-ins for what this offline CPU machine cannot reach: the hub's models, datasets,
   SAEs and classifier become local ones built here; the GPU configs become the same
@@ -57,6 +58,7 @@ SMALL_RUN = [
     "train.warmup_steps=5",
 ]
 FEW_TOKENS = ["--tokens", "20000"]
+QUICK_FIX_TEST = "--samples 2 --max-new-tokens 8 --neutral-tokens 1024"
 
 # (README text, what runs instead), applied to every command and Python block, in order.
 STAND_INS = [
@@ -80,6 +82,9 @@ STAND_INS = [
     ("hf:s-nlp/roberta_toxicity_classifier@toxic", "hf:standins/toxicity-classifier@toxic"),
     ("--tokens 2000000 --cards 4096", "--tokens 20000 --cards 64"),
     ("--samples 8 --max-new-tokens 32", "--samples 2 --max-new-tokens 8"),
+    # the demo's fix tests: 2 short samples per prompt and KL on 1024 tokens (~3 minutes less)
+    ("bash scripts/demo_interventions.sh", f"bash scripts/demo_interventions.sh {QUICK_FIX_TEST}"),
+    ("--html checkpoints/fix.html", f"--html checkpoints/fix.html {QUICK_FIX_TEST}"),
     ('"sae.architecture=batchtopk", ', '"sae.architecture=batchtopk", "train.warmup_steps=5", '),
     # SmolLM2 (135M parameters, 2 CPU cores): a few tokens per continuation, one sample per prompt,
     # KL on 512 neutral tokens, and no top-token scan (131k tokens through the model: minutes).
