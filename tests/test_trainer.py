@@ -217,7 +217,10 @@ def test_a_null_learning_rate_is_the_published_one_for_long_runs_and_larger_for_
     assert peak(2048) == pytest.approx(2 * published)  # x sqrt(8192 / steps)
     assert peak(10) == pytest.approx(8 * published)  # capped
     assert peak(10, "train.lr=1e-3") == 1e-3  # a set rate is used as given
+    # relu (5e-5 published) scales as 8192 / steps, up to x20
     relu = load_config(None, ["sae.architecture=relu", "sae.num_latents=2048"])
-    assert Trainer(relu, {"h": 32}, total_steps=2048).states["h"].peak_lr == pytest.approx(1e-4)
+    assert Trainer(relu, {"h": 32}, total_steps=2048).states["h"].peak_lr == pytest.approx(2e-4)
+    assert Trainer(relu, {"h": 32}, total_steps=100).states["h"].peak_lr == pytest.approx(1e-3)
+    assert Trainer(relu, {"h": 32}, total_steps=9000).states["h"].peak_lr == pytest.approx(5e-5)
     # matryoshka keeps its published rate (its late latents die under a raised one)
     assert peak(10, "sae.architecture=matryoshka") == pytest.approx(published)

@@ -75,8 +75,10 @@ class SparseAutoencoder(nn.Module):
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     init_decoder_norm: ClassVar[float] = 1.0
     init_encoder_scale: ClassVar[float] = 1.0  # W_enc = this x W_dec at init
-    # At most this multiple of default_lr in a short run (sae.training.trainer.short_run_lr_scale)
+    # A short run of S steps uses default_lr x (8192 / S) ** power, at most x cap
+    # (sae.training.trainer.short_run_lr_scale)
     short_run_lr_cap: ClassVar[float] = 8.0
+    short_run_lr_power: ClassVar[float] = 0.5
     uses_workspace: ClassVar[bool] = False  # training_loss can reuse an N x M buffer
     shards_latents: ClassVar[bool] = False  # trains with distributed.mode: latents (sharded_topk)
     saelens_writes: ClassVar[str | None] = (

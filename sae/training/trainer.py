@@ -71,11 +71,13 @@ LONG_RUN_STEPS = 8_192
 SHORT_RUN_LR_CAP = 8.0
 
 
-def short_run_lr_scale(total_steps: int, cap: float = SHORT_RUN_LR_CAP) -> float:
+def short_run_lr_scale(
+    total_steps: int, cap: float = SHORT_RUN_LR_CAP, power: float = 0.5
+) -> float:
     """The multiple of an architecture's published learning rate a run of total_steps uses
-    when train.lr is null: 1 for long runs, up to cap (the architecture's
-    ``short_run_lr_cap``) for short ones."""
-    return min(cap, max(1.0, math.sqrt(LONG_RUN_STEPS / max(1, total_steps))))
+    when train.lr is null: 1 for long runs, (LONG_RUN_STEPS / total_steps) ** power up to
+    cap (the architecture's ``short_run_lr_power`` and ``short_run_lr_cap``) for short ones."""
+    return min(cap, max(1.0, (LONG_RUN_STEPS / max(1, total_steps)) ** power))
 
 
 @torch.no_grad()
@@ -178,7 +180,11 @@ class Trainer:
         # (and, on the same batches, ends) exactly as the same SAE trained alone.
         sae.reset_parameters(torch.Generator().manual_seed(self.cfg.train.seed))
         scale = (
-            1.0 if self.cfg.train.lr else short_run_lr_scale(self.total_steps, sae.short_run_lr_cap)
+            1.0
+            if self.cfg.train.lr
+            else short_run_lr_scale(
+                self.total_steps, sae.short_run_lr_cap, sae.short_run_lr_power
+            )
         )
         peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents) * scale
         sae = self.parallel.prepare(sae, name, self.cfg.train, self.device)
