@@ -12,7 +12,6 @@ flat, and decays linearly to zero over the last ``decay_fraction`` of the steps.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,9 +181,7 @@ class Trainer:
         scale = (
             1.0
             if self.cfg.train.lr
-            else short_run_lr_scale(
-                self.total_steps, sae.short_run_lr_cap, sae.short_run_lr_power
-            )
+            else short_run_lr_scale(self.total_steps, sae.short_run_lr_cap, sae.short_run_lr_power)
         )
         peak_lr = self.cfg.train.lr or sae.default_lr(sae.cfg.num_latents) * scale
         sae = self.parallel.prepare(sae, name, self.cfg.train, self.device)
