@@ -222,5 +222,8 @@ def test_a_null_learning_rate_is_the_published_one_for_long_runs_and_larger_for_
     assert Trainer(relu, {"h": 32}, total_steps=2048).states["h"].peak_lr == pytest.approx(2e-4)
     assert Trainer(relu, {"h": 32}, total_steps=100).states["h"].peak_lr == pytest.approx(1e-3)
     assert Trainer(relu, {"h": 32}, total_steps=9000).states["h"].peak_lr == pytest.approx(5e-5)
+    # gated: (8192 / steps) ** 0.7, up to x8
+    assert peak(2048, "sae.architecture=gated") == pytest.approx(4**0.7 * published)
+    assert peak(10, "sae.architecture=gated") == pytest.approx(8 * published)
     # matryoshka keeps its published rate (its late latents die under a raised one)
     assert peak(10, "sae.architecture=matryoshka") == pytest.approx(published)
