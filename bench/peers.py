@@ -833,11 +833,13 @@ def markdown_table(out: dict) -> str:
 
 
 def frontier_series(runs: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """{implementation:architecture: [(L0, FVU), ...]} of the swept contenders."""
+    """{implementation:architecture: [(L0, FVU), ...]} of the swept contenders. A run with
+    FVU >= 1 (worse than the mean) is left to the table: on the plot it would only squash the
+    axes."""
     series: dict[str, list[tuple[float, float]]] = {}
     for r in runs:
         base = r["contender"].split("@")[0]
-        if base in SWEEPS:
+        if base in SWEEPS and r["fvu"] < 1:
             series.setdefault(base, []).append((r["l0"], r["fvu"]))
     return series
 
@@ -866,6 +868,8 @@ def attach_step_ratios(out: dict, names: list[str], setup: Setup, reg: dict, rou
     gets its own and its ratio to ours."""
     plain = list(dict.fromkeys(n for n in names if "@" not in n))
     timed = list(dict.fromkeys([*plain, *(o for n in plain if (o := ours_of(n, reg)))]))
+    if not timed or rounds < 1:  # only swept variants, or --timing-rounds 0: nothing to time
+        return
     print(f"interleaved step timing: {len(timed)} contenders x {rounds} rounds", flush=True)
     ms = interleaved_step_ms(timed, setup, reg, rounds, steps)
     out["interleaved_step_ms"] = ms
@@ -890,7 +894,7 @@ def attach_step_ratios(out: dict, names: list[str], setup: Setup, reg: dict, rou
 )
 @click.option("--sweep", is_flag=True, help="Also train the SWEEPS coefficient values.")
 @click.option("--ce/--no-ce", default=True, show_default=True, help="Measure CE loss recovered.")
-@click.option("--timing-rounds", default=5, show_default=True)
+@click.option("--timing-rounds", default=5, show_default=True, help="0 = no step timing.")
 @click.option("--timing-steps", default=10, show_default=True)
 @click.option("--threads", default=2, show_default=True)
 @click.option(

@@ -484,3 +484,24 @@ def test_matryoshka_refuses_prefixes_that_round_to_no_new_latents_and_lists_its_
     assert default == "[0.03125, 0.09375, 0.21875, 0.46875, 1.0]"
     assert help.startswith("matryoshka: ") and "fractions of num_latents" in help
     assert rows["sae.k"][1].startswith("topk, batchtopk, matryoshka: ")
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+def test_multi_topk_term_ramps_in_as_progress_squared_over_eight(progress):
+    """The 4k term's weight is progress ** 2 / 8 (Gao et al.'s 1/8 reached at the end; at
+    the start the loss is plain TopK's), checked against the dense reference loss."""
+    from sae.architectures.fused_topk import topk_loss_reference
+
+    sae = random_sae("topk").double()
+    sae.cfg.multi_topk = True
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    loss, fvu, _ = sae.training_loss(x, progress=progress)
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    plain = topk_loss_reference(x, *params, k=4)
+    with_4k = topk_loss_reference(x, *params, k=4, multi_topk=True, multi_topk_weight=1.0)
+    torch.testing.assert_close(loss, plain + progress**2 * (with_4k - plain) / 8)
+    torch.testing.assert_close(fvu, plain.detach())
+    sae.cfg.multi_topk_ramp_power = 0.0  # the paper's constant 1/8
+    torch.testing.assert_close(
+        sae.training_loss(x, progress=progress)[0], plain + (with_4k - plain) / 8
+    )

@@ -13,7 +13,8 @@ b_enc [M], W_dec [M, d], b_dec [d].
           + sum_m |x - x_hat_m|^2 / V                      Matryoshka only: for each prefix
                                                            size m in spec.prefixes, x_hat_m
                                                            decodes S's latents with index < m
-          + |x - x_hat4|^2 / (8 V)                         multi-TopK only: x_hat4 from 4k
+          + w4 |x - x_hat4|^2 / V                          multi-TopK only: x_hat4 from 4k,
+                                                           w4 = spec.multi_topk_weight (1/8)
           + alpha * s * |e - e_hat|^2 / V                  AuxK, when latents are dead
       V     = sum_n |x_n - mean(x)|^2 (batch total variance)
       e_hat = decode of ReLU(TopK_k_aux(pre restricted to dead latents)), no bias
@@ -55,11 +56,12 @@ class TopKSpec:
     k: int
     k_aux: int = 512
     aux_alpha: float = 1 / 32
-    multi_topk: bool = False  # add the FVU of the top 4k latents, weighted 1/8
+    multi_topk: bool = False  # add the FVU of the top 4k latents, weighted multi_topk_weight
     batch_topk: bool = False  # select the N*k largest pre-activations of the batch
     # Matryoshka: sizes m (ascending, each < M) of nested prefixes of the latents; each adds
     # the squared error of decoding only the main code's latents with index < m, weight 1
     prefixes: tuple[int, ...] = ()
+    multi_topk_weight: float = 1 / 8
 
 
 class Codes(NamedTuple):
@@ -236,8 +238,8 @@ class FusedTopKLoss(torch.autograd.Function):
             terms.append((prefix, e_m, 1.0, True, 0))
         if codes4 is not None:
             e4 = x - decode(codes4, W_dec) - b_dec
-            loss = loss + e4.pow(2).sum() / (8 * var)
-            terms.append((codes4, e4, 1 / 8, True, len(terms)))
+            loss = loss + spec.multi_topk_weight * e4.pow(2).sum() / var
+            terms.append((codes4, e4, spec.multi_topk_weight, True, len(terms)))
         if aux is not None:
             r = e - decode(aux, W_dec)  # e - e_hat
             loss = loss + ctx.aux_coef * r.pow(2).sum() / var
@@ -294,9 +296,10 @@ def fused_topk_loss(
     multi_topk: bool = False,
     batch_topk: bool = False,
     prefixes: tuple[int, ...] = (),
+    multi_topk_weight: float = 1 / 8,
 ) -> torch.Tensor:
     """Scalar TopK-family loss (see module docstring) with the fused backward."""
-    spec = TopKSpec(k, k_aux, aux_alpha, multi_topk, batch_topk, tuple(prefixes))
+    spec = TopKSpec(k, k_aux, aux_alpha, multi_topk, batch_topk, tuple(prefixes), multi_topk_weight)
     return FusedTopKLoss.apply(x, W_enc, b_enc, W_dec, b_dec, spec, dead)[0]
 
 
@@ -313,6 +316,7 @@ def topk_loss_reference(
     multi_topk: bool = False,
     batch_topk: bool = False,
     prefixes: tuple[int, ...] = (),
+    multi_topk_weight: float = 1 / 8,
 ) -> torch.Tensor:
     """The same loss written densely and differentiated by autograd: the reference the fused
     version is tested against. Materializes [N, M]; for tests and small shapes only."""
@@ -334,9 +338,8 @@ def topk_loss_reference(
     for m in prefixes:  # Matryoshka: the first m latents of the same code, and their decoder rows
         loss = loss + (x - (z[:, :m] @ W_dec[:m] + b_dec)).pow(2).sum() / var
     if multi_topk:
-        loss = loss + (x - (dense_code(min(4 * k, pre.shape[1])) @ W_dec + b_dec)).pow(2).sum() / (
-            8 * var
-        )
+        x_hat4 = dense_code(min(4 * k, pre.shape[1])) @ W_dec + b_dec
+        loss = loss + multi_topk_weight * (x - x_hat4).pow(2).sum() / var
     n_dead = int(dead.sum()) if dead is not None else 0
     if n_dead and aux_alpha > 0:
         aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=1)

@@ -86,6 +86,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     # 0.094 / 19% (BENCHMARKS.md, TopK family against the peers).
     short_run_lr_cap = 1.0
 
-    def spec(self) -> TopKSpec:
+    def spec(self, progress: float = 1.0) -> TopKSpec:
         # the last size is M, the main term every TopK loss has; the others add terms
-        return dataclasses.replace(super().spec(), prefixes=tuple(self.cfg.prefix_sizes()[:-1]))
+        prefixes = tuple(self.cfg.prefix_sizes()[:-1])
+        return dataclasses.replace(super().spec(progress), prefixes=prefixes)
