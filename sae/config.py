@@ -195,7 +195,8 @@ class TrainConfig:
         None,
         "Adam learning rate; null = the architecture's published one (e.g. topk: 2e-4 / "
         "sqrt(num_latents / 2^14)), times sqrt(8192 / steps) for runs shorter than 8,192 "
-        "steps, at most x8 (docs/design.md §2).",
+        "steps, at most x8 (relu: 8192 / steps, at most x20; gated: (8192 / steps) ** 0.7; "
+        "matryoshka: x1; docs/design.md §2). The run prints the rate it chose.",
         gt=0,
     )
     warmup_steps: int | None = opt(
