@@ -33,8 +33,8 @@ class TopKConfig(SAEConfig):
     aux_alpha: float = opt(1 / 32, "Weight of the AuxK loss.", ge=0)
     multi_topk: bool = opt(
         False,
-        "Also train the top 4k latents to reconstruct (loss L(k) + L(4k)/8), so "
-        "the SAE can be used with a larger k later.",
+        "Also train the top 4k latents to reconstruct (loss L(k) + w L(4k), w rising to "
+        "1/8: see multi_topk_ramp_power), so the SAE can be used with a larger k later.",
     )
     multi_topk_ramp_power: float = opt(
         2.0,
