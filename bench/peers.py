@@ -945,6 +945,9 @@ def main(config, cache_dir, token_budget, epochs, eval_tokens, contenders, overr
         for name in names:
             r = run_contender(name, setup, reg, lm, held_out)
             out["runs"].append(r)
+            if json_out:  # after every contender: a stopped run keeps what it measured
+                out["wall_seconds"] = time.perf_counter() - start
+                Path(json_out).write_text(json.dumps(out, indent=1, default=str) + "\n")
             print(
                 f"{name}: FVU {r['fvu']:.4f} L0 {r['l0']:.1f} "
                 f"CE rec. {r.get('splice', {}).get('ce_loss_recovered', float('nan')):.4f} "

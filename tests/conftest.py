@@ -4,8 +4,54 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import tempfile
+from pathlib import Path
+
 import pytest
 from tiny_models import FAMILIES, make_tiny_model
+
+# Headless Chromium for the browser tests (the report's and the explorer's): needs
+# /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver). Without
+# them those tests skip, unless SAE_REQUIRE_BROWSER=1 (CI), where they fail.
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def browser_unavailable(reason: str):
+    if os.environ.get("SAE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"SAE_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def driver():
+    """One headless Chromium for the module, with the console log kept."""
+    if not CHROMEDRIVER.exists():
+        browser_unavailable(f"{CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        browser_unavailable("selenium is not installed (pip install -e '.[dev]')")
+    options = webdriver.ChromeOptions()
+    profile = tempfile.TemporaryDirectory()
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile.name}",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield d
+    d.quit()
+    profile.cleanup()
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
@@ -54,3 +100,16 @@ def demo_sae_run(tmp_path_factory):
         ],
     )
     return train_run(cfg, log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def explorer(demo_sae_run, tmp_path_factory):
+    """The explorer (sae.serve) over the demo SAE, with a short statistics scan."""
+    from sae.analysis.feature_stats import StatsSettings
+    from sae.serve.explorer import Explorer
+
+    cache = tmp_path_factory.mktemp("explorer-stats")
+    settings = StatsSettings(tokens=20000, top_examples=5)
+    return Explorer.open(
+        [demo_sae_run / "layers.2"], settings=settings, cache_dir=cache, log=lambda line: None
+    )

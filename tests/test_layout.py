@@ -2,7 +2,8 @@
 
 Stages, in order: data, models, activations, architectures, evaluation, training,
 analysis, interventions. Beside them: the side modules every stage may use, ``formats``
-(SAE files; it knows the architectures) and ``cli/`` (which may use everything). One side
+(SAE files; it knows the architectures), and the two front ends, ``cli/`` (which may use
+everything) and ``serve/`` (the explorer page: everything but the CLI). One side
 reaches into a stage: ``config`` finds each architecture's config class in the registry of
 ``sae.architectures`` (the run config's sae section is one of them).
 """
@@ -52,6 +53,8 @@ def may_import(importer: str, imported: str) -> bool:
         return False
     if importer == "cli":
         return True
+    if importer == "serve":
+        return imported != "cli"
     if importer == "formats":
         return imported == "architectures"
     if imported == "formats":
@@ -77,7 +80,8 @@ def test_every_module_sits_in_a_stage_or_a_side():
     top = {p.stem for p in SAE.glob("*.py")} - {"__init__"}
     folders = {p.name for p in SAE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert top <= SIDES, top - SIDES
-    assert folders == set(STAGES) | {"formats", "cli"}, folders ^ (set(STAGES) | {"formats", "cli"})
+    beside = {"formats", "cli", "serve"}
+    assert folders == set(STAGES) | beside, folders ^ (set(STAGES) | beside)
 
 
 def test_the_hooks_load_without_the_datasets_library():

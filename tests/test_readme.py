@@ -107,6 +107,8 @@ SKIPPED = {
     "pytest": "this is the test suite itself",
     "torchrun": "needs several GPUs or hosts; tests/test_distributed.py::test_torchrun_launches_train_py_on_two_"
     "processes launches train.py the same way on two CPU processes",
+    "python analyze.py serve": "a server that runs until stopped; tests/test_serve.py starts this "
+    "command on the demo SAE and calls it",
     "bash scripts/demo_smollm2.sh": "about 40 minutes of CPU; its steps are the README commands that follow "
     "(run here small) and tests/test_real_model.py",
 }

@@ -10,57 +10,15 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
+from browser import wait
 from report_data import M, feature_showing, report_stats, script_text
 
 from sae.analysis.report import build_report
 
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 EXAMPLES = 4
-WAIT_S = 15
-
-
-def browser_unavailable(reason: str):
-    if os.environ.get("SAE_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"SAE_REQUIRE_BROWSER=1 but {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def driver():
-    """One headless Chromium for the module, with the console log kept."""
-    if not CHROMEDRIVER.exists():
-        browser_unavailable(f"{CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        browser_unavailable("selenium is not installed (pip install -e '.[dev]')")
-    options = webdriver.ChromeOptions()
-    profile = tempfile.TemporaryDirectory()
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile.name}",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    yield d
-    d.quit()
-    profile.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +62,6 @@ def contrast_page(tmp_path_factory):
         progress=False,
     )
     return path.as_uri(), effect
-
-
-def wait(driver, condition):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, WAIT_S).until(lambda d: condition())
 
 
 def load(driver, url: str) -> None:

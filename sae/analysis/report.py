@@ -623,7 +623,7 @@ INDEX_PANEL = """<main>
 def page(title: str, body: str, data_scripts: str) -> str:
     assets = resources.files("sae.analysis") / "report_assets"
     css = (assets / "report.css").read_text(encoding="utf-8")
-    js = (assets / "report.js").read_text(encoding="utf-8")
+    js = "\n".join((assets / name).read_text(encoding="utf-8") for name in ("card.js", "report.js"))
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'

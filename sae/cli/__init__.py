@@ -5,7 +5,7 @@ calls the library. Bad input ends the command with one line, ``error: ...``, and
 status 2.
 """
 
-from sae.cli import features, interventions  # noqa: F401  (importing them adds their commands to the group)
+from sae.cli import features, interventions, serve_command  # noqa: F401  (importing them adds their commands to the group)
 from sae.cli.analyze_group import analyze
 from sae.cli.train_command import train
 

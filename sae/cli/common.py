@@ -238,7 +238,16 @@ def tokens_cell(row: dict) -> str:
 
 
 def edit_options(fn: Callable) -> Callable:
-    """--ablate/--clamp/--scale/--steer: the feature edits of an intervention."""
+    """--ablate/--clamp/--scale/--steer/--edits: the feature edits of an intervention."""
+    fn = click.option(
+        "--edits",
+        "edits_file",
+        type=click.Path(path_type=Path),
+        default=None,
+        metavar="FILE",
+        help="YAML of edits, e.g. {ablate: [12], clamp: {7: 10}, steer: {99: 8}} "
+        "(the explorer's export; adds to the options above).",
+    )(fn)
     fn = click.option(
         "--steer",
         multiple=True,

@@ -79,6 +79,7 @@ def generate(
     clamp,
     scale,
     steer,
+    edits_file,
     max_new_tokens,
     temperature,
     top_p,
@@ -97,12 +98,14 @@ def generate(
     from sae.analysis.target import open_target
     from sae.data.prompt_format import PromptFormat
     from sae.interventions.continuations import compare_continuations
-    from sae.interventions.edits import describe_edit, parse_feature_edits
+    from sae.interventions.edits import describe_edit, parse_feature_edits, read_edits_file
     from sae.models.generation import Sampling
 
-    edits = parse_feature_edits(ablate, clamp, scale, steer)
+    edits = parse_feature_edits(ablate, clamp, scale, steer) + read_edits_file(edits_file)
     if not edits:
-        raise ConfigError("generate: no intervention; give --ablate, --clamp, --scale or --steer")
+        raise ConfigError(
+            "generate: no intervention; give --ablate, --clamp, --scale, --steer or --edits"
+        )
     texts = given_prompts(prompt, prompts_file)
     fmt = PromptFormat(chat=chat, system=system)
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
@@ -402,6 +405,7 @@ class _FixTestOptions:
     clamp: tuple[str, ...]
     scale: tuple[str, ...]
     steer: tuple[str, ...]
+    edits_file: Path | None
     ablate_top: int | None
     steer_top: str | None
     contrast: tuple[Path, Path] | None
@@ -551,12 +555,13 @@ def _fix_test_inputs(
     from sae.atomic_io import check_output_path
     from sae.data.prompt_format import PromptFormat
     from sae.interventions.edit_picks import TopEdits
-    from sae.interventions.edits import parse_feature_edits
+    from sae.interventions.edits import parse_feature_edits, read_edits_file
     from sae.interventions.scorers import load_scorer
     from sae.models.generation import Sampling
 
     texts = given_prompts(opts.prompt, opts.prompts_file)
     edits = parse_feature_edits(opts.ablate, opts.clamp, opts.scale, opts.steer)
+    edits += read_edits_file(opts.edits_file)
     top = TopEdits.from_options(
         opts.ablate_top, opts.steer_top, opts.contrast, opts.answer, has_edits=bool(edits)
     )

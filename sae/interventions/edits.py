@@ -36,8 +36,10 @@ import functools
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from sae.activations.hooks import attach, resolve_hook
@@ -183,6 +185,37 @@ def parse_feature_edits(
                 raise ConfigError(f"{option}: {item!r} is not FEATURE:NUMBER; e.g. {option} 99:+8")
             edits.append(make(int(m.group(1)), float(m.group(2))))
     return edits
+
+
+def read_edits_file(path: str | Path | None) -> list[FeatureEdit]:
+    """Edits from ``--edits FILE``: YAML {ablate: [F, ...], clamp: {F: C}, scale: {F: S},
+    steer: {F: A}}, every key optional (what the explorer exports); None gives none."""
+    if path is None:
+        return []
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(
+            f"--edits: cannot read {str(path)!r}: {(str(e) or type(e).__name__).splitlines()[0]}"
+        ) from None
+    kinds = {"ablate", "clamp", "scale", "steer"}
+    if not isinstance(spec, dict) or not set(spec) <= kinds:
+        raise ConfigError(
+            f"--edits: {str(path)!r} must map some of {', '.join(sorted(kinds))} to features; "
+            "e.g. {ablate: [12], steer: {99: 8}}"
+        )
+    ablate = spec.get("ablate") or []
+    if not isinstance(ablate, list):
+        raise ConfigError(f"--edits: ablate in {str(path)!r} must be a list of features")
+    pairs: dict[str, list[str]] = {}
+    for kind in ("clamp", "scale", "steer"):
+        items = spec.get(kind) or {}
+        if not isinstance(items, dict):
+            raise ConfigError(f"--edits: {kind} in {str(path)!r} must map features to numbers")
+        pairs[kind] = [f"{f}:{v}" for f, v in items.items()]
+    return parse_feature_edits(
+        ",".join(map(str, ablate)) or None, pairs["clamp"], pairs["scale"], pairs["steer"]
+    )
 
 
 @contextlib.contextmanager

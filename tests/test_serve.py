@@ -1,0 +1,265 @@
+"""The explorer's API (sae.serve), served for real on the demo model: each endpoint against
+an independent computation (the model's own hidden states, plain `generate`, the CLI reading
+the export back), bad input as one clear line, the token and host checks, stop, and a
+second tab served while a generation runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from explorer_server import call, ndjson, served
+
+from sae import cli
+from sae.interventions.edits import Ablate, Clamp, Scale, Steer, read_edits_file
+from sae.models.generation import prompt_token_ids
+from sae.serve.app import MAX_BODY_BYTES, make_app
+
+PROMPT = "If the key is missing, a KeyError is"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def url(explorer):
+    with served(make_app(explorer)) as base:
+        yield base
+
+
+def test_info_names_the_model_and_its_sae(url, explorer):
+    status, info = call(url + "/api/info")
+    assert status == 200
+    (sae,) = info["saes"]
+    assert sae["hook"] == "layers.2" and sae["features"] == explorer.targets[0].sae.cfg.num_latents
+
+
+def test_prompt_features_are_the_sae_code_of_the_models_hidden_state(url, explorer):
+    status, got = call(url + "/api/features", {"prompt": PROMPT, "top": 3})
+    assert status == 200, got
+    target = explorer.targets[0]
+    ids = prompt_token_ids(target.tokenizer, PROMPT)
+    with torch.no_grad():  # layers.2's output is hidden state 3 (0 is the embeddings)
+        h = target.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[3][0]
+        z = target.sae.encode(h)
+    assert "".join(got["tokens"][1:]) == target.tokenizer.decode(ids[1:])
+    assert got["special"] == [True] + [False] * (len(ids) - 1)
+    rows = got["saes"][0]["top"]
+    assert rows[0] == []  # BOS: the SAE never saw it
+    for i in range(1, len(ids)):
+        vals, feats = z[i].topk(3)
+        want = [f for f, v in zip(feats.tolist(), vals.tolist()) if v > 0]
+        assert [f for f, _ in rows[i]] == want
+        torch.testing.assert_close(
+            torch.tensor([v for _, v in rows[i]]), vals[: len(want)], rtol=2e-3, atol=1e-4
+        )
+
+
+def test_card_shows_the_features_strongest_examples(url, explorer):
+    _, got = call(url + "/api/features", {"prompt": PROMPT})
+    f = got["saes"][0]["top"][-1][0][0]  # the last token's strongest feature
+    status, card = call(url + f"/api/card?sae=0&feature={f}")
+    assert status == 200, card
+    stats = explorer.stats(0)
+    top = card["card"]["ex"]
+    assert top and top[0][0] == pytest.approx(float(stats.act_max[f]), rel=1e-2)
+    assert [ex[0] for ex in top] == sorted((ex[0] for ex in top), reverse=True)
+    v, centre, strings, acts = top[0]
+    assert acts[centre] == v and all(0 <= s < len(card["strings"]) for s in strings)
+    assert card["stats"]["density"] == pytest.approx(float(stats.density[f]))
+
+
+def stream(url, body):
+    status, text = call(url + "/api/generate", body)
+    assert status == 200, text
+    steps = ndjson(text)
+    assert steps[-1] == {"done": True}
+    return steps[:-1]
+
+
+def joined(steps, side):
+    return "".join(s[side] for s in steps if s[side] is not None)
+
+
+def test_generation_baseline_is_plain_generate_and_export_reproduces_it(url, tmp_path):
+    body = {
+        "prompt": PROMPT,
+        "edits": [{"sae": 0, "kind": "steer", "feature": 5, "value": 40}],
+        "seed": 7,
+        "temperature": 0.8,
+        "max_new_tokens": 10,
+    }
+    steps = stream(url, body)
+    assert joined(steps, "baseline") != joined(steps, "edited")
+    assert all(s["kl"] is None or s["kl"] >= 0 for s in steps) and steps[0]["kl"] > 0
+    status, exported = call(url + "/api/export", body)
+    assert status == 200, exported
+    command = exported["commands"][0]
+    args = shlex.split(command)[2:]  # drop "python analyze.py"
+    result = CliRunner().invoke(cli.analyze, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["baseline"] == [joined(steps, "baseline")]
+    assert row["intervened"] == [joined(steps, "edited")]
+    edits_file = tmp_path / "edits.yaml"
+    edits_file.write_text(exported["yaml"][0])
+    assert read_edits_file(edits_file) == [Steer(5, 40.0)]
+    i = args.index("--steer")  # the same command with the YAML instead of the option
+    from_yaml = [*args[:i], *args[i + 2 :], "--edits", str(edits_file), "--json"]
+    result = CliRunner().invoke(cli.analyze, from_yaml)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [row]
+
+
+def test_every_edit_kind_reads_back_from_the_yaml(url, tmp_path):
+    edits = [
+        {"sae": 0, "kind": "ablate", "feature": 3},
+        {"sae": 0, "kind": "clamp", "feature": 4, "value": 2.5},
+        {"sae": 0, "kind": "scale", "feature": 6, "value": 0.5},
+        {"sae": 0, "kind": "steer", "feature": 9, "value": -3},
+    ]
+    status, exported = call(url + "/api/export", {"prompt": PROMPT, "edits": edits})
+    assert status == 200, exported
+    path = tmp_path / "e.yaml"
+    path.write_text(exported["yaml"][0])
+    assert read_edits_file(path) == [Ablate([3]), Clamp([4], 2.5), Scale([6], 0.5), Steer(9, -3.0)]
+
+
+@pytest.mark.parametrize(
+    "path, body, status, words",
+    [
+        ("/api/features", {"prompt": ""}, 400, "prompt: empty"),
+        ("/api/features", {"prompt": "word " * 3000}, 400, "max_position_embeddings"),
+        ("/api/features", {"prompt": PROMPT, "top": "many"}, 400, "top: 'many'"),
+        ("/api/card?sae=0&feature=99999", None, 400, "feature 99999 is out of range"),
+        ("/api/card?sae=3&feature=1", None, 400, "sae: 3 is not an SAE"),
+        ("/api/card?sae=0&feature=x", None, 400, "feature: 'x' is not a whole number"),
+        (
+            "/api/generate",
+            {"prompt": PROMPT, "edits": [{"kind": "steer", "feature": 5, "value": "lots"}]},
+            400,
+            "steer value of feature 5: 'lots' is not a number",
+        ),
+        (
+            "/api/generate",
+            {"prompt": PROMPT, "edits": [{"kind": "melt", "feature": 5}]},
+            400,
+            "edit kind: 'melt'",
+        ),
+        ("/api/generate", {"prompt": PROMPT, "max_new_tokens": 0}, 400, "max_new_tokens: 0"),
+        ("/api/export", {"prompt": PROMPT, "edits": []}, 400, "no edits to export"),
+    ],
+)
+def test_bad_input_is_one_clear_line(url, path, body, status, words):
+    got_status, got = call(url + path, body)
+    assert got_status == status and words in got["error"] and "\n" not in got["error"]
+
+
+def test_bodies_must_be_small_json(url):
+    status, got = call(url + "/api/features", raw=b"x" * (MAX_BODY_BYTES + 1))
+    assert status == 413 and "at most" in got["error"]
+    status, got = call(url + "/api/features", raw=b"{not json")
+    assert status == 400 and "not JSON" in got["error"]
+    status, got = call(
+        url + "/api/features", raw=b'{"prompt": "a"}', headers={"Content-Type": "text/plain"}
+    )
+    assert status == 400 and "application/json" in got["error"]
+
+
+def test_only_localhost_names_are_served_on_loopback(url):
+    status, got = call(url + "/api/info", headers={"Host": "evil.example:8765"})
+    assert status == 403 and "evil.example" in got["error"]
+
+
+def test_token_is_needed_on_every_request(explorer):
+    with served(make_app(explorer, token="s3cret", loopback=False)) as base:
+        assert call(base + "/api/info")[0] == 401
+        assert call(base + "/")[0] == 401
+        assert call(base + "/api/info", headers={"X-SAE-Token": "wrong"})[0] == 401
+        assert call(base + "/api/info", headers={"X-SAE-Token": "s3cret"})[0] == 200
+        assert call(base + "/?token=s3cret")[0] == 200
+
+
+def test_stop_midway_and_a_second_tab_is_served_meanwhile(url, explorer, monkeypatch):
+    real = explorer._steps
+
+    def slow(*args):  # a slow model: the stop must come long before the end
+        more = itertools.repeat({"baseline": "x", "edited": "x", "kl": 0.0})
+        for step in itertools.chain(real(*args), more):
+            time.sleep(0.05)
+            yield step
+
+    monkeypatch.setattr(explorer, "_steps", slow)
+    hooks_before = hooks(explorer.model)  # transformers' own hooks may be there
+    before = call(url + "/api/info")[1]["ended"].get("cancelled", 0)
+    body = {"prompt": PROMPT, "edits": [{"kind": "steer", "feature": 5, "value": 9}]}
+    request = urllib.request.Request(
+        url + "/api/generate", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    response = urllib.request.urlopen(request, timeout=60)
+    assert "baseline" in json.loads(response.readline())  # the generation is running
+    start = time.monotonic()
+    status, _ = call(url + "/api/features", {"prompt": "a second tab"})
+    assert status == 200 and time.monotonic() - start < 5  # served between decoding steps
+    assert "baseline" in json.loads(response.readline())  # and the first tab still streams
+    response.close()  # stop: the client leaves
+    deadline = time.monotonic() + 30
+    while call(url + "/api/info")[1]["ended"].get("cancelled", 0) == before:
+        assert time.monotonic() < deadline, "the stopped generation was never cancelled"
+        time.sleep(0.05)
+    info = call(url + "/api/info")[1]
+    assert info["jobs"] == 0
+    assert hooks(explorer.model) == hooks_before  # the edit's hooks are gone
+
+
+def hooks(model) -> dict:
+    """Every module's forward hooks, by module name."""
+    return {name: list(m._forward_hooks) for name, m in model.named_modules() if m._forward_hooks}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_serve_command_starts_the_page(demo_sae_run, host):
+    """`analyze.py serve` as a user starts it: the URL it prints answers; beyond localhost
+    it warns and the URL carries the token that every request needs."""
+    port = free_port()
+    command = [sys.executable, "analyze.py", "serve", str(demo_sae_run), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*command, "--host", host], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )  # fmt: skip
+    try:
+        lines = []
+        while not any("explorer: http" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, "serve exited early:\n" + "".join(lines)
+            lines.append(line)
+        url = lines[-1].split()[1]
+        assert (host == "0.0.0.0") == any("warning" in line for line in lines)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                status, page = call(url)
+                break
+            except OSError:  # listening a moment after it printed the URL
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert status == 200 and "SAE explorer" in page
+        if host == "0.0.0.0":
+            assert "?token=" in url
+            assert call(f"http://127.0.0.1:{port}/api/info")[0] == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
