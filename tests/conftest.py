@@ -113,3 +113,19 @@ def explorer(demo_sae_run, tmp_path_factory):
     return Explorer.open(
         [demo_sae_run / "layers.2"], settings=settings, cache_dir=cache, log=lambda line: None
     )
+
+
+@pytest.fixture(scope="session")
+def firing_sae():
+    """A random TopK SAE for the tiny Llama's width (64; 32 latents, k = 8) whose features
+    fire at most positions, so edits of them change something."""
+    import torch
+
+    from sae.config import sae_config
+    from sae.training.trainer import make_sae
+
+    torch.manual_seed(0)
+    s = make_sae(sae_config("topk", num_latents=32, k=8), 64)
+    with torch.no_grad():
+        s.b_enc.add_(0.5)
+    return s

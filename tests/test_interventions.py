@@ -28,12 +28,8 @@ HOOK = "layers.1"
 
 
 @pytest.fixture(scope="module")
-def sae():
-    torch.manual_seed(0)
-    s = make_sae(sae_config("topk", num_latents=32, k=8), 64)
-    with torch.no_grad():
-        s.b_enc.add_(0.5)  # fire often, so edited features are active at most positions
-    return s
+def sae(firing_sae):
+    return firing_sae
 
 
 def prompt_ids(tok):

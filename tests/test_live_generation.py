@@ -6,23 +6,12 @@ import pytest
 import torch
 
 from sae.activations.capture import special_token_ids
-from sae.config import sae_config
 from sae.interventions.edits import Ablate, Edit, Steer, intervene
 from sae.interventions.live_generation import live_continuations
 from sae.models.generation import Sampling, continuation_ids, prompt_token_ids
-from sae.training.trainer import make_sae
 
 HOOK = "layers.1"
 PROMPT = "the file is not found and"
-
-
-@pytest.fixture(scope="module")
-def sae():
-    torch.manual_seed(0)
-    s = make_sae(sae_config("topk", num_latents=32, k=8), 64)
-    with torch.no_grad():
-        s.b_enc.add_(0.5)  # fire often, so edited features are active at most positions
-    return s
 
 
 def both_sides(model, tok, edits, sampling):
@@ -41,9 +30,9 @@ def both_sides(model, tok, edits, sampling):
     ],
     ids=["sample", "temperature-top-p", "greedy"],
 )
-def test_both_sides_equal_plain_generation_with_the_same_seed(tiny_llama, sae, sampling):
+def test_both_sides_equal_plain_generation_with_the_same_seed(tiny_llama, firing_sae, sampling):
     model, tok = tiny_llama
-    edit = Edit(sae, HOOK, [Ablate([1, 2, 3]), Steer(4, 6.0)])
+    edit = Edit(firing_sae, HOOK, [Ablate([1, 2, 3]), Steer(4, 6.0)])
     _, base, edited = both_sides(model, tok, [edit], sampling)
     (plain,) = continuation_ids(model, tok, [PROMPT], sampling=sampling, batch_size=1)[0]
     with intervene(model, [edit], special_token_ids(tok)):
@@ -53,16 +42,16 @@ def test_both_sides_equal_plain_generation_with_the_same_seed(tiny_llama, sae, s
     assert base != edited  # the edit matters here, so the test can tell the sides apart
 
 
-def test_no_edit_gives_two_equal_sides_and_zero_kl(tiny_llama, sae):
+def test_no_edit_gives_two_equal_sides_and_zero_kl(tiny_llama, firing_sae):
     model, tok = tiny_llama
-    steps, base, edited = both_sides(model, tok, [Edit(sae, HOOK, [])], Sampling(12, seed=1))
+    steps, base, edited = both_sides(model, tok, [Edit(firing_sae, HOOK, [])], Sampling(12, seed=1))
     assert base == edited and len(steps) == 12
     assert all(s.kl == pytest.approx(0.0, abs=1e-6) for s in steps)
 
 
-def test_kl_is_that_of_full_forwards_on_the_edited_text(tiny_llama, sae):
+def test_kl_is_that_of_full_forwards_on_the_edited_text(tiny_llama, firing_sae):
     model, tok = tiny_llama
-    edit = Edit(sae, HOOK, [Steer(4, 8.0)])
+    edit = Edit(firing_sae, HOOK, [Steer(4, 8.0)])
     steps, _, edited = both_sides(model, tok, [edit], Sampling(8, temperature=0))
     ids = torch.tensor([prompt_token_ids(tok, PROMPT) + edited])
     with torch.no_grad():
@@ -76,8 +65,8 @@ def test_kl_is_that_of_full_forwards_on_the_edited_text(tiny_llama, sae):
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
 
 
-def test_stops_at_the_token_budget_and_never_emits_eos(tiny_llama, sae):
+def test_stops_at_the_token_budget_and_never_emits_eos(tiny_llama, firing_sae):
     model, tok = tiny_llama
-    steps = list(live_continuations(model, tok, PROMPT, [Edit(sae, HOOK, [])], Sampling(5)))
+    steps = list(live_continuations(model, tok, PROMPT, [Edit(firing_sae, HOOK, [])], Sampling(5)))
     assert len(steps) <= 5
     assert all(tok.eos_token_id not in (s.baseline, s.edited) for s in steps)
