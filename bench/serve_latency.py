@@ -49,7 +49,7 @@ def rss_mb() -> float:
 
 def prompt_of(explorer: Explorer, tokens: int) -> str:
     """A prompt of exactly ``tokens`` tokens (BOS included)."""
-    ids = explorer.tokenizer(TEXT * 40, add_special_tokens=False)["input_ids"][: tokens - 1]
+    ids = explorer.tokenizer(TEXT * 12, add_special_tokens=False)["input_ids"][: tokens - 1]
     text = explorer.tokenizer.decode(ids)
     assert len(explorer.prompt_ids(text)) == tokens, len(explorer.prompt_ids(text))
     return text
