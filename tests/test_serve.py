@@ -77,6 +77,50 @@ def test_card_shows_the_features_strongest_examples(url, explorer):
     assert card["stats"]["density"] == pytest.approx(float(stats.density[f]))
 
 
+def test_search_by_text_is_the_largest_code_over_the_focus_tokens(url, explorer):
+    status, got = call(url + "/api/search/text", {"prompt": PROMPT, "focus": "KeyError", "top": 5})
+    assert status == 200, got
+    target = explorer.targets[0]
+    ids = prompt_token_ids(target.tokenizer, PROMPT)
+    with torch.no_grad():
+        h = target.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[3][0]
+        z = target.sae.encode(h)
+    pieces = [target.tokenizer.decode([i]) for i in ids]
+    focus = [i for i, p in enumerate(pieces) if p.strip() and p.strip() in "KeyError"][-2:]
+    assert got["focus"] == focus  # the tokens of "KeyError"
+    vals, feats = z[focus].max(0).values.topk(5)
+    assert [f for f, _ in got["ranking"]] == feats.tolist()
+
+
+def test_search_by_output_token_is_the_decoder_rows_logit_effect(url, explorer):
+    model, target = explorer.model, explorer.targets[0]
+    t = prompt_token_ids(target.tokenizer, PROMPT)[-1]
+    text = target.tokenizer.decode([t])
+    assert target.tokenizer.encode(text, add_special_tokens=False) == [t]  # one token
+    status, got = call(url + "/api/search/token", {"token": text, "top": 5})
+    assert status == 200, got
+    with torch.no_grad():  # RMSNorm: its gain, then the unembedding row of the token
+        effect = (target.sae.W_dec * model.model.norm.weight) @ model.lm_head.weight[t]
+    vals, feats = effect.topk(5)
+    assert got["token_id"] == t and [f for f, _ in got["ranking"]] == feats.tolist()
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in got["ranking"]]), vals, atol=1e-3, rtol=1e-3
+    )
+
+
+def test_search_by_contrast_ranks_by_effect(url, explorer):
+    from sae.analysis.feature_search import contrast_search
+
+    a = ["If the key is missing, a KeyError is raised", "a KeyError means no such key"]
+    b = ["The list is sorted in place", "Open the file for reading"]
+    status, got = call(url + "/api/search/contrast", {"a": "\n".join(a), "b": b, "top": 5})
+    assert status == 200, got
+    want = contrast_search(explorer.targets[0], a, b, progress=False)
+    assert [r[0] for r in got["ranking"]] == want.ranking("effect")[:5]
+    effects = [r[1] for r in got["ranking"]]
+    assert effects == sorted(effects, reverse=True) and got["ranking"][0][3] > got["ranking"][0][4]
+
+
 def stream(url, body):
     status, text = call(url + "/api/generate", body)
     assert status == 200, text
@@ -156,6 +200,9 @@ def test_every_edit_kind_reads_back_from_the_yaml(url, tmp_path):
         ),
         ("/api/generate", {"prompt": PROMPT, "max_new_tokens": 0}, 400, "max_new_tokens: 0"),
         ("/api/export", {"prompt": PROMPT, "edits": []}, 400, "no edits to export"),
+        ("/api/search/token", {"token": "KeyError raised"}, 400, "give exactly one"),
+        ("/api/search/contrast", {"a": [], "b": ["x"]}, 400, "a: give a list of prompts"),
+        ("/api/search/melt", {"prompt": PROMPT}, 400, "'melt' is not a search"),
     ],
 )
 def test_bad_input_is_one_clear_line(url, path, body, status, words):

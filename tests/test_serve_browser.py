@@ -195,3 +195,27 @@ def test_two_tabs_at_once(driver, url, slow_model):
         driver.switch_to.window(first)
     driver.find_element("id", "stop").click()
     wait(driver, lambda: driver.find_element("id", "kl-note").text == "stopped")
+
+
+def test_search_results_open_cards(driver, url, explorer):
+    open_page(driver, url)
+    t = prompt_token_ids(explorer.tokenizer, PROMPT)[-1]
+    js(
+        driver,
+        "document.getElementById('out-token').value = arguments[0]",
+        explorer.tokenizer.decode([t]),
+    )
+    driver.find_element("id", "search-token").click()
+    wait(driver, lambda: driver.find_elements("css selector", "#search-results button.feature"))
+    first = driver.find_elements("css selector", "#search-results button.feature")[0]
+    f = first.get_attribute("data-f")
+    expected = call(url + "/api/search/token", {"token": explorer.tokenizer.decode([t])})[1]
+    assert int(f) == expected["ranking"][0][0]
+    first.click()
+    wait(driver, lambda: driver.find_element("css selector", "#card h2").text == f"Feature {f}")
+    set_prompt(driver, PROMPT)
+    js(driver, "document.getElementById('focus').value = 'KeyError'")
+    driver.find_element("id", "search-text").click()
+    wait(
+        driver, lambda: "activation on the text" in driver.find_element("id", "search-results").text
+    )

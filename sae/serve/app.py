@@ -14,6 +14,9 @@ Routes (JSON in and out; an error is ``{"error": "<one line>"}`` with status 400
                             "max_new_tokens"}: NDJSON, one line per decoding step, then
                             {"done": true}; closing the connection stops the generation
     POST /api/export        the same body: the edit set as command lines and YAML
+    POST /api/search/text   {"sae", "prompt", "focus"?, "top"?}: features on a span of text
+    POST /api/search/contrast  {"sae", "a", "b", "top"?}: features by contrast of two prompt lists
+    POST /api/search/token  {"sae", "token", "top"?}: features that promote an output token
 
 Safety: with a token (``analyze.py serve --host`` beyond this machine makes one), every
 request must carry it, as the ``X-SAE-Token`` header or ``?token=``; POST bodies must be
@@ -133,6 +136,18 @@ class _Api:
             return
         yield json.dumps({"done": True}) + "\n"
 
+    async def search(self, request: Request) -> Response:
+        kind = request.path_params["kind"]
+        body = await json_body(request)
+        run = {
+            "text": self.explorer.search_text,
+            "contrast": self.explorer.search_contrast,
+            "token": self.explorer.search_token,
+        }.get(kind)
+        if run is None:
+            raise ConfigError(f"search: {kind!r} is not a search; use text, contrast or token")
+        return JSONResponse(await self.worker.call(lambda: run(body)))
+
     async def export(self, request: Request) -> Response:
         return JSONResponse(self.explorer.export(await json_body(request)))
 
@@ -149,6 +164,7 @@ def make_app(explorer: Explorer, token: str | None = None, loopback: bool = True
         Route("/api/card", api.card),
         Route("/api/generate", api.generate, methods=["POST"]),
         Route("/api/export", api.export, methods=["POST"]),
+        Route("/api/search/{kind:str}", api.search, methods=["POST"]),
     ]
 
     @contextlib.asynccontextmanager

@@ -26,7 +26,9 @@ import yaml
 
 from sae.activations.capture import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hooks
+from sae.analysis.feature_search import contrast_search, features_in_text
 from sae.analysis.feature_stats import FeatureStats, StatsSettings, check_feature
+from sae.analysis.logit_effects import norm_linearisation
 from sae.analysis.report import StringTable, block_cards, round_sig, token_pieces
 from sae.analysis.target import Target, cached_feature_stats, open_target
 from sae.data.prompt_format import PLAIN, check_fits
@@ -37,6 +39,7 @@ from sae.models.generation import Sampling
 
 MAX_PROMPT_CHARS = 20_000
 MAX_NEW_TOKENS = 256
+MAX_SEARCH_PROMPTS = 500
 EDIT_KINDS = {"ablate": Ablate, "clamp": Clamp, "scale": Scale, "steer": Steer}
 # |value| above this is a typo, not an experiment (activations are O(1..100)).
 MAX_EDIT_VALUE = 1e4
@@ -199,6 +202,57 @@ class Explorer:
             },
         }
 
+    # ---- search ----------------------------------------------------------------------------
+
+    def top_count(self, request: dict) -> int:
+        top = request.get("top", 20)
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= 200:
+            raise ConfigError(f"top: {top!r} must be a whole number in 1..200")
+        return top
+
+    def search_text(self, request: dict) -> dict:
+        """Features by text: {"ranking": [[feature, largest activation]]} over the tokens
+        covering ``focus`` in ``prompt`` (all of it without one)."""
+        sae, top = self.sae_index(request.get("sae", 0)), self.top_count(request)
+        prompt, focus = request.get("prompt"), request.get("focus") or None
+        self.prompt_ids(prompt)
+        if focus is not None and not isinstance(focus, str):
+            raise ConfigError(f"focus: {focus!r} is not text")
+        found = features_in_text(self.targets[sae], prompt, focus, top)
+        return {"ranking": [[f, round(v, 4)] for f, v in found.ranking], "focus": found.focus}
+
+    def search_contrast(self, request: dict) -> dict:
+        """Features by contrast between two prompt lists ``a`` and ``b``: {"ranking": [[feature,
+        effect size, AUROC, mean in a, mean in b]]}, largest effect first."""
+        sae, top = self.sae_index(request.get("sae", 0)), self.top_count(request)
+        lists = [prompt_list(request.get(k), k) for k in ("a", "b")]
+        for text in lists[0] + lists[1]:
+            self.prompt_ids(text)
+        result = contrast_search(self.targets[sae], *lists, progress=False)
+        rows = [result.row(f) for f in result.ranking("effect")[:top]]
+        keys = ("effect", "auroc", "mean_target", "mean_baseline")
+        return {"ranking": [[r["feature"], *(round(r[k], 4) for k in keys)] for r in rows]}
+
+    @torch.no_grad()
+    def search_token(self, request: dict) -> dict:
+        """Features by output token: {"token_id", "ranking": [[feature, logit effect]]}, the
+        features whose decoder direction most promotes ``token`` (one token of text)."""
+        sae, top = self.sae_index(request.get("sae", 0)), self.top_count(request)
+        text = request.get("token")
+        ids = self.tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) else []
+        if len(ids) != 1:
+            pieces = token_pieces(self.tokenizer, ids)
+            raise ConfigError(f"token: {text!r} is {len(ids)} tokens {pieces}; give exactly one")
+        W_U = self.model.get_output_embeddings().weight  # [V, d]
+        fold, _ = norm_linearisation(self.model)
+        W_dec = self.targets[sae].sae.W_dec.detach()
+        effect = fold(W_dec.to(W_U.device, torch.float32)) @ W_U[ids[0]].float()  # [M]
+        vals, feats = effect.topk(min(top, effect.shape[0]))
+        return {
+            "token_id": ids[0],
+            "ranking": [[f, round(v, 4)] for f, v in zip(feats.tolist(), vals.tolist())],
+        }
+
     # ---- edit -> generate ------------------------------------------------------------------
 
     def edits(self, items) -> list[Edit]:
@@ -281,6 +335,17 @@ class Explorer:
             out["commands"].append(" ".join([fix, *options, *sample]))
             out["yaml"].append(yaml.safe_dump(edits_yaml(e.edits), sort_keys=False))
         return out
+
+
+def prompt_list(value, name: str) -> list[str]:
+    """A list of prompts (a list of strings, or text with one prompt per line)."""
+    if isinstance(value, str):
+        value = [line for line in value.splitlines() if line.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name}: give a list of prompts (one per line)")
+    if len(value) > MAX_SEARCH_PROMPTS:
+        raise ConfigError(f"{name}: {len(value)} prompts; at most {MAX_SEARCH_PROMPTS}")
+    return value
 
 
 def number(value, what: str, limit: float) -> float:

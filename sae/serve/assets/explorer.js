@@ -93,6 +93,19 @@
     card.scrollTop = 0;
   }
 
+  // ---- search ---------------------------------------------------------------------------------
+  async function search(kind, body, label) {
+    $("search-results").replaceChildren(el("p", { class: "note", text: "searching…" }));
+    const d = await (await api("/api/search/" + kind, { sae: state.sae, top: 20, ...body })).json();
+    const buttons = d.ranking.map(([f, v]) => {
+      const b = el("button", { class: "feature", "data-f": String(f), text: `${f} (${v})` });
+      b.addEventListener("click", () => guarded(() => openCard(state.sae, f)));
+      return b;
+    });
+    $("search-results").replaceChildren(el("span", { class: "note", text: label + ": " }),
+      ...(buttons.length ? buttons : [el("span", { text: "none" })]));
+  }
+
   // ---- edits -----------------------------------------------------------------------------------
   function addEdit(edit) {
     const row = el("tr", { class: "edit" });
@@ -186,6 +199,12 @@
     $("generate").addEventListener("click", () => guarded(generate));
     $("stop").addEventListener("click", stop);
     $("export").addEventListener("click", () => guarded(exportEdits));
+    $("search-text").addEventListener("click", () => guarded(() => search("text",
+      { prompt: $("prompt").value, focus: $("focus").value }, "largest activation on the text")));
+    $("search-token").addEventListener("click", () => guarded(() => search("token",
+      { token: $("out-token").value }, "logit effect on the token")));
+    $("search-contrast").addEventListener("click", () => guarded(() => search("contrast",
+      { a: $("contrast-a").value, b: $("contrast-b").value }, "effect size (a against b)")));
     document.body.dataset.ready = "1";
   }
   guarded(start);
