@@ -9,7 +9,7 @@ import itertools
 import time
 
 import pytest
-from browser import wait
+from browser import card_loaded, wait
 from explorer_server import call, served
 
 from sae.models.generation import Sampling, continuations, prompt_token_ids
@@ -101,8 +101,8 @@ def test_prompt_lights_up_tokens_and_a_card_opens(driver, url, explorer):
     button = driver.find_elements("css selector", "#token-features button.feature")[0]
     f = button.get_attribute("data-f")
     button.click()
-    wait(driver, lambda: "Top examples" in driver.find_element("id", "card").text)
-    assert driver.find_element("css selector", "#card h2").text == f"Feature {f}"
+    assert wait(driver, lambda: card_loaded(driver)) == f"Feature {f}"
+    assert "Top examples" in driver.find_element("id", "card").text
     assert driver.find_elements("css selector", "#card .ex .tok.ctr")
     severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
@@ -212,7 +212,7 @@ def test_search_results_open_cards(driver, url, explorer):
     expected = call(url + "/api/search/token", {"token": explorer.tokenizer.decode([t])})[1]
     assert int(f) == expected["ranking"][0][0]
     first.click()
-    wait(driver, lambda: driver.find_element("css selector", "#card h2").text == f"Feature {f}")
+    assert wait(driver, lambda: card_loaded(driver)) == f"Feature {f}"
     set_prompt(driver, PROMPT)
     js(driver, "document.getElementById('focus').value = 'KeyError'")
     driver.find_element("id", "search-text").click()

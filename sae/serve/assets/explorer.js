@@ -75,11 +75,25 @@
   }
 
   // ---- feature cards -------------------------------------------------------------------------
+  let cardRequest = 0;
   async function openCard(sae, f) {
     const card = $("card");
+    // A slower answer for an earlier click must not overwrite the card asked for last.
+    const mine = ++cardRequest;
+    card.setAttribute("aria-busy", "true");
     card.replaceChildren(el("h2", { text: `Feature ${f}` }),
       el("p", { class: "note", text: "loading (the first card of an SAE scans its data: this can take a while)…" }));
-    const d = await (await api(`/api/card?sae=${sae}&feature=${f}`)).json();
+    let d;
+    try {
+      d = await (await api(`/api/card?sae=${sae}&feature=${f}`)).json();
+    } catch (e) {
+      if (mine === cardRequest) {
+        card.replaceChildren(el("h2", { text: `Feature ${f}` }));
+        card.setAttribute("aria-busy", "false");
+      }
+      throw e;
+    }
+    if (mine !== cardRequest) return;
     const draw = SAECard.renderer({ strings: d.strings, bytes: d.bytes, edges: d.edges,
       open: (g) => guarded(() => openCard(sae, g)) });
     const stat = (label, x) => el("span", {}, label + " ", el("b", { text: fmt(x) }));
@@ -91,6 +105,7 @@
         stat("max act", d.stats.max.toPrecision(3)), stat("mean act", d.stats.mean.toPrecision(3)), add),
       ...draw.body(d.card, d.stats.max || 1));
     card.scrollTop = 0;
+    card.setAttribute("aria-busy", "false");
   }
 
   // ---- search ---------------------------------------------------------------------------------
