@@ -13,9 +13,9 @@ def wait(driver, condition):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)).until(
-        lambda d: condition()
-    )
+    return WebDriverWait(
+        driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(lambda d: condition())
 
 
 def card_loaded(driver) -> str | None:

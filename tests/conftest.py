@@ -102,17 +102,66 @@ def demo_sae_run(tmp_path_factory):
     return train_run(cfg, log=lambda line: None)
 
 
-@pytest.fixture(scope="module")
-def explorer(demo_sae_run, tmp_path_factory):
-    """The explorer (sae.serve) over the demo SAE, with a short statistics scan."""
+EXPLORER_STATS_TOKENS = 20000
+
+
+def open_explorer(demo_sae_run, cache):
+    """An explorer (sae.serve) over the demo SAE with a short statistics scan cached in ``cache``."""
     from sae.analysis.feature_stats import StatsSettings
     from sae.serve.explorer import Explorer
 
-    cache = tmp_path_factory.mktemp("explorer-stats")
-    settings = StatsSettings(tokens=20000, top_examples=5)
+    settings = StatsSettings(tokens=EXPLORER_STATS_TOKENS, top_examples=5)
     return Explorer.open(
         [demo_sae_run / "layers.2"], settings=settings, cache_dir=cache, log=lambda line: None
     )
+
+
+@pytest.fixture(scope="module")
+def explorer(demo_sae_run, tmp_path_factory):
+    """The explorer over the demo SAE, shared by a test module."""
+    return open_explorer(demo_sae_run, tmp_path_factory.mktemp("explorer-stats"))
+
+
+@pytest.fixture
+def fresh_explorer(demo_sae_run, tmp_path):
+    """An explorer of the test's own, whose statistics are not scanned yet."""
+    return open_explorer(demo_sae_run, tmp_path / "stats")
+
+
+class HeldScan:
+    """The explorer's statistics scan, held after its first batch: it idles (one short step
+    at a time, so the model worker goes on serving others) until ``release()``, then
+    finishes, or raises ``fail`` if that is set."""
+
+    def __init__(self, real):
+        import threading
+
+        self.real, self.gate, self.fail = real, threading.Event(), None
+
+    def release(self, fail: Exception | None = None) -> None:
+        self.fail = fail
+        self.gate.set()
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        steps = self.real(*args, **kwargs)
+        first = next(steps)  # a fresh cache: there is a first batch
+        while not self.gate.is_set():
+            yield first
+            time.sleep(0.005)
+        if self.fail is not None:
+            raise self.fail
+        return (yield from steps)
+
+
+@pytest.fixture
+def held_scan(monkeypatch):
+    import sae.serve.explorer as module
+
+    held = HeldScan(module.cached_feature_stats_steps)
+    monkeypatch.setattr(module, "cached_feature_stats_steps", held)
+    return held
 
 
 @pytest.fixture(scope="session")

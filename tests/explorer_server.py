@@ -48,5 +48,15 @@ def call(url: str, body=None, headers: dict | None = None, raw: bytes | None = N
         return status, text
 
 
+def read_card(url: str, sae: int, feature: int) -> tuple[int, dict]:
+    """(status, JSON) of a feature's card, asked again while the first scan runs (202)."""
+    deadline = time.monotonic() + 120
+    while True:
+        status, got = call(url + f"/api/card?sae={sae}&feature={feature}")
+        if status != 202 or time.monotonic() > deadline:
+            return status, got
+        time.sleep(0.05)
+
+
 def ndjson(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line]

@@ -210,3 +210,52 @@ def test_chat_prompts_and_the_context_limit(smol):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="max_position_embeddings"):  # refused before generating
         continuation_ids(model, tok, [long], sampling=Sampling(max_new_tokens=4, temperature=0))
+
+
+def test_the_explorer_serves_an_sae_of_smollm2(smol, tmp_path):
+    """Prompt -> features, a card from a fresh scan and a streamed edited generation, on
+    the real model, through the served API (``analyze.py serve``)."""
+    unavailable("gensim", "starlette", "uvicorn")
+    from explorer_server import call, ndjson, read_card, served
+
+    from sae.analysis.feature_stats import StatsSettings
+    from sae.serve.app import make_app
+    from sae.serve.explorer import Explorer
+
+    model, tok = smol
+    torch.manual_seed(1)
+    sae = make_sae(sae_config("topk", num_latents=4 * WIDTH, k=32), WIDTH)
+    sae.save(tmp_path / "sae", metadata={"hook_name": HOOK})
+    overrides = [
+        f"model.name_or_path={SMOLLM2}",
+        "model.device=cpu",
+        "data.dataset=builtin:english-prose",
+    ]
+    settings = StatsSettings(tokens=2000, top_examples=3)
+    ex = Explorer.open(
+        [tmp_path / "sae"], overrides, settings, tmp_path / "stats", log=lambda line: None
+    )
+    prompt = "The quick brown fox jumps over the lazy dog"
+    with served(make_app(ex)) as url:
+        status, got = call(url + "/api/features", {"prompt": prompt, "top": 3})
+        assert status == 200, got
+        ids = torch.tensor([PLAIN.prompt_ids(tok, prompt)])
+        z = sae.encode(layer_output(model, ids)[0])  # [T, M], from the other copy of the model
+        vals, feats = z[-1].topk(3)
+        assert [f for f, _ in got["saes"][0]["top"][-1]] == feats.tolist()
+        f = feats[0].item()
+        status, card = read_card(url, 0, f)
+        assert status == 200 and card["stats"]["tokens"] == 2000, card
+        body = {"prompt": prompt, "max_new_tokens": 6, "seed": 2}
+        status, text = call(
+            url + "/api/generate",
+            {**body, "edits": [{"kind": "steer", "feature": f, "value": 200}]},
+        )
+    steps = ndjson(text)
+    assert status == 200 and steps[-1] == {"done": True}, text
+    baseline = "".join(s["baseline"] for s in steps[:-1] if s["baseline"] is not None)
+    edited = "".join(s["edited"] for s in steps[:-1] if s["edited"] is not None)
+    (plain,) = continuations(model, tok, [prompt], sampling=Sampling(max_new_tokens=6, seed=2))[0]
+    assert baseline == plain != edited
+    kls = [s["kl"] for s in steps[:-1] if s["kl"] is not None]
+    assert kls and min(kls) >= 0 and max(kls) > 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from explorer_server import call, ndjson, served
+from explorer_server import call, ndjson, read_card, served
 
 from sae import cli
 from sae.interventions.edits import Ablate, Clamp, Scale, Steer, read_edits_file
@@ -66,7 +66,7 @@ def test_prompt_features_are_the_sae_code_of_the_models_hidden_state(url, explor
 def test_card_shows_the_features_strongest_examples(url, explorer):
     _, got = call(url + "/api/features", {"prompt": PROMPT})
     f = got["saes"][0]["top"][-1][0][0]  # the last token's strongest feature
-    status, card = call(url + f"/api/card?sae=0&feature={f}")
+    status, card = read_card(url, 0, f)
     assert status == 200, card
     stats = explorer.stats(0)
     top = card["card"]["ex"]
@@ -119,6 +119,96 @@ def test_search_by_contrast_ranks_by_effect(url, explorer):
     assert [r[0] for r in got["ranking"]] == want.ranking("effect")[:5]
     effects = [r[1] for r in got["ranking"]]
     assert effects == sorted(effects, reverse=True) and got["ranking"][0][3] > got["ranking"][0][4]
+
+
+def test_uploaded_prompt_files_read_as_the_cli_reads_them(url, tmp_path):
+    from sae.analysis.feature_search import read_prompts
+
+    files = {
+        "a.jsonl": ('{"text": "If the key is missing,\\nKeyError"}\n\n{"text": "no such key"}\n'),
+        "b.txt": "  The list is sorted  \n\nOpen the file\n",
+    }
+    want = {
+        "a.jsonl": ["If the key is missing,\nKeyError", "no such key"],
+        "b.txt": ["The list is sorted", "Open the file"],
+    }
+    for name, text in files.items():
+        status, got = call(url + "/api/prompts", {"name": name, "text": text})
+        assert status == 200, got
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert got["prompts"] == want[name] == read_prompts(tmp_path / name)
+
+
+def test_first_card_scans_step_by_step_while_the_model_serves_others(
+    fresh_explorer, held_scan, tmp_path
+):
+    from conftest import EXPLORER_STATS_TOKENS
+
+    from sae.analysis.target import cached_feature_stats
+
+    with served(make_app(fresh_explorer)) as base:
+        status, got = call(base + "/api/card?sae=0&feature=3")
+        assert status == 202 and got["scanning"]["total"] == EXPLORER_STATS_TOKENS
+        while got["scanning"]["scanned"] == 0:  # until the first batch is in; then it holds
+            status, got = call(base + "/api/card?sae=0&feature=3")
+            assert status == 202, got
+        assert 0 < got["scanning"]["scanned"] < EXPLORER_STATS_TOKENS
+        status, found = call(base + "/api/features", {"prompt": PROMPT})
+        assert status == 200 and not fresh_explorer.has_stats(0)  # answered mid-scan
+        held_scan.release()
+        status, card = read_card(base, 0, 3)
+        assert status == 200 and card["stats"]["tokens"] == EXPLORER_STATS_TOKENS
+        assert call(base + "/api/info")[1]["jobs"] == 0
+    # In steps or in one go, the same statistics.
+    target, settings = fresh_explorer.targets[0], fresh_explorer.settings
+    whole = cached_feature_stats(target, settings, tmp_path / "whole", progress=False, log=print)
+    stepped = fresh_explorer.stats(0)
+    assert torch.equal(stepped.fires, whole.fires)
+    torch.testing.assert_close(stepped.act_max, whole.act_max)
+    torch.testing.assert_close(stepped.top.values, whole.top.values, equal_nan=True)
+    assert not stepped.act_max.requires_grad
+
+
+def test_a_failed_scan_is_shown_once_then_tried_again(fresh_explorer, held_scan):
+    from sae.errors import DataError
+
+    with served(make_app(fresh_explorer)) as base:
+        assert call(base + "/api/card?sae=0&feature=3")[0] == 202
+        held_scan.release(DataError("data: cannot reach dataset 'gone'\nsecond line"))
+        status, got = read_card(base, 0, 3)
+        assert status == 400
+        assert got["error"] == "feature statistics of SAE 0: data: cannot reach dataset 'gone'"
+        held_scan.fail = None  # the dataset is back
+        status, got = read_card(base, 0, 3)
+        assert status == 200 and got["feature"] == 3
+
+
+def test_saelens_and_sparsify_copies_serve_as_the_original(demo_sae_run, tmp_path):
+    from sae.analysis.feature_stats import StatsSettings
+    from sae.formats import convert
+    from sae.serve.explorer import Explorer
+
+    ours = demo_sae_run / "layers.2"
+    saelens = convert(ours, tmp_path / "sl", "saelens", log=lambda line: None)["."]
+    sparsify = convert(ours, tmp_path / "sp", "sparsify", log=lambda line: None)["."]
+    settings = StatsSettings(tokens=3000, top_examples=3)
+    paths = [ours, saelens, sparsify]
+    ex = Explorer.open(
+        paths, settings=settings, cache_dir=tmp_path / "stats", log=lambda line: None
+    )
+    with served(make_app(ex)) as base:
+        status, info = call(base + "/api/info")
+        assert [s["path"] for s in info["saes"]] == [str(ours), str(saelens), str(sparsify)]
+        status, got = call(base + "/api/features", {"prompt": PROMPT})
+        assert status == 200 and got["saes"][1] == got["saes"][0] == got["saes"][2]
+        f = got["saes"][0]["top"][-1][0][0]
+        cards = [read_card(base, i, f)[1] for i in range(3)]
+        assert cards[1]["card"] == cards[0]["card"] == cards[2]["card"]
+        body = {"prompt": PROMPT, "max_new_tokens": 5, "seed": 1}
+        steer = [[{"sae": i, "kind": "steer", "feature": f, "value": 30}] for i in range(3)]
+        runs = [stream(base, {**body, "edits": e}) for e in steer]
+        edited = [joined(steps, "edited") for steps in runs]
+        assert edited[1] == edited[0] == edited[2] != joined(runs[0], "baseline")
 
 
 def stream(url, body):
@@ -203,6 +293,16 @@ def test_every_edit_kind_reads_back_from_the_yaml(url, tmp_path):
         ("/api/search/token", {"token": "KeyError raised"}, 400, "give exactly one"),
         ("/api/search/contrast", {"a": [], "b": ["x"]}, 400, "a: give a list of prompts"),
         ("/api/search/melt", {"prompt": PROMPT}, 400, "'melt' is not a search"),
+        ("/api/prompts", {"name": "p.yaml", "text": "dataset: x"}, 400, "dataset prompt set"),
+        (
+            "/api/prompts",
+            {"name": "p.jsonl", "text": '{"text": "a"}\n[1]'},
+            400,
+            "line 2 of 'p.jsonl'",
+        ),
+        ("/api/prompts", {"name": "p.txt", "text": "\n \n"}, 400, "'p.txt' holds no prompts"),
+        ("/api/prompts", {"name": "p.txt", "text": 3}, 400, "upload: give"),
+        ("/api/prompts", {"name": "p.txt", "text": "x\n" * 501}, 400, "501 prompts; at most 500"),
     ],
 )
 def test_bad_input_is_one_clear_line(url, path, body, status, words):

@@ -219,3 +219,50 @@ def test_search_results_open_cards(driver, url, explorer):
     wait(
         driver, lambda: "activation on the text" in driver.find_element("id", "search-results").text
     )
+
+
+def test_contrast_lists_come_from_uploaded_files(driver, url, explorer, tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text(
+        '{"text": "If the key is missing,\\na KeyError is raised"}\n{"text": "no such key"}\n'
+    )
+    b = tmp_path / "b.txt"
+    b.write_text("The list is sorted in place\nOpen the file for reading\nClose it\n")
+    open_page(driver, url)
+    driver.find_element("id", "file-a").send_keys(str(a))
+    driver.find_element("id", "file-b").send_keys(str(b))
+    wait(driver, lambda: js(driver, "return document.getElementById('file-b-note').textContent"))
+    wait(driver, lambda: js(driver, "return document.getElementById('file-a-note').textContent"))
+    assert js(driver, "return document.getElementById('file-a-note').textContent") == (
+        "2 prompts from a.jsonl"
+    )
+    driver.find_element("id", "search-contrast").click()
+    wait(driver, lambda: driver.find_elements("css selector", "#search-results button.feature"))
+    shown = [
+        int(b.get_attribute("data-f"))
+        for b in driver.find_elements("css selector", "#search-results button.feature")
+    ]
+    lists = {
+        "a": ["If the key is missing,\na KeyError is raised", "no such key"],  # one prompt, 2 lines
+        "b": ["The list is sorted in place", "Open the file for reading", "Close it"],
+    }
+    status, want = call(url + "/api/search/contrast", {**lists, "top": 20})
+    assert status == 200 and shown == [r[0] for r in want["ranking"]]
+    assert not error_text(driver)
+
+
+def test_first_card_shows_the_scan_progress_then_the_card(driver, fresh_explorer, held_scan):
+    with served(make_app(fresh_explorer)) as base:
+        open_page(driver, base)
+        js(driver, "document.getElementById('out-token').value = 'Error'")
+        driver.find_element("id", "search-token").click()
+        wait(driver, lambda: driver.find_elements("css selector", "#search-results button.feature"))
+        first = driver.find_elements("css selector", "#search-results button.feature")[0]
+        f = first.get_attribute("data-f")
+        first.click()
+        progress = "const p = document.getElementById('scan-progress'); return p && p.value"
+        assert wait(driver, lambda: js(driver, progress)) > 0  # held after its first batch
+        assert card_loaded(driver) is None
+        held_scan.release()
+        assert wait(driver, lambda: card_loaded(driver)) == f"Feature {f}"
+        assert not js(driver, "return document.getElementById('scan-progress')")

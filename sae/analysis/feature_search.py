@@ -53,25 +53,33 @@ def read_prompts(path: str | Path, what: str = "prompts") -> list[str]:
     if path.suffix in (".yaml", ".yml"):
         return prompts_from_dataset(path, what)
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{what}: cannot read {str(path)!r} as UTF-8 text ({e})") from None
+    return prompts_from_text(text, str(path), what)
+
+
+def prompts_from_text(text: str, name: str, what: str = "prompts") -> list[str]:
+    """The prompts of a file's text, by its name's suffix: ``.jsonl`` (one object per line
+    with a "text" field) or one prompt per line. Blank lines are skipped. ``read_prompts``
+    and the explorer's upload both read files with it."""
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
-    if path.suffix == ".jsonl":
+    if name.endswith(".jsonl"):
         prompts = []
         for i, line in enumerate(lines, 1):
             try:
-                text = json.loads(line)["text"]
+                value = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ConfigError(
-                    f'{what}: line {i} of {str(path)!r} is not a JSON object with a "text" field'
+                    f'{what}: line {i} of {name!r} is not a JSON object with a "text" field'
                 ) from None
-            if not isinstance(text, str):
-                raise ConfigError(f'{what}: line {i} of {str(path)!r}: "text" is not a string')
-            prompts.append(text)
+            if not isinstance(value, str):
+                raise ConfigError(f'{what}: line {i} of {name!r}: "text" is not a string')
+            prompts.append(value)
         lines = [p for p in prompts if p.strip()]
     if not lines:
-        raise ConfigError(f"{what}: {str(path)!r} holds no prompts; write one prompt per line")
+        raise ConfigError(f"{what}: {name!r} holds no prompts; write one prompt per line")
     return lines
 
 

@@ -30,9 +30,10 @@ import contextlib
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,6 +46,7 @@ from sae.atomic_io import fsync_dir, save_tensors
 from sae.errors import ConfigError, DataError, StorageError
 
 FORMAT = "sae-feature-stats/1"
+T = TypeVar("T")
 # Histogram of nonzero activations: bin i holds values in [2^((i + 1) / 4 + LOG2_MIN) ...),
 # clamped at both ends, so it needs no range known in advance.
 HIST_BINS_PER_OCTAVE = 4
@@ -336,7 +338,6 @@ class StatsAccumulator:
         )
 
 
-@torch.no_grad()
 def compute_feature_stats(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -351,6 +352,24 @@ def compute_feature_stats(
     (LongTensor batches [B, T], e.g. ``sae.activations.stream.contexts_for``), until
     ``settings.tokens`` non-special tokens have been scanned or the data ends; ``info``
     gets ``data_ran_out``: whether the contexts ended before ``settings.tokens``."""
+    steps = feature_stats_steps(model, tokenizer, sae, hook, contexts, settings, info, progress)
+    return run_steps(steps)
+
+
+@torch.no_grad()  # applies around every resumption of the generator
+def feature_stats_steps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sae: SparseAutoencoder,
+    hook: str,
+    contexts: Iterable[torch.Tensor],
+    settings: StatsSettings = StatsSettings(),
+    info: dict | None = None,
+    progress: bool = True,
+) -> Generator[int, None, FeatureStats]:
+    """``compute_feature_stats`` one batch at a time: yields the tokens scanned so far
+    after each batch and returns the statistics, so a caller that shares the model (the
+    explorer's worker) can run other work between batches and show how far it got."""
     capture = MaskedCapture(model, tokenizer, [hook])
     device = next(model.parameters()).device
     acc = StatsAccumulator(sae.cfg.num_latents, settings, device)
@@ -362,37 +381,47 @@ def compute_feature_stats(
         desc="feature stats",
         disable=not progress,
     )
-    for batch in capture.batches(contexts):
-        acts, ids = batch.acts[hook], batch.ids
-        if acts.shape[-1] != sae.d_in:
-            raise ConfigError(
-                f"the SAE takes inputs of width {sae.d_in}, but {hook} of this model has "
-                f"width {acts.shape[-1]}; is it the SAE of another model or hook?"
-            )
-        # Stop exactly at the token budget: later tokens of the last batch are masked out.
-        room = settings.tokens - acc.tokens
-        keep = batch.keep & (batch.keep.view(-1).cumsum(0).view(ids.shape) <= room)
-        # Latents on the whole [B, T] grid, not only the kept rows: examples and their
-        # windows are found by (context, position); update zeroes the positions not kept.
-        per_chunk = max(1, CHUNK_ELEMENTS // (ids.shape[1] * sae.cfg.num_latents))
-        for start in range(0, ids.shape[0], per_chunk):
-            sl = slice(start, start + per_chunk)
-            x = acts[sl].to(sae_dtype)
-            z = sae.encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
-            acc.update(z, ids[sl], keep[sl])
-        bar.update(acc.tokens - bar.n)
-        if acc.tokens >= settings.tokens:
-            break
-    ran_out = acc.tokens < settings.tokens
-    if ran_out:
-        # The contexts ended first: a bar left at its asked-for total would stop short
-        # of 100% with an ETA that never comes, so its total becomes what was scanned.
-        bar.total = acc.tokens
-        bar.refresh()
-    bar.close()
+    with contextlib.closing(bar):
+        for batch in capture.batches(contexts):
+            acts, ids = batch.acts[hook], batch.ids
+            if acts.shape[-1] != sae.d_in:
+                raise ConfigError(
+                    f"the SAE takes inputs of width {sae.d_in}, but {hook} of this model has "
+                    f"width {acts.shape[-1]}; is it the SAE of another model or hook?"
+                )
+            # Stop exactly at the token budget: later tokens of the last batch are masked out.
+            room = settings.tokens - acc.tokens
+            keep = batch.keep & (batch.keep.view(-1).cumsum(0).view(ids.shape) <= room)
+            # Latents on the whole [B, T] grid, not only the kept rows: examples and their
+            # windows are found by (context, position); update zeroes the positions not kept.
+            per_chunk = max(1, CHUNK_ELEMENTS // (ids.shape[1] * sae.cfg.num_latents))
+            for start in range(0, ids.shape[0], per_chunk):
+                sl = slice(start, start + per_chunk)
+                x = acts[sl].to(sae_dtype)
+                z = sae.encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
+                acc.update(z, ids[sl], keep[sl])
+            bar.update(acc.tokens - bar.n)
+            if acc.tokens >= settings.tokens:
+                break
+            yield acc.tokens
+        ran_out = acc.tokens < settings.tokens
+        if ran_out:
+            # The contexts ended first: a bar left at its asked-for total would stop short
+            # of 100% with an ETA that never comes, so its total becomes what was scanned.
+            bar.total = acc.tokens
+            bar.refresh()
     if acc.tokens == 0:
         raise DataError("feature stats: the data gave no tokens to scan; is the dataset empty?")
     return acc.result({**(info or {}), "settings": asdict(settings), "data_ran_out": ran_out})
+
+
+def run_steps(steps: Generator[object, None, T]) -> T:
+    """Run a step generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 # ---- on disk ----------------------------------------------------------------------------

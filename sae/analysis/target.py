@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,12 +27,13 @@ from sae.activations.stream import contexts_for
 from sae.analysis.feature_stats import (
     FeatureStats,
     StatsSettings,
-    compute_feature_stats,
     distinct_tokens,
+    feature_stats_steps,
     load_feature_stats,
     read_stats_header,
     read_stats_info,
     read_top_token_ids,
+    run_steps,
     save_feature_stats,
     token_decoder,
     top_tokens,
@@ -278,6 +279,21 @@ def cached_feature_stats(
     from the cache when present and valid (``find_cached_stats``: a scan that read all
     of the data serves any larger request), else computed over the config's data
     (``data.dataset``, ``data.split``) and cached."""
+    return run_steps(
+        cached_feature_stats_steps(target, settings, cache_dir, recompute, progress, log)
+    )
+
+
+def cached_feature_stats_steps(
+    target: Target,
+    settings: StatsSettings = StatsSettings(),
+    cache_dir: Path | None = None,
+    recompute: bool = False,
+    progress: bool = True,
+    log=print,
+) -> Generator[int, None, FeatureStats]:
+    """``cached_feature_stats`` one model batch at a time: yields the tokens scanned so
+    far (nothing when the cache answers) and returns the statistics."""
     d = target.cfg.data
     path = None if recompute else find_cached_stats(target, settings, cache_dir)
     if path is not None:
@@ -297,7 +313,7 @@ def cached_feature_stats(
     log(
         f"feature statistics: scanning up to {settings.tokens:,} tokens of {d.dataset} [{d.split}] at {target.hook}"
     )
-    stats = compute_feature_stats(
+    stats = yield from feature_stats_steps(
         target.model,
         target.tokenizer,
         target.sae,

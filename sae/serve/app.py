@@ -9,13 +9,16 @@ Routes (JSON in and out; an error is ``{"error": "<one line>"}`` with status 400
     GET  /                  the page (its JS and CSS inline: nothing is fetched elsewhere)
     GET  /api/info          the model, its SAEs and the limits
     POST /api/features      {"prompt", "top"?}: every token's strongest features per SAE
-    GET  /api/card          ?sae=I&feature=F: a feature's card (statistics scanned on first use)
+    GET  /api/card          ?sae=I&feature=F: a feature's card; while the SAE's statistics
+                            are first scanned, 202 {"scanning": {"scanned", "total"}}
+                            (tokens): ask again
     POST /api/generate      {"prompt", "edits", "seed", "temperature", "top_p",
                             "max_new_tokens"}: NDJSON, one line per decoding step, then
                             {"done": true}; closing the connection stops the generation
     POST /api/export        the same body: the edit set as command lines and YAML
     POST /api/search/text   {"sae", "prompt", "focus"?, "top"?}: features on a span of text
     POST /api/search/contrast  {"sae", "a", "b", "top"?}: features by contrast of two prompt lists
+    POST /api/prompts       {"name", "text"}: an uploaded prompt file as a list of prompts
     POST /api/search/token  {"sae", "token", "top"?}: features that promote an output token
 
 Safety: with a token (``analyze.py serve --host`` beyond this machine makes one), every
@@ -118,8 +121,15 @@ class _Api:
         q = request.query_params
         sae = self.explorer.sae_index(_int_param(q.get("sae", "0"), "sae"))
         feature = self.explorer.feature(sae, _int_param(q.get("feature"), "feature"))
-        if not self.explorer.has_stats(sae):  # the first card scans the data: model work
-            await self.worker.call(lambda: self.explorer.stats(sae))
+        if not self.explorer.has_stats(sae):
+            # The first card of an SAE scans its data: model work, one batch per worker step,
+            # shared by every tab that asks meanwhile; the page polls while it runs.
+            scan = self.explorer.scan(sae)
+            if not scan.started:
+                self.worker.background(scan.steps)
+                scan.started = True
+            if not self.explorer.has_stats(sae):
+                return JSONResponse({"scanning": scan.progress()}, status_code=202)
         return JSONResponse(await run_in_threadpool(self.explorer.card, sae, feature))
 
     async def generate(self, request: Request) -> Response:
@@ -148,6 +158,9 @@ class _Api:
             raise ConfigError(f"search: {kind!r} is not a search; use text, contrast or token")
         return JSONResponse(await self.worker.call(lambda: run(body)))
 
+    async def upload(self, request: Request) -> Response:
+        return JSONResponse(self.explorer.upload(await json_body(request)))
+
     async def export(self, request: Request) -> Response:
         return JSONResponse(self.explorer.export(await json_body(request)))
 
@@ -164,6 +177,7 @@ def make_app(explorer: Explorer, token: str | None = None, loopback: bool = True
         Route("/api/card", api.card),
         Route("/api/generate", api.generate, methods=["POST"]),
         Route("/api/export", api.export, methods=["POST"]),
+        Route("/api/prompts", api.upload, methods=["POST"]),
         Route("/api/search/{kind:str}", api.search, methods=["POST"]),
     ]
 

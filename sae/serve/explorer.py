@@ -26,11 +26,11 @@ import yaml
 
 from sae.activations.capture import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hooks
-from sae.analysis.feature_search import contrast_search, features_in_text
-from sae.analysis.feature_stats import FeatureStats, StatsSettings, check_feature
+from sae.analysis.feature_search import contrast_search, features_in_text, prompts_from_text
+from sae.analysis.feature_stats import FeatureStats, StatsSettings, check_feature, run_steps
 from sae.analysis.logit_effects import norm_linearisation
 from sae.analysis.report import StringTable, block_cards, round_sig, token_pieces
-from sae.analysis.target import Target, cached_feature_stats, open_target
+from sae.analysis.target import Target, cached_feature_stats_steps, open_target
 from sae.data.prompt_format import PLAIN, check_fits
 from sae.errors import ConfigError
 from sae.interventions.edits import Ablate, Clamp, Edit, FeatureEdit, Scale, Steer
@@ -55,6 +55,7 @@ class Explorer:
     cache_dir: Path | None = None
     _stats: dict[int, FeatureStats] = field(default_factory=dict)
     _stats_lock: threading.Lock = field(default_factory=threading.Lock)
+    _scans: dict[int, StatsScan] = field(default_factory=dict)
 
     @classmethod
     def open(
@@ -168,16 +169,27 @@ class Explorer:
 
     def stats(self, sae: int) -> FeatureStats:
         """The SAE's feature statistics: read from the cache, or scanned (and cached) the
-        first time a card of it is asked for."""
+        first time a card of it is asked for. Blocks for the whole scan; the server runs a
+        ``scan`` on its model worker instead."""
         with self._stats_lock:
             if sae not in self._stats:
-                self._stats[sae] = cached_feature_stats(
-                    self.targets[sae], self.settings, self.cache_dir
-                )
+                run_steps(StatsScan(self, sae).steps())
             return self._stats[sae]
 
     def has_stats(self, sae: int) -> bool:
         return sae in self._stats
+
+    def scan(self, sae: int) -> StatsScan:
+        """The statistics scan of SAE ``sae``: the one under way, or a new one that nothing
+        runs yet (``started`` False). A failed scan is reported once, as a ConfigError
+        with its line, and dropped, so asking again retries it."""
+        scan = self._scans.get(sae)
+        if scan is not None and scan.error is not None:
+            del self._scans[sae]
+            raise ConfigError(f"feature statistics of SAE {sae}: {scan.error}")
+        if scan is None:
+            scan = self._scans[sae] = StatsScan(self, sae)
+        return scan
 
     def card(self, sae, feature, examples: int = 10) -> dict:
         """A feature's card in the report's layout (``sae.analysis.report``), with its own
@@ -232,6 +244,20 @@ class Explorer:
         rows = [result.row(f) for f in result.ranking("effect")[:top]]
         keys = ("effect", "auroc", "mean_target", "mean_baseline")
         return {"ranking": [[r["feature"], *(round(r[k], 4) for k in keys)] for r in rows]}
+
+    def upload(self, request: dict) -> dict:
+        """A prompt file uploaded for a contrast list, read as ``analyze.py contrast`` reads
+        one (``prompts_from_text``): {"name", "text"} -> {"prompts": [prompt]}."""
+        name, text = request.get("name"), request.get("text")
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise ConfigError('upload: give {"name": file name, "text": its contents}')
+        if name.endswith((".yaml", ".yml")):
+            raise ConfigError(
+                f"upload: {name!r} is a dataset prompt set; the page takes .txt (one prompt "
+                "per line) or .jsonl; pass prompt sets to analyze.py contrast"
+            )
+        prompts = prompts_from_text(text, name, "upload")
+        return {"prompts": prompt_list(prompts, f"upload {name!r}")}
 
     @torch.no_grad()
     def search_token(self, request: dict) -> dict:
@@ -335,6 +361,44 @@ class Explorer:
             out["commands"].append(" ".join([fix, *options, *sample]))
             out["yaml"].append(yaml.safe_dump(edits_yaml(e.edits), sort_keys=False))
         return out
+
+
+@dataclass
+class StatsScan:
+    """One SAE's first statistics scan, run step by step (one model batch a step) so that
+    the server's model worker can interleave other requests and the page can show how far
+    it got. ``tokens``/``total``: non-special tokens scanned and asked for; ``error``: the
+    one line it failed with, if it did."""
+
+    explorer: Explorer
+    sae: int
+    tokens: int = 0
+    started: bool = False
+    error: str | None = None
+
+    @property
+    def total(self) -> int:
+        return self.explorer.settings.tokens
+
+    def steps(self) -> Iterator[int]:
+        """Scan (or read the cache); yields the tokens scanned after each batch and leaves
+        the statistics with the explorer."""
+        target = self.explorer.targets[self.sae]
+        found = cached_feature_stats_steps(target, self.explorer.settings, self.explorer.cache_dir)
+        try:
+            while True:
+                try:
+                    self.tokens = next(found)
+                except StopIteration as done:
+                    self.explorer._stats[self.sae] = done.value
+                    return
+                yield self.tokens
+        except Exception as e:
+            self.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise
+
+    def progress(self) -> dict:
+        return {"sae": self.sae, "scanned": self.tokens, "total": self.total}
 
 
 def prompt_list(value, name: str) -> list[str]:

@@ -134,6 +134,11 @@ class ModelWorker:
         finally:
             job.cancelled.set()
 
+    def background(self, steps: Callable[[], Iterator[Any]]) -> None:
+        """Run ``steps()`` on the worker with nobody waiting on it: its items and its end
+        are dropped (it keeps its own record, as ``StatsScan`` does)."""
+        self._submit(steps, lambda kind, value: None)
+
     async def call(self, fn: Callable[[], Any]) -> Any:
         """fn() run on the worker as a one-step job."""
         items = self.stream(lambda: iter((fn(),)))

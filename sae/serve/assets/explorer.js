@@ -76,16 +76,33 @@
 
   // ---- feature cards -------------------------------------------------------------------------
   let cardRequest = 0;
+  const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+  // The card's data; while the SAE's statistics are first scanned (202), a progress bar
+  // in the card and another ask every 400 ms, until the card is no longer wanted (null).
+  async function fetchCard(sae, f, wanted, card) {
+    for (;;) {
+      const r = await api(`/api/card?sae=${sae}&feature=${f}`);
+      const d = await r.json();
+      if (r.status !== 202) return d;
+      if (!wanted()) return null;
+      const s = d.scanning;
+      card.replaceChildren(el("h2", { text: `Feature ${f}` }),
+        el("p", { class: "note", text: `scanning feature statistics (first card of this SAE): ` +
+          `${s.scanned.toLocaleString()} of ${s.total.toLocaleString()} tokens` }),
+        el("progress", { id: "scan-progress", max: String(s.total), value: String(s.scanned) }));
+      await sleep(400);
+      if (!wanted()) return null;
+    }
+  }
   async function openCard(sae, f) {
     const card = $("card");
     // A slower answer for an earlier click must not overwrite the card asked for last.
     const mine = ++cardRequest;
     card.setAttribute("aria-busy", "true");
-    card.replaceChildren(el("h2", { text: `Feature ${f}` }),
-      el("p", { class: "note", text: "loading (the first card of an SAE scans its data: this can take a while)…" }));
+    card.replaceChildren(el("h2", { text: `Feature ${f}` }), el("p", { class: "note", text: "loading…" }));
     let d;
     try {
-      d = await (await api(`/api/card?sae=${sae}&feature=${f}`)).json();
+      d = await fetchCard(sae, f, () => mine === cardRequest, card);
     } catch (e) {
       if (mine === cardRequest) {
         card.replaceChildren(el("h2", { text: `Feature ${f}` }));
@@ -93,7 +110,7 @@
       }
       throw e;
     }
-    if (mine !== cardRequest) return;
+    if (d === null || mine !== cardRequest) return;
     const draw = SAECard.renderer({ strings: d.strings, bytes: d.bytes, edges: d.edges,
       open: (g) => guarded(() => openCard(sae, g)) });
     const stat = (label, x) => el("span", {}, label + " ", el("b", { text: fmt(x) }));
@@ -109,6 +126,18 @@
   }
 
   // ---- search ---------------------------------------------------------------------------------
+  // A contrast list from a file, read by the server as the CLI reads one (.txt or .jsonl);
+  // kept as a list (a .jsonl prompt may hold line breaks) until its text box is edited.
+  const uploaded = { a: null, b: null };
+  async function loadPromptFile(side) {
+    const input = $(`file-${side}`), file = input.files[0];
+    if (!file) return;
+    input.value = "";  // choosing the same file again still loads it
+    const d = await (await api("/api/prompts", { name: file.name, text: await file.text() })).json();
+    uploaded[side] = d.prompts;
+    $(`contrast-${side}`).value = d.prompts.join("\n");
+    $(`file-${side}-note`).textContent = `${d.prompts.length} prompts from ${file.name}`;
+  }
   async function search(kind, body, label) {
     $("search-results").replaceChildren(el("p", { class: "note", text: "searching…" }));
     const d = await (await api("/api/search/" + kind, { sae: state.sae, top: 20, ...body })).json();
@@ -218,8 +247,16 @@
       { prompt: $("prompt").value, focus: $("focus").value }, "largest activation on the text")));
     $("search-token").addEventListener("click", () => guarded(() => search("token",
       { token: $("out-token").value }, "logit effect on the token")));
+    for (const side of ["a", "b"]) {
+      $(`file-${side}`).addEventListener("change", () => guarded(() => loadPromptFile(side)));
+      $(`contrast-${side}`).addEventListener("input", () => {
+        uploaded[side] = null;
+        $(`file-${side}-note`).textContent = "";
+      });
+    }
     $("search-contrast").addEventListener("click", () => guarded(() => search("contrast",
-      { a: $("contrast-a").value, b: $("contrast-b").value }, "effect size (a against b)")));
+      { a: uploaded.a || $("contrast-a").value, b: uploaded.b || $("contrast-b").value },
+      "effect size (a against b)")));
     document.body.dataset.ready = "1";
   }
   guarded(start);
