@@ -284,9 +284,9 @@ def test_a_scan_of_the_whole_data_serves_larger_requests(small_data_target, monk
     assert 0 < first.tokens < 100_000 and first.info["exhausted"] is True
     assert f"the data ran out after {first.tokens:,} tokens (asked for 100,000)" in logs[-1]
     calls = []
-    real = analysis_target.compute_feature_stats
+    real = analysis_target.feature_stats_steps
     monkeypatch.setattr(
-        analysis_target, "compute_feature_stats", lambda *a, **k: calls.append(1) or real(*a, **k)
+        analysis_target, "feature_stats_steps", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     for tokens in (100_000, 10**9, first.tokens):
         again = cached_feature_stats(
@@ -343,7 +343,7 @@ def test_top_tokens_come_from_any_cached_scan(small_data_target, monkeypatch):
     fired = [f for f in range(32) if stats.fires[f] > 0]
     assert fired and all(made[f] for f in fired)
     monkeypatch.setattr(
-        analysis_target, "compute_feature_stats", lambda *a, **k: pytest.fail("rescanned")
+        analysis_target, "feature_stats_steps", lambda *a, **k: pytest.fail("rescanned")
     )
     got = feature_top_tokens(
         small_data_target, fired, tokens=10**6, progress=False, log=logs.append
