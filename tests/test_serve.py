@@ -410,3 +410,41 @@ def test_serve_command_starts_the_page(demo_sae_run, host):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_background_job_steps_only_while_no_other_job_waits():
+    import asyncio
+    import threading
+
+    from sae.serve.model_worker import ModelWorker
+
+    order, started = [], threading.Event()
+
+    def scan():
+        for i in range(400):
+            order.append("scan")
+            started.set()
+            time.sleep(0.001)
+            yield i
+
+    def generation():
+        for i in range(5):
+            order.append("gen")
+            yield i
+
+    async def run_generation(worker):
+        return [step async for step in worker.stream(generation)]
+
+    worker = ModelWorker()
+    try:
+        worker.background(scan)
+        assert started.wait(10)
+        assert asyncio.run(run_generation(worker)) == list(range(5))
+        first = order.index("gen")
+        assert order[first : first + 5] == ["gen"] * 5  # no scan step in between
+        deadline = time.monotonic() + 30
+        while worker.jobs and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert order.count("scan") == 400 and worker.ended == {"done": 2}
+    finally:
+        worker.stop()

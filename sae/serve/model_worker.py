@@ -8,9 +8,10 @@
 Everything that touches the model is a job: an iterator whose every ``next`` is one short
 piece of model work (a prompt's forward pass, one decoding step). The worker takes one step
 of each waiting job in turn, so a long generation in one tab does not hold up a prompt
-typed in another: it loses one decoding step's time, not the whole generation's. Only this
-thread ever runs the model, so no forward pass overlaps another and no request needs a
-lock; a job that is cancelled (its client left, or pressed stop) is closed before its next
+typed in another: it loses one decoding step's time, not the whole generation's. A
+background job (the first statistics scan of an SAE) steps only when no other job waits.
+Only this thread ever runs the model, so no forward pass overlaps another and no request
+needs a lock; a job that is cancelled (its client left, or pressed stop) is closed before its next
 step, which runs its ``finally`` blocks (an intervention's hooks are removed there).
 Requests that do not run the model (feature cards from the statistics cache) never wait
 here.
@@ -33,8 +34,14 @@ class Busy(ConfigError):
 
 
 class _Job:
-    def __init__(self, steps: Callable[[], Iterator[Any]], emit: Callable[[str, Any], None]):
+    def __init__(
+        self,
+        steps: Callable[[], Iterator[Any]],
+        emit: Callable[[str, Any], None],
+        background: bool = False,
+    ):
         self.make, self.steps, self.emit = steps, None, emit
+        self.background = background
         self.cancelled = threading.Event()
 
     def step(self) -> str | None:
@@ -75,27 +82,26 @@ class ModelWorker:
         self._thread.start()
 
     def _run(self) -> None:
-        active: collections.deque[_Job] = collections.deque()
+        # Someone waits on a foreground job; a background job (a statistics scan) only
+        # takes a step when no foreground job is waiting, so a prompt typed during a scan
+        # waits for the rest of one scan batch, not for a turn behind it.
+        queues = {False: collections.deque(), True: collections.deque()}
         while True:
-            while active or not self._inbox.empty():
-                if not self._inbox.empty():
-                    job = self._inbox.get()
-                    if job is None:
-                        return
-                    active.append(job)
-                    continue
-                job = active.popleft()
-                outcome = job.step()
-                if outcome is None:
-                    active.append(job)
-                    continue
-                with self._lock:
-                    self._count -= 1
-                    self.ended[outcome] += 1
-            job = self._inbox.get()  # idle: wait for work
-            if job is None:
-                return
-            active.append(job)
+            if not (queues[False] or queues[True]) or not self._inbox.empty():
+                job = self._inbox.get()  # blocks only when idle
+                if job is None:
+                    return
+                queues[job.background].append(job)
+                continue
+            active = queues[False] or queues[True]
+            job = active.popleft()
+            outcome = job.step()
+            if outcome is None:
+                active.append(job)
+                continue
+            with self._lock:
+                self._count -= 1
+                self.ended[outcome] += 1
 
     @property
     def jobs(self) -> int:
@@ -106,12 +112,12 @@ class ModelWorker:
         self._inbox.put(None)
         self._thread.join(timeout=10)
 
-    def _submit(self, steps: Callable[[], Iterator[Any]], emit) -> _Job:
+    def _submit(self, steps: Callable[[], Iterator[Any]], emit, background: bool = False) -> _Job:
         with self._lock:
             if self._count >= self.max_jobs:
                 raise Busy(f"the model is busy with {self._count} requests; try again shortly")
             self._count += 1
-        job = _Job(steps, emit)
+        job = _Job(steps, emit, background)
         self._inbox.put(job)
         return job
 
@@ -135,9 +141,10 @@ class ModelWorker:
             job.cancelled.set()
 
     def background(self, steps: Callable[[], Iterator[Any]]) -> None:
-        """Run ``steps()`` on the worker with nobody waiting on it: its items and its end
-        are dropped (it keeps its own record, as ``StatsScan`` does)."""
-        self._submit(steps, lambda kind, value: None)
+        """Run ``steps()`` on the worker with nobody waiting on it, a step whenever no
+        other job waits: its items and its end are dropped (it keeps its own record, as
+        ``StatsScan`` does)."""
+        self._submit(steps, lambda kind, value: None, background=True)
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """fn() run on the worker as a one-step job."""
