@@ -42,12 +42,16 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from browser import start_chromium  # noqa: E402
 
 from sae.activations.capture import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hook
@@ -70,7 +74,6 @@ from sae.training.trainer import make_sae
 
 HOOK = "layers.2"
 CARDS_SUBSET = 4096
-CHROMEDRIVER = "/usr/bin/chromedriver"
 MiB = 2**20
 T0 = time.perf_counter()
 
@@ -393,25 +396,6 @@ def timed_build(
 # ---- part 3: headless Chromium -------------------------------------------------------------
 
 
-def start_browser(profile: str):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
 def tree_pss_mib(root: int) -> float:
     """Proportional set size of a process and all its descendants (Linux /proc), MiB."""
     children: dict[int, list[int]] = {}
@@ -662,7 +646,7 @@ def main(
 
         if not skip_browser:
             profile = tempfile.mkdtemp(prefix="sae-bench-chromium-", dir="/tmp")
-            driver = start_browser(profile)
+            driver = start_chromium(profile)
             try:
                 driver.get("about:blank")
                 results["browser_pss_blank_mib"] = tree_pss_mib(driver.service.process.pid)
@@ -673,7 +657,7 @@ def main(
                         "error" in b["browser"]
                     ):  # a crashed or hung tab: carry on in a fresh browser
                         driver.quit()
-                        driver = start_browser(profile)
+                        driver = start_chromium(profile)
             finally:
                 driver.quit()
                 shutil.rmtree(profile, ignore_errors=True)

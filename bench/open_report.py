@@ -10,30 +10,15 @@ the index's first rows, and the opened card's promoted tokens (logit effects).
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
-
-def browser(profile: str):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from browser import start_chromium  # noqa: E402
 
 
 def until(driver, script: str, timeout: float = 60.0):
@@ -62,7 +47,7 @@ def until(driver, script: str, timeout: float = 60.0):
 )
 def main(report: Path, feature: int | None, png: Path | None) -> None:
     with tempfile.TemporaryDirectory() as profile:
-        driver = browser(profile)
+        driver = start_chromium(profile, console_log=True)
         try:
             start = time.time()
             driver.get(report.resolve().as_uri())

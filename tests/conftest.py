@@ -5,15 +5,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import tempfile
-from pathlib import Path
 
 import pytest
+from browser import CHROMEDRIVER, start_chromium
 from tiny_models import FAMILIES, make_tiny_model
 
 # Headless Chromium for the browser tests (the report's and the explorer's): needs
 # /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver). Without
 # them those tests skip, unless SAE_REQUIRE_BROWSER=1 (CI), where they fail.
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 def browser_unavailable(reason: str):
@@ -28,27 +27,11 @@ def driver():
     if not CHROMEDRIVER.exists():
         browser_unavailable(f"{CHROMEDRIVER} is missing (apt-get install chromium chromium-driver)")
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        import selenium  # noqa: F401
     except ImportError:
         browser_unavailable("selenium is not installed (pip install -e '.[dev]')")
-    options = webdriver.ChromeOptions()
     profile = tempfile.TemporaryDirectory()
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile.name}",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    d = start_chromium(profile.name, console_log=True)
     yield d
     d.quit()
     profile.cleanup()

@@ -33,7 +33,7 @@ import math
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -338,24 +338,6 @@ class StatsAccumulator:
         )
 
 
-def compute_feature_stats(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    sae: SparseAutoencoder,
-    hook: str,
-    contexts: Iterable[torch.Tensor],
-    settings: StatsSettings = StatsSettings(),
-    info: dict | None = None,
-    progress: bool = True,
-) -> FeatureStats:
-    """Statistics of every feature of ``sae`` (applied at ``hook``) over ``contexts``
-    (LongTensor batches [B, T], e.g. ``sae.activations.stream.contexts_for``), until
-    ``settings.tokens`` non-special tokens have been scanned or the data ends; ``info``
-    gets ``data_ran_out``: whether the contexts ended before ``settings.tokens``."""
-    steps = feature_stats_steps(model, tokenizer, sae, hook, contexts, settings, info, progress)
-    return run_steps(steps)
-
-
 @torch.no_grad()  # applies around every resumption of the generator
 def feature_stats_steps(
     model: PreTrainedModel,
@@ -367,9 +349,15 @@ def feature_stats_steps(
     info: dict | None = None,
     progress: bool = True,
 ) -> Generator[int, None, FeatureStats]:
-    """``compute_feature_stats`` one batch at a time: yields the tokens scanned so far
-    after each batch and returns the statistics, so a caller that shares the model (the
-    explorer's worker) can run other work between batches and show how far it got."""
+    """Statistics of every feature of ``sae`` (applied at ``hook``) over ``contexts``
+    (LongTensor batches [B, T], e.g. ``sae.activations.stream.contexts_for``), until
+    ``settings.tokens`` non-special tokens have been scanned or the data ends; ``info``
+    gets ``data_ran_out``: whether the contexts ended before ``settings.tokens``.
+
+    A generator: it yields the tokens scanned so far after each batch and returns the
+    statistics, so a caller that shares the model (the explorer's worker) can run other
+    work between batches and show how far it got. ``compute_feature_stats`` takes the
+    same arguments and returns the statistics at once."""
     capture = MaskedCapture(model, tokenizer, [hook])
     device = next(model.parameters()).device
     acc = StatsAccumulator(sae.cfg.num_latents, settings, device)
@@ -422,6 +410,11 @@ def run_steps(steps: Generator[object, None, T]) -> T:
             next(steps)
         except StopIteration as done:
             return done.value
+
+
+def compute_feature_stats(*args: Any, **kwargs: Any) -> FeatureStats:
+    """``feature_stats_steps`` (the same arguments) run to its end: the statistics at once."""
+    return run_steps(feature_stats_steps(*args, **kwargs))
 
 
 # ---- on disk ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -267,23 +268,6 @@ def find_cached_stats(
     )
 
 
-def cached_feature_stats(
-    target: Target,
-    settings: StatsSettings = StatsSettings(),
-    cache_dir: Path | None = None,
-    recompute: bool = False,
-    progress: bool = True,
-    log=print,
-) -> FeatureStats:
-    """Feature statistics, logit effects and nearest features of the target's SAE: read
-    from the cache when present and valid (``find_cached_stats``: a scan that read all
-    of the data serves any larger request), else computed over the config's data
-    (``data.dataset``, ``data.split``) and cached."""
-    return run_steps(
-        cached_feature_stats_steps(target, settings, cache_dir, recompute, progress, log)
-    )
-
-
 def cached_feature_stats_steps(
     target: Target,
     settings: StatsSettings = StatsSettings(),
@@ -292,8 +276,14 @@ def cached_feature_stats_steps(
     progress: bool = True,
     log=print,
 ) -> Generator[int, None, FeatureStats]:
-    """``cached_feature_stats`` one model batch at a time: yields the tokens scanned so
-    far (nothing when the cache answers) and returns the statistics."""
+    """Feature statistics, logit effects and nearest features of the target's SAE: read
+    from the cache when present and valid (``find_cached_stats``: a scan that read all
+    of the data serves any larger request), else computed over the config's data
+    (``data.dataset``, ``data.split``) and cached.
+
+    A generator, one model batch a step: it yields the tokens scanned so far (nothing when
+    the cache answers) and returns the statistics. ``cached_feature_stats`` takes the same
+    arguments and returns them at once."""
     d = target.cfg.data
     path = None if recompute else find_cached_stats(target, settings, cache_dir)
     if path is not None:
@@ -340,6 +330,11 @@ def cached_feature_stats_steps(
     else:
         log(f"feature statistics: {stats.tokens:,} tokens scanned, cached in {path}")
     return stats
+
+
+def cached_feature_stats(*args: Any, **kwargs: Any) -> FeatureStats:
+    """``cached_feature_stats_steps`` (the same arguments) run to its end: the statistics at once."""
+    return run_steps(cached_feature_stats_steps(*args, **kwargs))
 
 
 def any_cached_stats(target: Target, cache_dir: Path | None = None) -> Path | None:
