@@ -361,7 +361,6 @@ def feature_stats_steps(
     capture = MaskedCapture(model, tokenizer, [hook])
     device = next(model.parameters()).device
     acc = StatsAccumulator(sae.cfg.num_latents, settings, device)
-    sae_dtype = sae.W_dec.dtype
     bar = tqdm(
         total=settings.tokens,
         unit="tok",
@@ -371,23 +370,13 @@ def feature_stats_steps(
     )
     with contextlib.closing(bar):
         for batch in capture.batches(contexts):
-            acts, ids = batch.acts[hook], batch.ids
+            acts = batch.acts[hook]
             if acts.shape[-1] != sae.d_in:
                 raise ConfigError(
                     f"the SAE takes inputs of width {sae.d_in}, but {hook} of this model has "
                     f"width {acts.shape[-1]}; is it the SAE of another model or hook?"
                 )
-            # Stop exactly at the token budget: later tokens of the last batch are masked out.
-            room = settings.tokens - acc.tokens
-            keep = batch.keep & (batch.keep.view(-1).cumsum(0).view(ids.shape) <= room)
-            # Latents on the whole [B, T] grid, not only the kept rows: examples and their
-            # windows are found by (context, position); update zeroes the positions not kept.
-            per_chunk = max(1, CHUNK_ELEMENTS // (ids.shape[1] * sae.cfg.num_latents))
-            for start in range(0, ids.shape[0], per_chunk):
-                sl = slice(start, start + per_chunk)
-                x = acts[sl].to(sae_dtype)
-                z = sae.encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
-                acc.update(z, ids[sl], keep[sl])
+            _scan_batch(acc, sae, acts, batch.ids, batch.keep, settings.tokens)
             bar.update(acc.tokens - bar.n)
             if acc.tokens >= settings.tokens:
                 break
@@ -401,6 +390,28 @@ def feature_stats_steps(
     if acc.tokens == 0:
         raise DataError("feature stats: the data gave no tokens to scan; is the dataset empty?")
     return acc.result({**(info or {}), "settings": asdict(settings), "data_ran_out": ran_out})
+
+
+def _scan_batch(
+    acc: StatsAccumulator,
+    sae: SparseAutoencoder,
+    acts: torch.Tensor,
+    ids: torch.Tensor,
+    keep: torch.Tensor,
+    budget: int,
+) -> None:
+    """Add one batch (activations [B, T, d], ids and keep [B, T]) to ``acc``, stopping
+    exactly at ``budget`` tokens: later tokens of the batch are masked out."""
+    room = budget - acc.tokens
+    keep = keep & (keep.view(-1).cumsum(0).view(ids.shape) <= room)
+    # Latents on the whole [B, T] grid, not only the kept rows: examples and their
+    # windows are found by (context, position); update zeroes the positions not kept.
+    per_chunk = max(1, CHUNK_ELEMENTS // (ids.shape[1] * sae.cfg.num_latents))
+    for start in range(0, ids.shape[0], per_chunk):
+        sl = slice(start, start + per_chunk)
+        x = acts[sl].to(sae.W_dec.dtype)
+        z = sae.encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
+        acc.update(z, ids[sl], keep[sl])
 
 
 def run_steps(steps: Generator[object, None, T]) -> T:

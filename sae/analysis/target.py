@@ -313,9 +313,23 @@ def cached_feature_stats_steps(
         info={"identity": stats_identity(target, settings)},
         progress=progress,
     )
+    budget_contexts = -(-data_cfg.data.token_budget // d.context_tokens)
+    _finish_and_cache(target, stats, settings, cache_dir, budget_contexts, progress, log)
+    return stats
+
+
+def _finish_and_cache(
+    target: Target,
+    stats: FeatureStats,
+    settings: StatsSettings,
+    cache_dir: Path | None,
+    budget_contexts: int,
+    progress: bool,
+    log: Callable[[str], None],
+) -> None:
+    """Add logit effects and nearest features to a fresh scan and cache it."""
     # The scan covers the whole data if it ran out before the context budget did (the
     # budget, not the data, can also end it); then larger requests can reuse it.
-    budget_contexts = -(-data_cfg.data.token_budget // d.context_tokens)
     stats.info["exhausted"] = stats.info["data_ran_out"] and stats.contexts < budget_contexts
     stats.logits, rule = logit_effects(target.model, target.sae.W_dec.detach(), progress=progress)
     stats.info["logit_rule"] = rule
@@ -329,7 +343,6 @@ def cached_feature_stats_steps(
         )
     else:
         log(f"feature statistics: {stats.tokens:,} tokens scanned, cached in {path}")
-    return stats
 
 
 def cached_feature_stats(*args: Any, **kwargs: Any) -> FeatureStats:
