@@ -27,10 +27,15 @@ import yaml
 from sae.activations.capture import special_token_ids
 from sae.activations.hooks import ActivationCapture, resolve_hooks
 from sae.analysis.feature_search import contrast_search, features_in_text, prompts_from_text
-from sae.analysis.feature_stats import FeatureStats, StatsSettings, check_feature, run_steps
+from sae.analysis.feature_stats import FeatureStats, StatsSettings, check_feature
 from sae.analysis.logit_effects import norm_linearisation
 from sae.analysis.report import StringTable, block_cards, round_sig, token_pieces
-from sae.analysis.target import Target, cached_feature_stats_steps, open_target
+from sae.analysis.target import (
+    Target,
+    cached_feature_stats,
+    cached_feature_stats_steps,
+    open_target,
+)
 from sae.data.prompt_format import PLAIN, check_fits
 from sae.errors import ConfigError
 from sae.interventions.edits import Ablate, Clamp, Edit, FeatureEdit, Scale, Steer
@@ -173,7 +178,9 @@ class Explorer:
         ``scan`` on its model worker instead."""
         with self._stats_lock:
             if sae not in self._stats:
-                run_steps(StatsScan(self, sae).steps())
+                self._stats[sae] = cached_feature_stats(
+                    self.targets[sae], self.settings, self.cache_dir
+                )
             return self._stats[sae]
 
     def has_stats(self, sae: int) -> bool:

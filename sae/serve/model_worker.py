@@ -11,8 +11,8 @@ of each waiting job in turn, so a long generation in one tab does not hold up a 
 typed in another: it loses one decoding step's time, not the whole generation's. A
 background job (the first statistics scan of an SAE) steps only when no other job waits.
 Only this thread ever runs the model, so no forward pass overlaps another and no request
-needs a lock; a job that is cancelled (its client left, or pressed stop) is closed before its next
-step, which runs its ``finally`` blocks (an intervention's hooks are removed there).
+needs a lock; a job that is cancelled (its client left, or pressed stop) is closed before
+its next step, which runs its ``finally`` blocks (an intervention's hooks are removed there).
 Requests that do not run the model (feature cards from the statistics cache) never wait
 here.
 """
