@@ -57,6 +57,7 @@ def cache_batches(cache: Path, steps: int, rows_per_batch: int, held_out: int):
 
 
 @click.command()
+@click.option("--config", "config", default=CONFIG, show_default=True, help="Its recipe and batch size.")
 @click.option("--cache", type=click.Path(path_type=Path), default=Path("checkpoints/smollm2-cache"))
 @click.option("--latents", type=int, default=9216, show_default=True)
 @click.option("--steps", type=int, default=291, show_default=True)
@@ -66,12 +67,12 @@ def cache_batches(cache: Path, steps: int, rows_per_batch: int, held_out: int):
 )
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="Config overrides.")
 @click.option("--threads", type=int, default=1, show_default=True)
-def main(cache, latents, steps, held_out, centre, extra, threads):
+def main(config, cache, latents, steps, held_out, centre, extra, threads):
     torch.set_num_threads(threads)
-    cfg0 = load_config(CONFIG, [])
+    cfg0 = load_config(config, [])
     batches, held = cache_batches(cache, steps, cfg0.train.batch_tokens, held_out)
     settings = [f"sae.num_latents={latents}", *extra]
-    setup = Setup(CONFIG, settings, cfg0, batches, Path("."), 0)
+    setup = Setup(config, settings, cfg0, batches, Path("."), 0)
     trainer = Trainer(
         ours_config(setup, "relu", settings), {setup.hook: setup.d}, total_steps=steps
     )

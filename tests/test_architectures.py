@@ -232,6 +232,33 @@ def test_jumprelu_loss_is_the_formula_and_only_tanh_trains_the_encoder_to_be_spa
     assert torch.equal(with_penalty, without) == (penalty == "step")
 
 
+def test_relu_loss_is_the_formula_with_the_pull_on_dead_latents_only():
+    """Against the loss written out: reconstruction, L1 weighted by decoder norms, and mu
+    times ReLU(-pre) on the latents marked dead. A dead latent's encoder gets a gradient
+    from the pull alone (ReLU passes none below zero), which raises its pre-activations."""
+    sae = random_sae("relu").double()
+    sae.cfg.dead_coefficient = 0.5
+    with torch.no_grad():
+        sae.b_enc[:8] = -100.0  # silent on every input
+    x = torch.randn(40, 16, dtype=torch.float64) * 2
+    dead = torch.arange(64) < 8
+    loss, fvu, fires = sae.training_loss(x, dead=dead, progress=1.0)
+    pre = (x @ sae.W_enc.t() + sae.b_enc).detach()
+    norms = sae.W_dec.norm(dim=1).detach()
+    z = pre.relu()
+    rec = (x - z @ sae.W_dec.detach() - sae.b_dec.detach()).pow(2).sum()
+    pull = ((-pre).relu() * dead * norms).sum()
+    reference = (rec + sae.cfg.l1_coefficient * (z * norms).sum() + 0.5 * pull) / 40
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(fvu, rec / (x - x.mean(0)).pow(2).sum())
+    assert torch.equal(fires, (z > 0).sum(0)) and fires[:8].sum() == 0
+
+    grad = torch.autograd.grad(loss, sae.b_enc)[0]
+    assert (grad[:8] < 0).all()  # descent raises them
+    without = torch.autograd.grad(sae.training_loss(x, dead=None)[0], sae.b_enc)[0]
+    assert torch.equal(without[:8], torch.zeros(8, dtype=torch.float64))
+
+
 def test_jumprelu_thresholds_stay_non_negative_and_old_training_states_load():
     sae = random_sae("jumprelu")
     with torch.no_grad():

@@ -176,6 +176,24 @@ def test_every_architecture_learns_a_sparse_dictionary(arch):
         torch.testing.assert_close(norms, torch.ones(128))
 
 
+@pytest.mark.parametrize("mu", [0.0, 1.0])
+def test_relus_pull_revives_latents_that_never_fire(mu):
+    """16 latents start silent on every input (b_enc = -2). ReLU passes them no gradient,
+    so without the pull they stay as they were; with it they fire again on held-out data."""
+    trainer = Trainer(arch_config("relu", f"sae.dead_coefficient={mu}"), {"h": 32}, total_steps=150)
+    sae = trainer.saes["h"]
+    with torch.no_grad():
+        sae.b_enc[:16] = -2.0
+    start = sae.W_enc[:16].clone()
+    for step in range(150):
+        trainer.step({"h": sparse_data(256, seed=100 + step)})
+    fires = (trainer.trained_sae("h").encode(sparse_data(2048, seed=1)) > 0).sum(0)
+    if mu == 0:
+        assert torch.equal(sae.W_enc[:16], start) and fires[:16].sum() == 0
+    else:
+        assert (fires[:16] > 0).float().mean() >= 0.75, fires[:16]
+
+
 @pytest.mark.parametrize("arch", ["relu", "jumprelu", "gated"])
 def test_input_scaling_makes_training_blind_to_the_activation_scale(arch):
     """Training on 8x the activations (a power of two: exact in floating point) gives the

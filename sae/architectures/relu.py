@@ -3,11 +3,15 @@
     z = ReLU(W_enc x + b_enc)             (no b_dec subtracted at the input)
     x_hat = z @ W_dec + b_dec
     L = mean_n |x_n - x_hat_n|^2 + lambda * mean_n sum_i z_ni |W_dec,i|
+          + mu * mean_n sum_(i dead) ReLU(-pre_ni) |W_dec,i|
 
 Trained on inputs scaled so that E|x| = sqrt(d) (the trainer folds the scale into the saved
 weights); decoder rows are free (the penalty weighs each latent by its row norm), start at
 norm 0.1, and lambda warms up linearly over the first ``sparsity_warmup_fraction`` of
-training. This needs the dense N x M latents; there is nothing sparse to fuse.
+training. Latents silent for ``train.dead_tokens`` are pulled back towards firing by
+mu * ReLU(-pre) |W_dec,i| (the pre-activation loss of Anthropic's 2025 JumpReLU recipe, which
+JumpReLU uses too): ReLU passes a silent latent no gradient, so nothing else revives it.
+This needs the dense N x M latents; there is nothing sparse to fuse.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ class ReLUConfig(SAEConfig):
         "Fraction of training over which the sparsity penalty ramps up linearly from 0.",
         ge=0,
         le=1,
+    )
+    dead_coefficient: float = opt(
+        0.01,
+        "Weight mu of the pull on dead latents, mu * sum_(i dead) ReLU(-pre_i) |W_dec,i| per "
+        "token (0 = none; dead: silent for train.dead_tokens).",
+        ge=0,
     )
 
 
@@ -71,9 +81,13 @@ class ReLUSAE(SparseAutoencoder):
         return pre.relu()
 
     def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
-        z = self.encode(x)
+        pre = self.pre_activations(x)
+        z = pre.relu()
         sq_err = (x - self.decode(z)).pow(2).sum()
         lam = warmed_up(self.cfg.l1_coefficient, progress, self.cfg.sparsity_warmup_fraction)
-        l1 = (z * self.W_dec.norm(dim=1)).sum()
-        loss = (sq_err + lam * l1) / (totals.n if totals is not None else x.shape[0])
+        norms = self.W_dec.norm(dim=1)
+        loss = sq_err + lam * (z * norms).sum()
+        if dead is not None and self.cfg.dead_coefficient > 0:  # no dead.any(): a GPU sync
+            loss = loss + self.cfg.dead_coefficient * ((-pre).relu() * (dead * norms)).sum()
+        loss = loss / (totals.n if totals is not None else x.shape[0])
         return loss, batch_fvu(x, sq_err, totals), (z > 0).sum(0)
