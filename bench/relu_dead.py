@@ -57,7 +57,9 @@ def cache_batches(cache: Path, steps: int, rows_per_batch: int, held_out: int):
 
 
 @click.command()
-@click.option("--config", "config", default=CONFIG, show_default=True, help="Its recipe and batch size.")
+@click.option(
+    "--config", "config", default=CONFIG, show_default=True, help="Its recipe and batch size."
+)
 @click.option("--cache", type=click.Path(path_type=Path), default=Path("checkpoints/smollm2-cache"))
 @click.option("--latents", type=int, default=9216, show_default=True)
 @click.option("--steps", type=int, default=291, show_default=True)
