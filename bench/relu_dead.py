@@ -8,8 +8,8 @@ harvests, trained by ``Trainer.step`` with the settings ``bench/peers.py`` gives
     PYTHONPATH=. python bench/relu_dead.py --latents 2304 --centre                         # b_enc init
 
 The cache's rows are shuffled (seed 0); the first ``--held-out`` rows are kept out, and the
-rest give ``--steps`` batches of ``train.batch_tokens`` rows over two shuffled epochs, as the
-config's two cache epochs do. Held-out metrics (``quality.held_out_metrics``) are printed at
+rest give ``--steps`` batches of ``train.batch_tokens`` rows over as many shuffled epochs as
+that takes, as the config's cache epochs do. Held-out metrics (``quality.held_out_metrics``) are printed at
 a few steps along the way and at the end. The held-out rows come from the training split, so
 FVU is lower than on the config's held-out split, but dead and dense compare across runs.
 ``--centre`` sets b_enc at init so that each pre-activation is centred on the first batch's
@@ -25,30 +25,39 @@ from pathlib import Path
 
 import click
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import Setup, ours_config  # noqa: E402
 from quality import held_out_metrics  # noqa: E402
 
+from sae.activations.cache import read_manifest, read_shard  # noqa: E402
 from sae.config import load_config  # noqa: E402
+from sae.errors import ConfigError  # noqa: E402
 from sae.training.trainer import Trainer  # noqa: E402
 
 CONFIG = "configs/smollm2-135m-topk.yaml"
-REPORT_AT = (14, 50, 150)  # the end of lambda's default warm-up (5%), then two more
 
 
 def cache_batches(cache: Path, steps: int, rows_per_batch: int, held_out: int):
-    """(training batches [rows_per_batch, d] x steps, held-out rows [held_out, d])."""
-    shards = sorted(cache.glob("shard-*.safetensors"))
-    if not shards:
-        raise click.UsageError(f"--cache: no shard-*.safetensors in {cache}; harvest it first")
-    rows = torch.cat([next(iter(load_file(str(s)).values())).float() for s in shards])
+    """(training batches [rows_per_batch, d] x steps, held-out rows [held_out, d]) from the
+    cache's listed shards, each checked against its manifest checksum."""
+    try:
+        manifest = read_manifest(cache)
+        rows = torch.cat(
+            [next(iter(read_shard(cache, s).values())).float() for s in manifest["shards"]]
+        )
+    except ConfigError as e:
+        raise click.UsageError(f"--cache: {e}") from None
+    if rows.shape[0] < held_out + rows_per_batch:
+        raise click.UsageError(
+            f"--cache: {rows.shape[0]:,} rows in {cache}, fewer than --held-out {held_out:,} "
+            f"plus one batch of {rows_per_batch:,}"
+        )
     g = torch.Generator().manual_seed(0)
     rows = rows[torch.randperm(rows.shape[0], generator=g)]
     held, pool = rows[:held_out], rows[held_out:]
     batches = []
-    for _ in range(2):
+    while len(batches) < steps:  # another shuffled epoch, as the config's cache epochs
         p = pool[torch.randperm(pool.shape[0], generator=g)]
         batches += [
             p[i : i + rows_per_batch] for i in range(0, len(p) - rows_per_batch + 1, rows_per_batch)
@@ -71,7 +80,10 @@ def cache_batches(cache: Path, steps: int, rows_per_batch: int, held_out: int):
 @click.option("--threads", type=int, default=1, show_default=True)
 def main(config, cache, latents, steps, held_out, centre, extra, threads):
     torch.set_num_threads(threads)
-    cfg0 = load_config(config, [])
+    try:
+        cfg0 = load_config(config, [])
+    except ConfigError as e:
+        raise click.UsageError(f"--config: {e}") from None
     batches, held = cache_batches(cache, steps, cfg0.train.batch_tokens, held_out)
     settings = [f"sae.num_latents={latents}", *extra]
     setup = Setup(config, settings, cfg0, batches, Path("."), 0)
@@ -84,10 +96,12 @@ def main(config, cache, latents, steps, held_out, centre, extra, threads):
         scale = x0.shape[1] ** 0.5 / x0.norm(dim=1).mean()
         with torch.no_grad():
             sae.b_enc.copy_(-(x0.mean(0) * scale) @ sae.W_enc.t())
+    # the step where lambda's default warm-up (5% of the run) ends, then two fixed ones
+    report_at = {len(batches) // 20, 50, 150}
     start = time.perf_counter()
     for i, x in enumerate(batches):
         trainer.step({setup.hook: x})
-        if i in REPORT_AT:
+        if i in report_at:
             s = trainer.trained_sae(setup.hook).eval()
             click.echo(f"step {i}: {json.dumps(held_out_metrics(s.encode, s.decode, held[:8192]))}")
     s = trainer.trained_sae(setup.hook).eval()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from sae.architectures.base import SparseAutoencoder
-from sae.architectures.relu import batch_fvu, warmed_up
+from sae.architectures.relu import batch_fvu, dead_pull, warmed_up
 from sae.config import SAEConfig, architecture_field, opt
 
 
@@ -170,9 +170,8 @@ class JumpReLUSAE(SparseAutoencoder):
         else:
             penalty = StepFn.apply(pre, theta, eps).sum()
         loss = sq_err + lam * penalty
-        if dead is not None and self.cfg.dead_coefficient > 0:  # no dead.any(): a GPU sync
-            pull = ((theta - pre).relu() * (dead * norms)).sum()
-            loss = loss + self.cfg.dead_coefficient * pull
+        if dead is not None and self.cfg.dead_coefficient > 0:
+            loss = loss + self.cfg.dead_coefficient * dead_pull(pre, theta, dead, norms)
         loss = loss / (totals.n if totals is not None else x.shape[0])
         return loss, batch_fvu(x, sq_err, totals), (z != 0).sum(0)
 

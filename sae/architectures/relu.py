@@ -51,6 +51,16 @@ def warmed_up(coefficient: float, progress: float, warmup_fraction: float) -> fl
     )
 
 
+def dead_pull(
+    pre: torch.Tensor, threshold: torch.Tensor | float, dead: torch.Tensor, norms: torch.Tensor
+) -> torch.Tensor:
+    """sum_n sum_(i dead) ReLU(threshold_i - pre_ni) |W_dec,i| (0-d) for pre [N, M], dead [M]
+    (bool) and norms [M]: the pre-activation loss that pulls silent latents back up to their
+    threshold (0 for ReLU), where the activation passes them no gradient. No dead.any(): a
+    GPU sync."""
+    return ((threshold - pre).relu() * (dead * norms)).sum()
+
+
 def batch_fvu(
     x: torch.Tensor, sq_err: torch.Tensor, totals: BatchTotals | None = None
 ) -> torch.Tensor:
@@ -87,7 +97,7 @@ class ReLUSAE(SparseAutoencoder):
         lam = warmed_up(self.cfg.l1_coefficient, progress, self.cfg.sparsity_warmup_fraction)
         norms = self.W_dec.norm(dim=1)
         loss = sq_err + lam * (z * norms).sum()
-        if dead is not None and self.cfg.dead_coefficient > 0:  # no dead.any(): a GPU sync
-            loss = loss + self.cfg.dead_coefficient * ((-pre).relu() * (dead * norms)).sum()
+        if dead is not None and self.cfg.dead_coefficient > 0:
+            loss = loss + self.cfg.dead_coefficient * dead_pull(pre, 0.0, dead, norms)
         loss = loss / (totals.n if totals is not None else x.shape[0])
         return loss, batch_fvu(x, sq_err, totals), (z > 0).sum(0)
