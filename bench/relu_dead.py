@@ -96,8 +96,8 @@ def main(config, cache, latents, steps, held_out, centre, extra, threads):
         scale = x0.shape[1] ** 0.5 / x0.norm(dim=1).mean()
         with torch.no_grad():
             sae.b_enc.copy_(-(x0.mean(0) * scale) @ sae.W_enc.t())
-    # the step where lambda's default warm-up (5% of the run) ends, then two fixed ones
-    report_at = {len(batches) // 20, 50, 150}
+    # the step where lambda's default warm-up (5% of the run) ends, then every 25 steps
+    report_at = {len(batches) // 20, *range(25, len(batches) - 1, 25)}
     start = time.perf_counter()
     for i, x in enumerate(batches):
         trainer.step({setup.hook: x})
@@ -105,7 +105,13 @@ def main(config, cache, latents, steps, held_out, centre, extra, threads):
             s = trainer.trained_sae(setup.hook).eval()
             click.echo(f"step {i}: {json.dumps(held_out_metrics(s.encode, s.decode, held[:8192]))}")
     s = trainer.trained_sae(setup.hook).eval()
-    result = {**held_out_metrics(s.encode, s.decode, held), "seconds": time.perf_counter() - start}
+    # silent for the trainer's dead window at the end: what the pull and resampling act on
+    silent = trainer.states[setup.hook].since_fired >= trainer.dead_tokens
+    result = {
+        **held_out_metrics(s.encode, s.decode, held),
+        "silent_in_training": silent.float().mean().item(),
+        "seconds": time.perf_counter() - start,
+    }
     click.echo(json.dumps({"latents": latents, "centre": centre, "set": list(extra), **result}))
 
 

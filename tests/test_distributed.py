@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from sae.config import load_config
 from sae.distributed import Dist, join_group, native_threads
 from sae.training.parallel import LatentParallel
+from sae.training.resample import resample_dead
 from sae.training.trainer import Trainer
 
 D, M, N = 16, 64, 48  # width, latents, global batch rows
@@ -48,6 +49,7 @@ def _entry(rank, fn, world, store, args):
 
 def trainer_config(arch: str, mode: str = "data"):
     extra = ["sae.k=4"] if "topk" in arch else []
+    extra += ["sae.resample_dead=true"] if arch == "relu" else []
     return load_config(
         None,
         [
@@ -114,8 +116,14 @@ def _data_parallel_worker(rank, world, arch, out, mode="data", hook="h"):
 
 @pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
 def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(
-    tmp_path, arch, one_thread
+    tmp_path, arch, one_thread, monkeypatch
 ):
+    renewed = []  # latents each resampling renews, in the one-process run
+    real = resample_dead
+    monkeypatch.setattr(
+        "sae.training.trainer.resample_dead",
+        lambda sae, opt, x, dead: renewed.append(int(dead.sum())) or real(sae, opt, x, dead),
+    )
     one = train(arch)
     spawn(_data_parallel_worker, 2, arch, str(tmp_path / "w"))
     for rank in range(2):
@@ -127,6 +135,8 @@ def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(
             )
     if arch == "topk":  # some latents went unused for a while: dead tracking and AuxK took part
         assert one["since_fired"].max() > 0
+    if arch == "relu":  # resampling took part, on the whole batch's rows in each process
+        assert sum(renewed) > 0, renewed
 
 
 def _threads_worker(rank, world, out):

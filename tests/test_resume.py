@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sae.config import load_config
 from sae.errors import CheckpointError, ConfigError, TrainingStopped
+from sae.training.resample import resample_dead
 from sae.training.run import train_run
 from sae.training.run_folder import resume_config, run_dir_for
 from sae.training.trainer import Trainer
@@ -55,6 +56,18 @@ def interrupt_at(monkeypatch, step):
     monkeypatch.setattr(Trainer, "step", signalling_step(step))
 
 
+def record_resamples(monkeypatch):
+    """A list that gets the number of latents each of the trainer's resamplings renews."""
+    counts = []
+
+    def recording(sae, optimizer, x, dead):
+        counts.append(int(dead.sum()))
+        return resample_dead(sae, optimizer, x, dead)
+
+    monkeypatch.setattr("sae.training.trainer.resample_dead", recording)
+    return counts
+
+
 def weights(run_dir, hook="layers.2"):
     return load_file(str(run_dir / hook / "sae_weights.safetensors"))
 
@@ -63,6 +76,8 @@ def weights(run_dir, hook="layers.2"):
 @pytest.mark.parametrize("cache", [False, True])
 def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch, cache, arch):
     extra = [f"sae.architecture={arch}"] + (["sae.k=16"] if arch not in ("relu", "gated") else [])
+    if arch == "relu":  # enough pressure that latents die, and resampling renews them
+        extra += ["sae.l1_coefficient=30", "sae.resample_dead=true"]
     if cache:  # the cache starts cold in both runs; the interrupted one leaves it half written
         extra += ["harvest.cache_shard_tokens=1024", "harvest.cache_epochs=2"]
 
@@ -73,6 +88,7 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch, c
             *([f"harvest.cache_dir={tmp_path / name / 'cache'}"] if cache else []),
         )
 
+    resampled = record_resamples(monkeypatch)
     whole = train_run(cfg("whole"), log=lambda s: None)
     interrupt_at(monkeypatch, 10)
     with pytest.raises(TrainingStopped):
@@ -81,7 +97,10 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path, monkeypatch, c
     assert (parts / "state" / "state.json").exists()
     assert json.loads((parts / "state" / "state.json").read_text())["trainer"]["step"] == 10
     monkeypatch.undo()
+    resumed = record_resamples(monkeypatch)
     train_run(resume_config(parts), log=lambda s: None, resume=True)
+    if arch == "relu":  # resampling renewed latents, after the interruption too
+        assert sum(resampled) > 0 and sum(resumed) > 0, (resampled, resumed)
     a, b = weights(whole), weights(parts)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (parts / "state").exists()  # a finished run drops its state

@@ -178,9 +178,14 @@ def test_every_architecture_learns_a_sparse_dictionary(arch):
 
 @pytest.mark.parametrize("mu", [0.0, 1.0])
 def test_relus_pull_revives_latents_that_never_fire(mu):
-    """16 latents start silent on every input (b_enc = -2). ReLU passes them no gradient,
-    so without the pull they stay as they were; with it they fire again on held-out data."""
-    trainer = Trainer(arch_config("relu", f"sae.dead_coefficient={mu}"), {"h": 32}, total_steps=150)
+    """16 latents start silent on every input (b_enc = -2), resampling switched off. ReLU
+    passes them no gradient, so without the pull they stay as they were; with it they fire
+    again on held-out data."""
+    trainer = Trainer(
+        arch_config("relu", f"sae.dead_coefficient={mu}", "sae.resample_dead=false"),
+        {"h": 32},
+        total_steps=150,
+    )
     sae = trainer.saes["h"]
     with torch.no_grad():
         sae.b_enc[:16] = -2.0

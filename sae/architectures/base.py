@@ -149,6 +149,11 @@ class SparseAutoencoder(nn.Module):
     def after_step(self) -> None:
         """Projections after each optimizer step (e.g. JumpReLU keeps thresholds >= 0)."""
 
+    def resamples_dead(self) -> bool:
+        """Whether the trainer gives this SAE's dead latents new directions every dead
+        window (``sae.training.resample``): for losses that pass a silent latent no gradient."""
+        return False
+
     def training_loss(
         self,
         x: torch.Tensor,

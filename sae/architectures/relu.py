@@ -42,6 +42,11 @@ class ReLUConfig(SAEConfig):
         "token (0 = none; dead: silent for train.dead_tokens).",
         ge=0,
     )
+    resample_dead: bool = opt(
+        False,
+        "Every train.dead_tokens until the decay, give each dead latent the direction of a "
+        "badly reconstructed input (sae/training/resample.py; off in the published recipe).",
+    )
 
 
 def warmed_up(coefficient: float, progress: float, warmup_fraction: float) -> float:
@@ -89,6 +94,9 @@ class ReLUSAE(SparseAutoencoder):
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu()
+
+    def resamples_dead(self) -> bool:
+        return self.cfg.resample_dead
 
     def training_loss(self, x, dead=None, workspace=None, progress=1.0, totals=None):
         pre = self.pre_activations(x)

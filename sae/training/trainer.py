@@ -32,6 +32,7 @@ from sae.errors import (
     TrainingStopped,
 )
 from sae.training.parallel import parallelism
+from sae.training.resample import resample_dead, resample_window
 
 
 def learning_rate(
@@ -253,6 +254,8 @@ class Trainer:
             loss.backward()
             n = totals.n if totals is not None else x.shape[0]
             loss, fvu, fires = self._update(name, sae, loss, fvu, fires, n)
+            if sae.resamples_dead() and self._resamples_now():
+                self._resample(name, sae, x)
             fired, n_dead = self.parallel.whole_counts(fires.sum(), dead.sum())
             stats[name] = {
                 "loss": loss.detach(),
@@ -266,6 +269,21 @@ class Trainer:
         self.step_count += 1
         self.tokens_seen += self.cfg.train.batch_tokens
         return stats
+
+    def _resamples_now(self) -> bool:
+        """Whether this step ends a dead window before the learning rate's decay: a latent
+        resampled later would have no steps left to learn its new direction."""
+        decay_start = self.total_steps - int(self.cfg.train.decay_fraction * self.total_steps)
+        window = resample_window(self.dead_tokens, self.cfg.train.batch_tokens)
+        return (self.step_count + 1) % window == 0 and self.step_count + 1 < decay_start
+
+    def _resample(self, name: str, sae: SparseAutoencoder, x: torch.Tensor) -> None:
+        """New directions for the latents dead after this step (all the batch's rows: every
+        data-parallel rank resamples alike), which then count as fresh."""
+        since = self.states[name].since_fired
+        dead = since >= self.dead_tokens
+        resample_dead(sae, self.states[name].optimizer, self.parallel.batch_rows(x), dead)
+        since.masked_fill_(dead, 0)
 
     @torch.no_grad()
     def _initialise(self, name: str, sae: SparseAutoencoder, x: torch.Tensor) -> None:
