@@ -974,7 +974,10 @@ def merged(paths: tuple[str, ...]) -> dict:
     return {
         **docs[0],
         "runs": list(runs.values()),
-        "merged_from": [str(p) for p in paths],
+        # a merged file lists its own sources, so merging it again keeps them
+        "merged_from": [
+            src for p, doc in zip(paths, docs) for src in doc.get("merged_from", [str(p)])
+        ],
         "wall_seconds": sum(doc["wall_seconds"] for doc in docs),
     }
 
