@@ -833,13 +833,16 @@ def markdown_table(out: dict) -> str:
 
 
 def frontier_series(runs: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """{implementation:architecture: [(L0, FVU), ...]} of the swept contenders. A run with
-    FVU >= 1 (worse than the mean) is left to the table: on the plot it would only squash the
-    axes."""
+    """{implementation:architecture: [(L0, FVU), ...]} of the swept contenders: each one's
+    runs at its defaults or with only its swept coefficient changed (a run at another
+    learning rate is not a point of the same curve). A run with FVU >= 1 (worse than the
+    mean) is left to the table: on the plot it would only squash the axes."""
     series: dict[str, list[tuple[float, float]]] = {}
     for r in runs:
-        base = r["contender"].split("@")[0]
-        if base in SWEEPS and r["fvu"] < 1:
+        base, *changes = r["contender"].split("@")
+        if base not in SWEEPS or r["fvu"] >= 1:
+            continue
+        if all(change.split("=")[0] == SWEEPS[base][0] for change in changes):
             series.setdefault(base, []).append((r["l0"], r["fvu"]))
     return series
 
