@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_resume import record_resamples
 
 from sae.config import load_config
 from sae.distributed import Dist, join_group, native_threads
 from sae.training.parallel import LatentParallel
-from sae.training.resample import resample_dead
 from sae.training.trainer import Trainer
 
 D, M, N = 16, 64, 48  # width, latents, global batch rows
@@ -118,12 +118,7 @@ def _data_parallel_worker(rank, world, arch, out, mode="data", hook="h"):
 def test_two_process_data_parallel_run_equals_one_process_on_the_whole_batch(
     tmp_path, arch, one_thread, monkeypatch
 ):
-    renewed = []  # latents each resampling renews, in the one-process run
-    real = resample_dead
-    monkeypatch.setattr(
-        "sae.training.trainer.resample_dead",
-        lambda sae, opt, x, dead: renewed.append(int(dead.sum())) or real(sae, opt, x, dead),
-    )
+    renewed = record_resamples(monkeypatch)  # in the one-process run
     one = train(arch)
     spawn(_data_parallel_worker, 2, arch, str(tmp_path / "w"))
     for rank in range(2):

@@ -3,10 +3,12 @@ direction of a badly reconstructed row, live latents and their optimizer state a
 exactly as they were, and a ReLU SAE's silent latents fire again after training."""
 
 import torch
+from test_resume import small_run
 from test_trainer import arch_config, sparse_data
 
 from sae.config import load_config
 from sae.training.resample import ENCODER_SCALE, resample_dead
+from sae.training.run import train_run
 from sae.training.trainer import Trainer
 
 
@@ -87,3 +89,15 @@ def test_resampling_revives_relu_latents_that_never_fire():
         trainer.step({"h": sparse_data(256, seed=100 + step)})
     fires = (trainer.trained_sae("h").encode(sparse_data(2048, seed=1)) > 0).sum(0)
     assert (fires[:16] > 0).float().mean() >= 0.75, fires[:16]
+
+
+def test_the_run_says_when_it_resamples_and_when_the_window_leaves_no_room(tmp_path):
+    """24 steps of 512 tokens, decay over the last 4: a 2000-token window (3 steps) resamples
+    at steps 3, 6, ... before step 20; a 12,288-token window (24 steps) never can."""
+    lines = []
+    relu = ["sae.architecture=relu", "sae.resample_dead=true"]
+    train_run(small_run(tmp_path / "a", *relu), log=lines.append)
+    assert any("dead latents resampled every 3 steps before step 20" in s for s in lines), lines
+    lines.clear()
+    train_run(small_run(tmp_path / "b", *relu, "train.dead_tokens=12288"), log=lines.append)
+    assert any("no resampling: the dead window outlasts" in s for s in lines), lines

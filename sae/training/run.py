@@ -249,10 +249,18 @@ def _start_trainer(
     if max(scales, default=1.0) > 1:
         times = ", ".join(f"{x:.3g}" for x in sorted(scales))
         rate += f" (the published rate x {times}, for a run this short)"
+    resampling = ""
+    if any(sae.resamples_dead() for sae in trainer.saes.values()):
+        resampling = (
+            f"; dead latents resampled every {trainer.resample_every:,} steps before step "
+            f"{trainer.resample_until:,}"
+            if trainer.resample_every < trainer.resample_until
+            else "; no resampling: the dead window outlasts the steps before the decay"
+        )
     log(
         f"schedule: {total_steps:,} steps, learning rate {rate} warmed up over "
         f"{trainer.warmup_steps:,} steps, a latent silent for {trainer.dead_tokens:,} tokens "
-        "counts as dead (train.warmup_steps, train.lr, train.dead_tokens)"
+        f"counts as dead{resampling} (train.warmup_steps, train.lr, train.dead_tokens)"
     )
     return trainer
 

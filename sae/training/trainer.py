@@ -40,12 +40,17 @@ def learning_rate(
 ) -> float:
     """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
     warmup = min(warmup_steps, total_steps)
-    decay_start = total_steps - int(decay_fraction * total_steps)
+    decay = decay_start(total_steps, decay_fraction)
     if step < warmup:
         return peak * (step + 1) / warmup
-    if step >= decay_start:
-        return peak * (total_steps - step) / max(1, total_steps - decay_start)
+    if step >= decay:
+        return peak * (total_steps - step) / max(1, total_steps - decay)
     return peak
+
+
+def decay_start(total_steps: int, decay_fraction: float) -> int:
+    """The first step of the learning rate's linear decay to zero."""
+    return total_steps - int(decay_fraction * total_steps)
 
 
 def run_schedule(train: TrainConfig, total_steps: int) -> tuple[int, int]:
@@ -153,6 +158,8 @@ class Trainer:
         self.hooks = list(widths)
         self.parallel = parallelism(cfg.distributed.mode, self.dist, self.hooks)
         self.warmup_steps, self.dead_tokens = run_schedule(cfg.train, total_steps)
+        self.resample_every = resample_window(self.dead_tokens, cfg.train.batch_tokens)
+        self.resample_until = decay_start(total_steps, cfg.train.decay_fraction)
         self.densities: dict[
             str, torch.Tensor
         ] = {}  # per SAE, set at each log step (for TensorBoard)
@@ -273,9 +280,8 @@ class Trainer:
     def _resamples_now(self) -> bool:
         """Whether this step ends a dead window before the learning rate's decay: a latent
         resampled later would have no steps left to learn its new direction."""
-        decay_start = self.total_steps - int(self.cfg.train.decay_fraction * self.total_steps)
-        window = resample_window(self.dead_tokens, self.cfg.train.batch_tokens)
-        return (self.step_count + 1) % window == 0 and self.step_count + 1 < decay_start
+        done = self.step_count + 1
+        return done % self.resample_every == 0 and done < self.resample_until
 
     def _resample(self, name: str, sae: SparseAutoencoder, x: torch.Tensor) -> None:
         """New directions for the latents dead after this step (all the batch's rows: every
